@@ -1,0 +1,329 @@
+//! The driver traits: [`DriverClass`] is a kind of node (a format, a protocol,
+//! a filter) as the registry knows it; [`Driver`] is one open instance of it,
+//! the state behind a [`crate::Node`].
+//!
+//! A driver gets requests the core has already bounds-checked and aligned to
+//! its limits, and talks to its children only through their nodes.
+
+use crate::buf::IoBuf;
+use crate::error::{err, Result};
+use crate::node::Node;
+use crate::open::OpenCtx;
+use crate::options::{OptSpec, Opts};
+use crate::status::BlockStatus;
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Permissions a user of a node takes or shares (QEMU's BLK_PERM_*; the bit
+/// numbers are those of QEMU's image locking bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Perm(pub u8);
+
+impl Perm {
+    /// Reads return what was written (not a half-updated view).
+    pub const CONSISTENT_READ: Perm = Perm(1 << 0);
+    /// May change the data.
+    pub const WRITE: Perm = Perm(1 << 1);
+    /// May write data that does not change what a reader sees.
+    pub const WRITE_UNCHANGED: Perm = Perm(1 << 2);
+    /// May change the size.
+    pub const RESIZE: Perm = Perm(1 << 3);
+    /// Every permission.
+    pub const ALL: Perm = Perm(0x0f);
+    /// No permission.
+    pub const NONE: Perm = Perm(0);
+
+    /// The QEMU name of one permission bit, as its lock errors spell it.
+    pub fn bit_name(bit: u8) -> &'static str {
+        match bit {
+            0 => "consistent read",
+            1 => "write",
+            2 => "write unchanged",
+            3 => "resize",
+            _ => "unknown",
+        }
+    }
+    /// True when every bit of `other` is in `self`.
+    pub fn contains(self, other: Perm) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Union.
+    pub fn with(self, other: Perm) -> Perm {
+        Perm(self.0 | other.0)
+    }
+}
+
+/// Flags on a write request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is stable when the request completes.
+    pub fua: bool,
+    /// For write_zeroes: the driver may deallocate instead of writing zeroes.
+    pub may_unmap: bool,
+    /// For write_zeroes: fail with ENOTSUP rather than write a buffer of zeroes.
+    pub no_fallback: bool,
+}
+
+/// Limits a node puts on requests (QEMU: BlockLimits). Zero means "none".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths of reads and writes must be multiples of this.
+    pub request_alignment: u32,
+    /// Buffers must start at a multiple of this.
+    pub memory_alignment: u32,
+    /// Longest read or write in one request.
+    pub max_transfer: u64,
+    /// Alignment and maximum of discard.
+    pub discard_alignment: u32,
+    /// Alignment and maximum of write_zeroes.
+    pub write_zeroes_alignment: u32,
+    /// Longest write-zeroes request.
+    pub max_write_zeroes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_alignment: 1,
+            memory_alignment: 1,
+            max_transfer: 0,
+            discard_alignment: 0,
+            write_zeroes_alignment: 0,
+            max_write_zeroes: 0,
+        }
+    }
+}
+
+/// The role of a child edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The protocol node a format stores its image in.
+    File,
+    /// The image whose data shows through where this one has none.
+    Backing,
+    /// An external data file of qcow2.
+    DataFile,
+}
+
+impl ChildRole {
+    /// The edge name as QEMU spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::DataFile => "data-file",
+        }
+    }
+}
+
+/// A named edge from a node to a child.
+#[derive(Clone)]
+pub struct Child {
+    /// The role of the child.
+    pub role: ChildRole,
+    /// The child node.
+    pub node: Arc<Node>,
+}
+
+/// Format-specific facts that `info` shows (QEMU: ImageInfoSpecific), as JSON
+/// in the key order qemu-img prints.
+pub type FormatSpecific = serde_json::Value;
+
+/// What `check` found (QEMU: BdrvCheckResult).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckResult {
+    /// Corruptions (refcount too low, bad pointers).
+    pub corruptions: u64,
+    /// Leaked clusters (refcount too high).
+    pub leaks: u64,
+    /// Internal errors during the check.
+    pub check_errors: u64,
+    /// Corruptions fixed by repair.
+    pub corruptions_fixed: u64,
+    /// Leaks fixed by repair.
+    pub leaks_fixed: u64,
+    /// Clusters allocated to guest data.
+    pub allocated_clusters: u64,
+    /// Clusters the image could hold.
+    pub total_clusters: u64,
+    /// Fragmented clusters.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// The offset after the last used cluster.
+    pub image_end_offset: u64,
+}
+
+/// What a repair may fix (`check -r`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepairMode {
+    /// Fix leaks.
+    pub leaks: bool,
+    /// Fix corruptions too.
+    pub errors: bool,
+}
+
+/// One open instance of a driver.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// The driver's name (`qcow2`, `raw`, `file`).
+    fn format_name(&self) -> &'static str;
+
+    /// The node's length in bytes.
+    fn length(&self) -> u64;
+
+    /// The children, for graph walks, `info --backing-chain` and block status.
+    fn children(&self) -> Vec<Child> {
+        Vec::new()
+    }
+
+    /// Limits on requests to this node.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// True for protocols whose length follows their writes (a plain file
+    /// grows when a format writes past its end; reads past it see zeroes).
+    fn growable(&self) -> bool {
+        false
+    }
+
+    /// True for filters, which pass requests through to one child.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
+
+    /// Writes `buf` at `offset`.
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf>;
+
+    /// Makes `len` bytes at `offset` read as zeroes, without a data buffer
+    /// where the driver can. ENOTSUP makes the core write a zero buffer.
+    async fn write_zeroes(&self, _offset: u64, _len: u64, _flags: WriteFlags) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Tells the node the range is no longer needed; reads after it may
+    /// return anything (for formats: usually zeroes or backing data).
+    async fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes every completed write stable.
+    async fn flush(&self) -> Result<()>;
+
+    /// What is at `offset` (at most `len` bytes of it).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// Changes the length.
+    async fn truncate(&self, _size: u64, _prealloc: Preallocation) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Bytes the node uses on the host (QEMU: allocated_file_size); None if unknown.
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Format-specific information for `info`.
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        None
+    }
+
+    /// Cluster size, for `info` (formats that have one).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// True when the image is marked dirty (qcow2 lazy refcounts), for `info`.
+    fn is_dirty(&self) -> bool {
+        false
+    }
+
+    /// The backing file name as stored in the image, and its format.
+    fn backing_file(&self) -> Option<(String, Option<String>)> {
+        None
+    }
+
+    /// Consistency check and repair.
+    async fn check(&self, _repair: RepairMode) -> Result<CheckResult> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Writes back everything cached and releases the image; called once.
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+}
+
+/// Preallocation modes of create and truncate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Allocate nothing ahead.
+    #[default]
+    Off,
+    /// Allocate metadata only (formats).
+    Metadata,
+    /// Reserve host blocks with fallocate.
+    Falloc,
+    /// Write zeroes to every byte.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses the option value as QEMU spells it.
+    pub fn parse(s: &str) -> Result<Preallocation> {
+        match s {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            _ => Err(crate::Error::invalid(format!("Invalid preallocation mode: '{s}'"))),
+        }
+    }
+    /// The option value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// A kind of node, as registered: creates images and opens nodes.
+#[async_trait]
+pub trait DriverClass: Send + Sync {
+    /// The name used by `-f` and `driver=`.
+    fn name(&self) -> &'static str;
+
+    /// Protocols (file, nbd) hold bytes; formats interpret them.
+    fn is_protocol(&self) -> bool {
+        false
+    }
+
+    /// How sure this format is that `header` is one of its images (0 = no;
+    /// raw answers 1, real formats 100).
+    fn probe(&self, _header: &[u8], _filename: &str) -> u32 {
+        0
+    }
+
+    /// True when images of this format can have a backing file.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// The creation options, in the order `-o help` lists them.
+    fn create_options(&self) -> &'static [OptSpec] {
+        &[]
+    }
+
+    /// Creates an image at `filename` with the options given (including `size`).
+    async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()>;
+
+    /// Opens a node of this driver; consumes the options it knows from `opts`.
+    async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>>;
+}

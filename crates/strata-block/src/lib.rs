@@ -1,0 +1,28 @@
+//! Strata's block core: nodes and their request path, the driver traits and
+//! registry, options, owned I/O buffers, I/O engines and event loops.
+//!
+//! It knows no driver by name; drivers register in a [`Registry`].
+
+pub mod buf;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod event_loop;
+pub mod node;
+pub mod open;
+pub mod options;
+pub mod report;
+pub mod status;
+pub mod tracked;
+
+pub use buf::IoBuf;
+pub use driver::{
+    CheckResult, Child, ChildRole, Driver, DriverClass, Limits, Perm, Preallocation, RepairMode,
+    WriteFlags,
+};
+pub use error::{Error, Result};
+pub use event_loop::EventLoop;
+pub use node::{CacheMode, Node};
+pub use open::{OpenCtx, OpenFlags, Registry};
+pub use options::Opts;
+pub use status::BlockStatus;

@@ -1,0 +1,417 @@
+//! Nodes of the block graph and the one request path every request takes
+//! (QEMU: BlockDriverState and block/io.c): bounds and read-only checks,
+//! alignment with read-modify-write under a serialising tracked request,
+//! splitting at the maximum transfer, write-zeroes fallback, flush and FUA
+//! semantics of the cache mode, and block status with pass-through.
+
+use crate::buf::IoBuf;
+use crate::driver::{Child, ChildRole, Driver, Limits, WriteFlags};
+use crate::error::{err, Error, Result};
+use crate::status::BlockStatus;
+use crate::tracked::Tracker;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Cache mode of a node tree (`-t` / `cache=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheMode {
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+    /// The guest-visible write cache is on: writes need not be stable until a flush.
+    pub writeback: bool,
+    /// Flushes are ignored.
+    pub no_flush: bool,
+}
+
+impl CacheMode {
+    /// The default: writeback through the host page cache.
+    pub const WRITEBACK: CacheMode = CacheMode { direct: false, writeback: true, no_flush: false };
+
+    /// Parses a cache mode name as QEMU's tools accept it.
+    pub fn parse(s: &str) -> Result<CacheMode> {
+        let (direct, writeback, no_flush) = match s {
+            "writeback" => (false, true, false),
+            "none" | "off" => (true, true, false),
+            "writethrough" => (false, false, false),
+            "directsync" => (true, false, false),
+            "unsafe" => (false, true, true),
+            _ => return Err(Error::invalid(format!("Invalid cache option: {s}"))),
+        };
+        Ok(CacheMode { direct, writeback, no_flush })
+    }
+}
+
+impl Default for CacheMode {
+    fn default() -> Self {
+        CacheMode::WRITEBACK
+    }
+}
+
+static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
+
+/// A node of the block graph: a driver instance with its request path.
+pub struct Node {
+    name: String,
+    filename: String,
+    driver: Box<dyn Driver>,
+    read_only: bool,
+    writeback: AtomicBool,
+    no_flush: bool,
+    limits: Limits,
+    tracker: Tracker,
+    closed: AtomicBool,
+}
+
+impl Node {
+    /// Wraps an open driver in a node. `name` empty gives an automatic one.
+    pub fn new(
+        name: &str,
+        filename: &str,
+        driver: Box<dyn Driver>,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> Arc<Node> {
+        let name = if name.is_empty() {
+            format!("#block{:03}", NEXT_AUTO_NAME.fetch_add(1, Ordering::Relaxed))
+        } else {
+            name.to_string()
+        };
+        let limits = driver.limits();
+        Arc::new(Node {
+            name,
+            filename: filename.to_string(),
+            driver,
+            read_only,
+            writeback: AtomicBool::new(cache.writeback),
+            no_flush: cache.no_flush,
+            limits,
+            tracker: Tracker::default(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The file name this node was opened with.
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+    /// The driver instance.
+    pub fn driver(&self) -> &dyn Driver {
+        &*self.driver
+    }
+    /// The driver's name.
+    pub fn format_name(&self) -> &'static str {
+        self.driver.format_name()
+    }
+    /// True when writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The limits requests to this node obey.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+    /// Length in bytes.
+    pub fn length(&self) -> u64 {
+        self.driver.length()
+    }
+    /// The children of this node.
+    pub fn children(&self) -> Vec<Child> {
+        self.driver.children()
+    }
+    /// The child in `role`, if any.
+    pub fn child(&self, role: ChildRole) -> Option<Arc<Node>> {
+        self.children().into_iter().find(|c| c.role == role).map(|c| c.node)
+    }
+    /// The backing node, if any.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.child(ChildRole::Backing)
+    }
+    /// Turns the write cache on or off (off: every write is flushed, as FUA).
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    fn check_request(&self, offset: u64, len: u64) -> Result<()> {
+        let growable = self.driver.growable();
+        match offset.checked_add(len) {
+            Some(_) if growable => Ok(()),
+            Some(end) if end <= self.length() => Ok(()),
+            _ => err(libc::EIO),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return err(libc::EPERM);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(buf);
+        }
+        let align = self.limits.request_alignment.max(1) as u64;
+        let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
+        if offset % align == 0 && len % align == 0 && mem_ok {
+            return self.read_aligned(offset, buf).await;
+        }
+        // Unaligned: read the aligned cover into a bounce buffer and copy out.
+        let start = offset / align * align;
+        let end = (offset + len).div_ceil(align) * align;
+        let bounce = self.read_aligned(start, IoBuf::zeroed((end - start) as usize)).await?;
+        let mut buf = buf;
+        let skip = (offset - start) as usize;
+        buf.as_mut_slice().copy_from_slice(&bounce.as_slice()[skip..skip + len as usize]);
+        Ok(buf)
+    }
+
+    /// Reads an aligned range, split at the maximum transfer.
+    async fn read_aligned(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let max = self.limits.max_transfer;
+        if max == 0 || buf.len() as u64 <= max {
+            return self.driver.read(offset, buf).await;
+        }
+        let mut parts = Vec::new();
+        let mut rest = buf;
+        let mut off = offset;
+        while !rest.is_empty() {
+            let n = (rest.len() as u64).min(max) as usize;
+            let (head, tail) = rest.split_at(n);
+            parts.push(self.driver.read(off, head).await?);
+            off += n as u64;
+            rest = tail;
+        }
+        Ok(IoBuf::join_all(parts))
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.check_writable()?;
+        let len = buf.len() as u64;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(buf);
+        }
+        let align = self.limits.request_alignment.max(1) as u64;
+        let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
+        let buf = if offset % align == 0 && len % align == 0 && mem_ok {
+            let _req = self.tracker.begin(offset, offset + len, false).await;
+            self.write_aligned(offset, buf, flags).await?
+        } else {
+            // Read-modify-write of the partial sectors, serialised against
+            // every overlapping request so no write tears another.
+            let start = offset / align * align;
+            let end = (offset + len).div_ceil(align) * align;
+            let _req = self.tracker.begin(start, end, true).await;
+            let mut bounce = IoBuf::zeroed((end - start) as usize);
+            if start != offset || end != offset + len {
+                bounce = self.driver.read(start, bounce).await?;
+            }
+            let skip = (offset - start) as usize;
+            bounce.as_mut_slice()[skip..skip + len as usize].copy_from_slice(buf.as_slice());
+            self.write_aligned(start, bounce, flags).await?;
+            buf
+        };
+        self.after_write(flags).await?;
+        Ok(buf)
+    }
+
+    async fn write_aligned(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        let max = self.limits.max_transfer;
+        if max == 0 || buf.len() as u64 <= max {
+            return self.driver.write(offset, buf, flags).await;
+        }
+        let mut parts = Vec::new();
+        let mut rest = buf;
+        let mut off = offset;
+        while !rest.is_empty() {
+            let n = (rest.len() as u64).min(max) as usize;
+            let (head, tail) = rest.split_at(n);
+            parts.push(self.driver.write(off, head, flags).await?);
+            off += n as u64;
+            rest = tail;
+        }
+        Ok(IoBuf::join_all(parts))
+    }
+
+    /// With the write cache off, or FUA asked for, a write is flushed before it completes.
+    async fn after_write(&self, flags: WriteFlags) -> Result<()> {
+        if flags.fua || !self.writeback.load(Ordering::Relaxed) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let align = self.limits.request_alignment.max(1) as u64;
+        if offset % align == 0 && len % align == 0 {
+            let r = {
+                let _req = self.tracker.begin(offset, offset + len, false).await;
+                self.driver.write_zeroes(offset, len, flags).await
+            };
+            match r {
+                Ok(()) => return self.after_write(flags).await,
+                Err(e) if e.code() == libc::ENOTSUP && !flags.no_fallback => {}
+                Err(e) => return Err(e),
+            }
+        } else if flags.no_fallback {
+            return err(libc::ENOTSUP);
+        }
+        // Fallback: write buffers of zeroes, at most 1 MiB at a time.
+        const CHUNK: u64 = 1 << 20;
+        let mut off = offset;
+        let end = offset + len;
+        let mut zeroes = IoBuf::zeroed(CHUNK.min(len) as usize);
+        let plain = WriteFlags { may_unmap: false, ..flags };
+        while off < end {
+            let n = (end - off).min(CHUNK);
+            if n as usize != zeroes.len() {
+                zeroes = IoBuf::zeroed(n as usize);
+            }
+            zeroes = self.write(off, zeroes, plain).await?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset`; drivers that cannot just succeed.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _req = self.tracker.begin(offset, offset + len, false).await;
+        match self.driver.discard(offset, len).await {
+            Err(e) if e.code() == libc::ENOTSUP => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Makes completed writes stable (a no-op with `cache=unsafe`).
+    pub async fn flush(&self) -> Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
+        self.driver.flush().await
+    }
+
+    /// Changes the length of the node.
+    pub async fn truncate(&self, size: u64, prealloc: crate::driver::Preallocation) -> Result<()> {
+        self.check_writable()?;
+        self.driver.truncate(size, prealloc).await
+    }
+
+    /// What is at `offset` in this node: at most `len` bytes of one kind.
+    /// Pass-through layers (raw, filters) answer with their child's status.
+    pub async fn block_status(self: &Arc<Self>, offset: u64, len: u64) -> Result<BlockStatus> {
+        let size = self.length();
+        if offset >= size {
+            return Ok(BlockStatus::zero(0));
+        }
+        let len = len.min(size - offset);
+        let mut st = self.driver.block_status(offset, len).await?;
+        st.len = st.len.clamp(1, len);
+        if st.here {
+            st.host = Some((Arc::clone(self), offset));
+        }
+        if st.raw {
+            if let Some((child, host)) = st.host.clone() {
+                let mut inner = Box::pin(child.block_status(host, st.len)).await?;
+                inner.allocated = true;
+                if inner.host.is_none() {
+                    inner.host = Some((child, host));
+                }
+                inner.len = inner.len.min(st.len);
+                return Ok(inner);
+            }
+        }
+        if st.recurse {
+            if let Some((child, host)) = st.host.clone() {
+                let inner = Box::pin(child.block_status(host, st.len)).await?;
+                st.len = st.len.min(inner.len.max(1));
+                st.zero = inner.zero;
+                st.data = !inner.zero || st.data;
+            }
+        } else if st.data && !st.zero {
+            // Data beyond the end of the host file reads as zeroes.
+            if let Some((child, host)) = &st.host {
+                if *host >= child.length() {
+                    st.zero = true;
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// Block status through the backing chain down to (not including) `base`:
+    /// the status and the depth of the layer that decides it.
+    pub async fn block_status_above(
+        self: &Arc<Self>,
+        base: Option<&Arc<Node>>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, usize)> {
+        let mut node = Arc::clone(self);
+        let mut depth = 0;
+        let mut len = len;
+        loop {
+            if offset >= node.length() {
+                // Beyond the end of a shorter backing file: zeroes.
+                let mut st = BlockStatus::zero(len);
+                st.allocated = false;
+                return Ok((st, depth));
+            }
+            let st = node.block_status(offset, len).await?;
+            if st.allocated {
+                return Ok((st, depth));
+            }
+            len = st.len;
+            match node.backing() {
+                Some(b) if base.is_none_or(|base| !Arc::ptr_eq(base, &b)) => {
+                    node = b;
+                    depth += 1;
+                }
+                _ => {
+                    // Bottom of the chain: unallocated reads as zeroes.
+                    let mut st = st;
+                    st.zero = true;
+                    return Ok((st, depth));
+                }
+            }
+        }
+    }
+
+    /// Closes the node: writes back caches and releases the image. Children
+    /// are closed by their own last user.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.driver.close().await
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({}, {})", self.name, self.driver.format_name())
+    }
+}

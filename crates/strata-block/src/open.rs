@@ -1,0 +1,306 @@
+//! Opening nodes (QEMU: bdrv_open): the driver registry, format probing, the
+//! protocol node under a format, backing files with relative names, and the
+//! options every node takes (read-only, cache, aio, locking).
+
+use crate::driver::{DriverClass, Perm};
+use crate::engine::Aio;
+use crate::error::{Error, Result};
+use crate::node::{CacheMode, Node};
+use crate::options::{take_bool, take_dict, take_str, Opts};
+use crate::report::warn_report;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The drivers the tools know, registered at start-up.
+#[derive(Default)]
+pub struct Registry {
+    classes: Vec<Arc<dyn DriverClass>>,
+}
+
+impl Registry {
+    /// Adds a driver.
+    pub fn register(&mut self, class: Arc<dyn DriverClass>) {
+        self.classes.push(class);
+    }
+    /// The driver called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn DriverClass>> {
+        self.classes.iter().find(|c| c.name() == name).cloned()
+    }
+    /// Every registered driver.
+    pub fn all(&self) -> &[Arc<dyn DriverClass>] {
+        &self.classes
+    }
+    /// The driver called `name`, or QEMU's error for an unknown format.
+    pub fn format(&self, name: &str) -> Result<Arc<dyn DriverClass>> {
+        self.get(name)
+            .ok_or_else(|| Error::invalid(format!("Unknown driver '{name}'")))
+    }
+}
+
+/// Flags of an open, inherited by the children (QEMU: BDRV_O_*).
+#[derive(Clone, Debug)]
+pub struct OpenFlags {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Share every permission and take none but reading (`-U`).
+    pub force_share: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// I/O engine for file nodes.
+    pub aio: Aio,
+    /// Do not open backing files (`-u`, `info` of a broken chain).
+    pub no_backing: bool,
+    /// Skip image locking entirely (`locking=off`).
+    pub locking: bool,
+}
+
+impl Default for OpenFlags {
+    fn default() -> Self {
+        OpenFlags {
+            read_only: false,
+            force_share: false,
+            cache: CacheMode::default(),
+            aio: Aio::IoUring,
+            no_backing: false,
+            locking: true,
+        }
+    }
+}
+
+impl OpenFlags {
+    /// Permissions the user of a node with these flags takes, and shares.
+    pub fn perms(&self) -> (Perm, Perm) {
+        let shared_default = Perm::CONSISTENT_READ.with(Perm::WRITE_UNCHANGED);
+        if self.read_only {
+            let shared = if self.force_share { Perm::ALL } else { shared_default };
+            (Perm::CONSISTENT_READ, shared)
+        } else {
+            (
+                Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE),
+                shared_default,
+            )
+        }
+    }
+}
+
+/// What an open needs: the registry, the flags, and the chain being opened
+/// (for loop detection).
+#[derive(Clone)]
+pub struct OpenCtx {
+    /// The drivers.
+    pub registry: Arc<Registry>,
+    /// Flags of this open.
+    pub flags: OpenFlags,
+    /// File names of the images above this one, outermost first.
+    chain: Vec<String>,
+    /// The protocol node under the format being opened.
+    file: Option<Arc<Node>>,
+}
+
+/// Largest number of bytes format probing reads.
+const PROBE_BYTES: usize = 2048;
+
+/// Deepest backing chain we open (QEMU has no limit; this stops runaway chains).
+const MAX_CHAIN_DEPTH: usize = 1000;
+
+impl OpenCtx {
+    /// A context for a top-level open.
+    pub fn new(registry: Arc<Registry>, flags: OpenFlags) -> OpenCtx {
+        OpenCtx { registry, flags, chain: Vec::new(), file: None }
+    }
+
+    /// Opens an image: `filename` (or `json:{...}`), an optional format, and
+    /// options (`--image-opts`, `-o`). Probes the format when none is given.
+    pub async fn open_image(
+        &self,
+        filename: Option<&str>,
+        format: Option<&str>,
+        mut opts: Opts,
+    ) -> Result<Arc<Node>> {
+        let mut filename = filename.map(str::to_string);
+        if let Some(json) = filename.as_deref().and_then(|f| f.strip_prefix("json:")) {
+            let j = crate::options::parse_json(json)?;
+            for (k, v) in j {
+                opts.entry(k).or_insert(v);
+            }
+            filename = None;
+        }
+        if filename.is_none() {
+            filename = take_str(&mut opts, "filename")?;
+        }
+        if let Some(f) = format {
+            if let Some(Value::String(d)) = opts.get("driver") {
+                if d != f {
+                    return Err(Error::invalid(format!(
+                        "Cannot use '{f}' as the format, the driver is already '{d}'"
+                    )));
+                }
+            }
+            opts.insert("driver".into(), Value::String(f.to_string()));
+        }
+        let mut ctx = self.clone();
+        if let Some(ro) = take_bool(&mut opts, "read-only")? {
+            ctx.flags.read_only = ro;
+        }
+        ctx.apply_cache_opts(&mut opts)?;
+        let driver = take_str(&mut opts, "driver")?;
+        let node_name = take_str(&mut opts, "node-name")?.unwrap_or_default();
+
+        // A protocol driver opens the file itself.
+        if let Some(class) = driver.as_deref().and_then(|d| ctx.registry.get(d)) {
+            if class.is_protocol() {
+                if let Some(f) = &filename {
+                    opts.insert("filename".into(), Value::String(f.clone()));
+                }
+                let name = filename.clone().unwrap_or_default();
+                let drv = class.open(&ctx, &mut opts).await?;
+                crate::options::reject_unknown(&opts, class.name())?;
+                return Ok(Node::new(&node_name, &name, drv, ctx.flags.read_only, ctx.flags.cache));
+            }
+        }
+
+        // A format: open its protocol node first.
+        let file_opts = take_dict(&mut opts, "file")?;
+        let file_node = match (file_opts, &filename) {
+            (Some(fo), _) => Box::pin(ctx.open_image(None, None, with_default_driver(fo))).await?,
+            (None, Some(f)) => {
+                let mut fo = Opts::new();
+                fo.insert("driver".into(), Value::String("file".into()));
+                fo.insert("filename".into(), Value::String(f.clone()));
+                Box::pin(ctx.open_image(None, None, fo)).await?
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    "A block device must be specified for \"file\"",
+                ))
+            }
+        };
+        let display_name = filename.clone().unwrap_or_else(|| file_node.filename().to_string());
+        let class = match driver {
+            Some(d) => ctx.registry.format(&d)?,
+            None => ctx.probe(&file_node, &display_name).await?,
+        };
+        if ctx.chain.len() > MAX_CHAIN_DEPTH {
+            return Err(Error::invalid("Backing chain is too deep"));
+        }
+        ctx.chain.push(display_name.clone());
+        let mut open_ctx = ctx.clone();
+        open_ctx.file = Some(file_node);
+        let drv = class.open(&open_ctx, &mut opts).await?;
+        crate::options::reject_unknown(&opts, class.name())?;
+        Ok(Node::new(&node_name, &display_name, drv, ctx.flags.read_only, ctx.flags.cache))
+    }
+
+    /// Reads the start of `file` and asks every format how sure it is.
+    async fn probe(&self, file: &Arc<Node>, filename: &str) -> Result<Arc<dyn DriverClass>> {
+        let n = (file.length() as usize).min(PROBE_BYTES);
+        let head = file.read(0, crate::IoBuf::zeroed(n)).await.map_err(|e| {
+            e.context("Could not read image for determining its format")
+        })?;
+        let mut best: Option<(u32, Arc<dyn DriverClass>)> = None;
+        for c in self.registry.all() {
+            if c.is_protocol() {
+                continue;
+            }
+            let score = c.probe(head.as_slice(), filename);
+            if score > 0 && best.as_ref().is_none_or(|(s, _)| score > *s) {
+                best = Some((score, Arc::clone(c)));
+            }
+        }
+        match best {
+            Some((_, c)) => {
+                if c.name() == "raw" {
+                    warn_report(format!(
+                        "Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+                    ));
+                }
+                Ok(c)
+            }
+            None => Err(Error::invalid("Could not determine image format")),
+        }
+    }
+
+    /// The protocol node under the format being opened (for format drivers).
+    pub fn file(&self) -> Result<Arc<Node>> {
+        self.file
+            .clone()
+            .ok_or_else(|| Error::invalid("A block device must be specified for \"file\""))
+    }
+
+    fn apply_cache_opts(&mut self, opts: &mut Opts) -> Result<()> {
+        if let Some(Value::Object(mut cache)) = opts.remove("cache") {
+            if let Some(d) = take_bool(&mut cache, "direct")? {
+                self.flags.cache.direct = d;
+            }
+            if let Some(n) = take_bool(&mut cache, "no-flush")? {
+                self.flags.cache.no_flush = n;
+            }
+            if let Some(k) = cache.keys().next() {
+                return Err(Error::invalid(format!("Invalid parameter 'cache.{k}'")));
+            }
+        }
+        if let Some(a) = take_str(opts, "aio")? {
+            self.flags.aio = Aio::parse(&a)?;
+        }
+        Ok(())
+    }
+
+    /// Opens the backing file `name` of the image `parent` (relative names are
+    /// relative to the parent's directory), read-only, with format `format`
+    /// or probed. Refuses a chain that loops.
+    pub async fn open_backing(
+        &self,
+        parent: &str,
+        name: &str,
+        format: Option<&str>,
+        opts: Opts,
+    ) -> Result<Arc<Node>> {
+        let path = path_combine(parent, name);
+        let canon = canonical(&path);
+        if self.chain.iter().any(|p| canonical(p) == canon) {
+            return Err(Error::invalid(format!(
+                "Backing file '{name}' of '{parent}' creates a loop"
+            )));
+        }
+        let mut ctx = self.clone();
+        ctx.flags.read_only = true;
+        ctx.file = None;
+        Box::pin(ctx.open_image(Some(&path), format, opts)).await
+    }
+}
+
+fn with_default_driver(mut o: Opts) -> Opts {
+    o.entry("driver").or_insert_with(|| Value::String("file".into()));
+    o
+}
+
+fn canonical(p: &str) -> String {
+    std::fs::canonicalize(p)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| p.to_string())
+}
+
+/// Resolves `name` relative to the directory of `base` (QEMU: path_combine):
+/// absolute names and protocol names stay as they are.
+pub fn path_combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{}", &base[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combine() {
+        assert_eq!(path_combine("/a/b/top.qcow2", "base.qcow2"), "/a/b/base.qcow2");
+        assert_eq!(path_combine("top.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(path_combine("d/top", "/abs"), "/abs");
+        assert_eq!(path_combine("d/top", "../x"), "d/../x");
+    }
+}

@@ -1,0 +1,119 @@
+//! The `raw` format: the image is the bytes of its file, optionally a window
+//! of it (`offset`, `size`).
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use strata_block::driver::Preallocation;
+use strata_block::options::{take_size, OptSpec};
+use strata_block::{
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Opts,
+    Result, WriteFlags,
+};
+
+/// The `raw` driver class.
+pub struct RawClass;
+
+/// An open raw image.
+pub struct RawDriver {
+    file: Arc<Node>,
+    offset: u64,
+    /// Fixed size when `size` was given; else the file's length minus `offset`.
+    size: Option<u64>,
+}
+
+#[async_trait]
+impl Driver for RawDriver {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn length(&self) -> u64 {
+        self.size.unwrap_or_else(|| self.file.length().saturating_sub(self.offset))
+    }
+
+    fn children(&self) -> Vec<Child> {
+        vec![Child { role: ChildRole::File, node: Arc::clone(&self.file) }]
+    }
+
+    fn limits(&self) -> strata_block::Limits {
+        self.file.limits()
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.file.read(self.offset + offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.file.write(self.offset + offset, buf, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.file.write_zeroes(self.offset + offset, len, flags).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.file.discard(self.offset + offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus {
+            raw: true,
+            ..BlockStatus::data_at(len, Arc::clone(&self.file), self.offset + offset)
+        })
+    }
+
+    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.size.is_some() || self.offset != 0 {
+            return Err(Error::unsupported(
+                "Cannot resize a raw image with an offset or a fixed size",
+            ));
+        }
+        self.file.truncate(size, prealloc).await
+    }
+
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        self.file.driver().allocated_size().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.file.close().await
+    }
+}
+
+#[async_trait]
+impl DriverClass for RawClass {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn probe(&self, _header: &[u8], _filename: &str) -> u32 {
+        1
+    }
+
+    fn create_options(&self) -> &'static [OptSpec] {
+        crate::protocols::file::CREATE_OPTIONS
+    }
+
+    async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
+        let file = ctx.registry.format("file")?;
+        file.create(ctx, filename, opts).await
+    }
+
+    async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
+        let file = ctx.file()?;
+        let offset = take_size(opts, "offset")?.unwrap_or(0);
+        let size = take_size(opts, "size")?;
+        let flen = file.length();
+        if offset.checked_add(size.unwrap_or(0)).is_none_or(|end| end > flen) {
+            return Err(Error::invalid(format!(
+                "The sum of offset ({offset}) and size ({}) has to be smaller or equal to the  actual size of the containing file ({flen})",
+                size.unwrap_or(0)
+            )));
+        }
+        Ok(Box::new(RawDriver { file, offset, size }))
+    }
+}

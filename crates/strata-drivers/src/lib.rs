@@ -1,0 +1,18 @@
+//! Strata's drivers: protocols (where bytes live) and formats (how they make a
+//! disk). The tools build a [`strata_block::Registry`] from [`registry`].
+
+pub mod formats;
+pub mod protocols;
+
+use std::sync::Arc;
+use strata_block::Registry;
+
+/// Every driver of this crate, registered; qcow2 before raw so that probing
+/// sees the real formats first.
+pub fn registry() -> Arc<Registry> {
+    let mut r = Registry::default();
+    r.register(Arc::new(protocols::file::FileClass));
+    // qcow2 registered below once written
+    r.register(Arc::new(formats::raw::RawClass));
+    Arc::new(r)
+}

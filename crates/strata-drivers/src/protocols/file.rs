@@ -1,0 +1,425 @@
+//! The `file` protocol: a regular file or a block device on the host.
+//!
+//! Reads past the end of the file see zeroes and writes past it grow the file
+//! (formats allocate at the end). Discard punches holes, write-zeroes uses
+//! fallocate, block status uses SEEK_DATA/SEEK_HOLE, and O_DIRECT probes the
+//! alignment it needs.
+
+use super::lock;
+use async_trait::async_trait;
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use strata_block::driver::Preallocation;
+use strata_block::engine::{self, Aio, Fd, FileOp};
+use strata_block::options::{take_bool, take_size, take_str, OptSpec, OptType};
+use strata_block::{
+    BlockStatus, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Result, WriteFlags,
+};
+
+/// The `file` driver class.
+pub struct FileClass;
+
+/// Creation options of the file protocol, as `-o help` lists them.
+pub const CREATE_OPTIONS: &[OptSpec] = &[
+    OptSpec { name: "size", ty: OptType::Size, help: "Virtual disk size", default: None },
+    OptSpec {
+        name: "preallocation",
+        ty: OptType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+        default: None,
+    },
+    OptSpec {
+        name: "nocow",
+        ty: OptType::Bool,
+        help: "Turn off copy-on-write (valid only on btrfs)",
+        default: None,
+    },
+    OptSpec {
+        name: "extent_size_hint",
+        ty: OptType::Size,
+        help: "Extent size hint for the image file, 0 to disable",
+        default: None,
+    },
+];
+
+/// An open file.
+pub struct FileDriver {
+    fd: Arc<Fd>,
+    aio: Aio,
+    length: AtomicU64,
+    limits: Limits,
+    block_device: bool,
+}
+
+fn cstr(path: &str) -> Result<CString> {
+    CString::new(path).map_err(|_| Error::invalid(format!("Invalid file name '{path}'")))
+}
+
+/// Opens `path`; errors read `Could not {verb} 'path': reason` as QEMU's do.
+fn open_fd(path: &str, flags: i32, mode: u32, verb: &str) -> Result<Fd> {
+    let c = cstr(path)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    if fd < 0 {
+        return Err(Error::from(std::io::Error::last_os_error())
+            .context(format!("Could not {verb} '{path}'")));
+    }
+    Ok(Fd::new(fd))
+}
+
+fn fstat(fd: RawFd) -> Result<libc::stat> {
+    // SAFETY: an all-zero stat is valid; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out-pointer.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st)
+}
+
+fn device_size(fd: RawFd) -> Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    if unsafe { libc::ioctl(fd, 0x80081272, &mut size) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(size)
+}
+
+/// The smallest read alignment O_DIRECT accepts on `fd` (QEMU probes the same
+/// way): the logical sector size of a device, else trial reads.
+fn probe_alignment(fd: RawFd, block_device: bool) -> u32 {
+    if block_device {
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int.
+        if unsafe { libc::ioctl(fd, 0x1268, &mut ssz) } == 0 && ssz > 0 {
+            return ssz as u32;
+        }
+    }
+    let mut buf = IoBuf::zeroed(4096);
+    for align in [1u32, 512, 1024, 2048, 4096] {
+        // SAFETY: buf has 4096 bytes, at least `align`.
+        let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), align as usize, 0) };
+        if r >= 0 {
+            return align;
+        }
+    }
+    4096
+}
+
+impl FileDriver {
+    async fn op(&self, op: FileOp) -> (Result<usize>, Option<IoBuf>) {
+        engine::submit(self.aio, &self.fd, op).await
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> Result<Option<u64>> {
+        // SAFETY: lseek has no memory arguments.
+        let r = unsafe { libc::lseek(self.fd.raw(), offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e.into());
+        }
+        Ok(Some(r as u64))
+    }
+
+    fn grow_to(&self, end: u64) {
+        self.length.fetch_max(end, Ordering::AcqRel);
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        self.op(FileOp::Fallocate(mode, offset, len)).await.0.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Driver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn length(&self) -> u64 {
+        self.length.load(Ordering::Acquire)
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn growable(&self) -> bool {
+        !self.block_device
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let total = buf.len();
+        let (r, b) = self.op(FileOp::Read(offset, buf)).await;
+        let mut buf = b.ok_or_else(|| Error::errno(libc::EIO))?;
+        let mut done = r?;
+        // Short reads: keep reading; at end of file, the rest reads as zeroes.
+        while done < total {
+            let (head, tail) = buf.split_at(done);
+            let (r, t) = self.op(FileOp::Read(offset + done as u64, tail)).await;
+            let tail = t.ok_or_else(|| Error::errno(libc::EIO))?;
+            buf = IoBuf::join_all(vec![head, tail]);
+            match r? {
+                0 => {
+                    buf.as_mut_slice()[done..].fill(0);
+                    break;
+                }
+                n => done += n,
+            }
+        }
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, _flags: WriteFlags) -> Result<IoBuf> {
+        let total = buf.len();
+        let (r, b) = self.op(FileOp::Write(offset, buf)).await;
+        let mut buf = b.ok_or_else(|| Error::errno(libc::EIO))?;
+        let mut done = r?;
+        while done < total {
+            let (head, tail) = buf.split_at(done);
+            let (r, t) = self.op(FileOp::Write(offset + done as u64, tail)).await;
+            buf = IoBuf::join_all(vec![head, t.ok_or_else(|| Error::errno(libc::EIO))?]);
+            match r? {
+                0 => return Err(Error::errno(libc::ENOSPC)),
+                n => done += n,
+            }
+        }
+        self.grow_to(offset + total as u64);
+        Ok(buf)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        let mode = if flags.may_unmap && !self.block_device {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE
+        };
+        match self.fallocate(mode, offset, len).await {
+            Ok(()) => {}
+            Err(e) if matches!(e.code(), libc::EOPNOTSUPP | libc::EINVAL) => {
+                return Err(Error::errno(libc::ENOTSUP))
+            }
+            Err(e) => return Err(e),
+        }
+        let end = offset + len;
+        if end > self.length() && !self.block_device {
+            // PUNCH_HOLE keeps the size: extend explicitly.
+            // SAFETY: ftruncate has no memory arguments.
+            if unsafe { libc::ftruncate(self.fd.raw(), end as libc::off_t) } < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            self.grow_to(end);
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let len = len.min(self.length().saturating_sub(offset));
+        if len == 0 || self.block_device {
+            return Ok(());
+        }
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .await
+            .or_else(|e| if e.code() == libc::EOPNOTSUPP { Ok(()) } else { Err(e) })
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.op(FileOp::Flush).await.0.map(|_| ())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let here = |mut st: BlockStatus| {
+            st.here = true;
+            st
+        };
+        if self.block_device {
+            return Ok(here(BlockStatus::data(len)));
+        }
+        match self.seek(offset, libc::SEEK_DATA)? {
+            // No data from here to the end: a hole.
+            None => Ok(here(BlockStatus::zero(len))),
+            Some(d) if d > offset => Ok(here(BlockStatus::zero((d - offset).min(len)))),
+            Some(_) => {
+                let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(offset + len);
+                Ok(here(BlockStatus::data((hole.max(offset + 1) - offset).min(len))))
+            }
+        }
+    }
+
+    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.block_device {
+            if size > self.length() {
+                return Err(Error::unsupported("Cannot grow device files"));
+            }
+            return Ok(());
+        }
+        let old = self.length();
+        // SAFETY: ftruncate has no memory arguments.
+        if unsafe { libc::ftruncate(self.fd.raw(), size as libc::off_t) } < 0 {
+            return Err(Error::from(std::io::Error::last_os_error())
+                .context("Failed to resize the file"));
+        }
+        self.length.store(size, Ordering::Release);
+        if size > old {
+            preallocate(self, old, size - old, prealloc).await?;
+        }
+        Ok(())
+    }
+
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        let st = fstat(self.fd.raw())?;
+        Ok(Some(st.st_blocks as u64 * 512))
+    }
+}
+
+/// Preallocates `len` bytes at `offset` (falloc reserves blocks, full writes zeroes).
+async fn preallocate(f: &FileDriver, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
+    match mode {
+        Preallocation::Off | Preallocation::Metadata => Ok(()),
+        Preallocation::Falloc => f.fallocate(0, offset, len).await.map_err(|e| {
+            e.context("Could not preallocate new data")
+        }),
+        Preallocation::Full => {
+            const CHUNK: u64 = 1 << 20;
+            let mut buf = IoBuf::zeroed(CHUNK.min(len) as usize);
+            let mut off = offset;
+            while off < offset + len {
+                let n = (offset + len - off).min(CHUNK) as usize;
+                if n != buf.len() {
+                    buf = IoBuf::zeroed(n);
+                }
+                buf = f.write(off, buf, WriteFlags::default()).await?;
+                off += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sets the btrfs no-copy-on-write attribute on an empty file; filesystems
+/// without the attribute ignore it, as QEMU does.
+fn set_nocow(fd: RawFd) {
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x80086601;
+    const FS_IOC_SETFLAGS: libc::c_ulong = 0x40086602;
+    const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+    let mut attr: libc::c_int = 0;
+    // SAFETY: the ioctls read and write one int.
+    unsafe {
+        if libc::ioctl(fd, FS_IOC_GETFLAGS, &mut attr) == 0 {
+            attr |= FS_NOCOW_FL;
+            libc::ioctl(fd, FS_IOC_SETFLAGS, &attr);
+        }
+    }
+}
+
+#[async_trait]
+impl DriverClass for FileClass {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
+    fn create_options(&self) -> &'static [OptSpec] {
+        CREATE_OPTIONS
+    }
+
+    async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
+        let size = take_size(&mut opts, "size")?.unwrap_or(0);
+        let prealloc = match take_str(&mut opts, "preallocation")? {
+            Some(p) => Preallocation::parse(&p)?,
+            None => Preallocation::Off,
+        };
+        if prealloc == Preallocation::Metadata {
+            return Err(Error::invalid("Unsupported preallocation mode: metadata"));
+        }
+        let nocow = take_bool(&mut opts, "nocow")?.unwrap_or(false);
+        let _ = take_size(&mut opts, "extent_size_hint")?;
+        strata_block::options::reject_unknown(&opts, "file")?;
+        let fd = open_fd(filename, libc::O_RDWR | libc::O_CREAT, 0o644, "create")?;
+        if nocow {
+            set_nocow(fd.raw());
+        }
+        let (perm, shared) = (strata_block::Perm::ALL, strata_block::Perm::CONSISTENT_READ);
+        if ctx.flags.locking {
+            lock::apply(fd.raw(), perm, shared, filename)?;
+        }
+        let st = fstat(fd.raw())?;
+        let is_reg = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        let driver = FileDriver {
+            fd: Arc::new(fd),
+            aio: Aio::Threads,
+            length: AtomicU64::new(0),
+            limits: Limits::default(),
+            block_device: !is_reg,
+        };
+        if is_reg {
+            driver.truncate(0, Preallocation::Off).await?;
+            driver.truncate(size, prealloc).await?;
+            if prealloc == Preallocation::Off && size > 0 {
+                // Allocate the first block so that O_DIRECT alignment probing
+                // of the new image finds data to read (QEMU does the same).
+                let n = size.min(4096) as usize;
+                driver.write(0, IoBuf::zeroed(n), WriteFlags::default()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
+        let filename = take_str(opts, "filename")?
+            .ok_or_else(|| Error::invalid("Parameter 'filename' is missing"))?;
+        let mut aio = ctx.flags.aio;
+        if let Some(a) = take_str(opts, "aio")? {
+            aio = Aio::parse(&a)?;
+        }
+        let locking = match take_str(opts, "locking")?.as_deref() {
+            None | Some("auto") | Some("on") => ctx.flags.locking,
+            Some("off") => false,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "Parameter 'locking' does not accept value '{v}'"
+                )))
+            }
+        };
+        let _ = take_str(opts, "aio-max-batch")?;
+        let _ = take_bool(opts, "x-check-cache-dropped")?;
+        let direct = ctx.flags.cache.direct;
+        let mut flags = if ctx.flags.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let fd = open_fd(&filename, flags, 0, "open")?;
+        let st = fstat(fd.raw())?;
+        let block_device = st.st_mode & libc::S_IFMT == libc::S_IFBLK;
+        let length = if block_device { device_size(fd.raw())? } else { st.st_size as u64 };
+        if locking {
+            let (perm, shared) = ctx.flags.perms();
+            lock::apply(fd.raw(), perm, shared, &filename)?;
+        }
+        let mut limits = Limits::default();
+        if direct {
+            limits.request_alignment = probe_alignment(fd.raw(), block_device);
+            limits.memory_alignment = limits.request_alignment.max(512);
+        }
+        Ok(Box::new(FileDriver {
+            fd: Arc::new(fd),
+            aio,
+            length: AtomicU64::new(length),
+            limits,
+            block_device,
+        }))
+    }
+}

@@ -1,0 +1,4 @@
+//! Protocol drivers: where an image's bytes live.
+
+pub mod file;
+mod lock;
