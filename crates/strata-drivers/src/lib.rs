@@ -12,7 +12,7 @@ use strata_block::Registry;
 pub fn registry() -> Arc<Registry> {
     let mut r = Registry::default();
     r.register(Arc::new(protocols::file::FileClass));
-    // qcow2 registered below once written
+    r.register(Arc::new(formats::qcow2::Qcow2Class));
     r.register(Arc::new(formats::raw::RawClass));
     Arc::new(r)
 }

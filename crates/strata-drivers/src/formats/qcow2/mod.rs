@@ -1,1 +1,854 @@
+//! The qcow2 format (docs/interop/qcow2.txt): versions 2 and 3, refcount
+//! widths 1 to 64 bits, cluster sizes 512 B to 2 MiB, zero clusters,
+//! compressed clusters (read), backing files.
+//!
+//! Concurrency: the metadata sits behind one async lock, held for lookups and
+//! allocation only, never across guest data I/O. A write that allocates
+//! clusters marks their guest clusters in flight; another write to them waits
+//! until the first has written its data and linked the clusters in its L2
+//! table, so a new cluster is visible only once its data is there.
+
+mod cache;
+mod check;
+mod compress;
+mod create;
+pub mod header;
+mod meta;
+
+use async_trait::async_trait;
+use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use meta::{Geometry, Mapping, Meta, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMode};
+use strata_block::options::{take_dict, take_str, OptSpec, Opts};
+use strata_block::{
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Result,
+    WriteFlags,
+};
+use tokio::sync::{Mutex, Notify};
+
+/// The `qcow2` driver class.
 pub struct Qcow2Class;
+
+/// Largest L1 table QEMU accepts (bytes).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU accepts (bytes).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Upper bound of the L2 cache (bytes), as QEMU's default.
+const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// An open qcow2 image.
+pub struct Qcow2Driver {
+    file: Arc<Node>,
+    backing: Option<Arc<Node>>,
+    geo: Geometry,
+    size: AtomicU64,
+    compression: Compression,
+    meta: Mutex<Meta>,
+    /// Guest clusters being allocated by a write in flight.
+    inflight: std::sync::Mutex<HashSet<u64>>,
+    alloc_done: Notify,
+    read_only: bool,
+}
+
+/// One piece of a request: `len` guest bytes at `offset`, all mapped alike.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    offset: u64,
+    len: u64,
+    mapping: Mapping,
+}
+
+impl Qcow2Driver {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Splits `[offset, offset+len)` into extents of like mapping; contiguous
+    /// data clusters merge into one extent.
+    async fn extents(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let cs = self.geo.cluster_size;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let gc = off >> self.geo.cluster_bits;
+            let n = (cs - self.geo.offset_in_cluster(off)).min(end - off);
+            let mapping = match m.mapping(&self.file, gc).await? {
+                Mapping::Normal { host, copied } => Mapping::Normal {
+                    host: host + self.geo.offset_in_cluster(off),
+                    copied,
+                },
+                other => other,
+            };
+            if let Some(last) = out.last_mut() {
+                let merge = match (last.mapping, mapping) {
+                    (Mapping::Normal { host: a, copied: ca }, Mapping::Normal { host: b, copied: cb }) => {
+                        a + last.len == b && ca == cb
+                    }
+                    (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    (Mapping::Zero(None), Mapping::Zero(None)) => true,
+                    _ => false,
+                };
+                if merge {
+                    last.len += n;
+                    off += n;
+                    continue;
+                }
+            }
+            out.push(Extent { offset: off, len: n, mapping });
+            off += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads one extent's bytes into `buf`.
+    async fn read_extent(&self, e: Extent, buf: IoBuf) -> Result<IoBuf> {
+        match e.mapping {
+            Mapping::Normal { host, .. } => self.file.read(host, buf).await,
+            Mapping::Zero(_) => Ok(zero_fill(buf)),
+            Mapping::Unallocated => self.read_backing(e.offset, buf).await,
+            Mapping::Compressed(entry) => {
+                let data = self.read_compressed(entry).await?;
+                let mut buf = buf;
+                let at = self.geo.offset_in_cluster(e.offset) as usize;
+                buf.as_mut_slice().copy_from_slice(&data[at..at + e.len as usize]);
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Reads from the backing file; zeroes where there is none or it is shorter.
+    async fn read_backing(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let Some(b) = &self.backing else { return Ok(zero_fill(buf)) };
+        let blen = b.length();
+        if offset >= blen {
+            return Ok(zero_fill(buf));
+        }
+        let n = (buf.len() as u64).min(blen - offset) as usize;
+        if n == buf.len() {
+            return b.read(offset, buf).await;
+        }
+        let (head, tail) = buf.split_at(n);
+        let head = b.read(offset, head).await?;
+        Ok(IoBuf::join_all(vec![head, zero_fill(tail)]))
+    }
+
+    /// The decompressed cluster a compressed L2 entry points to.
+    async fn read_compressed(&self, entry: u64) -> Result<Vec<u8>> {
+        let x = 62 - (self.geo.cluster_bits - 8);
+        let host = entry & ((1u64 << x) - 1);
+        let sectors = ((entry >> x) & ((1u64 << (self.geo.cluster_bits - 8)) - 1)) + 1;
+        let len = (sectors * 512 - (host & 511)).min(self.file.length().saturating_sub(host));
+        if len == 0 {
+            return Err(Error::corrupt(format!("Compressed cluster at {host:#x} lies beyond the end of the image")));
+        }
+        let src = self.file.read(host, IoBuf::zeroed(len as usize)).await?;
+        let mut out = vec![0u8; self.geo.cluster_size as usize];
+        compress::decompress(self.compression, src.as_slice(), &mut out)?;
+        Ok(out)
+    }
+
+    /// The old content of guest cluster `gc` (bytes `range` of it), for
+    /// copy-on-write into a newly allocated cluster.
+    async fn old_content(&self, gc: u64, mapping: Mapping, from: u64, to: u64) -> Result<IoBuf> {
+        let buf = IoBuf::zeroed((to - from) as usize);
+        let off = (gc << self.geo.cluster_bits) + from;
+        let mapping = match mapping {
+            Mapping::Normal { host, copied } => Mapping::Normal { host: host + from, copied },
+            m => m,
+        };
+        self.read_extent(Extent { offset: off, len: to - from, mapping }, buf).await
+    }
+
+    /// Makes sure guest cluster `gc` has an L2 table it may write to
+    /// (allocating or copying it) and returns the table's offset.
+    async fn writable_l2(&self, m: &mut Meta, gc: u64) -> Result<u64> {
+        let l1i = (gc >> self.geo.l2_bits) as usize;
+        if l1i >= m.l1.len() {
+            return Err(Error::invalid("Guest offset beyond the L1 table"));
+        }
+        let e = m.l1[l1i];
+        let old = e & OFFSET_MASK;
+        if old != 0 && e & OFLAG_COPIED != 0 {
+            return Ok(old);
+        }
+        let cs = self.geo.cluster_size;
+        let new = m.alloc_clusters(&self.file, 1).await?;
+        // Content first: zeroes, or a copy of the shared table.
+        let content = if old == 0 {
+            IoBuf::zeroed(cs as usize)
+        } else {
+            m.flush_l2(&self.file).await?;
+            self.file.read(old, IoBuf::zeroed(cs as usize)).await?
+        };
+        m.check_metadata_write(new, cs)?;
+        m.l2_cache.remove_table(new, cs);
+        self.file.write(new, content, WriteFlags::default()).await?;
+        // Its refcount and content are stable before L1 points to it.
+        m.flush_refcounts(&self.file).await?;
+        self.file.flush().await?;
+        m.l1[l1i] = new | OFLAG_COPIED;
+        m.write_l1_entry(&self.file, l1i).await?;
+        if old != 0 {
+            self.file.flush().await?;
+            m.l2_cache.remove_table(old, cs);
+            m.update_refcounts(&self.file, old, 1, -1).await?;
+        }
+        Ok(new)
+    }
+
+    /// Waits until none of the guest clusters `[first, last]` is being allocated.
+    async fn wait_inflight(&self, first: u64, last: u64) {
+        loop {
+            let notified = self.alloc_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock_inflight().iter().any(|c| (first..=last).contains(c)) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Writes `buf` at guest `offset`; the range lies within one L2 table.
+    async fn write_in_table(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let cs = self.geo.cluster_size;
+        let len = buf.len() as u64;
+        let first = offset >> self.geo.cluster_bits;
+        let last = (offset + len - 1) >> self.geo.cluster_bits;
+        loop {
+            self.wait_inflight(first, last).await;
+            let mut m = self.meta.lock().await;
+            if m.corrupt {
+                return Err(Error::errno(libc::EIO));
+            }
+            // Already in flight by someone who got the lock first: wait again.
+            if self.lock_inflight().iter().any(|c| (first..=last).contains(c)) {
+                continue;
+            }
+            let mut mappings = Vec::with_capacity((last - first + 1) as usize);
+            for gc in first..=last {
+                mappings.push(m.mapping(&self.file, gc).await?);
+            }
+            // Fast path: every cluster is ours alone and contiguous on the host.
+            if let Mapping::Normal { host, copied: true } = mappings[0] {
+                let contiguous = mappings.iter().enumerate().all(|(i, mp)| {
+                    *mp == Mapping::Normal { host: host + i as u64 * cs, copied: true }
+                });
+                if contiguous {
+                    let at = host + self.geo.offset_in_cluster(offset);
+                    m.check_metadata_write(at, len)?;
+                    drop(m);
+                    return self.file.write(at, buf, WriteFlags::default()).await;
+                }
+            }
+            // Split at the first cluster that is (or is not) written in place.
+            let in_place = |mp: &Mapping| matches!(mp, Mapping::Normal { copied: true, .. });
+            let head_in_place = in_place(&mappings[0]);
+            let run = mappings.iter().take_while(|mp| in_place(mp) == head_in_place).count() as u64;
+            if run < last - first + 1 {
+                let split = ((first + run) << self.geo.cluster_bits) - offset;
+                let (a, b) = buf.split_at(split as usize);
+                drop(m);
+                let a = Box::pin(self.write_in_table(offset, a)).await?;
+                let b = Box::pin(self.write_in_table(offset + split, b)).await?;
+                return Ok(IoBuf::join_all(vec![a, b]));
+            }
+            if head_in_place {
+                // In place but not contiguous on the host: cluster by cluster.
+                drop(m);
+                let split = (cs - self.geo.offset_in_cluster(offset)).min(len);
+                let (a, b) = buf.split_at(split as usize);
+                let a = Box::pin(self.write_in_table(offset, a)).await?;
+                if b.is_empty() {
+                    return Ok(a);
+                }
+                let b = Box::pin(self.write_in_table(offset + split, b)).await?;
+                return Ok(IoBuf::join_all(vec![a, b]));
+            }
+            // Allocate: new L2 table if needed, then the data clusters.
+            let n = last - first + 1;
+            let l2 = self.writable_l2(&mut m, first).await?;
+            let host = m.alloc_clusters(&self.file, n).await?;
+            m.check_metadata_write(host, n * cs)?;
+            self.lock_inflight().extend(first..=last);
+            drop(m);
+            let r = self.write_new_clusters(offset, buf, host, first, &mappings).await;
+            let (r, written) = match r {
+                Ok(b) => (Ok(()), b),
+                Err(e) => (Err(e), IoBuf::zeroed(0)),
+            };
+            let mut m = self.meta.lock().await;
+            let linked = match r {
+                Ok(()) => self.link_clusters(&mut m, l2, first, host, &mappings).await,
+                Err(e) => Err(e),
+            };
+            if linked.is_err() {
+                // Give the clusters back; their L2 entries were not changed.
+                let _ = m.update_refcounts(&self.file, host, n, -1).await;
+            }
+            drop(m);
+            let mut inflight = self.lock_inflight();
+            for gc in first..=last {
+                inflight.remove(&gc);
+            }
+            drop(inflight);
+            self.alloc_done.notify_waiters();
+            return linked.map(|()| written);
+        }
+    }
+
+    /// Writes guest data and the copied-on-write rest of the partial first
+    /// and last clusters into the new clusters at `host`, in one write.
+    async fn write_new_clusters(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        host: u64,
+        first: u64,
+        mappings: &[Mapping],
+    ) -> Result<IoBuf> {
+        let cs = self.geo.cluster_size;
+        let head = self.geo.offset_in_cluster(offset);
+        let end = head + buf.len() as u64;
+        let total = (mappings.len() as u64) * cs;
+        if head == 0 && end == total {
+            return self.file.write(host, buf, WriteFlags::default()).await;
+        }
+        let mut data = IoBuf::zeroed(total as usize);
+        if head > 0 {
+            let old = self.old_content(first, mappings[0], 0, head).await?;
+            data.as_mut_slice()[..head as usize].copy_from_slice(old.as_slice());
+        }
+        if end < total {
+            let last = mappings.len() - 1;
+            let from = end - last as u64 * cs;
+            let old = self.old_content(first + last as u64, mappings[last], from, cs).await?;
+            data.as_mut_slice()[end as usize..].copy_from_slice(old.as_slice());
+        }
+        data.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
+        self.file.write(host, data, WriteFlags::default()).await?;
+        Ok(buf)
+    }
+
+    /// Points the L2 entries of `mappings.len()` guest clusters from `first`
+    /// at the new clusters from `host`, then drops the old clusters' references.
+    async fn link_clusters(&self, m: &mut Meta, l2: u64, first: u64, host: u64, mappings: &[Mapping]) -> Result<()> {
+        let mask = self.geo.l2_entries() - 1;
+        for (i, _) in mappings.iter().enumerate() {
+            let gc = first + i as u64;
+            let h = host + ((i as u64) << self.geo.cluster_bits);
+            m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED).await?;
+        }
+        self.release_old(m, mappings).await
+    }
+
+    /// Drops the references old mappings held, after the L2 change is on disk.
+    async fn release_old(&self, m: &mut Meta, old: &[Mapping]) -> Result<()> {
+        let frees: Vec<(u64, u64)> = old.iter().filter_map(|mp| self.host_cluster_of(*mp)).collect();
+        if frees.is_empty() {
+            return Ok(());
+        }
+        m.flush_l2(&self.file).await?;
+        for (off, n) in frees {
+            m.update_refcounts(&self.file, off, n, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// The host clusters a mapping references (offset, count).
+    fn host_cluster_of(&self, mp: Mapping) -> Option<(u64, u64)> {
+        let cs = self.geo.cluster_size;
+        match mp {
+            Mapping::Normal { host, .. } | Mapping::Zero(Some(host)) => Some((host & !(cs - 1), 1)),
+            Mapping::Compressed(entry) => {
+                let x = 62 - (self.geo.cluster_bits - 8);
+                let off = entry & ((1u64 << x) - 1);
+                let sectors = ((entry >> x) & ((1u64 << (self.geo.cluster_bits - 8)) - 1)) + 1;
+                let end = off + sectors * 512 - (off & 511);
+                let start = off & !(cs - 1);
+                Some((start, (end - start).div_ceil(cs)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Sets the L2 entries of whole clusters `[first, first+n)` to `zero`
+    /// (reads as zeroes) or unallocated, releasing what they pointed to.
+    async fn clear_clusters(&self, first: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
+        let mut gc = first;
+        let end = first + n;
+        while gc < end {
+            let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+            let stop = table_end.min(end);
+            self.wait_inflight(gc, stop - 1).await;
+            let mut m = self.meta.lock().await;
+            if m.corrupt {
+                return Err(Error::errno(libc::EIO));
+            }
+            let has_table = m.l2_table_of(gc)?.is_some();
+            if !has_table && (!zero || self.backing.is_none()) {
+                // Nothing allocated here, and it already reads as zeroes or backing.
+                if !zero || self.backing.is_none() {
+                    gc = stop;
+                    continue;
+                }
+            }
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let mask = self.geo.l2_entries() - 1;
+            let mut old = Vec::new();
+            for c in gc..stop {
+                let mp = m.mapping(&self.file, c).await?;
+                let new = match (zero, mp) {
+                    (true, Mapping::Normal { host, copied: true }) if keep_alloc => host | OFLAG_ZERO | OFLAG_COPIED,
+                    (true, Mapping::Zero(Some(host))) if keep_alloc => host | OFLAG_ZERO | OFLAG_COPIED,
+                    (true, _) => OFLAG_ZERO,
+                    (false, _) => 0,
+                };
+                let release = new & OFFSET_MASK == 0;
+                if release {
+                    old.push(mp);
+                }
+                m.l2_set(&self.file, l2, c & mask, new).await?;
+            }
+            self.release_old(&mut m, &old).await?;
+            gc = stop;
+        }
+        Ok(())
+    }
+
+    /// Grows the L1 table to `entries`, moving it to new clusters.
+    async fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::msg(libc::EFBIG, "Active L1 table too large"));
+        }
+        let cs = self.geo.cluster_size;
+        let clusters = (entries * 8).div_ceil(cs);
+        let new = m.alloc_clusters(&self.file, clusters).await?;
+        let mut table = m.l1.clone();
+        table.resize(entries as usize, 0);
+        let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        bytes.resize(entries as usize * 8, 0);
+        m.check_metadata_write(new, bytes.len() as u64)?;
+        self.file.write(new, IoBuf::from_slice(&bytes), WriteFlags::default()).await?;
+        m.flush_refcounts(&self.file).await?;
+        self.file.flush().await?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new.to_be_bytes());
+        self.file.write(36, IoBuf::from_slice(&hdr), WriteFlags::default()).await?;
+        self.file.flush().await?;
+        let old_off = m.header.l1_table_offset;
+        let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
+        m.header.l1_table_offset = new;
+        m.header.l1_size = entries as u32;
+        m.l1 = table;
+        if old_off != 0 && old_clusters > 0 {
+            m.update_refcounts(&self.file, old_off, old_clusters, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Allocates host clusters for guest `[from, to)` (metadata), and
+    /// reserves (falloc) or zero-writes (full) their data.
+    async fn preallocate(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let mut gc = from.div_ceil(cs);
+        let end = to.div_ceil(cs);
+        let mut host_end = 0;
+        while gc < end {
+            let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+            let stop = table_end.min(end);
+            let mut m = self.meta.lock().await;
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let n = stop - gc;
+            let host = m.alloc_clusters(&self.file, n).await?;
+            let mask = self.geo.l2_entries() - 1;
+            for i in 0..n {
+                m.l2_set(&self.file, l2, (gc + i) & mask, (host + i * cs) | OFLAG_COPIED).await?;
+            }
+            drop(m);
+            match mode {
+                Preallocation::Falloc => {
+                    self.file.truncate(self.file.length().max(host + n * cs), Preallocation::Falloc).await?
+                }
+                Preallocation::Full => {
+                    self.file.write_zeroes(host, n * cs, WriteFlags::default()).await?
+                }
+                _ => {}
+            }
+            host_end = host_end.max(host + n * cs);
+            gc = stop;
+        }
+        // The file reaches the end of the last cluster, so reads never fall off it.
+        if host_end > self.file.length() {
+            self.file.truncate(host_end, Preallocation::Off).await?;
+        }
+        self.meta.lock().await.flush(&self.file).await
+    }
+}
+
+fn zero_fill(mut buf: IoBuf) -> IoBuf {
+    buf.as_mut_slice().fill(0);
+    buf
+}
+
+#[async_trait]
+impl Driver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn length(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn children(&self) -> Vec<Child> {
+        let mut c = vec![Child { role: ChildRole::File, node: Arc::clone(&self.file) }];
+        if let Some(b) = &self.backing {
+            c.push(Child { role: ChildRole::Backing, node: Arc::clone(b) });
+        }
+        c
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let extents = {
+            let mut m = self.meta.lock().await;
+            self.extents(&mut m, offset, buf.len() as u64).await?
+        };
+        if extents.len() == 1 {
+            return self.read_extent(extents[0], buf).await;
+        }
+        let lens: Vec<usize> = extents.iter().map(|e| e.len as usize).collect();
+        let parts = buf.split_into(&lens);
+        let reads = extents.into_iter().zip(parts).map(|(e, p)| self.read_extent(e, p));
+        let parts = futures::future::try_join_all(reads).await?;
+        Ok(IoBuf::join_all(parts))
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, _flags: WriteFlags) -> Result<IoBuf> {
+        if self.read_only {
+            return Err(Error::errno(libc::EPERM));
+        }
+        // One piece per L2 table; the pieces come back and join again.
+        let cover = self.geo.l2_coverage();
+        let mut off = offset;
+        let mut rest = buf;
+        let mut done = Vec::new();
+        while !rest.is_empty() {
+            let n = (cover - off % cover).min(rest.len() as u64) as usize;
+            let (piece, tail) = rest.split_at(n);
+            done.push(self.write_in_table(off, piece).await?);
+            off += n as u64;
+            rest = tail;
+        }
+        Ok(IoBuf::join_all(done))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        if self.geo.version < 3 {
+            return Err(Error::errno(libc::ENOTSUP));
+        }
+        let cs = self.geo.cluster_size;
+        let start = offset.div_ceil(cs) * cs;
+        let end = (offset + len) / cs * cs;
+        // Partial clusters at either end: write zeroes as data.
+        let mut head_end = (offset + len).min(start);
+        if start >= end {
+            head_end = offset + len;
+        }
+        if head_end > offset {
+            self.write(offset, IoBuf::zeroed((head_end - offset) as usize), flags).await?;
+        }
+        if start < end {
+            self.clear_clusters(start / cs, (end - start) / cs, true, !flags.may_unmap).await?;
+            if offset + len > end {
+                self.write(end, IoBuf::zeroed((offset + len - end) as usize), flags).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let start = offset.div_ceil(cs) * cs;
+        let mut end = (offset + len) / cs * cs;
+        // The partial last cluster of the image counts as whole.
+        if offset + len == self.length() {
+            end = (offset + len).div_ceil(cs) * cs;
+        }
+        if start >= end {
+            return Ok(());
+        }
+        let v3 = self.geo.version >= 3;
+        let first = start / cs;
+        let n = (end - start) / cs;
+        // v3 keeps discarded clusters reading as zeroes where they were
+        // allocated or a backing file would show through.
+        let mut gc = first;
+        while gc < first + n {
+            let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
+            let zero = v3 && (self.backing.is_some() || mp != Mapping::Unallocated);
+            if zero || mp != Mapping::Unallocated {
+                self.clear_clusters(gc, 1, zero, false).await?;
+            }
+            gc += 1;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.meta.lock().await.flush(&self.file).await?;
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let cs = self.geo.cluster_size;
+        // Look at no more than one L2 table's worth at a time.
+        let len = len.min(self.geo.l2_coverage() - offset % self.geo.l2_coverage());
+        let mut m = self.meta.lock().await;
+        let ext = self.extents(&mut m, offset, len.min(cs - self.geo.offset_in_cluster(offset))).await?;
+        let first = ext[0];
+        // Extend over following clusters of the same kind.
+        let mut total = first.len;
+        let mut next = offset + first.len;
+        while next < offset + len {
+            let n = cs.min(offset + len - next);
+            let e = self.extents(&mut m, next, n).await?[0];
+            let same = match (first.mapping, e.mapping) {
+                (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. }) => a + total == b,
+                (Mapping::Unallocated, Mapping::Unallocated) => true,
+                (Mapping::Zero(a), Mapping::Zero(b)) => a.is_none() == b.is_none(),
+                (Mapping::Compressed(_), Mapping::Compressed(_)) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            total += n;
+            next += n;
+        }
+        drop(m);
+        Ok(match first.mapping {
+            Mapping::Unallocated => BlockStatus::unallocated(total),
+            Mapping::Zero(_) => BlockStatus::zero(total),
+            Mapping::Normal { host, .. } => BlockStatus::data_at(total, Arc::clone(&self.file), host),
+            Mapping::Compressed(_) => BlockStatus { compressed: true, ..BlockStatus::data(total) },
+        })
+    }
+
+    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+        let old = self.length();
+        if size % 512 != 0 {
+            return Err(Error::invalid("The new size must be a multiple of 512"));
+        }
+        if size < old {
+            return Err(Error::unsupported("qcow2 doesn't support shrinking images yet"));
+        }
+        let mut m = self.meta.lock().await;
+        let need = self.geo.l1_size_for(size);
+        if need > m.l1.len() as u64 {
+            self.grow_l1(&mut m, need).await?;
+        }
+        self.file.write(24, IoBuf::from_slice(&size.to_be_bytes()), WriteFlags::default()).await?;
+        m.header.size = size;
+        drop(m);
+        if prealloc != Preallocation::Off {
+            self.preallocate(old, size, prealloc).await?;
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        self.file.driver().allocated_size().await
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size)
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.meta.try_lock().map(|m| m.header.incompatible_features & INCOMPAT_DIRTY != 0).unwrap_or(false)
+    }
+
+    fn backing_file(&self) -> Option<(String, Option<String>)> {
+        let m = self.meta.try_lock().ok()?;
+        m.header.backing_file.clone().map(|b| (b, m.header.backing_format.clone()))
+    }
+
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        let m = self.meta.try_lock().ok()?;
+        let h = &m.header;
+        let mut data = serde_json::Map::new();
+        if h.version >= 3 {
+            data.insert("compat".into(), "1.1".into());
+            data.insert("compression-type".into(), self.compression.name().into());
+            data.insert("lazy-refcounts".into(), (h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0).into());
+            data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+            data.insert("corrupt".into(), (h.incompatible_features & INCOMPAT_CORRUPT != 0).into());
+            data.insert("extended-l2".into(), false.into());
+        } else {
+            data.insert("compat".into(), "0.10".into());
+            data.insert("compression-type".into(), self.compression.name().into());
+            data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+        }
+        Some(serde_json::json!({ "type": "qcow2", "data": data }))
+    }
+
+    async fn check(&self, repair: RepairMode) -> Result<CheckResult> {
+        let mut m = self.meta.lock().await;
+        check::check(self, &mut m, repair).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.read_only {
+            self.flush().await?;
+        }
+        if let Some(b) = &self.backing {
+            b.close().await?;
+        }
+        self.file.close().await
+    }
+}
+
+#[async_trait]
+impl DriverClass for Qcow2Class {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn probe(&self, header: &[u8], _filename: &str) -> u32 {
+        if header.len() >= 8 && header[..4] == header::MAGIC.to_be_bytes() {
+            let v = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+            if v >= 2 {
+                return 100;
+            }
+        }
+        0
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn create_options(&self) -> &'static [OptSpec] {
+        create::CREATE_OPTIONS
+    }
+
+    async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
+        create::create(ctx, filename, opts).await
+    }
+
+    async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
+        let file = ctx.file()?;
+        let backing_opts = opts.remove("backing");
+        let _ = take_str(opts, "l2-cache-size")?;
+        let _ = take_str(opts, "refcount-cache-size")?;
+        let _ = take_str(opts, "cache-size")?;
+        let _ = take_dict(opts, "overlap-check")?;
+        let _ = take_str(opts, "overlap-check")?;
+        let _ = take_str(opts, "lazy-refcounts")?;
+        let _ = take_str(opts, "pass-discard-request")?;
+        let _ = take_str(opts, "pass-discard-other")?;
+        let _ = take_str(opts, "discard-no-unref")?;
+        let _ = take_str(opts, "cache-clean-interval")?;
+        let read_only = ctx.flags.read_only;
+
+        let flen = file.length();
+        let first = file.read(0, IoBuf::zeroed(flen.min(512) as usize)).await?;
+        let mut hdr = Header::parse(first.as_slice())?;
+        let cs = 1u64 << hdr.cluster_bits;
+        if flen > 512 && (hdr.version >= 3 || hdr.backing_file_offset != 0) {
+            let whole = file.read(0, IoBuf::zeroed(flen.min(cs) as usize)).await?;
+            hdr = Header::parse(whole.as_slice())?;
+        }
+        hdr.check_features()?;
+        if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+            return Err(Error::msg(
+                libc::EACCES,
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if hdr.version == 2 && hdr.refcount_order != 4 {
+            return Err(Error::invalid("Refcount order must be 4 for version 2 images"));
+        }
+        let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
+        // Tables are bounded before anything is allocated by their size.
+        if hdr.l1_size as u64 * 8 > MAX_L1_BYTES {
+            return Err(Error::msg(libc::EFBIG, "Active L1 table too large"));
+        }
+        if (hdr.l1_size as u64) < geo.l1_size_for(hdr.size) {
+            return Err(Error::invalid("L1 table is too small"));
+        }
+        if hdr.l1_size > 0 && hdr.l1_table_offset & (cs - 1) != 0 {
+            return Err(Error::invalid("Invalid L1 table offset"));
+        }
+        let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::invalid("Reference count table too large"));
+        }
+        if hdr.refcount_table_offset & (cs - 1) != 0 {
+            return Err(Error::invalid("Invalid reference count table offset"));
+        }
+        if hdr.l1_table_offset.saturating_add(hdr.l1_size as u64 * 8) > flen.max(cs) && hdr.l1_size > 0 {
+            return Err(Error::invalid("Invalid L1 table offset"));
+        }
+        if hdr.refcount_table_offset.saturating_add(rt_bytes) > flen.max(cs) {
+            return Err(Error::invalid("Invalid reference count table offset"));
+        }
+        let l1_bytes = file.read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8)).await?;
+        let l1: Vec<u64> = l1_bytes.as_slice().chunks_exact(8).map(be64).collect();
+        let rt = file.read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize)).await?;
+        let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
+
+        let backing = match (&hdr.backing_file, backing_opts) {
+            (_, Some(serde_json::Value::Null)) => None,
+            (Some(name), bo) if !ctx.flags.no_backing => {
+                let bopts = match bo {
+                    Some(serde_json::Value::Object(o)) => o,
+                    _ => Opts::new(),
+                };
+                let parent = file.filename().to_string();
+                let node = ctx
+                    .open_backing(&parent, name, hdr.backing_format.as_deref(), bopts)
+                    .await
+                    .map_err(|e| e.context("Could not open backing file"))?;
+                Some(node)
+            }
+            _ => None,
+        };
+
+        let slice = cs.min(4096) as usize;
+        let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
+        let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
+        let meta = Meta {
+            geo,
+            l1,
+            reftable,
+            l2_cache: cache::TableCache::new(slice, l2_slices),
+            rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
+            free_cluster_index: 0,
+            corrupt: false,
+            header: hdr.clone(),
+        };
+        Ok(Box::new(Qcow2Driver {
+            file,
+            backing,
+            geo,
+            size: AtomicU64::new(hdr.size),
+            compression: hdr.compression,
+            meta: Mutex::new(meta),
+            inflight: std::sync::Mutex::new(HashSet::new()),
+            alloc_done: Notify::new(),
+            read_only,
+        }))
+    }
+}
+
+fn be64(c: &[u8]) -> u64 {
+    u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+}

@@ -1,0 +1,186 @@
+//! Creating qcow2 images: header, refcount table and first refcount block,
+//! then the L1 table sized for the disk, laid out as QEMU lays them out
+//! (clusters 0, 1, 2 and 3), so images and offsets match byte for byte.
+
+use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION};
+use std::sync::Arc;
+use strata_block::driver::Preallocation;
+use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
+use strata_block::{Error, IoBuf, OpenCtx, Result, WriteFlags};
+
+/// The creation options, in the order QEMU prints them on the `Formatting` line.
+pub const CREATE_OPTIONS: &[OptSpec] = &[
+    OptSpec { name: "encrypt.format", ty: OptType::Str, help: "Encrypt the image, format choices: 'aes', 'luks'", default: None },
+    OptSpec { name: "encrypt.key-secret", ty: OptType::Str, help: "ID of secret providing qcow AES key or LUKS passphrase", default: None },
+    OptSpec { name: "encrypt.cipher-alg", ty: OptType::Str, help: "Name of encryption cipher algorithm", default: None },
+    OptSpec { name: "encrypt.cipher-mode", ty: OptType::Str, help: "Name of encryption cipher mode", default: None },
+    OptSpec { name: "encrypt.ivgen-alg", ty: OptType::Str, help: "Name of IV generator algorithm", default: None },
+    OptSpec { name: "encrypt.ivgen-hash-alg", ty: OptType::Str, help: "Name of IV generator hash algorithm", default: None },
+    OptSpec { name: "encrypt.hash-alg", ty: OptType::Str, help: "Name of encryption hash algorithm", default: None },
+    OptSpec { name: "encrypt.iter-time", ty: OptType::Number, help: "Time to spend in PBKDF in milliseconds", default: None },
+    OptSpec { name: "cluster_size", ty: OptType::Size, help: "qcow2 cluster size", default: Some("65536") },
+    OptSpec { name: "extended_l2", ty: OptType::Bool, help: "Extended L2 tables", default: Some("off") },
+    OptSpec { name: "preallocation", ty: OptType::Str, help: "Preallocation mode (allowed values: off, metadata, falloc, full)", default: None },
+    OptSpec { name: "compression_type", ty: OptType::Str, help: "Compression method used for image cluster compression", default: Some("zlib") },
+    OptSpec { name: "size", ty: OptType::Size, help: "Virtual disk size", default: None },
+    OptSpec { name: "compat", ty: OptType::Str, help: "Compatibility level (v2 [0.10] or v3 [1.1])", default: None },
+    OptSpec { name: "backing_file", ty: OptType::Str, help: "File name of a base image", default: None },
+    OptSpec { name: "backing_fmt", ty: OptType::Str, help: "Image format of the base image", default: None },
+    OptSpec { name: "data_file", ty: OptType::Str, help: "File name of an external data file", default: None },
+    OptSpec { name: "data_file_raw", ty: OptType::Bool, help: "The external data file must stay valid as a raw image", default: None },
+    OptSpec { name: "encryption", ty: OptType::Bool, help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)", default: None },
+    OptSpec { name: "lazy_refcounts", ty: OptType::Bool, help: "Postpone refcount updates", default: Some("off") },
+    OptSpec { name: "refcount_bits", ty: OptType::Number, help: "Width of a reference count entry in bits", default: Some("16") },
+];
+
+const V3_HINT: &str = "(use version=v3 or greater)";
+
+/// Creates a qcow2 image at `filename` from creation options.
+pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
+    let size = take_size(&mut opts, "size")?.unwrap_or(0);
+    let version = match take_str(&mut opts, "compat")?.as_deref() {
+        None | Some("1.1") | Some("v3") => 3,
+        Some("0.10") | Some("v2") => 2,
+        Some(v) => return Err(Error::invalid(format!("Parameter 'version' does not accept value '{v}'"))),
+    };
+    let cluster_size = take_size(&mut opts, "cluster_size")?.unwrap_or(65536);
+    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+        return Err(Error::invalid("Cluster size must be a power of two between 512 and 2048k"));
+    }
+    let refcount_bits = take_u64(&mut opts, "refcount_bits")?.unwrap_or(16);
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(Error::invalid("Refcount width must be a power of two and may not exceed 64 bits"));
+    }
+    if version < 3 && refcount_bits != 16 {
+        return Err(Error::invalid(format!(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above {V3_HINT}"
+        )));
+    }
+    let lazy = take_bool(&mut opts, "lazy_refcounts")?.unwrap_or(false);
+    if version < 3 && lazy {
+        return Err(Error::invalid(format!(
+            "Lazy refcounts only supported with compatibility level 1.1 and above {V3_HINT}"
+        )));
+    }
+    let extended_l2 = take_bool(&mut opts, "extended_l2")?.unwrap_or(false);
+    if extended_l2 {
+        if version < 3 {
+            return Err(Error::invalid(format!(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above {V3_HINT}"
+            )));
+        }
+        if cluster_size < 16384 {
+            return Err(Error::invalid(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        return Err(Error::unsupported("Extended L2 entries are not supported by Strata yet"));
+    }
+    let compression = match take_str(&mut opts, "compression_type")?.as_deref() {
+        None | Some("zlib") => Compression::Zlib,
+        Some("zstd") => Compression::Zstd,
+        Some(v) => {
+            return Err(Error::invalid(format!("Parameter 'compression-type' does not accept value '{v}'")))
+        }
+    };
+    if version < 3 && compression != Compression::Zlib {
+        return Err(Error::invalid(format!(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3_HINT}"
+        )));
+    }
+    let prealloc = match take_str(&mut opts, "preallocation")? {
+        None => Preallocation::Off,
+        Some(p) => Preallocation::parse(&p)
+            .map_err(|_| Error::invalid(format!("Parameter 'preallocation' does not accept value '{p}'")))?,
+    };
+    let backing_file = take_str(&mut opts, "backing_file")?;
+    let backing_fmt = take_str(&mut opts, "backing_fmt")?;
+    if take_str(&mut opts, "data_file")?.is_some() || take_bool(&mut opts, "data_file_raw")?.unwrap_or(false) {
+        return Err(Error::unsupported("External data files are not supported by Strata yet"));
+    }
+    let encrypted = take_bool(&mut opts, "encryption")?.unwrap_or(false);
+    if encrypted || opts.keys().any(|k| k.starts_with("encrypt")) {
+        return Err(Error::unsupported("Encrypted images are not supported by Strata"));
+    }
+    if size % 512 != 0 {
+        return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
+    }
+
+    // The protocol file: empty, then the fixed metadata clusters.
+    let mut file_opts = Opts::new();
+    for key in ["nocow", "extent_size_hint"] {
+        if let Some(v) = opts.remove(key) {
+            file_opts.insert(key.into(), v);
+        }
+    }
+    strata_block::options::reject_unknown(&opts, "qcow2")?;
+    let file_class = ctx.registry.format("file")?;
+    file_class.create(ctx, filename, file_opts).await?;
+
+    let cs = cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    let refcount_order = refcount_bits.trailing_zeros();
+    let mut header = Header {
+        version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size: 0,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: if compression == Compression::Zstd { INCOMPAT_COMPRESSION } else { 0 },
+        compatible_features: if lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
+        autoclear_features: 0,
+        refcount_order,
+        header_length: if version >= 3 { 112 } else { 72 },
+        compression,
+        extra_fields: vec![0; 7],
+        extensions: Vec::new(),
+        backing_file: backing_file.clone(),
+        backing_format: backing_fmt.clone(),
+        data_file: None,
+        feature_table: Vec::new(),
+    };
+    if version < 3 {
+        header.extra_fields.clear();
+    }
+    let hdr = header.serialize(cs as usize)?;
+    let mut first = vec![0u8; 3 * cs as usize];
+    first[..cs as usize].copy_from_slice(&hdr);
+    // Refcount table: one entry, the block at cluster 2.
+    first[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+    // Refcount block: clusters 0, 1 and 2 are in use.
+    let rb = &mut first[2 * cs as usize..];
+    for i in 0..3u64 {
+        let bit = i << refcount_order;
+        super::meta::put_refcount(rb, (bit / 8) as usize, bit, refcount_order, 1);
+    }
+    let mut flags = ctx.flags.clone();
+    flags.read_only = false;
+    flags.no_backing = true;
+    let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
+    let mut fo = Opts::new();
+    fo.insert("driver".into(), "file".into());
+    fo.insert("filename".into(), filename.into());
+    let file = octx.open_image(None, None, fo).await?;
+    file.write(0, IoBuf::from_slice(&first), WriteFlags::default()).await?;
+    file.flush().await?;
+    drop(file);
+
+    // Open it as qcow2 and grow it to its size: that makes the L1 table.
+    let mut qo = Opts::new();
+    qo.insert("driver".into(), "qcow2".into());
+    qo.insert("filename".into(), filename.into());
+    let node = octx.open_image(None, None, qo).await?;
+    if size > 0 {
+        node.truncate(size, prealloc).await?;
+    }
+    node.flush().await?;
+    node.close().await?;
+    Ok(())
+}

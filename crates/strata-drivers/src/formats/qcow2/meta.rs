@@ -1,0 +1,545 @@
+//! qcow2 metadata in memory: the L1 table, the refcount table, the cache of
+//! L2 and refcount slices, and cluster allocation.
+//!
+//! Ordering rules (DESIGN.md, "Rules that keep images intact"):
+//! - refcount slices are written (and the file flushed) before any L2 slice
+//!   or L1 entry that may point to a cluster they count;
+//! - when a reference goes away, the L2 change is written (and flushed)
+//!   before the refcount drops;
+//! - metadata writes are checked against the header, L1 and refcount table
+//!   first; a violation marks the image corrupt.
+
+use super::cache::TableCache;
+use super::header::Header;
+use std::sync::Arc;
+use strata_block::{Error, IoBuf, Node, Result, WriteFlags};
+
+/// L2 entry: the cluster's refcount is exactly one (may be written in place).
+pub const OFLAG_COPIED: u64 = 1 << 63;
+/// L2 entry: compressed cluster.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// L2 entry: reads as zeroes (v3).
+pub const OFLAG_ZERO: u64 = 1;
+/// Host offset bits of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// The fixed geometry of an image.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub cluster_bits: u32,
+    pub cluster_size: u64,
+    /// log2 of L2 entries per table.
+    pub l2_bits: u32,
+    pub refcount_order: u32,
+    /// log2 of refcount entries per block.
+    pub rb_bits: u32,
+    pub version: u32,
+}
+
+impl Geometry {
+    pub fn new(cluster_bits: u32, refcount_order: u32, version: u32) -> Geometry {
+        Geometry {
+            cluster_bits,
+            cluster_size: 1 << cluster_bits,
+            l2_bits: cluster_bits - 3,
+            refcount_order,
+            rb_bits: cluster_bits + 3 - refcount_order,
+            version,
+        }
+    }
+    pub fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+    pub fn refcount_max(&self) -> u64 {
+        if self.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << self.refcount_order)) - 1
+        }
+    }
+    /// Guest bytes one L2 table covers.
+    pub fn l2_coverage(&self) -> u64 {
+        self.cluster_size << self.l2_bits
+    }
+    pub fn offset_in_cluster(&self, off: u64) -> u64 {
+        off & (self.cluster_size - 1)
+    }
+    /// L1 entries needed for a disk of `size` bytes.
+    pub fn l1_size_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.l2_coverage())
+    }
+}
+
+/// What an L2 entry says of one guest cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not here: the backing file (or zeroes) shows through.
+    Unallocated,
+    /// Reads as zeroes; may keep a preallocated host cluster.
+    Zero(Option<u64>),
+    /// Data at a host cluster; `copied` when its refcount is one.
+    Normal { host: u64, copied: bool },
+    /// Compressed data (the raw L2 entry).
+    Compressed(u64),
+}
+
+/// The in-memory metadata, behind the driver's async lock.
+pub struct Meta {
+    pub geo: Geometry,
+    pub header: Header,
+    pub l1: Vec<u64>,
+    pub reftable: Vec<u64>,
+    pub l2_cache: TableCache,
+    pub rb_cache: TableCache,
+    /// No cluster below this index is free (first-fit search starts here).
+    pub free_cluster_index: u64,
+    /// Set when an overlap check failed: writes are refused from then on.
+    pub corrupt: bool,
+}
+
+fn be64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Meta {
+    /// Decodes an L2 entry; a misaligned host offset is corruption.
+    pub fn decode(&self, entry: u64, l2_off: u64, idx: u64) -> Result<Mapping> {
+        if entry & OFLAG_COMPRESSED != 0 {
+            return Ok(Mapping::Compressed(entry));
+        }
+        let host = entry & OFFSET_MASK;
+        if host & (self.geo.cluster_size - 1) != 0 {
+            return Err(Error::corrupt(format!(
+                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {idx:#x})"
+            )));
+        }
+        if self.geo.version >= 3 && entry & OFLAG_ZERO != 0 {
+            return Ok(Mapping::Zero((host != 0).then_some(host)));
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        Ok(Mapping::Normal { host, copied: entry & OFLAG_COPIED != 0 })
+    }
+
+    /// The L2 table offset for guest cluster `gc`, if it has one.
+    pub fn l2_table_of(&self, gc: u64) -> Result<Option<u64>> {
+        let l1i = (gc >> self.geo.l2_bits) as usize;
+        let e = self.l1.get(l1i).copied().unwrap_or(0);
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if off & (self.geo.cluster_size - 1) != 0 {
+            return Err(Error::corrupt(format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})")));
+        }
+        Ok(Some(off))
+    }
+
+    /// Loads the slice at `off` into a cache, evicting (and writing back,
+    /// in the right order) the least recently used slice if full.
+    async fn ensure_slice(&mut self, file: &Arc<Node>, off: u64, l2: bool) -> Result<()> {
+        let cache = if l2 { &self.l2_cache } else { &self.rb_cache };
+        if cache.contains(off) {
+            return Ok(());
+        }
+        if cache.is_full() {
+            if let Some((victim, dirty)) = cache.victim() {
+                if dirty {
+                    if l2 {
+                        self.flush_refcounts(file).await?;
+                    }
+                    self.check_metadata_write(victim, self.l2_cache.slice_size() as u64)?;
+                    let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+                    c.write_back(file, victim).await?;
+                }
+                let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+                c.remove(victim);
+            }
+        }
+        let size = self.l2_cache.slice_size();
+        let buf = file.read(off, IoBuf::zeroed(size)).await?;
+        let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+        c.insert(off, buf.as_slice().to_vec(), false);
+        Ok(())
+    }
+
+    /// Reads entry `idx` of the L2 table at `l2_off`.
+    pub async fn l2_get(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64) -> Result<u64> {
+        let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
+        self.ensure_slice(file, slice, true).await?;
+        let b = self.l2_cache.get(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        Ok(be64_at(b, at))
+    }
+
+    /// Sets entry `idx` of the L2 table at `l2_off` (in the cache, dirty).
+    pub async fn l2_set(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64, val: u64) -> Result<()> {
+        let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
+        self.ensure_slice(file, slice, true).await?;
+        let b = self.l2_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        b[at..at + 8].copy_from_slice(&val.to_be_bytes());
+        Ok(())
+    }
+
+    /// The mapping of guest cluster `gc`.
+    pub async fn mapping(&mut self, file: &Arc<Node>, gc: u64) -> Result<Mapping> {
+        match self.l2_table_of(gc)? {
+            None => Ok(Mapping::Unallocated),
+            Some(l2) => {
+                let idx = gc & (self.geo.l2_entries() - 1);
+                let e = self.l2_get(file, l2, idx).await?;
+                self.decode(e, l2, idx)
+            }
+        }
+    }
+
+    /// The refcount of host cluster `hc` (0 where no refcount block exists).
+    pub async fn refcount(&mut self, file: &Arc<Node>, hc: u64) -> Result<u64> {
+        let ti = (hc >> self.geo.rb_bits) as usize;
+        let Some(&rb) = self.reftable.get(ti) else { return Ok(0) };
+        let rb = rb & OFFSET_MASK;
+        if rb == 0 {
+            return Ok(0);
+        }
+        let i = hc & ((1 << self.geo.rb_bits) - 1);
+        let bit = i << self.geo.refcount_order;
+        let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
+        self.ensure_slice(file, slice, false).await?;
+        let b = self.rb_cache.get(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        Ok(get_refcount(b, at, bit, self.geo.refcount_order))
+    }
+
+    /// Sets the refcount of host cluster `hc`, allocating a refcount block
+    /// (and growing the refcount table) where none covers it.
+    pub async fn set_refcount(&mut self, file: &Arc<Node>, hc: u64, val: u64) -> Result<()> {
+        if val > self.geo.refcount_max() {
+            return Err(Error::msg(libc::ERANGE, "Refcount overflow"));
+        }
+        let ti = hc >> self.geo.rb_bits;
+        let rb = self.ensure_refblock(file, ti).await?;
+        let i = hc & ((1 << self.geo.rb_bits) - 1);
+        let bit = i << self.geo.refcount_order;
+        let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
+        self.ensure_slice(file, slice, false).await?;
+        let order = self.geo.refcount_order;
+        let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        put_refcount(b, at, bit, order, val);
+        if val == 0 && hc < self.free_cluster_index {
+            self.free_cluster_index = hc;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcounts of `n` clusters from host offset `off`.
+    pub async fn update_refcounts(&mut self, file: &Arc<Node>, off: u64, n: u64, delta: i64) -> Result<()> {
+        let first = off >> self.geo.cluster_bits;
+        for hc in first..first + n {
+            let cur = self.refcount(file, hc).await?;
+            let new = cur.checked_add_signed(delta).ok_or_else(|| {
+                Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
+            })?;
+            self.set_refcount(file, hc, new).await?;
+        }
+        Ok(())
+    }
+
+    /// The refcount block for refcount table index `ti`, made if missing. A
+    /// new block sits at the first cluster it describes and counts itself, as
+    /// that range has no references yet (QEMU's self-describing blocks).
+    async fn ensure_refblock(&mut self, file: &Arc<Node>, ti: u64) -> Result<u64> {
+        if let Some(&e) = self.reftable.get(ti as usize) {
+            if e & OFFSET_MASK != 0 {
+                return Ok(e & OFFSET_MASK);
+            }
+        }
+        if ti as usize >= self.reftable.len() {
+            Box::pin(self.grow_reftable(file, ti + 1)).await?;
+        }
+        let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
+        self.check_metadata_write(rb, self.geo.cluster_size)?;
+        file.write(rb, IoBuf::zeroed(self.geo.cluster_size as usize), WriteFlags::default())
+            .await?;
+        let ss = self.rb_cache.slice_size() as u64;
+        for s in 0..self.geo.cluster_size / ss {
+            self.rb_cache.remove(rb + s * ss);
+        }
+        self.reftable[ti as usize] = rb;
+        self.write_reftable_entry(file, ti).await?;
+        // The block counts itself at index 0.
+        let hc = rb >> self.geo.cluster_bits;
+        let (slice, at) = self.rb_cache.slice_of(rb, 0);
+        self.ensure_slice(file, slice, false).await?;
+        let order = self.geo.refcount_order;
+        let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        put_refcount(b, at, 0, order, 1);
+        if self.free_cluster_index == hc {
+            self.free_cluster_index += 1;
+        }
+        Ok(rb)
+    }
+
+    async fn write_reftable_entry(&mut self, file: &Arc<Node>, ti: u64) -> Result<()> {
+        // Everything the entry points to is on disk before the entry is.
+        self.flush_refcounts(file).await?;
+        let off = self.header.refcount_table_offset + ti * 8;
+        let v = self.reftable[ti as usize].to_be_bytes();
+        file.write(off, IoBuf::from_slice(&v), WriteFlags::default()).await?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table by a larger one of at least `min_entries`,
+    /// placed after the end of the image, described by blocks of its own.
+    async fn grow_reftable(&mut self, file: &Arc<Node>, min_entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let per_cluster = cs / 8;
+        let old_entries = self.reftable.len() as u64;
+        let mut entries = (min_entries.max(old_entries * 3 / 2 + 1)).div_ceil(per_cluster) * per_cluster;
+        // Place the new table at the end of what any block covers or the file holds.
+        let covered_end = old_entries << self.geo.rb_bits;
+        let file_end = file.length().div_ceil(cs);
+        let start = covered_end.max(file_end).max(min_entries.saturating_sub(1) << self.geo.rb_bits);
+        // The table's clusters need blocks; blocks go at the start of each range
+        // they cover, so keep the table off those first clusters.
+        let mut table_start = start;
+        loop {
+            let clusters = (entries * 8).div_ceil(cs);
+            let mut t = table_start;
+            while (t & ((1 << self.geo.rb_bits) - 1)) == 0 && (t >> self.geo.rb_bits) >= old_entries {
+                t += 1;
+            }
+            let last_ti = (t + clusters) >> self.geo.rb_bits;
+            if last_ti < entries {
+                table_start = t;
+                break;
+            }
+            entries = (last_ti + 1).div_ceil(per_cluster) * per_cluster;
+        }
+        let clusters = (entries * 8).div_ceil(cs);
+        if entries * 8 > 8 << 20 {
+            return Err(Error::msg(libc::EFBIG, "Refcount table too large"));
+        }
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = self.header.refcount_table_clusters as u64;
+        self.reftable.resize(entries as usize, 0);
+        let new_off = table_start << self.geo.cluster_bits;
+        // The new table is not yet the image's: make its blocks and counts
+        // through the in-memory table, then write it and switch the header.
+        self.header.refcount_table_offset = new_off;
+        for hc in table_start..table_start + clusters {
+            let ti = hc >> self.geo.rb_bits;
+            if self.reftable[ti as usize] & OFFSET_MASK == 0 {
+                let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
+                file.write(rb, IoBuf::zeroed(cs as usize), WriteFlags::default()).await?;
+                self.reftable[ti as usize] = rb;
+                let (slice, at) = self.rb_cache.slice_of(rb, 0);
+                self.rb_cache.remove(slice);
+                self.ensure_slice(file, slice, false).await?;
+                let order = self.geo.refcount_order;
+                let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+                put_refcount(b, at, 0, order, 1);
+            }
+        }
+        for hc in table_start..table_start + clusters {
+            let cur = self.refcount(file, hc).await?;
+            self.set_refcount(file, hc, cur + 1).await?;
+        }
+        self.flush_refcounts(file).await?;
+        let mut bytes = Vec::with_capacity((clusters * cs) as usize);
+        for e in &self.reftable {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        bytes.resize((clusters * cs) as usize, 0);
+        file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default()).await?;
+        file.flush().await?;
+        // Switch the header to the new table in one write of offset and size.
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&new_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default()).await?;
+        file.flush().await?;
+        self.header.refcount_table_clusters = clusters as u32;
+        // Free the old table.
+        Box::pin(self.update_refcounts(file, old_off, old_clusters, -1)).await?;
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters (first fit) with refcount 1.
+    pub async fn alloc_clusters(&mut self, file: &Arc<Node>, n: u64) -> Result<u64> {
+        'search: loop {
+            let mut start = self.free_cluster_index;
+            let mut found = 0;
+            while found < n {
+                let hc = start + found;
+                if self.refcount(file, hc).await? != 0 {
+                    start = hc + 1;
+                    found = 0;
+                    continue;
+                }
+                found += 1;
+            }
+            // Make sure every cluster has a block before counting it; making a
+            // block may take one of the clusters we found, so look again.
+            for hc in start..start + n {
+                let ti = hc >> self.geo.rb_bits;
+                let has = self.reftable.get(ti as usize).is_some_and(|e| e & OFFSET_MASK != 0);
+                if !has {
+                    self.ensure_refblock(file, ti).await?;
+                    continue 'search;
+                }
+            }
+            let off = start << self.geo.cluster_bits;
+            if off + (n << self.geo.cluster_bits) > (1u64 << 56) {
+                return Err(Error::msg(libc::EFBIG, "Image file is too large"));
+            }
+            for hc in start..start + n {
+                self.set_refcount(file, hc, 1).await?;
+            }
+            if start == self.free_cluster_index {
+                self.free_cluster_index = start + n;
+            }
+            return Ok(off);
+        }
+    }
+
+    /// Writes dirty refcount slices and flushes the file, so that what they
+    /// count is stable before anything points to it.
+    pub async fn flush_refcounts(&mut self, file: &Arc<Node>) -> Result<()> {
+        if self.rb_cache.has_dirty() {
+            self.rb_cache.write_back_all(file).await?;
+            file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes dirty L2 slices (after the refcounts they depend on) and
+    /// flushes the file.
+    pub async fn flush_l2(&mut self, file: &Arc<Node>) -> Result<()> {
+        if self.l2_cache.has_dirty() {
+            self.flush_refcounts(file).await?;
+            self.l2_cache.write_back_all(file).await?;
+            file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes all cached metadata back in the safe order.
+    pub async fn flush(&mut self, file: &Arc<Node>) -> Result<()> {
+        self.flush_refcounts(file).await?;
+        if self.l2_cache.has_dirty() {
+            self.l2_cache.write_back_all(file).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes L1 entry `i` to disk.
+    pub async fn write_l1_entry(&mut self, file: &Arc<Node>, i: usize) -> Result<()> {
+        let off = self.header.l1_table_offset + i as u64 * 8;
+        self.check_metadata_write_allowing_l1(off, 8)?;
+        file.write(off, IoBuf::from_slice(&self.l1[i].to_be_bytes()), WriteFlags::default())
+            .await?;
+        Ok(())
+    }
+
+    fn l1_range(&self) -> (u64, u64) {
+        let o = self.header.l1_table_offset;
+        (o, o + self.l1.len() as u64 * 8)
+    }
+
+    fn reftable_range(&self) -> (u64, u64) {
+        let o = self.header.refcount_table_offset;
+        (o, o + self.header.refcount_table_clusters as u64 * self.geo.cluster_size)
+    }
+
+    fn overlap_check(&self, off: u64, len: u64, allow_l1: bool) -> Result<()> {
+        let end = off + len;
+        let hit = |(a, b): (u64, u64)| off < b && a < end;
+        let what = if hit((0, self.geo.cluster_size)) {
+            Some("qcow2_header")
+        } else if !allow_l1 && hit(self.l1_range()) {
+            Some("active L1 table")
+        } else if hit(self.reftable_range()) {
+            Some("refcount table")
+        } else {
+            None
+        };
+        match what {
+            Some(w) => Err(Error::corrupt(format!(
+                "Preventing invalid write on metadata (overlaps with {w})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a metadata or data write at `[off, off+len)` against the header,
+    /// the L1 table and the refcount table.
+    pub fn check_metadata_write(&mut self, off: u64, len: u64) -> Result<()> {
+        let r = self.overlap_check(off, len, false);
+        if r.is_err() {
+            self.corrupt = true;
+        }
+        r
+    }
+
+    fn check_metadata_write_allowing_l1(&mut self, off: u64, len: u64) -> Result<()> {
+        let r = self.overlap_check(off, len, true);
+        if r.is_err() {
+            self.corrupt = true;
+        }
+        r
+    }
+}
+
+/// Reads a refcount of `1 << order` bits at bit `bit` of a block, whose
+/// byte `at` of this slice holds that bit.
+pub fn get_refcount(b: &[u8], at: usize, bit: u64, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let width = 1u32 << order;
+            let shift = (bit % 8) as u32;
+            ((b[at] >> shift) as u64) & ((1 << width) - 1)
+        }
+        3 => b[at] as u64,
+        4 => u16::from_be_bytes([b[at], b[at + 1]]) as u64,
+        5 => u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as u64,
+        _ => be64_at(b, at),
+    }
+}
+
+/// Writes a refcount; see [`get_refcount`].
+pub fn put_refcount(b: &mut [u8], at: usize, bit: u64, order: u32, val: u64) {
+    match order {
+        0..=2 => {
+            let width = 1u32 << order;
+            let shift = (bit % 8) as u32;
+            let mask = (((1u16 << width) - 1) as u8) << shift;
+            b[at] = (b[at] & !mask) | (((val as u8) << shift) & mask);
+        }
+        3 => b[at] = val as u8,
+        4 => b[at..at + 2].copy_from_slice(&(val as u16).to_be_bytes()),
+        5 => b[at..at + 4].copy_from_slice(&(val as u32).to_be_bytes()),
+        _ => b[at..at + 8].copy_from_slice(&val.to_be_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_packing_every_width() {
+        for order in 0..=6u32 {
+            let mut b = vec![0u8; 64];
+            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            for i in 0..16u64 {
+                let bit = i << order;
+                put_refcount(&mut b, (bit / 8) as usize, bit, order, (i * 7) & max);
+            }
+            for i in 0..16u64 {
+                let bit = i << order;
+                assert_eq!(get_refcount(&b, (bit / 8) as usize, bit, order), (i * 7) & max, "order {order} i {i}");
+            }
+        }
+    }
+}
