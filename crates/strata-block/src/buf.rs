@@ -152,7 +152,10 @@ impl IoBuf {
             parts.push(h);
             rest = t;
         }
-        assert!(rest.is_empty(), "split_into lengths do not cover the buffer");
+        assert!(
+            rest.is_empty(),
+            "split_into lengths do not cover the buffer"
+        );
         parts
     }
 
@@ -186,7 +189,9 @@ impl IoBuf {
 pub fn is_zero(data: &[u8]) -> bool {
     let words = data.chunks_exact(8);
     let tail = words.remainder();
-    words.fold(0u64, |acc, w| acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])) == 0
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }) == 0
         && tail.iter().all(|&b| b == 0)
 }
 
@@ -217,7 +222,10 @@ mod tests {
     fn split_into_many() {
         let b = IoBuf::filled(10, 3);
         let parts = b.split_into(&[2, 0, 8]);
-        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![2, 0, 8]);
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            vec![2, 0, 8]
+        );
         assert_eq!(IoBuf::join_all(parts).len(), 10);
     }
 

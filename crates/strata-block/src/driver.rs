@@ -280,7 +280,9 @@ impl Preallocation {
             "metadata" => Ok(Preallocation::Metadata),
             "falloc" => Ok(Preallocation::Falloc),
             "full" => Ok(Preallocation::Full),
-            _ => Err(crate::Error::invalid(format!("Invalid preallocation mode: '{s}'"))),
+            _ => Err(crate::Error::invalid(format!(
+                "Invalid preallocation mode: '{s}'"
+            ))),
         }
     }
     /// The option value.

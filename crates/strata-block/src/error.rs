@@ -114,13 +114,19 @@ mod tests {
     #[test]
     fn strerror_has_no_rust_tail() {
         assert_eq!(strerror(libc::EIO), "Input/output error");
-        assert_eq!(Error::errno(libc::ENOENT).to_string(), "No such file or directory");
+        assert_eq!(
+            Error::errno(libc::ENOENT).to_string(),
+            "No such file or directory"
+        );
     }
 
     #[test]
     fn context_keeps_errno() {
         let e = Error::errno(libc::ENOENT).context("Could not open 'x'");
         assert_eq!(e.code(), libc::ENOENT);
-        assert_eq!(e.to_string(), "Could not open 'x': No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "Could not open 'x': No such file or directory"
+        );
     }
 }

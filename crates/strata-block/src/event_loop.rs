@@ -15,7 +15,9 @@ impl EventLoop {
     /// Builds the runtime and, where the kernel allows, the ring. Without a ring
     /// (old kernel, seccomp) file nodes fall back to the thread pool.
     pub fn new() -> std::io::Result<EventLoop> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let ring = rt.block_on(async { Ring::start() }).ok();
         Ok(EventLoop { rt, ring })
     }

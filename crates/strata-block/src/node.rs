@@ -25,7 +25,11 @@ pub struct CacheMode {
 
 impl CacheMode {
     /// The default: writeback through the host page cache.
-    pub const WRITEBACK: CacheMode = CacheMode { direct: false, writeback: true, no_flush: false };
+    pub const WRITEBACK: CacheMode = CacheMode {
+        direct: false,
+        writeback: true,
+        no_flush: false,
+    };
 
     /// Parses a cache mode name as QEMU's tools accept it.
     pub fn parse(s: &str) -> Result<CacheMode> {
@@ -37,7 +41,11 @@ impl CacheMode {
             "unsafe" => (false, true, true),
             _ => return Err(Error::invalid(format!("Invalid cache option: {s}"))),
         };
-        Ok(CacheMode { direct, writeback, no_flush })
+        Ok(CacheMode {
+            direct,
+            writeback,
+            no_flush,
+        })
     }
 }
 
@@ -72,7 +80,10 @@ impl Node {
         cache: CacheMode,
     ) -> Arc<Node> {
         let name = if name.is_empty() {
-            format!("#block{:03}", NEXT_AUTO_NAME.fetch_add(1, Ordering::Relaxed))
+            format!(
+                "#block{:03}",
+                NEXT_AUTO_NAME.fetch_add(1, Ordering::Relaxed)
+            )
         } else {
             name.to_string()
         };
@@ -114,9 +125,10 @@ impl Node {
     pub fn limits(&self) -> Limits {
         self.limits
     }
-    /// Length in bytes.
+    /// Length in bytes, rounded up to whole 512-byte sectors as QEMU counts
+    /// them (a 1234-byte raw image is 1536 bytes long; the tail reads as zeroes).
     pub fn length(&self) -> u64 {
-        self.driver.length()
+        self.driver.length().div_ceil(512) * 512
     }
     /// The children of this node.
     pub fn children(&self) -> Vec<Child> {
@@ -124,7 +136,10 @@ impl Node {
     }
     /// The child in `role`, if any.
     pub fn child(&self, role: ChildRole) -> Option<Arc<Node>> {
-        self.children().into_iter().find(|c| c.role == role).map(|c| c.node)
+        self.children()
+            .into_iter()
+            .find(|c| c.role == role)
+            .map(|c| c.node)
     }
     /// The backing node, if any.
     pub fn backing(&self) -> Option<Arc<Node>> {
@@ -170,10 +185,13 @@ impl Node {
         // Unaligned: read the aligned cover into a bounce buffer and copy out.
         let start = offset / align * align;
         let end = (offset + len).div_ceil(align) * align;
-        let bounce = self.read_aligned(start, IoBuf::zeroed((end - start) as usize)).await?;
+        let bounce = self
+            .read_aligned(start, IoBuf::zeroed((end - start) as usize))
+            .await?;
         let mut buf = buf;
         let skip = (offset - start) as usize;
-        buf.as_mut_slice().copy_from_slice(&bounce.as_slice()[skip..skip + len as usize]);
+        buf.as_mut_slice()
+            .copy_from_slice(&bounce.as_slice()[skip..skip + len as usize]);
         Ok(buf)
     }
 
@@ -280,7 +298,10 @@ impl Node {
         let mut off = offset;
         let end = offset + len;
         let mut zeroes = IoBuf::zeroed(CHUNK.min(len) as usize);
-        let plain = WriteFlags { may_unmap: false, ..flags };
+        let plain = WriteFlags {
+            may_unmap: false,
+            ..flags
+        };
         while off < end {
             let n = (end - off).min(CHUNK);
             if n as usize != zeroes.len() {

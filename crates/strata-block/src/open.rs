@@ -72,7 +72,11 @@ impl OpenFlags {
     pub fn perms(&self) -> (Perm, Perm) {
         let shared_default = Perm::CONSISTENT_READ.with(Perm::WRITE_UNCHANGED);
         if self.read_only {
-            let shared = if self.force_share { Perm::ALL } else { shared_default };
+            let shared = if self.force_share {
+                Perm::ALL
+            } else {
+                shared_default
+            };
             (Perm::CONSISTENT_READ, shared)
         } else {
             (
@@ -106,7 +110,12 @@ const MAX_CHAIN_DEPTH: usize = 1000;
 impl OpenCtx {
     /// A context for a top-level open.
     pub fn new(registry: Arc<Registry>, flags: OpenFlags) -> OpenCtx {
-        OpenCtx { registry, flags, chain: Vec::new(), file: None }
+        OpenCtx {
+            registry,
+            flags,
+            chain: Vec::new(),
+            file: None,
+        }
     }
 
     /// Opens an image: `filename` (or `json:{...}`), an optional format, and
@@ -155,7 +164,13 @@ impl OpenCtx {
                 let name = filename.clone().unwrap_or_default();
                 let drv = class.open(&ctx, &mut opts).await?;
                 crate::options::reject_unknown(&opts, class.name())?;
-                return Ok(Node::new(&node_name, &name, drv, ctx.flags.read_only, ctx.flags.cache));
+                return Ok(Node::new(
+                    &node_name,
+                    &name,
+                    drv,
+                    ctx.flags.read_only,
+                    ctx.flags.cache,
+                ));
             }
         }
 
@@ -175,7 +190,9 @@ impl OpenCtx {
                 ))
             }
         };
-        let display_name = filename.clone().unwrap_or_else(|| file_node.filename().to_string());
+        let display_name = filename
+            .clone()
+            .unwrap_or_else(|| file_node.filename().to_string());
         let class = match driver {
             Some(d) => ctx.registry.format(&d)?,
             None => ctx.probe(&file_node, &display_name).await?,
@@ -188,15 +205,22 @@ impl OpenCtx {
         open_ctx.file = Some(file_node);
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
-        Ok(Node::new(&node_name, &display_name, drv, ctx.flags.read_only, ctx.flags.cache))
+        Ok(Node::new(
+            &node_name,
+            &display_name,
+            drv,
+            ctx.flags.read_only,
+            ctx.flags.cache,
+        ))
     }
 
     /// Reads the start of `file` and asks every format how sure it is.
     async fn probe(&self, file: &Arc<Node>, filename: &str) -> Result<Arc<dyn DriverClass>> {
         let n = (file.length() as usize).min(PROBE_BYTES);
-        let head = file.read(0, crate::IoBuf::zeroed(n)).await.map_err(|e| {
-            e.context("Could not read image for determining its format")
-        })?;
+        let head = file
+            .read(0, crate::IoBuf::zeroed(n))
+            .await
+            .map_err(|e| e.context("Could not read image for determining its format"))?;
         let mut best: Option<(u32, Arc<dyn DriverClass>)> = None;
         for c in self.registry.all() {
             if c.is_protocol() {
@@ -270,7 +294,8 @@ impl OpenCtx {
 }
 
 fn with_default_driver(mut o: Opts) -> Opts {
-    o.entry("driver").or_insert_with(|| Value::String("file".into()));
+    o.entry("driver")
+        .or_insert_with(|| Value::String("file".into()));
     o
 }
 
@@ -298,7 +323,10 @@ mod tests {
 
     #[test]
     fn combine() {
-        assert_eq!(path_combine("/a/b/top.qcow2", "base.qcow2"), "/a/b/base.qcow2");
+        assert_eq!(
+            path_combine("/a/b/top.qcow2", "base.qcow2"),
+            "/a/b/base.qcow2"
+        );
         assert_eq!(path_combine("top.qcow2", "base.qcow2"), "base.qcow2");
         assert_eq!(path_combine("d/top", "/abs"), "/abs");
         assert_eq!(path_combine("d/top", "../x"), "d/../x");

@@ -55,14 +55,22 @@ pub fn nest(pairs: &[(String, String)]) -> Result<Opts> {
         while let Some(seg) = segs.next() {
             if segs.peek().is_none() {
                 if cur.contains_key(seg) {
-                    return Err(Error::invalid(format!("Parameter '{k}' is set more than once")));
+                    return Err(Error::invalid(format!(
+                        "Parameter '{k}' is set more than once"
+                    )));
                 }
                 cur.insert(seg.to_string(), Value::String(v.clone()));
             } else {
-                let e = cur.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new()));
+                let e = cur
+                    .entry(seg.to_string())
+                    .or_insert_with(|| Value::Object(Map::new()));
                 cur = match e {
                     Value::Object(m) => m,
-                    _ => return Err(Error::invalid(format!("Parameter '{k}' conflicts with another option"))),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "Parameter '{k}' conflicts with another option"
+                        )))
+                    }
                 };
             }
         }
@@ -88,7 +96,9 @@ fn flatten_dotted_keys(m: Opts) -> Opts {
             other => other,
         };
         if let Some((head, rest)) = k.split_once('.') {
-            let e = out.entry(head.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let e = out
+                .entry(head.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             if let Value::Object(sub) = e {
                 let mut tmp = Map::new();
                 tmp.insert(rest.to_string(), v);
@@ -110,7 +120,9 @@ pub fn take_str(o: &mut Opts, key: &str) -> Result<Option<String>> {
         Some(Value::String(s)) => Ok(Some(s)),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-        Some(_) => Err(Error::invalid(format!("Invalid parameter type for '{key}', expected: string"))),
+        Some(_) => Err(Error::invalid(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        ))),
     }
 }
 
@@ -126,7 +138,9 @@ pub fn take_bool(o: &mut Opts, key: &str) -> Result<Option<bool>> {
                 "Parameter '{key}' expects 'on' or 'off'"
             ))),
         },
-        Some(_) => Err(Error::invalid(format!("Invalid parameter type for '{key}', expected: boolean"))),
+        Some(_) => Err(Error::invalid(format!(
+            "Invalid parameter type for '{key}', expected: boolean"
+        ))),
     }
 }
 
@@ -159,7 +173,9 @@ pub fn take_u64(o: &mut Opts, key: &str) -> Result<Option<u64>> {
             .parse::<u64>()
             .map(Some)
             .map_err(|_| Error::invalid(format!("Parameter '{key}' expects a number"))),
-        Some(_) => Err(Error::invalid(format!("Invalid parameter type for '{key}', expected: number"))),
+        Some(_) => Err(Error::invalid(format!(
+            "Invalid parameter type for '{key}', expected: number"
+        ))),
     }
 }
 
@@ -174,7 +190,9 @@ pub fn take_dict(o: &mut Opts, key: &str) -> Result<Option<Opts>> {
             m.insert("node-ref".to_string(), Value::String(s));
             Ok(Some(m))
         }
-        Some(_) => Err(Error::invalid(format!("Invalid parameter type for '{key}', expected: object"))),
+        Some(_) => Err(Error::invalid(format!(
+            "Invalid parameter type for '{key}', expected: object"
+        ))),
     }
 }
 
@@ -219,7 +237,9 @@ pub fn parse_size(s: &str, default_unit: u64) -> Result<u64> {
         let int: u64 = int.parse().map_err(|_| bad())?;
         let frac_v: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
         let whole = int.checked_mul(unit).ok_or_else(bad)?;
-        return whole.checked_add((frac_v * unit as f64) as u64).ok_or_else(bad);
+        return whole
+            .checked_add((frac_v * unit as f64) as u64)
+            .ok_or_else(bad);
     }
     let n: u64 = num.parse().map_err(|_| bad())?;
     n.checked_mul(unit).ok_or_else(bad)

@@ -41,7 +41,12 @@ impl Tracker {
     /// requests it must not overlap with.
     pub async fn begin(&self, start: u64, end: u64, serialising: bool) -> TrackedRequest<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().push(Entry { id, start, end, serialising });
+        self.lock().push(Entry {
+            id,
+            start,
+            end,
+            serialising,
+        });
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);

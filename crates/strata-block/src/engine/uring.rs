@@ -78,7 +78,9 @@ impl AsRawFd for RingFd {
 impl Ring {
     /// Creates a ring and starts its flusher and reaper on the current runtime.
     pub fn start() -> std::io::Result<Arc<Ring>> {
-        let uring = IoUring::builder().setup_cqsize(RING_ENTRIES * 4).build(RING_ENTRIES)?;
+        let uring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 4)
+            .build(RING_ENTRIES)?;
         let raw_fd = uring.as_raw_fd();
         let ring = Arc::new(Ring {
             inner: Mutex::new(Inner {
@@ -98,7 +100,9 @@ impl Ring {
         .map_err(|e| e.into_parts().1)?;
         tokio::spawn(async move {
             loop {
-                let Ok(mut guard) = readable.readable().await else { return };
+                let Ok(mut guard) = readable.readable().await else {
+                    return;
+                };
                 // Clear first: a completion posted after this re-arms the edge.
                 guard.clear_ready();
                 guard.get_inner().0.lock().reap();
@@ -133,19 +137,28 @@ impl Ring {
         let raw = types::Fd(fd.raw());
         let (entry, mut buf) = match op {
             FileOp::Read(off, mut b) => {
-                let e = opcode::Read::new(raw, b.as_mut_ptr(), b.len() as u32).offset(off).build();
+                let e = opcode::Read::new(raw, b.as_mut_ptr(), b.len() as u32)
+                    .offset(off)
+                    .build();
                 (e, Some(b))
             }
             FileOp::Write(off, b) => {
-                let e = opcode::Write::new(raw, b.as_ptr(), b.len() as u32).offset(off).build();
+                let e = opcode::Write::new(raw, b.as_ptr(), b.len() as u32)
+                    .offset(off)
+                    .build();
                 (e, Some(b))
             }
             FileOp::Flush => (
-                opcode::Fsync::new(raw).flags(types::FsyncFlags::DATASYNC).build(),
+                opcode::Fsync::new(raw)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
                 None,
             ),
             FileOp::Fallocate(mode, off, len) => (
-                opcode::Fallocate::new(raw, len).offset(off).mode(mode).build(),
+                opcode::Fallocate::new(raw, len)
+                    .offset(off)
+                    .mode(mode)
+                    .build(),
                 None,
             ),
         };
@@ -162,7 +175,12 @@ impl Ring {
             }
             idx
         };
-        let (ret, keep) = Completion { ring: &self, idx, done: false }.await;
+        let (ret, keep) = Completion {
+            ring: &self,
+            idx,
+            done: false,
+        }
+        .await;
         (kernel_result(ret as i64), keep.buf)
     }
 }
@@ -228,7 +246,9 @@ impl Inner {
             done.push((cqe.user_data() as usize, cqe.result()));
         }
         for (idx, res) in done {
-            let Some(slot) = self.slots.get_mut(idx) else { continue };
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
             match std::mem::replace(slot, Slot::Free) {
                 Slot::Waiting(waker, keep) => {
                     *slot = Slot::Done(res, keep);

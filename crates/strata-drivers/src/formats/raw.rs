@@ -6,8 +6,8 @@ use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_size, OptSpec};
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Opts,
-    Result, WriteFlags,
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Opts, Result,
+    WriteFlags,
 };
 
 /// The `raw` driver class.
@@ -28,11 +28,15 @@ impl Driver for RawDriver {
     }
 
     fn length(&self) -> u64 {
-        self.size.unwrap_or_else(|| self.file.length().saturating_sub(self.offset))
+        self.size
+            .unwrap_or_else(|| self.file.length().saturating_sub(self.offset))
     }
 
     fn children(&self) -> Vec<Child> {
-        vec![Child { role: ChildRole::File, node: Arc::clone(&self.file) }]
+        vec![Child {
+            role: ChildRole::File,
+            node: Arc::clone(&self.file),
+        }]
     }
 
     fn limits(&self) -> strata_block::Limits {
@@ -48,7 +52,9 @@ impl Driver for RawDriver {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        self.file.write_zeroes(self.offset + offset, len, flags).await
+        self.file
+            .write_zeroes(self.offset + offset, len, flags)
+            .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -108,7 +114,10 @@ impl DriverClass for RawClass {
         let offset = take_size(opts, "offset")?.unwrap_or(0);
         let size = take_size(opts, "size")?;
         let flen = file.length();
-        if offset.checked_add(size.unwrap_or(0)).is_none_or(|end| end > flen) {
+        if offset
+            .checked_add(size.unwrap_or(0))
+            .is_none_or(|end| end > flen)
+        {
             return Err(Error::invalid(format!(
                 "The sum of offset ({offset}) and size ({}) has to be smaller or equal to the  actual size of the containing file ({flen})",
                 size.unwrap_or(0)

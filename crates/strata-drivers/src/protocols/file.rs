@@ -23,7 +23,12 @@ pub struct FileClass;
 
 /// Creation options of the file protocol, as `-o help` lists them.
 pub const CREATE_OPTIONS: &[OptSpec] = &[
-    OptSpec { name: "size", ty: OptType::Size, help: "Virtual disk size", default: None },
+    OptSpec {
+        name: "size",
+        ty: OptType::Size,
+        help: "Virtual disk size",
+        default: None,
+    },
     OptSpec {
         name: "preallocation",
         ty: OptType::Str,
@@ -132,7 +137,10 @@ impl FileDriver {
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
-        self.op(FileOp::Fallocate(mode, offset, len)).await.0.map(|_| ())
+        self.op(FileOp::Fallocate(mode, offset, len))
+            .await
+            .0
+            .map(|_| ())
     }
 }
 
@@ -228,9 +236,19 @@ impl Driver for FileDriver {
         if len == 0 || self.block_device {
             return Ok(());
         }
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
-            .await
-            .or_else(|e| if e.code() == libc::EOPNOTSUPP { Ok(()) } else { Err(e) })
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .await
+        .or_else(|e| {
+            if e.code() == libc::EOPNOTSUPP {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
     }
 
     async fn flush(&self) -> Result<()> {
@@ -251,7 +269,9 @@ impl Driver for FileDriver {
             Some(d) if d > offset => Ok(here(BlockStatus::zero((d - offset).min(len)))),
             Some(_) => {
                 let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(offset + len);
-                Ok(here(BlockStatus::data((hole.max(offset + 1) - offset).min(len))))
+                Ok(here(BlockStatus::data(
+                    (hole.max(offset + 1) - offset).min(len),
+                )))
             }
         }
     }
@@ -266,8 +286,9 @@ impl Driver for FileDriver {
         let old = self.length();
         // SAFETY: ftruncate has no memory arguments.
         if unsafe { libc::ftruncate(self.fd.raw(), size as libc::off_t) } < 0 {
-            return Err(Error::from(std::io::Error::last_os_error())
-                .context("Failed to resize the file"));
+            return Err(
+                Error::from(std::io::Error::last_os_error()).context("Failed to resize the file")
+            );
         }
         self.length.store(size, Ordering::Release);
         if size > old {
@@ -286,9 +307,10 @@ impl Driver for FileDriver {
 async fn preallocate(f: &FileDriver, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
     match mode {
         Preallocation::Off | Preallocation::Metadata => Ok(()),
-        Preallocation::Falloc => f.fallocate(0, offset, len).await.map_err(|e| {
-            e.context("Could not preallocate new data")
-        }),
+        Preallocation::Falloc => f
+            .fallocate(0, offset, len)
+            .await
+            .map_err(|e| e.context("Could not preallocate new data")),
         Preallocation::Full => {
             const CHUNK: u64 = 1 << 20;
             let mut buf = IoBuf::zeroed(CHUNK.min(len) as usize);
@@ -372,7 +394,9 @@ impl DriverClass for FileClass {
                 // Allocate the first block so that O_DIRECT alignment probing
                 // of the new image finds data to read (QEMU does the same).
                 let n = size.min(4096) as usize;
-                driver.write(0, IoBuf::zeroed(n), WriteFlags::default()).await?;
+                driver
+                    .write(0, IoBuf::zeroed(n), WriteFlags::default())
+                    .await?;
             }
         }
         Ok(())
@@ -397,14 +421,22 @@ impl DriverClass for FileClass {
         let _ = take_str(opts, "aio-max-batch")?;
         let _ = take_bool(opts, "x-check-cache-dropped")?;
         let direct = ctx.flags.cache.direct;
-        let mut flags = if ctx.flags.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        let mut flags = if ctx.flags.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
         if direct {
             flags |= libc::O_DIRECT;
         }
         let fd = open_fd(&filename, flags, 0, "open")?;
         let st = fstat(fd.raw())?;
         let block_device = st.st_mode & libc::S_IFMT == libc::S_IFBLK;
-        let length = if block_device { device_size(fd.raw())? } else { st.st_size as u64 };
+        let length = if block_device {
+            device_size(fd.raw())?
+        } else {
+            st.st_size as u64
+        };
         if locking {
             let (perm, shared) = ctx.flags.perms();
             lock::apply(fd.raw(), perm, shared, &filename)?;

@@ -7,8 +7,8 @@
 //! checks that nobody locks 200 + i for a bit it wants, nor 100 + i for a bit
 //! it refuses to share.
 
-use strata_block::{Error, Perm, Result};
 use std::os::fd::RawFd;
+use strata_block::{Error, Perm, Result};
 
 const PERM_BASE: i64 = 100;
 const SHARED_BASE: i64 = 200;
@@ -56,7 +56,10 @@ pub fn apply(fd: RawFd, perm: Perm, shared: Perm, filename: &str) -> Result<()> 
             return Err(conflict(format!("Failed to get \"{name}\" lock"), filename));
         }
         if !shared.contains(bit) && locked_by_other(fd, PERM_BASE + i as i64)? {
-            return Err(conflict(format!("Failed to get shared \"{name}\" lock"), filename));
+            return Err(conflict(
+                format!("Failed to get shared \"{name}\" lock"),
+                filename,
+            ));
         }
     }
     Ok(())

@@ -1,1 +1,3 @@
-fn main(){}
+fn main() {
+    std::process::exit(strata_tools::img::main());
+}

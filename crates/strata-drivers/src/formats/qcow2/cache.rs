@@ -27,7 +27,12 @@ pub struct TableCache {
 impl TableCache {
     /// A cache of `capacity` slices of `slice_size` bytes.
     pub fn new(slice_size: usize, capacity: usize) -> TableCache {
-        TableCache { slice_size, capacity: capacity.max(4), slices: HashMap::new(), tick: 0 }
+        TableCache {
+            slice_size,
+            capacity: capacity.max(4),
+            slices: HashMap::new(),
+            tick: 0,
+        }
     }
 
     /// The slice size in bytes.
@@ -53,13 +58,23 @@ impl TableCache {
 
     /// The least recently used slice, to evict.
     pub fn victim(&self) -> Option<(u64, bool)> {
-        self.slices.iter().min_by_key(|(_, s)| s.used).map(|(o, s)| (*o, s.dirty))
+        self.slices
+            .iter()
+            .min_by_key(|(_, s)| s.used)
+            .map(|(o, s)| (*o, s.dirty))
     }
 
     /// Inserts a slice read from disk or made new.
     pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
         self.tick += 1;
-        self.slices.insert(off, Slice { data, dirty, used: self.tick });
+        self.slices.insert(
+            off,
+            Slice {
+                data,
+                dirty,
+                used: self.tick,
+            },
+        );
     }
 
     /// Drops a slice (clean, or written back already).
@@ -69,7 +84,8 @@ impl TableCache {
 
     /// Drops every slice of the table at `table` (a freed table).
     pub fn remove_table(&mut self, table: u64, table_size: u64) {
-        self.slices.retain(|o, _| !(table..table + table_size).contains(o));
+        self.slices
+            .retain(|o, _| !(table..table + table_size).contains(o));
     }
 
     /// The bytes of a cached slice.
@@ -102,7 +118,8 @@ impl TableCache {
     pub async fn write_back(&mut self, file: &Arc<Node>, off: u64) -> Result<()> {
         if let Some(s) = self.slices.get_mut(&off) {
             if s.dirty {
-                file.write(off, IoBuf::from_slice(&s.data), WriteFlags::default()).await?;
+                file.write(off, IoBuf::from_slice(&s.data), WriteFlags::default())
+                    .await?;
                 s.dirty = false;
             }
         }
@@ -111,7 +128,12 @@ impl TableCache {
 
     /// Writes every dirty slice back, in offset order.
     pub async fn write_back_all(&mut self, file: &Arc<Node>) -> Result<()> {
-        let mut dirty: Vec<u64> = self.slices.iter().filter(|(_, s)| s.dirty).map(|(o, _)| *o).collect();
+        let mut dirty: Vec<u64> = self
+            .slices
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(o, _)| *o)
+            .collect();
         dirty.sort_unstable();
         for off in dirty {
             self.write_back(file, off).await?;

@@ -28,10 +28,18 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
     // Check what is on disk, not what the cache holds.
     m.flush(&d.file).await?;
     let cs = d.geo.cluster_size;
-    let mut res = CheckResult { total_clusters: d.length().div_ceil(cs), ..Default::default() };
+    let mut res = CheckResult {
+        total_clusters: d.length().div_ceil(cs),
+        ..Default::default()
+    };
     let mut refs = Refs::new();
     add(&mut refs, cs, 0, cs);
-    add(&mut refs, cs, m.header.l1_table_offset, m.l1.len() as u64 * 8);
+    add(
+        &mut refs,
+        cs,
+        m.header.l1_table_offset,
+        m.l1.len() as u64 * 8,
+    );
     let file_len = d.file.length();
     let mut next_contiguous = 0u64;
     let mut l2_tables = Vec::new();
@@ -54,7 +62,10 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
             let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             match m.decode(entry, l2, idx as u64) {
                 Err(_) => {
-                    eprintln!("ERROR offset={:x}: Cluster is not properly aligned; L2 entry corrupted.", entry & OFFSET_MASK);
+                    eprintln!(
+                        "ERROR offset={:x}: Cluster is not properly aligned; L2 entry corrupted.",
+                        entry & OFFSET_MASK
+                    );
                     res.corruptions += 1;
                 }
                 Ok(Mapping::Normal { host, .. }) => {
@@ -82,7 +93,12 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         }
     }
     let rt_off = m.header.refcount_table_offset;
-    add(&mut refs, cs, rt_off, m.header.refcount_table_clusters as u64 * cs);
+    add(
+        &mut refs,
+        cs,
+        rt_off,
+        m.header.refcount_table_clusters as u64 * cs,
+    );
     for &rb in &m.reftable {
         let rb = rb & OFFSET_MASK;
         if rb != 0 {
@@ -180,7 +196,13 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         }
     }
     for (off, entry) in copied_fixes {
-        d.file.write(off, IoBuf::from_slice(&entry.to_be_bytes()), WriteFlags::default()).await?;
+        d.file
+            .write(
+                off,
+                IoBuf::from_slice(&entry.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
         m.l2_cache.clear();
         res.corruptions_fixed += 1;
     }

@@ -10,27 +10,132 @@ use strata_block::{Error, IoBuf, OpenCtx, Result, WriteFlags};
 
 /// The creation options, in the order QEMU prints them on the `Formatting` line.
 pub const CREATE_OPTIONS: &[OptSpec] = &[
-    OptSpec { name: "encrypt.format", ty: OptType::Str, help: "Encrypt the image, format choices: 'aes', 'luks'", default: None },
-    OptSpec { name: "encrypt.key-secret", ty: OptType::Str, help: "ID of secret providing qcow AES key or LUKS passphrase", default: None },
-    OptSpec { name: "encrypt.cipher-alg", ty: OptType::Str, help: "Name of encryption cipher algorithm", default: None },
-    OptSpec { name: "encrypt.cipher-mode", ty: OptType::Str, help: "Name of encryption cipher mode", default: None },
-    OptSpec { name: "encrypt.ivgen-alg", ty: OptType::Str, help: "Name of IV generator algorithm", default: None },
-    OptSpec { name: "encrypt.ivgen-hash-alg", ty: OptType::Str, help: "Name of IV generator hash algorithm", default: None },
-    OptSpec { name: "encrypt.hash-alg", ty: OptType::Str, help: "Name of encryption hash algorithm", default: None },
-    OptSpec { name: "encrypt.iter-time", ty: OptType::Number, help: "Time to spend in PBKDF in milliseconds", default: None },
-    OptSpec { name: "cluster_size", ty: OptType::Size, help: "qcow2 cluster size", default: Some("65536") },
-    OptSpec { name: "extended_l2", ty: OptType::Bool, help: "Extended L2 tables", default: Some("off") },
-    OptSpec { name: "preallocation", ty: OptType::Str, help: "Preallocation mode (allowed values: off, metadata, falloc, full)", default: None },
-    OptSpec { name: "compression_type", ty: OptType::Str, help: "Compression method used for image cluster compression", default: Some("zlib") },
-    OptSpec { name: "size", ty: OptType::Size, help: "Virtual disk size", default: None },
-    OptSpec { name: "compat", ty: OptType::Str, help: "Compatibility level (v2 [0.10] or v3 [1.1])", default: None },
-    OptSpec { name: "backing_file", ty: OptType::Str, help: "File name of a base image", default: None },
-    OptSpec { name: "backing_fmt", ty: OptType::Str, help: "Image format of the base image", default: None },
-    OptSpec { name: "data_file", ty: OptType::Str, help: "File name of an external data file", default: None },
-    OptSpec { name: "data_file_raw", ty: OptType::Bool, help: "The external data file must stay valid as a raw image", default: None },
-    OptSpec { name: "encryption", ty: OptType::Bool, help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)", default: None },
-    OptSpec { name: "lazy_refcounts", ty: OptType::Bool, help: "Postpone refcount updates", default: Some("off") },
-    OptSpec { name: "refcount_bits", ty: OptType::Number, help: "Width of a reference count entry in bits", default: Some("16") },
+    OptSpec {
+        name: "encrypt.format",
+        ty: OptType::Str,
+        help: "Encrypt the image, format choices: 'aes', 'luks'",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.key-secret",
+        ty: OptType::Str,
+        help: "ID of secret providing qcow AES key or LUKS passphrase",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.cipher-alg",
+        ty: OptType::Str,
+        help: "Name of encryption cipher algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.cipher-mode",
+        ty: OptType::Str,
+        help: "Name of encryption cipher mode",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.ivgen-alg",
+        ty: OptType::Str,
+        help: "Name of IV generator algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.ivgen-hash-alg",
+        ty: OptType::Str,
+        help: "Name of IV generator hash algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.hash-alg",
+        ty: OptType::Str,
+        help: "Name of encryption hash algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "encrypt.iter-time",
+        ty: OptType::Number,
+        help: "Time to spend in PBKDF in milliseconds",
+        default: None,
+    },
+    OptSpec {
+        name: "cluster_size",
+        ty: OptType::Size,
+        help: "qcow2 cluster size",
+        default: Some("65536"),
+    },
+    OptSpec {
+        name: "extended_l2",
+        ty: OptType::Bool,
+        help: "Extended L2 tables",
+        default: Some("off"),
+    },
+    OptSpec {
+        name: "preallocation",
+        ty: OptType::Str,
+        help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
+        default: None,
+    },
+    OptSpec {
+        name: "compression_type",
+        ty: OptType::Str,
+        help: "Compression method used for image cluster compression",
+        default: Some("zlib"),
+    },
+    OptSpec {
+        name: "size",
+        ty: OptType::Size,
+        help: "Virtual disk size",
+        default: None,
+    },
+    OptSpec {
+        name: "compat",
+        ty: OptType::Str,
+        help: "Compatibility level (v2 [0.10] or v3 [1.1])",
+        default: None,
+    },
+    OptSpec {
+        name: "backing_file",
+        ty: OptType::Str,
+        help: "File name of a base image",
+        default: None,
+    },
+    OptSpec {
+        name: "backing_fmt",
+        ty: OptType::Str,
+        help: "Image format of the base image",
+        default: None,
+    },
+    OptSpec {
+        name: "data_file",
+        ty: OptType::Str,
+        help: "File name of an external data file",
+        default: None,
+    },
+    OptSpec {
+        name: "data_file_raw",
+        ty: OptType::Bool,
+        help: "The external data file must stay valid as a raw image",
+        default: None,
+    },
+    OptSpec {
+        name: "encryption",
+        ty: OptType::Bool,
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+        default: None,
+    },
+    OptSpec {
+        name: "lazy_refcounts",
+        ty: OptType::Bool,
+        help: "Postpone refcount updates",
+        default: Some("off"),
+    },
+    OptSpec {
+        name: "refcount_bits",
+        ty: OptType::Number,
+        help: "Width of a reference count entry in bits",
+        default: Some("16"),
+    },
 ];
 
 const V3_HINT: &str = "(use version=v3 or greater)";
@@ -41,15 +146,23 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     let version = match take_str(&mut opts, "compat")?.as_deref() {
         None | Some("1.1") | Some("v3") => 3,
         Some("0.10") | Some("v2") => 2,
-        Some(v) => return Err(Error::invalid(format!("Parameter 'version' does not accept value '{v}'"))),
+        Some(v) => {
+            return Err(Error::invalid(format!(
+                "Parameter 'version' does not accept value '{v}'"
+            )))
+        }
     };
     let cluster_size = take_size(&mut opts, "cluster_size")?.unwrap_or(65536);
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err(Error::invalid("Cluster size must be a power of two between 512 and 2048k"));
+        return Err(Error::invalid(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
     }
     let refcount_bits = take_u64(&mut opts, "refcount_bits")?.unwrap_or(16);
     if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(Error::invalid("Refcount width must be a power of two and may not exceed 64 bits"));
+        return Err(Error::invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
     }
     if version < 3 && refcount_bits != 16 {
         return Err(Error::invalid(format!(
@@ -74,13 +187,17 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
-        return Err(Error::unsupported("Extended L2 entries are not supported by Strata yet"));
+        return Err(Error::unsupported(
+            "Extended L2 entries are not supported by Strata yet",
+        ));
     }
     let compression = match take_str(&mut opts, "compression_type")?.as_deref() {
         None | Some("zlib") => Compression::Zlib,
         Some("zstd") => Compression::Zstd,
         Some(v) => {
-            return Err(Error::invalid(format!("Parameter 'compression-type' does not accept value '{v}'")))
+            return Err(Error::invalid(format!(
+                "Parameter 'compression-type' does not accept value '{v}'"
+            )))
         }
     };
     if version < 3 && compression != Compression::Zlib {
@@ -90,17 +207,26 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     }
     let prealloc = match take_str(&mut opts, "preallocation")? {
         None => Preallocation::Off,
-        Some(p) => Preallocation::parse(&p)
-            .map_err(|_| Error::invalid(format!("Parameter 'preallocation' does not accept value '{p}'")))?,
+        Some(p) => Preallocation::parse(&p).map_err(|_| {
+            Error::invalid(format!(
+                "Parameter 'preallocation' does not accept value '{p}'"
+            ))
+        })?,
     };
     let backing_file = take_str(&mut opts, "backing_file")?;
     let backing_fmt = take_str(&mut opts, "backing_fmt")?;
-    if take_str(&mut opts, "data_file")?.is_some() || take_bool(&mut opts, "data_file_raw")?.unwrap_or(false) {
-        return Err(Error::unsupported("External data files are not supported by Strata yet"));
+    if take_str(&mut opts, "data_file")?.is_some()
+        || take_bool(&mut opts, "data_file_raw")?.unwrap_or(false)
+    {
+        return Err(Error::unsupported(
+            "External data files are not supported by Strata yet",
+        ));
     }
     let encrypted = take_bool(&mut opts, "encryption")?.unwrap_or(false);
     if encrypted || opts.keys().any(|k| k.starts_with("encrypt")) {
-        return Err(Error::unsupported("Encrypted images are not supported by Strata"));
+        return Err(Error::unsupported(
+            "Encrypted images are not supported by Strata",
+        ));
     }
     if size % 512 != 0 {
         return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
@@ -133,7 +259,11 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         refcount_table_clusters: 1,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: if compression == Compression::Zstd { INCOMPAT_COMPRESSION } else { 0 },
+        incompatible_features: if compression == Compression::Zstd {
+            INCOMPAT_COMPRESSION
+        } else {
+            0
+        },
         compatible_features: if lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
         autoclear_features: 0,
         refcount_order,
@@ -168,7 +298,8 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     fo.insert("driver".into(), "file".into());
     fo.insert("filename".into(), filename.into());
     let file = octx.open_image(None, None, fo).await?;
-    file.write(0, IoBuf::from_slice(&first), WriteFlags::default()).await?;
+    file.write(0, IoBuf::from_slice(&first), WriteFlags::default())
+        .await?;
     file.flush().await?;
     drop(file);
 

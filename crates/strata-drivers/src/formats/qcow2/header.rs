@@ -127,11 +127,15 @@ impl Header {
         }
         let version = be32(buf, 4);
         if !(2..=3).contains(&version) {
-            return Err(Error::unsupported(format!("Unsupported qcow2 version {version}")));
+            return Err(Error::unsupported(format!(
+                "Unsupported qcow2 version {version}"
+            )));
         }
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::invalid(format!("Unsupported cluster size: 2^{cluster_bits}")));
+            return Err(Error::invalid(format!(
+                "Unsupported cluster size: 2^{cluster_bits}"
+            )));
         }
         let mut h = Header {
             version,
@@ -196,7 +200,9 @@ impl Header {
             }
         }
         if h.refcount_order > 6 {
-            return Err(Error::invalid("Reference count entry width too large; may not exceed 64 bits"));
+            return Err(Error::invalid(
+                "Reference count entry width too large; may not exceed 64 bits",
+            ));
         }
         h.parse_extensions(buf, cluster_size)?;
         if h.backing_file_offset != 0 {
@@ -237,8 +243,11 @@ impl Header {
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
                         let name = e[2..].split(|&b| b == 0).next().unwrap_or(&[]);
-                        self.feature_table
-                            .push((e[0], e[1], String::from_utf8_lossy(name).into_owned()));
+                        self.feature_table.push((
+                            e[0],
+                            e[1],
+                            String::from_utf8_lossy(name).into_owned(),
+                        ));
                     }
                 }
                 EXT_DATA_FILE => {
@@ -266,7 +275,10 @@ impl Header {
                         .unwrap_or_else(|| format!("Unknown incompatible feature: {:x}", 1u64 << b))
                 })
                 .collect();
-            return Err(Error::unsupported(format!("Unsupported qcow2 feature(s): {}", names.join(", "))));
+            return Err(Error::unsupported(format!(
+                "Unsupported qcow2 feature(s): {}",
+                names.join(", ")
+            )));
         }
         if self.crypt_method != 0 {
             return Err(Error::unsupported("Encrypted images are not supported"));
@@ -278,8 +290,10 @@ impl Header {
     /// (the backing file name goes after the extensions).
     pub fn serialize(&mut self, cluster_size: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; cluster_size];
-        let put32 = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |b: &mut [u8], off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut [u8], off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, self.version);
         put32(&mut b, 20, self.cluster_bits);
@@ -309,7 +323,10 @@ impl Header {
         }
         let mut exts: Vec<Extension> = Vec::new();
         if let Some(f) = &self.backing_format {
-            exts.push(Extension { kind: EXT_BACKING_FORMAT, data: f.as_bytes().to_vec() });
+            exts.push(Extension {
+                kind: EXT_BACKING_FORMAT,
+                data: f.as_bytes().to_vec(),
+            });
         }
         exts.extend(self.extensions.iter().cloned());
         if self.version >= 3 {
@@ -321,10 +338,16 @@ impl Header {
                 e[2..2 + name.len()].copy_from_slice(name.as_bytes());
                 t.extend_from_slice(&e);
             }
-            exts.push(Extension { kind: EXT_FEATURE_TABLE, data: t });
+            exts.push(Extension {
+                kind: EXT_FEATURE_TABLE,
+                data: t,
+            });
         }
         let too_big = || Error::invalid("Header extensions do not fit in the first cluster");
-        for e in exts.iter().chain(std::iter::once(&Extension { kind: EXT_END, data: Vec::new() })) {
+        for e in exts.iter().chain(std::iter::once(&Extension {
+            kind: EXT_END,
+            data: Vec::new(),
+        })) {
             let padded = e.data.len().div_ceil(8) * 8;
             if off + 8 + padded > cluster_size {
                 return Err(too_big());

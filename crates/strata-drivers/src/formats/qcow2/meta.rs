@@ -121,7 +121,10 @@ impl Meta {
         if host == 0 {
             return Ok(Mapping::Unallocated);
         }
-        Ok(Mapping::Normal { host, copied: entry & OFLAG_COPIED != 0 })
+        Ok(Mapping::Normal {
+            host,
+            copied: entry & OFLAG_COPIED != 0,
+        })
     }
 
     /// The L2 table offset for guest cluster `gc`, if it has one.
@@ -133,7 +136,9 @@ impl Meta {
             return Ok(None);
         }
         if off & (self.geo.cluster_size - 1) != 0 {
-            return Err(Error::corrupt(format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})")));
+            return Err(Error::corrupt(format!(
+                "L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"
+            )));
         }
         Ok(Some(off))
     }
@@ -152,16 +157,28 @@ impl Meta {
                         self.flush_refcounts(file).await?;
                     }
                     self.check_metadata_write(victim, self.l2_cache.slice_size() as u64)?;
-                    let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+                    let c = if l2 {
+                        &mut self.l2_cache
+                    } else {
+                        &mut self.rb_cache
+                    };
                     c.write_back(file, victim).await?;
                 }
-                let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+                let c = if l2 {
+                    &mut self.l2_cache
+                } else {
+                    &mut self.rb_cache
+                };
                 c.remove(victim);
             }
         }
         let size = self.l2_cache.slice_size();
         let buf = file.read(off, IoBuf::zeroed(size)).await?;
-        let c = if l2 { &mut self.l2_cache } else { &mut self.rb_cache };
+        let c = if l2 {
+            &mut self.l2_cache
+        } else {
+            &mut self.rb_cache
+        };
         c.insert(off, buf.as_slice().to_vec(), false);
         Ok(())
     }
@@ -170,15 +187,27 @@ impl Meta {
     pub async fn l2_get(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64) -> Result<u64> {
         let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
         self.ensure_slice(file, slice, true).await?;
-        let b = self.l2_cache.get(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        let b = self
+            .l2_cache
+            .get(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
         Ok(be64_at(b, at))
     }
 
     /// Sets entry `idx` of the L2 table at `l2_off` (in the cache, dirty).
-    pub async fn l2_set(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64, val: u64) -> Result<()> {
+    pub async fn l2_set(
+        &mut self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        idx: u64,
+        val: u64,
+    ) -> Result<()> {
         let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
         self.ensure_slice(file, slice, true).await?;
-        let b = self.l2_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        let b = self
+            .l2_cache
+            .get_mut(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
         b[at..at + 8].copy_from_slice(&val.to_be_bytes());
         Ok(())
     }
@@ -198,7 +227,9 @@ impl Meta {
     /// The refcount of host cluster `hc` (0 where no refcount block exists).
     pub async fn refcount(&mut self, file: &Arc<Node>, hc: u64) -> Result<u64> {
         let ti = (hc >> self.geo.rb_bits) as usize;
-        let Some(&rb) = self.reftable.get(ti) else { return Ok(0) };
+        let Some(&rb) = self.reftable.get(ti) else {
+            return Ok(0);
+        };
         let rb = rb & OFFSET_MASK;
         if rb == 0 {
             return Ok(0);
@@ -207,7 +238,10 @@ impl Meta {
         let bit = i << self.geo.refcount_order;
         let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
         self.ensure_slice(file, slice, false).await?;
-        let b = self.rb_cache.get(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        let b = self
+            .rb_cache
+            .get(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
         Ok(get_refcount(b, at, bit, self.geo.refcount_order))
     }
 
@@ -224,7 +258,10 @@ impl Meta {
         let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
         self.ensure_slice(file, slice, false).await?;
         let order = self.geo.refcount_order;
-        let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        let b = self
+            .rb_cache
+            .get_mut(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
         put_refcount(b, at, bit, order, val);
         if val == 0 && hc < self.free_cluster_index {
             self.free_cluster_index = hc;
@@ -233,7 +270,13 @@ impl Meta {
     }
 
     /// Adds `delta` to the refcounts of `n` clusters from host offset `off`.
-    pub async fn update_refcounts(&mut self, file: &Arc<Node>, off: u64, n: u64, delta: i64) -> Result<()> {
+    pub async fn update_refcounts(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        n: u64,
+        delta: i64,
+    ) -> Result<()> {
         let first = off >> self.geo.cluster_bits;
         for hc in first..first + n {
             let cur = self.refcount(file, hc).await?;
@@ -259,8 +302,12 @@ impl Meta {
         }
         let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
         self.check_metadata_write(rb, self.geo.cluster_size)?;
-        file.write(rb, IoBuf::zeroed(self.geo.cluster_size as usize), WriteFlags::default())
-            .await?;
+        file.write(
+            rb,
+            IoBuf::zeroed(self.geo.cluster_size as usize),
+            WriteFlags::default(),
+        )
+        .await?;
         let ss = self.rb_cache.slice_size() as u64;
         for s in 0..self.geo.cluster_size / ss {
             self.rb_cache.remove(rb + s * ss);
@@ -272,7 +319,10 @@ impl Meta {
         let (slice, at) = self.rb_cache.slice_of(rb, 0);
         self.ensure_slice(file, slice, false).await?;
         let order = self.geo.refcount_order;
-        let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+        let b = self
+            .rb_cache
+            .get_mut(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
         put_refcount(b, at, 0, order, 1);
         if self.free_cluster_index == hc {
             self.free_cluster_index += 1;
@@ -285,7 +335,8 @@ impl Meta {
         self.flush_refcounts(file).await?;
         let off = self.header.refcount_table_offset + ti * 8;
         let v = self.reftable[ti as usize].to_be_bytes();
-        file.write(off, IoBuf::from_slice(&v), WriteFlags::default()).await?;
+        file.write(off, IoBuf::from_slice(&v), WriteFlags::default())
+            .await?;
         Ok(())
     }
 
@@ -295,18 +346,22 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let per_cluster = cs / 8;
         let old_entries = self.reftable.len() as u64;
-        let mut entries = (min_entries.max(old_entries * 3 / 2 + 1)).div_ceil(per_cluster) * per_cluster;
+        let mut entries =
+            (min_entries.max(old_entries * 3 / 2 + 1)).div_ceil(per_cluster) * per_cluster;
         // Place the new table at the end of what any block covers or the file holds.
         let covered_end = old_entries << self.geo.rb_bits;
         let file_end = file.length().div_ceil(cs);
-        let start = covered_end.max(file_end).max(min_entries.saturating_sub(1) << self.geo.rb_bits);
+        let start = covered_end
+            .max(file_end)
+            .max(min_entries.saturating_sub(1) << self.geo.rb_bits);
         // The table's clusters need blocks; blocks go at the start of each range
         // they cover, so keep the table off those first clusters.
         let mut table_start = start;
         loop {
             let clusters = (entries * 8).div_ceil(cs);
             let mut t = table_start;
-            while (t & ((1 << self.geo.rb_bits) - 1)) == 0 && (t >> self.geo.rb_bits) >= old_entries {
+            while (t & ((1 << self.geo.rb_bits) - 1)) == 0 && (t >> self.geo.rb_bits) >= old_entries
+            {
                 t += 1;
             }
             let last_ti = (t + clusters) >> self.geo.rb_bits;
@@ -331,13 +386,17 @@ impl Meta {
             let ti = hc >> self.geo.rb_bits;
             if self.reftable[ti as usize] & OFFSET_MASK == 0 {
                 let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
-                file.write(rb, IoBuf::zeroed(cs as usize), WriteFlags::default()).await?;
+                file.write(rb, IoBuf::zeroed(cs as usize), WriteFlags::default())
+                    .await?;
                 self.reftable[ti as usize] = rb;
                 let (slice, at) = self.rb_cache.slice_of(rb, 0);
                 self.rb_cache.remove(slice);
                 self.ensure_slice(file, slice, false).await?;
                 let order = self.geo.refcount_order;
-                let b = self.rb_cache.get_mut(slice).ok_or_else(|| Error::errno(libc::EIO))?;
+                let b = self
+                    .rb_cache
+                    .get_mut(slice)
+                    .ok_or_else(|| Error::errno(libc::EIO))?;
                 put_refcount(b, at, 0, order, 1);
             }
         }
@@ -351,13 +410,15 @@ impl Meta {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
         bytes.resize((clusters * cs) as usize, 0);
-        file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default()).await?;
+        file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await?;
         file.flush().await?;
         // Switch the header to the new table in one write of offset and size.
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default()).await?;
+        file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
+            .await?;
         file.flush().await?;
         self.header.refcount_table_clusters = clusters as u32;
         // Free the old table.
@@ -383,7 +444,10 @@ impl Meta {
             // block may take one of the clusters we found, so look again.
             for hc in start..start + n {
                 let ti = hc >> self.geo.rb_bits;
-                let has = self.reftable.get(ti as usize).is_some_and(|e| e & OFFSET_MASK != 0);
+                let has = self
+                    .reftable
+                    .get(ti as usize)
+                    .is_some_and(|e| e & OFFSET_MASK != 0);
                 if !has {
                     self.ensure_refblock(file, ti).await?;
                     continue 'search;
@@ -437,8 +501,12 @@ impl Meta {
     pub async fn write_l1_entry(&mut self, file: &Arc<Node>, i: usize) -> Result<()> {
         let off = self.header.l1_table_offset + i as u64 * 8;
         self.check_metadata_write_allowing_l1(off, 8)?;
-        file.write(off, IoBuf::from_slice(&self.l1[i].to_be_bytes()), WriteFlags::default())
-            .await?;
+        file.write(
+            off,
+            IoBuf::from_slice(&self.l1[i].to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -449,7 +517,10 @@ impl Meta {
 
     fn reftable_range(&self) -> (u64, u64) {
         let o = self.header.refcount_table_offset;
-        (o, o + self.header.refcount_table_clusters as u64 * self.geo.cluster_size)
+        (
+            o,
+            o + self.header.refcount_table_clusters as u64 * self.geo.cluster_size,
+        )
     }
 
     fn overlap_check(&self, off: u64, len: u64, allow_l1: bool) -> Result<()> {
@@ -531,14 +602,22 @@ mod tests {
     fn refcount_packing_every_width() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 64];
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             for i in 0..16u64 {
                 let bit = i << order;
                 put_refcount(&mut b, (bit / 8) as usize, bit, order, (i * 7) & max);
             }
             for i in 0..16u64 {
                 let bit = i << order;
-                assert_eq!(get_refcount(&b, (bit / 8) as usize, bit, order), (i * 7) & max, "order {order} i {i}");
+                assert_eq!(
+                    get_refcount(&b, (bit / 8) as usize, bit, order),
+                    (i * 7) & max,
+                    "order {order} i {i}"
+                );
             }
         }
     }

@@ -85,9 +85,16 @@ impl Qcow2Driver {
             };
             if let Some(last) = out.last_mut() {
                 let merge = match (last.mapping, mapping) {
-                    (Mapping::Normal { host: a, copied: ca }, Mapping::Normal { host: b, copied: cb }) => {
-                        a + last.len == b && ca == cb
-                    }
+                    (
+                        Mapping::Normal {
+                            host: a,
+                            copied: ca,
+                        },
+                        Mapping::Normal {
+                            host: b,
+                            copied: cb,
+                        },
+                    ) => a + last.len == b && ca == cb,
                     (Mapping::Unallocated, Mapping::Unallocated) => true,
                     (Mapping::Zero(None), Mapping::Zero(None)) => true,
                     _ => false,
@@ -98,7 +105,11 @@ impl Qcow2Driver {
                     continue;
                 }
             }
-            out.push(Extent { offset: off, len: n, mapping });
+            out.push(Extent {
+                offset: off,
+                len: n,
+                mapping,
+            });
             off += n;
         }
         Ok(out)
@@ -114,7 +125,8 @@ impl Qcow2Driver {
                 let data = self.read_compressed(entry).await?;
                 let mut buf = buf;
                 let at = self.geo.offset_in_cluster(e.offset) as usize;
-                buf.as_mut_slice().copy_from_slice(&data[at..at + e.len as usize]);
+                buf.as_mut_slice()
+                    .copy_from_slice(&data[at..at + e.len as usize]);
                 Ok(buf)
             }
         }
@@ -122,7 +134,9 @@ impl Qcow2Driver {
 
     /// Reads from the backing file; zeroes where there is none or it is shorter.
     async fn read_backing(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let Some(b) = &self.backing else { return Ok(zero_fill(buf)) };
+        let Some(b) = &self.backing else {
+            return Ok(zero_fill(buf));
+        };
         let blen = b.length();
         if offset >= blen {
             return Ok(zero_fill(buf));
@@ -143,7 +157,9 @@ impl Qcow2Driver {
         let sectors = ((entry >> x) & ((1u64 << (self.geo.cluster_bits - 8)) - 1)) + 1;
         let len = (sectors * 512 - (host & 511)).min(self.file.length().saturating_sub(host));
         if len == 0 {
-            return Err(Error::corrupt(format!("Compressed cluster at {host:#x} lies beyond the end of the image")));
+            return Err(Error::corrupt(format!(
+                "Compressed cluster at {host:#x} lies beyond the end of the image"
+            )));
         }
         let src = self.file.read(host, IoBuf::zeroed(len as usize)).await?;
         let mut out = vec![0u8; self.geo.cluster_size as usize];
@@ -157,10 +173,21 @@ impl Qcow2Driver {
         let buf = IoBuf::zeroed((to - from) as usize);
         let off = (gc << self.geo.cluster_bits) + from;
         let mapping = match mapping {
-            Mapping::Normal { host, copied } => Mapping::Normal { host: host + from, copied },
+            Mapping::Normal { host, copied } => Mapping::Normal {
+                host: host + from,
+                copied,
+            },
             m => m,
         };
-        self.read_extent(Extent { offset: off, len: to - from, mapping }, buf).await
+        self.read_extent(
+            Extent {
+                offset: off,
+                len: to - from,
+                mapping,
+            },
+            buf,
+        )
+        .await
     }
 
     /// Makes sure guest cluster `gc` has an L2 table it may write to
@@ -206,7 +233,11 @@ impl Qcow2Driver {
             let notified = self.alloc_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.lock_inflight().iter().any(|c| (first..=last).contains(c)) {
+            if !self
+                .lock_inflight()
+                .iter()
+                .any(|c| (first..=last).contains(c))
+            {
                 return;
             }
             notified.await;
@@ -226,7 +257,11 @@ impl Qcow2Driver {
                 return Err(Error::errno(libc::EIO));
             }
             // Already in flight by someone who got the lock first: wait again.
-            if self.lock_inflight().iter().any(|c| (first..=last).contains(c)) {
+            if self
+                .lock_inflight()
+                .iter()
+                .any(|c| (first..=last).contains(c))
+            {
                 continue;
             }
             let mut mappings = Vec::with_capacity((last - first + 1) as usize);
@@ -236,7 +271,10 @@ impl Qcow2Driver {
             // Fast path: every cluster is ours alone and contiguous on the host.
             if let Mapping::Normal { host, copied: true } = mappings[0] {
                 let contiguous = mappings.iter().enumerate().all(|(i, mp)| {
-                    *mp == Mapping::Normal { host: host + i as u64 * cs, copied: true }
+                    *mp == Mapping::Normal {
+                        host: host + i as u64 * cs,
+                        copied: true,
+                    }
                 });
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
@@ -248,7 +286,10 @@ impl Qcow2Driver {
             // Split at the first cluster that is (or is not) written in place.
             let in_place = |mp: &Mapping| matches!(mp, Mapping::Normal { copied: true, .. });
             let head_in_place = in_place(&mappings[0]);
-            let run = mappings.iter().take_while(|mp| in_place(mp) == head_in_place).count() as u64;
+            let run = mappings
+                .iter()
+                .take_while(|mp| in_place(mp) == head_in_place)
+                .count() as u64;
             if run < last - first + 1 {
                 let split = ((first + run) << self.geo.cluster_bits) - offset;
                 let (a, b) = buf.split_at(split as usize);
@@ -276,7 +317,9 @@ impl Qcow2Driver {
             m.check_metadata_write(host, n * cs)?;
             self.lock_inflight().extend(first..=last);
             drop(m);
-            let r = self.write_new_clusters(offset, buf, host, first, &mappings).await;
+            let r = self
+                .write_new_clusters(offset, buf, host, first, &mappings)
+                .await;
             let (r, written) = match r {
                 Ok(b) => (Ok(()), b),
                 Err(e) => (Err(e), IoBuf::zeroed(0)),
@@ -326,7 +369,9 @@ impl Qcow2Driver {
         if end < total {
             let last = mappings.len() - 1;
             let from = end - last as u64 * cs;
-            let old = self.old_content(first + last as u64, mappings[last], from, cs).await?;
+            let old = self
+                .old_content(first + last as u64, mappings[last], from, cs)
+                .await?;
             data.as_mut_slice()[end as usize..].copy_from_slice(old.as_slice());
         }
         data.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
@@ -336,19 +381,30 @@ impl Qcow2Driver {
 
     /// Points the L2 entries of `mappings.len()` guest clusters from `first`
     /// at the new clusters from `host`, then drops the old clusters' references.
-    async fn link_clusters(&self, m: &mut Meta, l2: u64, first: u64, host: u64, mappings: &[Mapping]) -> Result<()> {
+    async fn link_clusters(
+        &self,
+        m: &mut Meta,
+        l2: u64,
+        first: u64,
+        host: u64,
+        mappings: &[Mapping],
+    ) -> Result<()> {
         let mask = self.geo.l2_entries() - 1;
         for (i, _) in mappings.iter().enumerate() {
             let gc = first + i as u64;
             let h = host + ((i as u64) << self.geo.cluster_bits);
-            m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED).await?;
+            m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
+                .await?;
         }
         self.release_old(m, mappings).await
     }
 
     /// Drops the references old mappings held, after the L2 change is on disk.
     async fn release_old(&self, m: &mut Meta, old: &[Mapping]) -> Result<()> {
-        let frees: Vec<(u64, u64)> = old.iter().filter_map(|mp| self.host_cluster_of(*mp)).collect();
+        let frees: Vec<(u64, u64)> = old
+            .iter()
+            .filter_map(|mp| self.host_cluster_of(*mp))
+            .collect();
         if frees.is_empty() {
             return Ok(());
         }
@@ -403,8 +459,12 @@ impl Qcow2Driver {
             for c in gc..stop {
                 let mp = m.mapping(&self.file, c).await?;
                 let new = match (zero, mp) {
-                    (true, Mapping::Normal { host, copied: true }) if keep_alloc => host | OFLAG_ZERO | OFLAG_COPIED,
-                    (true, Mapping::Zero(Some(host))) if keep_alloc => host | OFLAG_ZERO | OFLAG_COPIED,
+                    (true, Mapping::Normal { host, copied: true }) if keep_alloc => {
+                        host | OFLAG_ZERO | OFLAG_COPIED
+                    }
+                    (true, Mapping::Zero(Some(host))) if keep_alloc => {
+                        host | OFLAG_ZERO | OFLAG_COPIED
+                    }
                     (true, _) => OFLAG_ZERO,
                     (false, _) => 0,
                 };
@@ -433,13 +493,17 @@ impl Qcow2Driver {
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize(entries as usize * 8, 0);
         m.check_metadata_write(new, bytes.len() as u64)?;
-        self.file.write(new, IoBuf::from_slice(&bytes), WriteFlags::default()).await?;
+        self.file
+            .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await?;
         m.flush_refcounts(&self.file).await?;
         self.file.flush().await?;
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
         hdr[4..].copy_from_slice(&new.to_be_bytes());
-        self.file.write(36, IoBuf::from_slice(&hdr), WriteFlags::default()).await?;
+        self.file
+            .write(36, IoBuf::from_slice(&hdr), WriteFlags::default())
+            .await?;
         self.file.flush().await?;
         let old_off = m.header.l1_table_offset;
         let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
@@ -447,7 +511,8 @@ impl Qcow2Driver {
         m.header.l1_size = entries as u32;
         m.l1 = table;
         if old_off != 0 && old_clusters > 0 {
-            m.update_refcounts(&self.file, old_off, old_clusters, -1).await?;
+            m.update_refcounts(&self.file, old_off, old_clusters, -1)
+                .await?;
         }
         Ok(())
     }
@@ -468,15 +533,25 @@ impl Qcow2Driver {
             let host = m.alloc_clusters(&self.file, n).await?;
             let mask = self.geo.l2_entries() - 1;
             for i in 0..n {
-                m.l2_set(&self.file, l2, (gc + i) & mask, (host + i * cs) | OFLAG_COPIED).await?;
+                m.l2_set(
+                    &self.file,
+                    l2,
+                    (gc + i) & mask,
+                    (host + i * cs) | OFLAG_COPIED,
+                )
+                .await?;
             }
             drop(m);
             match mode {
                 Preallocation::Falloc => {
-                    self.file.truncate(self.file.length().max(host + n * cs), Preallocation::Falloc).await?
+                    self.file
+                        .truncate(self.file.length().max(host + n * cs), Preallocation::Falloc)
+                        .await?
                 }
                 Preallocation::Full => {
-                    self.file.write_zeroes(host, n * cs, WriteFlags::default()).await?
+                    self.file
+                        .write_zeroes(host, n * cs, WriteFlags::default())
+                        .await?
                 }
                 _ => {}
             }
@@ -507,9 +582,15 @@ impl Driver for Qcow2Driver {
     }
 
     fn children(&self) -> Vec<Child> {
-        let mut c = vec![Child { role: ChildRole::File, node: Arc::clone(&self.file) }];
+        let mut c = vec![Child {
+            role: ChildRole::File,
+            node: Arc::clone(&self.file),
+        }];
         if let Some(b) = &self.backing {
-            c.push(Child { role: ChildRole::Backing, node: Arc::clone(b) });
+            c.push(Child {
+                role: ChildRole::Backing,
+                node: Arc::clone(b),
+            });
         }
         c
     }
@@ -524,7 +605,10 @@ impl Driver for Qcow2Driver {
         }
         let lens: Vec<usize> = extents.iter().map(|e| e.len as usize).collect();
         let parts = buf.split_into(&lens);
-        let reads = extents.into_iter().zip(parts).map(|(e, p)| self.read_extent(e, p));
+        let reads = extents
+            .into_iter()
+            .zip(parts)
+            .map(|(e, p)| self.read_extent(e, p));
         let parts = futures::future::try_join_all(reads).await?;
         Ok(IoBuf::join_all(parts))
     }
@@ -561,12 +645,15 @@ impl Driver for Qcow2Driver {
             head_end = offset + len;
         }
         if head_end > offset {
-            self.write(offset, IoBuf::zeroed((head_end - offset) as usize), flags).await?;
+            self.write(offset, IoBuf::zeroed((head_end - offset) as usize), flags)
+                .await?;
         }
         if start < end {
-            self.clear_clusters(start / cs, (end - start) / cs, true, !flags.may_unmap).await?;
+            self.clear_clusters(start / cs, (end - start) / cs, true, !flags.may_unmap)
+                .await?;
             if offset + len > end {
-                self.write(end, IoBuf::zeroed((offset + len - end) as usize), flags).await?;
+                self.write(end, IoBuf::zeroed((offset + len - end) as usize), flags)
+                    .await?;
             }
         }
         Ok(())
@@ -610,7 +697,13 @@ impl Driver for Qcow2Driver {
         // Look at no more than one L2 table's worth at a time.
         let len = len.min(self.geo.l2_coverage() - offset % self.geo.l2_coverage());
         let mut m = self.meta.lock().await;
-        let ext = self.extents(&mut m, offset, len.min(cs - self.geo.offset_in_cluster(offset))).await?;
+        let ext = self
+            .extents(
+                &mut m,
+                offset,
+                len.min(cs - self.geo.offset_in_cluster(offset)),
+            )
+            .await?;
         let first = ext[0];
         // Extend over following clusters of the same kind.
         let mut total = first.len;
@@ -619,7 +712,9 @@ impl Driver for Qcow2Driver {
             let n = cs.min(offset + len - next);
             let e = self.extents(&mut m, next, n).await?[0];
             let same = match (first.mapping, e.mapping) {
-                (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. }) => a + total == b,
+                (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. }) => {
+                    a + total == b
+                }
                 (Mapping::Unallocated, Mapping::Unallocated) => true,
                 (Mapping::Zero(a), Mapping::Zero(b)) => a.is_none() == b.is_none(),
                 (Mapping::Compressed(_), Mapping::Compressed(_)) => true,
@@ -635,8 +730,13 @@ impl Driver for Qcow2Driver {
         Ok(match first.mapping {
             Mapping::Unallocated => BlockStatus::unallocated(total),
             Mapping::Zero(_) => BlockStatus::zero(total),
-            Mapping::Normal { host, .. } => BlockStatus::data_at(total, Arc::clone(&self.file), host),
-            Mapping::Compressed(_) => BlockStatus { compressed: true, ..BlockStatus::data(total) },
+            Mapping::Normal { host, .. } => {
+                BlockStatus::data_at(total, Arc::clone(&self.file), host)
+            }
+            Mapping::Compressed(_) => BlockStatus {
+                compressed: true,
+                ..BlockStatus::data(total)
+            },
         })
     }
 
@@ -646,14 +746,22 @@ impl Driver for Qcow2Driver {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
         if size < old {
-            return Err(Error::unsupported("qcow2 doesn't support shrinking images yet"));
+            return Err(Error::unsupported(
+                "qcow2 doesn't support shrinking images yet",
+            ));
         }
         let mut m = self.meta.lock().await;
         let need = self.geo.l1_size_for(size);
         if need > m.l1.len() as u64 {
             self.grow_l1(&mut m, need).await?;
         }
-        self.file.write(24, IoBuf::from_slice(&size.to_be_bytes()), WriteFlags::default()).await?;
+        self.file
+            .write(
+                24,
+                IoBuf::from_slice(&size.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
         m.header.size = size;
         drop(m);
         if prealloc != Preallocation::Off {
@@ -672,12 +780,18 @@ impl Driver for Qcow2Driver {
     }
 
     fn is_dirty(&self) -> bool {
-        self.meta.try_lock().map(|m| m.header.incompatible_features & INCOMPAT_DIRTY != 0).unwrap_or(false)
+        self.meta
+            .try_lock()
+            .map(|m| m.header.incompatible_features & INCOMPAT_DIRTY != 0)
+            .unwrap_or(false)
     }
 
     fn backing_file(&self) -> Option<(String, Option<String>)> {
         let m = self.meta.try_lock().ok()?;
-        m.header.backing_file.clone().map(|b| (b, m.header.backing_format.clone()))
+        m.header
+            .backing_file
+            .clone()
+            .map(|b| (b, m.header.backing_format.clone()))
     }
 
     fn format_specific(&self) -> Option<FormatSpecific> {
@@ -687,9 +801,15 @@ impl Driver for Qcow2Driver {
         if h.version >= 3 {
             data.insert("compat".into(), "1.1".into());
             data.insert("compression-type".into(), self.compression.name().into());
-            data.insert("lazy-refcounts".into(), (h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0).into());
+            data.insert(
+                "lazy-refcounts".into(),
+                (h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0).into(),
+            );
             data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
-            data.insert("corrupt".into(), (h.incompatible_features & INCOMPAT_CORRUPT != 0).into());
+            data.insert(
+                "corrupt".into(),
+                (h.incompatible_features & INCOMPAT_CORRUPT != 0).into(),
+            );
             data.insert("extended-l2".into(), false.into());
         } else {
             data.insert("compat".into(), "0.10".into());
@@ -774,7 +894,9 @@ impl DriverClass for Qcow2Class {
             ));
         }
         if hdr.version == 2 && hdr.refcount_order != 4 {
-            return Err(Error::invalid("Refcount order must be 4 for version 2 images"));
+            return Err(Error::invalid(
+                "Refcount order must be 4 for version 2 images",
+            ));
         }
         let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
         // Tables are bounded before anything is allocated by their size.
@@ -794,15 +916,21 @@ impl DriverClass for Qcow2Class {
         if hdr.refcount_table_offset & (cs - 1) != 0 {
             return Err(Error::invalid("Invalid reference count table offset"));
         }
-        if hdr.l1_table_offset.saturating_add(hdr.l1_size as u64 * 8) > flen.max(cs) && hdr.l1_size > 0 {
+        if hdr.l1_table_offset.saturating_add(hdr.l1_size as u64 * 8) > flen.max(cs)
+            && hdr.l1_size > 0
+        {
             return Err(Error::invalid("Invalid L1 table offset"));
         }
         if hdr.refcount_table_offset.saturating_add(rt_bytes) > flen.max(cs) {
             return Err(Error::invalid("Invalid reference count table offset"));
         }
-        let l1_bytes = file.read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8)).await?;
+        let l1_bytes = file
+            .read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8))
+            .await?;
         let l1: Vec<u64> = l1_bytes.as_slice().chunks_exact(8).map(be64).collect();
-        let rt = file.read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize)).await?;
+        let rt = file
+            .read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
+            .await?;
         let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
 
         let backing = match (&hdr.backing_file, backing_opts) {
