@@ -188,6 +188,12 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// True for formats that can have a backing file (unallocated ranges
+    /// then read from it, or as zeroes when there is none).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// True for filters, which pass requests through to one child.
     fn is_filter(&self) -> bool {
         false
@@ -250,6 +256,12 @@ pub trait Driver: Send + Sync {
     /// Consistency check and repair.
     async fn check(&self, _repair: RepairMode) -> Result<CheckResult> {
         err(libc::ENOTSUP)
+    }
+
+    /// Takes (`perm`) and refuses to share (not in `shared`) permissions on
+    /// the storage itself; protocols lock the image here.
+    fn set_perm(&self, _perm: Perm, _shared: Perm) -> Result<()> {
+        Ok(())
     }
 
     /// Writes back everything cached and releases the image; called once.
@@ -318,7 +330,19 @@ pub trait DriverClass: Send + Sync {
         false
     }
 
-    /// The creation options, in the order `-o help` lists them.
+    /// The permissions a node of this driver takes on its file child, given
+    /// what its own user takes and shares. Pass-through by default (raw);
+    /// formats with metadata override it.
+    fn child_perms(
+        &self,
+        perm: Perm,
+        shared: Perm,
+        _flags: &crate::open::OpenFlags,
+    ) -> (Perm, Perm) {
+        (perm, shared)
+    }
+
+    /// The creation options, in the order QEMU's Formatting line prints them.
     fn create_options(&self) -> &'static [OptSpec] {
         &[]
     }

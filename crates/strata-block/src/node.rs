@@ -351,6 +351,15 @@ impl Node {
         let len = len.min(size - offset);
         let mut st = self.driver.block_status(offset, len).await?;
         st.len = st.len.clamp(1, len);
+        st.allocated = st.data || st.zero;
+        if !st.allocated && self.driver.supports_backing() {
+            // Unallocated reads as zeroes without a backing file or beyond its end.
+            match self.backing() {
+                None => st.zero = true,
+                Some(b) if offset >= b.length() => st.zero = true,
+                Some(_) => {}
+            }
+        }
         if st.here {
             st.host = Some((Arc::clone(self), offset));
         }
@@ -384,7 +393,8 @@ impl Node {
     }
 
     /// Block status through the backing chain down to (not including) `base`:
-    /// the status and the depth of the layer that decides it.
+    /// the status of the first layer that has the range allocated, and its
+    /// depth; where no layer has, the bottom layer's status.
     pub async fn block_status_above(
         self: &Arc<Self>,
         base: Option<&Arc<Node>>,
@@ -395,28 +405,19 @@ impl Node {
         let mut depth = 0;
         let mut len = len;
         loop {
-            if offset >= node.length() {
-                // Beyond the end of a shorter backing file: zeroes.
-                let mut st = BlockStatus::zero(len);
-                st.allocated = false;
-                return Ok((st, depth));
-            }
             let st = node.block_status(offset, len).await?;
             if st.allocated {
                 return Ok((st, depth));
             }
             len = st.len;
             match node.backing() {
-                Some(b) if base.is_none_or(|base| !Arc::ptr_eq(base, &b)) => {
+                Some(b)
+                    if base.is_none_or(|base| !Arc::ptr_eq(base, &b)) && offset < b.length() =>
+                {
                     node = b;
                     depth += 1;
                 }
-                _ => {
-                    // Bottom of the chain: unallocated reads as zeroes.
-                    let mut st = st;
-                    st.zero = true;
-                    return Ok((st, depth));
-                }
+                _ => return Ok((st, depth)),
             }
         }
     }

@@ -52,6 +52,10 @@ pub struct OpenFlags {
     pub no_backing: bool,
     /// Skip image locking entirely (`locking=off`).
     pub locking: bool,
+    /// The user reads no data (qemu-img info): no consistent-read permission.
+    pub no_io: bool,
+    /// The user will change the size (qemu-img resize, bench -w, check -r).
+    pub resize: bool,
 }
 
 impl Default for OpenFlags {
@@ -63,27 +67,28 @@ impl Default for OpenFlags {
             aio: Aio::IoUring,
             no_backing: false,
             locking: true,
+            no_io: false,
+            resize: false,
         }
     }
 }
 
 impl OpenFlags {
-    /// Permissions the user of a node with these flags takes, and shares.
-    pub fn perms(&self) -> (Perm, Perm) {
-        let shared_default = Perm::CONSISTENT_READ.with(Perm::WRITE_UNCHANGED);
-        if self.read_only {
-            let shared = if self.force_share {
-                Perm::ALL
-            } else {
-                shared_default
-            };
-            (Perm::CONSISTENT_READ, shared)
-        } else {
-            (
-                Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE),
-                shared_default,
-            )
+    /// Permissions the user of the top node takes, and shares: what it
+    /// needs, sharing everything (QEMU: blk_new_open). Formats restrict
+    /// further for their own file (see [`DriverClass::child_perms`]).
+    pub fn user_perms(&self) -> (Perm, Perm) {
+        let mut perm = Perm::NONE;
+        if !self.no_io {
+            perm = perm.with(Perm::CONSISTENT_READ);
         }
+        if !self.read_only {
+            perm = perm.with(Perm::WRITE);
+        }
+        if self.resize {
+            perm = perm.with(Perm::RESIZE);
+        }
+        (perm, Perm::ALL)
     }
 }
 
@@ -99,6 +104,8 @@ pub struct OpenCtx {
     chain: Vec<String>,
     /// The protocol node under the format being opened.
     file: Option<Arc<Node>>,
+    /// Set while opening a format's file: the format applies permissions later.
+    file_perms: Option<(Perm, Perm)>,
 }
 
 /// Largest number of bytes format probing reads.
@@ -115,6 +122,7 @@ impl OpenCtx {
             flags,
             chain: Vec::new(),
             file: None,
+            file_perms: None,
         }
     }
 
@@ -176,13 +184,19 @@ impl OpenCtx {
 
         // A format: open its protocol node first.
         let file_opts = take_dict(&mut opts, "file")?;
+        // The file is opened without locks; the format decides them below.
+        let mut fctx = ctx.clone();
+        fctx.file_perms = Some((Perm::NONE, Perm::ALL));
+        let ctx_for_file = fctx;
         let file_node = match (file_opts, &filename) {
-            (Some(fo), _) => Box::pin(ctx.open_image(None, None, with_default_driver(fo))).await?,
+            (Some(fo), _) => {
+                Box::pin(ctx_for_file.open_image(None, None, with_default_driver(fo))).await?
+            }
             (None, Some(f)) => {
                 let mut fo = Opts::new();
                 fo.insert("driver".into(), Value::String("file".into()));
                 fo.insert("filename".into(), Value::String(f.clone()));
-                Box::pin(ctx.open_image(None, None, fo)).await?
+                Box::pin(ctx_for_file.open_image(None, None, fo)).await?
             }
             (None, None) => {
                 return Err(Error::invalid(
@@ -201,8 +215,14 @@ impl OpenCtx {
             return Err(Error::invalid("Backing chain is too deep"));
         }
         ctx.chain.push(display_name.clone());
+        // Now that the format is known, the file gets the permissions the
+        // format needs on it.
+        let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
+        let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
+        file_node.driver().set_perm(fperm, fshared)?;
         let mut open_ctx = ctx.clone();
         open_ctx.file = Some(file_node);
+        open_ctx.file_perms = None;
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
         Ok(Node::new(
@@ -286,9 +306,12 @@ impl OpenCtx {
                 "Backing file '{name}' of '{parent}' creates a loop"
             )));
         }
+        // A backing file is only read: consistent read, everything shared.
         let mut ctx = self.clone();
         ctx.flags.read_only = true;
+        ctx.flags.resize = false;
         ctx.file = None;
+        ctx.file_perms = None;
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
     }
 }

@@ -2,6 +2,7 @@
 //! (qemu-io), drop-in in flags, output and exit codes.
 
 pub mod common;
+pub mod getopt;
 pub mod img;
 pub mod io;
 pub mod qjson;

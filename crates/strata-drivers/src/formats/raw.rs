@@ -101,7 +101,8 @@ impl DriverClass for RawClass {
     }
 
     fn create_options(&self) -> &'static [OptSpec] {
-        crate::protocols::file::CREATE_OPTIONS
+        // Only the size is raw's own; the rest comes from the protocol.
+        &crate::protocols::file::CREATE_OPTIONS[..1]
     }
 
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {

@@ -30,15 +30,15 @@ pub const CREATE_OPTIONS: &[OptSpec] = &[
         default: None,
     },
     OptSpec {
-        name: "preallocation",
-        ty: OptType::Str,
-        help: "Preallocation mode (allowed values: off, falloc, full)",
-        default: None,
-    },
-    OptSpec {
         name: "nocow",
         ty: OptType::Bool,
         help: "Turn off copy-on-write (valid only on btrfs)",
+        default: None,
+    },
+    OptSpec {
+        name: "preallocation",
+        ty: OptType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
         default: None,
     },
     OptSpec {
@@ -52,6 +52,8 @@ pub const CREATE_OPTIONS: &[OptSpec] = &[
 /// An open file.
 pub struct FileDriver {
     fd: Arc<Fd>,
+    /// The name as given, for lock error hints; None when locking is off.
+    lock_name: Option<String>,
     aio: Aio,
     length: AtomicU64,
     limits: Limits,
@@ -297,6 +299,13 @@ impl Driver for FileDriver {
         Ok(())
     }
 
+    fn set_perm(&self, perm: strata_block::Perm, shared: strata_block::Perm) -> Result<()> {
+        match &self.lock_name {
+            Some(name) => lock::apply(self.fd.raw(), perm, shared, name),
+            None => Ok(()),
+        }
+    }
+
     async fn allocated_size(&self) -> Result<Option<u64>> {
         let st = fstat(self.fd.raw())?;
         Ok(Some(st.st_blocks as u64 * 512))
@@ -374,7 +383,9 @@ impl DriverClass for FileClass {
         if nocow {
             set_nocow(fd.raw());
         }
-        let (perm, shared) = (strata_block::Perm::ALL, strata_block::Perm::CONSISTENT_READ);
+        // While creating: write and resize held, resize not shared (as QEMU).
+        let perm = strata_block::Perm::WRITE.with(strata_block::Perm::RESIZE);
+        let shared = strata_block::Perm(strata_block::Perm::ALL.0 & !strata_block::Perm::RESIZE.0);
         if ctx.flags.locking {
             lock::apply(fd.raw(), perm, shared, filename)?;
         }
@@ -382,6 +393,7 @@ impl DriverClass for FileClass {
         let is_reg = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         let driver = FileDriver {
             fd: Arc::new(fd),
+            lock_name: None,
             aio: Aio::Threads,
             length: AtomicU64::new(0),
             limits: Limits::default(),
@@ -437,10 +449,6 @@ impl DriverClass for FileClass {
         } else {
             st.st_size as u64
         };
-        if locking {
-            let (perm, shared) = ctx.flags.perms();
-            lock::apply(fd.raw(), perm, shared, &filename)?;
-        }
         let mut limits = Limits::default();
         if direct {
             limits.request_alignment = probe_alignment(fd.raw(), block_device);
@@ -448,6 +456,7 @@ impl DriverClass for FileClass {
         }
         Ok(Box::new(FileDriver {
             fd: Arc::new(fd),
+            lock_name: locking.then(|| filename.clone()),
             aio,
             length: AtomicU64::new(length),
             limits,

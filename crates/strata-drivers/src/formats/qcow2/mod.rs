@@ -24,8 +24,8 @@ use std::sync::Arc;
 use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMode};
 use strata_block::options::{take_dict, take_str, OptSpec, Opts};
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Result,
-    WriteFlags,
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, OpenFlags,
+    Perm, Result, WriteFlags,
 };
 use tokio::sync::{Mutex, Notify};
 
@@ -581,6 +581,10 @@ impl Driver for Qcow2Driver {
         self.size.load(Ordering::Acquire)
     }
 
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn children(&self) -> Vec<Child> {
         let mut c = vec![Child {
             role: ChildRole::File,
@@ -797,25 +801,26 @@ impl Driver for Qcow2Driver {
     fn format_specific(&self) -> Option<FormatSpecific> {
         let m = self.meta.try_lock().ok()?;
         let h = &m.header;
+        // Keys in the order of QEMU's schema (ImageInfoSpecificQCow2), which
+        // decides their printed order where two share a QDict bucket.
         let mut data = serde_json::Map::new();
+        data.insert(
+            "compat".into(),
+            if h.version >= 3 { "1.1" } else { "0.10" }.into(),
+        );
         if h.version >= 3 {
-            data.insert("compat".into(), "1.1".into());
-            data.insert("compression-type".into(), self.compression.name().into());
+            data.insert("extended-l2".into(), false.into());
             data.insert(
                 "lazy-refcounts".into(),
                 (h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0).into(),
             );
-            data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
             data.insert(
                 "corrupt".into(),
                 (h.incompatible_features & INCOMPAT_CORRUPT != 0).into(),
             );
-            data.insert("extended-l2".into(), false.into());
-        } else {
-            data.insert("compat".into(), "0.10".into());
-            data.insert("compression-type".into(), self.compression.name().into());
-            data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
         }
+        data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+        data.insert("compression-type".into(), self.compression.name().into());
         Some(serde_json::json!({ "type": "qcow2", "data": data }))
     }
 
@@ -859,6 +864,24 @@ impl DriverClass for Qcow2Class {
         create::CREATE_OPTIONS
     }
 
+    fn child_perms(&self, perm: Perm, shared: Perm, flags: &OpenFlags) -> (Perm, Perm) {
+        // Metadata is read and written whatever the guest does, and nobody
+        // else may write or resize the file under it (QEMU's rule for formats).
+        let mut perm = perm;
+        if !flags.no_io {
+            perm = perm.with(Perm::CONSISTENT_READ);
+        }
+        if !flags.read_only {
+            perm = perm.with(Perm::WRITE).with(Perm::RESIZE);
+        }
+        let shared = if flags.force_share {
+            Perm::ALL
+        } else {
+            Perm(shared.0 & !(Perm::WRITE.0 | Perm::RESIZE.0))
+        };
+        (perm, shared)
+    }
+
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
         create::create(ctx, filename, opts).await
     }
@@ -879,11 +902,13 @@ impl DriverClass for Qcow2Class {
         let read_only = ctx.flags.read_only;
 
         let flen = file.length();
-        let first = file.read(0, IoBuf::zeroed(flen.min(512) as usize)).await?;
+        // A short file reads as zeroes past its end, as the header fields QEMU
+        // checks then see them.
+        let first = file.read(0, IoBuf::zeroed(512)).await?;
         let mut hdr = Header::parse(first.as_slice())?;
         let cs = 1u64 << hdr.cluster_bits;
-        if flen > 512 && (hdr.version >= 3 || hdr.backing_file_offset != 0) {
-            let whole = file.read(0, IoBuf::zeroed(flen.min(cs) as usize)).await?;
+        if cs > 512 {
+            let whole = file.read(0, IoBuf::zeroed(cs as usize)).await?;
             hdr = Header::parse(whole.as_slice())?;
         }
         hdr.check_features()?;
