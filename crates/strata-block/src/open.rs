@@ -253,7 +253,8 @@ impl OpenCtx {
         }
         match best {
             Some((_, c)) => {
-                if c.name() == "raw" {
+                // Only a writer can damage a guessed raw image's first block.
+                if c.name() == "raw" && !self.flags.read_only {
                     warn_report(format!(
                         "Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
                     ));

@@ -6,3 +6,4 @@ pub mod getopt;
 pub mod img;
 pub mod io;
 pub mod qjson;
+pub mod stdout;

@@ -1,7 +1,109 @@
-//! qemu-img's subcommands.
+//! qemu-img's subcommands, one file each.
+
+mod bench;
+mod check;
+mod compare;
+mod create;
+mod info;
+mod map;
+mod resize;
+
+use crate::common;
+use std::sync::Arc;
+use strata_block::report::error_report;
+use strata_block::{EventLoop, Registry};
+
+/// What a subcommand gets: the registry, the event loop and its arguments.
+pub struct Ctx {
+    pub reg: Arc<Registry>,
+    pub ev: EventLoop,
+    pub args: Vec<String>,
+}
+
+/// `qemu-img <cmd>` as getopt names it in messages (`qemu-img create`).
+fn prog_for(cmd: &str) -> String {
+    format!("{} {cmd}", common::argv0())
+}
+
+/// Prints `Try '<argv0> <cmd> --help' for more info` after a usage error; exit 1.
+pub fn try_help(cmd: &str) -> i32 {
+    eprintln!("Try '{} {cmd} --help' for more info", common::argv0());
+    1
+}
+
+/// Reports a usage error `msg` and the hint; exit 1.
+pub fn usage_error(cmd: &str, msg: impl std::fmt::Display) -> i32 {
+    error_report(msg);
+    try_help(cmd)
+}
+
+const VERSION: &str = "version 10.0.2 (Strata 0.1.0)";
 
 /// Entry point of `strata-img`; returns the exit code.
 pub fn main() -> i32 {
-    let _reg = crate::common::init();
-    1
+    let code = dispatch();
+    crate::stdout::flush();
+    code
+}
+
+fn dispatch() -> i32 {
+    let reg = common::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first().cloned() else {
+        error_report("Not enough arguments");
+        eprintln!("Try '{} --help' for more info", common::argv0());
+        return 1;
+    };
+    match cmd.as_str() {
+        "-h" | "--help" => {
+            crate::outln!("usage: {} [standard options] command [command options]", strata_block::report::prog_name());
+            crate::outln!("Strata's drop-in for qemu-img: create, info, map, check, compare, resize, bench.");
+            return 0;
+        }
+        "-V" | "--version" => {
+            crate::outln!("qemu-img {VERSION}");
+            crate::outln!("Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers");
+            return 0;
+        }
+        _ => {}
+    }
+    let ev = match EventLoop::new() {
+        Ok(ev) => ev,
+        Err(e) => {
+            error_report(format!("Could not start the event loop: {e}"));
+            return 1;
+        }
+    };
+    let ctx = Ctx { reg, ev, args: args[1..].to_vec() };
+    match cmd.as_str() {
+        "create" => create::run(ctx),
+        "info" => info::run(ctx),
+        "map" => map::run(ctx),
+        "check" => check::run(ctx),
+        "compare" => compare::run(ctx),
+        "resize" => resize::run(ctx),
+        "bench" => bench::run(ctx),
+        other => {
+            error_report(format!("Command not found: {other}"));
+            eprintln!("Try '{} --help' for more info", common::argv0());
+            1
+        }
+    }
+}
+
+/// Parses a subcommand's arguments; on a getopt error prints it and the hint.
+pub fn getopt(cmd: &str, args: &[String], table: &[crate::getopt::Opt]) -> Result<crate::getopt::Parsed, i32> {
+    crate::getopt::parse(args, table, &prog_for(cmd)).map_err(|msg| {
+        eprintln!("{msg}");
+        try_help(cmd)
+    })
+}
+
+/// The `--output` value: human or json.
+pub fn parse_output(cmd: &str, v: &str) -> Result<bool, i32> {
+    match v {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        _ => Err(usage_error(cmd, format!("--output expects 'human' or 'json' not '{v}'"))),
+    }
 }

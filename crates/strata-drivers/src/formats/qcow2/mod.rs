@@ -905,12 +905,15 @@ impl DriverClass for Qcow2Class {
         // A short file reads as zeroes past its end, as the header fields QEMU
         // checks then see them.
         let first = file.read(0, IoBuf::zeroed(512)).await?;
-        let mut hdr = Header::parse(first.as_slice())?;
+        let bits = u32::from_be_bytes([first.as_slice()[20], first.as_slice()[21], first.as_slice()[22], first.as_slice()[23]]);
+        // Extensions may run past the first 512 bytes: parse the whole cluster.
+        let hdr = if (header::MIN_CLUSTER_BITS + 1..=header::MAX_CLUSTER_BITS).contains(&bits) {
+            let whole = file.read(0, IoBuf::zeroed(1 << bits)).await?;
+            Header::parse(whole.as_slice())?
+        } else {
+            Header::parse(first.as_slice())?
+        };
         let cs = 1u64 << hdr.cluster_bits;
-        if cs > 512 {
-            let whole = file.read(0, IoBuf::zeroed(cs as usize)).await?;
-            hdr = Header::parse(whole.as_slice())?;
-        }
         hdr.check_features()?;
         if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::msg(

@@ -1,0 +1,234 @@
+//! `qemu-img info`: what a node is, human or JSON, optionally for the whole
+//! backing chain; children (the file node) nested as QEMU nests them.
+
+use super::{getopt, parse_output, usage_error, Ctx};
+use crate::common::{self, size_to_str, ImageSpec};
+use crate::getopt::{long, opt};
+use crate::qjson;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use strata_block::open::path_combine;
+use strata_block::report::error_report;
+use strata_block::{ChildRole, Node, OpenFlags};
+
+const OPTS: &[crate::getopt::Opt] = &[
+    opt('f', Some("format"), true),
+    opt('h', Some("help"), false),
+    opt('U', Some("force-share"), false),
+    opt('b', Some("backing-chain"), false),
+    long("output", true),
+    long("image-opts", false),
+    long("object", true),
+    long("limits", false),
+];
+
+/// Builds QEMU's BlockGraphInfo for `node` (keys in schema order).
+pub async fn node_info(node: &Arc<Node>) -> Value {
+    let d = node.driver();
+    let mut m = Map::new();
+    m.insert("filename".into(), node.filename().into());
+    m.insert("format".into(), node.format_name().into());
+    m.insert("dirty-flag".into(), d.is_dirty().into());
+    if let Ok(Some(a)) = d.allocated_size().await {
+        m.insert("actual-size".into(), a.into());
+    }
+    m.insert("virtual-size".into(), node.length().into());
+    if let Some(cs) = d.cluster_size() {
+        m.insert("cluster-size".into(), cs.into());
+    }
+    if let Some((bf, bfmt)) = d.backing_file() {
+        m.insert("backing-filename".into(), bf.clone().into());
+        m.insert("full-backing-filename".into(), path_combine(node.filename(), &bf).into());
+        if let Some(f) = bfmt {
+            m.insert("backing-filename-format".into(), f.into());
+        }
+    }
+    match d.format_specific() {
+        Some(fs) => {
+            m.insert("format-specific".into(), fs);
+        }
+        None if node.format_name() == "file" || node.format_name() == "host_device" => {
+            m.insert("format-specific".into(), json!({"type": node.format_name(), "data": {}}));
+        }
+        None => {}
+    }
+    let mut children = Vec::new();
+    for c in node.children() {
+        if c.role == ChildRole::Backing {
+            continue;
+        }
+        let info = Box::pin(node_info(&c.node)).await;
+        children.push(json!({"name": c.role.name(), "info": info}));
+    }
+    m.insert("children".into(), Value::Array(children));
+    Value::Object(m)
+}
+
+/// The human form of a node's info, children indented under it.
+pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
+    let ind = "    ".repeat(depth);
+    let get = |k: &str| info.get(k);
+    let s = |k: &str| get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let n = |k: &str| get(k).and_then(Value::as_u64);
+    let (l_name, l_fmt, l_size) = if top { ("image", "file format", "virtual size") } else { ("filename", "protocol type", "file length") };
+    out.push_str(&format!("{ind}{l_name}: {}\n", s("filename")));
+    out.push_str(&format!("{ind}{l_fmt}: {}\n", s("format")));
+    let vs = n("virtual-size").unwrap_or(0);
+    out.push_str(&format!("{ind}{l_size}: {} ({vs} bytes)\n", size_to_str(vs)));
+    match n("actual-size") {
+        Some(a) => out.push_str(&format!("{ind}disk size: {}\n", size_to_str(a))),
+        None => out.push_str(&format!("{ind}disk size: unavailable\n")),
+    }
+    if get("encrypted").and_then(Value::as_bool) == Some(true) {
+        out.push_str(&format!("{ind}encrypted: yes\n"));
+    }
+    if let Some(cs) = n("cluster-size") {
+        out.push_str(&format!("{ind}cluster_size: {cs}\n"));
+    }
+    if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        out.push_str(&format!("{ind}cleanly shut down: no\n"));
+    }
+    if let Some(bf) = get("backing-filename").and_then(Value::as_str) {
+        let full = s("full-backing-filename");
+        if full.is_empty() {
+            out.push_str(&format!("{ind}backing file: {bf} (cannot determine actual path)\n"));
+        } else if full != bf {
+            out.push_str(&format!("{ind}backing file: {bf} (actual path: {full})\n"));
+        } else {
+            out.push_str(&format!("{ind}backing file: {bf}\n"));
+        }
+        if let Some(f) = get("backing-filename-format").and_then(Value::as_str) {
+            out.push_str(&format!("{ind}backing file format: {f}\n"));
+        }
+    }
+    if let Some(data) = get("format-specific").and_then(|f| f.get("data")) {
+        if data.as_object().is_some_and(|m| !m.is_empty()) {
+            out.push_str(&format!("{ind}Format specific information:\n"));
+            dump_dict(data, out, depth + 1);
+        }
+    }
+    if let Some(children) = get("children").and_then(Value::as_array) {
+        for c in children {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            out.push_str(&format!("{ind}Child node '/{name}':\n"));
+            if let Some(i) = c.get("info") {
+                human(i, out, depth + 1, false);
+            }
+        }
+    }
+}
+
+/// QEMU's human dump of a dictionary (keys in QDict order, `-` shown as space).
+pub fn dump_dict(v: &Value, out: &mut String, depth: usize) {
+    let ind = "    ".repeat(depth);
+    let Some(m) = v.as_object() else { return };
+    for k in qjson::qdict_order(m.keys()) {
+        let name = k.replace('-', " ");
+        match &m[k] {
+            Value::Object(o) if o.is_empty() => {}
+            Value::Array(a) if a.is_empty() => {}
+            c @ (Value::Object(_) | Value::Array(_)) => {
+                out.push_str(&format!("{ind}{name}:\n"));
+                dump_composite(c, out, depth + 1);
+            }
+            scalar => out.push_str(&format!("{ind}{name}: {}\n", scalar_text(scalar))),
+        }
+    }
+}
+
+fn dump_composite(v: &Value, out: &mut String, depth: usize) {
+    match v {
+        Value::Object(_) => dump_dict(v, out, depth),
+        Value::Array(a) => {
+            let ind = "    ".repeat(depth);
+            for (i, item) in a.iter().enumerate() {
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        out.push_str(&format!("{ind}[{i}]:\n"));
+                        dump_composite(item, out, depth + 1);
+                    }
+                    s => out.push_str(&format!("{ind}[{i}]: {}\n", scalar_text(s))),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(ctx: Ctx) -> i32 {
+    let p = match getopt("info", &ctx.args, OPTS) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let (mut fmt, mut json, mut chain, mut force_share, mut image_opts) = (None, false, false, false, false);
+    for (i, v) in p.opts {
+        match i {
+            0 => fmt = v,
+            1 => {
+                crate::outln!("Usage: {} info [-f FMT | --image-opts] [--backing-chain] [-U] [--output human|json] FILE", common::argv0());
+                return 0;
+            }
+            2 => force_share = true,
+            3 => chain = true,
+            4 => match parse_output("info", &v.unwrap_or_default()) {
+                Ok(j) => json = j,
+                Err(code) => return code,
+            },
+            5 => image_opts = true,
+            _ => {}
+        }
+    }
+    if p.operands.len() != 1 {
+        return usage_error("info", "Expecting one image file name");
+    }
+    let name = p.operands[0].clone();
+    let flags = OpenFlags { read_only: true, force_share, no_io: true, no_backing: true, ..OpenFlags::default() };
+    let mut infos = Vec::new();
+    let mut next = Some((name.clone(), fmt.clone(), image_opts));
+    let mut seen: Vec<String> = Vec::new();
+    while let Some((file, f, io)) = next.take() {
+        let canon = std::fs::canonicalize(&file).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| file.clone());
+        if seen.contains(&canon) {
+            error_report(format!("Backing file '{file}' creates an infinite loop."));
+            return 1;
+        }
+        seen.push(canon);
+        let spec = ImageSpec { name: &file, format: f.as_deref(), image_opts: io };
+        let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags.clone())) {
+            Ok(n) => n,
+            Err(e) => {
+                error_report(common::open_error(&file, &e));
+                return 1;
+            }
+        };
+        let info = ctx.ev.block_on(node_info(&node));
+        if chain {
+            if let Some((bf, bfmt)) = node.driver().backing_file() {
+                next = Some((path_combine(node.filename(), &bf), bfmt, false));
+            }
+        }
+        let _ = ctx.ev.block_on(node.close());
+        infos.push(info);
+    }
+    if json {
+        let v = if chain { Value::Array(infos) } else { infos.remove(0) };
+        crate::outln!("{}", qjson::to_string(&v));
+    } else {
+        let mut out = String::new();
+        for (i, info) in infos.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            human(info, &mut out, 0, true);
+        }
+        crate::out!("{out}");
+    }
+    0
+}

@@ -1,0 +1,117 @@
+//! `qemu-img resize`: grow (or, with --shrink, shrink) an image.
+
+use super::{getopt, usage_error, Ctx};
+use crate::common::{self, ImageSpec};
+use crate::getopt::{long, opt};
+use strata_block::options::parse_size;
+use strata_block::report::{error_report, warn_report};
+use strata_block::{OpenFlags, Preallocation};
+
+const OPTS: &[crate::getopt::Opt] = &[
+    opt('f', Some("format"), true),
+    opt('h', Some("help"), false),
+    opt('q', None, false),
+    long("object", true),
+    long("image-opts", false),
+    long("preallocation", true),
+    long("shrink", false),
+];
+
+pub fn run(ctx: Ctx) -> i32 {
+    // A size like -1G looks like an option: take the last argument first.
+    let mut args = ctx.args.clone();
+    let size_arg = match args.last() {
+        Some(s) if s.starts_with('-') && s.len() > 1 && s[1..].starts_with(|c: char| c.is_ascii_digit()) => args.pop(),
+        _ => None,
+    };
+    let p = match getopt("resize", &args, OPTS) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let (mut fmt, mut quiet, mut image_opts, mut shrink) = (None, false, false, false);
+    let mut prealloc = Preallocation::Off;
+    for (i, v) in p.opts {
+        let v = v.unwrap_or_default();
+        match i {
+            0 => fmt = Some(v),
+            1 => {
+                crate::outln!("Usage: {} resize [-f FMT | --image-opts] [--preallocation PREALLOC] [--shrink] [-q] FILE [+|-]SIZE", common::argv0());
+                return 0;
+            }
+            2 => quiet = true,
+            4 => image_opts = true,
+            5 => match Preallocation::parse(&v) {
+                Ok(pa) => prealloc = pa,
+                Err(_) => {
+                    error_report(format!("Invalid preallocation mode '{v}'"));
+                    return 1;
+                }
+            },
+            6 => shrink = true,
+            _ => {}
+        }
+    }
+    let mut operands = p.operands.clone();
+    if let Some(s) = size_arg {
+        operands.push(s);
+    }
+    if operands.len() != 2 {
+        return usage_error("resize", "Expecting image file name and size");
+    }
+    let (name, size_s) = (&operands[0], &operands[1]);
+    let (rel, digits) = match size_s.chars().next() {
+        Some('+') => (1i8, &size_s[1..]),
+        Some('-') => (-1, &size_s[1..]),
+        _ => (0, &size_s[..]),
+    };
+    let n = match parse_size(digits, 1) {
+        Ok(n) => n,
+        Err(_) => {
+            error_report("Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.");
+            return 1;
+        }
+    };
+    let flags = OpenFlags { resize: true, ..OpenFlags::default() };
+    let spec = ImageSpec { name, format: fmt.as_deref(), image_opts };
+    let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
+        Ok(n) => n,
+        Err(e) => {
+            error_report(common::open_error(name, &e));
+            return 1;
+        }
+    };
+    let cur = node.length();
+    let target = match rel {
+        1 => cur.checked_add(n),
+        -1 => cur.checked_sub(n),
+        _ => Some(n),
+    };
+    let code = match target {
+        None => {
+            error_report("New image size must be positive");
+            1
+        }
+        Some(t) if t < cur && !shrink => {
+            error_report("Use the --shrink option to perform a shrink operation.");
+            warn_report("Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+            1
+        }
+        Some(t) => match ctx.ev.block_on(node.truncate(t, prealloc)) {
+            Ok(()) => {
+                if !quiet {
+                    crate::outln!("Image resized.");
+                }
+                0
+            }
+            Err(e) => {
+                error_report(format!("Error resizing image: {e}"));
+                1
+            }
+        },
+    };
+    if let Err(e) = ctx.ev.block_on(node.close()) {
+        error_report(e);
+        return 1;
+    }
+    code
+}
