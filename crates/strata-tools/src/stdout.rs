@@ -17,7 +17,10 @@ struct Out {
 fn out() -> &'static Mutex<Out> {
     static OUT: OnceLock<Mutex<Out>> = OnceLock::new();
     OUT.get_or_init(|| {
-        Mutex::new(Out { buf: Vec::with_capacity(BLOCK), line_buffered: std::io::stdout().is_terminal() })
+        Mutex::new(Out {
+            buf: Vec::with_capacity(BLOCK),
+            line_buffered: std::io::stdout().is_terminal(),
+        })
     })
 }
 
@@ -25,7 +28,11 @@ fn out() -> &'static Mutex<Out> {
 pub fn write_fmt(args: std::fmt::Arguments) {
     let mut o = out().lock().unwrap_or_else(|p| p.into_inner());
     let _ = o.buf.write_fmt(args);
-    let flush_now = if o.line_buffered { o.buf.contains(&b'\n') } else { o.buf.len() >= BLOCK };
+    let flush_now = if o.line_buffered {
+        o.buf.contains(&b'\n')
+    } else {
+        o.buf.len() >= BLOCK
+    };
     if flush_now {
         let data = std::mem::take(&mut o.buf);
         let mut so = std::io::stdout().lock();

@@ -306,6 +306,14 @@ impl Driver for FileDriver {
         }
     }
 
+    async fn close(&self) -> Result<()> {
+        let r = self.flush().await;
+        // Closing releases the image for other users at once, not when the
+        // last reference to the node goes.
+        self.set_perm(strata_block::Perm::NONE, strata_block::Perm::ALL)?;
+        r
+    }
+
     async fn allocated_size(&self) -> Result<Option<u64>> {
         let st = fstat(self.fd.raw())?;
         Ok(Some(st.st_blocks as u64 * 512))

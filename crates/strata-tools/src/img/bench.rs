@@ -49,7 +49,9 @@ fn parse_count(what: &str, v: &str, max: u64) -> Result<u64, i32> {
     match v.parse::<u64>() {
         Ok(n) if n >= 1 && n <= max => Ok(n),
         Ok(_) => {
-            error_report(format!("Invalid {what} specified. Must be between 1 and {max}."));
+            error_report(format!(
+                "Invalid {what} specified. Must be between 1 and {max}."
+            ));
             Err(1)
         }
         Err(_) => {
@@ -73,7 +75,9 @@ async fn run_bench(node: &Arc<Node>, b: &Bench) -> strata_block::Result<()> {
     let mut issued = 0u64;
     let mut done = 0u64;
     let mut inflight = FuturesUnordered::new();
-    let mut buffers: Vec<IoBuf> = (0..b.depth).map(|_| IoBuf::filled(b.bufsize, b.pattern)).collect();
+    let mut buffers: Vec<IoBuf> = (0..b.depth)
+        .map(|_| IoBuf::filled(b.bufsize, b.pattern))
+        .collect();
     let mut since_flush = 0u64;
     while done < b.count {
         while inflight.len() < b.depth && issued < b.count {
@@ -84,7 +88,9 @@ async fn run_bench(node: &Arc<Node>, b: &Bench) -> strata_block::Result<()> {
                 node.flush().await?;
                 since_flush = 0;
             }
-            let buf = buffers.pop().unwrap_or_else(|| IoBuf::filled(b.bufsize, b.pattern));
+            let buf = buffers
+                .pop()
+                .unwrap_or_else(|| IoBuf::filled(b.bufsize, b.pattern));
             let off = offset;
             let n = Arc::clone(node);
             let write = b.write;
@@ -128,7 +134,10 @@ pub fn run(ctx: Ctx) -> i32 {
         drain_on_flush: true,
     };
     let (mut fmt, mut image_opts, mut force_share) = (None, false, false);
-    let mut flags = OpenFlags { aio: strata_block::engine::Aio::Threads, ..OpenFlags::default() };
+    let mut flags = OpenFlags {
+        aio: strata_block::engine::Aio::Threads,
+        ..OpenFlags::default()
+    };
     let mut native = false;
     for (i, v) in p.opts {
         let v = v.unwrap_or_default();
@@ -225,7 +234,11 @@ pub fn run(ctx: Ctx) -> i32 {
     let name = &p.operands[0];
     flags.read_only = !b.write;
     flags.force_share = force_share;
-    let spec = ImageSpec { name, format: fmt.as_deref(), image_opts };
+    let spec = ImageSpec {
+        name,
+        format: fmt.as_deref(),
+        image_opts,
+    };
     let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
         Ok(n) => n,
         Err(e) => {
@@ -255,7 +268,10 @@ pub fn run(ctx: Ctx) -> i32 {
             0
         }
         Err(e) => {
-            error_report(format!("Failed request: {}", strata_block::error::strerror(e.code())));
+            error_report(format!(
+                "Failed request: {}",
+                strata_block::error::strerror(e.code())
+            ));
             1
         }
     }

@@ -42,7 +42,10 @@ fn human(r: &CheckResult, repaired: Option<&CheckResult>) -> String {
             s.push_str(&format!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", r.leaks));
         }
         if r.check_errors > 0 {
-            s.push_str(&format!("\n{} internal errors have occurred during the check.\n", r.check_errors));
+            s.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            ));
         }
     }
     if r.total_clusters != 0 && r.allocated_clusters != 0 {
@@ -89,7 +92,8 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let (mut fmt, mut out_json, mut quiet, mut force_share, mut image_opts) = (None, false, false, false, false);
+    let (mut fmt, mut out_json, mut quiet, mut force_share, mut image_opts) =
+        (None, false, false, false, false);
     let mut repair = RepairMode::default();
     let mut cache = None;
     for (i, v) in p.opts {
@@ -101,9 +105,24 @@ pub fn run(ctx: Ctx) -> i32 {
                 return 0;
             }
             2 => match v.as_str() {
-                "leaks" => repair = RepairMode { leaks: true, errors: false },
-                "all" => repair = RepairMode { leaks: true, errors: true },
-                _ => return usage_error("check", format!("--repair (-r) expects 'leaks' or 'all' not '{v}'")),
+                "leaks" => {
+                    repair = RepairMode {
+                        leaks: true,
+                        errors: false,
+                    }
+                }
+                "all" => {
+                    repair = RepairMode {
+                        leaks: true,
+                        errors: true,
+                    }
+                }
+                _ => {
+                    return usage_error(
+                        "check",
+                        format!("--repair (-r) expects 'leaks' or 'all' not '{v}'"),
+                    )
+                }
             },
             3 => quiet = true,
             4 => force_share = true,
@@ -121,7 +140,13 @@ pub fn run(ctx: Ctx) -> i32 {
     }
     let name = &p.operands[0];
     let fixing = repair.leaks || repair.errors;
-    let mut flags = OpenFlags { read_only: !fixing, force_share, resize: fixing, no_backing: true, ..OpenFlags::default() };
+    let mut flags = OpenFlags {
+        read_only: !fixing,
+        force_share,
+        resize: fixing,
+        no_backing: true,
+        ..OpenFlags::default()
+    };
     if let Some(c) = cache {
         match strata_block::CacheMode::parse(&c) {
             Ok(m) => flags.cache = m,
@@ -132,10 +157,16 @@ pub fn run(ctx: Ctx) -> i32 {
         }
     }
     if force_share && fixing {
-        error_report(format!("Could not open '{name}': force-share=on can only be used with read-only images"));
+        error_report(format!(
+            "Could not open '{name}': force-share=on can only be used with read-only images"
+        ));
         return 1;
     }
-    let spec = ImageSpec { name, format: fmt.as_deref(), image_opts };
+    let spec = ImageSpec {
+        name,
+        format: fmt.as_deref(),
+        image_opts,
+    };
     let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
         Ok(n) => n,
         Err(e) => {
@@ -153,7 +184,10 @@ pub fn run(ctx: Ctx) -> i32 {
         }
         Err(e) => {
             let _ = ctx.ev.block_on(node.close());
-            error_report(format!("Check failed: {}", strata_block::error::strerror(e.code())));
+            error_report(format!(
+                "Check failed: {}",
+                strata_block::error::strerror(e.code())
+            ));
             return 1;
         }
         Ok(r) if fixing && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) => {
@@ -161,7 +195,10 @@ pub fn run(ctx: Ctx) -> i32 {
             match ctx.ev.block_on(node.driver().check(RepairMode::default())) {
                 Ok(again) => (again, r),
                 Err(e) => {
-                    error_report(format!("Check failed: {}", strata_block::error::strerror(e.code())));
+                    error_report(format!(
+                        "Check failed: {}",
+                        strata_block::error::strerror(e.code())
+                    ));
                     return 1;
                 }
             }

@@ -34,25 +34,51 @@ enum Stop {
 
 /// Offset of the first 512-byte sector that differs, if any.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.chunks(SECTOR).zip(b.chunks(SECTOR)).position(|(x, y)| x != y).map(|i| i * SECTOR)
+    a.chunks(SECTOR)
+        .zip(b.chunks(SECTOR))
+        .position(|(x, y)| x != y)
+        .map(|i| i * SECTOR)
 }
 
 /// Offset of the first 512-byte sector that is not all zero, if any.
 fn first_nonzero(a: &[u8]) -> Option<usize> {
-    a.chunks(SECTOR).position(|c| !strata_block::buf::is_zero(c)).map(|i| i * SECTOR)
+    a.chunks(SECTOR)
+        .position(|c| !strata_block::buf::is_zero(c))
+        .map(|i| i * SECTOR)
 }
 
 async fn read(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result<IoBuf, Stop> {
-    node.read(off, IoBuf::zeroed(len as usize)).await.map_err(|e| {
-        Stop::Error(4, format!("Error while reading offset {off} of {name}: {}", strata_block::error::strerror(e.code())))
-    })
+    node.read(off, IoBuf::zeroed(len as usize))
+        .await
+        .map_err(|e| {
+            Stop::Error(
+                4,
+                format!(
+                    "Error while reading offset {off} of {name}: {}",
+                    strata_block::error::strerror(e.code())
+                ),
+            )
+        })
 }
 
-async fn status(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result<strata_block::BlockStatus, Stop> {
+async fn status(
+    node: &Arc<Node>,
+    off: u64,
+    len: u64,
+    name: &str,
+) -> Result<strata_block::BlockStatus, Stop> {
     node.block_status_above(None, off, len)
         .await
         .map(|(s, _)| s)
-        .map_err(|e| Stop::Error(3, format!("Sector allocation test failed for {name}: {}", strata_block::error::strerror(e.code()))))
+        .map_err(|e| {
+            Stop::Error(
+                3,
+                format!(
+                    "Sector allocation test failed for {name}: {}",
+                    strata_block::error::strerror(e.code())
+                ),
+            )
+        })
 }
 
 /// Checks that `[off, off+len)` of `node` reads as zeroes.
@@ -62,14 +88,23 @@ async fn check_empty(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result
         let n = (off + len - pos).min(IO_BUF_SIZE);
         let buf = read(node, pos, n, name).await?;
         if let Some(i) = first_nonzero(buf.as_slice()) {
-            return Err(Stop::Differ(format!("Content mismatch at offset {}!", pos + i as u64)));
+            return Err(Stop::Differ(format!(
+                "Content mismatch at offset {}!",
+                pos + i as u64
+            )));
         }
         pos += n;
     }
     Ok(())
 }
 
-async fn compare(a: &Arc<Node>, b: &Arc<Node>, names: (&str, &str), strict: bool, quiet: bool) -> Result<(), Stop> {
+async fn compare(
+    a: &Arc<Node>,
+    b: &Arc<Node>,
+    names: (&str, &str),
+    strict: bool,
+    quiet: bool,
+) -> Result<(), Stop> {
     let (s1, s2) = (a.length(), b.length());
     if strict && s1 != s2 {
         return Err(Stop::Differ("Strict mode: Image size mismatch!".into()));
@@ -80,7 +115,9 @@ async fn compare(a: &Arc<Node>, b: &Arc<Node>, names: (&str, &str), strict: bool
         let st1 = status(a, off, s1 - off, names.0).await?;
         let st2 = status(b, off, s2 - off, names.1).await?;
         if strict && (st1.data, st1.zero, st1.allocated) != (st2.data, st2.zero, st2.allocated) {
-            return Err(Stop::Differ(format!("Strict mode: Offset {off} block status mismatch!")));
+            return Err(Stop::Differ(format!(
+                "Strict mode: Offset {off} block status mismatch!"
+            )));
         }
         let n = st1.len.min(st2.len).min(total - off);
         if st1.zero && st2.zero {
@@ -96,7 +133,10 @@ async fn compare(a: &Arc<Node>, b: &Arc<Node>, names: (&str, &str), strict: bool
             let b1 = read(a, off, n, names.0).await?;
             let b2 = read(b, off, n, names.1).await?;
             if let Some(i) = first_difference(b1.as_slice(), b2.as_slice()) {
-                return Err(Stop::Differ(format!("Content mismatch at offset {}!", off + i as u64)));
+                return Err(Stop::Differ(format!(
+                    "Content mismatch at offset {}!",
+                    off + i as u64
+                )));
             }
         } else if st1.allocated {
             check_empty(a, off, n, names.0).await?;
@@ -109,7 +149,11 @@ async fn compare(a: &Arc<Node>, b: &Arc<Node>, names: (&str, &str), strict: bool
         if !quiet {
             crate::outln!("Warning: Image size mismatch!");
         }
-        let (longer, name, len) = if s1 > s2 { (a, names.0, s1) } else { (b, names.1, s2) };
+        let (longer, name, len) = if s1 > s2 {
+            (a, names.0, s1)
+        } else {
+            (b, names.1, s2)
+        };
         let mut off = total;
         while off < len {
             let st = status(longer, off, len - off, name).await?;
@@ -130,7 +174,8 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let (mut f1, mut f2, mut quiet, mut strict, mut force_share, mut image_opts) = (None, None, false, false, false, false);
+    let (mut f1, mut f2, mut quiet, mut strict, mut force_share, mut image_opts) =
+        (None, None, false, false, false, false);
     let mut cache = strata_block::CacheMode::default();
     for (i, v) in p.opts {
         let v = v.unwrap_or_default();
@@ -138,7 +183,10 @@ pub fn run(ctx: Ctx) -> i32 {
             0 => f1 = Some(v),
             1 => f2 = Some(v),
             2 => {
-                crate::outln!("Usage: {} compare [-f FMT] [-F FMT] [-q] [-s] [-U] FILE1 FILE2", common::argv0());
+                crate::outln!(
+                    "Usage: {} compare [-f FMT] [-F FMT] [-q] [-s] [-U] FILE1 FILE2",
+                    common::argv0()
+                );
                 return 0;
             }
             3 => quiet = true,
@@ -160,13 +208,24 @@ pub fn run(ctx: Ctx) -> i32 {
     }
     let (n1, n2) = (&p.operands[0], &p.operands[1]);
     let f2 = f2.or_else(|| f1.clone());
-    let flags = OpenFlags { read_only: true, force_share, cache, ..OpenFlags::default() };
+    let flags = OpenFlags {
+        read_only: true,
+        force_share,
+        cache,
+        ..OpenFlags::default()
+    };
     let open = |name: &str, fmt: Option<&str>| {
-        let spec = ImageSpec { name, format: fmt, image_opts };
-        ctx.ev.block_on(common::open(&ctx.reg, &spec, flags.clone())).map_err(|e| {
-            error_report(common::open_error(name, &e));
-            2
-        })
+        let spec = ImageSpec {
+            name,
+            format: fmt,
+            image_opts,
+        };
+        ctx.ev
+            .block_on(common::open(&ctx.reg, &spec, flags.clone()))
+            .map_err(|e| {
+                error_report(common::open_error(name, &e));
+                2
+            })
     };
     let a = match open(n1, f1.as_deref()) {
         Ok(n) => n,

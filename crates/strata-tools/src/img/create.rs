@@ -55,7 +55,13 @@ pub fn print_help(caption: &str, specs: &[OptSpec], trailer: bool) {
     crate::outln!("{caption}");
     let mut lines: Vec<String> = specs
         .iter()
-        .map(|o| format!("  {:<22} - {}", format!("{}=<{}>", o.name, type_name(o.ty)), o.help))
+        .map(|o| {
+            format!(
+                "  {:<22} - {}",
+                format!("{}=<{}>", o.name, type_name(o.ty)),
+                o.help
+            )
+        })
         .collect();
     lines.sort();
     for l in lines {
@@ -71,13 +77,20 @@ pub fn print_help(caption: &str, specs: &[OptSpec], trailer: bool) {
 const SIZE_HELP: &str = "\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
 
 /// Checks and records `key=value` against the option list.
-fn set_option(set: &mut Vec<SetOpt>, specs: &[OptSpec], key: &str, val: &str) -> Result<(), String> {
+fn set_option(
+    set: &mut Vec<SetOpt>,
+    specs: &[OptSpec],
+    key: &str,
+    val: &str,
+) -> Result<(), String> {
     let Some(spec) = specs.iter().find(|s| s.name == key) else {
         return Err(format!("Invalid parameter '{key}'"));
     };
     let value = match spec.ty {
         OptType::Size => parse_size(val, 1)
-            .map_err(|_| format!("Parameter '{key}' expects a non-negative number below 2^64{SIZE_HELP}"))?
+            .map_err(|_| {
+                format!("Parameter '{key}' expects a non-negative number below 2^64{SIZE_HELP}")
+            })?
             .to_string(),
         OptType::Number => val
             .parse::<u64>()
@@ -91,7 +104,11 @@ fn set_option(set: &mut Vec<SetOpt>, specs: &[OptSpec], key: &str, val: &str) ->
         OptType::Str => val.to_string(),
     };
     set.retain(|s| s.spec.name != key);
-    set.push(SetOpt { spec: *spec, typed: val.to_string(), value });
+    set.push(SetOpt {
+        spec: *spec,
+        typed: val.to_string(),
+        value,
+    });
     Ok(())
 }
 
@@ -123,8 +140,14 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let (mut fmt, mut base, mut base_fmt, mut optstr, mut quiet, mut unsafe_backing) =
-        ("raw".to_string(), None::<String>, None::<String>, Vec::<String>::new(), false, false);
+    let (mut fmt, mut base, mut base_fmt, mut optstr, mut quiet, mut unsafe_backing) = (
+        "raw".to_string(),
+        None::<String>,
+        None::<String>,
+        Vec::<String>::new(),
+        false,
+        false,
+    );
     for (i, v) in p.opts {
         let v = v.unwrap_or_default();
         match i {
@@ -149,13 +172,24 @@ pub fn run(ctx: Ctx) -> i32 {
     };
     let proto = reg.get("file");
     let want_help = optstr.iter().any(|o| {
-        parse_keyval(o, None).unwrap_or_default().iter().any(|(k, _)| k == "help" || k == "?")
+        parse_keyval(o, None)
+            .unwrap_or_default()
+            .iter()
+            .any(|(k, _)| k == "help" || k == "?")
     });
     if want_help {
         if p.operands.is_empty() {
-            print_help(&format!("Supported {fmt} options:"), class.create_options(), true);
+            print_help(
+                &format!("Supported {fmt} options:"),
+                class.create_options(),
+                true,
+            );
         } else {
-            print_help("Supported options:", &merged_options(&*class, proto.as_deref()), false);
+            print_help(
+                "Supported options:",
+                &merged_options(&*class, proto.as_deref()),
+                false,
+            );
         }
         return 0;
     }
@@ -167,7 +201,9 @@ pub fn run(ctx: Ctx) -> i32 {
         match parse_size(s, 1) {
             Ok(v) if v <= i64::MAX as u64 => size_arg = Some(v),
             Ok(_) => {
-                error_report("Invalid image size specified. Must be between 0 and 9223372036854775807.");
+                error_report(
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+                );
                 return 1;
             }
             Err(_) => {
@@ -209,7 +245,9 @@ pub fn run(ctx: Ctx) -> i32 {
     let _ = size_in_o;
     if let Some(b) = &base {
         if !class.supports_backing() {
-            return fail(format!("Backing file not supported for file format '{fmt}'"));
+            return fail(format!(
+                "Backing file not supported for file format '{fmt}'"
+            ));
         }
         if let Err(msg) = set_option(&mut set, &specs, "backing_file", b) {
             return fail(msg);
@@ -220,19 +258,29 @@ pub fn run(ctx: Ctx) -> i32 {
             return fail(msg);
         }
     }
-    let get = |set: &Vec<SetOpt>, k: &str| set.iter().find(|s| s.spec.name == k).map(|s| s.value.clone());
+    let get = |set: &Vec<SetOpt>, k: &str| {
+        set.iter()
+            .find(|s| s.spec.name == k)
+            .map(|s| s.value.clone())
+    };
     let backing = get(&set, "backing_file");
     if let Some(b) = &backing {
         if b.is_empty() {
             return fail("Expected backing file name, got empty string".into());
         }
         if *b == filename {
-            return fail("Error: Trying to create an image with the same filename as the backing file".into());
+            return fail(
+                "Error: Trying to create an image with the same filename as the backing file"
+                    .into(),
+            );
         }
         let bfmt = get(&set, "backing_fmt");
         let have_size = get(&set, "size").is_some();
         if !unsafe_backing || !have_size {
-            match ctx.ev.block_on(probe_backing(&reg, &filename, b, bfmt.as_deref())) {
+            match ctx
+                .ev
+                .block_on(probe_backing(&reg, &filename, b, bfmt.as_deref()))
+            {
                 Ok((detected, bsize)) => {
                     if bfmt.is_none() {
                         return fail(format!(
@@ -257,7 +305,10 @@ pub fn run(ctx: Ctx) -> i32 {
         return fail("Image creation needs a size parameter".into());
     }
     if !quiet {
-        crate::outln!("Formatting '{filename}', fmt={fmt} {}", print_opts(&specs, &set));
+        crate::outln!(
+            "Formatting '{filename}', fmt={fmt} {}",
+            print_opts(&specs, &set)
+        );
         crate::stdout::flush();
     }
     if get(&set, "backing_fmt").is_some() && backing.is_none() {
@@ -280,8 +331,19 @@ pub fn run(ctx: Ctx) -> i32 {
 
 /// Opens the backing file as create sees it (relative to the new image,
 /// shared, no I/O): its format and size.
-async fn probe_backing(reg: &Arc<Registry>, image: &str, backing: &str, fmt: Option<&str>) -> Result<(String, u64), Error> {
-    let flags = OpenFlags { read_only: true, force_share: true, no_io: true, no_backing: true, ..OpenFlags::default() };
+async fn probe_backing(
+    reg: &Arc<Registry>,
+    image: &str,
+    backing: &str,
+    fmt: Option<&str>,
+) -> Result<(String, u64), Error> {
+    let flags = OpenFlags {
+        read_only: true,
+        force_share: true,
+        no_io: true,
+        no_backing: true,
+        ..OpenFlags::default()
+    };
     let path = strata_block::open::path_combine(image, backing);
     let ctx = OpenCtx::new(Arc::clone(reg), flags);
     let node = ctx.open_image(Some(&path), fmt, Opts::new()).await?;

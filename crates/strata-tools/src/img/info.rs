@@ -38,7 +38,10 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
     }
     if let Some((bf, bfmt)) = d.backing_file() {
         m.insert("backing-filename".into(), bf.clone().into());
-        m.insert("full-backing-filename".into(), path_combine(node.filename(), &bf).into());
+        m.insert(
+            "full-backing-filename".into(),
+            path_combine(node.filename(), &bf).into(),
+        );
         if let Some(f) = bfmt {
             m.insert("backing-filename-format".into(), f.into());
         }
@@ -48,7 +51,10 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
             m.insert("format-specific".into(), fs);
         }
         None if node.format_name() == "file" || node.format_name() == "host_device" => {
-            m.insert("format-specific".into(), json!({"type": node.format_name(), "data": {}}));
+            m.insert(
+                "format-specific".into(),
+                json!({"type": node.format_name(), "data": {}}),
+            );
         }
         None => {}
     }
@@ -68,13 +74,25 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
 pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
     let ind = "    ".repeat(depth);
     let get = |k: &str| info.get(k);
-    let s = |k: &str| get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let n = |k: &str| get(k).and_then(Value::as_u64);
-    let (l_name, l_fmt, l_size) = if top { ("image", "file format", "virtual size") } else { ("filename", "protocol type", "file length") };
+    let (l_name, l_fmt, l_size) = if top {
+        ("image", "file format", "virtual size")
+    } else {
+        ("filename", "protocol type", "file length")
+    };
     out.push_str(&format!("{ind}{l_name}: {}\n", s("filename")));
     out.push_str(&format!("{ind}{l_fmt}: {}\n", s("format")));
     let vs = n("virtual-size").unwrap_or(0);
-    out.push_str(&format!("{ind}{l_size}: {} ({vs} bytes)\n", size_to_str(vs)));
+    out.push_str(&format!(
+        "{ind}{l_size}: {} ({vs} bytes)\n",
+        size_to_str(vs)
+    ));
     match n("actual-size") {
         Some(a) => out.push_str(&format!("{ind}disk size: {}\n", size_to_str(a))),
         None => out.push_str(&format!("{ind}disk size: unavailable\n")),
@@ -91,7 +109,9 @@ pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
     if let Some(bf) = get("backing-filename").and_then(Value::as_str) {
         let full = s("full-backing-filename");
         if full.is_empty() {
-            out.push_str(&format!("{ind}backing file: {bf} (cannot determine actual path)\n"));
+            out.push_str(&format!(
+                "{ind}backing file: {bf} (cannot determine actual path)\n"
+            ));
         } else if full != bf {
             out.push_str(&format!("{ind}backing file: {bf} (actual path: {full})\n"));
         } else {
@@ -167,7 +187,8 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let (mut fmt, mut json, mut chain, mut force_share, mut image_opts) = (None, false, false, false, false);
+    let (mut fmt, mut json, mut chain, mut force_share, mut image_opts) =
+        (None, false, false, false, false);
     for (i, v) in p.opts {
         match i {
             0 => fmt = v,
@@ -189,19 +210,34 @@ pub fn run(ctx: Ctx) -> i32 {
         return usage_error("info", "Expecting one image file name");
     }
     let name = p.operands[0].clone();
-    let flags = OpenFlags { read_only: true, force_share, no_io: true, no_backing: true, ..OpenFlags::default() };
+    let flags = OpenFlags {
+        read_only: true,
+        force_share,
+        no_io: true,
+        no_backing: true,
+        ..OpenFlags::default()
+    };
     let mut infos = Vec::new();
     let mut next = Some((name.clone(), fmt.clone(), image_opts));
     let mut seen: Vec<String> = Vec::new();
     while let Some((file, f, io)) = next.take() {
-        let canon = std::fs::canonicalize(&file).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| file.clone());
+        let canon = std::fs::canonicalize(&file)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| file.clone());
         if seen.contains(&canon) {
             error_report(format!("Backing file '{file}' creates an infinite loop."));
             return 1;
         }
         seen.push(canon);
-        let spec = ImageSpec { name: &file, format: f.as_deref(), image_opts: io };
-        let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags.clone())) {
+        let spec = ImageSpec {
+            name: &file,
+            format: f.as_deref(),
+            image_opts: io,
+        };
+        let node = match ctx
+            .ev
+            .block_on(common::open(&ctx.reg, &spec, flags.clone()))
+        {
             Ok(n) => n,
             Err(e) => {
                 error_report(common::open_error(&file, &e));
@@ -218,7 +254,11 @@ pub fn run(ctx: Ctx) -> i32 {
         infos.push(info);
     }
     if json {
-        let v = if chain { Value::Array(infos) } else { infos.remove(0) };
+        let v = if chain {
+            Value::Array(infos)
+        } else {
+            infos.remove(0)
+        };
         crate::outln!("{}", qjson::to_string(&v));
     } else {
         let mut out = String::new();

@@ -63,8 +63,16 @@ async fn get_block_status(top: &Arc<Node>, offset: u64, len: u64) -> Result<MapE
         zero: st.zero,
         data: st.data,
         compressed: st.compressed,
-        offset: if offset_valid { st.host.as_ref().map(|h| h.1) } else { None },
-        filename: if offset_valid { st.host.as_ref().map(|h| h.0.filename().to_string()) } else { None },
+        offset: if offset_valid {
+            st.host.as_ref().map(|h| h.1)
+        } else {
+            None
+        },
+        filename: if offset_valid {
+            st.host.as_ref().map(|h| h.0.filename().to_string())
+        } else {
+            None
+        },
     })
 }
 
@@ -156,13 +164,15 @@ pub fn run(ctx: Ctx) -> i32 {
                     return 1;
                 }
             },
-            5 => match parse_size(&v, 1) {
-                Ok(n) => max_len = Some(n),
-                Err(_) => {
-                    error_report("Invalid length specified! You may use k, M, G, T, P or E suffixes for ");
-                    return 1;
+            5 => {
+                match parse_size(&v, 1) {
+                    Ok(n) => max_len = Some(n),
+                    Err(_) => {
+                        error_report("Invalid length specified! You may use k, M, G, T, P or E suffixes for ");
+                        return 1;
+                    }
                 }
-            },
+            }
             6 => image_opts = true,
             _ => {}
         }
@@ -171,8 +181,16 @@ pub fn run(ctx: Ctx) -> i32 {
         return usage_error("map", "Expecting one image file name");
     }
     let name = &p.operands[0];
-    let flags = OpenFlags { read_only: true, force_share, ..OpenFlags::default() };
-    let spec = ImageSpec { name, format: fmt.as_deref(), image_opts };
+    let flags = OpenFlags {
+        read_only: true,
+        force_share,
+        ..OpenFlags::default()
+    };
+    let spec = ImageSpec {
+        name,
+        format: fmt.as_deref(),
+        image_opts,
+    };
     let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
         Ok(n) => n,
         Err(e) => {
@@ -190,13 +208,19 @@ pub fn run(ctx: Ctx) -> i32 {
         if let Some(m) = max_len {
             length = length.min(start.saturating_add(m));
         }
-        let mut curr = MapEntry { start, ..MapEntry::default() };
+        let mut curr = MapEntry {
+            start,
+            ..MapEntry::default()
+        };
         while curr.start + curr.length < length {
             let off = curr.start + curr.length;
             let mut next = match get_block_status(&node, off, length - off).await {
                 Ok(e) => e,
                 Err(e) => {
-                    error_report(format!("Could not read file metadata: {}", strata_block::error::strerror(e.code())));
+                    error_report(format!(
+                        "Could not read file metadata: {}",
+                        strata_block::error::strerror(e.code())
+                    ));
                     return false;
                 }
             };

@@ -56,13 +56,20 @@ fn dispatch() -> i32 {
     };
     match cmd.as_str() {
         "-h" | "--help" => {
-            crate::outln!("usage: {} [standard options] command [command options]", strata_block::report::prog_name());
-            crate::outln!("Strata's drop-in for qemu-img: create, info, map, check, compare, resize, bench.");
+            crate::outln!(
+                "usage: {} [standard options] command [command options]",
+                strata_block::report::prog_name()
+            );
+            crate::outln!(
+                "Strata's drop-in for qemu-img: create, info, map, check, compare, resize, bench."
+            );
             return 0;
         }
         "-V" | "--version" => {
             crate::outln!("qemu-img {VERSION}");
-            crate::outln!("Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers");
+            crate::outln!(
+                "Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers"
+            );
             return 0;
         }
         _ => {}
@@ -74,7 +81,11 @@ fn dispatch() -> i32 {
             return 1;
         }
     };
-    let ctx = Ctx { reg, ev, args: args[1..].to_vec() };
+    let ctx = Ctx {
+        reg,
+        ev,
+        args: args[1..].to_vec(),
+    };
     match cmd.as_str() {
         "create" => create::run(ctx),
         "info" => info::run(ctx),
@@ -92,7 +103,11 @@ fn dispatch() -> i32 {
 }
 
 /// Parses a subcommand's arguments; on a getopt error prints it and the hint.
-pub fn getopt(cmd: &str, args: &[String], table: &[crate::getopt::Opt]) -> Result<crate::getopt::Parsed, i32> {
+pub fn getopt(
+    cmd: &str,
+    args: &[String],
+    table: &[crate::getopt::Opt],
+) -> Result<crate::getopt::Parsed, i32> {
     crate::getopt::parse(args, table, &prog_for(cmd)).map_err(|msg| {
         eprintln!("{msg}");
         try_help(cmd)
@@ -104,6 +119,9 @@ pub fn parse_output(cmd: &str, v: &str) -> Result<bool, i32> {
     match v {
         "json" => Ok(true),
         "human" => Ok(false),
-        _ => Err(usage_error(cmd, format!("--output expects 'human' or 'json' not '{v}'"))),
+        _ => Err(usage_error(
+            cmd,
+            format!("--output expects 'human' or 'json' not '{v}'"),
+        )),
     }
 }

@@ -21,7 +21,13 @@ pub fn run(ctx: Ctx) -> i32 {
     // A size like -1G looks like an option: take the last argument first.
     let mut args = ctx.args.clone();
     let size_arg = match args.last() {
-        Some(s) if s.starts_with('-') && s.len() > 1 && s[1..].starts_with(|c: char| c.is_ascii_digit()) => args.pop(),
+        Some(s)
+            if s.starts_with('-')
+                && s.len() > 1
+                && s[1..].starts_with(|c: char| c.is_ascii_digit()) =>
+        {
+            args.pop()
+        }
         _ => None,
     };
     let p = match getopt("resize", &args, OPTS) {
@@ -71,8 +77,15 @@ pub fn run(ctx: Ctx) -> i32 {
             return 1;
         }
     };
-    let flags = OpenFlags { resize: true, ..OpenFlags::default() };
-    let spec = ImageSpec { name, format: fmt.as_deref(), image_opts };
+    let flags = OpenFlags {
+        resize: true,
+        ..OpenFlags::default()
+    };
+    let spec = ImageSpec {
+        name,
+        format: fmt.as_deref(),
+        image_opts,
+    };
     let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
         Ok(n) => n,
         Err(e) => {

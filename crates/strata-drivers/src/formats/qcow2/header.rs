@@ -329,7 +329,9 @@ impl Header {
             });
         }
         exts.extend(self.extensions.iter().cloned());
-        if self.version >= 3 {
+        // QEMU leaves the feature table out of images with clusters of 4 KiB
+        // or less, to keep room for the backing file name.
+        if self.version >= 3 && cluster_size > 4096 {
             let mut t = Vec::new();
             for (ty, bit, name) in FEATURE_NAMES {
                 let mut e = [0u8; 48];
@@ -402,6 +404,10 @@ mod tests {
         let mut h = sample();
         let b = h.serialize(65536).unwrap();
         let p = Header::parse(&b).unwrap();
+        assert!(Header::parse(&sample().serialize(512).unwrap())
+            .unwrap()
+            .feature_table
+            .is_empty());
         assert_eq!(p.backing_file.as_deref(), Some("base.qcow2"));
         assert_eq!(p.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(p.feature_table.len(), FEATURE_NAMES.len());

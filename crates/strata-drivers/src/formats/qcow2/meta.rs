@@ -10,6 +10,9 @@
 //!   first; a violation marks the image corrupt.
 
 use super::cache::TableCache;
+
+/// Largest refcount table QEMU accepts (bytes).
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 use super::header::Header;
 use std::sync::Arc;
 use strata_block::{Error, IoBuf, Node, Result, WriteFlags};
@@ -288,9 +291,9 @@ impl Meta {
         Ok(())
     }
 
-    /// The refcount block for refcount table index `ti`, made if missing. A
-    /// new block sits at the first cluster it describes and counts itself, as
-    /// that range has no references yet (QEMU's self-describing blocks).
+    /// The refcount block for refcount table index `ti`, made if missing.
+    /// Like QEMU, a new block takes the first free cluster; if that cluster
+    /// lies in the very range the block describes, the block counts itself.
     async fn ensure_refblock(&mut self, file: &Arc<Node>, ti: u64) -> Result<u64> {
         if let Some(&e) = self.reftable.get(ti as usize) {
             if e & OFFSET_MASK != 0 {
@@ -299,35 +302,70 @@ impl Meta {
         }
         if ti as usize >= self.reftable.len() {
             Box::pin(self.grow_reftable(file, ti + 1)).await?;
+            if let Some(&e) = self.reftable.get(ti as usize) {
+                if e & OFFSET_MASK != 0 {
+                    return Ok(e & OFFSET_MASK);
+                }
+            }
         }
-        let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
+        let mut f = self.free_cluster_index;
+        while self.refcount(file, f).await? != 0 {
+            f += 1;
+        }
+        let tf = f >> self.geo.rb_bits;
+        let covered = self
+            .reftable
+            .get(tf as usize)
+            .is_some_and(|e| e & OFFSET_MASK != 0);
+        if !covered && tf != ti {
+            // The free cluster needs a block of its own range first.
+            Box::pin(self.ensure_refblock(file, tf)).await?;
+            return Box::pin(self.ensure_refblock(file, ti)).await;
+        }
+        let rb = f << self.geo.cluster_bits;
         self.check_metadata_write(rb, self.geo.cluster_size)?;
+        self.write_zero_block(file, rb).await?;
+        if covered {
+            Box::pin(self.set_refcount(file, f, 1)).await?;
+            self.flush_refcounts(file).await?;
+        } else {
+            let idx = f & ((1 << self.geo.rb_bits) - 1);
+            self.put_in_block(file, rb, idx, 1).await?;
+        }
+        self.reftable[ti as usize] = rb;
+        self.write_reftable_entry(file, ti).await?;
+        if self.free_cluster_index == f {
+            self.free_cluster_index = f + 1;
+        }
+        Ok(rb)
+    }
+
+    /// Writes a zeroed cluster at `off` and drops stale cached slices of it.
+    async fn write_zero_block(&mut self, file: &Arc<Node>, off: u64) -> Result<()> {
         file.write(
-            rb,
+            off,
             IoBuf::zeroed(self.geo.cluster_size as usize),
             WriteFlags::default(),
         )
         .await?;
-        let ss = self.rb_cache.slice_size() as u64;
-        for s in 0..self.geo.cluster_size / ss {
-            self.rb_cache.remove(rb + s * ss);
-        }
-        self.reftable[ti as usize] = rb;
-        self.write_reftable_entry(file, ti).await?;
-        // The block counts itself at index 0.
-        let hc = rb >> self.geo.cluster_bits;
-        let (slice, at) = self.rb_cache.slice_of(rb, 0);
+        self.rb_cache.remove_table(off, self.geo.cluster_size);
+        self.l2_cache.remove_table(off, self.geo.cluster_size);
+        Ok(())
+    }
+
+    /// Sets entry `idx` of the refcount block at `rb` directly (the block
+    /// may not be in the refcount table yet).
+    async fn put_in_block(&mut self, file: &Arc<Node>, rb: u64, idx: u64, val: u64) -> Result<()> {
+        let bit = idx << self.geo.refcount_order;
+        let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
         self.ensure_slice(file, slice, false).await?;
         let order = self.geo.refcount_order;
         let b = self
             .rb_cache
             .get_mut(slice)
             .ok_or_else(|| Error::errno(libc::EIO))?;
-        put_refcount(b, at, 0, order, 1);
-        if self.free_cluster_index == hc {
-            self.free_cluster_index += 1;
-        }
-        Ok(rb)
+        put_refcount(b, at, bit, order, val);
+        Ok(())
     }
 
     async fn write_reftable_entry(&mut self, file: &Arc<Node>, ti: u64) -> Result<()> {
@@ -340,88 +378,76 @@ impl Meta {
         Ok(())
     }
 
-    /// Replaces the refcount table by a larger one of at least `min_entries`,
-    /// placed after the end of the image, described by blocks of its own.
+    /// Replaces the refcount table by a larger one of at least `min_entries`.
+    /// The new table goes after everything in use, followed by the blocks
+    /// that count it; it becomes the image's by one header write, after
+    /// which the old table is freed.
     async fn grow_reftable(&mut self, file: &Arc<Node>, min_entries: u64) -> Result<()> {
         let cs = self.geo.cluster_size;
         let per_cluster = cs / 8;
         let old_entries = self.reftable.len() as u64;
-        let mut entries =
-            (min_entries.max(old_entries * 3 / 2 + 1)).div_ceil(per_cluster) * per_cluster;
-        // Place the new table at the end of what any block covers or the file holds.
         let covered_end = old_entries << self.geo.rb_bits;
-        let file_end = file.length().div_ceil(cs);
-        let start = covered_end
-            .max(file_end)
-            .max(min_entries.saturating_sub(1) << self.geo.rb_bits);
-        // The table's clusters need blocks; blocks go at the start of each range
-        // they cover, so keep the table off those first clusters.
-        let mut table_start = start;
-        loop {
-            let clusters = (entries * 8).div_ceil(cs);
-            let mut t = table_start;
-            while (t & ((1 << self.geo.rb_bits) - 1)) == 0 && (t >> self.geo.rb_bits) >= old_entries
-            {
-                t += 1;
-            }
-            let last_ti = (t + clusters) >> self.geo.rb_bits;
+        let start = covered_end.max(file.length().div_ceil(cs));
+        let mut entries = min_entries
+            .max(old_entries * 3 / 2 + 1)
+            .div_ceil(per_cluster)
+            * per_cluster;
+        // Find how many new blocks are needed to count the table and themselves.
+        let (table_clusters, blocks) = loop {
+            let tc = (entries * 8).div_ceil(cs);
+            let mut nb = 0;
+            let blocks = loop {
+                let end = start + tc + nb;
+                let first_ti = start >> self.geo.rb_bits;
+                let last_ti = (end - 1) >> self.geo.rb_bits;
+                let missing: Vec<u64> = (first_ti..=last_ti)
+                    .filter(|&t| {
+                        self.reftable
+                            .get(t as usize)
+                            .is_none_or(|e| e & OFFSET_MASK == 0)
+                    })
+                    .collect();
+                if missing.len() as u64 == nb {
+                    break missing;
+                }
+                nb = missing.len() as u64;
+            };
+            let last_ti = (start + tc + blocks.len() as u64 - 1) >> self.geo.rb_bits;
             if last_ti < entries {
-                table_start = t;
-                break;
+                break (tc, blocks);
             }
             entries = (last_ti + 1).div_ceil(per_cluster) * per_cluster;
-        }
-        let clusters = (entries * 8).div_ceil(cs);
-        if entries * 8 > 8 << 20 {
+        };
+        if entries * 8 > MAX_REFTABLE_BYTES {
             return Err(Error::msg(libc::EFBIG, "Refcount table too large"));
         }
         let old_off = self.header.refcount_table_offset;
         let old_clusters = self.header.refcount_table_clusters as u64;
         self.reftable.resize(entries as usize, 0);
-        let new_off = table_start << self.geo.cluster_bits;
-        // The new table is not yet the image's: make its blocks and counts
-        // through the in-memory table, then write it and switch the header.
-        self.header.refcount_table_offset = new_off;
-        for hc in table_start..table_start + clusters {
-            let ti = hc >> self.geo.rb_bits;
-            if self.reftable[ti as usize] & OFFSET_MASK == 0 {
-                let rb = (ti << self.geo.rb_bits) << self.geo.cluster_bits;
-                file.write(rb, IoBuf::zeroed(cs as usize), WriteFlags::default())
-                    .await?;
-                self.reftable[ti as usize] = rb;
-                let (slice, at) = self.rb_cache.slice_of(rb, 0);
-                self.rb_cache.remove(slice);
-                self.ensure_slice(file, slice, false).await?;
-                let order = self.geo.refcount_order;
-                let b = self
-                    .rb_cache
-                    .get_mut(slice)
-                    .ok_or_else(|| Error::errno(libc::EIO))?;
-                put_refcount(b, at, 0, order, 1);
-            }
+        for (k, &ti) in blocks.iter().enumerate() {
+            let rb = (start + table_clusters + k as u64) << self.geo.cluster_bits;
+            self.write_zero_block(file, rb).await?;
+            self.reftable[ti as usize] = rb;
         }
-        for hc in table_start..table_start + clusters {
-            let cur = self.refcount(file, hc).await?;
-            self.set_refcount(file, hc, cur + 1).await?;
+        // Everything new is covered now: count the table and the blocks.
+        for hc in start..start + table_clusters + blocks.len() as u64 {
+            self.set_refcount(file, hc, 1).await?;
         }
         self.flush_refcounts(file).await?;
-        let mut bytes = Vec::with_capacity((clusters * cs) as usize);
-        for e in &self.reftable {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        bytes.resize((clusters * cs) as usize, 0);
+        let new_off = start << self.geo.cluster_bits;
+        let mut bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        bytes.resize((table_clusters * cs) as usize, 0);
         file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default())
             .await?;
         file.flush().await?;
-        // Switch the header to the new table in one write of offset and size.
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
             .await?;
         file.flush().await?;
-        self.header.refcount_table_clusters = clusters as u32;
-        // Free the old table.
+        self.header.refcount_table_offset = new_off;
+        self.header.refcount_table_clusters = table_clusters as u32;
         Box::pin(self.update_refcounts(file, old_off, old_clusters, -1)).await?;
         Ok(())
     }

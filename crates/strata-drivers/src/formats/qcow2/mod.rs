@@ -17,7 +17,7 @@ mod meta;
 
 use async_trait::async_trait;
 use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use meta::{Geometry, Mapping, Meta, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use meta::{Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,8 +34,6 @@ pub struct Qcow2Class;
 
 /// Largest L1 table QEMU accepts (bytes).
 const MAX_L1_BYTES: u64 = 32 << 20;
-/// Largest refcount table QEMU accepts (bytes).
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Upper bound of the L2 cache (bytes), as QEMU's default.
 const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
 
@@ -905,7 +903,12 @@ impl DriverClass for Qcow2Class {
         // A short file reads as zeroes past its end, as the header fields QEMU
         // checks then see them.
         let first = file.read(0, IoBuf::zeroed(512)).await?;
-        let bits = u32::from_be_bytes([first.as_slice()[20], first.as_slice()[21], first.as_slice()[22], first.as_slice()[23]]);
+        let bits = u32::from_be_bytes([
+            first.as_slice()[20],
+            first.as_slice()[21],
+            first.as_slice()[22],
+            first.as_slice()[23],
+        ]);
         // Extensions may run past the first 512 bytes: parse the whole cluster.
         let hdr = if (header::MIN_CLUSTER_BITS + 1..=header::MAX_CLUSTER_BITS).contains(&bits) {
             let whole = file.read(0, IoBuf::zeroed(1 << bits)).await?;
