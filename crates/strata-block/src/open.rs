@@ -56,6 +56,9 @@ pub struct OpenFlags {
     pub no_io: bool,
     /// The user will change the size (qemu-img resize, bench -w, check -r).
     pub resize: bool,
+    /// Opened to be checked: formats open what they can and leave the
+    /// complaints to their check (QEMU: BDRV_O_CHECK).
+    pub check: bool,
 }
 
 impl Default for OpenFlags {
@@ -69,6 +72,7 @@ impl Default for OpenFlags {
             locking: true,
             no_io: false,
             resize: false,
+            check: false,
         }
     }
 }

@@ -26,3 +26,12 @@ pub fn error_report(msg: impl std::fmt::Display) {
 pub fn warn_report(msg: impl std::fmt::Display) {
     eprintln!("{}: warning: {}", prog_name(), msg);
 }
+
+/// C's `%#x`: `0x1f`, but plain `0` for zero (Rust's `{:#x}` prints `0x0`).
+pub fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}

@@ -145,6 +145,7 @@ pub fn run(ctx: Ctx) -> i32 {
         force_share,
         resize: fixing,
         no_backing: true,
+        check: true,
         ..OpenFlags::default()
     };
     if let Some(c) = cache {

@@ -128,14 +128,7 @@ fn dump(json: bool, e: &MapEntry, next: Option<&mut MapEntry>) -> bool {
     true
 }
 
-/// `%#x`: `0` for zero, else `0x...`.
-fn hex(v: u64) -> String {
-    if v == 0 {
-        "0".into()
-    } else {
-        format!("{v:#x}")
-    }
-}
+use strata_block::report::c_hex as hex;
 
 pub fn run(ctx: Ctx) -> i32 {
     let p = match getopt("map", &ctx.args, OPTS) {

@@ -12,8 +12,18 @@ use strata_block::{Driver, IoBuf, Result, WriteFlags};
 /// Computed references per host cluster.
 type Refs = BTreeMap<u64, u64>;
 
-fn add(refs: &mut Refs, cs: u64, off: u64, len: u64) {
+/// Counts one reference to `[off, off+len)`. A region that ends a cluster
+/// or more past the end of the file is corruption, not a reference (the last
+/// cluster may be partly beyond it).
+fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64, len: u64) {
     if len == 0 {
+        return;
+    }
+    if (off + len).saturating_sub(file_len) >= cs {
+        eprintln!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+        );
+        res.corruptions += 1;
         return;
     }
     let first = off / cs;
@@ -33,14 +43,17 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         ..Default::default()
     };
     let mut refs = Refs::new();
-    add(&mut refs, cs, 0, cs);
+    let file_len = d.file.driver().length();
+    let l1_bytes = m.l1.len() as u64 * 8;
+    add(&mut refs, &mut res, cs, file_len, 0, cs);
     add(
         &mut refs,
+        &mut res,
         cs,
+        file_len,
         m.header.l1_table_offset,
-        m.l1.len() as u64 * 8,
+        l1_bytes,
     );
-    let file_len = d.file.length();
     let mut next_contiguous = 0u64;
     let mut l2_tables = Vec::new();
     for (l1i, &e) in m.l1.iter().enumerate() {
@@ -48,15 +61,14 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         if l2 == 0 {
             continue;
         }
+        add(&mut refs, &mut res, cs, file_len, l2, cs);
+        l2_tables.push((l1i, e, l2));
         if l2 % cs != 0 {
             eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
             res.corruptions += 1;
-            continue;
         }
-        add(&mut refs, cs, l2, cs);
-        l2_tables.push((l1i, e, l2));
     }
-    for &(_, _, l2) in &l2_tables {
+    for &(_, _, l2) in l2_tables.iter().filter(|t| t.2 % cs == 0) {
         let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
         for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
             let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -74,18 +86,18 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
                         res.fragmented_clusters += 1;
                     }
                     next_contiguous = host + cs;
-                    add(&mut refs, cs, host, cs);
+                    add(&mut refs, &mut res, cs, file_len, host, cs);
                 }
                 Ok(Mapping::Zero(Some(host))) => {
                     res.allocated_clusters += 1;
-                    add(&mut refs, cs, host, cs);
+                    add(&mut refs, &mut res, cs, file_len, host, cs);
                 }
                 Ok(mp @ Mapping::Compressed(_)) => {
                     res.allocated_clusters += 1;
                     res.compressed_clusters += 1;
                     res.fragmented_clusters += 1;
                     if let Some((off, n)) = d.host_cluster_of(mp) {
-                        add(&mut refs, cs, off, n * cs);
+                        add(&mut refs, &mut res, cs, file_len, off, n * cs);
                     }
                 }
                 Ok(_) => {}
@@ -93,16 +105,15 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         }
     }
     let rt_off = m.header.refcount_table_offset;
-    add(
-        &mut refs,
-        cs,
-        rt_off,
-        m.header.refcount_table_clusters as u64 * cs,
-    );
-    for &rb in &m.reftable {
+    let rt_bytes = m.header.refcount_table_clusters as u64 * cs;
+    add(&mut refs, &mut res, cs, file_len, rt_off, rt_bytes);
+    for (ti, &rb) in m.reftable.iter().enumerate() {
         let rb = rb & OFFSET_MASK;
-        if rb != 0 {
-            add(&mut refs, cs, rb, cs);
+        if rb != 0 && rb >= file_len {
+            eprintln!("ERROR refcount block {ti} is outside image");
+            res.corruptions += 1;
+        } else if rb != 0 {
+            add(&mut refs, &mut res, cs, file_len, rb, cs);
         }
     }
 
@@ -116,8 +127,6 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
             continue;
         }
         if rb >= file_len {
-            eprintln!("ERROR refcount block {ti} is outside image");
-            res.corruptions += 1;
             continue;
         }
         let block = d.file.read(rb, IoBuf::zeroed(cs as usize)).await?;
@@ -161,11 +170,14 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
     // OFLAG_COPIED must say "refcount is one", in L1 and in L2 entries.
     let mut copied_fixes = Vec::new();
     for &(l1i, e, l2) in &l2_tables {
-        let rc = refs.get(&(l2 / cs)).copied().unwrap_or(0);
+        let rc = stored.get(&(l2 / cs)).copied().unwrap_or(0);
         let want_copied = rc == 1;
         if want_copied != (e & OFLAG_COPIED != 0) {
             eprintln!("ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}");
             res.corruptions += 1;
+        }
+        if l2 % cs != 0 {
+            continue;
         }
         let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
         for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {

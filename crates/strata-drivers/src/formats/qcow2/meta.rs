@@ -10,6 +10,7 @@
 //!   first; a violation marks the image corrupt.
 
 use super::cache::TableCache;
+use strata_block::report::c_hex;
 
 /// Largest refcount table QEMU accepts (bytes).
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -96,8 +97,12 @@ pub struct Meta {
     pub rb_cache: TableCache,
     /// No cluster below this index is free (first-fit search starts here).
     pub free_cluster_index: u64,
-    /// Set when an overlap check failed: writes are refused from then on.
+    /// Set after a fatal corruption: the image is unusable from then on.
     pub corrupt: bool,
+    /// A corruption was reported already (later ones are not repeated).
+    pub signaled: bool,
+    /// Opened read-write: corruption marks the image corrupt on disk.
+    pub writable: bool,
 }
 
 fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -115,7 +120,10 @@ impl Meta {
         let host = entry & OFFSET_MASK;
         if host & (self.geo.cluster_size - 1) != 0 {
             return Err(Error::corrupt(format!(
-                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {idx:#x})"
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                c_hex(host),
+                c_hex(l2_off),
+                c_hex(idx)
             )));
         }
         if self.geo.version >= 3 && entry & OFLAG_ZERO != 0 {
@@ -140,7 +148,9 @@ impl Meta {
         }
         if off & (self.geo.cluster_size - 1) != 0 {
             return Err(Error::corrupt(format!(
-                "L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"
+                "L2 table offset {} unaligned (L1 index: {})",
+                c_hex(off),
+                c_hex(l1i as u64)
             )));
         }
         Ok(Some(off))
@@ -159,7 +169,8 @@ impl Meta {
                     if l2 {
                         self.flush_refcounts(file).await?;
                     }
-                    self.check_metadata_write(victim, self.l2_cache.slice_size() as u64)?;
+                    let ss = self.l2_cache.slice_size() as u64;
+                    Box::pin(self.check_metadata_write(file, victim, ss)).await?;
                     let c = if l2 {
                         &mut self.l2_cache
                     } else {
@@ -217,14 +228,48 @@ impl Meta {
 
     /// The mapping of guest cluster `gc`.
     pub async fn mapping(&mut self, file: &Arc<Node>, gc: u64) -> Result<Mapping> {
-        match self.l2_table_of(gc)? {
-            None => Ok(Mapping::Unallocated),
-            Some(l2) => {
-                let idx = gc & (self.geo.l2_entries() - 1);
-                let e = self.l2_get(file, l2, idx).await?;
-                self.decode(e, l2, idx)
-            }
+        if self.corrupt {
+            return Err(Error::errno(libc::ENOMEDIUM));
         }
+        let l2 = match self.l2_table_of(gc) {
+            Ok(Some(l2)) => l2,
+            Ok(None) => return Ok(Mapping::Unallocated),
+            Err(e) => return Err(self.signal_corruption(file, e).await),
+        };
+        let idx = gc & (self.geo.l2_entries() - 1);
+        let e = self.l2_get(file, l2, idx).await?;
+        match self.decode(e, l2, idx) {
+            Ok(m) => Ok(m),
+            Err(e) => Err(self.signal_corruption(file, e).await),
+        }
+    }
+
+    /// Reports corrupt metadata as QEMU does. On an image open read-write it
+    /// is fatal: the corrupt bit is set on disk and the image refuses all
+    /// further I/O. Returns the error for the request that found it.
+    pub async fn signal_corruption(&mut self, file: &Arc<Node>, e: Error) -> Error {
+        let msg = e.message().unwrap_or("corrupt metadata").to_string();
+        let fatal = self.writable;
+        let marked = self.header.incompatible_features & super::header::INCOMPAT_CORRUPT != 0;
+        if self.signaled && (!fatal || marked) {
+            return Error::errno(libc::EIO);
+        }
+        if fatal {
+            eprintln!("qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed");
+            if self.geo.version >= 3 {
+                self.header.incompatible_features |= super::header::INCOMPAT_CORRUPT;
+                let v = self.header.incompatible_features.to_be_bytes();
+                let _ = file
+                    .write(72, IoBuf::from_slice(&v), WriteFlags::default())
+                    .await;
+                let _ = file.flush().await;
+            }
+            self.corrupt = true;
+        } else {
+            eprintln!("qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed");
+        }
+        self.signaled = true;
+        Error::errno(libc::EIO)
     }
 
     /// The refcount of host cluster `hc` (0 where no refcount block exists).
@@ -323,7 +368,8 @@ impl Meta {
             return Box::pin(self.ensure_refblock(file, ti)).await;
         }
         let rb = f << self.geo.cluster_bits;
-        self.check_metadata_write(rb, self.geo.cluster_size)?;
+        self.check_metadata_write(file, rb, self.geo.cluster_size)
+            .await?;
         self.write_zero_block(file, rb).await?;
         if covered {
             Box::pin(self.set_refcount(file, f, 1)).await?;
@@ -526,7 +572,7 @@ impl Meta {
     /// Writes L1 entry `i` to disk.
     pub async fn write_l1_entry(&mut self, file: &Arc<Node>, i: usize) -> Result<()> {
         let off = self.header.l1_table_offset + i as u64 * 8;
-        self.check_metadata_write_allowing_l1(off, 8)?;
+        self.check_metadata_write_allowing_l1(file, off, 8).await?;
         file.write(
             off,
             IoBuf::from_slice(&self.l1[i].to_be_bytes()),
@@ -571,20 +617,28 @@ impl Meta {
 
     /// Checks a metadata or data write at `[off, off+len)` against the header,
     /// the L1 table and the refcount table.
-    pub fn check_metadata_write(&mut self, off: u64, len: u64) -> Result<()> {
-        let r = self.overlap_check(off, len, false);
-        if r.is_err() {
-            self.corrupt = true;
+    pub async fn check_metadata_write(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        len: u64,
+    ) -> Result<()> {
+        match self.overlap_check(off, len, false) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.signal_corruption(file, e).await),
         }
-        r
     }
 
-    fn check_metadata_write_allowing_l1(&mut self, off: u64, len: u64) -> Result<()> {
-        let r = self.overlap_check(off, len, true);
-        if r.is_err() {
-            self.corrupt = true;
+    async fn check_metadata_write_allowing_l1(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        len: u64,
+    ) -> Result<()> {
+        match self.overlap_check(off, len, true) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.signal_corruption(file, e).await),
         }
-        r
     }
 }
 

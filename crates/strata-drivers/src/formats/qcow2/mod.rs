@@ -209,7 +209,7 @@ impl Qcow2Driver {
             m.flush_l2(&self.file).await?;
             self.file.read(old, IoBuf::zeroed(cs as usize)).await?
         };
-        m.check_metadata_write(new, cs)?;
+        m.check_metadata_write(&self.file, new, cs).await?;
         m.l2_cache.remove_table(new, cs);
         self.file.write(new, content, WriteFlags::default()).await?;
         // Its refcount and content are stable before L1 points to it.
@@ -252,7 +252,7 @@ impl Qcow2Driver {
             self.wait_inflight(first, last).await;
             let mut m = self.meta.lock().await;
             if m.corrupt {
-                return Err(Error::errno(libc::EIO));
+                return Err(Error::errno(libc::ENOMEDIUM));
             }
             // Already in flight by someone who got the lock first: wait again.
             if self
@@ -276,7 +276,7 @@ impl Qcow2Driver {
                 });
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
-                    m.check_metadata_write(at, len)?;
+                    m.check_metadata_write(&self.file, at, len).await?;
                     drop(m);
                     return self.file.write(at, buf, WriteFlags::default()).await;
                 }
@@ -312,7 +312,7 @@ impl Qcow2Driver {
             let n = last - first + 1;
             let l2 = self.writable_l2(&mut m, first).await?;
             let host = m.alloc_clusters(&self.file, n).await?;
-            m.check_metadata_write(host, n * cs)?;
+            m.check_metadata_write(&self.file, host, n * cs).await?;
             self.lock_inflight().extend(first..=last);
             drop(m);
             let r = self
@@ -441,7 +441,7 @@ impl Qcow2Driver {
             self.wait_inflight(gc, stop - 1).await;
             let mut m = self.meta.lock().await;
             if m.corrupt {
-                return Err(Error::errno(libc::EIO));
+                return Err(Error::errno(libc::ENOMEDIUM));
             }
             let has_table = m.l2_table_of(gc)?.is_some();
             if !has_table && (!zero || self.backing.is_none()) {
@@ -490,7 +490,8 @@ impl Qcow2Driver {
         table.resize(entries as usize, 0);
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize(entries as usize * 8, 0);
-        m.check_metadata_write(new, bytes.len() as u64)?;
+        m.check_metadata_write(&self.file, new, bytes.len() as u64)
+            .await?;
         self.file
             .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
             .await?;
@@ -824,6 +825,10 @@ impl Driver for Qcow2Driver {
 
     async fn check(&self, repair: RepairMode) -> Result<CheckResult> {
         let mut m = self.meta.lock().await;
+        if validate_snapshot_table(&m.header).is_err() {
+            strata_block::report::error_report("ERROR snapshot table offset invalid");
+            return Err(Error::errno(libc::EINVAL));
+        }
         check::check(self, &mut m, repair).await
     }
 
@@ -899,7 +904,6 @@ impl DriverClass for Qcow2Class {
         let _ = take_str(opts, "cache-clean-interval")?;
         let read_only = ctx.flags.read_only;
 
-        let flen = file.length();
         // A short file reads as zeroes past its end, as the header fields QEMU
         // checks then see them.
         let first = file.read(0, IoBuf::zeroed(512)).await?;
@@ -930,31 +934,41 @@ impl DriverClass for Qcow2Class {
             ));
         }
         let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
-        // Tables are bounded before anything is allocated by their size.
-        if hdr.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(Error::msg(libc::EFBIG, "Active L1 table too large"));
+        // Tables are validated (and bounded) before anything is allocated by
+        // their size, in QEMU's order and words. Tables beyond the end of the
+        // file are not an error: they read as zeroes, as in QEMU.
+        if hdr.refcount_table_clusters == 0 {
+            return Err(Error::invalid(
+                "Image does not contain a reference count table",
+            ));
+        }
+        let rt_clusters = hdr.refcount_table_clusters as u64;
+        validate_table(
+            hdr.refcount_table_offset,
+            rt_clusters,
+            cs,
+            MAX_REFTABLE_BYTES,
+            cs,
+            "Reference count table",
+        )?;
+        if !ctx.flags.check {
+            validate_snapshot_table(&hdr)?;
+        }
+        validate_table(
+            hdr.l1_table_offset,
+            hdr.l1_size as u64,
+            8,
+            MAX_L1_BYTES,
+            cs,
+            "Active L1 table",
+        )?;
+        if geo.l1_size_for(hdr.size) > i32::MAX as u64 {
+            return Err(Error::msg(libc::EFBIG, "Image is too big"));
         }
         if (hdr.l1_size as u64) < geo.l1_size_for(hdr.size) {
             return Err(Error::invalid("L1 table is too small"));
         }
-        if hdr.l1_size > 0 && hdr.l1_table_offset & (cs - 1) != 0 {
-            return Err(Error::invalid("Invalid L1 table offset"));
-        }
-        let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
-        if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::invalid("Reference count table too large"));
-        }
-        if hdr.refcount_table_offset & (cs - 1) != 0 {
-            return Err(Error::invalid("Invalid reference count table offset"));
-        }
-        if hdr.l1_table_offset.saturating_add(hdr.l1_size as u64 * 8) > flen.max(cs)
-            && hdr.l1_size > 0
-        {
-            return Err(Error::invalid("Invalid L1 table offset"));
-        }
-        if hdr.refcount_table_offset.saturating_add(rt_bytes) > flen.max(cs) {
-            return Err(Error::invalid("Invalid reference count table offset"));
-        }
+        let rt_bytes = rt_clusters * cs;
         let l1_bytes = file
             .read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8))
             .await?;
@@ -992,6 +1006,8 @@ impl DriverClass for Qcow2Class {
             rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
             free_cluster_index: 0,
             corrupt: false,
+            signaled: false,
+            writable: !read_only,
             header: hdr.clone(),
         };
         Ok(Box::new(Qcow2Driver {
@@ -1006,6 +1022,37 @@ impl DriverClass for Qcow2Class {
             read_only,
         }))
     }
+}
+
+/// The snapshot table's header fields, checked before use.
+fn validate_snapshot_table(hdr: &Header) -> Result<()> {
+    let cs = 1u64 << hdr.cluster_bits;
+    validate_table(
+        hdr.snapshots_offset,
+        hdr.nb_snapshots as u64,
+        40,
+        40 * 65536,
+        cs,
+        "Snapshot table",
+    )
+}
+
+/// QEMU's qcow2_validate_table: bounded size, offset aligned and not overflowing.
+fn validate_table(
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cs: u64,
+    name: &str,
+) -> Result<()> {
+    if entries > max_bytes / entry_len {
+        return Err(Error::msg(libc::EFBIG, format!("{name} too large")));
+    }
+    if (i64::MAX as u64) - entries * entry_len < offset || offset % cs != 0 {
+        return Err(Error::invalid(format!("{name} offset invalid")));
+    }
+    Ok(())
 }
 
 fn be64(c: &[u8]) -> u64 {
