@@ -57,7 +57,7 @@ fn run(registry: std::sync::Arc<strata_block::Registry>, argv: &[String]) -> i32
         }
     }
     let ret = input::command_loop(&el, &mut session, &args.commands);
-    // Every request has completed already; closing writes back caches.
+    // Closing waits for the aio requests still running, then writes back caches.
     el.block_on(session.close());
     if ret < 0 {
         1

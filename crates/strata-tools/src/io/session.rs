@@ -106,6 +106,8 @@ pub struct Session {
     pub image_opts: bool,
     /// `quit` was run.
     pub quit: bool,
+    /// aio requests still running (QEMU: in flight on the BlockBackend).
+    in_flight: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Session {
@@ -117,6 +119,7 @@ impl Session {
             opened: None,
             image_opts,
             quit: false,
+            in_flight: Vec::new(),
         }
     }
 
@@ -204,6 +207,7 @@ impl Session {
     /// (an image lock cannot be held twice), going back to the old flags if
     /// the new ones fail. The error is the message to report.
     pub async fn reopen(&mut self, req: OpenRequest) -> Result<(), String> {
+        self.drain().await;
         let (Some(node), Some(old)) = (&self.node, self.opened.clone()) else {
             return Err("no file open".into());
         };
@@ -239,8 +243,26 @@ impl Session {
         }
     }
 
-    /// Closes the image, writing back what is cached (QEMU: blk_unref).
+    /// Starts an aio request. It runs whenever the event loop gets to run
+    /// (during a later command's I/O, `aio_flush`, `sleep` or the drain at
+    /// exit), and reports when it completes, as in qemu-io.
+    pub fn spawn(&mut self, request: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.in_flight.retain(|h| !h.is_finished());
+        self.in_flight.push(tokio::spawn(request));
+    }
+
+    /// Waits for every aio request (QEMU: blk_drain_all).
+    pub async fn drain(&mut self) {
+        for h in std::mem::take(&mut self.in_flight) {
+            // A request that panicked has nothing left to report.
+            let _ = h.await;
+        }
+    }
+
+    /// Closes the image after its requests, writing back what is cached
+    /// (QEMU: blk_unref).
     pub async fn close(&mut self) {
+        self.drain().await;
         self.opened = None;
         if let Some(node) = self.node.take() {
             // As in QEMU, a failure to write back at close is not reported.

@@ -1,10 +1,10 @@
 //! `aio_read`, `aio_write` (and `aio_flush`, which has nothing to wait
 //! for): the asynchronous variants of readv and writev.
 //!
-//! Strata completes each request before the next command runs. That is one
-//! of the orders QEMU allows (its completions may come in any order), it
-//! keeps the output deterministic, and `aio_flush` and the drain at exit
-//! find nothing outstanding. As in QEMU, the command itself succeeds once
+//! A request runs in the background and prints its report when it
+//! completes: while a later command does I/O, at `aio_flush`, during
+//! `sleep`, or at the drain before exit, which is when qemu-io's main loop
+//! gets to completions too. As in QEMU, the command itself succeeds once
 //! its arguments are good: I/O errors and pattern mismatches are only
 //! reported.
 
@@ -57,30 +57,32 @@ pub async fn aio_read(ctx: &mut Ctx<'_>) -> i32 {
         Err(e) => return e,
     };
     let t1 = Instant::now();
-    let r = node
-        .read(offset as u64, IoBuf::zeroed(count as usize))
-        .await;
-    let elapsed = t1.elapsed();
-    let buf = match r {
-        Ok(b) => b,
-        Err(e) => {
-            // QEMU's completion callback says "readv" here, not "aio_read".
-            outln!("readv failed: {}", strerror(e.code()));
-            return 0;
+    ctx.session.spawn(async move {
+        let r = node
+            .read(offset as u64, IoBuf::zeroed(count as usize))
+            .await;
+        let elapsed = t1.elapsed();
+        let buf = match r {
+            Ok(b) => b,
+            Err(e) => {
+                // QEMU's completion callback says "readv" here, not "aio_read".
+                outln!("readv failed: {}", strerror(e.code()));
+                return;
+            }
+        };
+        if let Some(p) = pattern {
+            if !matches_pattern(buf.as_slice(), p) {
+                outln!("Pattern verification failed at offset {offset}, {count} bytes");
+            }
         }
-    };
-    if let Some(p) = pattern {
-        if !matches_pattern(buf.as_slice(), p) {
-            outln!("Pattern verification failed at offset {offset}, {count} bytes");
+        if quiet {
+            return;
         }
-    }
-    if quiet {
-        return 0;
-    }
-    if dump {
-        dump_buffer(buf.as_slice(), offset);
-    }
-    print_report("read", elapsed, offset, count, count, 1, machine);
+        if dump {
+            dump_buffer(buf.as_slice(), offset);
+        }
+        print_report("read", elapsed, offset, count, count, 1, machine);
+    });
     0
 }
 
@@ -150,19 +152,21 @@ pub async fn aio_write(ctx: &mut Ctx<'_>) -> i32 {
         Err(e) => return e,
     };
     let t1 = Instant::now();
-    let r = if zeroes {
-        node.write_zeroes(offset as u64, count as u64, flags).await
-    } else {
-        let buf = IoBuf::filled(count as usize, pattern);
-        node.write(offset as u64, buf, flags).await.map(drop)
-    };
-    let elapsed = t1.elapsed();
-    if let Err(e) = r {
-        outln!("aio_write failed: {}", strerror(e.code()));
-        return 0;
-    }
-    if !quiet {
-        print_report("wrote", elapsed, offset, count, count, 1, machine);
-    }
+    ctx.session.spawn(async move {
+        let r = if zeroes {
+            node.write_zeroes(offset as u64, count as u64, flags).await
+        } else {
+            let buf = IoBuf::filled(count as usize, pattern);
+            node.write(offset as u64, buf, flags).await.map(drop)
+        };
+        let elapsed = t1.elapsed();
+        if let Err(e) = r {
+            outln!("aio_write failed: {}", strerror(e.code()));
+            return;
+        }
+        if !quiet {
+            print_report("wrote", elapsed, offset, count, count, 1, machine);
+        }
+    });
     0
 }

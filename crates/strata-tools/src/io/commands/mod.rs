@@ -433,7 +433,10 @@ pub async fn run_line(session: &mut Session, line: &str) -> i32 {
 async fn dispatch(ctx: &mut Ctx<'_>) -> i32 {
     match ctx.cmd.run {
         Run::Abort => debug::abort(),
-        Run::AioFlush => 0,
+        Run::AioFlush => {
+            ctx.session.drain().await;
+            0
+        }
         Run::AioRead => aio::aio_read(ctx).await,
         Run::AioWrite => aio::aio_write(ctx).await,
         Run::Alloc => alloc::alloc(ctx).await,
