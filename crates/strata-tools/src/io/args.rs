@@ -162,8 +162,14 @@ fn object(def: &str) -> Result<(), String> {
         .map(|(_, v)| v.as_str())
         .ok_or("Parameter 'qom-type' is missing")?;
     match ty {
-        "secret" => Ok(()),
-        _ => Err(format!("object type '{ty}' is not supported")),
+        "secret" | "secret_keyring" => Ok(()),
+        // Types QEMU's tools create that Strata has no use for yet.
+        "throttle-group" | "tls-creds-anon" | "tls-creds-psk" | "tls-creds-x509"
+        | "tls-cipher-suites" | "authz-simple" | "authz-list" | "authz-listfile" | "authz-pam" => {
+            Err(format!("object type '{ty}' is not supported"))
+        }
+        "iothread" => Err(format!("invalid object type: {ty}")),
+        _ => Err(format!("Parameter 'qom-type' does not accept value '{ty}'")),
     }
 }
 
