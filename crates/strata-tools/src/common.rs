@@ -17,6 +17,19 @@ pub fn argv0() -> String {
     std::env::args().next().unwrap_or_else(|| "strata".into())
 }
 
+/// The version QEMU's tools print for `-V`; Strata answers as the QEMU
+/// release it replaces, because scripts parse it.
+pub const QEMU_FULL_VERSION: &str = "10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)";
+
+/// The copyright line after the version.
+pub const QEMU_COPYRIGHT: &str =
+    "Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers";
+
+/// The last lines of QEMU's `--help` texts.
+pub const QEMU_HELP_BOTTOM: &str =
+    "See <https://qemu.org/contribute/report-a-bug> for how to report bugs.\n\
+     More information on the QEMU project at <https://qemu.org>.";
+
 /// How an image is named on a command line.
 pub struct ImageSpec<'a> {
     /// File name, `json:{...}`, or with `--image-opts` a key=value string.

@@ -1,0 +1,277 @@
+//! The one image qemu-io works on and how it was opened (QEMU: the global
+//! BlockBackend of qemu-io.c and its openfile()).
+
+use std::sync::Arc;
+use strata_block::engine::Aio;
+use strata_block::options::Opts;
+use strata_block::report::error_report;
+use strata_block::{CacheMode, Node, OpenCtx, OpenFlags, Registry};
+
+/// How to open an image: the flags of the command line or of `open`.
+#[derive(Clone, Debug)]
+pub struct OpenRequest {
+    /// File name; None when the options name the image (`--image-opts`).
+    pub name: Option<String>,
+    /// Driver options (`-o`, `--image-opts`, `driver` from `-f`).
+    pub opts: Opts,
+    /// `-r`.
+    pub read_only: bool,
+    /// `-U`.
+    pub force_share: bool,
+    /// Cache mode; `writeback` is the guest write cache (QEMU's !writethrough).
+    pub cache: CacheMode,
+    /// `-i io_uring`.
+    pub io_uring: bool,
+    /// `-k` / `-i native`: Linux AIO, which needs O_DIRECT.
+    pub native_aio: bool,
+    /// `-s`: a temporary overlay (not supported yet).
+    pub snapshot: bool,
+    /// `-C`: copy-on-read (not supported yet).
+    pub copy_on_read: bool,
+    /// Discard requests reach the image (`-d unmap`, the default).
+    pub unmap: bool,
+}
+
+impl Default for OpenRequest {
+    /// qemu-io's defaults: read-write, cache=writethrough, aio=threads, discard=unmap.
+    fn default() -> Self {
+        OpenRequest {
+            name: None,
+            opts: Opts::new(),
+            read_only: false,
+            force_share: false,
+            cache: CacheMode {
+                direct: false,
+                writeback: false,
+                no_flush: false,
+            },
+            io_uring: false,
+            native_aio: false,
+            snapshot: false,
+            copy_on_read: false,
+            unmap: true,
+        }
+    }
+}
+
+impl OpenRequest {
+    /// Applies a cache mode name (`-t`); false if the name is unknown.
+    pub fn set_cache(&mut self, mode: &str) -> bool {
+        match CacheMode::parse(mode) {
+            Ok(c) => {
+                self.cache = c;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// `-n`: O_DIRECT with the write cache on, like `-t none`.
+    pub fn set_nocache(&mut self) {
+        self.cache.direct = true;
+        self.cache.writeback = true;
+    }
+
+    /// Applies an aio mode name (`-i`); false if the name is unknown.
+    pub fn set_aio(&mut self, mode: &str) -> bool {
+        match mode {
+            "threads" => {}
+            "native" => self.native_aio = true,
+            "io_uring" => self.io_uring = true,
+            _ => return false,
+        }
+        true
+    }
+
+    /// Applies a discard mode name (`-d`); false if the name is unknown.
+    pub fn set_discard(&mut self, mode: &str) -> bool {
+        match mode {
+            "off" | "ignore" => self.unmap = false,
+            "on" | "unmap" => self.unmap = true,
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// The state of a qemu-io run.
+pub struct Session {
+    /// The drivers.
+    pub registry: Arc<Registry>,
+    /// The open image, if any.
+    pub node: Option<Arc<Node>>,
+    /// How `node` was opened, for `reopen`.
+    pub opened: Option<OpenRequest>,
+    /// `--image-opts` was given: `open` takes an option string.
+    pub image_opts: bool,
+    /// `quit` was run.
+    pub quit: bool,
+    /// aio requests still running (QEMU: in flight on the BlockBackend).
+    in_flight: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    /// A session with no image open.
+    pub fn new(registry: Arc<Registry>, image_opts: bool) -> Session {
+        Session {
+            registry,
+            node: None,
+            opened: None,
+            image_opts,
+            quit: false,
+            in_flight: Vec::new(),
+        }
+    }
+
+    /// Opens the image of `req` (QEMU: openfile); prints what went wrong.
+    pub async fn open(&mut self, req: OpenRequest) -> Result<(), ()> {
+        if self.node.is_some() {
+            error_report("file open already, try 'help close'");
+            return Err(());
+        }
+        let mut req = req;
+        if req.force_share {
+            match req.opts.get("force-share") {
+                Some(serde_json::Value::String(v)) if v != "on" => {
+                    error_report("-U conflicts with image options");
+                    return Err(());
+                }
+                _ => {}
+            }
+        }
+        match self.open_node(&mut req).await {
+            Ok(node) => {
+                // The write cache is a property of the user of the image, not
+                // of the nodes below it (QEMU: blk_set_enable_write_cache).
+                node.set_writeback(req.cache.writeback);
+                self.node = Some(node);
+                self.opened = Some(req);
+                Ok(())
+            }
+            Err(msg) => {
+                match &req.name {
+                    Some(n) => error_report(format!("can't open device {n}: {msg}")),
+                    None => error_report(format!("can't open: {msg}")),
+                }
+                Err(())
+            }
+        }
+    }
+
+    async fn open_node(&self, req: &mut OpenRequest) -> Result<Arc<Node>, String> {
+        let mut opts = req.opts.clone();
+        let mut force_share = req.force_share;
+        if let Some(v) = opts.remove("force-share") {
+            force_share = v == "on" || v == true;
+        }
+        if let Some(serde_json::Value::String(d)) = opts.get("driver") {
+            // QEMU names an unknown driver before it looks at the file.
+            if self.registry.get(d).is_none() {
+                return Err(format!("Unknown driver '{d}'"));
+            }
+        }
+        if force_share && !req.read_only {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        if req.native_aio && !req.cache.direct {
+            return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+        }
+        if req.snapshot {
+            return Err("snapshot=on (-s) is not supported".into());
+        }
+        if req.copy_on_read {
+            return Err("copy-on-read (-C) is not supported".into());
+        }
+        let flags = OpenFlags {
+            read_only: req.read_only,
+            force_share,
+            cache: CacheMode {
+                writeback: true,
+                ..req.cache
+            },
+            aio: if req.io_uring || req.native_aio {
+                Aio::IoUring
+            } else {
+                Aio::Threads
+            },
+            ..OpenFlags::default()
+        };
+        let ctx = OpenCtx::new(Arc::clone(&self.registry), flags);
+        ctx.open_image(req.name.as_deref(), None, opts)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Opens the current image again with the flags of `req`. Only the write
+    /// cache changes in place; anything else closes and reopens the node
+    /// (an image lock cannot be held twice), going back to the old flags if
+    /// the new ones fail. The error is the message to report.
+    pub async fn reopen(&mut self, req: OpenRequest) -> Result<(), String> {
+        self.drain().await;
+        let (Some(node), Some(old)) = (&self.node, self.opened.clone()) else {
+            return Err("no file open".into());
+        };
+        let same_node = req.read_only == old.read_only
+            && req.cache.direct == old.cache.direct
+            && req.cache.no_flush == old.cache.no_flush
+            && req.opts == old.opts;
+        if same_node {
+            node.set_writeback(req.cache.writeback);
+            self.opened = Some(req);
+            return Ok(());
+        }
+        // The last reference must go before the image is opened again: the
+        // file and its lock are released when the node is dropped.
+        self.close().await;
+        let mut req = req;
+        match self.open_node(&mut req).await {
+            Ok(n) => {
+                n.set_writeback(req.cache.writeback);
+                self.node = Some(n);
+                self.opened = Some(req);
+                Ok(())
+            }
+            Err(msg) => {
+                let mut old = old;
+                if let Ok(n) = self.open_node(&mut old).await {
+                    n.set_writeback(old.cache.writeback);
+                    self.node = Some(n);
+                    self.opened = Some(old);
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// Starts an aio request. It runs whenever the event loop gets to run
+    /// (during a later command's I/O, `aio_flush`, `sleep` or the drain at
+    /// exit), and reports when it completes, as in qemu-io.
+    pub fn spawn(&mut self, request: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.in_flight.retain(|h| !h.is_finished());
+        self.in_flight.push(tokio::spawn(request));
+    }
+
+    /// Waits for every aio request (QEMU: blk_drain_all).
+    pub async fn drain(&mut self) {
+        for h in std::mem::take(&mut self.in_flight) {
+            // A request that panicked has nothing left to report.
+            let _ = h.await;
+        }
+    }
+
+    /// Closes the image after its requests, writing back what is cached
+    /// (QEMU: blk_unref).
+    pub async fn close(&mut self) {
+        self.drain().await;
+        self.opened = None;
+        if let Some(node) = self.node.take() {
+            // As in QEMU, a failure to write back at close is not reported.
+            let _ = node.close().await;
+        }
+    }
+
+    /// Discard requests reach the image.
+    pub fn unmap(&self) -> bool {
+        self.opened.as_ref().is_none_or(|r| r.unmap)
+    }
+}
