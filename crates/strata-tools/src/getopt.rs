@@ -1,174 +1,233 @@
-//! GNU getopt_long as QEMU's tools use it: options and operands in any order
-//! (permutation), `--` ends options, clustered short options, `-fqcow2` and
-//! `-f qcow2`, `--output=json` and `--output json`; errors in glibc's words.
+//! GNU getopt_long as glibc does it, for the command line and for every
+//! qemu-io command: clustered short options (`-pP 0xa`), options after
+//! operands (argument permutation), `--` ends the options, long options
+//! with `=value` or a separate value, and unique prefixes (`--read`).
+//!
+//! Items come back in command-line order and an error is one item among
+//! them, so a caller that stops at its first failing option prints exactly
+//! what the C tool prints (it never reaches later bad options either).
 
-/// One option a command accepts.
+/// A long option: its name, whether it takes an argument, and the short
+/// option (or private code) it stands for.
 #[derive(Clone, Copy, Debug)]
-pub struct Opt {
-    /// The short letter, if any.
-    pub short: Option<char>,
-    /// The long name, if any.
-    pub long: Option<&'static str>,
-    /// True when the option takes an argument.
-    pub arg: bool,
+pub struct LongOpt {
+    /// Name without the leading `--`.
+    pub name: &'static str,
+    /// Takes a required argument.
+    pub has_arg: bool,
+    /// What the option reports as, like getopt_long's `val`.
+    pub val: char,
 }
 
-/// Shorthand for an option with a short letter and maybe a long name.
-pub const fn opt(short: char, long: Option<&'static str>, arg: bool) -> Opt {
-    Opt {
-        short: Some(short),
-        long,
-        arg,
-    }
+/// One result of parsing, in command-line order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// An option (short, or the `val` of a long one) and its argument.
+    Opt(char, Option<String>),
+    /// glibc's complaint about a bad option, already worded
+    /// (`prog: invalid option -- 'X'`); getopt returned '?'.
+    Bad(String),
 }
 
-/// Shorthand for a long-only option.
-pub const fn long(name: &'static str, arg: bool) -> Opt {
-    Opt {
-        short: None,
-        long: Some(name),
-        arg,
-    }
-}
-
-/// What the parser found: options (by index into the table) with their
-/// arguments, in order, and the operands.
-#[derive(Debug, Default)]
+/// The options found and the operands, in their original order.
+#[derive(Clone, Debug, Default)]
 pub struct Parsed {
-    /// (index in the option table, argument).
-    pub opts: Vec<(usize, Option<String>)>,
-    /// Operands, in order.
+    /// Options and errors in the order they appeared.
+    pub items: Vec<Item>,
+    /// Non-option arguments, in order.
     pub operands: Vec<String>,
 }
 
-/// Parses `args` (without the program name); `prog` prefixes error
-/// messages as glibc prints them (`prog: invalid option -- 'x'`).
-pub fn parse(args: &[String], table: &[Opt], prog: &str) -> Result<Parsed, String> {
-    let mut p = Parsed::default();
+/// Parses `args` (without argv[0]); `prog` names the program in errors.
+/// `short` is a getopt option string (`"c:f:r"`: a colon marks an argument).
+pub fn parse(prog: &str, args: &[String], short: &str, long: &[LongOpt]) -> Parsed {
+    let mut out = Parsed::default();
     let mut i = 0;
     while i < args.len() {
-        let a = &args[i];
+        let arg = &args[i];
         i += 1;
-        if a == "--" {
-            p.operands.extend(args[i..].iter().cloned());
+        if arg == "--" {
+            out.operands.extend(args[i..].iter().cloned());
             break;
         }
-        if let Some(body) = a.strip_prefix("--") {
-            let (name, inline) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (body, None),
-            };
-            let exact = table.iter().position(|o| o.long == Some(name));
-            let idx = match exact {
-                Some(x) => x,
-                None => {
-                    let cands: Vec<usize> = (0..table.len())
-                        .filter(|&k| table[k].long.is_some_and(|l| l.starts_with(name)))
-                        .collect();
-                    match cands.as_slice() {
-                        [one] => *one,
-                        [] => return Err(format!("{prog}: unrecognized option '--{name}'")),
-                        _ => return Err(format!("{prog}: option '--{name}' is ambiguous")),
-                    }
+        if let Some(body) = arg.strip_prefix("--") {
+            out.items.push(long_opt(prog, body, args, &mut i, long));
+        } else if arg.len() > 1 && arg.starts_with('-') {
+            short_cluster(prog, &arg[1..], args, &mut i, short, &mut out.items);
+        } else {
+            out.operands.push(arg.clone());
+        }
+    }
+    out
+}
+
+/// Whether `c` is an option of `short`, and whether it takes an argument.
+fn short_spec(short: &str, c: char) -> Option<bool> {
+    if c == ':' {
+        return None;
+    }
+    let pos = short.find(c)?;
+    Some(short[pos + c.len_utf8()..].starts_with(':'))
+}
+
+fn short_cluster(
+    prog: &str,
+    cluster: &str,
+    args: &[String],
+    i: &mut usize,
+    short: &str,
+    items: &mut Vec<Item>,
+) {
+    for (pos, c) in cluster.char_indices() {
+        match short_spec(short, c) {
+            None => items.push(Item::Bad(format!("{prog}: invalid option -- '{c}'"))),
+            Some(false) => items.push(Item::Opt(c, None)),
+            Some(true) => {
+                let rest = &cluster[pos + c.len_utf8()..];
+                if !rest.is_empty() {
+                    items.push(Item::Opt(c, Some(rest.to_string())));
+                } else if let Some(next) = args.get(*i) {
+                    *i += 1;
+                    items.push(Item::Opt(c, Some(next.clone())));
+                } else {
+                    items.push(Item::Bad(format!(
+                        "{prog}: option requires an argument -- '{c}'"
+                    )));
                 }
-            };
-            let o = table[idx];
-            let full = o.long.unwrap_or(name);
-            if o.arg {
-                let v = match inline {
-                    Some(v) => v,
-                    None if i < args.len() => {
-                        i += 1;
-                        args[i - 1].clone()
-                    }
-                    None => return Err(format!("{prog}: option '--{full}' requires an argument")),
-                };
-                p.opts.push((idx, Some(v)));
-            } else {
-                if inline.is_some() {
-                    return Err(format!(
-                        "{prog}: option '--{full}' doesn't allow an argument"
+                return;
+            }
+        }
+    }
+}
+
+fn long_opt(prog: &str, body: &str, args: &[String], i: &mut usize, long: &[LongOpt]) -> Item {
+    let (name, value) = match body.split_once('=') {
+        Some((n, v)) => (n, Some(v.to_string())),
+        None => (body, None),
+    };
+    let opt = match long.iter().find(|o| o.name == name) {
+        Some(o) => *o,
+        None => {
+            let matches: Vec<&LongOpt> = long.iter().filter(|o| o.name.starts_with(name)).collect();
+            match matches.as_slice() {
+                [] => return Item::Bad(format!("{prog}: unrecognized option '--{name}'")),
+                [one] => **one,
+                many => {
+                    let list: String = many.iter().map(|o| format!(" '--{}'", o.name)).collect();
+                    return Item::Bad(format!(
+                        "{prog}: option '--{name}' is ambiguous; possibilities:{list}"
                     ));
                 }
-                p.opts.push((idx, None));
             }
-            continue;
         }
-        if a.len() > 1 && a.starts_with('-') {
-            let chars: Vec<char> = a[1..].chars().collect();
-            let mut k = 0;
-            while k < chars.len() {
-                let c = chars[k];
-                k += 1;
-                let Some(idx) = table.iter().position(|o| o.short == Some(c)) else {
-                    return Err(format!("{prog}: invalid option -- '{c}'"));
-                };
-                if table[idx].arg {
-                    let rest: String = chars[k..].iter().collect();
-                    let v = if !rest.is_empty() {
-                        rest
-                    } else if i < args.len() {
-                        i += 1;
-                        args[i - 1].clone()
-                    } else {
-                        return Err(format!("{prog}: option requires an argument -- '{c}'"));
-                    };
-                    p.opts.push((idx, Some(v)));
-                    break;
-                }
-                p.opts.push((idx, None));
+    };
+    match (opt.has_arg, value) {
+        (false, Some(_)) => Item::Bad(format!(
+            "{prog}: option '--{}' doesn't allow an argument",
+            opt.name
+        )),
+        (false, None) => Item::Opt(opt.val, None),
+        (true, Some(v)) => Item::Opt(opt.val, Some(v)),
+        (true, None) => match args.get(*i) {
+            Some(next) => {
+                *i += 1;
+                Item::Opt(opt.val, Some(next.clone()))
             }
-            continue;
-        }
-        p.operands.push(a.clone());
+            None => Item::Bad(format!(
+                "{prog}: option '--{}' requires an argument",
+                opt.name
+            )),
+        },
     }
-    Ok(p)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
     }
 
-    const T: &[Opt] = &[
-        opt('f', None, true),
-        opt('q', None, false),
-        long("output", true),
-        opt('U', Some("force-share"), false),
-    ];
-
     #[test]
-    fn permutation_and_forms() {
+    fn clusters_and_permutation() {
         let p = parse(
-            &s(&["img", "-fqcow2", "-q", "--output=json", "-U", "x"]),
-            T,
-            "p",
-        )
-        .unwrap();
-        assert_eq!(p.operands, ["img", "x"]);
-        assert_eq!(p.opts[0], (0, Some("qcow2".into())));
-        assert_eq!(p.opts[2], (2, Some("json".into())));
-        let p = parse(&s(&["-qf", "raw", "--force", "--", "-q"]), T, "p").unwrap();
-        assert_eq!(p.opts.len(), 3);
-        assert_eq!(p.operands, ["-q"]);
+            "read",
+            &v(&["0", "-pP", "0xa", "512", "-v"]),
+            "bCl:pP:qrs:v",
+            &[],
+        );
+        assert_eq!(
+            p.items,
+            vec![
+                Item::Opt('p', None),
+                Item::Opt('P', Some("0xa".into())),
+                Item::Opt('v', None)
+            ]
+        );
+        assert_eq!(p.operands, v(&["0", "512"]));
     }
 
     #[test]
-    fn errors_in_glibc_words() {
+    fn errors_are_worded_like_glibc() {
+        let p = parse("read", &v(&["-X", "-P"]), "P:", &[]);
         assert_eq!(
-            parse(&s(&["-x"]), T, "p").unwrap_err(),
-            "p: invalid option -- 'x'"
+            p.items,
+            vec![
+                Item::Bad("read: invalid option -- 'X'".into()),
+                Item::Bad("read: option requires an argument -- 'P'".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn long_prefixes() {
+        let long = [
+            LongOpt {
+                name: "cmd",
+                has_arg: true,
+                val: 'c',
+            },
+            LongOpt {
+                name: "copy-on-read",
+                has_arg: false,
+                val: 'C',
+            },
+            LongOpt {
+                name: "cache",
+                has_arg: true,
+                val: 't',
+            },
+            LongOpt {
+                name: "read-only",
+                has_arg: false,
+                val: 'r',
+            },
+        ];
+        let p = parse(
+            "q",
+            &v(&["--read", "--cache=none", "--cmd", "x", "--c"]),
+            "",
+            &long,
         );
         assert_eq!(
-            parse(&s(&["-f"]), T, "p").unwrap_err(),
-            "p: option requires an argument -- 'f'"
+            p.items,
+            vec![
+                Item::Opt('r', None),
+                Item::Opt('t', Some("none".into())),
+                Item::Opt('c', Some("x".into())),
+                Item::Bad(
+                    "q: option '--c' is ambiguous; possibilities: '--cmd' '--copy-on-read' '--cache'"
+                        .into()
+                )
+            ]
         );
-        assert_eq!(
-            parse(&s(&["--bogus"]), T, "p").unwrap_err(),
-            "p: unrecognized option '--bogus'"
-        );
+    }
+
+    #[test]
+    fn double_dash_ends_options() {
+        let p = parse("read", &v(&["--", "-1", "2"]), "v", &[]);
+        assert!(p.items.is_empty());
+        assert_eq!(p.operands, v(&["-1", "2"]));
     }
 }

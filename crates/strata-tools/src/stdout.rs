@@ -1,64 +1,72 @@
-//! Standard output buffered as C's stdio buffers it: by line on a terminal,
-//! in blocks otherwise. QEMU's tools print errors unbuffered to stderr, so in
-//! a pipe (as in QEMU's iotests, which merge both) errors come out before the
-//! normal output they follow in the program; matching that needs the same buffering.
+//! Standard output buffered the way C's stdio buffers it, because the
+//! order of qemu-io's stdout and stderr in one merged stream depends on it:
+//! fully buffered (in blocks) when stdout is not a terminal, line buffered
+//! when it is; stderr is never buffered. With `-c` commands, an error on
+//! stderr therefore shows up before every report line still in the buffer.
 
 use std::io::{IsTerminal, Write};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
-/// glibc's buffer size for pipes and files.
+/// glibc's buffer size for pipes and ordinary files (st_blksize).
 const BLOCK: usize = 4096;
 
-struct Out {
-    buf: Vec<u8>,
-    line_buffered: bool,
+struct Buffer {
+    data: Vec<u8>,
+    /// None until the first write decides (isatty is asked once).
+    tty: Option<bool>,
 }
 
-fn out() -> &'static Mutex<Out> {
-    static OUT: OnceLock<Mutex<Out>> = OnceLock::new();
-    OUT.get_or_init(|| {
-        Mutex::new(Out {
-            buf: Vec::with_capacity(BLOCK),
-            line_buffered: std::io::stdout().is_terminal(),
-        })
-    })
+static STDOUT: Mutex<Buffer> = Mutex::new(Buffer {
+    data: Vec::new(),
+    tty: None,
+});
+
+fn write_through(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe is not our problem (qemu-io ignores SIGPIPE and EPIPE too).
+    let _ = out.write_all(bytes);
+    let _ = out.flush();
 }
 
-/// Appends formatted text to standard output's buffer.
-pub fn write_fmt(args: std::fmt::Arguments) {
-    let mut o = out().lock().unwrap_or_else(|p| p.into_inner());
-    let _ = o.buf.write_fmt(args);
-    let flush_now = if o.line_buffered {
-        o.buf.contains(&b'\n')
-    } else {
-        o.buf.len() >= BLOCK
-    };
-    if flush_now {
-        let data = std::mem::take(&mut o.buf);
-        let mut so = std::io::stdout().lock();
-        let _ = so.write_all(&data);
-        let _ = so.flush();
+/// Appends formatted text to the buffer, writing out what stdio would.
+pub fn write_fmt(args: std::fmt::Arguments<'_>) {
+    let Ok(mut b) = STDOUT.lock() else { return };
+    let text = args.to_string();
+    b.data.extend_from_slice(text.as_bytes());
+    let tty = *b.tty.get_or_insert_with(|| std::io::stdout().is_terminal());
+    if tty {
+        if text.contains('\n') {
+            write_through(&b.data);
+            b.data.clear();
+        }
+    } else if b.data.len() >= BLOCK {
+        let n = b.data.len() / BLOCK * BLOCK;
+        write_through(&b.data[..n]);
+        b.data.drain(..n);
     }
 }
 
-/// Writes out what is buffered (at exit, and before waiting for input).
+/// fflush(stdout).
 pub fn flush() {
-    let mut o = out().lock().unwrap_or_else(|p| p.into_inner());
-    let data = std::mem::take(&mut o.buf);
-    let mut so = std::io::stdout().lock();
-    let _ = so.write_all(&data);
-    let _ = so.flush();
+    let Ok(mut b) = STDOUT.lock() else { return };
+    if !b.data.is_empty() {
+        write_through(&b.data);
+        b.data.clear();
+    }
 }
 
-/// `print!` through the stdio-like buffer.
+/// printf to the buffered stdout.
 #[macro_export]
 macro_rules! out {
-    ($($arg:tt)*) => { $crate::stdout::write_fmt(format_args!($($arg)*)) };
+    ($($t:tt)*) => { $crate::stdout::write_fmt(format_args!($($t)*)) };
 }
 
-/// `println!` through the stdio-like buffer.
+/// printf with a newline to the buffered stdout.
 #[macro_export]
 macro_rules! outln {
     () => { $crate::stdout::write_fmt(format_args!("\n")) };
-    ($($arg:tt)*) => { $crate::stdout::write_fmt(format_args!("{}\n", format_args!($($arg)*))) };
+    ($($t:tt)*) => {{
+        $crate::stdout::write_fmt(format_args!($($t)*));
+        $crate::stdout::write_fmt(format_args!("\n"));
+    }};
 }

@@ -2,8 +2,8 @@
 //! timed; the workload and flags are qemu-img's, so the two compare directly.
 
 use super::{getopt, Ctx};
+use super::{long, opt};
 use crate::common::{self, ImageSpec};
-use crate::getopt::{long, opt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +11,7 @@ use strata_block::options::parse_size;
 use strata_block::report::error_report;
 use strata_block::{CacheMode, IoBuf, Node, OpenFlags, WriteFlags};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('h', Some("help"), false),
     opt('c', Some("count"), true),
     opt('d', Some("depth"), true),

@@ -3,14 +3,14 @@
 //! 63 unsupported).
 
 use super::{getopt, parse_output, usage_error, Ctx};
+use super::{long, opt};
 use crate::common::{self, ImageSpec};
-use crate::getopt::{long, opt};
 use crate::qjson;
 use serde_json::{Map, Value};
 use strata_block::report::error_report;
 use strata_block::{CheckResult, OpenFlags, RepairMode};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
     opt('h', Some("help"), false),
     opt('r', Some("repair"), true),

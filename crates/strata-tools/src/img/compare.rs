@@ -3,13 +3,13 @@
 //! 1 different, 2 open error, 3 metadata error, 4 read error.
 
 use super::{getopt, usage_error, Ctx};
+use super::{long, opt};
 use crate::common::{self, ImageSpec};
-use crate::getopt::{long, opt};
 use std::sync::Arc;
 use strata_block::report::error_report;
 use strata_block::{IoBuf, Node, OpenFlags};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('f', None, true),
     opt('F', None, true),
     opt('h', Some("help"), false),

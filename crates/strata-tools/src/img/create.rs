@@ -2,13 +2,13 @@
 //! `Formatting ...` line, then the driver's create.
 
 use super::{getopt, usage_error, Ctx};
-use crate::getopt::{long, opt};
+use super::{long, opt};
 use std::sync::Arc;
 use strata_block::options::{parse_keyval, parse_size, OptSpec, OptType, Opts};
 use strata_block::report::error_report;
 use strata_block::{DriverClass, Error, OpenCtx, OpenFlags, Registry};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('F', None, true),
     opt('b', None, true),
     opt('f', None, true),

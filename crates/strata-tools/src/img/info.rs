@@ -2,8 +2,8 @@
 //! backing chain; children (the file node) nested as QEMU nests them.
 
 use super::{getopt, parse_output, usage_error, Ctx};
+use super::{long, opt};
 use crate::common::{self, size_to_str, ImageSpec};
-use crate::getopt::{long, opt};
 use crate::qjson;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use strata_block::open::path_combine;
 use strata_block::report::error_report;
 use strata_block::{ChildRole, Node, OpenFlags};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
     opt('h', Some("help"), false),
     opt('U', Some("force-share"), false),

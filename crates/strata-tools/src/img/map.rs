@@ -2,14 +2,14 @@
 //! as qemu-img merges them.
 
 use super::{getopt, parse_output, usage_error, Ctx};
+use super::{long, opt};
 use crate::common::{self, ImageSpec};
-use crate::getopt::{long, opt};
 use std::sync::Arc;
 use strata_block::options::parse_size;
 use strata_block::report::error_report;
 use strata_block::{Node, OpenFlags, Result};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
     opt('h', Some("help"), false),
     opt('U', Some("force-share"), false),

@@ -102,15 +102,86 @@ fn dispatch() -> i32 {
     }
 }
 
-/// Parses a subcommand's arguments; on a getopt error prints it and the hint.
-pub fn getopt(
-    cmd: &str,
-    args: &[String],
-    table: &[crate::getopt::Opt],
-) -> Result<crate::getopt::Parsed, i32> {
-    crate::getopt::parse(args, table, &prog_for(cmd)).map_err(|msg| {
-        eprintln!("{msg}");
-        try_help(cmd)
+/// One option of a subcommand's table: short letter and/or long name, and
+/// whether it takes an argument. Subcommands match results by table index.
+#[derive(Clone, Copy, Debug)]
+pub struct Opt {
+    short: Option<char>,
+    long: Option<&'static str>,
+    arg: bool,
+}
+
+/// An option with a short letter and maybe a long name.
+pub const fn opt(short: char, long: Option<&'static str>, arg: bool) -> Opt {
+    Opt {
+        short: Some(short),
+        long,
+        arg,
+    }
+}
+
+/// A long-only option.
+pub const fn long(name: &'static str, arg: bool) -> Opt {
+    Opt {
+        short: None,
+        long: Some(name),
+        arg,
+    }
+}
+
+/// A subcommand's options (by table index, with argument) and operands.
+pub struct Parsed {
+    pub opts: Vec<(usize, Option<String>)>,
+    pub operands: Vec<String>,
+}
+
+/// Parses a subcommand's arguments with glibc's rules; on a bad option
+/// prints glibc's complaint and the hint, and gives the exit code.
+pub fn getopt(cmd: &str, args: &[String], table: &[Opt]) -> Result<Parsed, i32> {
+    use crate::getopt::{Item, LongOpt};
+    // Long-only options report as private-use characters, like getopt's `val`.
+    let val = |i: usize, o: &Opt| {
+        o.short
+            .unwrap_or_else(|| char::from_u32(0xE000 + i as u32).unwrap_or('\0'))
+    };
+    let mut short = String::new();
+    for o in table {
+        if let Some(c) = o.short {
+            short.push(c);
+            if o.arg {
+                short.push(':');
+            }
+        }
+    }
+    let longs: Vec<LongOpt> = table
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| {
+            o.long.map(|name| LongOpt {
+                name,
+                has_arg: o.arg,
+                val: val(i, o),
+            })
+        })
+        .collect();
+    let parsed = crate::getopt::parse(&prog_for(cmd), args, &short, &longs);
+    let mut opts = Vec::new();
+    for item in parsed.items {
+        match item {
+            Item::Opt(c, v) => {
+                if let Some(i) = table.iter().enumerate().position(|(i, o)| val(i, o) == c) {
+                    opts.push((i, v));
+                }
+            }
+            Item::Bad(msg) => {
+                eprintln!("{msg}");
+                return Err(try_help(cmd));
+            }
+        }
+    }
+    Ok(Parsed {
+        opts,
+        operands: parsed.operands,
     })
 }
 

@@ -1,13 +1,13 @@
 //! `qemu-img resize`: grow (or, with --shrink, shrink) an image.
 
 use super::{getopt, usage_error, Ctx};
+use super::{long, opt};
 use crate::common::{self, ImageSpec};
-use crate::getopt::{long, opt};
 use strata_block::options::parse_size;
 use strata_block::report::{error_report, warn_report};
 use strata_block::{OpenFlags, Preallocation};
 
-const OPTS: &[crate::getopt::Opt] = &[
+const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
     opt('h', Some("help"), false),
     opt('q', None, false),

@@ -1,10 +1,10 @@
 //! qemu-io's command line: options in any position (GNU permutation), at
 //! most one image, and the same messages and exit codes as qemu-io.c.
 
-use super::getopt::{self, Item, LongOpt};
-use super::out::{self, out};
 use super::session::OpenRequest;
 use crate::common;
+use crate::getopt::{self, Item, LongOpt};
+use crate::out;
 use strata_block::options::parse_keyval;
 use strata_block::report::{error_report, prog_name};
 
@@ -216,8 +216,8 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
             // Strata has no trace events; the option is accepted for scripts.
             Item::Opt('T', _) => {}
             Item::Opt('V', _) => {
-                out::outln!("{} version {}", prog_name(), common::QEMU_FULL_VERSION);
-                out::outln!("{}", common::QEMU_COPYRIGHT);
+                crate::outln!("{} version {}", prog_name(), common::QEMU_FULL_VERSION);
+                crate::outln!("{}", common::QEMU_COPYRIGHT);
                 return Err(0);
             }
             Item::Opt('h', _) => {

@@ -3,8 +3,8 @@
 //! each line, as qemu-io's command_loop does.
 
 use super::commands::run_line;
-use super::out::{self, out};
 use super::session::Session;
+use crate::{out, stdout as out_buf};
 use std::io::{BufRead, IsTerminal, Read};
 use strata_block::report::prog_name;
 use strata_block::EventLoop;
@@ -53,7 +53,7 @@ pub fn command_loop(el: &EventLoop, session: &mut Session, commands: &[String]) 
     let mut input = stdin.lock();
     while !session.quit {
         out!("{}> ", prog_name());
-        out::flush();
+        out_buf::flush();
         let Some(line) = fetch_line(&mut input) else {
             if tty {
                 // QEMU's readline ends the prompt line at end of input.

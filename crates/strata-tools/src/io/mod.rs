@@ -4,10 +4,8 @@
 
 mod args;
 mod commands;
-mod getopt;
 mod input;
 mod numbers;
-mod out;
 mod report;
 mod session;
 
@@ -22,7 +20,7 @@ pub fn main() -> i32 {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let code = run(registry, &argv);
-    out::flush();
+    crate::stdout::flush();
     code
 }
 

@@ -2,7 +2,7 @@
 //! them (`4k`, `1.5M`, `0x200`, leading blanks allowed), pattern bytes and
 //! milliseconds as C's strtol reads them, and the messages for bad ones.
 
-use super::out::outln;
+use crate::outln;
 
 /// Why a number was refused (QEMU returns -EINVAL or -ERANGE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! offset O` line with its statistics line (or `-C`'s one parsable line),
 //! and `-v`'s hex dump.
 
-use super::out::{out, outln};
+use crate::{out, outln};
 use std::time::Duration;
 
 /// qemu-io's cvtstr. For values below 1 KiB C's `%f` keeps six decimals,

@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn refcount_packing_every_width() {
         for order in 0..=6u32 {
-            let mut b = vec![0u8; 64];
+            let mut b = vec![0u8; 128];
             let max = if order == 6 {
                 u64::MAX
             } else {

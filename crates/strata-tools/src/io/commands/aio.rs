@@ -10,10 +10,10 @@
 
 use super::request::{matches_pattern, total_length};
 use super::Ctx;
-use crate::io::getopt::Item;
+use crate::getopt::Item;
 use crate::io::numbers::{cvtnum_or_report, parse_pattern};
-use crate::io::out::outln;
 use crate::io::report::{dump_buffer, print_report};
+use crate::outln;
 use std::time::Instant;
 use strata_block::error::strerror;
 use strata_block::{IoBuf, WriteFlags};

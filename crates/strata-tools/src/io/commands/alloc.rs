@@ -4,8 +4,8 @@
 
 use super::Ctx;
 use crate::io::numbers::cvtnum_or_report;
-use crate::io::out::outln;
 use crate::io::report::cvtstr;
+use crate::outln;
 use std::sync::Arc;
 use strata_block::error::strerror;
 use strata_block::report::error_report;

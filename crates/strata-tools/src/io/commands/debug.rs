@@ -6,7 +6,7 @@
 use super::request::total_length;
 use super::Ctx;
 use crate::io::numbers::{cvtnum_or_report, strtol0};
-use crate::io::out::{self, outln};
+use crate::{outln, stdout as out_buf};
 use std::time::Duration;
 
 /// `abort`: crash on purpose. Like abort(3), buffered output is lost.
@@ -56,7 +56,7 @@ pub fn sigraise(ctx: &mut Ctx<'_>) -> i32 {
         return -libc::EINVAL;
     }
     // raise() does not flush stdio; QEMU flushes first so nothing is lost.
-    out::flush();
+    out_buf::flush();
     // SAFETY: raise has no memory-safety preconditions; the signal number
     // is checked to be in range above.
     unsafe { libc::raise(sig as libc::c_int) };

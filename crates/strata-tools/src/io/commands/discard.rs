@@ -2,10 +2,10 @@
 
 use super::request::{failed, MAX_BYTES};
 use super::Ctx;
-use crate::io::getopt::Item;
+use crate::getopt::Item;
 use crate::io::numbers::cvtnum_or_report;
-use crate::io::out::outln;
 use crate::io::report::print_report;
+use crate::outln;
 use std::time::Instant;
 use strata_block::Error;
 

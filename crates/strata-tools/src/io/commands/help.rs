@@ -3,7 +3,7 @@
 //! compare them.
 
 use super::{Ctx, COMMANDS};
-use crate::io::out::{out, outln};
+use crate::{out, outln};
 
 /// Long help of `read`.
 pub const READ: &str = "

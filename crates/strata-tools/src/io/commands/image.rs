@@ -1,11 +1,11 @@
 //! Commands about the image as a whole: `length`, `info`, `truncate`, `flush`.
 
 use super::Ctx;
-use crate::io::getopt::Item;
+use crate::getopt::Item;
 use crate::io::numbers::{cvtnum, print_cvtnum_err};
-use crate::io::out::{out, outln};
 use crate::io::report::cvtstr;
 use crate::qjson::human_dump;
+use crate::{out, outln};
 use serde_json::Value;
 use strata_block::report::error_report;
 use strata_block::{Node, Preallocation};

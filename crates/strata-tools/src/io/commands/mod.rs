@@ -17,9 +17,9 @@ mod request;
 mod session;
 mod write;
 
-use super::getopt::{self, Item, Parsed};
-use super::out::{out, outln};
 use super::session::Session;
+use crate::getopt::{self, Item, Parsed};
+use crate::{out, outln};
 use std::sync::Arc;
 use strata_block::report::error_report;
 use strata_block::Node;

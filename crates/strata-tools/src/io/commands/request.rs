@@ -3,7 +3,7 @@
 //! of a failed request.
 
 use crate::io::numbers::{cvtnum, print_cvtnum_err};
-use crate::io::out::outln;
+use crate::outln;
 use strata_block::error::strerror;
 use strata_block::Error;
 

@@ -1,9 +1,9 @@
 //! Commands that open, close and reopen the image, and `quit`.
 
 use super::Ctx;
-use crate::io::getopt::Item;
-use crate::io::out::outln;
+use crate::getopt::Item;
 use crate::io::session::OpenRequest;
+use crate::outln;
 use strata_block::options::{nest, parse_keyval, Opts};
 use strata_block::report::error_report;
 

@@ -3,10 +3,10 @@
 
 use super::request::{failed, total_length, MAX_BYTES};
 use super::Ctx;
-use crate::io::getopt::Item;
+use crate::getopt::Item;
 use crate::io::numbers::{cvtnum_or_report, parse_pattern};
-use crate::io::out::outln;
 use crate::io::report::print_report;
+use crate::outln;
 use std::io::Read;
 use std::time::Instant;
 use strata_block::error::strerror;
