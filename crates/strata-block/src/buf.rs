@@ -111,7 +111,7 @@ impl IoBuf {
 
     /// True when the address is a multiple of `align`.
     pub fn is_aligned(&self, align: usize) -> bool {
-        (self.as_ptr() as usize) % align.max(1) == 0
+        (self.as_ptr() as usize).is_multiple_of(align.max(1))
     }
 
     /// Splits into `[0, at)` and `[at, len)`, each owned on its own.

@@ -179,7 +179,7 @@ impl Node {
         }
         let align = self.limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
-        if offset % align == 0 && len % align == 0 && mem_ok {
+        if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
             return self.read_aligned(offset, buf).await;
         }
         // Unaligned: read the aligned cover into a bounce buffer and copy out.
@@ -224,7 +224,7 @@ impl Node {
         }
         let align = self.limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
-        let buf = if offset % align == 0 && len % align == 0 && mem_ok {
+        let buf = if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
             let _req = self.tracker.begin(offset, offset + len, false).await;
             self.write_aligned(offset, buf, flags).await?
         } else {
@@ -280,7 +280,7 @@ impl Node {
             return Ok(());
         }
         let align = self.limits.request_alignment.max(1) as u64;
-        if offset % align == 0 && len % align == 0 {
+        if offset.is_multiple_of(align) && len.is_multiple_of(align) {
             let r = {
                 let _req = self.tracker.begin(offset, offset + len, false).await;
                 self.driver.write_zeroes(offset, len, flags).await

@@ -158,7 +158,7 @@ pub fn run(ctx: Ctx) -> i32 {
                     Ok(())
                 }
                 Err(_) => {
-                    error_report(format!("Invalid aio option provided"));
+                    error_report("Invalid aio option provided");
                     Err(1)
                 }
             },
@@ -175,7 +175,7 @@ pub fn run(ctx: Ctx) -> i32 {
                     Ok(())
                 }
                 Err(_) => {
-                    error_report(format!("Invalid cache mode"));
+                    error_report("Invalid cache mode");
                     Err(1)
                 }
             },
@@ -198,7 +198,7 @@ pub fn run(ctx: Ctx) -> i32 {
                     Ok(())
                 }
                 Err(_) => {
-                    error_report(format!("Invalid pattern byte specified"));
+                    error_report("Invalid pattern byte specified");
                     Err(1)
                 }
             },

@@ -153,7 +153,7 @@ pub fn run(ctx: Ctx) -> i32 {
             4 => match parse_size(&v, 1) {
                 Ok(n) => start = n,
                 Err(_) => {
-                    error_report(format!("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for "));
+                    error_report("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for ");
                     return 1;
                 }
             },

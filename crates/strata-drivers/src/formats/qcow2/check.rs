@@ -63,7 +63,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         }
         add(&mut refs, &mut res, cs, file_len, l2, cs);
         l2_tables.push((l1i, e, l2));
-        if l2 % cs != 0 {
+        if !l2.is_multiple_of(cs) {
             eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
             res.corruptions += 1;
         }

@@ -745,7 +745,7 @@ impl Driver for Qcow2Driver {
 
     async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
         let old = self.length();
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
         if size < old {
@@ -1049,7 +1049,7 @@ fn validate_table(
     if entries > max_bytes / entry_len {
         return Err(Error::msg(libc::EFBIG, format!("{name} too large")));
     }
-    if (i64::MAX as u64) - entries * entry_len < offset || offset % cs != 0 {
+    if (i64::MAX as u64) - entries * entry_len < offset || !offset.is_multiple_of(cs) {
         return Err(Error::invalid(format!("{name} offset invalid")));
     }
     Ok(())
