@@ -135,7 +135,8 @@ pub fn run(ctx: Ctx) -> i32 {
     };
     let (mut fmt, mut image_opts, mut force_share) = (None, false, false);
     let mut flags = OpenFlags {
-        aio: strata_block::engine::Aio::Threads,
+        // io_uring is Strata's default engine (qemu-img bench's is threads).
+        aio: strata_block::engine::Aio::IoUring,
         ..OpenFlags::default()
     };
     let mut native = false;
