@@ -1,13 +1,16 @@
-//! `qemu-img check` for qcow2: rebuilds every cluster's reference count from
-//! the metadata (header, L1, L2 tables, data, refcount table and blocks),
-//! compares with the stored counts, and repairs leaks and corruptions on
-//! request. Messages go to stderr in QEMU's words, as scripts read them.
+//! `qemu-img check` for qcow2: counts every cluster's references from the
+//! metadata (header, L1, L2 tables, data, refcount table and blocks),
+//! compares them with the stored refcounts, and repairs on request: leaks
+//! and excess counts in place; a referenced cluster counted zero by
+//! rebuilding the whole refcount structure, as QEMU does. The passes, their
+//! order and their messages (stderr) are QEMU's, as scripts read them.
 
+use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::meta::{Mapping, Meta, OFFSET_MASK, OFLAG_COPIED};
 use super::Qcow2Driver;
 use std::collections::BTreeMap;
 use strata_block::driver::{CheckResult, RepairMode};
-use strata_block::{Driver, IoBuf, Result, WriteFlags};
+use strata_block::{Driver, Error, IoBuf, Result, WriteFlags};
 
 /// Computed references per host cluster.
 type Refs = BTreeMap<u64, u64>;
@@ -33,22 +36,25 @@ fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64,
     }
 }
 
-/// Runs the check (and repair) on an open image.
-pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<CheckResult> {
-    // Check what is on disk, not what the cache holds.
-    m.flush(&d.file).await?;
+/// The references found by walking the metadata.
+struct Walk {
+    refs: Refs,
+    /// Clusters to compare: the file's, or more where references reach further.
+    nb_clusters: u64,
+    /// (L1 index, L1 entry, L2 offset) of every L2 table.
+    l2_tables: Vec<(usize, u64, u64)>,
+}
+
+/// Counts the references of every piece of metadata and data.
+async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Result<Walk> {
     let cs = d.geo.cluster_size;
-    let mut res = CheckResult {
-        total_clusters: d.length().div_ceil(cs),
-        ..Default::default()
-    };
     let mut refs = Refs::new();
     let file_len = d.file.driver().length();
     let l1_bytes = m.l1.len() as u64 * 8;
-    add(&mut refs, &mut res, cs, file_len, 0, cs);
+    add(&mut refs, res, cs, file_len, 0, cs);
     add(
         &mut refs,
-        &mut res,
+        res,
         cs,
         file_len,
         m.header.l1_table_offset,
@@ -61,17 +67,16 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         if l2 == 0 {
             continue;
         }
-        add(&mut refs, &mut res, cs, file_len, l2, cs);
+        add(&mut refs, res, cs, file_len, l2, cs);
         l2_tables.push((l1i, e, l2));
         if !l2.is_multiple_of(cs) {
             eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
             res.corruptions += 1;
+            continue;
         }
-    }
-    for &(_, _, l2) in l2_tables.iter().filter(|t| t.2 % cs == 0) {
         let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
         for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
-            let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let entry = be64(c);
             match m.decode(entry, l2, idx as u64) {
                 Err(_) => {
                     eprintln!(
@@ -86,140 +91,373 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
                         res.fragmented_clusters += 1;
                     }
                     next_contiguous = host + cs;
-                    add(&mut refs, &mut res, cs, file_len, host, cs);
+                    add(&mut refs, res, cs, file_len, host, cs);
                 }
                 Ok(Mapping::Zero(Some(host))) => {
                     res.allocated_clusters += 1;
-                    add(&mut refs, &mut res, cs, file_len, host, cs);
+                    add(&mut refs, res, cs, file_len, host, cs);
                 }
                 Ok(mp @ Mapping::Compressed(_)) => {
                     res.allocated_clusters += 1;
                     res.compressed_clusters += 1;
                     res.fragmented_clusters += 1;
                     if let Some((off, n)) = d.host_cluster_of(mp) {
-                        add(&mut refs, &mut res, cs, file_len, off, n * cs);
+                        add(&mut refs, res, cs, file_len, off, n * cs);
                     }
                 }
                 Ok(_) => {}
             }
         }
     }
-    let rt_off = m.header.refcount_table_offset;
     let rt_bytes = m.header.refcount_table_clusters as u64 * cs;
-    add(&mut refs, &mut res, cs, file_len, rt_off, rt_bytes);
+    add(
+        &mut refs,
+        res,
+        cs,
+        file_len,
+        m.header.refcount_table_offset,
+        rt_bytes,
+    );
     for (ti, &rb) in m.reftable.iter().enumerate() {
         let rb = rb & OFFSET_MASK;
         if rb != 0 && rb >= file_len {
             eprintln!("ERROR refcount block {ti} is outside image");
             res.corruptions += 1;
         } else if rb != 0 {
-            add(&mut refs, &mut res, cs, file_len, rb, cs);
+            add(&mut refs, res, cs, file_len, rb, cs);
         }
     }
+    let reached = refs.keys().next_back().map_or(0, |c| c + 1);
+    Ok(Walk {
+        refs,
+        nb_clusters: file_len.div_ceil(cs).max(reached),
+        l2_tables,
+    })
+}
 
-    // Stored counts, block by block.
-    let entries = 1u64 << d.geo.rb_bits;
-    let order = d.geo.refcount_order;
-    let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
-    for (ti, &rb) in m.reftable.iter().enumerate() {
-        let rb = rb & OFFSET_MASK;
-        if rb == 0 {
+/// Compares stored and computed refcounts; with `fix`, repairs what it may.
+/// Returns true when a referenced cluster is counted zero: then only a
+/// rebuild of the refcount structure helps. `highest` gets the last cluster
+/// in use by either count.
+async fn compare(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    fix: RepairMode,
+    walk: &Walk,
+    highest: &mut u64,
+) -> Result<bool> {
+    let mut rebuild = false;
+    *highest = 0;
+    for c in 0..walk.nb_clusters {
+        let stored = m.refcount(&d.file, c).await?;
+        let want = walk.refs.get(&c).copied().unwrap_or(0);
+        if stored > 0 || want > 0 {
+            *highest = c;
+        }
+        if stored == want {
             continue;
         }
-        if rb >= file_len {
-            continue;
+        let fixing = if stored == 0 {
+            rebuild = true;
+            false
+        } else {
+            (stored > want && fix.leaks) || (stored < want && fix.errors)
+        };
+        let what = if fixing {
+            "Repairing"
+        } else if stored < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        eprintln!("{what} cluster {c} refcount={stored} reference={want}");
+        if fixing {
+            m.set_refcount(&d.file, c, want).await?;
+            if stored > want {
+                res.leaks_fixed += 1;
+            } else {
+                res.corruptions_fixed += 1;
+            }
+        } else if stored < want {
+            res.corruptions += 1;
+        } else {
+            res.leaks += 1;
         }
-        let block = d.file.read(rb, IoBuf::zeroed(cs as usize)).await?;
-        for i in 0..entries {
-            let bit = i << order;
-            let v = super::meta::get_refcount(block.as_slice(), (bit / 8) as usize, bit, order);
-            if v != 0 {
-                stored.insert(ti as u64 * entries + i, v);
+    }
+    Ok(rebuild)
+}
+
+/// Runs the check (and repair) on an open image.
+pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<CheckResult> {
+    // Check what is on disk, not what the cache holds.
+    m.flush(&d.file).await?;
+    let cs = d.geo.cluster_size;
+    let mut res = CheckResult {
+        total_clusters: d.length().div_ceil(cs),
+        ..Default::default()
+    };
+    let mut walk = calculate(d, m, &mut res).await?;
+    let pre_compare = res.clone();
+    let mut highest = 0;
+    let rebuild = compare(d, m, &mut res, RepairMode::default(), &walk, &mut highest).await?;
+    let fixing = repair.leaks || repair.errors;
+    if rebuild && repair.errors {
+        let old = res.clone();
+        eprintln!("Rebuilding refcount structure");
+        rebuild_refcounts(d, m, &mut walk).await?;
+        res.corruptions = 0;
+        res.leaks = 0;
+        walk = calculate(d, m, &mut res).await?;
+        let mut fresh_leaks = 0;
+        if repair.leaks {
+            // The old structures are leaks now; what cannot be fixed stays a leak.
+            let saved = res.clone();
+            res = CheckResult::default();
+            if compare(
+                d,
+                m,
+                &mut res,
+                RepairMode {
+                    leaks: true,
+                    errors: false,
+                },
+                &walk,
+                &mut highest,
+            )
+            .await?
+            {
+                eprintln!("ERROR rebuilt refcount structure is still broken");
+            }
+            fresh_leaks = res.leaks;
+            res = saved;
+        }
+        if res.corruptions < old.corruptions {
+            res.corruptions_fixed += old.corruptions - res.corruptions;
+        }
+        if res.leaks < old.leaks {
+            res.leaks_fixed += old.leaks - res.leaks;
+        }
+        res.leaks += fresh_leaks;
+    } else if fixing {
+        if rebuild {
+            eprintln!("ERROR need to rebuild refcount structures");
+            return Err(Error::errno(libc::EIO));
+        }
+        if res.leaks > 0 || res.corruptions > 0 {
+            res = pre_compare;
+            compare(d, m, &mut res, repair, &walk, &mut highest).await?;
+        }
+    }
+    check_oflag_copied(d, m, &mut res, repair, &walk).await?;
+    m.flush(&d.file).await?;
+    d.file.flush().await?;
+    if fixing && res.check_errors == 0 && res.corruptions == 0 {
+        // Repaired: neither dirty nor corrupt any more.
+        m.set_incompatible(&d.file, INCOMPAT_DIRTY | INCOMPAT_CORRUPT, false)
+            .await?;
+    }
+    res.image_end_offset = (highest + 1) * cs;
+    Ok(res)
+}
+
+/// OFLAG_COPIED must say "refcount is exactly one", in L1 and L2 entries.
+async fn check_oflag_copied(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    fix: RepairMode,
+    walk: &Walk,
+) -> Result<()> {
+    let cs = d.geo.cluster_size;
+    let repair = if fix.errors {
+        true
+    } else if fix.leaks {
+        // Safe only if the refcounts themselves were repaired cleanly.
+        res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0
+    } else {
+        false
+    };
+    let word = if repair { "Repairing" } else { "ERROR" };
+    for &(l1i, e, l2) in &walk.l2_tables {
+        let rc = m.refcount(&d.file, l2 / cs).await?;
+        if (rc == 1) != (e & OFLAG_COPIED != 0) {
+            res.corruptions += 1;
+            eprintln!(
+                "{word} OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
+            );
+            if repair {
+                m.l1[l1i] = if rc == 1 {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
+                m.write_l1_entry(&d.file, l1i).await?;
+                res.corruptions -= 1;
+                res.corruptions_fixed += 1;
             }
         }
-    }
-
-    // Compare.
-    let mut clusters: Vec<u64> = refs.keys().chain(stored.keys()).copied().collect();
-    clusters.sort_unstable();
-    clusters.dedup();
-    let mut highest = 0;
-    let mut fixes = Vec::new();
-    for &c in &clusters {
-        let want = refs.get(&c).copied().unwrap_or(0);
-        let have = stored.get(&c).copied().unwrap_or(0);
-        if want > 0 || have > 0 {
-            highest = highest.max(c + 1);
-        }
-        if want == have {
+        if !l2.is_multiple_of(cs) {
             continue;
         }
-        let leak = have > want;
-        let what = if leak { "Leaked" } else { "ERROR" };
-        eprintln!("{what} cluster {c} refcount={have} reference={want}");
-        if leak {
-            res.leaks += 1;
-        } else {
-            res.corruptions += 1;
-        }
-        if (leak && repair.leaks) || (!leak && repair.errors) {
-            fixes.push((c, have, want, leak));
-        }
-    }
-
-    // OFLAG_COPIED must say "refcount is one", in L1 and in L2 entries.
-    let mut copied_fixes = Vec::new();
-    for &(l1i, e, l2) in &l2_tables {
-        let rc = stored.get(&(l2 / cs)).copied().unwrap_or(0);
-        let want_copied = rc == 1;
-        if want_copied != (e & OFLAG_COPIED != 0) {
-            eprintln!("ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}");
-            res.corruptions += 1;
-        }
-        if l2 % cs != 0 {
-            continue;
-        }
-        let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
-        for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
-            let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            if let Ok(Mapping::Normal { host, copied }) = m.decode(entry, l2, idx as u64) {
-                let rc = stored.get(&(host / cs)).copied().unwrap_or(0);
-                if (rc == 1) != copied {
-                    eprintln!("ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}");
-                    res.corruptions += 1;
-                    if repair.errors {
-                        copied_fixes.push((l2 + idx as u64 * 8, entry ^ OFLAG_COPIED));
-                    }
+        let mut table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
+        let mut dirty = 0;
+        for idx in 0..(cs / 8) as usize {
+            let entry = be64(&table.as_slice()[idx * 8..idx * 8 + 8]);
+            let host = match m.decode(entry, l2, idx as u64) {
+                Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => host,
+                _ => continue,
+            };
+            let rc = m.refcount(&d.file, host / cs).await?;
+            if (rc == 1) != (entry & OFLAG_COPIED != 0) {
+                res.corruptions += 1;
+                eprintln!("{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}");
+                if repair {
+                    let fixed = if rc == 1 {
+                        entry | OFLAG_COPIED
+                    } else {
+                        entry & !OFLAG_COPIED
+                    };
+                    table.as_mut_slice()[idx * 8..idx * 8 + 8]
+                        .copy_from_slice(&fixed.to_be_bytes());
+                    dirty += 1;
                 }
             }
         }
+        if dirty > 0 {
+            m.check_metadata_write(&d.file, l2, cs).await?;
+            d.file.write(l2, table, WriteFlags::default()).await?;
+            m.l2_cache.remove_table(l2, cs);
+            res.corruptions -= dirty;
+            res.corruptions_fixed += dirty;
+        }
     }
+    Ok(())
+}
 
-    for (c, have, want, leak) in fixes {
-        eprintln!("Repairing cluster {c} refcount={have} reference={want}");
-        m.set_refcount(&d.file, c, want).await?;
-        if leak {
-            res.leaks_fixed += 1;
+/// Takes `n` contiguous clusters that the computed counts say are free,
+/// searching from `*first_free` (QEMU's alloc_clusters_imrt), and counts them.
+fn alloc_imrt(refs: &mut Refs, n: u64, first_free: &mut u64) -> u64 {
+    let mut c = *first_free;
+    let mut run = 0;
+    let mut first_gap = true;
+    let end = refs.keys().next_back().map_or(0, |k| k + 1);
+    while c < end && run < n {
+        if refs.get(&c).copied().unwrap_or(0) == 0 {
+            run += 1;
+            if first_gap {
+                *first_free = c;
+                first_gap = false;
+            }
         } else {
-            res.corruptions_fixed += 1;
+            run = 0;
         }
-        if want == 0 && have > 0 && c + 1 == highest {
-            highest = c;
-        }
+        c += 1;
     }
-    for (off, entry) in copied_fixes {
+    let start = if run >= n { c - n } else { c - run };
+    for k in start..start + n {
+        *refs.entry(k).or_insert(0) += 1;
+    }
+    start
+}
+
+/// Writes refcount blocks for the clusters in `[first, end)` that are in
+/// use, allocating blocks where the new table has none. True when the new
+/// table had to grow.
+async fn write_refblocks(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    refs: &mut Refs,
+    first: u64,
+    end: u64,
+    table: &mut Vec<u64>,
+) -> Result<bool> {
+    let cs = d.geo.cluster_size;
+    let rb_bits = d.geo.rb_bits;
+    let order = d.geo.refcount_order;
+    let mut grown = false;
+    let mut first_free = 0u64;
+    let mut end = end;
+    let mut c = first;
+    while c < end {
+        if refs.get(&c).copied().unwrap_or(0) == 0 {
+            c += 1;
+            continue;
+        }
+        let ti = c >> rb_bits;
+        let start = ti << rb_bits;
+        let rb = match table.get(ti as usize) {
+            Some(&off) if off != 0 => off,
+            _ => {
+                first_free = first_free.max(start);
+                let hc = alloc_imrt(refs, 1, &mut first_free);
+                end = end.max(hc + 1);
+                if table.len() as u64 <= ti {
+                    let per = cs / 8;
+                    table.resize(((ti + 1).div_ceil(per) * per) as usize, 0);
+                    grown = true;
+                }
+                table[ti as usize] = hc * cs;
+                hc * cs
+            }
+        };
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..1u64 << rb_bits {
+            let v = refs.get(&(start + i)).copied().unwrap_or(0);
+            if v != 0 {
+                let bit = i << order;
+                super::meta::put_refcount(&mut block, (bit / 8) as usize, bit, order, v);
+            }
+        }
+        m.check_metadata_write(&d.file, rb, cs).await?;
         d.file
-            .write(
-                off,
-                IoBuf::from_slice(&entry.to_be_bytes()),
-                WriteFlags::default(),
-            )
+            .write(rb, IoBuf::from_slice(&block), WriteFlags::default())
             .await?;
-        m.l2_cache.clear();
-        res.corruptions_fixed += 1;
+        c = start + (1 << rb_bits);
     }
-    m.flush(&d.file).await?;
+    Ok(grown)
+}
+
+/// Writes a new refcount structure from the computed counts (QEMU's
+/// rebuild_refcount_structure): new blocks and a new table in free
+/// clusters, then one header write switches to them. The old ones become
+/// leaks, repaired by the next pass.
+async fn rebuild_refcounts(d: &Qcow2Driver, m: &mut Meta, walk: &mut Walk) -> Result<()> {
+    let cs = d.geo.cluster_size;
+    m.rb_cache.clear();
+    let mut table: Vec<u64> = Vec::new();
+    let nb = walk.nb_clusters;
+    write_refblocks(d, m, &mut walk.refs, 0, nb, &mut table).await?;
+    let (offset, clusters) = loop {
+        let clusters = (table.len() as u64 * 8).div_ceil(cs);
+        let mut first_free = 0;
+        let start = alloc_imrt(&mut walk.refs, clusters, &mut first_free);
+        let grown =
+            write_refblocks(d, m, &mut walk.refs, start, start + clusters, &mut table).await?;
+        if !grown {
+            break (start * cs, clusters);
+        }
+    };
+    let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+    d.file
+        .write(offset, IoBuf::from_slice(&bytes), WriteFlags::default())
+        .await?;
     d.file.flush().await?;
-    res.image_end_offset = highest * cs;
-    Ok(res)
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&offset.to_be_bytes());
+    hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+    d.file
+        .write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
+        .await?;
+    d.file.flush().await?;
+    m.header.refcount_table_offset = offset;
+    m.header.refcount_table_clusters = clusters as u32;
+    m.reftable = table;
+    m.rb_cache.clear();
+    m.free_cluster_index = 0;
+    Ok(())
+}
+
+fn be64(c: &[u8]) -> u64 {
+    u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
 }

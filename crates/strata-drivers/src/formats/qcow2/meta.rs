@@ -244,6 +244,24 @@ impl Meta {
         }
     }
 
+    /// Sets or clears incompatible feature bits (dirty, corrupt) on disk and
+    /// flushes, so that the bit is stable before what depends on it.
+    pub async fn set_incompatible(&mut self, file: &Arc<Node>, bits: u64, on: bool) -> Result<()> {
+        let old = self.header.incompatible_features;
+        let new = if on { old | bits } else { old & !bits };
+        if new == old || self.geo.version < 3 {
+            return Ok(());
+        }
+        self.header.incompatible_features = new;
+        file.write(
+            72,
+            IoBuf::from_slice(&new.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
+        file.flush().await
+    }
+
     /// Reports corrupt metadata as QEMU does. On an image open read-write it
     /// is fatal: the corrupt bit is set on disk and the image refuses all
     /// further I/O. Returns the error for the request that found it.
@@ -311,8 +329,14 @@ impl Meta {
             .get_mut(slice)
             .ok_or_else(|| Error::errno(libc::EIO))?;
         put_refcount(b, at, bit, order, val);
-        if val == 0 && hc < self.free_cluster_index {
-            self.free_cluster_index = hc;
+        if val == 0 {
+            if hc < self.free_cluster_index {
+                self.free_cluster_index = hc;
+            }
+            // A free cluster's old contents are of no use: give the space
+            // back to the host (QEMU discards freed clusters too).
+            let cs = self.geo.cluster_size;
+            file.discard(hc * cs, cs).await?;
         }
         Ok(())
     }

@@ -311,6 +311,10 @@ impl Qcow2Driver {
             // Allocate: new L2 table if needed, then the data clusters.
             let n = last - first + 1;
             let l2 = self.writable_l2(&mut m, first).await?;
+            if m.header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0 {
+                // Lazy refcounts: the image is marked dirty while refcounts may lag.
+                m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
+            }
             let host = m.alloc_clusters(&self.file, n).await?;
             m.check_metadata_write(&self.file, host, n * cs).await?;
             self.lock_inflight().extend(first..=last);
@@ -835,6 +839,12 @@ impl Driver for Qcow2Driver {
     async fn close(&self) -> Result<()> {
         if !self.read_only {
             self.flush().await?;
+            // Everything is written back: the refcounts are consistent again.
+            let mut m = self.meta.lock().await;
+            if !m.corrupt {
+                m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+                    .await?;
+            }
         }
         if let Some(b) = &self.backing {
             b.close().await?;
@@ -1010,7 +1020,8 @@ impl DriverClass for Qcow2Class {
             writable: !read_only,
             header: hdr.clone(),
         };
-        Ok(Box::new(Qcow2Driver {
+        let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
+        let driver = Qcow2Driver {
             file,
             backing,
             geo,
@@ -1020,7 +1031,18 @@ impl DriverClass for Qcow2Class {
             inflight: std::sync::Mutex::new(HashSet::new()),
             alloc_done: Notify::new(),
             read_only,
-        }))
+        };
+        if dirty && !read_only && !ctx.flags.check {
+            // Refcounts may lag behind (lazy refcounts): repair before use.
+            driver
+                .check(RepairMode {
+                    leaks: true,
+                    errors: true,
+                })
+                .await
+                .map_err(|e| e.context("Could not repair dirty image"))?;
+        }
+        Ok(Box::new(driver))
     }
 }
 
