@@ -7,7 +7,6 @@ use crate::engine::Aio;
 use crate::error::{Error, Result};
 use crate::node::{CacheMode, Node};
 use crate::options::{take_bool, take_dict, take_str, Opts};
-use crate::report::warn_report;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -110,6 +109,8 @@ pub struct OpenCtx {
     file: Option<Arc<Node>>,
     /// Set while opening a format's file: the format applies permissions later.
     file_perms: Option<(Perm, Perm)>,
+    /// The format being opened was guessed by probing.
+    probed: bool,
 }
 
 /// Largest number of bytes format probing reads.
@@ -127,6 +128,7 @@ impl OpenCtx {
             chain: Vec::new(),
             file: None,
             file_perms: None,
+            probed: false,
         }
     }
 
@@ -211,6 +213,7 @@ impl OpenCtx {
         let display_name = filename
             .clone()
             .unwrap_or_else(|| file_node.filename().to_string());
+        let probed = driver.is_none();
         let class = match driver {
             Some(d) => ctx.registry.format(&d)?,
             None => ctx.probe(&file_node, &display_name).await?,
@@ -227,6 +230,7 @@ impl OpenCtx {
         let mut open_ctx = ctx.clone();
         open_ctx.file = Some(file_node);
         open_ctx.file_perms = None;
+        open_ctx.probed = probed;
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
         Ok(Node::new(
@@ -259,9 +263,10 @@ impl OpenCtx {
             Some((_, c)) => {
                 // Only a writer can damage a guessed raw image's first block.
                 if c.name() == "raw" && !self.flags.read_only {
-                    warn_report(format!(
-                        "Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
-                    ));
+                    // QEMU prints this one without the program name.
+                    eprintln!(
+                        "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+                    );
                 }
                 Ok(c)
             }
@@ -274,6 +279,20 @@ impl OpenCtx {
         self.file
             .clone()
             .ok_or_else(|| Error::invalid("A block device must be specified for \"file\""))
+    }
+
+    /// True when the format being opened was guessed by probing (raw then
+    /// guards its first sector, see the raw driver).
+    pub fn probed(&self) -> bool {
+        self.probed
+    }
+
+    /// Formats that recognise `header` as theirs (protocols and raw aside).
+    pub fn probe_formats(registry: &Registry, header: &[u8]) -> bool {
+        registry
+            .all()
+            .iter()
+            .any(|c| !c.is_protocol() && c.name() != "raw" && c.probe(header, "") > 1)
     }
 
     fn apply_cache_opts(&mut self, opts: &mut Opts) -> Result<()> {

@@ -47,6 +47,9 @@ impl Tracker {
             end,
             serialising,
         });
+        // The guard exists before the first wait, so a request dropped while
+        // waiting still leaves the list.
+        let req = TrackedRequest { tracker: self, id };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -55,11 +58,10 @@ impl Tracker {
                 e.id < id && e.start < end && start < e.end && (serialising || e.serialising)
             });
             if !conflict {
-                break;
+                return req;
             }
             notified.await;
         }
-        TrackedRequest { tracker: self, id }
     }
 
     /// Number of requests in flight (for drain).

@@ -216,6 +216,18 @@ impl Drop for RingGuard {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The kernel may still complete operations after the ring is gone
+        // (io-wq workers): their buffers must never be freed, so leak them.
+        for slot in self.slots.drain(..) {
+            if let Slot::Waiting(_, keep) | Slot::Abandoned(keep) = slot {
+                std::mem::forget(keep);
+            }
+        }
+    }
+}
+
 impl Inner {
     fn alloc_slot(&mut self, keep: Keep) -> usize {
         match self.free.pop() {

@@ -5,10 +5,14 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_size, OptSpec};
+use strata_block::Registry;
 use strata_block::{
     BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Opts, Result,
     WriteFlags,
 };
+
+/// What probing reads of an image, and so what raw guards when probed.
+const SECTOR: u64 = 512;
 
 /// The `raw` driver class.
 pub struct RawClass;
@@ -16,6 +20,10 @@ pub struct RawClass;
 /// An open raw image.
 pub struct RawDriver {
     file: Arc<Node>,
+    /// Set when the format was guessed: a write must not turn the first
+    /// sector into another format's header (a guest could otherwise make
+    /// the host open, say, a backing file of its choice next time).
+    guard_first_sector: Option<Arc<Registry>>,
     offset: u64,
     /// Fixed size when `size` was given; else the file's length minus `offset`.
     size: Option<u64>,
@@ -48,6 +56,21 @@ impl Driver for RawDriver {
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        if let Some(reg) = &self.guard_first_sector {
+            if offset < SECTOR && !buf.is_empty() {
+                // The first sector as it would be after this write.
+                let mut sector = self
+                    .file
+                    .read(self.offset, IoBuf::zeroed(SECTOR as usize))
+                    .await?;
+                let n = (SECTOR - offset).min(buf.len() as u64) as usize;
+                sector.as_mut_slice()[offset as usize..offset as usize + n]
+                    .copy_from_slice(&buf.as_slice()[..n]);
+                if OpenCtx::probe_formats(reg, sector.as_slice()) {
+                    return Err(Error::errno(libc::EPERM));
+                }
+            }
+        }
         self.file.write(self.offset + offset, buf, flags).await
     }
 
@@ -124,6 +147,12 @@ impl DriverClass for RawClass {
                 size.unwrap_or(0)
             )));
         }
-        Ok(Box::new(RawDriver { file, offset, size }))
+        let guard_first_sector = ctx.probed().then(|| Arc::clone(&ctx.registry));
+        Ok(Box::new(RawDriver {
+            file,
+            guard_first_sector,
+            offset,
+            size,
+        }))
     }
 }

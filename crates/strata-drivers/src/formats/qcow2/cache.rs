@@ -22,6 +22,9 @@ pub struct TableCache {
     capacity: usize,
     slices: HashMap<u64, Slice>,
     tick: u64,
+    /// Slices were written since the file was last flushed: a write that
+    /// must come after them needs a flush first, even if none is dirty now.
+    written: bool,
 }
 
 impl TableCache {
@@ -32,6 +35,7 @@ impl TableCache {
             capacity: capacity.max(4),
             slices: HashMap::new(),
             tick: 0,
+            written: false,
         }
     }
 
@@ -109,6 +113,16 @@ impl TableCache {
         })
     }
 
+    /// True when slices were written (or wait to be) since the last flush.
+    pub fn needs_flush(&self) -> bool {
+        self.written || self.has_dirty()
+    }
+
+    /// Records that the file was flushed.
+    pub fn flushed(&mut self) {
+        self.written = false;
+    }
+
     /// True when any slice waits to be written.
     pub fn has_dirty(&self) -> bool {
         self.slices.values().any(|s| s.dirty)
@@ -121,13 +135,15 @@ impl TableCache {
                 file.write(off, IoBuf::from_slice(&s.data), WriteFlags::default())
                     .await?;
                 s.dirty = false;
+                self.written = true;
             }
         }
         Ok(())
     }
 
-    /// Writes every dirty slice back, in offset order.
-    pub async fn write_back_all(&mut self, file: &Arc<Node>) -> Result<()> {
+    /// The offsets of the dirty slices, in order (the caller checks each
+    /// against the other metadata before writing it back).
+    pub fn dirty_offsets(&self) -> Vec<u64> {
         let mut dirty: Vec<u64> = self
             .slices
             .iter()
@@ -135,10 +151,7 @@ impl TableCache {
             .map(|(o, _)| *o)
             .collect();
         dirty.sort_unstable();
-        for off in dirty {
-            self.write_back(file, off).await?;
-        }
-        Ok(())
+        dirty
     }
 
     /// Forgets everything (after a failed write-back the image is re-read).

@@ -6,7 +6,7 @@
 //! order and their messages (stderr) are QEMU's, as scripts read them.
 
 use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::meta::{Mapping, Meta, OFFSET_MASK, OFLAG_COPIED};
+use super::meta::{Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED};
 use super::Qcow2Driver;
 use std::collections::BTreeMap;
 use strata_block::driver::{CheckResult, RepairMode};
@@ -325,7 +325,7 @@ async fn check_oflag_copied(
             }
         }
         if dirty > 0 {
-            m.check_metadata_write(&d.file, l2, cs).await?;
+            m.check_write(&d.file, l2, cs, WriteKind::L2).await?;
             d.file.write(l2, table, WriteFlags::default()).await?;
             m.l2_cache.remove_table(l2, cs);
             res.corruptions -= dirty;
@@ -409,7 +409,7 @@ async fn write_refblocks(
                 super::meta::put_refcount(&mut block, (bit / 8) as usize, bit, order, v);
             }
         }
-        m.check_metadata_write(&d.file, rb, cs).await?;
+        m.check_write(&d.file, rb, cs, WriteKind::Refblock).await?;
         d.file
             .write(rb, IoBuf::from_slice(&block), WriteFlags::default())
             .await?;
@@ -452,6 +452,7 @@ async fn rebuild_refcounts(d: &Qcow2Driver, m: &mut Meta, walk: &mut Walk) -> Re
     d.file.flush().await?;
     m.header.refcount_table_offset = offset;
     m.header.refcount_table_clusters = clusters as u32;
+    m.refblocks = table.iter().copied().filter(|&o| o != 0).collect();
     m.reftable = table;
     m.rb_cache.clear();
     m.free_cluster_index = 0;

@@ -10,6 +10,7 @@
 //!   first; a violation marks the image corrupt.
 
 use super::cache::TableCache;
+use std::collections::HashSet;
 use strata_block::report::c_hex;
 
 /// Largest refcount table QEMU accepts (bytes).
@@ -103,6 +104,24 @@ pub struct Meta {
     pub signaled: bool,
     /// Opened read-write: corruption marks the image corrupt on disk.
     pub writable: bool,
+    /// Host offsets of the active L2 tables and of the refcount blocks, for
+    /// the overlap check of every write.
+    pub l2_tables: HashSet<u64>,
+    pub refblocks: HashSet<u64>,
+}
+
+/// What a write to the image file is, for the overlap check: each kind may
+/// only land on its own kind of cluster (or on free ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Guest data or a brand-new table.
+    Data,
+    /// An active L2 table.
+    L2,
+    /// A refcount block.
+    Refblock,
+    /// The active L1 table.
+    L1,
 }
 
 fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -170,7 +189,12 @@ impl Meta {
                         self.flush_refcounts(file).await?;
                     }
                     let ss = self.l2_cache.slice_size() as u64;
-                    Box::pin(self.check_metadata_write(file, victim, ss)).await?;
+                    let kind = if l2 {
+                        WriteKind::L2
+                    } else {
+                        WriteKind::Refblock
+                    };
+                    Box::pin(self.check_write(file, victim, ss, kind)).await?;
                     let c = if l2 {
                         &mut self.l2_cache
                     } else {
@@ -403,6 +427,7 @@ impl Meta {
             self.put_in_block(file, rb, idx, 1).await?;
         }
         self.reftable[ti as usize] = rb;
+        self.refblocks.insert(rb);
         self.write_reftable_entry(file, ti).await?;
         if self.free_cluster_index == f {
             self.free_cluster_index = f + 1;
@@ -498,6 +523,7 @@ impl Meta {
             let rb = (start + table_clusters + k as u64) << self.geo.cluster_bits;
             self.write_zero_block(file, rb).await?;
             self.reftable[ti as usize] = rb;
+            self.refblocks.insert(rb);
         }
         // Everything new is covered now: count the table and the blocks.
         for hc in start..start + table_clusters + blocks.len() as u64 {
@@ -566,9 +592,11 @@ impl Meta {
     /// Writes dirty refcount slices and flushes the file, so that what they
     /// count is stable before anything points to it.
     pub async fn flush_refcounts(&mut self, file: &Arc<Node>) -> Result<()> {
-        if self.rb_cache.has_dirty() {
-            self.rb_cache.write_back_all(file).await?;
+        if self.rb_cache.needs_flush() {
+            self.write_back_cache(file, false).await?;
             file.flush().await?;
+            self.rb_cache.flushed();
+            self.l2_cache.flushed();
         }
         Ok(())
     }
@@ -576,10 +604,12 @@ impl Meta {
     /// Writes dirty L2 slices (after the refcounts they depend on) and
     /// flushes the file.
     pub async fn flush_l2(&mut self, file: &Arc<Node>) -> Result<()> {
-        if self.l2_cache.has_dirty() {
+        if self.l2_cache.needs_flush() {
             self.flush_refcounts(file).await?;
-            self.l2_cache.write_back_all(file).await?;
+            self.write_back_cache(file, true).await?;
             file.flush().await?;
+            self.rb_cache.flushed();
+            self.l2_cache.flushed();
         }
         Ok(())
     }
@@ -588,7 +618,7 @@ impl Meta {
     pub async fn flush(&mut self, file: &Arc<Node>) -> Result<()> {
         self.flush_refcounts(file).await?;
         if self.l2_cache.has_dirty() {
-            self.l2_cache.write_back_all(file).await?;
+            self.write_back_cache(file, true).await?;
         }
         Ok(())
     }
@@ -596,7 +626,7 @@ impl Meta {
     /// Writes L1 entry `i` to disk.
     pub async fn write_l1_entry(&mut self, file: &Arc<Node>, i: usize) -> Result<()> {
         let off = self.header.l1_table_offset + i as u64 * 8;
-        self.check_metadata_write_allowing_l1(file, off, 8).await?;
+        self.check_write(file, off, 8, WriteKind::L1).await?;
         file.write(
             off,
             IoBuf::from_slice(&self.l1[i].to_be_bytes()),
@@ -619,18 +649,33 @@ impl Meta {
         )
     }
 
-    fn overlap_check(&self, off: u64, len: u64, allow_l1: bool) -> Result<()> {
+    fn overlap_check(&self, off: u64, len: u64, kind: WriteKind) -> Result<()> {
         let end = off + len;
+        let cs = self.geo.cluster_size;
         let hit = |(a, b): (u64, u64)| off < b && a < end;
-        let what = if hit((0, self.geo.cluster_size)) {
+        let mut what = if hit((0, cs)) {
             Some("qcow2_header")
-        } else if !allow_l1 && hit(self.l1_range()) {
+        } else if kind != WriteKind::L1 && hit(self.l1_range()) {
             Some("active L1 table")
         } else if hit(self.reftable_range()) {
             Some("refcount table")
         } else {
             None
         };
+        if what.is_none() && len > 0 {
+            let mut c = off / cs * cs;
+            while c < end {
+                if kind != WriteKind::L2 && self.l2_tables.contains(&c) {
+                    what = Some("active L2 table");
+                    break;
+                }
+                if kind != WriteKind::Refblock && self.refblocks.contains(&c) {
+                    what = Some("refcount block");
+                    break;
+                }
+                c += cs;
+            }
+        }
         match what {
             Some(w) => Err(Error::corrupt(format!(
                 "Preventing invalid write on metadata (overlaps with {w})"
@@ -639,30 +684,57 @@ impl Meta {
         }
     }
 
-    /// Checks a metadata or data write at `[off, off+len)` against the header,
-    /// the L1 table and the refcount table.
+    /// Checks a write of `kind` at `[off, off+len)` against every metadata
+    /// area it must not touch; a violation is fatal corruption.
+    pub async fn check_write(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        len: u64,
+        kind: WriteKind,
+    ) -> Result<()> {
+        match self.overlap_check(off, len, kind) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.signal_corruption(file, e).await),
+        }
+    }
+
+    /// Checks a data write (or a new table) at `[off, off+len)`.
     pub async fn check_metadata_write(
         &mut self,
         file: &Arc<Node>,
         off: u64,
         len: u64,
     ) -> Result<()> {
-        match self.overlap_check(off, len, false) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.signal_corruption(file, e).await),
-        }
+        self.check_write(file, off, len, WriteKind::Data).await
     }
 
-    async fn check_metadata_write_allowing_l1(
-        &mut self,
-        file: &Arc<Node>,
-        off: u64,
-        len: u64,
-    ) -> Result<()> {
-        match self.overlap_check(off, len, true) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.signal_corruption(file, e).await),
+    /// Writes back the dirty slices of one cache, each checked first.
+    async fn write_back_cache(&mut self, file: &Arc<Node>, l2: bool) -> Result<()> {
+        let dirty = if l2 {
+            self.l2_cache.dirty_offsets()
+        } else {
+            self.rb_cache.dirty_offsets()
+        };
+        let kind = if l2 {
+            WriteKind::L2
+        } else {
+            WriteKind::Refblock
+        };
+        let ss = self.l2_cache.slice_size() as u64;
+        for off in dirty {
+            if self.corrupt {
+                return Err(Error::errno(libc::ENOMEDIUM));
+            }
+            Box::pin(self.check_write(file, off, ss, kind)).await?;
+            let c = if l2 {
+                &mut self.l2_cache
+            } else {
+                &mut self.rb_cache
+            };
+            c.write_back(file, off).await?;
         }
+        Ok(())
     }
 }
 

@@ -51,6 +51,36 @@ pub struct Qcow2Driver {
     read_only: bool,
 }
 
+/// Guest clusters being allocated by one write; unmarked (and waiters woken)
+/// when dropped, so a cancelled write cannot leave them marked forever.
+struct InflightGuard<'a> {
+    driver: &'a Qcow2Driver,
+    first: u64,
+    last: u64,
+}
+
+impl<'a> InflightGuard<'a> {
+    fn new(driver: &'a Qcow2Driver, first: u64, last: u64) -> Self {
+        driver.lock_inflight().extend(first..=last);
+        InflightGuard {
+            driver,
+            first,
+            last,
+        }
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut set = self.driver.lock_inflight();
+        for gc in self.first..=self.last {
+            set.remove(&gc);
+        }
+        drop(set);
+        self.driver.alloc_done.notify_waiters();
+    }
+}
+
 /// One piece of a request: `len` guest bytes at `offset`, all mapped alike.
 #[derive(Clone, Copy, Debug)]
 struct Extent {
@@ -196,6 +226,7 @@ impl Qcow2Driver {
             return Err(Error::invalid("Guest offset beyond the L1 table"));
         }
         let e = m.l1[l1i];
+        let e_old = e;
         let old = e & OFFSET_MASK;
         if old != 0 && e & OFLAG_COPIED != 0 {
             return Ok(old);
@@ -216,10 +247,17 @@ impl Qcow2Driver {
         m.flush_refcounts(&self.file).await?;
         self.file.flush().await?;
         m.l1[l1i] = new | OFLAG_COPIED;
-        m.write_l1_entry(&self.file, l1i).await?;
+        m.l2_tables.insert(new);
+        if let Err(e) = m.write_l1_entry(&self.file, l1i).await {
+            // The table was not linked: memory must say what the disk says.
+            m.l1[l1i] = e_old;
+            m.l2_tables.remove(&new);
+            return Err(e);
+        }
         if old != 0 {
             self.file.flush().await?;
             m.l2_cache.remove_table(old, cs);
+            m.l2_tables.remove(&old);
             m.update_refcounts(&self.file, old, 1, -1).await?;
         }
         Ok(new)
@@ -317,32 +355,26 @@ impl Qcow2Driver {
             }
             let host = m.alloc_clusters(&self.file, n).await?;
             m.check_metadata_write(&self.file, host, n * cs).await?;
-            self.lock_inflight().extend(first..=last);
+            // Marked in flight until this guard goes, even if this future is dropped.
+            let _inflight = InflightGuard::new(self, first, last);
             drop(m);
-            let r = self
+            let written = self
                 .write_new_clusters(offset, buf, host, first, &mappings)
                 .await;
-            let (r, written) = match r {
-                Ok(b) => (Ok(()), b),
-                Err(e) => (Err(e), IoBuf::zeroed(0)),
-            };
             let mut m = self.meta.lock().await;
-            let linked = match r {
-                Ok(()) => self.link_clusters(&mut m, l2, first, host, &mappings).await,
-                Err(e) => Err(e),
+            return match written {
+                // Linking failed half way leaves leaks at worst, never a
+                // reference to a free cluster.
+                Ok(buf) => self
+                    .link_clusters(&mut m, l2, first, host, mappings.len())
+                    .await
+                    .map(|()| buf),
+                Err(e) => {
+                    // Nothing points to the new clusters yet: give them back.
+                    let _ = m.update_refcounts(&self.file, host, n, -1).await;
+                    Err(e)
+                }
             };
-            if linked.is_err() {
-                // Give the clusters back; their L2 entries were not changed.
-                let _ = m.update_refcounts(&self.file, host, n, -1).await;
-            }
-            drop(m);
-            let mut inflight = self.lock_inflight();
-            for gc in first..=last {
-                inflight.remove(&gc);
-            }
-            drop(inflight);
-            self.alloc_done.notify_waiters();
-            return linked.map(|()| written);
         }
     }
 
@@ -389,16 +421,19 @@ impl Qcow2Driver {
         l2: u64,
         first: u64,
         host: u64,
-        mappings: &[Mapping],
+        n: usize,
     ) -> Result<()> {
         let mask = self.geo.l2_entries() - 1;
-        for (i, _) in mappings.iter().enumerate() {
-            let gc = first + i as u64;
-            let h = host + ((i as u64) << self.geo.cluster_bits);
+        let mut old = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let gc = first + i;
+            // What the entry says now is what this write replaces.
+            old.push(m.mapping(&self.file, gc).await?);
+            let h = host + (i << self.geo.cluster_bits);
             m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
                 .await?;
         }
-        self.release_old(m, mappings).await
+        self.release_old(m, &old).await
     }
 
     /// Drops the references old mappings held, after the L2 change is on disk.
@@ -436,7 +471,7 @@ impl Qcow2Driver {
 
     /// Sets the L2 entries of whole clusters `[first, first+n)` to `zero`
     /// (reads as zeroes) or unallocated, releasing what they pointed to.
-    async fn clear_clusters(&self, first: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
+    async fn clear_clusters(&self, first: u64, n: u64, zero: bool, unmap: bool) -> Result<()> {
         let mut gc = first;
         let end = first + n;
         while gc < end {
@@ -447,31 +482,35 @@ impl Qcow2Driver {
             if m.corrupt {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
-            let has_table = m.l2_table_of(gc)?.is_some();
-            if !has_table && (!zero || self.backing.is_none()) {
-                // Nothing allocated here, and it already reads as zeroes or backing.
-                if !zero || self.backing.is_none() {
-                    gc = stop;
-                    continue;
-                }
+            // A write may have marked clusters in flight before we got the lock.
+            if self.lock_inflight().iter().any(|c| (gc..stop).contains(c)) {
+                continue;
+            }
+            // Without a table the range is unallocated: it already reads as
+            // zeroes, or (discard) may keep reading the backing file.
+            if m.l2_table_of(gc)?.is_none() && (!zero || self.backing.is_none()) {
+                gc = stop;
+                continue;
             }
             let l2 = self.writable_l2(&mut m, gc).await?;
             let mask = self.geo.l2_entries() - 1;
             let mut old = Vec::new();
             for c in gc..stop {
+                let entry = m.l2_get(&self.file, l2, c & mask).await?;
                 let mp = m.mapping(&self.file, c).await?;
-                let new = match (zero, mp) {
-                    (true, Mapping::Normal { host, copied: true }) if keep_alloc => {
-                        host | OFLAG_ZERO | OFLAG_COPIED
-                    }
-                    (true, Mapping::Zero(Some(host))) if keep_alloc => {
-                        host | OFLAG_ZERO | OFLAG_COPIED
-                    }
-                    (true, _) => OFLAG_ZERO,
+                let allocated = !matches!(mp, Mapping::Unallocated | Mapping::Zero(None));
+                // As QEMU: compressed data always goes; other allocations go
+                // when unmapping is allowed, else keep their cluster, zeroed.
+                let drop_it = matches!(mp, Mapping::Compressed(_)) || (unmap && allocated);
+                let new = match (zero, drop_it) {
+                    (true, true) => OFLAG_ZERO,
+                    (true, false) => entry | OFLAG_ZERO,
                     (false, _) => 0,
                 };
-                let release = new & OFFSET_MASK == 0;
-                if release {
+                if new == entry {
+                    continue;
+                }
+                if drop_it || !zero {
                     old.push(mp);
                 }
                 m.l2_set(&self.file, l2, c & mask, new).await?;
@@ -533,6 +572,10 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             let l2 = self.writable_l2(&mut m, gc).await?;
             let n = stop - gc;
+            // Fresh clusters at the end of the file, as QEMU takes them: a
+            // reused free cluster would show its old data through the new entry.
+            let file_end = self.file.length().div_ceil(cs);
+            m.free_cluster_index = m.free_cluster_index.max(file_end);
             let host = m.alloc_clusters(&self.file, n).await?;
             let mask = self.geo.l2_entries() - 1;
             for i in 0..n {
@@ -656,7 +699,7 @@ impl Driver for Qcow2Driver {
                 .await?;
         }
         if start < end {
-            self.clear_clusters(start / cs, (end - start) / cs, true, !flags.may_unmap)
+            self.clear_clusters(start / cs, (end - start) / cs, true, flags.may_unmap)
                 .await?;
             if offset + len > end {
                 self.write(end, IoBuf::zeroed((offset + len - end) as usize), flags)
@@ -687,7 +730,7 @@ impl Driver for Qcow2Driver {
             let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
             let zero = v3 && (self.backing.is_some() || mp != Mapping::Unallocated);
             if zero || mp != Mapping::Unallocated {
-                self.clear_clusters(gc, 1, zero, false).await?;
+                self.clear_clusters(gc, 1, zero, true).await?;
             }
             gc += 1;
         }
@@ -695,8 +738,12 @@ impl Driver for Qcow2Driver {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.meta.lock().await.flush(&self.file).await?;
-        self.file.flush().await
+        let mut m = self.meta.lock().await;
+        m.flush(&self.file).await?;
+        self.file.flush().await?;
+        m.l2_cache.flushed();
+        m.rb_cache.flushed();
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -1008,6 +1055,16 @@ impl DriverClass for Qcow2Class {
         let slice = cs.min(4096) as usize;
         let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
         let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
+        let l2_tables = l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let refblocks = reftable
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
         let meta = Meta {
             geo,
             l1,
@@ -1015,6 +1072,8 @@ impl DriverClass for Qcow2Class {
             l2_cache: cache::TableCache::new(slice, l2_slices),
             rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
             free_cluster_index: 0,
+            l2_tables,
+            refblocks,
             corrupt: false,
             signaled: false,
             writable: !read_only,
