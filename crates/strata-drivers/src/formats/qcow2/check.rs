@@ -174,6 +174,12 @@ async fn compare(
         eprintln!("{what} cluster {c} refcount={stored} reference={want}");
         if fixing {
             m.set_refcount(&d.file, c, want).await?;
+            if want == 0 {
+                // A repaired leak is discarded, as QEMU's repair does.
+                d.file
+                    .discard(c * d.geo.cluster_size, d.geo.cluster_size)
+                    .await?;
+            }
             if stored > want {
                 res.leaks_fixed += 1;
             } else {

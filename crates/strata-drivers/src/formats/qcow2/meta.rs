@@ -353,14 +353,8 @@ impl Meta {
             .get_mut(slice)
             .ok_or_else(|| Error::errno(libc::EIO))?;
         put_refcount(b, at, bit, order, val);
-        if val == 0 {
-            if hc < self.free_cluster_index {
-                self.free_cluster_index = hc;
-            }
-            // A free cluster's old contents are of no use: give the space
-            // back to the host (QEMU discards freed clusters too).
-            let cs = self.geo.cluster_size;
-            file.discard(hc * cs, cs).await?;
+        if val == 0 && hc < self.free_cluster_index {
+            self.free_cluster_index = hc;
         }
         Ok(())
     }
@@ -380,6 +374,29 @@ impl Meta {
                 Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
             })?;
             self.set_refcount(file, hc, new).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to each of `n` clusters from `off`; with
+    /// `discard`, clusters that become free are discarded in the file too.
+    /// As QEMU's defaults: guest discards and repairs discard, metadata moves
+    /// (old L1, old refcount table, copied L2 tables) do not.
+    pub async fn free_clusters(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        n: u64,
+        discard: bool,
+    ) -> Result<()> {
+        self.update_refcounts(file, off, n, -1).await?;
+        if discard {
+            let cs = self.geo.cluster_size;
+            for hc in off / cs..off / cs + n {
+                if self.refcount(file, hc).await? == 0 {
+                    file.discard(hc * cs, cs).await?;
+                }
+            }
         }
         Ok(())
     }

@@ -433,11 +433,12 @@ impl Qcow2Driver {
             m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
                 .await?;
         }
-        self.release_old(m, &old).await
+        // Overwritten clusters are not discarded (QEMU's pass-discard-other).
+        self.release_old(m, &old, false).await
     }
 
     /// Drops the references old mappings held, after the L2 change is on disk.
-    async fn release_old(&self, m: &mut Meta, old: &[Mapping]) -> Result<()> {
+    async fn release_old(&self, m: &mut Meta, old: &[Mapping], discard: bool) -> Result<()> {
         let frees: Vec<(u64, u64)> = old
             .iter()
             .filter_map(|mp| self.host_cluster_of(*mp))
@@ -447,7 +448,7 @@ impl Qcow2Driver {
         }
         m.flush_l2(&self.file).await?;
         for (off, n) in frees {
-            m.update_refcounts(&self.file, off, n, -1).await?;
+            m.free_clusters(&self.file, off, n, discard).await?;
         }
         Ok(())
     }
@@ -515,7 +516,8 @@ impl Qcow2Driver {
                 }
                 m.l2_set(&self.file, l2, c & mask, new).await?;
             }
-            self.release_old(&mut m, &old).await?;
+            // Guest discards and unmapping zero writes give the space back.
+            self.release_old(&mut m, &old, true).await?;
             gc = stop;
         }
         Ok(())
@@ -555,6 +557,58 @@ impl Qcow2Driver {
         if old_off != 0 && old_clusters > 0 {
             m.update_refcounts(&self.file, old_off, old_clusters, -1)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Shrinks the disk to `size` as QEMU does: the clusters past the new
+    /// end are dropped for good, L2 tables past it freed, the header updated,
+    /// and the file cut after the last cluster still in use.
+    async fn shrink(&self, size: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        if self.meta.lock().await.header.nb_snapshots > 0 {
+            return Err(Error::unsupported(
+                "Can't resize an image which has snapshots",
+            ));
+        }
+        let first = size.div_ceil(cs);
+        let end = self.length().div_ceil(cs);
+        if end > first {
+            self.clear_clusters(first, end - first, false, true).await?;
+        }
+        let mut m = self.meta.lock().await;
+        let keep = self.geo.l1_size_for(size) as usize;
+        for i in keep..m.l1.len() {
+            let l2 = m.l1[i] & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            // Unlink first, then free: never a reference to a free table.
+            m.l1[i] = 0;
+            m.write_l1_entry(&self.file, i).await?;
+            self.file.flush().await?;
+            m.l2_cache.remove_table(l2, cs);
+            m.l2_tables.remove(&l2);
+            m.free_clusters(&self.file, l2, 1, true).await?;
+        }
+        self.file
+            .write(
+                24,
+                IoBuf::from_slice(&size.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
+        m.header.size = size;
+        self.size.store(size, Ordering::Release);
+        m.flush(&self.file).await?;
+        self.file.flush().await?;
+        // Cut the file after the last cluster in use.
+        let mut last = self.file.length().div_ceil(cs);
+        while last > 0 && m.refcount(&self.file, last - 1).await? == 0 {
+            last -= 1;
+        }
+        if last * cs < self.file.length() {
+            self.file.truncate(last * cs, Preallocation::Off).await?;
         }
         Ok(())
     }
@@ -800,9 +854,7 @@ impl Driver for Qcow2Driver {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
         if size < old {
-            return Err(Error::unsupported(
-                "qcow2 doesn't support shrinking images yet",
-            ));
+            return self.shrink(size).await;
         }
         let mut m = self.meta.lock().await;
         let need = self.geo.l1_size_for(size);
