@@ -207,7 +207,7 @@ fn refcount_table_grows_repeatedly() {
         ],
     ));
     let node = ev.block_on(common::open(&path, Some("qcow2")));
-    for i in 0..10u64 {
+    for i in 0..6u64 {
         let buf = IoBuf::filled(1 << 20, i as u8 + 1);
         ev.block_on(node.write(i << 20, buf, WriteFlags::default()))
             .unwrap();
@@ -218,7 +218,7 @@ fn refcount_table_grows_repeatedly() {
     let qemu_io = common::qemu_tool("qemu-io").unwrap();
     let (code, out) = common::run(
         &qemu_io,
-        &["-c", "read -P 10 9M 1M", "-c", "read -P 1 0 1M", &path],
+        &["-c", "read -P 6 5M 1M", "-c", "read -P 1 0 1M", &path],
     );
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("fail"), "{out}");

@@ -3,7 +3,7 @@
 
 use super::{getopt, Ctx};
 use super::{long, opt};
-use crate::common::{self, ImageSpec};
+use crate::common;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::sync::Arc;
 use std::time::Instant;
@@ -235,17 +235,9 @@ pub fn run(ctx: Ctx) -> i32 {
     let name = &p.operands[0];
     flags.read_only = !b.write;
     flags.force_share = force_share;
-    let spec = ImageSpec {
-        name,
-        format: fmt.as_deref(),
-        image_opts,
-    };
-    let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
+    let node = match ctx.open(name, fmt.as_deref(), image_opts, flags, 1) {
         Ok(n) => n,
-        Err(e) => {
-            error_report(common::open_error(name, &e));
-            return 1;
-        }
+        Err(code) => return code,
     };
     crate::outln!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",

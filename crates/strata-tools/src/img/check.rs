@@ -4,7 +4,7 @@
 
 use super::{getopt, parse_output, usage_error, Ctx};
 use super::{long, opt};
-use crate::common::{self, ImageSpec};
+use crate::common;
 use crate::qjson;
 use serde_json::{Map, Value};
 use strata_block::report::error_report;
@@ -163,17 +163,9 @@ pub fn run(ctx: Ctx) -> i32 {
         ));
         return 1;
     }
-    let spec = ImageSpec {
-        name,
-        format: fmt.as_deref(),
-        image_opts,
-    };
-    let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
+    let node = match ctx.open(name, fmt.as_deref(), image_opts, flags, 1) {
         Ok(n) => n,
-        Err(e) => {
-            error_report(common::open_error(name, &e));
-            return 1;
-        }
+        Err(code) => return code,
     };
     let format = node.format_name();
     let first = ctx.ev.block_on(node.driver().check(repair));

@@ -4,7 +4,7 @@
 
 use super::{getopt, usage_error, Ctx};
 use super::{long, opt};
-use crate::common::{self, ImageSpec};
+use crate::common;
 use std::sync::Arc;
 use strata_block::report::error_report;
 use strata_block::{IoBuf, Node, OpenFlags};
@@ -214,19 +214,7 @@ pub fn run(ctx: Ctx) -> i32 {
         cache,
         ..OpenFlags::default()
     };
-    let open = |name: &str, fmt: Option<&str>| {
-        let spec = ImageSpec {
-            name,
-            format: fmt,
-            image_opts,
-        };
-        ctx.ev
-            .block_on(common::open(&ctx.reg, &spec, flags.clone()))
-            .map_err(|e| {
-                error_report(common::open_error(name, &e));
-                2
-            })
-    };
+    let open = |name: &str, fmt: Option<&str>| ctx.open(name, fmt, image_opts, flags.clone(), 2);
     let a = match open(n1, f1.as_deref()) {
         Ok(n) => n,
         Err(c) => return c,

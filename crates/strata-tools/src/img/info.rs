@@ -3,7 +3,7 @@
 
 use super::{getopt, parse_output, usage_error, Ctx};
 use super::{long, opt};
-use crate::common::{self, size_to_str, ImageSpec};
+use crate::common::{self, size_to_str};
 use crate::qjson;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -229,20 +229,9 @@ pub fn run(ctx: Ctx) -> i32 {
             return 1;
         }
         seen.push(canon);
-        let spec = ImageSpec {
-            name: &file,
-            format: f.as_deref(),
-            image_opts: io,
-        };
-        let node = match ctx
-            .ev
-            .block_on(common::open(&ctx.reg, &spec, flags.clone()))
-        {
+        let node = match ctx.open(&file, f.as_deref(), io, flags.clone(), 1) {
             Ok(n) => n,
-            Err(e) => {
-                error_report(common::open_error(&file, &e));
-                return 1;
-            }
+            Err(code) => return code,
         };
         let info = ctx.ev.block_on(node_info(&node));
         if chain {

@@ -3,7 +3,7 @@
 
 use super::{getopt, parse_output, usage_error, Ctx};
 use super::{long, opt};
-use crate::common::{self, ImageSpec};
+use crate::common;
 use std::sync::Arc;
 use strata_block::options::parse_size;
 use strata_block::report::error_report;
@@ -179,17 +179,9 @@ pub fn run(ctx: Ctx) -> i32 {
         force_share,
         ..OpenFlags::default()
     };
-    let spec = ImageSpec {
-        name,
-        format: fmt.as_deref(),
-        image_opts,
-    };
-    let node = match ctx.ev.block_on(common::open(&ctx.reg, &spec, flags)) {
+    let node = match ctx.open(name, fmt.as_deref(), image_opts, flags, 1) {
         Ok(n) => n,
-        Err(e) => {
-            error_report(common::open_error(name, &e));
-            return 1;
-        }
+        Err(code) => return code,
     };
     let ok = ctx.ev.block_on(async {
         if json {

@@ -20,6 +20,31 @@ pub struct Ctx {
     pub args: Vec<String>,
 }
 
+impl Ctx {
+    /// Opens an image as qemu-img does; on failure reports
+    /// `Could not open 'NAME': reason` and gives `code` to exit with.
+    pub fn open(
+        &self,
+        name: &str,
+        format: Option<&str>,
+        image_opts: bool,
+        flags: strata_block::OpenFlags,
+        code: i32,
+    ) -> Result<std::sync::Arc<strata_block::Node>, i32> {
+        let spec = common::ImageSpec {
+            name,
+            format,
+            image_opts,
+        };
+        self.ev
+            .block_on(common::open(&self.reg, &spec, flags))
+            .map_err(|e| {
+                error_report(common::open_error(name, &e));
+                code
+            })
+    }
+}
+
 /// `qemu-img <cmd>` as getopt names it in messages (`qemu-img create`).
 fn prog_for(cmd: &str) -> String {
     format!("{} {cmd}", common::argv0())
