@@ -129,6 +129,25 @@ pub struct Child {
 /// in the key order qemu-img prints.
 pub type FormatSpecific = serde_json::Value;
 
+/// An internal snapshot as `info` lists it (QEMU: SnapshotInfo).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot's ID.
+    pub id: String,
+    /// Its name (tag).
+    pub name: String,
+    /// Bytes of saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u64,
+    /// Guest clock at the snapshot, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, if recorded.
+    pub icount: Option<u64>,
+}
+
 /// What `check` found (QEMU: BdrvCheckResult).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckResult {
@@ -251,6 +270,11 @@ pub trait Driver: Send + Sync {
     /// The backing file name as stored in the image, and its format.
     fn backing_file(&self) -> Option<(String, Option<String>)> {
         None
+    }
+
+    /// The internal snapshots, for `info`.
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(Vec::new())
     }
 
     /// Consistency check and repair.

@@ -402,3 +402,84 @@ fn resize_matches_qemu_img() {
         );
     }
 }
+
+/// Internal snapshots made by qemu-img: info lists them and check counts
+/// their clusters as qemu-img does; Strata's writes copy shared clusters
+/// and leave every snapshot intact.
+#[test]
+fn images_with_internal_snapshots() {
+    let Some(qi) = qemu_img() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ours = strata_as_qemu_img(dir);
+    let q = |args: &[&str]| {
+        assert!(
+            Command::new(qi)
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{args:?}"
+        )
+    };
+    q(&["create", "-q", "-f", "qcow2", "sn.qcow2", "4M"]);
+    qemu_io(dir, &["-c", "write -P 1 0 1M", "sn.qcow2"]);
+    q(&["snapshot", "-c", "s1", "sn.qcow2"]);
+    qemu_io(dir, &["-c", "write -P 2 0 64k", "sn.qcow2"]);
+    q(&["snapshot", "-c", "snap-two", "sn.qcow2"]);
+    for args in [
+        &["info", "sn.qcow2"][..],
+        &["info", "--output=json", "sn.qcow2"],
+        &["check", "sn.qcow2"],
+        &["check", "--output=json", "sn.qcow2"],
+        &["map", "sn.qcow2"],
+    ] {
+        same(dir, &ours, args);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-io"))
+        .args([
+            "-c",
+            "write -P 9 0 128k",
+            "-c",
+            "write -z 512k 64k",
+            "-c",
+            "discard 768k 64k",
+            "sn.qcow2",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let check = Command::new(qi)
+        .args(["check", "sn.qcow2"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    qemu_io(
+        dir,
+        &[
+            "-c",
+            "read -P 9 0 128k",
+            "-c",
+            "read -P 1 128k 384k",
+            "sn.qcow2",
+        ],
+    );
+    q(&["snapshot", "-a", "s1", "sn.qcow2"]);
+    let read = Command::new("/usr/bin/qemu-io")
+        .args(["-c", "read -P 1 0 1M", "sn.qcow2"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&read.stdout).contains("verification"),
+        "snapshot s1 damaged"
+    );
+}

@@ -46,6 +46,12 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
             m.insert("backing-filename-format".into(), f.into());
         }
     }
+    if let Ok(snaps) = d.snapshots().await {
+        if !snaps.is_empty() {
+            let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+            m.insert("snapshots".into(), Value::Array(list));
+        }
+    }
     match d.format_specific() {
         Some(fs) => {
             m.insert("format-specific".into(), fs);
@@ -68,6 +74,54 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
     }
     m.insert("children".into(), Value::Array(children));
     Value::Object(m)
+}
+
+/// QEMU's SnapshotInfo (keys in schema order).
+fn snapshot_json(sn: &strata_block::driver::SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), sn.id.clone().into());
+    m.insert("name".into(), sn.name.clone().into());
+    m.insert("vm-state-size".into(), sn.vm_state_size.into());
+    m.insert("date-sec".into(), sn.date_sec.into());
+    m.insert("date-nsec".into(), sn.date_nsec.into());
+    m.insert(
+        "vm-clock-sec".into(),
+        (sn.vm_clock_nsec / 1_000_000_000).into(),
+    );
+    m.insert(
+        "vm-clock-nsec".into(),
+        (sn.vm_clock_nsec % 1_000_000_000).into(),
+    );
+    if let Some(ic) = sn.icount {
+        m.insert("icount".into(), ic.into());
+    }
+    Value::Object(m)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time, as the snapshot list shows dates.
+fn local_date(secs: u64) -> String {
+    let t = secs as libc::time_t;
+    // SAFETY: an all-zero tm is valid; localtime_r fills it from `t`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// One line of the snapshot list (QEMU: bdrv_snapshot_dump).
+fn snapshot_line(cols: [&str; 6]) -> String {
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+    )
 }
 
 /// The human form of a node's info, children indented under it.
@@ -119,6 +173,44 @@ pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
         }
         if let Some(f) = get("backing-filename-format").and_then(Value::as_str) {
             out.push_str(&format!("{ind}backing file format: {f}\n"));
+        }
+    }
+    if let Some(snaps) = get("snapshots").and_then(Value::as_array) {
+        out.push_str(&format!("{ind}Snapshot list:\n"));
+        out.push_str(&format!(
+            "{ind}{}\n",
+            snapshot_line(["ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"])
+        ));
+        for sn in snaps {
+            let f = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let secs = f("vm-clock-sec");
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                (secs / 60) % 60,
+                secs % 60,
+                f("vm-clock-nsec") / 1_000_000
+            );
+            let icount = sn
+                .get("icount")
+                .and_then(Value::as_u64)
+                .map_or("--".to_string(), |v| v.to_string());
+            let text = |k: &str| {
+                sn.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (id, name) = (text("id"), text("name"));
+            let line = snapshot_line([
+                &id,
+                &name,
+                &size_to_str(f("vm-state-size")),
+                &local_date(f("date-sec")),
+                &clock,
+                &icount,
+            ]);
+            out.push_str(&format!("{ind}{line}\n"));
         }
     }
     if let Some(data) = get("format-specific").and_then(|f| f.get("data")) {

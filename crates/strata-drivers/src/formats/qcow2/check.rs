@@ -50,65 +50,58 @@ async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Resu
     let cs = d.geo.cluster_size;
     let mut refs = Refs::new();
     let file_len = d.file.driver().length();
-    let l1_bytes = m.l1.len() as u64 * 8;
     add(&mut refs, res, cs, file_len, 0, cs);
+    let l1 = m.l1.clone();
+    let l1_offset = m.header.l1_table_offset;
+    let mut l2_tables = Vec::new();
+    walk_l1(d, m, res, &mut refs, l1_offset, &l1, true, &mut l2_tables).await?;
+    // Snapshots hold their own L1 tables and share L2 tables and data.
+    let header = m.header.clone();
+    let (snapshots, table_len) = super::snapshot::read(&d.file, &header).await?;
+    for sn in &snapshots {
+        let (id, name) = (&sn.info.id, &sn.info.name);
+        if !sn.l1_offset.is_multiple_of(cs) {
+            eprintln!(
+                "ERROR snapshot {id} ({name}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                strata_block::report::c_hex(sn.l1_offset)
+            );
+            res.corruptions += 1;
+            continue;
+        }
+        if sn.l1_size as u64 > (32 << 20) / 8 {
+            eprintln!(
+                "ERROR snapshot {id} ({name}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
+                strata_block::report::c_hex(sn.l1_size as u64)
+            );
+            res.corruptions += 1;
+            continue;
+        }
+        let bytes = d
+            .file
+            .read(sn.l1_offset, IoBuf::zeroed(sn.l1_size as usize * 8))
+            .await?;
+        let table: Vec<u64> = bytes.as_slice().chunks_exact(8).map(be64).collect();
+        let mut unused = Vec::new();
+        walk_l1(
+            d,
+            m,
+            res,
+            &mut refs,
+            sn.l1_offset,
+            &table,
+            false,
+            &mut unused,
+        )
+        .await?;
+    }
     add(
         &mut refs,
         res,
         cs,
         file_len,
-        m.header.l1_table_offset,
-        l1_bytes,
+        header.snapshots_offset,
+        table_len,
     );
-    let mut next_contiguous = 0u64;
-    let mut l2_tables = Vec::new();
-    for (l1i, &e) in m.l1.iter().enumerate() {
-        let l2 = e & OFFSET_MASK;
-        if l2 == 0 {
-            continue;
-        }
-        add(&mut refs, res, cs, file_len, l2, cs);
-        l2_tables.push((l1i, e, l2));
-        if !l2.is_multiple_of(cs) {
-            eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
-            res.corruptions += 1;
-            continue;
-        }
-        let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
-        for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
-            let entry = be64(c);
-            match m.decode(entry, l2, idx as u64) {
-                Err(_) => {
-                    eprintln!(
-                        "ERROR offset={:x}: Cluster is not properly aligned; L2 entry corrupted.",
-                        entry & OFFSET_MASK
-                    );
-                    res.corruptions += 1;
-                }
-                Ok(Mapping::Normal { host, .. }) => {
-                    res.allocated_clusters += 1;
-                    if next_contiguous != 0 && host != next_contiguous {
-                        res.fragmented_clusters += 1;
-                    }
-                    next_contiguous = host + cs;
-                    add(&mut refs, res, cs, file_len, host, cs);
-                }
-                Ok(Mapping::Zero(Some(host))) => {
-                    res.allocated_clusters += 1;
-                    add(&mut refs, res, cs, file_len, host, cs);
-                }
-                Ok(mp @ Mapping::Compressed(_)) => {
-                    res.allocated_clusters += 1;
-                    res.compressed_clusters += 1;
-                    res.fragmented_clusters += 1;
-                    if let Some((off, n)) = d.host_cluster_of(mp) {
-                        add(&mut refs, res, cs, file_len, off, n * cs);
-                    }
-                }
-                Ok(_) => {}
-            }
-        }
-    }
     let rt_bytes = m.header.refcount_table_clusters as u64 * cs;
     add(
         &mut refs,
@@ -133,6 +126,80 @@ async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Resu
         nb_clusters: file_len.div_ceil(cs).max(reached),
         l2_tables,
     })
+}
+
+/// Counts an L1 table, its L2 tables and their clusters. `active`: the
+/// image's own table, whose walk also gives the allocation statistics and
+/// the list of L2 tables for the COPIED check.
+#[allow(clippy::too_many_arguments)]
+async fn walk_l1(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    refs: &mut Refs,
+    l1_offset: u64,
+    l1: &[u64],
+    active: bool,
+    l2_tables: &mut Vec<(usize, u64, u64)>,
+) -> Result<()> {
+    let cs = d.geo.cluster_size;
+    let file_len = d.file.driver().length();
+    add(refs, res, cs, file_len, l1_offset, l1.len() as u64 * 8);
+    let mut next_contiguous = 0u64;
+    for (l1i, &e) in l1.iter().enumerate() {
+        let l2 = e & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        add(refs, res, cs, file_len, l2, cs);
+        l2_tables.push((l1i, e, l2));
+        if !l2.is_multiple_of(cs) {
+            eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
+            res.corruptions += 1;
+            continue;
+        }
+        let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
+        for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
+            let entry = be64(c);
+            match m.decode(entry, l2, idx as u64) {
+                Err(_) => {
+                    eprintln!(
+                        "ERROR offset={:x}: Cluster is not properly aligned; L2 entry corrupted.",
+                        entry & OFFSET_MASK
+                    );
+                    res.corruptions += 1;
+                }
+                Ok(Mapping::Normal { host, .. }) => {
+                    if active {
+                        res.allocated_clusters += 1;
+                        if next_contiguous != 0 && host != next_contiguous {
+                            res.fragmented_clusters += 1;
+                        }
+                        next_contiguous = host + cs;
+                    }
+                    add(refs, res, cs, file_len, host, cs);
+                }
+                Ok(Mapping::Zero(Some(host))) => {
+                    if active {
+                        res.allocated_clusters += 1;
+                    }
+                    add(refs, res, cs, file_len, host, cs);
+                }
+                Ok(mp @ Mapping::Compressed(_)) => {
+                    if active {
+                        res.allocated_clusters += 1;
+                        res.compressed_clusters += 1;
+                        res.fragmented_clusters += 1;
+                    }
+                    if let Some((off, n)) = d.host_cluster_of(mp) {
+                        add(refs, res, cs, file_len, off, n * cs);
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Compares stored and computed refcounts; with `fix`, repairs what it may.

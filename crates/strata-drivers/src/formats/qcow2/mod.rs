@@ -14,6 +14,7 @@ mod compress;
 mod create;
 pub mod header;
 mod meta;
+mod snapshot;
 
 use async_trait::async_trait;
 use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -924,6 +925,16 @@ impl Driver for Qcow2Driver {
         data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
         data.insert("compression-type".into(), self.compression.name().into());
         Some(serde_json::json!({ "type": "qcow2", "data": data }))
+    }
+
+    async fn snapshots(&self) -> Result<Vec<strata_block::driver::SnapshotInfo>> {
+        let h = self.meta.lock().await.header.clone();
+        Ok(snapshot::read(&self.file, &h)
+            .await?
+            .0
+            .into_iter()
+            .map(|s| s.info)
+            .collect())
     }
 
     async fn check(&self, repair: RepairMode) -> Result<CheckResult> {
