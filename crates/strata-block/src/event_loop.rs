@@ -27,9 +27,4 @@ impl EventLoop {
         let _guard = self.ring.as_ref().map(|r| r.enter());
         self.rt.block_on(fut)
     }
-
-    /// True when this loop has an io_uring ring.
-    pub fn has_ring(&self) -> bool {
-        self.ring.is_some()
-    }
 }

@@ -63,11 +63,6 @@ pub fn image_opts(s: &str) -> Result<Opts> {
     nest(&parse_keyval(s, None)?)
 }
 
-/// The file name to show for an image opened from `spec`.
-pub fn display_name(node: &Node) -> String {
-    node.filename().to_string()
-}
-
 /// `Could not open 'x': reason`, the wrapping qemu-img puts around open errors.
 pub fn open_error(name: &str, e: &Error) -> String {
     format!("Could not open '{name}': {e}")
@@ -123,15 +118,17 @@ pub fn cvtstr(value: f64) -> String {
     } else if value >= (1u64 << 10) as f64 {
         (value / (1u64 << 10) as f64, "KiB")
     } else {
-        let s = format!("{value:.6}");
-        return match s.strip_suffix(".000000") {
-            Some(t) => format!("{t} bytes"),
-            None => format!("{s} bytes"),
-        };
+        (value, "bytes")
     };
-    let s = format!("{v:.3}");
-    match s.strip_suffix(".000") {
-        Some(t) => format!("{t} {unit}"),
+    // C's %f keeps six decimals below 1 KiB, %.3f above; QEMU then cuts the
+    // text at the first ".000" wherever it is (100.000400 bytes → "100 bytes").
+    let s = if unit == "bytes" {
+        format!("{v:.6}")
+    } else {
+        format!("{v:.3}")
+    };
+    match s.find(".000") {
+        Some(i) => format!("{} {unit}", &s[..i]),
         None => format!("{s} {unit}"),
     }
 }
@@ -159,6 +156,8 @@ mod tests {
         assert_eq!(cvtstr(4096.0), "4 KiB");
         assert_eq!(cvtstr(2560.0), "2.500 KiB");
         assert_eq!(cvtstr(42.0), "42 bytes");
+        assert_eq!(cvtstr(100.0004), "100 bytes");
+        assert_eq!(cvtstr(366.523637), "366.523637 bytes");
         assert_eq!(cvtstr(64978.0), "63.455 KiB");
         assert_eq!(cvtstr(134217728.0), "128 MiB");
     }

@@ -2,22 +2,9 @@
 //! offset O` line with its statistics line (or `-C`'s one parsable line),
 //! and `-v`'s hex dump.
 
+use crate::common::cvtstr;
 use crate::{out, outln};
 use std::time::Duration;
-
-/// qemu-io's cvtstr. For values below 1 KiB C's `%f` keeps six decimals,
-/// and QEMU cuts at the first ".000" wherever it is (a rate of 100.000400
-/// bytes/sec prints as `100 bytes`); larger values go through the shared helper.
-pub fn cvtstr(value: f64) -> String {
-    if value < 1024.0 {
-        let s = format!("{value:.6}");
-        return match s.find(".000") {
-            Some(i) => format!("{} bytes", &s[..i]),
-            None => format!("{s} bytes"),
-        };
-    }
-    crate::common::cvtstr(value)
-}
 
 /// QEMU's timestr: `00.57 sec` under a second of whole seconds, else
 /// `h:mm:ss.ss`; `verbose` (for -C) always uses the long form.

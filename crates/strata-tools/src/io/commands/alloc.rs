@@ -3,8 +3,8 @@
 //! clusters count as allocated).
 
 use super::Ctx;
+use crate::common::cvtstr;
 use crate::io::numbers::cvtnum_or_report;
-use crate::io::report::cvtstr;
 use crate::outln;
 use std::sync::Arc;
 use strata_block::error::strerror;

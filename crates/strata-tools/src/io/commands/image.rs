@@ -1,9 +1,9 @@
 //! Commands about the image as a whole: `length`, `info`, `truncate`, `flush`.
 
 use super::Ctx;
+use crate::common::cvtstr;
 use crate::getopt::Item;
 use crate::io::numbers::{cvtnum, print_cvtnum_err};
-use crate::io::report::cvtstr;
 use crate::qjson::human_dump;
 use crate::{out, outln};
 use serde_json::Value;
