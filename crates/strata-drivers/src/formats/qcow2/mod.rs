@@ -110,6 +110,9 @@ impl Qcow2Driver {
                     host: host + self.geo.offset_in_cluster(off),
                     copied,
                 },
+                Mapping::Zero(Some(host)) => {
+                    Mapping::Zero(Some(host + self.geo.offset_in_cluster(off)))
+                }
                 other => other,
             };
             if let Some(last) = out.last_mut() {
@@ -488,9 +491,9 @@ impl Qcow2Driver {
             if self.lock_inflight().iter().any(|c| (gc..stop).contains(c)) {
                 continue;
             }
-            // Without a table the range is unallocated: it already reads as
-            // zeroes, or (discard) may keep reading the backing file.
-            if m.l2_table_of(gc)?.is_none() && (!zero || self.backing.is_none()) {
+            // Discarding a range without a table changes nothing; zeroing
+            // always records zero clusters, as QEMU does.
+            if m.l2_table_of(gc)?.is_none() && !zero {
                 gc = stop;
                 continue;
             }
@@ -522,6 +525,35 @@ impl Qcow2Driver {
             gc = stop;
         }
         Ok(())
+    }
+
+    /// True when a partial write-zeroes on guest cluster `gc`, covering
+    /// `[from, to)` of the image, may zero the whole cluster instead (QEMU's
+    /// rule): the cluster holds no data here, and the rest of it already
+    /// reads as zeroes through the backing chain.
+    async fn may_zero_whole_cluster(&self, gc: u64, from: u64, to: u64) -> Result<bool> {
+        let cs = self.geo.cluster_size;
+        let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
+        match mp {
+            Mapping::Zero(_) => return Ok(true),
+            Mapping::Unallocated => {}
+            _ => return Ok(false),
+        }
+        let Some(b) = &self.backing else {
+            return Ok(true);
+        };
+        let cluster_end = ((gc + 1) * cs).min(self.length());
+        for (start, end) in [(gc * cs, from), (to, cluster_end)] {
+            let mut off = start;
+            while off < end.min(b.length()) {
+                let (st, _) = b.block_status_above(None, off, end - off).await?;
+                if !st.zero {
+                    return Ok(false);
+                }
+                off += st.len.max(1);
+            }
+        }
+        Ok(true)
     }
 
     /// Grows the L1 table to `entries`, moving it to new clusters.
@@ -742,24 +774,32 @@ impl Driver for Qcow2Driver {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let cs = self.geo.cluster_size;
-        let start = offset.div_ceil(cs) * cs;
-        let end = (offset + len) / cs * cs;
-        // Partial clusters at either end: write zeroes as data.
-        let mut head_end = (offset + len).min(start);
-        if start >= end {
-            head_end = offset + len;
-        }
-        if head_end > offset {
-            self.write(offset, IoBuf::zeroed((head_end - offset) as usize), flags)
-                .await?;
-        }
-        if start < end {
-            self.clear_clusters(start / cs, (end - start) / cs, true, flags.may_unmap)
-                .await?;
-            if offset + len > end {
-                self.write(end, IoBuf::zeroed((offset + len - end) as usize), flags)
+        let end = offset + len;
+        // Cluster by cluster pieces, as the generic layer splits them for QEMU:
+        // whole clusters become zero clusters; a partial one too if the rest
+        // of it reads as zeroes already, else its bytes are written.
+        let mut off = offset;
+        while off < end {
+            let gc = off / cs;
+            let run_end = if off.is_multiple_of(cs) {
+                (end / cs * cs).max(off)
+            } else {
+                off
+            };
+            if run_end > off {
+                self.clear_clusters(gc, (run_end - off) / cs, true, flags.may_unmap)
+                    .await?;
+                off = run_end;
+                continue;
+            }
+            let piece_end = ((gc + 1) * cs).min(end);
+            if self.may_zero_whole_cluster(gc, off, piece_end).await? {
+                self.clear_clusters(gc, 1, true, false).await?;
+            } else {
+                self.write(off, IoBuf::zeroed((piece_end - off) as usize), flags)
                     .await?;
             }
+            off = piece_end;
         }
         Ok(())
     }
@@ -776,6 +816,11 @@ impl Driver for Qcow2Driver {
             return Ok(());
         }
         let v3 = self.geo.version >= 3;
+        if !v3 && self.backing.is_some() {
+            // v2 cannot mark clusters zero, and unallocating them would show
+            // the backing file: discard does nothing (as in QEMU).
+            return Ok(());
+        }
         let first = start / cs;
         let n = (end - start) / cs;
         // v3 keeps discarded clusters reading as zeroes where they were
@@ -825,7 +870,8 @@ impl Driver for Qcow2Driver {
                     a + total == b
                 }
                 (Mapping::Unallocated, Mapping::Unallocated) => true,
-                (Mapping::Zero(a), Mapping::Zero(b)) => a.is_none() == b.is_none(),
+                (Mapping::Zero(None), Mapping::Zero(None)) => true,
+                (Mapping::Zero(Some(a)), Mapping::Zero(Some(b))) => a + total == b,
                 (Mapping::Compressed(_), Mapping::Compressed(_)) => true,
                 _ => false,
             };
@@ -838,7 +884,12 @@ impl Driver for Qcow2Driver {
         drop(m);
         Ok(match first.mapping {
             Mapping::Unallocated => BlockStatus::unallocated(total),
-            Mapping::Zero(_) => BlockStatus::zero(total),
+            Mapping::Zero(None) => BlockStatus::zero(total),
+            // A zero cluster that keeps its host cluster says where it is.
+            Mapping::Zero(Some(host)) => BlockStatus {
+                host: Some((Arc::clone(&self.file), host)),
+                ..BlockStatus::zero(total)
+            },
             Mapping::Normal { host, .. } => {
                 BlockStatus::data_at(total, Arc::clone(&self.file), host)
             }
@@ -875,6 +926,15 @@ impl Driver for Qcow2Driver {
             self.preallocate(old, size, prealloc).await?;
         }
         self.size.store(size, Ordering::Release);
+        // The new area must read as zeroes, not as a longer backing file's
+        // data (QEMU zeroes it the same way).
+        if let Some(b) = &self.backing {
+            let end = size.min(b.length());
+            if end > old && self.geo.version >= 3 {
+                self.write_zeroes(old, end - old, WriteFlags::default())
+                    .await?;
+            }
+        }
         Ok(())
     }
 
