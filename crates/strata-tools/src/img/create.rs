@@ -325,6 +325,18 @@ pub fn run(ctx: Ctx) -> i32 {
     let octx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
     match ctx.ev.block_on(class.create(&octx, &filename, opts)) {
         Ok(()) => 0,
+        // Too big for the format's tables: qemu-img says so, and suggests
+        // larger clusters where the format has them.
+        Err(e) if e.code() == libc::EFBIG => {
+            let hint = if specs.iter().any(|o| o.name == "cluster_size") {
+                " (try using a larger cluster size)"
+            } else {
+                ""
+            };
+            fail(format!(
+                "The image size is too large for file format '{fmt}'{hint}"
+            ))
+        }
         Err(e) => fail(e.to_string()),
     }
 }

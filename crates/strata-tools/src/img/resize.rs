@@ -85,23 +85,24 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(n) => n,
         Err(code) => return code,
     };
+    // The checks and their order are qemu-img's.
     let cur = node.length();
-    let target = match rel {
-        1 => cur.checked_add(n),
-        -1 => cur.checked_sub(n),
-        _ => Some(n),
+    let total = match rel {
+        0 => n as i128,
+        r => cur as i128 + n as i128 * r as i128,
     };
-    let code = match target {
-        None => {
-            error_report("New image size must be positive");
-            1
-        }
-        Some(t) if t < cur && !shrink => {
-            error_report("Use the --shrink option to perform a shrink operation.");
-            warn_report("Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
-            1
-        }
-        Some(t) => match ctx.ev.block_on(node.truncate(t, prealloc)) {
+    let code = if total <= 0 || total > i64::MAX as i128 {
+        error_report("New image size must be positive");
+        1
+    } else if total <= cur as i128 && prealloc != Preallocation::Off {
+        error_report("Preallocation can only be used for growing images");
+        1
+    } else if total < cur as i128 && !shrink {
+        error_report("Use the --shrink option to perform a shrink operation.");
+        warn_report("Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+        1
+    } else {
+        match ctx.ev.block_on(node.truncate(total as u64, prealloc)) {
             Ok(()) => {
                 if !quiet {
                     crate::outln!("Image resized.");
@@ -109,10 +110,10 @@ pub fn run(ctx: Ctx) -> i32 {
                 0
             }
             Err(e) => {
-                error_report(format!("Error resizing image: {e}"));
+                error_report(e);
                 1
             }
-        },
+        }
     };
     if let Err(e) = ctx.ev.block_on(node.close()) {
         error_report(e);

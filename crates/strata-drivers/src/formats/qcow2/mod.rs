@@ -775,6 +775,13 @@ impl Driver for Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let end = offset + len;
+        // A request that reaches the end of the image covers its partial
+        // last cluster whole (as in QEMU).
+        let aligned_end = if end == self.length() {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
         // Cluster by cluster pieces, as the generic layer splits them for QEMU:
         // whole clusters become zero clusters; a partial one too if the rest
         // of it reads as zeroes already, else its bytes are written.
@@ -782,14 +789,14 @@ impl Driver for Qcow2Driver {
         while off < end {
             let gc = off / cs;
             let run_end = if off.is_multiple_of(cs) {
-                (end / cs * cs).max(off)
+                aligned_end.max(off)
             } else {
                 off
             };
             if run_end > off {
                 self.clear_clusters(gc, (run_end - off) / cs, true, flags.may_unmap)
                     .await?;
-                off = run_end;
+                off = run_end.min(end);
                 continue;
             }
             let piece_end = ((gc + 1) * cs).min(end);
