@@ -82,6 +82,17 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// How `clear_clusters` changes the L2 entries of whole clusters.
+#[derive(Clone, Copy, Debug)]
+enum Clear {
+    /// write_zeroes: zero clusters; with `unmap` their host clusters go.
+    Zero { unmap: bool },
+    /// A guest discard (QEMU's semantics for v2 and v3).
+    Discard,
+    /// Gone for good (shrinking): unallocated, host clusters freed.
+    Drop,
+}
+
 /// One piece of a request: `len` guest bytes at `offset`, all mapped alike.
 #[derive(Clone, Copy, Debug)]
 struct Extent {
@@ -476,7 +487,7 @@ impl Qcow2Driver {
 
     /// Sets the L2 entries of whole clusters `[first, first+n)` to `zero`
     /// (reads as zeroes) or unallocated, releasing what they pointed to.
-    async fn clear_clusters(&self, first: u64, n: u64, zero: bool, unmap: bool) -> Result<()> {
+    async fn clear_clusters(&self, first: u64, n: u64, how: Clear) -> Result<()> {
         let mut gc = first;
         let end = first + n;
         while gc < end {
@@ -491,9 +502,16 @@ impl Qcow2Driver {
             if self.lock_inflight().iter().any(|c| (gc..stop).contains(c)) {
                 continue;
             }
-            // Discarding a range without a table changes nothing; zeroing
-            // always records zero clusters, as QEMU does.
-            if m.l2_table_of(gc)?.is_none() && !zero {
+            // Without a table nothing is allocated: zeroing still records
+            // zero clusters, as QEMU does; a discard must only hide a
+            // backing file (v3).
+            let v3 = self.geo.version >= 3;
+            let needs_table = match how {
+                Clear::Zero { .. } => true,
+                Clear::Discard => v3 && self.backing.is_some(),
+                Clear::Drop => false,
+            };
+            if m.l2_table_of(gc)?.is_none() && !needs_table {
                 gc = stop;
                 continue;
             }
@@ -504,18 +522,33 @@ impl Qcow2Driver {
                 let entry = m.l2_get(&self.file, l2, c & mask).await?;
                 let mp = m.mapping(&self.file, c).await?;
                 let allocated = !matches!(mp, Mapping::Unallocated | Mapping::Zero(None));
-                // As QEMU: compressed data always goes; other allocations go
-                // when unmapping is allowed, else keep their cluster, zeroed.
-                let drop_it = matches!(mp, Mapping::Compressed(_)) || (unmap && allocated);
-                let new = match (zero, drop_it) {
-                    (true, true) => OFLAG_ZERO,
-                    (true, false) => entry | OFLAG_ZERO,
-                    (false, _) => 0,
+                let (new, release) = match how {
+                    // As QEMU: compressed data always goes; other allocations
+                    // go when unmapping is allowed, else keep their cluster, zeroed.
+                    Clear::Zero { unmap } => {
+                        let drop_it = matches!(mp, Mapping::Compressed(_)) || (unmap && allocated);
+                        (
+                            if drop_it {
+                                OFLAG_ZERO
+                            } else {
+                                entry | OFLAG_ZERO
+                            },
+                            drop_it,
+                        )
+                    }
+                    // v3 keeps a discarded cluster reading as zeroes where it
+                    // was allocated or a backing file would show through.
+                    Clear::Discard
+                        if v3 && (self.backing.is_some() || mp != Mapping::Unallocated) =>
+                    {
+                        (OFLAG_ZERO, true)
+                    }
+                    Clear::Discard | Clear::Drop => (0, true),
                 };
                 if new == entry {
                     continue;
                 }
-                if drop_it || !zero {
+                if release {
                     old.push(mp);
                 }
                 m.l2_set(&self.file, l2, c & mask, new).await?;
@@ -607,7 +640,7 @@ impl Qcow2Driver {
         let first = size.div_ceil(cs);
         let end = self.length().div_ceil(cs);
         if end > first {
-            self.clear_clusters(first, end - first, false, true).await?;
+            self.clear_clusters(first, end - first, Clear::Drop).await?;
         }
         let mut m = self.meta.lock().await;
         let keep = self.geo.l1_size_for(size) as usize;
@@ -794,14 +827,21 @@ impl Driver for Qcow2Driver {
                 off
             };
             if run_end > off {
-                self.clear_clusters(gc, (run_end - off) / cs, true, flags.may_unmap)
-                    .await?;
+                self.clear_clusters(
+                    gc,
+                    (run_end - off) / cs,
+                    Clear::Zero {
+                        unmap: flags.may_unmap,
+                    },
+                )
+                .await?;
                 off = run_end.min(end);
                 continue;
             }
             let piece_end = ((gc + 1) * cs).min(end);
             if self.may_zero_whole_cluster(gc, off, piece_end).await? {
-                self.clear_clusters(gc, 1, true, false).await?;
+                self.clear_clusters(gc, 1, Clear::Zero { unmap: false })
+                    .await?;
             } else {
                 self.write(off, IoBuf::zeroed((piece_end - off) as usize), flags)
                     .await?;
@@ -828,20 +868,8 @@ impl Driver for Qcow2Driver {
             // the backing file: discard does nothing (as in QEMU).
             return Ok(());
         }
-        let first = start / cs;
-        let n = (end - start) / cs;
-        // v3 keeps discarded clusters reading as zeroes where they were
-        // allocated or a backing file would show through.
-        let mut gc = first;
-        while gc < first + n {
-            let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
-            let zero = v3 && (self.backing.is_some() || mp != Mapping::Unallocated);
-            if zero || mp != Mapping::Unallocated {
-                self.clear_clusters(gc, 1, zero, true).await?;
-            }
-            gc += 1;
-        }
-        Ok(())
+        self.clear_clusters(start / cs, (end - start) / cs, Clear::Discard)
+            .await
     }
 
     async fn flush(&self) -> Result<()> {
