@@ -391,11 +391,23 @@ impl Meta {
     ) -> Result<()> {
         self.update_refcounts(file, off, n, -1).await?;
         if discard {
+            // One discard per run of clusters that became free.
             let cs = self.geo.cluster_size;
+            let mut run: Option<(u64, u64)> = None;
             for hc in off / cs..off / cs + n {
-                if self.refcount(file, hc).await? == 0 {
-                    file.discard(hc * cs, cs).await?;
-                }
+                let free = self.refcount(file, hc).await? == 0;
+                run = match (run, free) {
+                    (Some((s, l)), true) => Some((s, l + 1)),
+                    (None, true) => Some((hc, 1)),
+                    (Some((s, l)), false) => {
+                        file.discard(s * cs, l * cs).await?;
+                        None
+                    }
+                    (None, false) => None,
+                };
+            }
+            if let Some((s, l)) = run {
+                file.discard(s * cs, l * cs).await?;
             }
         }
         Ok(())

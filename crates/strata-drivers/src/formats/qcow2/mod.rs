@@ -462,7 +462,18 @@ impl Qcow2Driver {
             return Ok(());
         }
         m.flush_l2(&self.file).await?;
+        // Neighbouring clusters are freed (and discarded) as one run.
+        let mut frees = frees;
+        frees.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let cs = self.geo.cluster_size;
         for (off, n) in frees {
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l * cs == off => *l += n,
+                _ => runs.push((off, n)),
+            }
+        }
+        for (off, n) in runs {
             m.free_clusters(&self.file, off, n, discard).await?;
         }
         Ok(())
