@@ -378,6 +378,21 @@ impl Ctx<'_> {
         self.cmd.usage();
         -libc::EINVAL
     }
+
+    /// The operands of the vectored commands (`readv`, `writev`, `aio_*`):
+    /// an offset and one or more lengths; their offset and total length,
+    /// or the code to return after saying what is wrong.
+    fn vector_request(&self, operands: &[String]) -> Result<(i64, i64), i32> {
+        let Some((off_arg, lens)) = operands.split_first() else {
+            return Err(self.usage());
+        };
+        if lens.is_empty() {
+            return Err(self.usage());
+        }
+        let offset = crate::io::numbers::cvtnum_or_report(off_arg)?;
+        let count = request::total_length(lens).ok_or(-libc::EINVAL)?;
+        Ok((offset, count))
+    }
 }
 
 /// Runs one command line (QEMU: qemuio_command); 0 or a negative errno.

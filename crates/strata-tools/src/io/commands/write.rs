@@ -1,7 +1,7 @@
 //! `write` and `writev`: write a pattern, zeroes or a file's bytes to a
 //! range, then report.
 
-use super::request::{failed, total_length, MAX_BYTES};
+use super::request::{failed, MAX_BYTES};
 use super::Ctx;
 use crate::getopt::Item;
 use crate::io::numbers::{cvtnum_or_report, parse_pattern};
@@ -184,18 +184,9 @@ pub async fn writev(ctx: &mut Ctx<'_>) -> i32 {
             Item::Bad(_) => return ctx.bad_option(item),
         }
     }
-    let Some((off_arg, lens)) = parsed.operands.split_first() else {
-        return ctx.usage();
-    };
-    if lens.is_empty() {
-        return ctx.usage();
-    }
-    let offset = match cvtnum_or_report(off_arg) {
-        Ok(v) => v,
+    let (offset, count) = match ctx.vector_request(&parsed.operands) {
+        Ok(r) => r,
         Err(e) => return e,
-    };
-    let Some(count) = total_length(lens) else {
-        return -libc::EINVAL;
     };
     let node = match ctx.node() {
         Ok(n) => n,
