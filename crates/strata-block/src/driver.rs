@@ -94,25 +94,48 @@ impl Default for Limits {
     }
 }
 
-/// The role of a child edge.
+/// The role of a child edge; the variant also fixes the edge's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChildRole {
-    /// The protocol node a format stores its image in.
+    /// The node a format stores its image in, or a filter passes requests to
+    /// (`file`).
     File,
     /// The image whose data shows through where this one has none.
     Backing,
     /// An external data file of qcow2.
     DataFile,
+    /// The image under blkdebug.
+    Image,
+    /// The image blkverify checks against its `raw` child.
+    Test,
+    /// The reference image of blkverify.
+    Raw,
+    /// One of quorum's children (`children.N`).
+    Quorum(u32),
 }
 
 impl ChildRole {
     /// The edge name as QEMU spells it.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            ChildRole::File => "file",
-            ChildRole::Backing => "backing",
-            ChildRole::DataFile => "data-file",
+            ChildRole::File => "file".into(),
+            ChildRole::Backing => "backing".into(),
+            ChildRole::DataFile => "data-file".into(),
+            ChildRole::Image => "image".into(),
+            ChildRole::Test => "test".into(),
+            ChildRole::Raw => "raw".into(),
+            ChildRole::Quorum(i) => format!("children.{i}"),
         }
+    }
+    /// The child that carries the parent's data and metadata, the one a
+    /// debug breakpoint or a filter's transparency looks through.
+    pub fn is_primary(self) -> bool {
+        matches!(self, ChildRole::File | ChildRole::Image | ChildRole::Raw)
+    }
+    /// True for children that hold only guest data, which are format-probed
+    /// when their parent is not a format (QEMU: BDRV_CHILD_DATA alone).
+    pub fn is_pure_data(self) -> bool {
+        matches!(self, ChildRole::Test | ChildRole::Quorum(_))
     }
 }
 
@@ -123,6 +146,16 @@ pub struct Child {
     pub role: ChildRole,
     /// The child node.
     pub node: Arc<Node>,
+}
+
+impl Child {
+    /// An edge in `role` to `node`.
+    pub fn new(role: ChildRole, node: &Arc<Node>) -> Child {
+        Child {
+            role,
+            node: Arc::clone(node),
+        }
+    }
 }
 
 /// Format-specific facts that `info` shows (QEMU: ImageInfoSpecific), as JSON
@@ -338,9 +371,29 @@ pub trait DriverClass: Send + Sync {
     /// The name used by `-f` and `driver=`.
     fn name(&self) -> &'static str;
 
-    /// Protocols (file, nbd) hold bytes; formats interpret them.
+    /// The prefix that selects this driver in a file name (`file:`,
+    /// `blkdebug:`), for drivers that open from a file name by themselves
+    /// (QEMU: protocol_name). Drivers without one get a `file` child.
+    fn protocol_name(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Protocols (file, nbd, blkdebug) open by themselves; formats and the
+    /// other filters open on a `file` child.
     fn is_protocol(&self) -> bool {
-        false
+        self.protocol_name().is_some()
+    }
+
+    /// Turns a file name given to this protocol into options (QEMU:
+    /// bdrv_parse_filename). The default strips the `name:` prefix.
+    fn parse_filename(&self, filename: &str, opts: &mut Opts) -> Result<()> {
+        let f = self
+            .protocol_name()
+            .and_then(|p| filename.strip_prefix(p))
+            .and_then(|f| f.strip_prefix(':'))
+            .unwrap_or(filename);
+        opts.insert("filename".into(), serde_json::Value::String(f.into()));
+        Ok(())
     }
 
     /// How sure this format is that `header` is one of its images (0 = no;

@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod node;
 pub mod open;
 pub mod options;
+pub mod qjson;
 pub mod report;
 pub mod status;
 pub mod tracked;

@@ -145,6 +145,11 @@ impl Node {
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.child(ChildRole::Backing)
     }
+    /// Takes `perm` and shares `shared` on the storage under this node
+    /// (protocols lock the image; filters pass it on).
+    pub fn set_perm(&self, perm: crate::driver::Perm, shared: crate::driver::Perm) -> Result<()> {
+        self.driver.set_perm(perm, shared)
+    }
     /// Turns the write cache on or off (off: every write is flushed, as FUA).
     pub fn set_writeback(&self, on: bool) {
         self.writeback.store(on, Ordering::Relaxed);

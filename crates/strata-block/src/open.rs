@@ -2,7 +2,7 @@
 //! protocol node under a format, backing files with relative names, and the
 //! options every node takes (read-only, cache, aio, locking).
 
-use crate::driver::{DriverClass, Perm};
+use crate::driver::{ChildRole, DriverClass, Perm};
 use crate::engine::Aio;
 use crate::error::{Error, Result};
 use crate::node::{CacheMode, Node};
@@ -111,6 +111,9 @@ pub struct OpenCtx {
     file_perms: Option<(Perm, Perm)>,
     /// The format being opened was guessed by probing.
     probed: bool,
+    /// The node being opened is not probed: its driver is a protocol, named
+    /// or chosen by the file name's prefix (QEMU: BDRV_O_PROTOCOL).
+    protocol: bool,
 }
 
 /// Largest number of bytes format probing reads.
@@ -129,6 +132,7 @@ impl OpenCtx {
             file: None,
             file_perms: None,
             probed: false,
+            protocol: false,
         }
     }
 
@@ -140,17 +144,6 @@ impl OpenCtx {
         format: Option<&str>,
         mut opts: Opts,
     ) -> Result<Arc<Node>> {
-        let mut filename = filename.map(str::to_string);
-        if let Some(json) = filename.as_deref().and_then(|f| f.strip_prefix("json:")) {
-            let j = crate::options::parse_json(json)?;
-            for (k, v) in j {
-                opts.entry(k).or_insert(v);
-            }
-            filename = None;
-        }
-        if filename.is_none() {
-            filename = take_str(&mut opts, "filename")?;
-        }
         if let Some(f) = format {
             if let Some(Value::String(d)) = opts.get("driver") {
                 if d != f {
@@ -161,6 +154,58 @@ impl OpenCtx {
             }
             opts.insert("driver".into(), Value::String(f.to_string()));
         }
+        self.open_node(filename, opts).await
+    }
+
+    /// Opens the child `key` of a node being opened (QEMU: bdrv_open_child):
+    /// its options are `key.*` of `opts`, its file name `filename` when the
+    /// parent parsed one. Whether it is probed follows QEMU's inheritance:
+    /// children of formats (but backing files) and filtered children of
+    /// protocols are not; pure data children of filters are. None when
+    /// nothing names the child.
+    pub async fn open_child(
+        &self,
+        opts: &mut Opts,
+        key: &str,
+        filename: Option<&str>,
+        role: ChildRole,
+        parent_is_format: bool,
+    ) -> Result<Option<Arc<Node>>> {
+        let child_opts = take_dict(opts, key)?;
+        if child_opts.is_none() && filename.is_none() {
+            return Ok(None);
+        }
+        let mut ctx = self.clone();
+        ctx.file = None;
+        ctx.file_perms = None;
+        ctx.probed = false;
+        if !parent_is_format && role.is_pure_data() {
+            ctx.protocol = false;
+        }
+        if parent_is_format && role != ChildRole::Backing {
+            ctx.protocol = true;
+        }
+        let child_opts = child_opts.unwrap_or_default();
+        if child_opts.contains_key("node-ref") {
+            return Err(Error::invalid(format!(
+                "Referencing an existing node as '{key}' is not supported"
+            )));
+        }
+        Box::pin(ctx.open_node(filename, child_opts)).await.map(Some)
+    }
+
+    /// QEMU's bdrv_open_inherit: picks the driver (given, by protocol prefix,
+    /// or by probing), opens a `file` child for drivers that are not
+    /// protocols, then the node itself.
+    async fn open_node(&self, filename: Option<&str>, mut opts: Opts) -> Result<Arc<Node>> {
+        let mut filename = filename.map(str::to_string);
+        if let Some(json) = filename.as_deref().and_then(|f| f.strip_prefix("json:")) {
+            // Options given directly win over those in the file name.
+            for (k, v) in crate::options::parse_json(json)? {
+                opts.entry(k).or_insert(v);
+            }
+            filename = None;
+        }
         let mut ctx = self.clone();
         if let Some(ro) = take_bool(&mut opts, "read-only")? {
             ctx.flags.read_only = ro;
@@ -168,69 +213,57 @@ impl OpenCtx {
         ctx.apply_cache_opts(&mut opts)?;
         let driver = take_str(&mut opts, "driver")?;
         let node_name = take_str(&mut opts, "node-name")?.unwrap_or_default();
-
-        // A protocol driver opens the file itself.
-        if let Some(class) = driver.as_deref().and_then(|d| ctx.registry.get(d)) {
-            if class.is_protocol() {
-                if let Some(f) = &filename {
-                    opts.insert("filename".into(), Value::String(f.clone()));
-                }
-                let name = filename.clone().unwrap_or_default();
-                let drv = class.open(&ctx, &mut opts).await?;
-                crate::options::reject_unknown(&opts, class.name())?;
-                return Ok(Node::new(
-                    &node_name,
-                    &name,
-                    drv,
-                    ctx.flags.read_only,
-                    ctx.flags.cache,
-                ));
-            }
+        let class = match &driver {
+            Some(d) => Some(ctx.registry.format(d)?),
+            None => None,
+        };
+        // An explicit driver decides; otherwise the parent's say.
+        let protocol = class.as_ref().map_or(ctx.protocol, |c| c.is_protocol());
+        if protocol {
+            return ctx.open_protocol(class, filename, opts, &node_name).await;
         }
 
-        // A format: open its protocol node first.
+        // Not a protocol: a format or filter on a `file` child.
         let file_opts = take_dict(&mut opts, "file")?;
+        if filename.is_none() && file_opts.is_none() {
+            filename = take_str(&mut opts, "filename")?;
+        }
         // The file is opened without locks; the format decides them below.
         let mut fctx = ctx.clone();
         fctx.file_perms = Some((Perm::NONE, Perm::ALL));
-        let ctx_for_file = fctx;
+        fctx.file = None;
+        fctx.protocol = true;
         let file_node = match (file_opts, &filename) {
-            (Some(fo), _) => {
-                Box::pin(ctx_for_file.open_image(None, None, with_default_driver(fo))).await?
-            }
-            (None, Some(f)) => {
-                let mut fo = Opts::new();
-                fo.insert("driver".into(), Value::String("file".into()));
-                fo.insert("filename".into(), Value::String(f.clone()));
-                Box::pin(ctx_for_file.open_image(None, None, fo)).await?
-            }
-            (None, None) => {
-                return Err(Error::invalid(
-                    "A block device must be specified for \"file\"",
-                ))
-            }
+            (Some(fo), _) => Some(Box::pin(fctx.open_node(None, fo)).await?),
+            (None, Some(f)) => Some(Box::pin(fctx.open_node(Some(f), Opts::new())).await?),
+            (None, None) => None,
         };
         let display_name = filename
             .clone()
-            .unwrap_or_else(|| file_node.filename().to_string());
-        let probed = driver.is_none();
-        let class = match driver {
-            Some(d) => ctx.registry.format(&d)?,
-            None => ctx.probe(&file_node, &display_name).await?,
+            .or_else(|| file_node.as_ref().map(|f| f.filename().to_string()))
+            .unwrap_or_default();
+        let probed = class.is_none();
+        let class = match (class, &file_node) {
+            (Some(c), _) => c,
+            (None, Some(f)) => ctx.probe(f, &display_name).await?,
+            (None, None) => return Err(Error::invalid("Must specify either driver or file")),
         };
         if ctx.chain.len() > MAX_CHAIN_DEPTH {
             return Err(Error::invalid("Backing chain is too deep"));
         }
         ctx.chain.push(display_name.clone());
-        // Now that the format is known, the file gets the permissions the
-        // format needs on it.
-        let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
-        let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
-        file_node.driver().set_perm(fperm, fshared)?;
+        if let Some(file_node) = &file_node {
+            // Now that the format is known, the file gets the permissions the
+            // format needs on it.
+            let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
+            let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
+            file_node.set_perm(fperm, fshared)?;
+        }
         let mut open_ctx = ctx.clone();
-        open_ctx.file = Some(file_node);
+        open_ctx.file = file_node;
         open_ctx.file_perms = None;
         open_ctx.probed = probed;
+        open_ctx.protocol = false;
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
         Ok(Node::new(
@@ -240,6 +273,77 @@ impl OpenCtx {
             ctx.flags.read_only,
             ctx.flags.cache,
         ))
+    }
+
+    /// Opens a protocol node (QEMU: bdrv_fill_options, then the driver's
+    /// file_open): the driver named, or the one the file name's prefix
+    /// selects, parses the file name into its options.
+    async fn open_protocol(
+        mut self,
+        class: Option<Arc<dyn DriverClass>>,
+        filename: Option<String>,
+        mut opts: Opts,
+        node_name: &str,
+    ) -> Result<Arc<Node>> {
+        if filename.is_some() && opts.contains_key("filename") {
+            return Err(Error::invalid(
+                "Can't specify 'file' and 'filename' options at the same time",
+            ));
+        }
+        let class = match (class, &filename) {
+            (Some(c), _) => c,
+            (None, Some(f)) => self.find_protocol(f)?,
+            // A `filename` option is never parsed for a prefix.
+            (None, None) if opts.contains_key("filename") => self.registry.format("file")?,
+            (None, None) => return Err(Error::invalid("Must specify either driver or file")),
+        };
+        if let Some(f) = &filename {
+            class.parse_filename(f, &mut opts)?;
+        }
+        let display_name = filename
+            .clone()
+            .or_else(|| match opts.get("filename") {
+                Some(Value::String(f)) => Some(f.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.protocol = true;
+        let drv = class.open(&self, &mut opts).await?;
+        crate::options::reject_unknown(&opts, class.name())?;
+        let display_name = if display_name.is_empty() {
+            // A filter named by options alone shows its image's name.
+            drv.children()
+                .iter()
+                .find(|c| c.role.is_primary())
+                .map(|c| c.node.filename().to_string())
+                .unwrap_or_default()
+        } else {
+            display_name
+        };
+        Ok(Node::new(
+            node_name,
+            &display_name,
+            drv,
+            self.flags.read_only,
+            self.flags.cache,
+        ))
+    }
+
+    /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
+    /// `name:rest` where `name` comes before any `/` selects the driver with
+    /// that protocol name; anything else is a plain file.
+    fn find_protocol(&self, filename: &str) -> Result<Arc<dyn DriverClass>> {
+        let head_end = filename.find([':', '/']).unwrap_or(filename.len());
+        if filename.as_bytes().get(head_end) != Some(&b':') {
+            return self.registry.format("file");
+        }
+        let proto = &filename[..head_end];
+        self.registry
+            .all()
+            .iter()
+            .find(|c| c.protocol_name() == Some(proto))
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("Unknown protocol '{proto}'")))
     }
 
     /// Reads the start of `file` and asks every format how sure it is.
@@ -336,14 +440,9 @@ impl OpenCtx {
         ctx.flags.resize = false;
         ctx.file = None;
         ctx.file_perms = None;
+        ctx.protocol = false;
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
     }
-}
-
-fn with_default_driver(mut o: Opts) -> Opts {
-    o.entry("driver")
-        .or_insert_with(|| Value::String("file".into()));
-    o
 }
 
 fn canonical(p: &str) -> String {

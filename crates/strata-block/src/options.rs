@@ -78,12 +78,15 @@ pub fn nest(pairs: &[(String, String)]) -> Result<Opts> {
     Ok(root)
 }
 
-/// Parses `json:{...}` file names and `--image-opts` JSON strings into options.
+/// Parses `json:{...}` file names and `--image-opts` JSON strings into
+/// options, with QEMU's JSON dialect and error words.
 pub fn parse_json(s: &str) -> Result<Opts> {
-    match serde_json::from_str::<Value>(s) {
+    match crate::qjson::parse(s) {
         Ok(Value::Object(m)) => Ok(flatten_dotted_keys(m)),
-        Ok(_) => Err(Error::invalid("Expected a JSON object")),
-        Err(e) => Err(Error::invalid(format!("Could not parse JSON: {e}"))),
+        Ok(_) => Err(Error::invalid("Invalid JSON object given")),
+        Err(e) => Err(Error::invalid(format!(
+            "Could not parse the JSON options: {e}"
+        ))),
     }
 }
 

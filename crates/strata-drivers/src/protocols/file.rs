@@ -367,8 +367,8 @@ impl DriverClass for FileClass {
         "file"
     }
 
-    fn is_protocol(&self) -> bool {
-        true
+    fn protocol_name(&self) -> Option<&'static str> {
+        Some("file")
     }
 
     fn create_options(&self) -> &'static [OptSpec] {
