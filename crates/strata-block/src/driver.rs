@@ -73,8 +73,10 @@ pub struct Limits {
     pub memory_alignment: u32,
     /// Longest read or write in one request.
     pub max_transfer: u64,
-    /// Alignment and maximum of discard.
+    /// Preferred alignment of discard (QEMU: pdiscard_alignment).
     pub discard_alignment: u32,
+    /// Longest discard request.
+    pub max_discard: u64,
     /// Alignment and maximum of write_zeroes.
     pub write_zeroes_alignment: u32,
     /// Longest write-zeroes request.
@@ -88,6 +90,7 @@ impl Default for Limits {
             memory_alignment: 1,
             max_transfer: 0,
             discard_alignment: 0,
+            max_discard: 0,
             write_zeroes_alignment: 0,
             max_write_zeroes: 0,
         }
@@ -319,6 +322,14 @@ pub trait Driver: Send + Sync {
     /// the storage itself; protocols lock the image here.
     fn set_perm(&self, _perm: Perm, _shared: Perm) -> Result<()> {
         Ok(())
+    }
+
+    /// Hears a debug event a parent announces for its next I/O on this node.
+    async fn debug_event(&self, _event: crate::debug::DebugEvent) {}
+
+    /// Breakpoint support, for drivers that have it (blkdebug).
+    fn debug_hooks(&self) -> Option<&dyn crate::debug::DebugHooks> {
+        None
     }
 
     /// Writes back everything cached and releases the image; called once.

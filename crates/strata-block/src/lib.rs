@@ -4,6 +4,8 @@
 //! It knows no driver by name; drivers register in a [`Registry`].
 
 pub mod buf;
+mod copy_on_read;
+pub mod debug;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -14,16 +16,18 @@ pub mod options;
 pub mod qjson;
 pub mod report;
 pub mod status;
+mod temp_overlay;
 pub mod tracked;
 
 pub use buf::IoBuf;
+pub use debug::DebugEvent;
 pub use driver::{
     CheckResult, Child, ChildRole, Driver, DriverClass, Limits, Perm, Preallocation, RepairMode,
     WriteFlags,
 };
 pub use error::{Error, Result};
 pub use event_loop::EventLoop;
-pub use node::{CacheMode, Node};
+pub use node::{CacheMode, DetectZeroes, Node, NodeOptions};
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;
 pub use status::BlockStatus;

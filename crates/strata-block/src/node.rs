@@ -55,6 +55,51 @@ impl Default for CacheMode {
     }
 }
 
+/// What a node does with writes of buffers that are all zeroes
+/// (`detect-zeroes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Write them as they are.
+    #[default]
+    Off,
+    /// Turn them into write-zeroes requests.
+    On,
+    /// Turn them into write-zeroes requests that may deallocate, when the
+    /// node passes discards on.
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// Parses the option value as QEMU spells it.
+    pub fn parse(s: &str) -> Result<DetectZeroes> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            _ => Err(Error::invalid(format!(
+                "Parameter 'detect-zeroes' does not accept value '{s}'"
+            ))),
+        }
+    }
+}
+
+/// The options every node takes, whatever its driver (QEMU: the common
+/// runtime options of bdrv_open_common).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeOptions {
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// Discard requests are passed on (`discard=unmap`); else they succeed
+    /// doing nothing.
+    pub unmap: bool,
+    /// Zero-buffer detection on writes.
+    pub detect_zeroes: DetectZeroes,
+    /// Reads copy what they find in the backing chain into this node.
+    pub copy_on_read: bool,
+}
+
 static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 
 /// A node of the block graph: a driver instance with its request path.
@@ -65,6 +110,9 @@ pub struct Node {
     read_only: bool,
     writeback: AtomicBool,
     no_flush: bool,
+    unmap: bool,
+    detect_zeroes: DetectZeroes,
+    copy_on_read: bool,
     limits: Limits,
     tracker: Tracker,
     closed: AtomicBool,
@@ -76,8 +124,7 @@ impl Node {
         name: &str,
         filename: &str,
         driver: Box<dyn Driver>,
-        read_only: bool,
-        cache: CacheMode,
+        opts: NodeOptions,
     ) -> Arc<Node> {
         let name = if name.is_empty() {
             format!(
@@ -92,9 +139,12 @@ impl Node {
             name,
             filename: filename.to_string(),
             driver,
-            read_only,
-            writeback: AtomicBool::new(cache.writeback),
-            no_flush: cache.no_flush,
+            read_only: opts.read_only,
+            writeback: AtomicBool::new(opts.cache.writeback),
+            no_flush: opts.cache.no_flush,
+            unmap: opts.unmap,
+            detect_zeroes: opts.detect_zeroes,
+            copy_on_read: opts.copy_on_read,
             limits,
             tracker: Tracker::default(),
             closed: AtomicBool::new(false),
@@ -141,6 +191,18 @@ impl Node {
             .find(|c| c.role == role)
             .map(|c| c.node)
     }
+    /// The first node at or below this one that is not a filter (QEMU:
+    /// bdrv_skip_filters): what tools look at to describe an image.
+    pub fn skip_filters(self: &Arc<Self>) -> Arc<Node> {
+        let mut node = Arc::clone(self);
+        while node.driver.is_filter() {
+            match node.children().into_iter().find(|c| c.role.is_primary()) {
+                Some(c) => node = c.node,
+                None => break,
+            }
+        }
+        node
+    }
     /// The backing node, if any.
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.child(ChildRole::Backing)
@@ -153,6 +215,14 @@ impl Node {
     /// Turns the write cache on or off (off: every write is flushed, as FUA).
     pub fn set_writeback(&self, on: bool) {
         self.writeback.store(on, Ordering::Relaxed);
+    }
+    /// The in-flight requests of this node.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+    /// True when reads copy backing data into this node.
+    pub fn copy_on_read(&self) -> bool {
+        self.copy_on_read
     }
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
@@ -182,6 +252,9 @@ impl Node {
         if len == 0 {
             return Ok(buf);
         }
+        if self.copy_on_read {
+            return self.read_copy_on_read(offset, buf).await;
+        }
         let align = self.limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
         if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
@@ -201,7 +274,7 @@ impl Node {
     }
 
     /// Reads an aligned range, split at the maximum transfer.
-    async fn read_aligned(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+    pub(crate) async fn read_aligned(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let max = self.limits.max_transfer;
         if max == 0 || buf.len() as u64 <= max {
             return self.driver.read(offset, buf).await;
@@ -251,7 +324,29 @@ impl Node {
         Ok(buf)
     }
 
-    async fn write_aligned(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+    pub(crate) async fn write_aligned(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> Result<IoBuf> {
+        if self.detect_zeroes != DetectZeroes::Off && crate::buf::is_zero(buf.as_slice()) {
+            // A buffer of zeroes becomes a write-zeroes request (QEMU:
+            // bdrv_aligned_pwritev); drivers that cannot write zeroes
+            // without a buffer get the buffer after all.
+            let zflags = WriteFlags {
+                may_unmap: self.detect_zeroes == DetectZeroes::Unmap && self.unmap,
+                ..flags
+            };
+            match self
+                .driver
+                .write_zeroes(offset, buf.len() as u64, zflags)
+                .await
+            {
+                Err(e) if e.code() == libc::ENOTSUP => {}
+                r => return r.map(|()| buf),
+            }
+        }
         let max = self.limits.max_transfer;
         if max == 0 || buf.len() as u64 <= max {
             return self.driver.write(offset, buf, flags).await;
@@ -277,7 +372,9 @@ impl Node {
         Ok(())
     }
 
-    /// Makes `len` bytes at `offset` read as zeroes.
+    /// Makes `len` bytes at `offset` read as zeroes. Partial blocks at
+    /// either end are written as zeroed blocks under a serialising request;
+    /// the aligned middle goes to the driver in pieces its limits allow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
         self.check_request(offset, len)?;
@@ -285,51 +382,158 @@ impl Node {
             return Ok(());
         }
         let align = self.limits.request_alignment.max(1) as u64;
-        if offset.is_multiple_of(align) && len.is_multiple_of(align) {
-            let r = {
-                let _req = self.tracker.begin(offset, offset + len, false).await;
-                self.driver.write_zeroes(offset, len, flags).await
-            };
-            match r {
-                Ok(()) => return self.after_write(flags).await,
-                Err(e) if e.code() == libc::ENOTSUP && !flags.no_fallback => {}
-                Err(e) => return Err(e),
-            }
-        } else if flags.no_fallback {
-            return err(libc::ENOTSUP);
-        }
-        // Fallback: write buffers of zeroes, at most 1 MiB at a time.
-        const CHUNK: u64 = 1 << 20;
-        let mut off = offset;
         let end = offset + len;
-        let mut zeroes = IoBuf::zeroed(CHUNK.min(len) as usize);
+        if offset.is_multiple_of(align) && len.is_multiple_of(align) {
+            let _req = self.tracker.begin(offset, end, false).await;
+            self.zeroes_aligned(offset, len, flags).await?;
+        } else {
+            if flags.no_fallback {
+                return err(libc::ENOTSUP);
+            }
+            let start = offset / align * align;
+            let cover_end = end.div_ceil(align) * align;
+            let _req = self.tracker.begin(start, cover_end, true).await;
+            let mid_start = offset.div_ceil(align) * align;
+            let mid_end = (end / align * align).max(mid_start);
+            if start < offset {
+                self.zero_partial_block(start, offset, end.min(start + align), flags)
+                    .await?;
+            }
+            if mid_start < mid_end {
+                self.zeroes_aligned(mid_start, mid_end - mid_start, flags)
+                    .await?;
+            }
+            let tail = end / align * align;
+            let head_done = start < offset;
+            let tail_partial = !end.is_multiple_of(align);
+            if tail_partial && (!head_done || tail != start) {
+                self.zero_partial_block(tail, tail.max(offset), end, flags)
+                    .await?;
+            }
+        }
+        self.after_write(flags).await
+    }
+
+    /// Zeroes `[from, to)` inside the aligned block at `block` by
+    /// read-modify-write (the caller holds a serialising request).
+    async fn zero_partial_block(
+        &self,
+        block: u64,
+        from: u64,
+        to: u64,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let align = self.limits.request_alignment.max(1) as usize;
+        let mut b = self.driver.read(block, IoBuf::zeroed(align)).await?;
+        b.as_mut_slice()[(from - block) as usize..(to - block) as usize].fill(0);
         let plain = WriteFlags {
             may_unmap: false,
             ..flags
         };
-        while off < end {
-            let n = (end - off).min(CHUNK);
-            if n as usize != zeroes.len() {
-                zeroes = IoBuf::zeroed(n as usize);
+        self.write_aligned(block, b, plain).await.map(|_| ())
+    }
+
+    /// Zeroes an aligned range (QEMU: bdrv_co_do_pwrite_zeroes): pieces
+    /// aligned to the write-zeroes alignment and at most its maximum; a
+    /// piece the driver cannot zero is written as buffers of zeroes.
+    async fn zeroes_aligned(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        const MAX_BOUNCE: u64 = 16 << 20;
+        let l = self.limits;
+        let align = (l.write_zeroes_alignment as u64).max(l.request_alignment.max(1) as u64);
+        let max_zero = match l.max_write_zeroes {
+            0 => u64::MAX / align * align,
+            m => (m / align * align).max(align),
+        };
+        let max_transfer = match l.max_transfer {
+            0 => MAX_BOUNCE,
+            m => m.min(MAX_BOUNCE),
+        };
+        let mut head = offset % align;
+        let tail = (offset + len) % align;
+        let mut off = offset;
+        let mut left = len;
+        while left > 0 {
+            let mut num = left;
+            if head != 0 {
+                // Up to the first aligned offset (and at most one transfer).
+                num = left.min(max_transfer).min(align - head);
+                head = (head + num) % align;
+            } else if tail != 0 && num > align {
+                num -= tail;
             }
-            zeroes = self.write(off, zeroes, plain).await?;
-            off += n;
+            num = num.min(max_zero);
+            match self.driver.write_zeroes(off, num, flags).await {
+                Err(e) if e.code() == libc::ENOTSUP && !flags.no_fallback => {
+                    let plain = WriteFlags {
+                        may_unmap: false,
+                        ..flags
+                    };
+                    let mut at = off;
+                    let mut zeroes = IoBuf::zeroed(num.min(max_transfer) as usize);
+                    while at < off + num {
+                        let n = (off + num - at).min(max_transfer);
+                        if n as usize != zeroes.len() {
+                            zeroes = IoBuf::zeroed(n as usize);
+                        }
+                        zeroes = self.driver.write(at, zeroes, plain).await?;
+                        at += n;
+                    }
+                }
+                r => r?,
+            }
+            off += num;
+            left -= num;
         }
         Ok(())
     }
 
-    /// Discards `len` bytes at `offset`; drivers that cannot just succeed.
+    /// Discards `len` bytes at `offset` (QEMU: bdrv_co_pdiscard), in pieces
+    /// aligned to the discard alignment; drivers that cannot discard a
+    /// piece, and nodes opened with `discard=ignore`, just succeed.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_request(offset, len)?;
-        if len == 0 {
+        if len == 0 || !self.unmap {
             return Ok(());
         }
         let _req = self.tracker.begin(offset, offset + len, false).await;
-        match self.driver.discard(offset, len).await {
-            Err(e) if e.code() == libc::ENOTSUP => Ok(()),
-            r => r,
+        let l = self.limits;
+        let rq = l.request_alignment.max(1) as u64;
+        let align = (l.discard_alignment as u64).max(rq);
+        let max_discard = match l.max_discard {
+            0 => u64::MAX / align * align,
+            m => (m / align * align).max(align),
+        };
+        let mut head = offset % align;
+        let mut tail = (offset + len) % align;
+        let mut off = offset;
+        let mut left = len;
+        while left > 0 {
+            let mut num = left;
+            if head != 0 {
+                num = left.min(align - head);
+                if !num.is_multiple_of(rq) {
+                    num %= rq;
+                }
+                head = (head + num) % align;
+            } else if tail != 0 {
+                if num > align {
+                    num -= tail;
+                } else if !tail.is_multiple_of(rq) && tail > rq {
+                    // The unaligned last bytes go alone, in the next round.
+                    tail %= rq;
+                    num -= tail;
+                }
+            }
+            num = num.min(max_discard);
+            match self.driver.discard(off, num).await {
+                Err(e) if e.code() == libc::ENOTSUP => {}
+                r => r?,
+            }
+            off += num;
+            left -= num;
         }
+        Ok(())
     }
 
     /// Makes completed writes stable (a no-op with `cache=unsafe`).
@@ -371,7 +575,6 @@ impl Node {
         if st.raw {
             if let Some((child, host)) = st.host.clone() {
                 let mut inner = Box::pin(child.block_status(host, st.len)).await?;
-                inner.allocated = true;
                 if inner.host.is_none() {
                     inner.host = Some((child, host));
                 }

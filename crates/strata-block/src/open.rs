@@ -5,7 +5,7 @@
 use crate::driver::{ChildRole, DriverClass, Perm};
 use crate::engine::Aio;
 use crate::error::{Error, Result};
-use crate::node::{CacheMode, Node};
+use crate::node::{CacheMode, DetectZeroes, Node, NodeOptions};
 use crate::options::{take_bool, take_dict, take_str, Opts};
 use serde_json::Value;
 use std::sync::Arc;
@@ -58,6 +58,13 @@ pub struct OpenFlags {
     /// Opened to be checked: formats open what they can and leave the
     /// complaints to their check (QEMU: BDRV_O_CHECK).
     pub check: bool,
+    /// Discard requests are passed on (`discard=unmap`, BDRV_O_UNMAP).
+    pub unmap: bool,
+    /// The top node copies backing data up on reads (`-C`).
+    pub copy_on_read: bool,
+    /// Writes go to a temporary overlay that vanishes with the process
+    /// (`-s`, `snapshot=on`).
+    pub snapshot: bool,
 }
 
 impl Default for OpenFlags {
@@ -72,6 +79,9 @@ impl Default for OpenFlags {
             no_io: false,
             resize: false,
             check: false,
+            unmap: true,
+            copy_on_read: false,
+            snapshot: false,
         }
     }
 }
@@ -114,6 +124,9 @@ pub struct OpenCtx {
     /// The node being opened is not probed: its driver is a protocol, named
     /// or chosen by the file name's prefix (QEMU: BDRV_O_PROTOCOL).
     protocol: bool,
+    /// An open node to use as the backing file instead of the one the image
+    /// names (the temporary overlay of `-s` sits on the image this way).
+    backing_node: Option<Arc<Node>>,
 }
 
 /// Largest number of bytes format probing reads.
@@ -133,6 +146,7 @@ impl OpenCtx {
             file_perms: None,
             probed: false,
             protocol: false,
+            backing_node: None,
         }
     }
 
@@ -179,6 +193,7 @@ impl OpenCtx {
         ctx.file = None;
         ctx.file_perms = None;
         ctx.probed = false;
+        ctx.unmap_children();
         if !parent_is_format && role.is_pure_data() {
             ctx.protocol = false;
         }
@@ -191,7 +206,9 @@ impl OpenCtx {
                 "Referencing an existing node as '{key}' is not supported"
             )));
         }
-        Box::pin(ctx.open_node(filename, child_opts)).await.map(Some)
+        Box::pin(ctx.open_node(filename, child_opts))
+            .await
+            .map(Some)
     }
 
     /// QEMU's bdrv_open_inherit: picks the driver (given, by protocol prefix,
@@ -207,10 +224,19 @@ impl OpenCtx {
             filename = None;
         }
         let mut ctx = self.clone();
+        if take_bool(&mut opts, "snapshot")?.unwrap_or(false) {
+            ctx.flags.snapshot = true;
+        }
+        if ctx.flags.snapshot {
+            return Box::pin(ctx.open_with_temp_overlay(filename, opts)).await;
+        }
         if let Some(ro) = take_bool(&mut opts, "read-only")? {
             ctx.flags.read_only = ro;
         }
         ctx.apply_cache_opts(&mut opts)?;
+        let node_opts = ctx.take_node_options(&mut opts)?;
+        // What follows opens children, which inherit none of these.
+        ctx.unmap_children();
         let driver = take_str(&mut opts, "driver")?;
         let node_name = take_str(&mut opts, "node-name")?.unwrap_or_default();
         let class = match &driver {
@@ -220,7 +246,9 @@ impl OpenCtx {
         // An explicit driver decides; otherwise the parent's say.
         let protocol = class.as_ref().map_or(ctx.protocol, |c| c.is_protocol());
         if protocol {
-            return ctx.open_protocol(class, filename, opts, &node_name).await;
+            return ctx
+                .open_protocol(class, filename, opts, &node_name, node_opts)
+                .await;
         }
 
         // Not a protocol: a format or filter on a `file` child.
@@ -234,7 +262,7 @@ impl OpenCtx {
         fctx.file = None;
         fctx.protocol = true;
         let file_node = match (file_opts, &filename) {
-            (Some(fo), _) => Some(Box::pin(fctx.open_node(None, fo)).await?),
+            (Some(fo), f) => Some(Box::pin(fctx.open_node(f.as_deref(), fo)).await?),
             (None, Some(f)) => Some(Box::pin(fctx.open_node(Some(f), Opts::new())).await?),
             (None, None) => None,
         };
@@ -266,13 +294,39 @@ impl OpenCtx {
         open_ctx.protocol = false;
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
-        Ok(Node::new(
-            &node_name,
-            &display_name,
-            drv,
-            ctx.flags.read_only,
-            ctx.flags.cache,
-        ))
+        Ok(Node::new(&node_name, &display_name, drv, node_opts))
+    }
+
+    /// The options every node takes (QEMU: bdrv_open_common): read-only and
+    /// cache are already applied to the flags.
+    fn take_node_options(&self, opts: &mut Opts) -> Result<NodeOptions> {
+        let unmap = match take_str(opts, "discard")?.as_deref() {
+            None => self.flags.unmap,
+            Some("ignore" | "off") => false,
+            Some("unmap" | "on") => true,
+            Some(_) => return Err(Error::invalid("Invalid discard option")),
+        };
+        let detect_zeroes = match take_str(opts, "detect-zeroes")? {
+            None => DetectZeroes::Off,
+            Some(v) => DetectZeroes::parse(&v)
+                .map_err(|_| Error::invalid(format!("invalid parameter value: {v}")))?,
+        };
+        if detect_zeroes == DetectZeroes::Unmap && !unmap {
+            return Err(Error::invalid(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
+        let copy_on_read = take_bool(opts, "copy-on-read")?.unwrap_or(self.flags.copy_on_read);
+        if copy_on_read && self.flags.read_only {
+            return Err(Error::invalid("Can't use copy-on-read on read-only device"));
+        }
+        Ok(NodeOptions {
+            read_only: self.flags.read_only,
+            cache: self.flags.cache,
+            unmap,
+            detect_zeroes,
+            copy_on_read,
+        })
     }
 
     /// Opens a protocol node (QEMU: bdrv_fill_options, then the driver's
@@ -284,6 +338,7 @@ impl OpenCtx {
         filename: Option<String>,
         mut opts: Opts,
         node_name: &str,
+        node_opts: NodeOptions,
     ) -> Result<Arc<Node>> {
         if filename.is_some() && opts.contains_key("filename") {
             return Err(Error::invalid(
@@ -320,13 +375,7 @@ impl OpenCtx {
         } else {
             display_name
         };
-        Ok(Node::new(
-            node_name,
-            &display_name,
-            drv,
-            self.flags.read_only,
-            self.flags.cache,
-        ))
+        Ok(Node::new(node_name, &display_name, drv, node_opts))
     }
 
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
@@ -344,6 +393,19 @@ impl OpenCtx {
             .find(|c| c.protocol_name() == Some(proto))
             .cloned()
             .ok_or_else(|| Error::invalid(format!("Unknown protocol '{proto}'")))
+    }
+
+    /// Makes the image being opened use `node` as its backing file.
+    pub(crate) fn set_backing_node(&mut self, node: Arc<Node>) {
+        self.backing_node = Some(node);
+    }
+
+    /// Children inherit neither copy-on-read nor a discard mode (QEMU:
+    /// bdrv_inherited_options).
+    fn unmap_children(&mut self) {
+        self.flags.unmap = true;
+        self.flags.copy_on_read = false;
+        self.flags.snapshot = false;
     }
 
     /// Reads the start of `file` and asks every format how sure it is.
@@ -427,6 +489,9 @@ impl OpenCtx {
         format: Option<&str>,
         opts: Opts,
     ) -> Result<Arc<Node>> {
+        if let Some(node) = &self.backing_node {
+            return Ok(Arc::clone(node));
+        }
         let path = path_combine(parent, name);
         let canon = canonical(&path);
         if self.chain.iter().any(|p| canonical(p) == canon) {
@@ -441,6 +506,7 @@ impl OpenCtx {
         ctx.file = None;
         ctx.file_perms = None;
         ctx.protocol = false;
+        ctx.unmap_children();
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
     }
 }

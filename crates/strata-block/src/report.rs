@@ -17,6 +17,22 @@ pub fn prog_name() -> &'static str {
     PROG.get().map(String::as_str).unwrap_or("strata")
 }
 
+static STDOUT_HOOK: OnceLock<fn(std::fmt::Arguments<'_>)> = OnceLock::new();
+
+/// Routes [`print_stdout`] through the tool's own stdout buffer, so block
+/// layer messages (blkdebug's) land in order with the tool's output.
+pub fn set_stdout_hook(hook: fn(std::fmt::Arguments<'_>)) {
+    let _ = STDOUT_HOOK.set(hook);
+}
+
+/// Prints to standard output as the tool does (QEMU's printf from drivers).
+pub fn print_stdout(args: std::fmt::Arguments<'_>) {
+    match STDOUT_HOOK.get() {
+        Some(hook) => hook(args),
+        None => print!("{args}"),
+    }
+}
+
 /// Prints `PROG: msg` to stderr.
 pub fn error_report(msg: impl std::fmt::Display) {
     eprintln!("{}: {}", prog_name(), msg);

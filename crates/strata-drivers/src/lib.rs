@@ -1,6 +1,7 @@
 //! Strata's drivers: protocols (where bytes live) and formats (how they make a
 //! disk). The tools build a [`strata_block::Registry`] from [`registry`].
 
+pub mod filters;
 pub mod formats;
 pub mod protocols;
 
@@ -12,7 +13,10 @@ use strata_block::Registry;
 pub fn registry() -> Arc<Registry> {
     let mut r = Registry::default();
     r.register(Arc::new(protocols::file::FileClass));
+    r.register(Arc::new(protocols::null::NullClass::CO));
+    r.register(Arc::new(protocols::null::NullClass::AIO));
     r.register(Arc::new(formats::qcow2::Qcow2Class));
+    r.register(Arc::new(filters::blkdebug::BlkdebugClass));
     r.register(Arc::new(formats::raw::RawClass));
     Arc::new(r)
 }

@@ -9,6 +9,7 @@ use strata_block::{Error, Node, OpenCtx, OpenFlags, Registry, Result};
 pub fn init() -> Arc<Registry> {
     let argv0 = std::env::args().next().unwrap_or_else(|| "strata".into());
     strata_block::report::set_prog_name(&argv0);
+    strata_block::report::set_stdout_hook(crate::stdout::write_fmt);
     strata_drivers::registry()
 }
 

@@ -2,3 +2,4 @@
 
 pub mod file;
 mod lock;
+pub mod null;

@@ -41,6 +41,7 @@ async fn get_block_status(top: &Arc<Node>, offset: u64, len: u64) -> Result<MapE
     let mut depth = 0;
     let mut len = len;
     let st = loop {
+        node = node.skip_filters();
         let st = node.block_status(offset, len).await?;
         len = st.len;
         if st.data || st.zero {
@@ -54,7 +55,8 @@ async fn get_block_status(top: &Arc<Node>, offset: u64, len: u64) -> Result<MapE
             None => break st,
         }
     };
-    let offset_valid = st.host.is_some() && !st.compressed;
+    // Where no layer says data or zero, QEMU reports nothing (ret = 0).
+    let offset_valid = st.host.is_some() && !st.compressed && (st.data || st.zero);
     Ok(MapEntry {
         start: offset,
         length: st.len,

@@ -177,12 +177,6 @@ impl Session {
         if req.native_aio && !req.cache.direct {
             return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
         }
-        if req.snapshot {
-            return Err("snapshot=on (-s) is not supported".into());
-        }
-        if req.copy_on_read {
-            return Err("copy-on-read (-C) is not supported".into());
-        }
         let flags = OpenFlags {
             read_only: req.read_only,
             force_share,
@@ -195,6 +189,9 @@ impl Session {
             } else {
                 Aio::Threads
             },
+            unmap: req.unmap,
+            copy_on_read: req.copy_on_read,
+            snapshot: req.snapshot,
             ..OpenFlags::default()
         };
         let ctx = OpenCtx::new(Arc::clone(&self.registry), flags);

@@ -17,7 +17,7 @@ use strata_block::report::c_hex;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 use super::header::Header;
 use std::sync::Arc;
-use strata_block::{Error, IoBuf, Node, Result, WriteFlags};
+use strata_block::{DebugEvent, Error, IoBuf, Node, Result, WriteFlags};
 
 /// L2 entry: the cluster's refcount is exactly one (may be written in place).
 pub const OFLAG_COPIED: u64 = 1 << 63;
@@ -195,6 +195,7 @@ impl Meta {
                         WriteKind::Refblock
                     };
                     Box::pin(self.check_write(file, victim, ss, kind)).await?;
+                    file.debug_event(update_event(l2)).await;
                     let c = if l2 {
                         &mut self.l2_cache
                     } else {
@@ -211,6 +212,9 @@ impl Meta {
             }
         }
         let size = self.l2_cache.slice_size();
+        if l2 {
+            file.debug_event(DebugEvent::L2Load).await;
+        }
         let buf = file.read(off, IoBuf::zeroed(size)).await?;
         let c = if l2 {
             &mut self.l2_cache
@@ -368,7 +372,21 @@ impl Meta {
         delta: i64,
     ) -> Result<()> {
         let first = off >> self.geo.cluster_bits;
+        let mut last_block = None;
         for hc in first..first + n {
+            // Once per refcount block touched, as QEMU's update_refcount.
+            let ti = hc >> self.geo.rb_bits;
+            if last_block != Some(ti) {
+                last_block = Some(ti);
+                file.debug_event(DebugEvent::RefblockAlloc).await;
+                if self
+                    .reftable
+                    .get(ti as usize)
+                    .is_some_and(|e| e & OFFSET_MASK != 0)
+                {
+                    file.debug_event(DebugEvent::RefblockLoad).await;
+                }
+            }
             let cur = self.refcount(file, hc).await?;
             let new = cur.checked_add_signed(delta).ok_or_else(|| {
                 Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
@@ -389,6 +407,7 @@ impl Meta {
         n: u64,
         discard: bool,
     ) -> Result<()> {
+        file.debug_event(DebugEvent::ClusterFree).await;
         self.update_refcounts(file, off, n, -1).await?;
         if discard {
             // One discard per run of clusters that became free.
@@ -447,6 +466,7 @@ impl Meta {
         let rb = f << self.geo.cluster_bits;
         self.check_metadata_write(file, rb, self.geo.cluster_size)
             .await?;
+        file.debug_event(DebugEvent::RefblockAllocWrite).await;
         self.write_zero_block(file, rb).await?;
         if covered {
             Box::pin(self.set_refcount(file, f, 1)).await?;
@@ -497,9 +517,10 @@ impl Meta {
         self.flush_refcounts(file).await?;
         let off = self.header.refcount_table_offset + ti * 8;
         let v = self.reftable[ti as usize].to_be_bytes();
+        file.debug_event(DebugEvent::RefblockAllocHookup).await;
         file.write(off, IoBuf::from_slice(&v), WriteFlags::default())
             .await?;
-        Ok(())
+        file.flush().await
     }
 
     /// Replaces the refcount table by a larger one of at least `min_entries`.
@@ -507,6 +528,7 @@ impl Meta {
     /// that count it; it becomes the image's by one header write, after
     /// which the old table is freed.
     async fn grow_reftable(&mut self, file: &Arc<Node>, min_entries: u64) -> Result<()> {
+        file.debug_event(DebugEvent::ReftableGrow).await;
         let cs = self.geo.cluster_size;
         let per_cluster = cs / 8;
         let old_entries = self.reftable.len() as u64;
@@ -548,6 +570,7 @@ impl Meta {
         let old_off = self.header.refcount_table_offset;
         let old_clusters = self.header.refcount_table_clusters as u64;
         self.reftable.resize(entries as usize, 0);
+        file.debug_event(DebugEvent::RefblockAllocWriteBlocks).await;
         for (k, &ti) in blocks.iter().enumerate() {
             let rb = (start + table_clusters + k as u64) << self.geo.cluster_bits;
             self.write_zero_block(file, rb).await?;
@@ -562,12 +585,14 @@ impl Meta {
         let new_off = start << self.geo.cluster_bits;
         let mut bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize((table_clusters * cs) as usize, 0);
+        file.debug_event(DebugEvent::RefblockAllocWriteTable).await;
         file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default())
             .await?;
         file.flush().await?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        file.debug_event(DebugEvent::RefblockAllocSwitchTable).await;
         file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
             .await?;
         file.flush().await?;
@@ -579,6 +604,7 @@ impl Meta {
 
     /// Allocates `n` contiguous free clusters (first fit) with refcount 1.
     pub async fn alloc_clusters(&mut self, file: &Arc<Node>, n: u64) -> Result<u64> {
+        file.debug_event(DebugEvent::ClusterAlloc).await;
         'search: loop {
             let mut start = self.free_cluster_index;
             let mut found = 0;
@@ -656,13 +682,14 @@ impl Meta {
     pub async fn write_l1_entry(&mut self, file: &Arc<Node>, i: usize) -> Result<()> {
         let off = self.header.l1_table_offset + i as u64 * 8;
         self.check_write(file, off, 8, WriteKind::L1).await?;
+        file.debug_event(DebugEvent::L1Update).await;
         file.write(
             off,
             IoBuf::from_slice(&self.l1[i].to_be_bytes()),
             WriteFlags::default(),
         )
         .await?;
-        Ok(())
+        file.flush().await
     }
 
     fn l1_range(&self) -> (u64, u64) {
@@ -756,6 +783,7 @@ impl Meta {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
             Box::pin(self.check_write(file, off, ss, kind)).await?;
+            file.debug_event(update_event(l2)).await;
             let c = if l2 {
                 &mut self.l2_cache
             } else {
@@ -764,6 +792,15 @@ impl Meta {
             c.write_back(file, off).await?;
         }
         Ok(())
+    }
+}
+
+/// The event announcing the write-back of a cached slice.
+fn update_event(l2: bool) -> DebugEvent {
+    if l2 {
+        DebugEvent::L2Update
+    } else {
+        DebugEvent::RefblockUpdatePart
     }
 }
 

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMode};
 use strata_block::options::{take_dict, take_str, OptSpec, Opts};
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, OpenFlags,
-    Perm, Result, WriteFlags,
+    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
+    OpenFlags, Perm, Result, WriteFlags,
 };
 use tokio::sync::{Mutex, Notify};
 
@@ -161,7 +161,10 @@ impl Qcow2Driver {
     /// Reads one extent's bytes into `buf`.
     async fn read_extent(&self, e: Extent, buf: IoBuf) -> Result<IoBuf> {
         match e.mapping {
-            Mapping::Normal { host, .. } => self.file.read(host, buf).await,
+            Mapping::Normal { host, .. } => {
+                self.file.debug_event(DebugEvent::ReadAio).await;
+                self.file.read(host, buf).await
+            }
             Mapping::Zero(_) => Ok(zero_fill(buf)),
             Mapping::Unallocated => self.read_backing(e.offset, buf).await,
             Mapping::Compressed(entry) => {
@@ -180,6 +183,7 @@ impl Qcow2Driver {
         let Some(b) = &self.backing else {
             return Ok(zero_fill(buf));
         };
+        self.file.debug_event(DebugEvent::ReadBackingAio).await;
         let blen = b.length();
         if offset >= blen {
             return Ok(zero_fill(buf));
@@ -204,6 +208,7 @@ impl Qcow2Driver {
                 "Compressed cluster at {host:#x} lies beyond the end of the image"
             )));
         }
+        self.file.debug_event(DebugEvent::ReadCompressed).await;
         let src = self.file.read(host, IoBuf::zeroed(len as usize)).await?;
         let mut out = vec![0u8; self.geo.cluster_size as usize];
         compress::decompress(self.compression, src.as_slice(), &mut out)?;
@@ -222,6 +227,7 @@ impl Qcow2Driver {
             },
             m => m,
         };
+        self.file.debug_event(DebugEvent::CowRead).await;
         self.read_extent(
             Extent {
                 offset: off,
@@ -253,10 +259,14 @@ impl Qcow2Driver {
             IoBuf::zeroed(cs as usize)
         } else {
             m.flush_l2(&self.file).await?;
+            self.file.debug_event(DebugEvent::L2AllocCowRead).await;
+            self.file.debug_event(DebugEvent::L2Load).await;
             self.file.read(old, IoBuf::zeroed(cs as usize)).await?
         };
         m.check_metadata_write(&self.file, new, cs).await?;
         m.l2_cache.remove_table(new, cs);
+        self.file.debug_event(DebugEvent::L2AllocWrite).await;
+        self.file.debug_event(DebugEvent::L2Update).await;
         self.file.write(new, content, WriteFlags::default()).await?;
         // Its refcount and content are stable before L1 points to it.
         m.flush_refcounts(&self.file).await?;
@@ -331,6 +341,7 @@ impl Qcow2Driver {
                     let at = host + self.geo.offset_in_cluster(offset);
                     m.check_metadata_write(&self.file, at, len).await?;
                     drop(m);
+                    self.file.debug_event(DebugEvent::WriteAio).await;
                     return self.file.write(at, buf, WriteFlags::default()).await;
                 }
             }
@@ -408,6 +419,7 @@ impl Qcow2Driver {
         let end = head + buf.len() as u64;
         let total = (mappings.len() as u64) * cs;
         if head == 0 && end == total {
+            self.file.debug_event(DebugEvent::WriteAio).await;
             return self.file.write(host, buf, WriteFlags::default()).await;
         }
         let mut data = IoBuf::zeroed(total as usize);
@@ -424,6 +436,10 @@ impl Qcow2Driver {
             data.as_mut_slice()[end as usize..].copy_from_slice(old.as_slice());
         }
         data.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
+        // Guest data and copied-on-write bytes go in one write (QEMU's
+        // merged COW announces both).
+        self.file.debug_event(DebugEvent::WriteAio).await;
+        self.file.debug_event(DebugEvent::CowWrite).await;
         self.file.write(host, data, WriteFlags::default()).await?;
         Ok(buf)
     }
@@ -1199,9 +1215,11 @@ impl DriverClass for Qcow2Class {
             .read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8))
             .await?;
         let l1: Vec<u64> = l1_bytes.as_slice().chunks_exact(8).map(be64).collect();
+        file.debug_event(DebugEvent::ReftableLoad).await;
         let rt = file
             .read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
-            .await?;
+            .await
+            .map_err(|e| e.context("Could not initialize refcount handling"))?;
         let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
 
         let backing = match (&hdr.backing_file, backing_opts) {

@@ -1,7 +1,7 @@
 //! Commands for testing the tool itself and the block layer's debug hooks:
 //! `sleep`, `sigraise`, `abort`, the blkdebug breakpoint commands and the
-//! zoned-device commands. Strata has no blkdebug filter and no zoned
-//! devices yet, so those answer as QEMU does for an image without them.
+//! zoned-device commands (Strata has no zoned devices, so those answer as
+//! QEMU does for an image without them).
 
 use super::request::total_length;
 use super::Ctx;
@@ -14,15 +14,75 @@ pub fn abort() -> i32 {
     std::process::abort()
 }
 
-/// `break`, `remove_break`, `resume`: no node of the image takes breakpoints.
-pub fn not_supported(what: &str) -> i32 {
-    outln!("{what}: Operation not supported");
-    -libc::ENOTSUP
+/// Reports a failed breakpoint command as qemu-io does.
+fn report(what: &str, r: strata_block::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            outln!("{what}: {}", strata_block::error::strerror(e.code()));
+            -e.code()
+        }
+    }
 }
 
-/// `wait_break`: QEMU would wait forever for a request that no blkdebug
-/// node can suspend; returning at once is the useful reading of that.
-pub fn wait_break() -> i32 {
+/// `break event tag`: suspend the next request that reaches `event`.
+pub fn set_break(ctx: &mut Ctx<'_>) -> i32 {
+    let node = match ctx.node() {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let (event, tag) = (&ctx.argv[1], &ctx.argv[2]);
+    report(
+        "Could not set breakpoint",
+        node.with_debug_hooks(|h| h.breakpoint(event, tag)),
+    )
+}
+
+/// `remove_break tag`: drop the breakpoint and resume what it holds.
+pub fn remove_break(ctx: &mut Ctx<'_>) -> i32 {
+    let node = match ctx.node() {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let tag = &ctx.argv[1];
+    report(
+        &format!("Could not remove breakpoint {tag}"),
+        node.with_debug_hooks(|h| h.remove_breakpoint(tag)),
+    )
+}
+
+/// `resume tag`: let the suspended request go on.
+pub fn resume(ctx: &mut Ctx<'_>) -> i32 {
+    let node = match ctx.node() {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let tag = &ctx.argv[1];
+    report(
+        "Could not resume request",
+        node.with_debug_hooks(|h| h.resume(tag)),
+    )
+}
+
+/// `wait_break tag`: run the event loop until a request is suspended as
+/// `tag`. Without a blkdebug node QEMU would wait forever; returning at
+/// once is the useful reading of that.
+pub async fn wait_break(ctx: &mut Ctx<'_>) -> i32 {
+    let node = match ctx.node() {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let tag = &ctx.argv[1];
+    if node.debug_node().is_none() {
+        return 0;
+    }
+    // Polled on a timer, so the loop parks and completions are reaped.
+    while !node
+        .with_debug_hooks(|h| Ok(h.is_suspended(tag)))
+        .unwrap_or(true)
+    {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
     0
 }
 

@@ -455,7 +455,7 @@ async fn dispatch(ctx: &mut Ctx<'_>) -> i32 {
         Run::AioRead => aio::aio_read(ctx).await,
         Run::AioWrite => aio::aio_write(ctx).await,
         Run::Alloc => alloc::alloc(ctx).await,
-        Run::Break => debug::not_supported("Could not set breakpoint"),
+        Run::Break => debug::set_break(ctx),
         Run::Close => session::close(ctx).await,
         Run::Discard => discard::discard(ctx).await,
         Run::Flush => image::flush(ctx).await,
@@ -467,16 +467,13 @@ async fn dispatch(ctx: &mut Ctx<'_>) -> i32 {
         Run::Quit => session::quit(ctx),
         Run::Read => read::read(ctx).await,
         Run::Readv => read::readv(ctx).await,
-        Run::RemoveBreak => {
-            let tag = ctx.argv[1].clone();
-            debug::not_supported(&format!("Could not remove breakpoint {tag}"))
-        }
+        Run::RemoveBreak => debug::remove_break(ctx),
         Run::Reopen => session::reopen(ctx).await,
-        Run::Resume => debug::not_supported("Could not resume request"),
+        Run::Resume => debug::resume(ctx),
         Run::Sigraise => debug::sigraise(ctx),
         Run::Sleep => debug::sleep(ctx).await,
         Run::Truncate => image::truncate(ctx).await,
-        Run::WaitBreak => debug::wait_break(),
+        Run::WaitBreak => debug::wait_break(ctx).await,
         Run::Write => write::write(ctx).await,
         Run::Writev => write::writev(ctx).await,
         Run::Zone(op) => debug::zone(ctx, op),
