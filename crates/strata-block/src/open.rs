@@ -345,12 +345,12 @@ impl OpenCtx {
                 "Can't specify 'file' and 'filename' options at the same time",
             ));
         }
-        let class = match (class, &filename) {
-            (Some(c), _) => c,
-            (None, Some(f)) => self.find_protocol(f)?,
+        let class = match (class, &filename, opts.get("filename")) {
+            (Some(c), _, _) => c,
+            (None, Some(f), _) => self.find_protocol(f, true)?,
             // A `filename` option is never parsed for a prefix.
-            (None, None) if opts.contains_key("filename") => self.registry.format("file")?,
-            (None, None) => return Err(Error::invalid("Must specify either driver or file")),
+            (None, None, Some(Value::String(f))) => self.find_protocol(f, false)?,
+            _ => return Err(Error::invalid("Must specify either driver or file")),
         };
         if let Some(f) = &filename {
             class.parse_filename(f, &mut opts)?;
@@ -381,9 +381,15 @@ impl OpenCtx {
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
     /// `name:rest` where `name` comes before any `/` selects the driver with
     /// that protocol name; anything else is a plain file.
-    fn find_protocol(&self, filename: &str) -> Result<Arc<dyn DriverClass>> {
+    fn find_protocol(&self, filename: &str, allow_prefix: bool) -> Result<Arc<dyn DriverClass>> {
+        // Devices first, so that device names with colons still open.
+        if let Some(name) = host_device_driver(filename) {
+            if let Some(c) = self.registry.get(name) {
+                return Ok(c);
+            }
+        }
         let head_end = filename.find([':', '/']).unwrap_or(filename.len());
-        if filename.as_bytes().get(head_end) != Some(&b':') {
+        if !allow_prefix || filename.as_bytes().get(head_end) != Some(&b':') {
             return self.registry.format("file");
         }
         let proto = &filename[..head_end];
@@ -509,6 +515,20 @@ impl OpenCtx {
         ctx.unmap_children();
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
     }
+}
+
+/// The device driver for a file name that is a block or character device
+/// (QEMU: find_hdev_driver).
+fn host_device_driver(filename: &str) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(filename).ok()?.file_type();
+    if !(ft.is_block_device() || ft.is_char_device()) {
+        return None;
+    }
+    if filename.starts_with("/dev/cdrom") || filename.starts_with("/dev/sr") {
+        return Some("host_cdrom");
+    }
+    Some("host_device")
 }
 
 fn canonical(p: &str) -> String {

@@ -12,7 +12,9 @@ use strata_block::Registry;
 /// sees the real formats first.
 pub fn registry() -> Arc<Registry> {
     let mut r = Registry::default();
-    r.register(Arc::new(protocols::file::FileClass));
+    r.register(Arc::new(protocols::file::FileClass::FILE));
+    r.register(Arc::new(protocols::file::FileClass::HOST_DEVICE));
+    r.register(Arc::new(protocols::file::FileClass::HOST_CDROM));
     r.register(Arc::new(protocols::null::NullClass::CO));
     r.register(Arc::new(protocols::null::NullClass::AIO));
     r.register(Arc::new(formats::qcow2::Qcow2Class));

@@ -18,8 +18,31 @@ use strata_block::{
     BlockStatus, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Result, WriteFlags,
 };
 
-/// The `file` driver class.
-pub struct FileClass;
+/// The `file`, `host_device` and `host_cdrom` driver classes: one
+/// implementation, told apart by what they accept (a regular file, or a
+/// block or character device) and whether the medium can change size.
+pub struct FileClass {
+    name: &'static str,
+    device: bool,
+}
+
+impl FileClass {
+    /// `file`: a regular file.
+    pub const FILE: FileClass = FileClass {
+        name: "file",
+        device: false,
+    };
+    /// `host_device`: a block or character device.
+    pub const HOST_DEVICE: FileClass = FileClass {
+        name: "host_device",
+        device: true,
+    };
+    /// `host_cdrom`: a device whose medium may change, and its size with it.
+    pub const HOST_CDROM: FileClass = FileClass {
+        name: "host_cdrom",
+        device: true,
+    };
+}
 
 /// Creation options of the file protocol, as `-o help` lists them.
 pub const CREATE_OPTIONS: &[OptSpec] = &[
@@ -58,6 +81,11 @@ pub struct FileDriver {
     length: AtomicU64,
     limits: Limits,
     block_device: bool,
+    /// The driver's name (file, host_device, host_cdrom).
+    name: &'static str,
+    /// The medium may change under us: ask for the length every time
+    /// instead of caching it.
+    removable: bool,
 }
 
 fn cstr(path: &str) -> Result<CString> {
@@ -84,6 +112,21 @@ fn fstat(fd: RawFd) -> Result<libc::stat> {
         return Err(std::io::Error::last_os_error().into());
     }
     Ok(st)
+}
+
+/// The size of whatever `fd` is: BLKGETSIZE64 for block devices, else
+/// the end of the file (0 for character devices such as /dev/null).
+fn media_size(fd: RawFd) -> Result<u64> {
+    let st = fstat(fd)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+        return device_size(fd);
+    }
+    // SAFETY: lseek on an open fd has no memory-safety preconditions.
+    let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(end as u64)
 }
 
 fn device_size(fd: RawFd) -> Result<u64> {
@@ -149,14 +192,15 @@ impl FileDriver {
 #[async_trait]
 impl Driver for FileDriver {
     fn format_name(&self) -> &'static str {
-        if self.block_device {
-            "host_device"
-        } else {
-            "file"
-        }
+        self.name
     }
 
     fn length(&self) -> u64 {
+        if self.removable {
+            if let Ok(n) = media_size(self.fd.raw()) {
+                return n;
+            }
+        }
         self.length.load(Ordering::Acquire)
     }
 
@@ -364,11 +408,11 @@ fn set_nocow(fd: RawFd) {
 #[async_trait]
 impl DriverClass for FileClass {
     fn name(&self) -> &'static str {
-        "file"
+        self.name
     }
 
     fn protocol_name(&self) -> Option<&'static str> {
-        Some("file")
+        Some(self.name)
     }
 
     fn create_options(&self) -> &'static [OptSpec] {
@@ -406,6 +450,8 @@ impl DriverClass for FileClass {
             length: AtomicU64::new(0),
             limits: Limits::default(),
             block_device: !is_reg,
+            name: self.name,
+            removable: false,
         };
         if is_reg {
             driver.truncate(0, Preallocation::Off).await?;
@@ -449,11 +495,29 @@ impl DriverClass for FileClass {
         if direct {
             flags |= libc::O_DIRECT;
         }
+        let removable = self.name == "host_cdrom";
+        if removable {
+            // A drive without a disc must still open.
+            flags |= libc::O_NONBLOCK;
+        }
         let fd = open_fd(&filename, flags, 0, "open")?;
         let st = fstat(fd.raw())?;
-        let block_device = st.st_mode & libc::S_IFMT == libc::S_IFBLK;
-        let length = if block_device {
-            device_size(fd.raw())?
+        let kind = st.st_mode & libc::S_IFMT;
+        if !self.device && kind != libc::S_IFREG {
+            return Err(Error::invalid(format!(
+                "'{}' driver requires '{filename}' to be a regular file",
+                self.name
+            )));
+        }
+        if self.device && kind != libc::S_IFCHR && kind != libc::S_IFBLK {
+            return Err(Error::invalid(format!(
+                "'{}' driver requires '{filename}' to be either a character or block device",
+                self.name
+            )));
+        }
+        let block_device = kind == libc::S_IFBLK;
+        let length = if self.device {
+            media_size(fd.raw())?
         } else {
             st.st_size as u64
         };
@@ -468,7 +532,9 @@ impl DriverClass for FileClass {
             aio,
             length: AtomicU64::new(length),
             limits,
-            block_device,
+            block_device: self.device,
+            name: self.name,
+            removable,
         }))
     }
 }
