@@ -290,6 +290,20 @@ impl Meta {
         file.flush().await
     }
 
+    /// A refcount block must start on a cluster boundary; one that does not
+    /// is a corrupt refcount table entry (QEMU: qcow2_get_refcount).
+    async fn check_refblock_aligned(&mut self, file: &Arc<Node>, rb: u64, ti: u64) -> Result<()> {
+        if self.geo.offset_in_cluster(rb) == 0 {
+            return Ok(());
+        }
+        let e = Error::corrupt(format!(
+            "Refblock offset {} unaligned (reftable index: {})",
+            c_hex(rb),
+            c_hex(ti)
+        ));
+        Err(self.signal_corruption(file, e).await)
+    }
+
     /// Reports corrupt metadata as QEMU does. On an image open read-write it
     /// is fatal: the corrupt bit is set on disk and the image refuses all
     /// further I/O. Returns the error for the request that found it.
@@ -328,6 +342,7 @@ impl Meta {
         if rb == 0 {
             return Ok(0);
         }
+        self.check_refblock_aligned(file, rb, ti as u64).await?;
         let i = hc & ((1 << self.geo.rb_bits) - 1);
         let bit = i << self.geo.refcount_order;
         let (slice, at) = self.rb_cache.slice_of(rb, bit / 8);
@@ -438,6 +453,8 @@ impl Meta {
     async fn ensure_refblock(&mut self, file: &Arc<Node>, ti: u64) -> Result<u64> {
         if let Some(&e) = self.reftable.get(ti as usize) {
             if e & OFFSET_MASK != 0 {
+                self.check_refblock_aligned(file, e & OFFSET_MASK, ti)
+                    .await?;
                 return Ok(e & OFFSET_MASK);
             }
         }
@@ -533,7 +550,10 @@ impl Meta {
         let per_cluster = cs / 8;
         let old_entries = self.reftable.len() as u64;
         let covered_end = old_entries << self.geo.rb_bits;
-        let start = covered_end.max(file.length().div_ceil(cs));
+        // After anything in use, including a run being counted right now.
+        let start = covered_end
+            .max(file.length().div_ceil(cs))
+            .max(self.free_cluster_index);
         let mut entries = min_entries
             .max(old_entries * 3 / 2 + 1)
             .div_ceil(per_cluster)
@@ -605,43 +625,29 @@ impl Meta {
     /// Allocates `n` contiguous free clusters (first fit) with refcount 1.
     pub async fn alloc_clusters(&mut self, file: &Arc<Node>, n: u64) -> Result<u64> {
         file.debug_event(DebugEvent::ClusterAlloc).await;
-        'search: loop {
-            let mut start = self.free_cluster_index;
-            let mut found = 0;
-            while found < n {
-                let hc = start + found;
-                if self.refcount(file, hc).await? != 0 {
-                    start = hc + 1;
-                    found = 0;
-                    continue;
-                }
-                found += 1;
+        let mut start = self.free_cluster_index;
+        let mut found = 0;
+        while found < n {
+            let hc = start + found;
+            if self.refcount(file, hc).await? != 0 {
+                start = hc + 1;
+                found = 0;
+                continue;
             }
-            // Make sure every cluster has a block before counting it; making a
-            // block may take one of the clusters we found, so look again.
-            for hc in start..start + n {
-                let ti = hc >> self.geo.rb_bits;
-                let has = self
-                    .reftable
-                    .get(ti as usize)
-                    .is_some_and(|e| e & OFFSET_MASK != 0);
-                if !has {
-                    self.ensure_refblock(file, ti).await?;
-                    continue 'search;
-                }
-            }
-            let off = start << self.geo.cluster_bits;
-            if off + (n << self.geo.cluster_bits) > (1u64 << 56) {
-                return Err(Error::msg(libc::EFBIG, "Image file is too large"));
-            }
-            for hc in start..start + n {
-                self.set_refcount(file, hc, 1).await?;
-            }
-            if start == self.free_cluster_index {
-                self.free_cluster_index = start + n;
-            }
-            return Ok(off);
+            found += 1;
         }
+        let off = start << self.geo.cluster_bits;
+        if off + (n << self.geo.cluster_bits) > (1u64 << 56) {
+            return Err(Error::msg(libc::EFBIG, "Image file is too large"));
+        }
+        // As QEMU's alloc_clusters_noref: the search position moves past
+        // the run first, so a refcount block made while counting it
+        // goes after the run (where QEMU puts it), never inside.
+        self.free_cluster_index = start + n;
+        for hc in start..start + n {
+            self.set_refcount(file, hc, 1).await?;
+        }
+        Ok(off)
     }
 
     /// Writes dirty refcount slices and flushes the file, so that what they
