@@ -293,6 +293,12 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// True when the driver answers QEMU's get_info (cluster size, VM
+    /// state offset); null-co and the filters do not.
+    fn has_info(&self) -> bool {
+        !self.is_filter()
+    }
+
     /// Cluster size, for `info` (formats that have one).
     fn cluster_size(&self) -> Option<u64> {
         None

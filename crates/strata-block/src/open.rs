@@ -316,6 +316,11 @@ impl OpenCtx {
                 "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
             ));
         }
+        // Accepted on every node; Strata never needs them to decide anything
+        // (auto-read-only: a read-write open that fails is not retried).
+        let _ = take_bool(opts, "auto-read-only")?;
+        let _ = take_bool(opts, "active")?;
+        let _ = take_bool(opts, "force-share")?;
         let copy_on_read = take_bool(opts, "copy-on-read")?.unwrap_or(self.flags.copy_on_read);
         if copy_on_read && self.flags.read_only {
             return Err(Error::invalid("Can't use copy-on-read on read-only device"));
@@ -469,10 +474,17 @@ impl OpenCtx {
 
     fn apply_cache_opts(&mut self, opts: &mut Opts) -> Result<()> {
         if let Some(Value::Object(mut cache)) = opts.remove("cache") {
-            if let Some(d) = take_bool(&mut cache, "direct")? {
+            // Errors name the key as the user wrote it.
+            let full = |e: Error, k: &str| {
+                Error::invalid(
+                    e.to_string()
+                        .replace(&format!("'{k}'"), &format!("'cache.{k}'")),
+                )
+            };
+            if let Some(d) = take_bool(&mut cache, "direct").map_err(|e| full(e, "direct"))? {
                 self.flags.cache.direct = d;
             }
-            if let Some(n) = take_bool(&mut cache, "no-flush")? {
+            if let Some(n) = take_bool(&mut cache, "no-flush").map_err(|e| full(e, "no-flush"))? {
                 self.flags.cache.no_flush = n;
             }
             if let Some(k) = cache.keys().next() {
@@ -513,6 +525,12 @@ impl OpenCtx {
         ctx.file_perms = None;
         ctx.protocol = false;
         ctx.unmap_children();
+        // A driver the user names for the backing file beats the header's.
+        let format = if opts.contains_key("driver") {
+            None
+        } else {
+            format
+        };
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
     }
 }

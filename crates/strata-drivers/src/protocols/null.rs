@@ -47,6 +47,10 @@ impl Driver for NullDriver {
         self.length
     }
 
+    fn has_info(&self) -> bool {
+        false
+    }
+
     async fn read(&self, _offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
         if self.read_zeroes {
             buf.as_mut_slice().fill(0);

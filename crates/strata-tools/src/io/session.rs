@@ -24,9 +24,9 @@ pub struct OpenRequest {
     pub io_uring: bool,
     /// `-k` / `-i native`: Linux AIO, which needs O_DIRECT.
     pub native_aio: bool,
-    /// `-s`: a temporary overlay (not supported yet).
+    /// `-s`: writes go to a temporary overlay.
     pub snapshot: bool,
-    /// `-C`: copy-on-read (not supported yet).
+    /// `-C`: reads copy backing data into the image.
     pub copy_on_read: bool,
     /// Discard requests reach the image (`-d unmap`, the default).
     pub unmap: bool,
@@ -204,11 +204,13 @@ impl Session {
     /// cache changes in place; anything else closes and reopens the node
     /// (an image lock cannot be held twice), going back to the old flags if
     /// the new ones fail. The error is the message to report.
-    pub async fn reopen(&mut self, req: OpenRequest) -> Result<(), String> {
+    pub async fn reopen(&mut self, req: OpenRequest, new_opts: &Opts) -> Result<(), String> {
         self.drain().await;
         let (Some(node), Some(old)) = (&self.node, self.opened.clone()) else {
             return Err("no file open".into());
         };
+        check_generic_options(new_opts)?;
+        check_unchanged(node, new_opts)?;
         let same_node = req.read_only == old.read_only
             && req.cache.direct == old.cache.direct
             && req.cache.no_flush == old.cache.no_flush
@@ -272,4 +274,60 @@ impl Session {
     pub fn unmap(&self) -> bool {
         self.opened.as_ref().is_none_or(|r| r.unmap)
     }
+}
+
+/// The options every node takes, parsed before anything else so that a
+/// bad value is named by its full key (QEMU: bdrv_runtime_opts).
+fn check_generic_options(opts: &Opts) -> Result<(), String> {
+    for key in ["read-only", "auto-read-only", "force-share", "active"] {
+        check_bool(opts.get(key), key)?;
+    }
+    if let Some(serde_json::Value::Object(cache)) = opts.get("cache") {
+        for key in ["direct", "no-flush"] {
+            check_bool(cache.get(key), &format!("cache.{key}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_bool(v: Option<&serde_json::Value>, key: &str) -> Result<(), String> {
+    match v {
+        None | Some(serde_json::Value::Bool(_)) => Ok(()),
+        Some(serde_json::Value::String(s))
+            if matches!(
+                s.as_str(),
+                "on" | "off" | "yes" | "no" | "true" | "false" | "y" | "n"
+            ) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// A reopen may change how a node is used, never which node it is: its
+/// name and driver stay (QEMU: bdrv_reopen_prepare). `opts` are the new
+/// options in nested form; children are checked under their edge names.
+fn check_unchanged(node: &Arc<Node>, opts: &Opts) -> Result<(), String> {
+    if let Some(v) = opts.get("node-name") {
+        // An automatic name was never an option, so any new one differs.
+        let explicit = !node.name().starts_with('#');
+        if !(explicit && v.as_str() == Some(node.name())) {
+            return Err("Cannot change the option 'node-name'".into());
+        }
+    }
+    if let Some(v) = opts.get("driver") {
+        if v.as_str() != Some(node.format_name()) {
+            return Err("Cannot change the option 'driver'".into());
+        }
+    }
+    for child in node.children() {
+        match opts.get(&child.role.name()) {
+            Some(serde_json::Value::Object(o)) => check_unchanged(&child.node, o)?,
+            Some(serde_json::Value::String(s)) if s == child.node.name() => {}
+            Some(_) => return Err(format!("Cannot change the option '{}'", child.role.name())),
+            None => {}
+        }
+    }
+    Ok(())
 }

@@ -115,6 +115,10 @@ pub fn info(ctx: &mut Ctx<'_>) -> i32 {
         outln!("format name: {format}");
     }
     let driver = node.driver();
+    if !driver.has_info() {
+        // QEMU's bdrv_get_info fails quietly for drivers without one.
+        return -libc::ENOTSUP;
+    }
     let specific = driver.format_specific();
     let data = specific.as_ref().and_then(|s| s.get("data"));
     let cluster_size = driver.cluster_size().unwrap_or(0);

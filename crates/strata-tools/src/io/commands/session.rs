@@ -170,14 +170,27 @@ pub async fn reopen(ctx: &mut Ctx<'_>) -> i32 {
         Ok(o) => o,
         Err(()) => return -libc::EINVAL,
     };
-    for (k, v) in new_opts {
-        req.opts.insert(k, v);
-    }
-    match ctx.session.reopen(req).await {
+    // New options win key by key; old ones they do not name stay.
+    merge_options(&mut req.opts, &new_opts);
+    match ctx.session.reopen(req, &new_opts).await {
         Ok(()) => 0,
         Err(msg) => {
             error_report(msg);
             -libc::EINVAL
+        }
+    }
+}
+
+/// Merges `new` into `old` recursively (QEMU keeps old options per flat key).
+fn merge_options(old: &mut strata_block::Opts, new: &strata_block::Opts) {
+    for (k, v) in new {
+        match (old.get_mut(k), v) {
+            (Some(serde_json::Value::Object(o)), serde_json::Value::Object(n)) => {
+                merge_options(o, n)
+            }
+            _ => {
+                old.insert(k.clone(), v.clone());
+            }
         }
     }
 }
