@@ -401,6 +401,25 @@ pub trait DriverClass: Send + Sync {
         self.protocol_name().is_some()
     }
 
+    /// Options that change what the node shows, so that its name must be
+    /// `json:{...}` when they are given (QEMU: strong_runtime_opts); a key
+    /// ending in `.` stands for every key under it.
+    fn strong_options(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The plain file name of a node of this driver with the options `full`
+    /// and the primary child named `child`, for drivers that make their own
+    /// (QEMU: bdrv_refresh_filename of blkdebug, null-co). Some("") when no
+    /// plain name fits; None to use the generic rule.
+    fn exact_filename(
+        &self,
+        _full: &Opts,
+        _child: Option<&crate::filename::Identity>,
+    ) -> Option<String> {
+        None
+    }
+
     /// Turns a file name given to this protocol into options (QEMU:
     /// bdrv_parse_filename). The default strips the `name:` prefix.
     fn parse_filename(&self, filename: &str, opts: &mut Opts) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod event_loop;
+pub mod filename;
 pub mod node;
 pub mod open;
 pub mod options;

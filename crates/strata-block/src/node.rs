@@ -106,6 +106,7 @@ static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 pub struct Node {
     name: String,
     filename: String,
+    identity: crate::filename::Identity,
     driver: Box<dyn Driver>,
     read_only: bool,
     writeback: AtomicBool,
@@ -122,7 +123,7 @@ impl Node {
     /// Wraps an open driver in a node. `name` empty gives an automatic one.
     pub fn new(
         name: &str,
-        filename: &str,
+        identity: crate::filename::Identity,
         driver: Box<dyn Driver>,
         opts: NodeOptions,
     ) -> Arc<Node> {
@@ -137,7 +138,8 @@ impl Node {
         let limits = driver.limits();
         Arc::new(Node {
             name,
-            filename: filename.to_string(),
+            filename: identity.filename(),
+            identity,
             driver,
             read_only: opts.read_only,
             writeback: AtomicBool::new(opts.cache.writeback),
@@ -155,9 +157,14 @@ impl Node {
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// The file name this node was opened with.
+    /// The node's name as QEMU shows it: the file name it was opened with,
+    /// or `json:{...}` when its options say more than a file name can.
     pub fn filename(&self) -> &str {
         &self.filename
+    }
+    /// What the node's parents need to name themselves.
+    pub fn identity(&self) -> &crate::filename::Identity {
+        &self.identity
     }
     /// The driver instance.
     pub fn driver(&self) -> &dyn Driver {

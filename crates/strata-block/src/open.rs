@@ -224,6 +224,7 @@ impl OpenCtx {
             filename = None;
         }
         let mut ctx = self.clone();
+        let own = crate::filename::own_options(&opts);
         if take_bool(&mut opts, "snapshot")?.unwrap_or(false) {
             ctx.flags.snapshot = true;
         }
@@ -294,7 +295,8 @@ impl OpenCtx {
         open_ctx.protocol = false;
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
-        Ok(Node::new(&node_name, &display_name, drv, node_opts))
+        let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name);
+        Ok(Node::new(&node_name, identity, drv, node_opts))
     }
 
     /// The options every node takes (QEMU: bdrv_open_common): read-only and
@@ -360,27 +362,19 @@ impl OpenCtx {
         if let Some(f) = &filename {
             class.parse_filename(f, &mut opts)?;
         }
-        let display_name = filename
-            .clone()
-            .or_else(|| match opts.get("filename") {
-                Some(Value::String(f)) => Some(f.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let own = crate::filename::own_options(&opts);
+        // The plain name is the `filename` option as the driver parsed it.
+        let exact = match opts.get("filename") {
+            Some(Value::String(f)) => f.clone(),
+            _ => String::new(),
+        };
+        let mut own = own;
+        own.insert("driver".into(), class.name().into());
         self.protocol = true;
         let drv = class.open(&self, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
-        let display_name = if display_name.is_empty() {
-            // A filter named by options alone shows its image's name.
-            drv.children()
-                .iter()
-                .find(|c| c.role.is_primary())
-                .map(|c| c.node.filename().to_string())
-                .unwrap_or_default()
-        } else {
-            display_name
-        };
-        Ok(Node::new(node_name, &display_name, drv, node_opts))
+        let identity = crate::filename::refresh(&*class, &*drv, &own, &exact);
+        Ok(Node::new(node_name, identity, drv, node_opts))
     }
 
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
@@ -497,12 +491,12 @@ impl OpenCtx {
         Ok(())
     }
 
-    /// Opens the backing file `name` of the image `parent` (relative names are
-    /// relative to the parent's directory), read-only, with format `format`
+    /// Opens the backing file `name` of the image stored in `parent` (relative
+    /// names are relative to its directory), read-only, with format `format`
     /// or probed. Refuses a chain that loops.
     pub async fn open_backing(
         &self,
-        parent: &str,
+        parent: &Arc<Node>,
         name: &str,
         format: Option<&str>,
         opts: Opts,
@@ -510,7 +504,8 @@ impl OpenCtx {
         if let Some(node) = &self.backing_node {
             return Ok(Arc::clone(node));
         }
-        let path = path_combine(parent, name);
+        let path = parent.full_backing_filename(name)?;
+        let parent = parent.filename();
         let canon = canonical(&path);
         if self.chain.iter().any(|p| canonical(p) == canon) {
             return Err(Error::invalid(format!(
@@ -553,6 +548,13 @@ fn canonical(p: &str) -> String {
     std::fs::canonicalize(p)
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_else(|_| p.to_string())
+}
+
+/// True when `name` starts with a protocol prefix (`nbd:`, `blkdebug:`)
+/// before any `/` (QEMU: path_has_protocol).
+pub fn has_protocol(name: &str) -> bool {
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
 /// Resolves `name` relative to the directory of `base` (QEMU: path_combine):

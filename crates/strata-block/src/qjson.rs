@@ -1,7 +1,12 @@
-//! QEMU's JSON dialect, as `json:` file names and QMP accept it: standard
-//! JSON plus single-quoted strings (`{'driver': 'raw'}`) and `\'` escapes.
-//! Objects keep their key order. Errors use QEMU's words, since scripts see
-//! them ("JSON parse error, premature EOI").
+//! QEMU's JSON, both ways. Parsing: the dialect `json:` file names and QMP
+//! accept (standard JSON plus single-quoted strings, `{'driver': 'raw'}`),
+//! keeping key order, with QEMU's error words ("JSON parse error, premature
+//! EOI"). Writing: QEMU's pretty and compact writers over QDict order, so
+//! `--output=json` and `json:` file names are byte-identical to QEMU's.
+//!
+//! A QDict keeps its keys in a 512-bucket hash table keyed by tdb_hash; it
+//! iterates buckets in order and, inside a bucket, newest key first. Objects
+//! here are given in insertion order and printed in that iteration order.
 
 use serde_json::{Map, Number, Value};
 
@@ -228,6 +233,137 @@ impl Parser<'_> {
             _ => Err(parse_error(&format!("invalid keyword '{word}'"))),
         }
     }
+}
+
+/// QEMU's hash of a QDict key (the "tdb" hash of qobject/qdict.c).
+fn tdb_hash(key: &str) -> u32 {
+    let b = key.as_bytes();
+    let mut value = 0x238F_13AFu32.wrapping_mul(b.len() as u32);
+    for (i, &c) in b.iter().enumerate() {
+        value = value.wrapping_add((c as u32) << (i * 5 % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345)
+}
+
+/// The keys of an object in the order a QDict built by inserting them in
+/// order iterates them.
+pub fn qdict_order<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<&'a String> {
+    let mut v: Vec<(u32, usize, &String)> = keys
+        .enumerate()
+        .map(|(i, k)| (tdb_hash(k) % 512, i, k))
+        .collect();
+    // Bucket ascending; within a bucket the most recently inserted first.
+    v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    v.into_iter().map(|(_, _, k)| k).collect()
+}
+
+/// Pretty-prints `v` as QEMU's JSON writer does (no trailing newline).
+pub fn to_string(v: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, v, 0);
+    out
+}
+
+/// Prints `v` on one line as QEMU's compact writer does (`json:` file
+/// names): `{"k": v, "k2": [1, 2]}`, keys in QDict order.
+pub fn to_compact_string(v: &Value) -> String {
+    let mut out = String::new();
+    write_compact(&mut out, v);
+    out
+}
+
+fn write_compact(out: &mut String, v: &Value) {
+    match v {
+        Value::Array(a) => {
+            out.push('[');
+            for (i, item) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_compact(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, k) in qdict_order(m.keys()).into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_string(out, k);
+                out.push_str(": ");
+                write_compact(out, &m[k]);
+            }
+            out.push('}');
+        }
+        other => write_value(out, other, 0),
+    }
+}
+
+fn indent(out: &mut String, depth: usize) {
+    out.push('\n');
+    for _ in 0..depth {
+        out.push_str("    ");
+    }
+}
+
+fn write_value(out: &mut String, v: &Value, depth: usize) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => write_string(out, s),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, item) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, depth + 1);
+                write_value(out, item, depth + 1);
+            }
+            indent(out, depth);
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, k) in qdict_order(m.keys()).into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, depth + 1);
+                write_string(out, k);
+                out.push_str(": ");
+                write_value(out, &m[k], depth + 1);
+            }
+            indent(out, depth);
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string with QEMU's escapes (`\uXXXX` upper-case for controls and non-ASCII).
+pub fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
+                let mut buf = [0u16; 2];
+                for u in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{u:04X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 #[cfg(test)]

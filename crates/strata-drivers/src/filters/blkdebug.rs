@@ -190,10 +190,6 @@ impl Driver for BlkdebugDriver {
         self.image.truncate(size, prealloc).await
     }
 
-    async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.image.driver().allocated_size().await
-    }
-
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
         self.image.set_perm(perm, shared)
     }
@@ -322,6 +318,38 @@ impl DriverClass for BlkdebugClass {
 
     fn protocol_name(&self) -> Option<&'static str> {
         Some("blkdebug")
+    }
+
+    fn strong_options(&self) -> &'static [&'static str] {
+        &[
+            "config",
+            "inject-error.",
+            "set-state.",
+            "align",
+            "max-transfer",
+            "opt-write-zero",
+            "max-write-zero",
+            "opt-discard",
+            "max-discard",
+        ]
+    }
+
+    fn exact_filename(
+        &self,
+        full: &Opts,
+        child: Option<&strata_block::filename::Identity>,
+    ) -> Option<String> {
+        // `blkdebug:RULES:IMAGE` when nothing but the rules file is set.
+        let image = child.map(|c| c.exact.as_str()).unwrap_or("");
+        let plain = full
+            .keys()
+            .all(|k| matches!(k.as_str(), "config" | "image" | "x-image" | "driver"));
+        Some(if plain && !image.is_empty() {
+            let config = full.get("config").and_then(|v| v.as_str()).unwrap_or("");
+            format!("blkdebug:{config}:{image}")
+        } else {
+            String::new()
+        })
     }
 
     fn parse_filename(&self, filename: &str, opts: &mut Opts) -> Result<()> {

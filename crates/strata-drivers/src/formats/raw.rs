@@ -123,6 +123,10 @@ impl DriverClass for RawClass {
         1
     }
 
+    fn strong_options(&self) -> &'static [&'static str] {
+        &["offset", "size"]
+    }
+
     fn create_options(&self) -> &'static [OptSpec] {
         // Only the size is raw's own; the rest comes from the protocol.
         &crate::protocols::file::CREATE_OPTIONS[..1]

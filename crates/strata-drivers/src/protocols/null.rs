@@ -98,6 +98,25 @@ impl DriverClass for NullClass {
         Some(self.name)
     }
 
+    fn strong_options(&self) -> &'static [&'static str] {
+        &["size", "read-zeroes"]
+    }
+
+    fn exact_filename(
+        &self,
+        full: &Opts,
+        _child: Option<&strata_block::filename::Identity>,
+    ) -> Option<String> {
+        let plain = full
+            .keys()
+            .all(|k| matches!(k.as_str(), "filename" | "driver" | "latency-ns"));
+        Some(if plain {
+            format!("{}://", self.name)
+        } else {
+            String::new()
+        })
+    }
+
     fn parse_filename(&self, filename: &str, _opts: &mut Opts) -> Result<()> {
         // The only file name is the protocol's own, `null-co://`.
         if filename != format!("{}://", self.name) {

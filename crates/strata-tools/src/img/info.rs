@@ -38,10 +38,10 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
     }
     if let Some((bf, bfmt)) = d.backing_file() {
         m.insert("backing-filename".into(), bf.clone().into());
-        m.insert(
-            "full-backing-filename".into(),
-            path_combine(node.filename(), &bf).into(),
-        );
+        // Left out when the image's directory cannot be told (quorum).
+        if let Ok(full) = node.full_backing_filename(&bf) {
+            m.insert("full-backing-filename".into(), full.into());
+        }
         if let Some(f) = bfmt {
             m.insert("backing-filename-format".into(), f.into());
         }
@@ -328,7 +328,10 @@ pub fn run(ctx: Ctx) -> i32 {
         let info = ctx.ev.block_on(node_info(&node));
         if chain {
             if let Some((bf, bfmt)) = node.driver().backing_file() {
-                next = Some((path_combine(node.filename(), &bf), bfmt, false));
+                let full = node
+                    .full_backing_filename(&bf)
+                    .unwrap_or_else(|_| path_combine(node.filename(), &bf));
+                next = Some((full, bfmt, false));
             }
         }
         let _ = ctx.ev.block_on(node.close());

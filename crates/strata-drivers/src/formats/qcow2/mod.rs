@@ -1105,6 +1105,10 @@ impl DriverClass for Qcow2Class {
         true
     }
 
+    fn strong_options(&self) -> &'static [&'static str] {
+        &["encrypt.key-secret"]
+    }
+
     fn create_options(&self) -> &'static [OptSpec] {
         create::CREATE_OPTIONS
     }
@@ -1229,9 +1233,8 @@ impl DriverClass for Qcow2Class {
                     Some(serde_json::Value::Object(o)) => o,
                     _ => Opts::new(),
                 };
-                let parent = file.filename().to_string();
                 let node = ctx
-                    .open_backing(&parent, name, hdr.backing_format.as_deref(), bopts)
+                    .open_backing(&file, name, hdr.backing_format.as_deref(), bopts)
                     .await
                     .map_err(|e| e.context("Could not open backing file"))?;
                 Some(node)

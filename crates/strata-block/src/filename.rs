@@ -1,0 +1,170 @@
+//! How a node names itself (QEMU: bdrv_refresh_filename). A node opened
+//! from a plain file name keeps it; a node whose options matter beyond its
+//! file name (blkdebug rules, a raw offset, quorum) is named `json:{...}`
+//! with the options that would open it again, as QEMU prints them. Parents
+//! build their names from their children's.
+
+use crate::driver::{ChildRole, Driver, DriverClass};
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::options::Opts;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// Option keys that hold children, never part of a node's own options.
+const CHILD_KEYS: &[&str] = &[
+    "file",
+    "backing",
+    "image",
+    "test",
+    "raw",
+    "data-file",
+    "children",
+];
+
+/// What a node is called, and what its parents need to name themselves.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    /// A plain name that opens the same node again, or empty.
+    pub exact: String,
+    /// The options that open the same node again (QEMU: full_open_options).
+    pub full: Opts,
+    /// The node's driver is a protocol (its plain name can stand for a
+    /// format above it).
+    pub protocol: bool,
+}
+
+impl Identity {
+    /// The name to show: the plain one, else `json:` and the options.
+    pub fn filename(&self) -> String {
+        if self.exact.is_empty() {
+            format!(
+                "json:{}",
+                crate::qjson::to_compact_string(&Value::Object(self.full.clone()))
+            )
+        } else {
+            self.exact.clone()
+        }
+    }
+}
+
+/// A node's own options, flattened to dotted keys (`set-state.0.event`),
+/// without its children's.
+pub fn own_options(opts: &Opts) -> Opts {
+    let mut out = Map::new();
+    for (k, v) in opts {
+        if CHILD_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        flatten_into(&mut out, k, v);
+    }
+    out
+}
+
+fn flatten_into(out: &mut Opts, key: &str, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten_into(out, &format!("{key}.{k}"), v);
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten_into(out, &format!("{key}.{i}"), v);
+            }
+        }
+        v => {
+            out.insert(key.to_string(), v.clone());
+        }
+    }
+}
+
+/// Works out the identity of a node just opened: `own` are its own options
+/// as given (see [`own_options`]), `exact` the file name it was opened by.
+pub fn refresh(class: &dyn DriverClass, driver: &dyn Driver, own: &Opts, exact: &str) -> Identity {
+    let mut full = Map::new();
+    for key in ["driver", "filename"] {
+        if let Some(v) = own.get(key) {
+            full.insert(key.to_string(), v.clone());
+        }
+    }
+    let mut generate_json = false;
+    for strong in class.strong_options() {
+        for (k, v) in own {
+            let hit = match strong.strip_suffix('.') {
+                Some(prefix) => k.starts_with(prefix) && k[prefix.len()..].starts_with('.'),
+                None => k == strong,
+            };
+            if hit {
+                full.insert(k.clone(), v.clone());
+                generate_json = true;
+            }
+        }
+    }
+    if !full.contains_key("driver") {
+        full.insert("driver".into(), class.name().into());
+    }
+    let children = driver.children();
+    let mut quorum = Vec::new();
+    for c in &children {
+        match c.role {
+            // A backing file named by the image itself is not an option.
+            ChildRole::Backing => {}
+            ChildRole::Quorum(_) => quorum.push(Value::Object(c.node.identity().full.clone())),
+            role => {
+                full.insert(role.name(), Value::Object(c.node.identity().full.clone()));
+            }
+        }
+    }
+    if !quorum.is_empty() {
+        full.insert("children".into(), Value::Array(quorum));
+    }
+    let primary = children.iter().find(|c| c.role.is_primary());
+    let exact =
+        if let Some(custom) = class.exact_filename(&full, primary.map(|c| c.node.identity())) {
+            custom
+        } else if let Some(p) = primary {
+            let child = p.node.identity();
+            if !child.exact.is_empty() && child.protocol && !driver.is_filter() && !generate_json {
+                child.exact.clone()
+            } else {
+                String::new()
+            }
+        } else {
+            exact.to_string()
+        };
+    Identity {
+        exact,
+        full,
+        protocol: class.is_protocol(),
+    }
+}
+
+impl Node {
+    /// The directory relative names of this node's backing file are
+    /// relative to (QEMU: bdrv_dirname), with its trailing `/`, or empty
+    /// for the current directory.
+    pub fn dirname(self: &Arc<Self>) -> Result<String> {
+        let id = self.identity();
+        match self.children().into_iter().find(|c| c.role.is_primary()) {
+            Some(c) => c.node.dirname(),
+            None if !id.exact.is_empty() => Ok(match id.exact.rfind('/') {
+                Some(i) => id.exact[..=i].to_string(),
+                None => String::new(),
+            }),
+            None => Err(Error::invalid(format!(
+                "Cannot generate a base directory for {} nodes",
+                self.format_name()
+            ))),
+        }
+    }
+
+    /// The backing file name `name` of this image made usable: relative
+    /// names are taken relative to the image's directory.
+    pub fn full_backing_filename(self: &Arc<Self>, name: &str) -> Result<String> {
+        if name.starts_with('/') || crate::open::has_protocol(name) {
+            return Ok(name.to_string());
+        }
+        Ok(format!("{}{name}", self.dirname()?))
+    }
+}
