@@ -132,11 +132,11 @@ impl Driver for BlkverifyDriver {
         self.test.flush().await
     }
 
-    async fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
-        // No status of its own (QEMU's default for such drivers): all data, here.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        // QEMU's default for filters: the status of the filtered child, `raw`.
         Ok(BlockStatus {
-            here: true,
-            ..BlockStatus::data(len)
+            raw: true,
+            ..BlockStatus::data_at(len, Arc::clone(&self.raw), offset)
         })
     }
 
