@@ -49,9 +49,10 @@ impl Driver for BlkverifyDriver {
     }
 
     fn children(&self) -> Vec<Child> {
+        // Newest first, as QEMU lists a node's children.
         vec![
-            Child::new(ChildRole::Raw, &self.raw),
             Child::new(ChildRole::Test, &self.test),
+            Child::new(ChildRole::Raw, &self.raw),
         ]
     }
 

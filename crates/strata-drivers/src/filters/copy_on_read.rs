@@ -82,6 +82,11 @@ impl Driver for CorDriver {
         true
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        // A filter answers with its child's (QEMU: bdrv_co_get_info).
+        self.file.driver().cluster_size()
+    }
+
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         match &self.bottom {
             None => self.file.read_cor(offset, buf).await,

@@ -171,11 +171,25 @@ impl Driver for QuorumDriver {
     }
 
     fn children(&self) -> Vec<Child> {
+        // Newest first, as QEMU lists a node's children.
         self.children
             .iter()
             .enumerate()
+            .rev()
             .map(|(i, c)| Child::new(ChildRole::Quorum(i as u32), c))
             .collect()
+    }
+
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        // What the children use, added up (QEMU's default for nodes with
+        // several storage children).
+        let mut sum = None;
+        for c in &self.children {
+            if let Some(n) = c.driver().allocated_size().await? {
+                sum = Some(sum.unwrap_or(0) + n);
+            }
+        }
+        Ok(sum)
     }
 
     fn limits(&self) -> Limits {

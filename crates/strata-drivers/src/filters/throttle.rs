@@ -492,6 +492,11 @@ impl Driver for ThrottleDriver {
         true
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        // A filter answers with its child's (QEMU: bdrv_co_get_info).
+        self.file.driver().cluster_size()
+    }
+
     fn growable(&self) -> bool {
         self.file.driver().growable()
     }
