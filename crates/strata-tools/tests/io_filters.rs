@@ -523,3 +523,76 @@ fn quorum_votes_and_repairs() {
         );
     }
 }
+
+/// Runs qemu-img and strata-img (as `qemu-img`) with `args` on fresh copies
+/// of `setup`; both must print the same and end the same.
+fn same_img(setup: &str, args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let run = |bin: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        sh(dir.path(), setup);
+        let out = Command::new(bin)
+            .arg0("qemu-img")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run qemu-img");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.code(),
+        )
+    };
+    assert_eq!(
+        run(env!("CARGO_BIN_EXE_strata-img")),
+        run("/usr/bin/qemu-img"),
+        "strata-img differs from qemu-img for {args:?}"
+    );
+}
+
+#[test]
+fn filters_through_qemu_img() {
+    if !have_oracle() {
+        return;
+    }
+    let setup = "qemu-img create -f raw a.raw 1M && qemu-img create -f qcow2 c.qcow2 1M && \
+                 qemu-io -f raw -c 'write -P 1 0 64k' a.raw";
+    same_img(setup, &["info", "blkverify:a.raw:a.raw"]);
+    same_img(setup, &["map", "blkverify:a.raw:a.raw"]);
+    same_img(
+        setup,
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename=a.raw,children.1.driver=raw,children.1.file.filename=a.raw",
+        ],
+    );
+    same_img(
+        setup,
+        &[
+            "map",
+            "--object",
+            "throttle-group,id=tg0,x-bps-total=1000000",
+            "--image-opts",
+            "driver=throttle,throttle-group=tg0,file.driver=qcow2,file.file.filename=c.qcow2",
+        ],
+    );
+    for object in [
+        "throttle-group,id=tg0,x-bps-total=-1",
+        "throttle-group,id=tg0,x-iops-size=1",
+    ] {
+        same_img(setup, &["info", "--object", object, "a.raw"]);
+    }
+    same_img(
+        setup,
+        &[
+            "info",
+            "--object",
+            "throttle-group,id=t",
+            "--object",
+            "throttle-group,id=t",
+            "a.raw",
+        ],
+    );
+}
