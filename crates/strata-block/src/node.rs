@@ -254,12 +254,23 @@ impl Node {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.read_with(offset, buf, self.copy_on_read).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, copying what comes from the
+    /// backing chain into this node whatever its own copy-on-read setting
+    /// (QEMU: BDRV_REQ_COPY_ON_READ, as the copy-on-read filter asks).
+    pub async fn read_cor(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.read_with(offset, buf, true).await
+    }
+
+    async fn read_with(&self, offset: u64, buf: IoBuf, copy_on_read: bool) -> Result<IoBuf> {
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
         if len == 0 {
             return Ok(buf);
         }
-        if self.copy_on_read {
+        if copy_on_read {
             return self.read_copy_on_read(offset, buf).await;
         }
         let align = self.limits.request_alignment.max(1) as u64;

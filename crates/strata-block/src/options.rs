@@ -201,12 +201,18 @@ pub fn take_dict(o: &mut Opts, key: &str) -> Result<Option<Opts>> {
 
 /// Fails with QEMU's error when options are left that no one took.
 pub fn reject_unknown(o: &Opts, driver: &str) -> Result<()> {
-    match o.keys().next() {
-        None => Ok(()),
-        Some(k) => Err(Error::invalid(format!(
-            "Block format '{driver}' does not support the option '{k}'"
-        ))),
+    // QEMU's options are flat: a nested leftover is named by its dotted key.
+    let Some((k, mut v)) = o.iter().next() else {
+        return Ok(());
+    };
+    let mut key = k.clone();
+    while let Some((k, inner)) = v.as_object().and_then(|m| m.iter().next()) {
+        key = format!("{key}.{k}");
+        v = inner;
     }
+    Err(Error::invalid(format!(
+        "Block format '{driver}' does not support the option '{key}'"
+    )))
 }
 
 /// Parses a size like qemu's `qemu_strtosz`: a number (fractions allowed with

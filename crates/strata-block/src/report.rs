@@ -33,6 +33,24 @@ pub fn print_stdout(args: std::fmt::Arguments<'_>) {
     }
 }
 
+static FLUSH_HOOK: OnceLock<fn()> = OnceLock::new();
+
+/// Sets how the tool's buffered standard output is written out before the
+/// process ends from inside the block layer (see [`exit`]).
+pub fn set_flush_hook(hook: fn()) {
+    let _ = FLUSH_HOOK.set(hook);
+}
+
+/// Ends the process from the block layer as QEMU's drivers do with exit()
+/// (blkverify, quorum's blkverify mode): standard output is flushed first,
+/// as C's exit() flushes stdio.
+pub fn exit(code: i32) -> ! {
+    if let Some(hook) = FLUSH_HOOK.get() {
+        hook();
+    }
+    std::process::exit(code)
+}
+
 /// Prints `PROG: msg` to stderr.
 pub fn error_report(msg: impl std::fmt::Display) {
     eprintln!("{}: {}", prog_name(), msg);

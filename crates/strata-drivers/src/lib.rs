@@ -19,6 +19,10 @@ pub fn registry() -> Arc<Registry> {
     r.register(Arc::new(protocols::null::NullClass::AIO));
     r.register(Arc::new(formats::qcow2::Qcow2Class));
     r.register(Arc::new(filters::blkdebug::BlkdebugClass));
+    r.register(Arc::new(filters::blkverify::BlkverifyClass));
+    r.register(Arc::new(filters::copy_on_read::CopyOnReadClass));
+    r.register(Arc::new(filters::throttle::ThrottleClass));
+    r.register(Arc::new(filters::quorum::QuorumClass));
     r.register(Arc::new(formats::raw::RawClass));
     Arc::new(r)
 }

@@ -10,6 +10,7 @@ pub fn init() -> Arc<Registry> {
     let argv0 = std::env::args().next().unwrap_or_else(|| "strata".into());
     strata_block::report::set_prog_name(&argv0);
     strata_block::report::set_stdout_hook(crate::stdout::write_fmt);
+    strata_block::report::set_flush_hook(crate::stdout::flush);
     strata_drivers::registry()
 }
 
@@ -62,6 +63,27 @@ pub fn image_opts(s: &str) -> Result<Opts> {
         return parse_json(j);
     }
     nest(&parse_keyval(s, None)?)
+}
+
+/// Creates the throttle group of `--object throttle-group,...` (the pairs
+/// as parsed, `qom-type` among them); `Err` is the message to report.
+pub fn throttle_group_object(pairs: &[(String, String)]) -> std::result::Result<(), String> {
+    let props: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(k, _)| k != "qom-type")
+        .cloned()
+        .collect();
+    strata_drivers::filters::throttle::add_group_object(&props).map_err(|e| e.to_string())
+}
+
+/// qemu-img's `--object`: throttle groups are created; other types are
+/// accepted without effect, as before. `Err` is the message to report.
+pub fn img_object(def: &str) -> std::result::Result<(), String> {
+    let pairs = parse_keyval(def, Some("qom-type")).map_err(|e| e.to_string())?;
+    match pairs.iter().find(|(k, _)| k == "qom-type") {
+        Some((_, ty)) if ty == "throttle-group" => throttle_group_object(&pairs),
+        _ => Ok(()),
+    }
 }
 
 /// `Could not open 'x': reason`, the wrapping qemu-img puts around open errors.

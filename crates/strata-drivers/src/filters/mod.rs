@@ -2,4 +2,8 @@
 //! go (fail them, hold them, check them, copy them).
 
 pub mod blkdebug;
+pub mod blkverify;
+pub mod copy_on_read;
+pub mod quorum;
 mod rules;
+pub mod throttle;

@@ -126,7 +126,19 @@ fn snapshot_line(cols: [&str; 6]) -> String {
 
 /// The human form of a node's info, children indented under it.
 pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
+    human_at(info, out, depth, top, "/");
+}
+
+/// [`human`] for the node at `path` (`/`, `/file/`, `/file/test/`): nodes
+/// without children below the top are shown as protocols (QEMU:
+/// dump_human_image_info).
+fn human_at(info: &Value, out: &mut String, depth: usize, top: bool, path: &str) {
     let ind = "    ".repeat(depth);
+    let leaf = info
+        .get("children")
+        .and_then(Value::as_array)
+        .is_none_or(|c| c.is_empty());
+    let top = top || !leaf;
     let get = |k: &str| info.get(k);
     let s = |k: &str| {
         get(k)
@@ -222,9 +234,9 @@ pub fn human(info: &Value, out: &mut String, depth: usize, top: bool) {
     if let Some(children) = get("children").and_then(Value::as_array) {
         for c in children {
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-            out.push_str(&format!("{ind}Child node '/{name}':\n"));
+            out.push_str(&format!("{ind}Child node '{path}{name}':\n"));
             if let Some(i) = c.get("info") {
-                human(i, out, depth + 1, false);
+                human_at(i, out, depth + 1, false, &format!("{path}{name}/"));
             }
         }
     }

@@ -195,6 +195,13 @@ pub fn getopt(cmd: &str, args: &[String], table: &[Opt]) -> Result<Parsed, i32> 
         match item {
             Item::Opt(c, v) => {
                 if let Some(i) = table.iter().enumerate().position(|(i, o)| val(i, o) == c) {
+                    // Objects are created in command-line order, as QEMU does.
+                    if table[i].long == Some("object") {
+                        if let Err(msg) = crate::common::img_object(v.as_deref().unwrap_or("")) {
+                            error_report(msg);
+                            return Err(1);
+                        }
+                    }
                     opts.push((i, v));
                 }
             }
