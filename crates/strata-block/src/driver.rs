@@ -333,6 +333,12 @@ pub trait Driver: Send + Sync {
     /// Hears a debug event a parent announces for its next I/O on this node.
     async fn debug_event(&self, _event: crate::debug::DebugEvent) {}
 
+    /// False for drivers below which relative names have no one directory
+    /// (blkverify, quorum: QEMU's bdrv_dirname fails for them).
+    fn has_dirname(&self) -> bool {
+        true
+    }
+
     /// Breakpoint support, for drivers that have it (blkdebug).
     fn debug_hooks(&self) -> Option<&dyn crate::debug::DebugHooks> {
         None
@@ -409,13 +415,13 @@ pub trait DriverClass: Send + Sync {
     }
 
     /// The plain file name of a node of this driver with the options `full`
-    /// and the primary child named `child`, for drivers that make their own
+    /// and these children, for drivers that make their own
     /// (QEMU: bdrv_refresh_filename of blkdebug, null-co). Some("") when no
     /// plain name fits; None to use the generic rule.
     fn exact_filename(
         &self,
         _full: &Opts,
-        _child: Option<&crate::filename::Identity>,
+        _children: &[(ChildRole, crate::filename::Identity)],
     ) -> Option<String> {
         None
     }

@@ -110,29 +110,34 @@ pub fn refresh(class: &dyn DriverClass, driver: &dyn Driver, own: &Opts, exact: 
         match c.role {
             // A backing file named by the image itself is not an option.
             ChildRole::Backing => {}
-            ChildRole::Quorum(_) => quorum.push(Value::Object(c.node.identity().full.clone())),
+            ChildRole::Quorum(i) => quorum.push((i, Value::Object(c.node.identity().full.clone()))),
             role => {
                 full.insert(role.name(), Value::Object(c.node.identity().full.clone()));
             }
         }
     }
     if !quorum.is_empty() {
-        full.insert("children".into(), Value::Array(quorum));
+        quorum.sort_by_key(|(i, _)| *i);
+        let list = quorum.into_iter().map(|(_, v)| v).collect();
+        full.insert("children".into(), Value::Array(list));
     }
     let primary = children.iter().find(|c| c.role.is_primary());
-    let exact =
-        if let Some(custom) = class.exact_filename(&full, primary.map(|c| c.node.identity())) {
-            custom
-        } else if let Some(p) = primary {
-            let child = p.node.identity();
-            if !child.exact.is_empty() && child.protocol && !driver.is_filter() && !generate_json {
-                child.exact.clone()
-            } else {
-                String::new()
-            }
+    let named: Vec<(ChildRole, Identity)> = children
+        .iter()
+        .map(|c| (c.role, c.node.identity().clone()))
+        .collect();
+    let exact = if let Some(custom) = class.exact_filename(&full, &named) {
+        custom
+    } else if let Some(p) = primary {
+        let child = p.node.identity();
+        if !child.exact.is_empty() && child.protocol && !driver.is_filter() && !generate_json {
+            child.exact.clone()
         } else {
-            exact.to_string()
-        };
+            String::new()
+        }
+    } else {
+        exact.to_string()
+    };
     Identity {
         exact,
         full,
@@ -146,6 +151,12 @@ impl Node {
     /// for the current directory.
     pub fn dirname(self: &Arc<Self>) -> Result<String> {
         let id = self.identity();
+        if !self.driver().has_dirname() {
+            return Err(Error::invalid(format!(
+                "Cannot generate a base directory for {} nodes",
+                self.format_name()
+            )));
+        }
         match self.children().into_iter().find(|c| c.role.is_primary()) {
             Some(c) => c.node.dirname(),
             None if !id.exact.is_empty() => Ok(match id.exact.rfind('/') {

@@ -337,10 +337,14 @@ impl DriverClass for BlkdebugClass {
     fn exact_filename(
         &self,
         full: &Opts,
-        child: Option<&strata_block::filename::Identity>,
+        children: &[(ChildRole, strata_block::filename::Identity)],
     ) -> Option<String> {
         // `blkdebug:RULES:IMAGE` when nothing but the rules file is set.
-        let image = child.map(|c| c.exact.as_str()).unwrap_or("");
+        let image = children
+            .iter()
+            .find(|(r, _)| *r == ChildRole::Image)
+            .map(|(_, c)| c.exact.as_str())
+            .unwrap_or("");
         let plain = full
             .keys()
             .all(|k| matches!(k.as_str(), "config" | "image" | "x-image" | "driver"));

@@ -75,6 +75,10 @@ impl Driver for BlkverifyDriver {
         true
     }
 
+    fn has_dirname(&self) -> bool {
+        false
+    }
+
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len();
         let raw_buf = IoBuf::zeroed(len);
@@ -157,6 +161,27 @@ impl Driver for BlkverifyDriver {
 impl DriverClass for BlkverifyClass {
     fn name(&self) -> &'static str {
         "blkverify"
+    }
+
+    fn exact_filename(
+        &self,
+        _full: &Opts,
+        children: &[(ChildRole, strata_block::filename::Identity)],
+    ) -> Option<String> {
+        // `blkverify:RAW:TEST` when both children have plain names.
+        let exact = |role| {
+            children
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map(|(_, c)| c.exact.clone())
+                .unwrap_or_default()
+        };
+        let (raw, test) = (exact(ChildRole::Raw), exact(ChildRole::Test));
+        Some(if raw.is_empty() || test.is_empty() {
+            String::new()
+        } else {
+            format!("blkverify:{raw}:{test}")
+        })
     }
 
     fn protocol_name(&self) -> Option<&'static str> {

@@ -326,6 +326,15 @@ impl DriverClass for QuorumClass {
         "quorum"
     }
 
+    fn strong_options(&self) -> &'static [&'static str] {
+        &[
+            "vote-threshold",
+            "blkverify",
+            "rewrite-corrupted",
+            "read-pattern",
+        ]
+    }
+
     async fn create(&self, _ctx: &OpenCtx, _filename: &str, _opts: Opts) -> Result<()> {
         Err(Error::unsupported(
             "Driver 'quorum' does not support image creation",

@@ -555,6 +555,10 @@ impl DriverClass for ThrottleClass {
         "throttle"
     }
 
+    fn strong_options(&self) -> &'static [&'static str] {
+        &["throttle-group"]
+    }
+
     async fn create(&self, _ctx: &OpenCtx, _filename: &str, _opts: Opts) -> Result<()> {
         Err(Error::unsupported(
             "Driver 'throttle' does not support image creation",

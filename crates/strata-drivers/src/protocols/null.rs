@@ -105,7 +105,7 @@ impl DriverClass for NullClass {
     fn exact_filename(
         &self,
         full: &Opts,
-        _child: Option<&strata_block::filename::Identity>,
+        _children: &[(strata_block::ChildRole, strata_block::filename::Identity)],
     ) -> Option<String> {
         let plain = full
             .keys()
