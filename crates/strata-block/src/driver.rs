@@ -330,6 +330,21 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// True for formats that keep VM state beside the disk (qcow2).
+    fn has_vmstate(&self) -> bool {
+        false
+    }
+
+    /// Writes VM state at `pos` of the state area.
+    async fn save_vmstate(&self, _pos: u64, _buf: IoBuf) -> Result<IoBuf> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Reads VM state at `pos` of the state area.
+    async fn load_vmstate(&self, _pos: u64, _buf: IoBuf) -> Result<IoBuf> {
+        err(libc::ENOTSUP)
+    }
+
     /// Hears a debug event a parent announces for its next I/O on this node.
     async fn debug_event(&self, _event: crate::debug::DebugEvent) {}
 

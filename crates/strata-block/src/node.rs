@@ -554,6 +554,44 @@ impl Node {
         Ok(())
     }
 
+    /// The node that keeps VM state for this one: itself, or the first down
+    /// its primary children that does (QEMU: bdrv_co_writev_vmstate).
+    fn vmstate_node(self: &Arc<Self>) -> Option<Arc<Node>> {
+        let mut node = Arc::clone(self);
+        loop {
+            if node.driver.has_vmstate() {
+                return Some(node);
+            }
+            node = node
+                .children()
+                .into_iter()
+                .find(|c| c.role.is_primary())?
+                .node;
+        }
+    }
+
+    /// Saves VM state at `pos`; with the write cache off it is flushed
+    /// before this returns (QEMU: blk_save_vmstate).
+    pub async fn save_vmstate(self: &Arc<Self>, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.check_writable()?;
+        let Some(node) = self.vmstate_node() else {
+            return err(libc::ENOTSUP);
+        };
+        let buf = node.driver.save_vmstate(pos, buf).await?;
+        if !self.writeback.load(Ordering::Relaxed) {
+            self.flush().await?;
+        }
+        Ok(buf)
+    }
+
+    /// Loads VM state at `pos`.
+    pub async fn load_vmstate(self: &Arc<Self>, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        let Some(node) = self.vmstate_node() else {
+            return err(libc::ENOTSUP);
+        };
+        node.driver.load_vmstate(pos, buf).await
+    }
+
     /// Makes completed writes stable (a no-op with `cache=unsafe`).
     pub async fn flush(&self) -> Result<()> {
         if self.no_flush {

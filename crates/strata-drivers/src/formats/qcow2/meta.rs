@@ -182,6 +182,46 @@ impl Meta {
         if cache.contains(off) {
             return Ok(());
         }
+        self.make_room(file, l2).await?;
+        let size = self.l2_cache.slice_size();
+        if l2 {
+            file.debug_event(DebugEvent::L2Load).await;
+        }
+        let buf = file.read(off, IoBuf::zeroed(size)).await?;
+        let c = if l2 {
+            &mut self.l2_cache
+        } else {
+            &mut self.rb_cache
+        };
+        c.insert(off, buf.as_slice().to_vec(), false);
+        Ok(())
+    }
+
+    /// Puts a new L2 table whose content was just written at `off` into the
+    /// cache, so that filling it in does not read it back (QEMU gets empty
+    /// cache entries for new tables).
+    pub async fn adopt_l2_table(
+        &mut self,
+        file: &Arc<Node>,
+        off: u64,
+        content: &[u8],
+    ) -> Result<()> {
+        let size = self.l2_cache.slice_size();
+        for (i, slice) in content.chunks(size).enumerate() {
+            let at = off + (i * size) as u64;
+            if self.l2_cache.contains(at) {
+                continue;
+            }
+            self.make_room(file, true).await?;
+            self.l2_cache.insert(at, slice.to_vec(), false);
+        }
+        Ok(())
+    }
+
+    /// Evicts the least recently used slice of a full cache, writing it back
+    /// first (after the refcounts it depends on) if dirty.
+    async fn make_room(&mut self, file: &Arc<Node>, l2: bool) -> Result<()> {
+        let cache = if l2 { &self.l2_cache } else { &self.rb_cache };
         if cache.is_full() {
             if let Some((victim, dirty)) = cache.victim() {
                 if dirty {
@@ -211,17 +251,6 @@ impl Meta {
                 c.remove(victim);
             }
         }
-        let size = self.l2_cache.slice_size();
-        if l2 {
-            file.debug_event(DebugEvent::L2Load).await;
-        }
-        let buf = file.read(off, IoBuf::zeroed(size)).await?;
-        let c = if l2 {
-            &mut self.l2_cache
-        } else {
-            &mut self.rb_cache
-        };
-        c.insert(off, buf.as_slice().to_vec(), false);
         Ok(())
     }
 
@@ -389,19 +418,7 @@ impl Meta {
         let first = off >> self.geo.cluster_bits;
         let mut last_block = None;
         for hc in first..first + n {
-            // Once per refcount block touched, as QEMU's update_refcount.
-            let ti = hc >> self.geo.rb_bits;
-            if last_block != Some(ti) {
-                last_block = Some(ti);
-                file.debug_event(DebugEvent::RefblockAlloc).await;
-                if self
-                    .reftable
-                    .get(ti as usize)
-                    .is_some_and(|e| e & OFFSET_MASK != 0)
-                {
-                    file.debug_event(DebugEvent::RefblockLoad).await;
-                }
-            }
+            self.announce_refblock(file, hc, &mut last_block).await;
             let cur = self.refcount(file, hc).await?;
             let new = cur.checked_add_signed(delta).ok_or_else(|| {
                 Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
@@ -409,6 +426,24 @@ impl Meta {
             self.set_refcount(file, hc, new).await?;
         }
         Ok(())
+    }
+
+    /// Announces the refcount block of cluster `hc` once per block a
+    /// refcount update walks through (QEMU: alloc_refcount_block's events).
+    async fn announce_refblock(&self, file: &Arc<Node>, hc: u64, last_block: &mut Option<u64>) {
+        let ti = hc >> self.geo.rb_bits;
+        if *last_block == Some(ti) {
+            return;
+        }
+        *last_block = Some(ti);
+        file.debug_event(DebugEvent::RefblockAlloc).await;
+        if self
+            .reftable
+            .get(ti as usize)
+            .is_some_and(|e| e & OFFSET_MASK != 0)
+        {
+            file.debug_event(DebugEvent::RefblockLoad).await;
+        }
     }
 
     /// Drops one reference to each of `n` clusters from `off`; with
@@ -644,7 +679,9 @@ impl Meta {
         // the run first, so a refcount block made while counting it
         // goes after the run (where QEMU puts it), never inside.
         self.free_cluster_index = start + n;
+        let mut last_block = None;
         for hc in start..start + n {
+            self.announce_refblock(file, hc, &mut last_block).await;
             self.set_refcount(file, hc, 1).await?;
         }
         Ok(off)
@@ -672,6 +709,27 @@ impl Meta {
             self.rb_cache.flushed();
             self.l2_cache.flushed();
         }
+        Ok(())
+    }
+
+    /// Writes the dirty L2 slices back (after the refcounts they depend on)
+    /// and flushes the file, whether or not anything was dirty (QEMU:
+    /// qcow2_cache_flush of the L2 cache).
+    pub async fn flush_l2_cache(&mut self, file: &Arc<Node>) -> Result<()> {
+        if self.l2_cache.has_dirty() {
+            self.flush_refcounts(file).await?;
+            self.write_back_cache(file, true).await?;
+        }
+        file.flush().await?;
+        self.l2_cache.flushed();
+        Ok(())
+    }
+
+    /// Writes the dirty refcount slices back and flushes the file.
+    pub async fn flush_refcount_cache(&mut self, file: &Arc<Node>) -> Result<()> {
+        self.write_back_cache(file, false).await?;
+        file.flush().await?;
+        self.rb_cache.flushed();
         Ok(())
     }
 

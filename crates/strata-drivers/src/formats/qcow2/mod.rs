@@ -23,7 +23,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMode};
+use strata_block::error::strerror;
 use strata_block::options::{take_dict, take_str, OptSpec, Opts};
+use strata_block::report::error_report;
 use strata_block::{
     BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
     OpenFlags, Perm, Result, WriteFlags,
@@ -244,7 +246,13 @@ impl Qcow2Driver {
     async fn writable_l2(&self, m: &mut Meta, gc: u64) -> Result<u64> {
         let l1i = (gc >> self.geo.l2_bits) as usize;
         if l1i >= m.l1.len() {
-            return Err(Error::invalid("Guest offset beyond the L1 table"));
+            // Past the table (VM state lives there): grow it by half again
+            // until it fits, as QEMU's qcow2_grow_l1_table(exact=false).
+            let mut n = (m.l1.len() as u64).max(1);
+            while n < l1i as u64 + 1 {
+                n = (n * 3).div_ceil(2);
+            }
+            self.grow_l1(m, n).await?;
         }
         let e = m.l1[l1i];
         let e_old = e;
@@ -267,7 +275,9 @@ impl Qcow2Driver {
         m.l2_cache.remove_table(new, cs);
         self.file.debug_event(DebugEvent::L2AllocWrite).await;
         self.file.debug_event(DebugEvent::L2Update).await;
-        self.file.write(new, content, WriteFlags::default()).await?;
+        let content = self.file.write(new, content, WriteFlags::default()).await?;
+        m.adopt_l2_table(&self.file, new, content.as_slice())
+            .await?;
         // Its refcount and content are stable before L1 points to it.
         m.flush_refcounts(&self.file).await?;
         self.file.flush().await?;
@@ -623,35 +633,59 @@ impl Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let clusters = (entries * 8).div_ceil(cs);
+        self.file.debug_event(DebugEvent::L1GrowAllocTable).await;
         let new = m.alloc_clusters(&self.file, clusters).await?;
-        let mut table = m.l1.clone();
-        table.resize(entries as usize, 0);
-        let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        bytes.resize(entries as usize * 8, 0);
-        m.check_metadata_write(&self.file, new, bytes.len() as u64)
-            .await?;
-        self.file
-            .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
-            .await?;
-        m.flush_refcounts(&self.file).await?;
-        self.file.flush().await?;
-        let mut hdr = [0u8; 12];
-        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
-        hdr[4..].copy_from_slice(&new.to_be_bytes());
-        self.file
-            .write(36, IoBuf::from_slice(&hdr), WriteFlags::default())
-            .await?;
-        self.file.flush().await?;
+        let switched = self.write_grown_l1(m, new, entries).await;
+        let table = match switched {
+            Ok(t) => t,
+            Err(e) => {
+                // The header still names the old table: give the new one back.
+                let _ = m.free_clusters(&self.file, new, clusters, false).await;
+                return Err(e);
+            }
+        };
         let old_off = m.header.l1_table_offset;
         let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
         m.header.l1_table_offset = new;
         m.header.l1_size = entries as u32;
         m.l1 = table;
         if old_off != 0 && old_clusters > 0 {
-            m.update_refcounts(&self.file, old_off, old_clusters, -1)
+            m.free_clusters(&self.file, old_off, old_clusters, false)
                 .await?;
         }
         Ok(())
+    }
+
+    /// Writes the L1 table grown to `entries` at `new` and makes it the
+    /// image's by one header write; returns the new table.
+    async fn write_grown_l1(&self, m: &mut Meta, new: u64, entries: u64) -> Result<Vec<u64>> {
+        // The new clusters are counted before anything points to them.
+        m.flush_refcounts(&self.file).await?;
+        let mut table = m.l1.clone();
+        table.resize(entries as usize, 0);
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        m.check_metadata_write(&self.file, new, bytes.len() as u64)
+            .await?;
+        self.file.debug_event(DebugEvent::L1GrowWriteTable).await;
+        self.file
+            .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new.to_be_bytes());
+        self.file.debug_event(DebugEvent::L1GrowActivateTable).await;
+        self.file
+            .write(36, IoBuf::from_slice(&hdr), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        Ok(table)
+    }
+
+    /// Where VM state starts: after the last L1 entry the disk needs
+    /// (QEMU: qcow2_vm_state_offset).
+    fn vm_state_offset(&self) -> u64 {
+        self.geo.l1_size_for(self.length()) << (self.geo.cluster_bits + self.geo.l2_bits)
     }
 
     /// Shrinks the disk to `size` as QEMU does: the clusters past the new
@@ -1004,6 +1038,21 @@ impl Driver for Qcow2Driver {
         self.file.driver().allocated_size().await
     }
 
+    fn has_vmstate(&self) -> bool {
+        true
+    }
+
+    async fn save_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.file.debug_event(DebugEvent::VmstateSave).await;
+        self.write(self.vm_state_offset() + pos, buf, WriteFlags::default())
+            .await
+    }
+
+    async fn load_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.file.debug_event(DebugEvent::VmstateLoad).await;
+        self.read(self.vm_state_offset() + pos, buf).await
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.geo.cluster_size)
     }
@@ -1069,11 +1118,31 @@ impl Driver for Qcow2Driver {
     }
 
     async fn close(&self) -> Result<()> {
-        if !self.read_only {
-            self.flush().await?;
-            // Everything is written back: the refcounts are consistent again.
+        // An image found corrupt is cut off: nothing more is written to it
+        // (QEMU drops the driver of the node).
+        let corrupt = self.meta.lock().await.corrupt;
+        if !self.read_only && !corrupt {
+            // As QEMU's bdrv_close and qcow2_inactivate: a flush whose result
+            // is ignored, then each cache written back and the file flushed,
+            // with a message for each that fails.
+            let _ = self.flush().await;
             let mut m = self.meta.lock().await;
-            if !m.corrupt {
+            let l2 = m.flush_l2_cache(&self.file).await;
+            if let Err(e) = &l2 {
+                error_report(format!(
+                    "Failed to flush the L2 table cache: {}",
+                    strerror(e.code())
+                ));
+            }
+            let rb = m.flush_refcount_cache(&self.file).await;
+            if let Err(e) = &rb {
+                error_report(format!(
+                    "Failed to flush the refcount block cache: {}",
+                    strerror(e.code())
+                ));
+            }
+            // Everything is written back: the refcounts are consistent again.
+            if l2.is_ok() && rb.is_ok() && !m.corrupt {
                 m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
                     .await?;
             }

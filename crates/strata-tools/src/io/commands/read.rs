@@ -79,18 +79,18 @@ pub async fn read(ctx: &mut Ctx<'_>) -> i32 {
             outln!("I/O buffer registration is not supported when reading from vmstate");
             return -libc::EINVAL;
         }
-        // No driver keeps VM state yet; QEMU says the same for formats without it.
-        outln!("read failed: Operation not supported");
-        return -libc::ENOTSUP;
     }
     let node = match ctx.node() {
         Ok(n) => n,
         Err(e) => return e,
     };
     let t1 = Instant::now();
-    let r = node
-        .read(offset as u64, IoBuf::zeroed(count as usize))
-        .await;
+    let buf = IoBuf::zeroed(count as usize);
+    let r = if vmstate {
+        node.load_vmstate(offset as u64, buf).await
+    } else {
+        node.read(offset as u64, buf).await
+    };
     let elapsed = t1.elapsed();
     let buf = match r {
         Ok(b) => b,
