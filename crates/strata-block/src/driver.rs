@@ -330,6 +330,12 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Writes whole clusters compressed (`buf` starts on a cluster and is a
+    /// whole number of them, or ends at the end of the disk).
+    async fn write_compressed(&self, _offset: u64, _buf: IoBuf) -> Result<IoBuf> {
+        err(libc::ENOTSUP)
+    }
+
     /// True for formats that keep VM state beside the disk (qcow2).
     fn has_vmstate(&self) -> bool {
         false

@@ -554,6 +554,21 @@ impl Node {
         Ok(())
     }
 
+    /// Writes `buf` at `offset` compressed, for formats that can (QEMU:
+    /// BDRV_REQ_WRITE_COMPRESSED); the driver checks cluster alignment.
+    pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.check_writable()?;
+        let len = buf.len() as u64;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(buf);
+        }
+        let _req = self.tracker.begin(offset, offset + len, false).await;
+        let buf = self.driver.write_compressed(offset, buf).await?;
+        self.after_write(WriteFlags::default()).await?;
+        Ok(buf)
+    }
+
     /// The node that keeps VM state for this one: itself, or the first down
     /// its primary children that does (QEMU: bdrv_co_writev_vmstate).
     fn vmstate_node(self: &Arc<Self>) -> Option<Arc<Node>> {

@@ -35,6 +35,30 @@ pub fn decompress(kind: Compression, src: &[u8], out: &mut [u8]) -> Result<()> {
     }
 }
 
+/// Compresses one cluster into at most `max` bytes as QEMU does (raw
+/// deflate, default level, 4 KiB window, memLevel 9; or zstd at its default
+/// level). None when it does not fit: the cluster is then written as is.
+pub fn compress(kind: Compression, src: &[u8], max: usize) -> Option<Vec<u8>> {
+    match kind {
+        Compression::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = vec![0u8; max];
+            match c.compress(src, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => {
+                    out.truncate(c.total_out() as usize);
+                    Some(out)
+                }
+                _ => None,
+            }
+        }
+        Compression::Zstd => {
+            let out = zstd::bulk::compress(src, 0).ok()?;
+            (out.len() <= max).then_some(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +74,28 @@ mod tests {
         let mut out = vec![0u8; 65536];
         decompress(Compression::Zlib, &c, &mut out).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn compress_round_trips_and_gives_up_on_noise() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        for kind in [Compression::Zlib, Compression::Zstd] {
+            let c = compress(kind, &data, 65535).unwrap();
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+        // Pseudo-random bytes do not shrink.
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        assert!(compress(Compression::Zlib, &noise, 65535).is_none());
     }
 
     #[test]

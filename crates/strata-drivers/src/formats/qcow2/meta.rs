@@ -108,6 +108,9 @@ pub struct Meta {
     /// the overlap check of every write.
     pub l2_tables: HashSet<u64>,
     pub refblocks: HashSet<u64>,
+    /// Where the next compressed cluster may start inside a partly used
+    /// cluster; 0 for none (QEMU: free_byte_offset).
+    pub free_byte_offset: u64,
 }
 
 /// What a write to the image file is, for the overlap check: each kind may
@@ -685,6 +688,47 @@ impl Meta {
             self.set_refcount(file, hc, 1).await?;
         }
         Ok(off)
+    }
+
+    /// Allocates `size` bytes for compressed data, packed after the last
+    /// compressed cluster where they fit (QEMU: qcow2_alloc_bytes). Every
+    /// cluster the bytes touch gains one reference.
+    pub async fn alloc_bytes(&mut self, file: &Arc<Node>, size: u64) -> Result<u64> {
+        file.debug_event(DebugEvent::ClusterAllocBytes).await;
+        let cs = self.geo.cluster_size;
+        let mut offset = self.free_byte_offset;
+        if offset != 0 && self.refcount(file, offset / cs).await? == self.geo.refcount_max() {
+            offset = 0;
+        }
+        let free_in_cluster = if offset == 0 { 0 } else { cs - offset % cs };
+        if offset == 0 || free_in_cluster < size {
+            // One free cluster, not counted yet (QEMU: alloc_clusters_noref).
+            let mut hc = self.free_cluster_index;
+            while self.refcount(file, hc).await? != 0 {
+                hc += 1;
+            }
+            self.free_cluster_index = hc + 1;
+            let new = hc * cs;
+            if new == 0 {
+                let e = Error::corrupt(
+                    "Preventing invalid allocation of compressed cluster at offset 0",
+                );
+                return Err(self.signal_corruption(file, e).await);
+            }
+            if offset == 0 || offset.div_ceil(cs) * cs != new {
+                offset = new;
+            }
+        }
+        let first = offset / cs;
+        let last = (offset + size - 1) / cs;
+        self.update_refcounts(file, first * cs, last - first + 1, 1)
+            .await?;
+        self.free_byte_offset = if (offset + size).is_multiple_of(cs) {
+            0
+        } else {
+            offset + size
+        };
+        Ok(offset)
     }
 
     /// Writes dirty refcount slices and flushes the file, so that what they

@@ -18,7 +18,10 @@ mod snapshot;
 
 use async_trait::async_trait;
 use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use meta::{Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use meta::{
+    Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -682,6 +685,51 @@ impl Qcow2Driver {
         Ok(table)
     }
 
+    /// Writes one guest cluster compressed (QEMU:
+    /// qcow2_co_pwritev_compressed_task): only into an unallocated cluster;
+    /// data that does not shrink is written the ordinary way.
+    async fn write_compressed_cluster(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let cs = self.geo.cluster_size as usize;
+        let mut data = buf.as_slice().to_vec();
+        // The last cluster of an image whose size is not a multiple of it.
+        data.resize(cs, 0);
+        let Some(packed) = compress::compress(self.compression, &data, cs - 1) else {
+            return self.write(offset, buf, WriteFlags::default()).await;
+        };
+        let plen = packed.len() as u64;
+        let gc = offset >> self.geo.cluster_bits;
+        let host = {
+            let mut m = self.meta.lock().await;
+            if m.corrupt {
+                return Err(Error::errno(libc::ENOMEDIUM));
+            }
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let idx = gc & (self.geo.l2_entries() - 1);
+            // Compression cannot overwrite anything.
+            if m.l2_get(&self.file, l2, idx).await? & OFFSET_MASK != 0 {
+                return Err(Error::errno(libc::EIO));
+            }
+            let host = m.alloc_bytes(&self.file, plen).await?;
+            let sectors = (host + plen - 1) / 512 - host / 512;
+            let shift = 62 - (self.geo.cluster_bits - 8);
+            self.file.debug_event(DebugEvent::L2UpdateCompressed).await;
+            m.l2_set(
+                &self.file,
+                l2,
+                idx,
+                OFLAG_COMPRESSED | host | (sectors << shift),
+            )
+            .await?;
+            m.check_metadata_write(&self.file, host, plen).await?;
+            host
+        };
+        self.file.debug_event(DebugEvent::WriteCompressed).await;
+        self.file
+            .write(host, IoBuf::from_slice(&packed), WriteFlags::default())
+            .await?;
+        Ok(buf)
+    }
+
     /// Where VM state starts: after the last L1 entry the disk needs
     /// (QEMU: qcow2_vm_state_offset).
     fn vm_state_offset(&self) -> u64 {
@@ -1042,6 +1090,26 @@ impl Driver for Qcow2Driver {
         true
     }
 
+    async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let cs = self.geo.cluster_size;
+        let len = buf.len() as u64;
+        let unaligned_end = !len.is_multiple_of(cs) && offset + len != self.length();
+        if !offset.is_multiple_of(cs) || unaligned_end {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        let mut done = Vec::new();
+        let mut rest = buf;
+        let mut off = offset;
+        while !rest.is_empty() {
+            let n = (rest.len() as u64).min(cs) as usize;
+            let (head, tail) = rest.split_at(n);
+            done.push(self.write_compressed_cluster(off, head).await?);
+            off += n as u64;
+            rest = tail;
+        }
+        Ok(IoBuf::join_all(done))
+    }
+
     async fn save_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
         self.file.debug_event(DebugEvent::VmstateSave).await;
         self.write(self.vm_state_offset() + pos, buf, WriteFlags::default())
@@ -1333,6 +1401,7 @@ impl DriverClass for Qcow2Class {
             free_cluster_index: 0,
             l2_tables,
             refblocks,
+            free_byte_offset: 0,
             corrupt: false,
             signaled: false,
             writable: !read_only,

@@ -107,9 +107,7 @@ pub async fn write(ctx: &mut Ctx<'_>) -> i32 {
     };
     let t1 = Instant::now();
     let r = match data {
-        // Compressed writes have no path in the core yet; QEMU answers the
-        // same for formats that lack them.
-        _ if compressed => Err(strata_block::Error::errno(libc::ENOTSUP)),
+        Some(buf) if compressed => node.write_compressed(offset as u64, buf).await.map(drop),
         Some(buf) if vmstate => node.save_vmstate(offset as u64, buf).await.map(drop),
         None => node.write_zeroes(offset as u64, count as u64, flags).await,
         Some(buf) => node.write(offset as u64, buf, flags).await.map(drop),
