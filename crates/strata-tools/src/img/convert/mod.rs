@@ -704,13 +704,17 @@ fn convert_to(
             error_report("Copying bitmaps only possible with single source");
             return false;
         }
-        if out_fmt.as_deref() == Some("qcow2") {
-            error_report(format!(
-                "Copying persistent bitmaps is not supported by Strata yet: {}",
-                strata_block::error::strerror(libc::ENOTSUP)
-            ));
+        if sources[0].node.skip_filters().format_name() != "qcow2" {
+            error_report("Source lacks bitmap support");
             return false;
         }
+        // Strata reads no persistent bitmaps yet, so it cannot tell whether
+        // there are any to copy.
+        error_report(format!(
+            "Copying persistent bitmaps is not supported by Strata yet: {}",
+            strata_block::error::strerror(libc::ENOTSUP)
+        ));
+        return false;
     }
     if let Some((class, set)) = create {
         let fmt = class.name();
@@ -770,10 +774,6 @@ fn copy_into(
     progress: &RefCell<Progress>,
 ) -> bool {
     let fmt = target.format_name();
-    if a.bitmaps && fmt != "qcow2" {
-        error_report(format!("Format driver '{fmt}' does not support bitmaps"));
-        return false;
-    }
     if a.compressed {
         if qemu_can_compress(fmt) {
             error_report(compression_unsupported(fmt));
