@@ -167,7 +167,7 @@ fn valid_option_list(s: &str) -> bool {
         return false;
     }
     let trailing = s.len() - s.trim_end_matches(',').len();
-    trailing % 2 == 0
+    trailing.is_multiple_of(2)
 }
 
 /// Parses `-l snapshot.id=...,snapshot.name=...`; prints QEMU's complaints.
@@ -783,9 +783,8 @@ fn copy_into(
         return false;
     }
     let limits = target.limits();
-    let buf_sectors = (limits.discard_alignment as u64 / SECTOR)
-        .max(IO_BUF_SECTORS)
-        .min(MAX_BUF_SECTORS);
+    let buf_sectors =
+        (limits.discard_alignment as u64 / SECTOR).clamp(IO_BUF_SECTORS, MAX_BUF_SECTORS);
     // Writes aligned to the target's requests avoid read-modify-write.
     let pow2floor = |n: u64| if n == 0 { 0 } else { 1 << n.ilog2() };
     let alignment = pow2floor(a.min_sparse)
