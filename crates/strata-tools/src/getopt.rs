@@ -110,12 +110,13 @@ fn long_opt(prog: &str, body: &str, args: &[String], i: &mut usize, long: &[Long
         None => {
             let matches: Vec<&LongOpt> = long.iter().filter(|o| o.name.starts_with(name)).collect();
             match matches.as_slice() {
-                [] => return Item::Bad(format!("{prog}: unrecognized option '--{name}'")),
+                // glibc quotes the option as given, `=value` included.
+                [] => return Item::Bad(format!("{prog}: unrecognized option '--{body}'")),
                 [one] => **one,
                 many => {
                     let list: String = many.iter().map(|o| format!(" '--{}'", o.name)).collect();
                     return Item::Bad(format!(
-                        "{prog}: option '--{name}' is ambiguous; possibilities:{list}"
+                        "{prog}: option '--{body}' is ambiguous; possibilities:{list}"
                     ));
                 }
             }

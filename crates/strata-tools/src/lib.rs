@@ -5,5 +5,6 @@ pub mod common;
 pub mod getopt;
 pub mod img;
 pub mod io;
+pub mod progress;
 pub mod qjson;
 pub mod stdout;

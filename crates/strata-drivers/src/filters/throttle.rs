@@ -303,6 +303,19 @@ impl ThrottleGroup {
         }
     }
 
+    /// A group of its own that holds writes to `bps` bytes a second on
+    /// average, nothing else (qemu-img convert's `-r`).
+    pub fn write_limit(bps: u64) -> ThrottleGroup {
+        let mut cfg = ThrottleConfig::default();
+        cfg.buckets[Bucket::BpsWrite as usize].avg = bps;
+        ThrottleGroup::new(cfg)
+    }
+
+    /// Waits until a write of `bytes` may start, and counts it.
+    pub async fn throttle_write(&self, bytes: u64) {
+        self.intercept(Dir::Write, bytes).await
+    }
+
     /// Waits until a request of `bytes` in `dir` may start, and counts it
     /// (QEMU: throttle_group_co_io_limits_intercept).
     async fn intercept(&self, dir: Dir, bytes: u64) {

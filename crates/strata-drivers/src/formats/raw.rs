@@ -7,8 +7,8 @@ use strata_block::driver::Preallocation;
 use strata_block::options::{take_size, OptSpec};
 use strata_block::Registry;
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Opts, Result,
-    WriteFlags,
+    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
+    Opts, Result, WriteFlags,
 };
 
 /// What probing reads of an image, and so what raw guards when probed.
@@ -52,6 +52,7 @@ impl Driver for RawDriver {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.file.debug_event(DebugEvent::ReadAio).await;
         self.file.read(self.offset + offset, buf).await
     }
 
@@ -71,6 +72,7 @@ impl Driver for RawDriver {
                 }
             }
         }
+        self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.write(self.offset + offset, buf, flags).await
     }
 

@@ -20,10 +20,10 @@ const OPTS: &[super::Opt] = &[
 ];
 
 /// A creation option as the user set it: text as typed and value to pass on.
-struct SetOpt {
-    spec: OptSpec,
+pub(super) struct SetOpt {
+    pub(super) spec: OptSpec,
     typed: String,
-    value: String,
+    pub(super) value: String,
 }
 
 /// The options of `fmt` followed by those of its protocol, without repeats.
@@ -77,7 +77,7 @@ pub fn print_help(caption: &str, specs: &[OptSpec], trailer: bool) {
 const SIZE_HELP: &str = "\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
 
 /// Checks and records `key=value` against the option list.
-fn set_option(
+pub(super) fn set_option(
     set: &mut Vec<SetOpt>,
     specs: &[OptSpec],
     key: &str,

@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod compare;
+mod convert;
 mod create;
 mod info;
 mod map;
@@ -86,7 +87,7 @@ fn dispatch() -> i32 {
                 strata_block::report::prog_name()
             );
             crate::outln!(
-                "Strata's drop-in for qemu-img: create, info, map, check, compare, resize, bench."
+                "Strata's drop-in for qemu-img: create, info, map, check, compare, convert, resize, bench."
             );
             return 0;
         }
@@ -117,6 +118,7 @@ fn dispatch() -> i32 {
         "map" => map::run(ctx),
         "check" => check::run(ctx),
         "compare" => compare::run(ctx),
+        "convert" => convert::run(ctx),
         "resize" => resize::run(ctx),
         "bench" => bench::run(ctx),
         other => {
@@ -215,6 +217,31 @@ pub fn getopt(cmd: &str, args: &[String], table: &[Opt]) -> Result<Parsed, i32> 
         opts,
         operands: parsed.operands,
     })
+}
+
+/// qemu-img's cvtnum_full: a size (`issize`: suffixes and fractions, as
+/// qemu_strtosz) or a plain integer (qemu_strtou64, base 0) between `min`
+/// and `max`; on failure reports QEMU's message and gives exit code 1.
+pub fn cvtnum_full(name: &str, value: &str, issize: bool, min: i64, max: i64) -> Result<u64, i32> {
+    use crate::io::numbers::{strtosz, strtou64, NumError};
+    let r = if issize {
+        strtosz(value)
+    } else {
+        strtou64(value)
+    };
+    match r {
+        Err(NumError::Invalid) => {
+            error_report(format!("Invalid {name} specified: '{value}'."));
+            Err(1)
+        }
+        Ok(v) if v >= min as u64 && v <= max as u64 => Ok(v),
+        _ => {
+            error_report(format!(
+                "Invalid {name} specified. Must be between {min} and {max}."
+            ));
+            Err(1)
+        }
+    }
 }
 
 /// The `--output` value: human or json.

@@ -5,7 +5,7 @@
 mod args;
 mod commands;
 mod input;
-mod numbers;
+pub(crate) mod numbers;
 mod report;
 mod session;
 

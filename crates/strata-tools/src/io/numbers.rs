@@ -28,7 +28,7 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// strtoull(s, &end, base) for base 10 or 16: the value (wrapped on a
+/// strtoull(s, &end, base) for base 8, 10 or 16: the value (wrapped on a
 /// leading '-' as C does), where parsing stopped, and whether it overflowed.
 /// `None` when no digits were found.
 fn strtoull(s: &[u8], base: u32) -> Option<(u64, usize, bool)> {
@@ -218,6 +218,31 @@ pub fn strtosz(text: &str) -> Result<u64, NumError> {
     finish(s, end, Ok(total as u64))
 }
 
+/// QEMU's qemu_strtou64 with base 0 and no end pointer: C's strtoull
+/// (`0x` hex, leading `0` octal, blanks and a sign allowed, a '-' wrapping
+/// the value), then the whole text must have been used.
+pub fn strtou64(text: &str) -> Result<u64, NumError> {
+    let s = text.as_bytes();
+    let mut i = 0;
+    while i < s.len() && is_space(s[i]) {
+        i += 1;
+    }
+    if matches!(s.get(i), Some(b'+' | b'-')) {
+        i += 1;
+    }
+    let base = match (s.get(i), s.get(i + 1), s.get(i + 2)) {
+        (Some(b'0'), Some(b'x' | b'X'), Some(c)) if c.is_ascii_hexdigit() => 16,
+        (Some(b'0'), _, _) => 8,
+        _ => 10,
+    };
+    match strtoull(s, base) {
+        None => Err(NumError::Invalid),
+        Some((_, end, _)) if end < s.len() => Err(NumError::Invalid),
+        Some((_, _, true)) => Err(NumError::Range),
+        Some((v, _, false)) => Ok(v),
+    }
+}
+
 /// Without an end pointer, anything left over makes the text invalid.
 fn finish(s: &[u8], end: usize, r: Result<u64, NumError>) -> Result<u64, NumError> {
     if end < s.len() {
@@ -337,5 +362,13 @@ mod tests {
         assert_eq!(strtol0("12m"), (12, false));
         assert_eq!(strtol0("route66"), (0, false));
         assert_eq!(strtol0("0x"), (0, false));
+        assert_eq!(strtou64("0x10"), Ok(16));
+        assert_eq!(strtou64(" 010"), Ok(8));
+        assert_eq!(strtou64("+3"), Ok(3));
+        assert_eq!(strtou64("-1"), Ok(u64::MAX));
+        assert_eq!(strtou64("09"), Err(NumError::Invalid));
+        assert_eq!(strtou64("5k"), Err(NumError::Invalid));
+        assert_eq!(strtou64(""), Err(NumError::Invalid));
+        assert_eq!(strtou64("18446744073709551616"), Err(NumError::Range));
     }
 }

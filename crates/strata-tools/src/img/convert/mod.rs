@@ -1,0 +1,829 @@
+//! `qemu-img convert`: copies one image, or several concatenated, into a
+//! new image (created with the output format) or, with `-n`, into an
+//! existing one. Options, checks, messages and exit codes follow qemu-img;
+//! the copy itself is in `copy.rs`.
+
+mod copy;
+
+use super::create::{merged_options, print_help, set_option, SetOpt};
+use super::{cvtnum_full, getopt, long, opt, Ctx};
+use crate::progress::Progress;
+use copy::{Convert, Source};
+use std::cell::RefCell;
+use std::sync::Arc;
+use strata_block::options::{parse_keyval, Opts};
+use strata_block::report::error_report;
+use strata_block::{CacheMode, ChildRole, DriverClass, Node, OpenCtx, OpenFlags};
+
+/// QEMU's table, in its order (ambiguous abbreviations list candidates in it).
+const OPTS: &[super::Opt] = &[
+    opt('h', Some("help"), false),
+    opt('q', Some("quiet"), false),
+    long("object", true),
+    long("image-opts", false),
+    long("source-image-opts", false),
+    opt('f', Some("source-format"), true),
+    opt('T', Some("source-cache"), true),
+    opt('l', Some("snapshot"), true),
+    opt('S', Some("sparse-size"), true),
+    opt('O', Some("output-format"), true),
+    opt('o', Some("options"), true),
+    opt('t', Some("output-cache"), true),
+    opt('B', Some("backing"), true),
+    opt('F', Some("backing-format"), true),
+    opt('U', Some("force-share"), false),
+    long("target-image-opts", false),
+    long("salvage", false),
+    long("target-is-zero", false),
+    long("bitmaps", false),
+    long("skip-broken-bitmaps", false),
+    opt('r', Some("rate"), true),
+    opt('m', Some("parallel"), true),
+    opt('W', Some("oob-writes"), false),
+    opt('C', Some("copy-range-offloading"), false),
+    opt('c', None, false),
+    opt('p', None, false),
+    opt('n', None, false),
+];
+
+const HELP: &str = "Usage:
+Copy one image to another with optional format conversion.  Usage:
+
+  qemu-img convert [-f SRC_FMT|--image-opts] [-T SRC_CACHE] [--bitmaps [--skip-broken-bitmaps]]
+        [-o TGT_OPTS|--target-image-opts] [-t TGT_CACHE] [-n]
+        [-B BACKING_FILENAME [-F BACKING_FMT]]
+        SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operations
+  -p, --progress
+     show operation progress
+  -f, --source-format SRC_FMT
+     specify SRC_FILENAME source image format explicitly
+  --source-image-opts
+     indicates that SRC_FILENAME is a complete image specification
+     instead of a file name (incompatible with --source-format)
+  -l, --source-snapshot SNAPSHOT_PARAMS
+     specify source snapshot parameters
+  -T, --source-cache SRC_CACHE
+     source image(s) cache mode (writeback)
+  -O, --target-format TGT_FMT
+     specify TGT_FILENAME image format (default is raw)
+  --target-image-opts
+     indicates that TGT_FILENAME is a complete image specification
+     instead of a file name (incompatible with --output-format)
+  -o, --target-options TGT_OPTS
+     TARGET_FMT-specific options
+  -c, --compress
+     create compressed output image (qcow and qcow2 format only)
+  -t, --target-cache TGT_CACHE
+     cache mode when opening output image (unsafe)
+  -B, --backing BACKING_FILENAME
+     create output to be a CoW on top of BACKING_FILENAME
+  -F, --backing-format BACKING_FMT
+     specify BACKING_FILENAME image format explicitly
+  -n, --no-create
+     omit target volume creation (eg on rbd)
+  --target-is-zero
+  -S, --sparse-size SPARSE_SIZE
+     XXX todo
+  --bitmaps
+     also copy any persistent bitmaps present in source
+  --skip-broken-bitmaps
+     skip (do not error out) any broken bitmaps
+  -U, --force-share
+     open images in shared mode for concurrent access
+  -r, --rate RATE
+     I/O rate limit
+  -m, --parallel NUM_COROUTINES
+     specify parallelism (default 8)
+  -C, --copy-range-offloading
+     use copy_range offloading
+  --salvage
+     XXX todo
+  -W, --oob-writes
+     enable out-of-order writes to improve performance
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  SRC_FILENAME
+     source image file name (or specification with --image-opts)
+  TGT_FILENAME
+     target (output) image file name
+";
+
+/// Most requests in flight (QEMU: MAX_COROUTINES).
+const MAX_COROUTINES: u64 = 16;
+/// Largest copy buffer, in sectors (QEMU: MAX_BUF_SECTORS, 16 MiB).
+const MAX_BUF_SECTORS: u64 = 32768;
+/// Default copy buffer, in sectors (QEMU: IO_BUF_SIZE, 2 MiB).
+const IO_BUF_SECTORS: u64 = 4096;
+const SECTOR: u64 = 512;
+
+/// `-l`: a snapshot by id or name, or `snapshot.id=...,snapshot.name=...`.
+enum SnapshotParam {
+    IdOrName(String),
+    Opts {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
+/// The command line, as qemu-img's option loop leaves it.
+struct Args {
+    fmt: Option<String>,
+    out_fmt: Option<String>,
+    out_baseimg: Option<String>,
+    backing_fmt: Option<String>,
+    options: Option<String>,
+    snapshot: Option<SnapshotParam>,
+    min_sparse: u64,
+    explicit_min_sparse: bool,
+    progress: bool,
+    cache: String,
+    src_cache: String,
+    quiet: bool,
+    skip_create: bool,
+    num_coroutines: usize,
+    wr_in_order: bool,
+    force_share: bool,
+    rate_limit: u64,
+    image_opts: bool,
+    tgt_image_opts: bool,
+    salvage: bool,
+    target_is_zero: bool,
+    bitmaps: bool,
+    skip_broken: bool,
+    compressed: bool,
+    copy_range: bool,
+}
+
+/// QEMU's is_valid_option_list: not empty, no leading comma, and trailing
+/// commas only in escaped pairs.
+fn valid_option_list(s: &str) -> bool {
+    if s.is_empty() || s.starts_with(',') {
+        return false;
+    }
+    let trailing = s.len() - s.trim_end_matches(',').len();
+    trailing.is_multiple_of(2)
+}
+
+/// Parses `-l snapshot.id=...,snapshot.name=...`; prints QEMU's complaints.
+fn parse_snapshot_opts(arg: &str) -> Result<SnapshotParam, ()> {
+    let fail = |msg: String| {
+        error_report(msg);
+        error_report(format!("Failed in parsing snapshot param '{arg}'"));
+    };
+    let pairs = parse_keyval(arg, None).map_err(|e| fail(e.to_string()))?;
+    let (mut id, mut name) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                fail(format!("Invalid parameter '{k}'"));
+                return Err(());
+            }
+        }
+    }
+    Ok(SnapshotParam::Opts { id, name })
+}
+
+/// Reads the options in order, as qemu-img's loop does; `Err` is the exit code.
+fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
+    let p = getopt("convert", &ctx.args, OPTS)?;
+    let mut a = Args {
+        fmt: None,
+        out_fmt: None,
+        out_baseimg: None,
+        backing_fmt: None,
+        options: None,
+        snapshot: None,
+        // At least 4k of zeroes make a hole.
+        min_sparse: 8,
+        explicit_min_sparse: false,
+        progress: false,
+        cache: "unsafe".into(),
+        src_cache: "writeback".into(),
+        quiet: false,
+        skip_create: false,
+        num_coroutines: 8,
+        wr_in_order: true,
+        force_share: false,
+        rate_limit: 0,
+        image_opts: false,
+        tgt_image_opts: false,
+        salvage: false,
+        target_is_zero: false,
+        bitmaps: false,
+        skip_broken: false,
+        compressed: false,
+        copy_range: false,
+    };
+    for (i, v) in p.opts {
+        let v = v.unwrap_or_default();
+        match (OPTS[i].short, OPTS[i].long) {
+            (Some('h'), _) => {
+                crate::out!("{HELP}");
+                crate::outln!();
+                return Err(0);
+            }
+            (Some('q'), _) => a.quiet = true,
+            (Some('f'), _) => a.fmt = Some(v),
+            (Some('T'), _) => a.src_cache = v,
+            (Some('l'), _) => {
+                a.snapshot = Some(if v.starts_with("snapshot.") {
+                    parse_snapshot_opts(&v).map_err(|()| 1)?
+                } else {
+                    SnapshotParam::IdOrName(v)
+                })
+            }
+            (Some('S'), _) => {
+                let sval = cvtnum_full("buffer size for sparse output", &v, true, 0, i64::MAX)?;
+                if sval % SECTOR != 0 || sval / SECTOR > MAX_BUF_SECTORS {
+                    error_report(format!(
+                        "Invalid buffer size for sparse output specified. Valid sizes are multiples of {SECTOR} up to {}. Select 0 to disable sparse detection (fully allocates output).",
+                        MAX_BUF_SECTORS * SECTOR
+                    ));
+                    return Err(1);
+                }
+                a.min_sparse = sval / SECTOR;
+                a.explicit_min_sparse = true;
+            }
+            (Some('O'), _) => a.out_fmt = Some(v),
+            (Some('o'), _) => {
+                if !valid_option_list(&v) {
+                    error_report(format!("Invalid option list: {v}"));
+                    return Err(1);
+                }
+                a.options = Some(match a.options.take() {
+                    Some(o) => format!("{o},{v}"),
+                    None => v,
+                });
+            }
+            (Some('t'), _) => a.cache = v,
+            (Some('B'), _) => a.out_baseimg = Some(v),
+            (Some('F'), _) => a.backing_fmt = Some(v),
+            (Some('U'), _) => a.force_share = true,
+            (Some('r'), _) => a.rate_limit = cvtnum_full("rate limit", &v, true, 0, i64::MAX)?,
+            (Some('m'), _) => {
+                a.num_coroutines =
+                    cvtnum_full("number of coroutines", &v, false, 1, MAX_COROUTINES as i64)?
+                        as usize
+            }
+            (Some('W'), _) => a.wr_in_order = false,
+            (Some('C'), _) => a.copy_range = true,
+            (Some('c'), _) => a.compressed = true,
+            (Some('p'), _) => a.progress = true,
+            (Some('n'), _) => a.skip_create = true,
+            (_, Some("image-opts" | "source-image-opts")) => a.image_opts = true,
+            (_, Some("target-image-opts")) => a.tgt_image_opts = true,
+            (_, Some("salvage")) => a.salvage = true,
+            // The user vouching for a blank target is as good as a format
+            // that reads as zeroes when new.
+            (_, Some("target-is-zero")) => a.target_is_zero = true,
+            (_, Some("bitmaps")) => a.bitmaps = true,
+            (_, Some("skip-broken-bitmaps")) => a.skip_broken = true,
+            _ => {}
+        }
+    }
+    Ok((a, p.operands))
+}
+
+/// QEMU's block_driver_can_compress, for the formats Strata has: qcow2
+/// alone among them writes compressed clusters in QEMU.
+fn qemu_can_compress(fmt: &str) -> bool {
+    fmt == "qcow2"
+}
+
+/// What to say where QEMU would write compressed clusters and Strata's
+/// qcow2 driver cannot yet.
+fn compression_unsupported(fmt: &str) -> String {
+    format!(
+        "Compressed output is not supported by Strata's {fmt} driver yet: {}",
+        strata_block::error::strerror(libc::ENOTSUP)
+    )
+}
+
+/// QEMU's bdrv_has_zero_init: does a new image of this node read as zeroes?
+/// qcow2 does (Strata has neither external data files nor encryption), a
+/// regular file does, raw and filters ask their file.
+fn reads_zero_when_new(node: &Arc<Node>) -> bool {
+    match node.format_name() {
+        "qcow2" | "file" => true,
+        "raw" => node
+            .child(ChildRole::File)
+            .is_some_and(|f| reads_zero_when_new(&f)),
+        _ if node.driver().is_filter() => node
+            .children()
+            .iter()
+            .find(|c| c.role.is_primary())
+            .is_some_and(|c| reads_zero_when_new(&c.node)),
+        _ => false,
+    }
+}
+
+/// The protocol driver that creates `filename` (QEMU: bdrv_find_protocol).
+fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, String> {
+    if strata_block::open::has_protocol(filename) {
+        let prefix = &filename[..filename.find(':').unwrap_or(0)];
+        return ctx
+            .reg
+            .all()
+            .iter()
+            .find(|c| c.protocol_name() == Some(prefix))
+            .cloned()
+            .ok_or_else(|| format!("Unknown protocol '{prefix}'"));
+    }
+    ctx.reg
+        .get("file")
+        .ok_or_else(|| "Unknown protocol 'file'".to_string())
+}
+
+/// Loads a snapshot of the first source for reading, as far as Strata can:
+/// it finds the snapshot as QEMU does, and says that loading one is not
+/// supported where QEMU would load it.
+fn load_snapshot(ctx: &Ctx, node: &Arc<Node>, sn: &SnapshotParam) -> Result<(), String> {
+    let unsupported = || {
+        format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            node.format_name()
+        )
+    };
+    if node.format_name() != "qcow2" {
+        return Err(unsupported());
+    }
+    let list = ctx
+        .ev
+        .block_on(node.driver().snapshots())
+        .map_err(|e| e.to_string())?;
+    let found = match sn {
+        SnapshotParam::IdOrName(s) => {
+            list.iter().any(|x| &x.id == s) || list.iter().any(|x| &x.name == s)
+        }
+        SnapshotParam::Opts { id, name } => {
+            (id.is_some() || name.is_some())
+                && list.iter().any(|x| {
+                    id.as_ref().is_none_or(|i| &x.id == i)
+                        && name.as_ref().is_none_or(|n| &x.name == n)
+                })
+        }
+    };
+    if !found {
+        return Err("Can't find snapshot".into());
+    }
+    Err(unsupported())
+}
+
+/// Closes the nodes, ignoring errors as qemu-img's blk_unref does.
+fn close_all(ctx: &Ctx, nodes: &[Arc<Node>]) {
+    for n in nodes {
+        let _ = ctx.ev.block_on(n.close());
+    }
+}
+
+pub fn run(ctx: Ctx) -> i32 {
+    let (mut a, operands) = match parse_args(&ctx) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if a.out_fmt.is_none() && !a.tgt_image_opts {
+        a.out_fmt = Some("raw".into());
+    }
+    let checks: [(bool, &str); 7] = [
+        (
+            a.skip_broken && !a.bitmaps,
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ),
+        (
+            a.compressed && a.copy_range,
+            "Cannot enable copy offloading when -c is used",
+        ),
+        (
+            a.explicit_min_sparse && a.copy_range,
+            "Cannot enable copy offloading when -S is used",
+        ),
+        (
+            a.copy_range && a.salvage,
+            "Cannot use copy offloading in salvaging mode",
+        ),
+        (
+            a.tgt_image_opts && !a.skip_create,
+            "--target-image-opts requires use of -n flag",
+        ),
+        (
+            a.skip_create && a.options.is_some(),
+            "-o has no effect when skipping image creation",
+        ),
+        (
+            a.target_is_zero && !a.skip_create,
+            "--target-is-zero requires use of -n flag",
+        ),
+    ];
+    if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
+        error_report(msg);
+        return 1;
+    }
+    let src_names: Vec<String> = operands[..operands.len().saturating_sub(1)].to_vec();
+    let out_filename = if src_names.is_empty() {
+        None
+    } else {
+        operands.last().cloned()
+    };
+    if let Some(o) = &a.options {
+        let help = parse_keyval(o, None)
+            .unwrap_or_default()
+            .iter()
+            .any(|(k, _)| k == "help" || k == "?");
+        if help {
+            return match &a.out_fmt {
+                Some(f) => option_help(&ctx, out_filename.as_deref(), f),
+                None => {
+                    error_report("Option help requires a format be specified");
+                    1
+                }
+            };
+        }
+    }
+    let Some(out_filename) = out_filename else {
+        error_report("Must specify image file name");
+        return 1;
+    };
+    let src_cache = match CacheMode::parse(&a.src_cache) {
+        Ok(c) => c,
+        Err(_) => {
+            error_report(format!("Invalid source cache option: {}", a.src_cache));
+            return 1;
+        }
+    };
+    if a.quiet {
+        a.progress = false;
+    }
+    let progress = RefCell::new(Progress::new(a.progress, 1.0));
+    progress.borrow_mut().print(0.0, 100);
+    let ok = convert(&ctx, &a, &src_names, &out_filename, src_cache, &progress);
+    if ok {
+        progress.borrow_mut().print(100.0, 0);
+    }
+    progress.borrow().end();
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+/// `-o help`: the output format's creation options (and its protocol's,
+/// when a target file name was given).
+fn option_help(ctx: &Ctx, filename: Option<&str>, fmt: &str) -> i32 {
+    let Some(class) = ctx.reg.get(fmt) else {
+        error_report(format!("Unknown file format '{fmt}'"));
+        return 1;
+    };
+    if class.create_options().is_empty() {
+        error_report(format!(
+            "Format driver '{fmt}' does not support image creation"
+        ));
+        return 1;
+    }
+    let Some(filename) = filename else {
+        print_help(
+            &format!("Supported {fmt} options:"),
+            class.create_options(),
+            true,
+        );
+        return 0;
+    };
+    let proto = match find_protocol(ctx, filename) {
+        Ok(p) => p,
+        Err(msg) => {
+            error_report(msg);
+            return 1;
+        }
+    };
+    if proto.create_options().is_empty() {
+        error_report(format!(
+            "Protocol driver '{}' does not support image creation",
+            proto.name()
+        ));
+        return 1;
+    }
+    print_help(
+        "Supported options:",
+        &merged_options(&*class, Some(&*proto)),
+        false,
+    );
+    0
+}
+
+/// Everything after the option checks (QEMU: img_convert from the opening
+/// of the sources to `out:`); false after an error was reported, true on
+/// success and where qemu-img reports an error yet exits 0.
+fn convert(
+    ctx: &Ctx,
+    a: &Args,
+    src_names: &[String],
+    out_filename: &str,
+    src_cache: CacheMode,
+    progress: &RefCell<Progress>,
+) -> bool {
+    let src_flags = OpenFlags {
+        read_only: true,
+        force_share: a.force_share,
+        cache: src_cache,
+        ..OpenFlags::default()
+    };
+    let mut nodes: Vec<Arc<Node>> = Vec::new();
+    let mut sources = Vec::new();
+    let mut total_sectors = 0u64;
+    for name in src_names {
+        let node = match ctx.open(name, a.fmt.as_deref(), a.image_opts, src_flags.clone(), 1) {
+            Ok(n) => n,
+            Err(_) => {
+                close_all(ctx, &nodes);
+                return false;
+            }
+        };
+        let sectors = node.length().div_ceil(SECTOR);
+        let mut alignment = (node.limits().request_alignment as u64).div_ceil(SECTOR);
+        if node.driver().has_info() {
+            if let Some(cs) = node.driver().cluster_size() {
+                alignment = alignment.max(cs / SECTOR);
+            }
+        }
+        total_sectors += sectors;
+        nodes.push(Arc::clone(&node));
+        sources.push(Source {
+            node,
+            sectors,
+            alignment: alignment.max(1),
+        });
+    }
+    let r = convert_to(ctx, a, sources, total_sectors, out_filename, progress);
+    close_all(ctx, &nodes);
+    r
+}
+
+/// Creates (unless `-n`) and opens the target, then copies.
+fn convert_to(
+    ctx: &Ctx,
+    a: &Args,
+    sources: Vec<Source>,
+    total_sectors: u64,
+    out_filename: &str,
+    progress: &RefCell<Progress>,
+) -> bool {
+    if let Some(sn) = &a.snapshot {
+        if matches!(sn, SnapshotParam::IdOrName(_)) && sources.len() > 1 {
+            error_report("No support for concatenating multiple snapshot");
+            return false;
+        }
+        if let Err(msg) = load_snapshot(ctx, &sources[0].node, sn) {
+            error_report(format!("Failed to load snapshot: {msg}"));
+            return false;
+        }
+    }
+    let out_fmt = a.out_fmt.clone();
+    let mut create: Option<(Arc<dyn DriverClass>, Vec<SetOpt>)> = None;
+    if !a.skip_create {
+        let fmt = out_fmt.as_deref().unwrap_or("raw");
+        let Some(class) = ctx.reg.get(fmt) else {
+            error_report(format!("Unknown file format '{fmt}'"));
+            return false;
+        };
+        let proto = match find_protocol(ctx, out_filename) {
+            Ok(p) => p,
+            Err(msg) => {
+                error_report(msg);
+                return false;
+            }
+        };
+        if class.create_options().is_empty() {
+            error_report(format!(
+                "Format driver '{fmt}' does not support image creation"
+            ));
+            return false;
+        }
+        if proto.create_options().is_empty() {
+            error_report(format!(
+                "Protocol driver '{}' does not support image creation",
+                proto.name()
+            ));
+            return false;
+        }
+        let specs = merged_options(&*class, Some(&*proto));
+        let mut set: Vec<SetOpt> = Vec::new();
+        if let Some(o) = &a.options {
+            let pairs = match parse_keyval(o, None) {
+                Ok(p) => p,
+                Err(e) => {
+                    error_report(e);
+                    return false;
+                }
+            };
+            for (k, v) in pairs {
+                if let Err(msg) = set_option(&mut set, &specs, &k, &v) {
+                    error_report(msg);
+                    return false;
+                }
+            }
+        }
+        let _ = set_option(
+            &mut set,
+            &specs,
+            "size",
+            &(total_sectors * SECTOR).to_string(),
+        );
+        if let Some(b) = &a.out_baseimg {
+            if set_option(&mut set, &specs, "backing_file", b).is_err() {
+                error_report(format!(
+                    "Backing file not supported for file format '{fmt}'"
+                ));
+                return false;
+            }
+        }
+        if let Some(bf) = &a.backing_fmt {
+            if set_option(&mut set, &specs, "backing_fmt", bf).is_err() {
+                error_report(format!(
+                    "Backing file format not supported for file format '{fmt}'"
+                ));
+                return false;
+            }
+        }
+        create = Some((class, set));
+    }
+    let get = |k: &str| {
+        create.as_ref().and_then(|(_, set)| {
+            set.iter()
+                .find(|s| s.spec.name == k)
+                .map(|s| s.value.clone())
+        })
+    };
+    let out_baseimg_param = get("backing_file");
+    let out_baseimg = out_baseimg_param.clone().or(a.out_baseimg.clone());
+    let target_has_backing = out_baseimg.is_some();
+    if a.target_is_zero && target_has_backing {
+        // qemu-img leaves with the status of the last step that worked: 0.
+        error_report("Cannot use --target-is-zero when the destination image has a backing file");
+        return true;
+    }
+    if sources.len() > 1 && out_baseimg.is_some() {
+        error_report(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        );
+        return false;
+    }
+    if out_baseimg_param.is_some() && get("backing_fmt").is_none() {
+        error_report("Use of backing file requires explicit backing format");
+        return false;
+    }
+    if a.compressed {
+        if let Some((class, _)) = &create {
+            if !qemu_can_compress(class.name()) {
+                error_report("Compression not supported for this file format");
+                return false;
+            }
+        }
+        if get("encryption").is_some_and(|v| v == "on") || get("encrypt.format").is_some() {
+            error_report("Compression and encryption not supported at the same time");
+            return false;
+        }
+        if get("preallocation").is_some_and(|p| p != "off") {
+            error_report("Compression and preallocation not supported at the same time");
+            return false;
+        }
+        if let Some((class, _)) = &create {
+            error_report(compression_unsupported(class.name()));
+            return false;
+        }
+    }
+    if a.bitmaps {
+        if sources.len() > 1 {
+            error_report("Copying bitmaps only possible with single source");
+            return false;
+        }
+        if sources[0].node.skip_filters().format_name() != "qcow2" {
+            error_report("Source lacks bitmap support");
+            return false;
+        }
+        // Strata reads no persistent bitmaps yet, so it cannot tell whether
+        // there are any to copy.
+        error_report(format!(
+            "Copying persistent bitmaps is not supported by Strata yet: {}",
+            strata_block::error::strerror(libc::ENOTSUP)
+        ));
+        return false;
+    }
+    if let Some((class, set)) = create {
+        let fmt = class.name();
+        let mut opts = Opts::new();
+        for s in &set {
+            opts.insert(s.spec.name.to_string(), s.value.clone().into());
+        }
+        let octx = OpenCtx::new(Arc::clone(&ctx.reg), OpenFlags::default());
+        if let Err(e) = ctx.ev.block_on(class.create(&octx, out_filename, opts)) {
+            error_report(format!("{out_filename}: error while converting {fmt}: {e}"));
+            return false;
+        }
+    }
+    let cache = match CacheMode::parse(&a.cache) {
+        Ok(c) => c,
+        Err(_) => {
+            error_report(format!("Invalid cache option: {}", a.cache));
+            return false;
+        }
+    };
+    let flags = OpenFlags {
+        unmap: a.min_sparse != 0,
+        cache,
+        // O_DIRECT may need the image grown to the sector size.
+        resize: cache.direct,
+        ..OpenFlags::default()
+    };
+    let target = if a.skip_create {
+        ctx.open(out_filename, out_fmt.as_deref(), a.tgt_image_opts, flags, 1)
+    } else {
+        ctx.open(out_filename, out_fmt.as_deref(), false, flags, 1)
+    };
+    let Ok(target) = target else {
+        return false;
+    };
+    let r = copy_into(
+        ctx,
+        a,
+        sources,
+        total_sectors,
+        &target,
+        target_has_backing,
+        progress,
+    );
+    let _ = ctx.ev.block_on(target.close());
+    r
+}
+
+/// The checks on the open target, then the copy.
+fn copy_into(
+    ctx: &Ctx,
+    a: &Args,
+    sources: Vec<Source>,
+    total_sectors: u64,
+    target: &Arc<Node>,
+    target_has_backing: bool,
+    progress: &RefCell<Progress>,
+) -> bool {
+    let fmt = target.format_name();
+    if a.compressed {
+        if qemu_can_compress(fmt) {
+            error_report(compression_unsupported(fmt));
+        } else {
+            error_report("Compression not supported for this file format");
+        }
+        return false;
+    }
+    let limits = target.limits();
+    let buf_sectors =
+        (limits.discard_alignment as u64 / SECTOR).clamp(IO_BUF_SECTORS, MAX_BUF_SECTORS);
+    // Writes aligned to the target's requests avoid read-modify-write.
+    let pow2floor = |n: u64| if n == 0 { 0 } else { 1 << n.ilog2() };
+    let alignment = pow2floor(a.min_sparse)
+        .max((limits.request_alignment as u64).div_ceil(SECTOR))
+        .max(1);
+    if a.skip_create && target.length() / SECTOR < total_sectors {
+        error_report("output file is smaller than input file");
+        return false;
+    }
+    let target_backing_sectors = if target_has_backing && !a.skip_create {
+        target
+            .skip_filters()
+            .backing()
+            .map(|b| b.length().div_ceil(SECTOR))
+    } else {
+        None
+    };
+    let mut has_zero_init = a.target_is_zero;
+    if !has_zero_init && !a.skip_create && a.min_sparse != 0 && !target_has_backing {
+        has_zero_init = reads_zero_when_new(target);
+    }
+    let throttle = (a.rate_limit != 0)
+        .then(|| strata_drivers::filters::throttle::ThrottleGroup::write_limit(a.rate_limit));
+    let job = Convert {
+        src: sources,
+        total_sectors,
+        target: Arc::clone(target),
+        has_zero_init,
+        target_has_backing,
+        target_backing_sectors,
+        wr_in_order: a.wr_in_order,
+        copy_range: a.copy_range,
+        salvage: a.salvage,
+        quiet: a.quiet,
+        min_sparse: a.min_sparse,
+        alignment,
+        buf_sectors,
+        num_coroutines: a.num_coroutines,
+        throttle,
+    };
+    ctx.ev.block_on(job.run(progress))
+}
