@@ -311,6 +311,29 @@ fn qcow2_chains_compressed_and_zero_clusters_convert_as_qemu_img_converts_them()
 }
 
 #[test]
+fn compressed_output_as_qemu_img_writes_it() {
+    if !have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    // One worker: QEMU's parallel workers place compressed clusters in
+    // whatever order they finish.
+    let d = f.same_image(
+        "o.qcow2",
+        &[
+            "convert", "-c", "-m", "1", "-O", "qcow2", "src.raw", "o.qcow2",
+        ],
+    );
+    identical(&d, "src.raw", "o.qcow2");
+    clean(&d, "o.qcow2");
+    let d = f
+        .both(&["convert", "-c", "-O", "qcow2", "src.raw", "p.qcow2"])
+        .0;
+    identical(&d, "src.raw", "p.qcow2");
+    clean(&d, "p.qcow2");
+}
+
+#[test]
 fn backing_file_of_the_target_keeps_what_it_supplies_unallocated() {
     if !have_qemu() {
         return;

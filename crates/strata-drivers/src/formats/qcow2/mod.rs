@@ -1093,6 +1093,13 @@ impl Driver for Qcow2Driver {
     async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let cs = self.geo.cluster_size;
         let len = buf.len() as u64;
+        if len == 0 {
+            // The end of a series: the file ends on a whole sector, so that
+            // sector-based readers see all of the last compressed cluster.
+            let end = self.file.length();
+            self.file.truncate(end, Preallocation::Off).await?;
+            return Ok(buf);
+        }
         let unaligned_end = !len.is_multiple_of(cs) && offset + len != self.length();
         if !offset.is_multiple_of(cs) || unaligned_end {
             return Err(Error::errno(libc::EINVAL));

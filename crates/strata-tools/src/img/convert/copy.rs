@@ -54,6 +54,8 @@ pub struct Convert {
     pub wr_in_order: bool,
     /// `-C`: data goes over as it is, without looking for zeroes.
     pub copy_range: bool,
+    /// `-c`: data clusters are written compressed (chunks are clusters).
+    pub compressed: bool,
     pub salvage: bool,
     pub quiet: bool,
     /// Runs of zero sectors at least this long are not written (0: write all).
@@ -333,6 +335,19 @@ impl Convert {
                 return Ok(buf);
             }
         };
+        if self.compressed {
+            // Whole clusters, compressed; zero ones stay unallocated where
+            // the target reads as zeroes (QEMU: convert_co_write).
+            if self.has_zero_init && self.min_sparse != 0 && buf.is_zero() {
+                return Ok(Some(buf));
+            }
+            self.throttle(nb * SECTOR).await;
+            let buf = self
+                .target
+                .write_compressed(sector_num * SECTOR, buf)
+                .await?;
+            return Ok(Some(buf));
+        }
         let mut done = Vec::new();
         let mut rest = buf;
         let mut left = nb;

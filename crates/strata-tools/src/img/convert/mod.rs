@@ -298,15 +298,6 @@ fn qemu_can_compress(fmt: &str) -> bool {
     fmt == "qcow2"
 }
 
-/// What to say where QEMU would write compressed clusters and Strata's
-/// qcow2 driver cannot yet.
-fn compression_unsupported(fmt: &str) -> String {
-    format!(
-        "Compressed output is not supported by Strata's {fmt} driver yet: {}",
-        strata_block::error::strerror(libc::ENOTSUP)
-    )
-}
-
 /// QEMU's bdrv_has_zero_init: does a new image of this node read as zeroes?
 /// qcow2 does (Strata has neither external data files nor encryption), a
 /// regular file does, raw and filters ask their file.
@@ -694,10 +685,6 @@ fn convert_to(
             error_report("Compression and preallocation not supported at the same time");
             return false;
         }
-        if let Some((class, _)) = &create {
-            error_report(compression_unsupported(class.name()));
-            return false;
-        }
     }
     if a.bitmaps {
         if sources.len() > 1 {
@@ -774,17 +761,16 @@ fn copy_into(
     progress: &RefCell<Progress>,
 ) -> bool {
     let fmt = target.format_name();
-    if a.compressed {
-        if qemu_can_compress(fmt) {
-            error_report(compression_unsupported(fmt));
-        } else {
-            error_report("Compression not supported for this file format");
-        }
+    if a.compressed && !qemu_can_compress(fmt) {
+        error_report("Compression not supported for this file format");
         return false;
     }
     let limits = target.limits();
-    let buf_sectors =
-        (limits.discard_alignment as u64 / SECTOR).clamp(IO_BUF_SECTORS, MAX_BUF_SECTORS);
+    let buf_sectors = match target.driver().cluster_size() {
+        // Compressed output goes cluster by cluster.
+        Some(cs) if a.compressed => (cs / SECTOR).max(1),
+        _ => (limits.discard_alignment as u64 / SECTOR).clamp(IO_BUF_SECTORS, MAX_BUF_SECTORS),
+    };
     // Writes aligned to the target's requests avoid read-modify-write.
     let pow2floor = |n: u64| if n == 0 { 0 } else { 1 << n.ilog2() };
     let alignment = pow2floor(a.min_sparse)
@@ -817,6 +803,7 @@ fn copy_into(
         target_backing_sectors,
         wr_in_order: a.wr_in_order,
         copy_range: a.copy_range,
+        compressed: a.compressed,
         salvage: a.salvage,
         quiet: a.quiet,
         min_sparse: a.min_sparse,
@@ -825,5 +812,16 @@ fn copy_into(
         num_coroutines: a.num_coroutines,
         throttle,
     };
-    ctx.ev.block_on(job.run(progress))
+    let ok = ctx.ev.block_on(job.run(progress));
+    if ok && a.compressed {
+        // QEMU ends compressed output with an empty compressed write.
+        if let Err(e) = ctx
+            .ev
+            .block_on(target.write_compressed(0, strata_block::IoBuf::zeroed(0)))
+        {
+            error_report(format!("error while closing the image: {e}"));
+            return false;
+        }
+    }
+    ok
 }
