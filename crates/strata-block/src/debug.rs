@@ -107,17 +107,7 @@ impl Node {
     /// The first node down the primary children that takes breakpoints
     /// (QEMU: bdrv_find_debug_node).
     pub fn debug_node(self: &Arc<Self>) -> Option<Arc<Node>> {
-        let mut node = Arc::clone(self);
-        loop {
-            if node.driver().debug_hooks().is_some() {
-                return Some(node);
-            }
-            node = node
-                .children()
-                .into_iter()
-                .find(|c| c.role.is_primary())?
-                .node;
-        }
+        self.find_down(|n| n.driver().debug_hooks().is_some())
     }
 
     /// Runs `f` on the debug hooks below this node; ENOTSUP without any.

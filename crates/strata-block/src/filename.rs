@@ -157,8 +157,8 @@ impl Node {
                 self.format_name()
             )));
         }
-        match self.children().into_iter().find(|c| c.role.is_primary()) {
-            Some(c) => c.node.dirname(),
+        match self.primary_child() {
+            Some(c) => c.dirname(),
             None if !id.exact.is_empty() => Ok(match id.exact.rfind('/') {
                 Some(i) => id.exact[..=i].to_string(),
                 None => String::new(),

@@ -198,13 +198,30 @@ impl Node {
             .find(|c| c.role == role)
             .map(|c| c.node)
     }
+    /// The child that carries this node's data and metadata (QEMU:
+    /// bdrv_primary_bs): `file` of a format, the filtered child of a filter.
+    pub fn primary_child(&self) -> Option<Arc<Node>> {
+        self.children()
+            .into_iter()
+            .find(|c| c.role.is_primary())
+            .map(|c| c.node)
+    }
+    /// The first node at or below this one, down the primary children, of
+    /// which `pred` holds.
+    pub fn find_down(self: &Arc<Self>, pred: impl Fn(&Node) -> bool) -> Option<Arc<Node>> {
+        let mut node = Arc::clone(self);
+        while !pred(&node) {
+            node = node.primary_child()?;
+        }
+        Some(node)
+    }
     /// The first node at or below this one that is not a filter (QEMU:
     /// bdrv_skip_filters): what tools look at to describe an image.
     pub fn skip_filters(self: &Arc<Self>) -> Arc<Node> {
         let mut node = Arc::clone(self);
         while node.driver.is_filter() {
-            match node.children().into_iter().find(|c| c.role.is_primary()) {
-                Some(c) => node = c.node,
+            match node.primary_child() {
+                Some(c) => node = c,
                 None => break,
             }
         }
@@ -458,10 +475,7 @@ impl Node {
         const MAX_BOUNCE: u64 = 16 << 20;
         let l = self.limits;
         let align = (l.write_zeroes_alignment as u64).max(l.request_alignment.max(1) as u64);
-        let max_zero = match l.max_write_zeroes {
-            0 => u64::MAX / align * align,
-            m => (m / align * align).max(align),
-        };
+        let max_zero = aligned_max(l.max_write_zeroes, align);
         let max_transfer = match l.max_transfer {
             0 => MAX_BOUNCE,
             m => m.min(MAX_BOUNCE),
@@ -518,10 +532,7 @@ impl Node {
         let l = self.limits;
         let rq = l.request_alignment.max(1) as u64;
         let align = (l.discard_alignment as u64).max(rq);
-        let max_discard = match l.max_discard {
-            0 => u64::MAX / align * align,
-            m => (m / align * align).max(align),
-        };
+        let max_discard = aligned_max(l.max_discard, align);
         let mut head = offset % align;
         let mut tail = (offset + len) % align;
         let mut off = offset;
@@ -570,17 +581,7 @@ impl Node {
     /// The node that keeps VM state for this one: itself, or the first down
     /// its primary children that does (QEMU: bdrv_co_writev_vmstate).
     fn vmstate_node(self: &Arc<Self>) -> Option<Arc<Node>> {
-        let mut node = Arc::clone(self);
-        loop {
-            if node.driver.has_vmstate() {
-                return Some(node);
-            }
-            node = node
-                .children()
-                .into_iter()
-                .find(|c| c.role.is_primary())?
-                .node;
-        }
+        self.find_down(|n| n.driver.has_vmstate())
     }
 
     /// Saves VM state at `pos`; with the write cache off it is flushed
@@ -706,6 +707,14 @@ impl Node {
             return Ok(());
         }
         self.driver.close().await
+    }
+}
+
+/// A request maximum (0: none) rounded down to `align`, at least `align`.
+fn aligned_max(max: u64, align: u64) -> u64 {
+    match max {
+        0 => u64::MAX / align * align,
+        m => (m / align * align).max(align),
     }
 }
 

@@ -308,10 +308,8 @@ fn reads_zero_when_new(node: &Arc<Node>) -> bool {
             .child(ChildRole::File)
             .is_some_and(|f| reads_zero_when_new(&f)),
         _ if node.driver().is_filter() => node
-            .children()
-            .iter()
-            .find(|c| c.role.is_primary())
-            .is_some_and(|c| reads_zero_when_new(&c.node)),
+            .primary_child()
+            .is_some_and(|c| reads_zero_when_new(&c)),
         _ => false,
     }
 }
