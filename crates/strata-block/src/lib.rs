@@ -3,6 +3,7 @@
 //!
 //! It knows no driver by name; drivers register in a [`Registry`].
 
+pub mod blockers;
 pub mod buf;
 mod copy_on_read;
 pub mod debug;
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod event_loop;
 pub mod filename;
+pub mod graph;
 pub mod node;
 pub mod open;
 pub mod options;
@@ -20,6 +22,7 @@ pub mod status;
 mod temp_overlay;
 pub mod tracked;
 
+pub use blockers::{BlockOp, Blocker};
 pub use buf::IoBuf;
 pub use debug::DebugEvent;
 pub use driver::{
@@ -28,6 +31,7 @@ pub use driver::{
 };
 pub use error::{Error, Result};
 pub use event_loop::EventLoop;
+pub use graph::Graph;
 pub use node::{CacheMode, DetectZeroes, Node, NodeOptions};
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;

@@ -4,13 +4,15 @@
 //! splitting at the maximum transfer, write-zeroes fallback, flush and FUA
 //! semantics of the cache mode, and block status with pass-through.
 
+use crate::blockers::{BlockOp, Blocker, OpBlockers};
 use crate::buf::IoBuf;
 use crate::driver::{Child, ChildRole, Driver, Limits, WriteFlags};
 use crate::error::{err, Error, Result};
+use crate::graph::ParentLink;
 use crate::status::BlockStatus;
 use crate::tracked::Tracker;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Cache mode of a node tree (`-t` / `cache=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +119,14 @@ pub struct Node {
     limits: Limits,
     tracker: Tracker,
     closed: AtomicBool,
+    /// Users holding the node open: its opener, parents that found it by
+    /// name, the monitor (QEMU: refcnt). The node closes when this reaches 0.
+    refs: AtomicUsize,
+    /// The edges from the parents that use this node.
+    parents: Mutex<Vec<ParentLink>>,
+    blockers: OpBlockers,
+    /// What this node blocks on its backing child while it uses it.
+    backing_blocker: Arc<Blocker>,
 }
 
 impl Node {
@@ -136,7 +146,8 @@ impl Node {
             name.to_string()
         };
         let limits = driver.limits();
-        Arc::new(Node {
+        let backing_blocker = Blocker::new(format!("node is used as backing hd of '{name}'"));
+        let node = Arc::new(Node {
             name,
             filename: identity.filename(),
             identity,
@@ -150,7 +161,86 @@ impl Node {
             limits,
             tracker: Tracker::default(),
             closed: AtomicBool::new(false),
-        })
+            refs: AtomicUsize::new(1),
+            parents: Mutex::new(Vec::new()),
+            blockers: OpBlockers::default(),
+            backing_blocker,
+        });
+        node.attach_children();
+        node
+    }
+
+    /// Makes this node a parent of each of its children (QEMU:
+    /// bdrv_attach_child): a backing child gets every operation blocked but
+    /// those that work through a chain in use (commit into it, stream, backup).
+    fn attach_children(self: &Arc<Self>) {
+        for c in self.children() {
+            c.node.lock_parents().push(ParentLink {
+                parent: Arc::downgrade(self),
+                parent_name: self.name.clone(),
+                role: c.role,
+            });
+            if c.role == ChildRole::Backing {
+                let b = &self.backing_blocker;
+                c.node.blockers.block_all(b);
+                for op in [
+                    BlockOp::CommitTarget,
+                    BlockOp::Stream,
+                    BlockOp::BackupSource,
+                    BlockOp::BackupTarget,
+                ] {
+                    c.node.blockers.unblock(op, b);
+                }
+            }
+        }
+    }
+
+    /// Undoes [`attach_children`](Self::attach_children) once this node is closed.
+    fn detach_children(&self) {
+        for c in self.children() {
+            c.node
+                .lock_parents()
+                .retain(|p| !std::ptr::eq(p.parent.as_ptr(), self));
+            if c.role == ChildRole::Backing {
+                c.node.blockers.unblock_all(&self.backing_blocker);
+            }
+        }
+    }
+
+    fn lock_parents(&self) -> std::sync::MutexGuard<'_, Vec<ParentLink>> {
+        self.parents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The edges from the nodes that use this one as a child.
+    pub fn parents(&self) -> Vec<ParentLink> {
+        self.lock_parents().clone()
+    }
+
+    /// The node's op blockers.
+    pub fn blockers(&self) -> &OpBlockers {
+        &self.blockers
+    }
+
+    /// Fails with the first reason blocking `op` on this node (QEMU:
+    /// bdrv_op_is_blocked).
+    pub fn check_op(&self, op: BlockOp) -> Result<()> {
+        self.blockers.check(op, &self.name)
+    }
+
+    /// Takes one more reference: the caller now shares the node and must
+    /// [`close`](Self::close) it when done.
+    pub fn add_ref(&self) {
+        self.refs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many users hold the node open.
+    pub fn ref_count(&self) -> usize {
+        self.refs.load(Ordering::Acquire)
+    }
+
+    /// True once the last user has closed the node.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// The node name.
@@ -700,13 +790,20 @@ impl Node {
         }
     }
 
-    /// Closes the node: writes back caches and releases the image. Children
-    /// are closed by their own last user.
+    /// Drops the caller's reference (QEMU: bdrv_unref). The last one closes
+    /// the node: caches are written back, the image is released and the
+    /// driver drops its own references to the children, which close in turn
+    /// when no one else holds them.
     pub async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        let dec = self
+            .refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        if dec != Ok(1) || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.driver.close().await
+        let r = self.driver.close().await;
+        self.detach_children();
+        r
     }
 }
 

@@ -111,6 +111,8 @@ impl OpenFlags {
 pub struct OpenCtx {
     /// The drivers.
     pub registry: Arc<Registry>,
+    /// The graph new nodes join, and where references by name are looked up.
+    pub graph: Arc<crate::graph::Graph>,
     /// Flags of this open.
     pub flags: OpenFlags,
     /// File names of the images above this one, outermost first.
@@ -138,8 +140,18 @@ const MAX_CHAIN_DEPTH: usize = 1000;
 impl OpenCtx {
     /// A context for a top-level open.
     pub fn new(registry: Arc<Registry>, flags: OpenFlags) -> OpenCtx {
+        Self::with_graph(registry, flags, crate::graph::Graph::new())
+    }
+
+    /// A context whose nodes join `graph` (a daemon's one graph).
+    pub fn with_graph(
+        registry: Arc<Registry>,
+        flags: OpenFlags,
+        graph: Arc<crate::graph::Graph>,
+    ) -> OpenCtx {
         OpenCtx {
             registry,
+            graph,
             flags,
             chain: Vec::new(),
             file: None,
@@ -201,11 +213,6 @@ impl OpenCtx {
             ctx.protocol = true;
         }
         let child_opts = child_opts.unwrap_or_default();
-        if child_opts.contains_key("node-ref") {
-            return Err(Error::invalid(format!(
-                "Referencing an existing node as '{key}' is not supported"
-            )));
-        }
         Box::pin(ctx.open_node(filename, child_opts))
             .await
             .map(Some)
@@ -215,6 +222,14 @@ impl OpenCtx {
     /// or by probing), opens a `file` child for drivers that are not
     /// protocols, then the node itself.
     async fn open_node(&self, filename: Option<&str>, mut opts: Opts) -> Result<Arc<Node>> {
+        if let Some(Value::String(r)) = opts.get("node-ref") {
+            if filename.is_some() || opts.len() > 1 {
+                return Err(Error::invalid(
+                    "Cannot reference an existing block device with additional options or a new filename",
+                ));
+            }
+            return self.reference(r);
+        }
         let mut filename = filename.map(str::to_string);
         if let Some(json) = filename.as_deref().and_then(|f| f.strip_prefix("json:")) {
             // Options given directly win over those in the file name.
@@ -240,6 +255,7 @@ impl OpenCtx {
         ctx.unmap_children();
         let driver = take_str(&mut opts, "driver")?;
         let node_name = take_str(&mut opts, "node-name")?.unwrap_or_default();
+        ctx.graph.check_new_name(&node_name)?;
         let class = match &driver {
             Some(d) => Some(ctx.registry.format(d)?),
             None => None,
@@ -296,7 +312,32 @@ impl OpenCtx {
         let drv = class.open(&open_ctx, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
         let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name);
-        Ok(Node::new(&node_name, identity, drv, node_opts))
+        Ok(ctx.new_node(&node_name, identity, drv, node_opts))
+    }
+
+    /// A child given as the name of an open node (QEMU: the reference of
+    /// bdrv_open_inherit): the parent shares it, taking a reference.
+    pub fn reference(&self, name: &str) -> Result<Arc<Node>> {
+        let node = self.graph.find(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })?;
+        node.add_ref();
+        Ok(node)
+    }
+
+    /// Wraps an open driver in a node of this context's graph.
+    fn new_node(
+        &self,
+        name: &str,
+        identity: crate::filename::Identity,
+        drv: Box<dyn crate::driver::Driver>,
+        opts: NodeOptions,
+    ) -> Arc<Node> {
+        let node = Node::new(name, identity, drv, opts);
+        self.graph.add(&node);
+        node
     }
 
     /// The options every node takes (QEMU: bdrv_open_common): read-only and
@@ -374,7 +415,7 @@ impl OpenCtx {
         let drv = class.open(&self, &mut opts).await?;
         crate::options::reject_unknown(&opts, class.name())?;
         let identity = crate::filename::refresh(&*class, &*drv, &own, &exact);
-        Ok(Node::new(node_name, identity, drv, node_opts))
+        Ok(self.new_node(node_name, identity, drv, node_opts))
     }
 
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):

@@ -1372,6 +1372,8 @@ impl DriverClass for Qcow2Class {
 
         let backing = match (&hdr.backing_file, backing_opts) {
             (_, Some(serde_json::Value::Null)) => None,
+            // The name of an open node: this image shares it as its backing file.
+            (_, Some(serde_json::Value::String(r))) => Some(ctx.reference(&r)?),
             (Some(name), bo) if !ctx.flags.no_backing => {
                 let bopts = match bo {
                     Some(serde_json::Value::Object(o)) => o,
