@@ -30,9 +30,9 @@ pub use driver::{
     WriteFlags,
 };
 pub use error::{Error, Result};
-pub use event_loop::EventLoop;
+pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
-pub use node::{CacheMode, DetectZeroes, Node, NodeOptions};
+pub use node::{drained, CacheMode, DetectZeroes, Node, NodeOptions};
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;
 pub use status::BlockStatus;

@@ -8,11 +8,13 @@ use crate::blockers::{BlockOp, Blocker, OpBlockers};
 use crate::buf::IoBuf;
 use crate::driver::{Child, ChildRole, Driver, Limits, WriteFlags};
 use crate::error::{err, Error, Result};
+use crate::event_loop::LoopHandle;
 use crate::graph::ParentLink;
 use crate::status::BlockStatus;
 use crate::tracked::Tracker;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 /// Cache mode of a node tree (`-t` / `cache=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +129,11 @@ pub struct Node {
     blockers: OpBlockers,
     /// What this node blocks on its backing child while it uses it.
     backing_blocker: Arc<Blocker>,
+    /// The loop the node and its users run on; None: the main loop.
+    home: Mutex<Option<LoopHandle>>,
+    /// Drained sections holding new requests back (QEMU: quiesce_counter).
+    gate: AtomicUsize,
+    gate_open: Notify,
 }
 
 impl Node {
@@ -165,6 +172,9 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             blockers: OpBlockers::default(),
             backing_blocker,
+            home: Mutex::new(None),
+            gate: AtomicUsize::new(0),
+            gate_open: Notify::new(),
         });
         node.attach_children();
         node
@@ -236,6 +246,59 @@ impl Node {
     /// How many users hold the node open.
     pub fn ref_count(&self) -> usize {
         self.refs.load(Ordering::Acquire)
+    }
+
+    /// The loop this node's requests should run on; None: the main loop.
+    pub fn home(&self) -> Option<LoopHandle> {
+        self.home.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every node connected to this one through parent and child edges:
+    /// what has to move between loops together (QEMU moves the same set).
+    pub fn component(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut seen: Vec<Arc<Node>> = vec![Arc::clone(self)];
+        let mut i = 0;
+        while i < seen.len() {
+            let n = Arc::clone(&seen[i]);
+            let near = n
+                .children()
+                .into_iter()
+                .map(|c| c.node)
+                .chain(n.parents().into_iter().filter_map(|p| p.parent.upgrade()));
+            for m in near {
+                if !seen.iter().any(|s| Arc::ptr_eq(s, &m)) {
+                    seen.push(m);
+                }
+            }
+            i += 1;
+        }
+        seen
+    }
+
+    /// Moves this node, and every node connected to it, to `to` (None: the
+    /// main loop), drained (QEMU: bdrv_try_change_aio_context): requests in
+    /// flight finish first, and new ones wait until the move is done.
+    pub async fn move_to(self: &Arc<Self>, to: Option<LoopHandle>) {
+        let nodes = self.component();
+        drained(&nodes, || {
+            for n in &nodes {
+                *n.home.lock().unwrap_or_else(|p| p.into_inner()) = to.clone();
+            }
+        })
+        .await
+    }
+
+    /// Waits while a drained section holds new requests back.
+    async fn pass_gate(&self) {
+        while self.gate.load(Ordering::Acquire) > 0 {
+            let open = self.gate_open.notified();
+            tokio::pin!(open);
+            open.as_mut().enable();
+            if self.gate.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            open.await;
+        }
     }
 
     /// True once the last user has closed the node.
@@ -372,6 +435,7 @@ impl Node {
     }
 
     async fn read_with(&self, offset: u64, buf: IoBuf, copy_on_read: bool) -> Result<IoBuf> {
+        self.pass_gate().await;
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
         if len == 0 {
@@ -419,6 +483,7 @@ impl Node {
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.pass_gate().await;
         self.check_writable()?;
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
@@ -501,6 +566,7 @@ impl Node {
     /// either end are written as zeroed blocks under a serialising request;
     /// the aligned middle goes to the driver in pieces its limits allow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.pass_gate().await;
         self.check_writable()?;
         self.check_request(offset, len)?;
         if len == 0 {
@@ -613,6 +679,7 @@ impl Node {
     /// aligned to the discard alignment; drivers that cannot discard a
     /// piece, and nodes opened with `discard=ignore`, just succeed.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.pass_gate().await;
         self.check_writable()?;
         self.check_request(offset, len)?;
         if len == 0 || !self.unmap {
@@ -658,6 +725,7 @@ impl Node {
     /// Writes `buf` at `offset` compressed, for formats that can (QEMU:
     /// BDRV_REQ_WRITE_COMPRESSED); the driver checks cluster alignment.
     pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.pass_gate().await;
         self.check_writable()?;
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
@@ -805,6 +873,36 @@ impl Node {
         self.detach_children();
         r
     }
+}
+
+/// Runs `f` with `nodes` drained (QEMU: bdrv_drained_begin/end): new
+/// requests from the users of the topmost nodes wait, and every request in
+/// flight finishes, before `f` runs. Requests that in-flight ones make to
+/// children are not held, so a drain never waits for itself.
+pub async fn drained<R>(nodes: &[Arc<Node>], f: impl FnOnce() -> R) -> R {
+    let tops: Vec<Arc<Node>> = nodes
+        .iter()
+        .filter(|n| n.lock_parents().is_empty())
+        .cloned()
+        .collect();
+    // Reopens the gates even if the caller drops this future mid-drain.
+    struct Reopen(Vec<Arc<Node>>);
+    impl Drop for Reopen {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                n.gate.fetch_sub(1, Ordering::AcqRel);
+                n.gate_open.notify_waiters();
+            }
+        }
+    }
+    for n in &tops {
+        n.gate.fetch_add(1, Ordering::AcqRel);
+    }
+    let _reopen = Reopen(tops);
+    for n in nodes {
+        n.tracker.wait_idle().await;
+    }
+    f()
 }
 
 /// A request maximum (0: none) rounded down to `align`, at least `align`.

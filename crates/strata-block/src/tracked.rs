@@ -68,6 +68,19 @@ impl Tracker {
     pub fn in_flight(&self) -> usize {
         self.lock().len()
     }
+
+    /// Waits until no request is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl Drop for TrackedRequest<'_> {
