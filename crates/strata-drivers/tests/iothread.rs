@@ -119,7 +119,7 @@ fn a_chain_moves_between_io_threads_while_writes_run() {
         assert!(moves >= 2, "the writers finished before the chain moved");
 
         // Every request ran on the thread of the loop the node lived on.
-        let seen = seen.lock().unwrap();
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
         assert_eq!(seen.len() as u64, WRITERS * ROUNDS * BLOCKS / WRITERS);
         for (home, thread) in seen.iter() {
             assert_eq!(thread, &format!("iothread-{home}"));
