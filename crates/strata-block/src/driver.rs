@@ -365,6 +365,19 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Writes back everything cached, so that another process may take the
+    /// image over (QEMU: bdrv_inactivate, the source side of migration).
+    async fn inactivate(&self) -> Result<()> {
+        self.flush().await
+    }
+
+    /// Drops everything cached and reads the image's state again, failing if
+    /// what is on disk now is unusable (QEMU: bdrv_co_invalidate_cache, the
+    /// destination side of migration). The node is quiet while it runs.
+    async fn invalidate_cache(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes back everything cached and releases the image; called once.
     async fn close(&self) -> Result<()> {
         self.flush().await

@@ -6,7 +6,7 @@
 
 use crate::blockers::{BlockOp, Blocker, OpBlockers};
 use crate::buf::IoBuf;
-use crate::driver::{Child, ChildRole, Driver, Limits, WriteFlags};
+use crate::driver::{Child, ChildRole, Driver, Limits, Perm, WriteFlags};
 use crate::error::{err, Error, Result};
 use crate::event_loop::LoopHandle;
 use crate::graph::ParentLink;
@@ -102,6 +102,9 @@ pub struct NodeOptions {
     pub detect_zeroes: DetectZeroes,
     /// Reads copy what they find in the backing chain into this node.
     pub copy_on_read: bool,
+    /// Opened inactive (`active=off`): another process owns the image until
+    /// the node is activated.
+    pub inactive: bool,
 }
 
 static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
@@ -134,6 +137,10 @@ pub struct Node {
     /// Drained sections holding new requests back (QEMU: quiesce_counter).
     gate: AtomicUsize,
     gate_open: Notify,
+    /// False while another process owns the image (QEMU: BDRV_O_INACTIVE).
+    active: AtomicBool,
+    /// What the node's parents asked for on it, taken again on activation.
+    perm: Mutex<Option<(Perm, Perm)>>,
 }
 
 impl Node {
@@ -175,6 +182,8 @@ impl Node {
             home: Mutex::new(None),
             gate: AtomicUsize::new(0),
             gate_open: Notify::new(),
+            active: AtomicBool::new(!opts.inactive),
+            perm: Mutex::new(None),
         });
         node.attach_children();
         node
@@ -386,8 +395,86 @@ impl Node {
     }
     /// Takes `perm` and shares `shared` on the storage under this node
     /// (protocols lock the image; filters pass it on).
-    pub fn set_perm(&self, perm: crate::driver::Perm, shared: crate::driver::Perm) -> Result<()> {
+    pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
+        *self.perm.lock().unwrap_or_else(|p| p.into_inner()) = Some((perm, shared));
+        if !self.is_active() {
+            // Taken when the node is activated.
+            return Ok(());
+        }
         self.driver.set_perm(perm, shared)
+    }
+
+    /// False while the node is inactive: another process owns the image.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Hands the image over to another process (QEMU: bdrv_inactivate):
+    /// caches are written back, locks released, and writes refused until
+    /// [`activate`](Self::activate). Children follow once no active parent
+    /// is left on them.
+    pub async fn inactivate(self: &Arc<Self>) -> Result<()> {
+        if self.has_active_parent() {
+            return Err(Error::invalid("Node has active parent node"));
+        }
+        Box::pin(self.inactivate_recurse()).await
+    }
+
+    fn has_active_parent(&self) -> bool {
+        self.parents()
+            .iter()
+            .filter_map(|p| p.parent.upgrade())
+            .any(|p| p.is_active())
+    }
+
+    async fn inactivate_recurse(self: &Arc<Self>) -> Result<()> {
+        if self.has_active_parent() || !self.is_active() {
+            return Ok(());
+        }
+        self.driver
+            .inactivate()
+            .await
+            .map_err(|e| e.context("Failed to inactivate node"))?;
+        drained(std::slice::from_ref(self), || {
+            self.active.store(false, Ordering::Release)
+        })
+        .await;
+        if self.children().is_empty() && self.stored_perm().is_some() {
+            // Only loosening: an error would leave the image no less shared.
+            let _ = self.driver.set_perm(Perm::NONE, Perm::ALL);
+        }
+        for c in self.children() {
+            Box::pin(c.node.inactivate_recurse()).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the image back (QEMU: bdrv_activate): children first, then
+    /// the node's locks, then its metadata read again from disk; an image
+    /// changed into something unusable is an error and the node stays
+    /// inactive.
+    pub async fn activate(self: &Arc<Self>) -> Result<()> {
+        for c in self.children() {
+            Box::pin(c.node.activate()).await?;
+        }
+        if self.is_active() {
+            return Ok(());
+        }
+        if self.children().is_empty() {
+            if let Some((perm, shared)) = self.stored_perm() {
+                self.driver.set_perm(perm, shared)?;
+            }
+        }
+        self.active.store(true, Ordering::Release);
+        if let Err(e) = self.driver.invalidate_cache().await {
+            self.active.store(false, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn stored_perm(&self) -> Option<(Perm, Perm)> {
+        *self.perm.lock().unwrap_or_else(|p| p.into_inner())
     }
     /// Turns the write cache on or off (off: every write is flushed, as FUA).
     pub fn set_writeback(&self, on: bool) {
@@ -416,7 +503,8 @@ impl Node {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
+        // An inactive node's image belongs to another process.
+        if self.read_only || !self.is_active() {
             return err(libc::EPERM);
         }
         Ok(())

@@ -65,6 +65,9 @@ pub struct OpenFlags {
     /// Writes go to a temporary overlay that vanishes with the process
     /// (`-s`, `snapshot=on`).
     pub snapshot: bool,
+    /// Opened inactive (`active=off`): nothing is written and no lock taken
+    /// until activation (QEMU: BDRV_O_INACTIVE).
+    pub inactive: bool,
 }
 
 impl Default for OpenFlags {
@@ -82,6 +85,7 @@ impl Default for OpenFlags {
             unmap: true,
             copy_on_read: false,
             snapshot: false,
+            inactive: false,
         }
     }
 }
@@ -251,6 +255,8 @@ impl OpenCtx {
         }
         ctx.apply_cache_opts(&mut opts)?;
         let node_opts = ctx.take_node_options(&mut opts)?;
+        // Children of an inactive node are inactive too.
+        ctx.flags.inactive = node_opts.inactive;
         // What follows opens children, which inherit none of these.
         ctx.unmap_children();
         let driver = take_str(&mut opts, "driver")?;
@@ -362,7 +368,10 @@ impl OpenCtx {
         // Accepted on every node; Strata never needs them to decide anything
         // (auto-read-only: a read-write open that fails is not retried).
         let _ = take_bool(opts, "auto-read-only")?;
-        let _ = take_bool(opts, "active")?;
+        let inactive = match take_bool(opts, "active")? {
+            Some(active) => !active,
+            None => self.flags.inactive,
+        };
         let _ = take_bool(opts, "force-share")?;
         let copy_on_read = take_bool(opts, "copy-on-read")?.unwrap_or(self.flags.copy_on_read);
         if copy_on_read && self.flags.read_only {
@@ -374,6 +383,7 @@ impl OpenCtx {
             unmap,
             detect_zeroes,
             copy_on_read,
+            inactive,
         })
     }
 

@@ -350,6 +350,14 @@ impl Driver for FileDriver {
         }
     }
 
+    async fn invalidate_cache(&self) -> Result<()> {
+        // Another process may have grown or shrunk the file meanwhile.
+        let n = media_size(self.fd.raw())
+            .map_err(|e| e.context("Could not refresh total sector count"))?;
+        self.length.store(n, Ordering::Release);
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         let r = self.flush().await;
         // Closing releases the image for other users at once, not when the

@@ -1428,7 +1428,7 @@ impl DriverClass for Qcow2Class {
             alloc_done: Notify::new(),
             read_only,
         };
-        if dirty && !read_only && !ctx.flags.check {
+        if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
             driver
                 .check(RepairMode {
