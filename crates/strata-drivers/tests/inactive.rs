@@ -26,7 +26,10 @@ async fn open(opts: &[(&str, &str)]) -> Arc<Node> {
 async fn read_byte(node: &Node, offset: u64) -> u8 {
     let r = node.read(offset, IoBuf::zeroed(4096)).await.unwrap();
     let b = r.as_slice()[0];
-    assert!(r.as_slice().iter().all(|&x| x == b), "mixed data at {offset}");
+    assert!(
+        r.as_slice().iter().all(|&x| x == b),
+        "mixed data at {offset}"
+    );
     b
 }
 
@@ -71,7 +74,10 @@ fn activation_reads_what_qemu_wrote_while_the_node_was_inactive() {
 
         // It holds no lock either: QEMU's tools change the image under it,
         // allocating new clusters (new L2 table, refcounts) and growing it.
-        qemu("qemu-io", &["-c", "write -P 2 0 64k", "-c", "write -P 3 512k 64k", &img]);
+        qemu(
+            "qemu-io",
+            &["-c", "write -P 2 0 64k", "-c", "write -P 3 512k 64k", &img],
+        );
         qemu("qemu-img", &["resize", "-q", &img, "2M"]);
 
         node.activate().await.unwrap();
@@ -90,7 +96,10 @@ fn activation_reads_what_qemu_wrote_while_the_node_was_inactive() {
 
         // And hands it back: caches written, locks released.
         node.inactivate().await.unwrap();
-        qemu("qemu-io", &["-c", "read -P 4 1M 64k", "-c", "read -P 2 0 64k", &img]);
+        qemu(
+            "qemu-io",
+            &["-c", "read -P 4 1M 64k", "-c", "read -P 2 0 64k", &img],
+        );
         qemu("qemu-io", &["-c", "write -P 5 1M 4k", &img]);
         node.activate().await.unwrap();
         assert_eq!(read_byte(&node, MIB).await, 5);
@@ -117,10 +126,7 @@ fn an_image_made_unusable_meanwhile_fails_activation_and_stays_inactive() {
         ])
         .await;
         // Someone overwrites the header's cluster bits with nonsense.
-        qemu(
-            "qemu-io",
-            &["-f", "raw", "-c", "write -P 0x7f 20 4", &img],
-        );
+        qemu("qemu-io", &["-f", "raw", "-c", "write -P 0x7f 20 4", &img]);
         let e = node.activate().await.unwrap_err();
         assert!(
             e.to_string().starts_with("Could not reopen qcow2 layer: "),

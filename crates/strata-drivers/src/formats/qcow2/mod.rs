@@ -1192,6 +1192,40 @@ impl Driver for Qcow2Driver {
         check::check(self, &mut m, repair).await
     }
 
+    async fn invalidate_cache(&self) -> Result<()> {
+        // Another process owned the image: everything cached may be stale.
+        let (hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only, false)
+            .await
+            .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
+        // This driver keeps the geometry in its own fields; QEMU would pick
+        // up a new one, but only amend or a new image changes it.
+        if (geo.cluster_bits, geo.refcount_order, geo.version)
+            != (
+                self.geo.cluster_bits,
+                self.geo.refcount_order,
+                self.geo.version,
+            )
+            || hdr.compression != self.compression
+        {
+            return Err(Error::unsupported(
+                "Could not reopen qcow2 layer: the image's geometry changed while it was inactive",
+            ));
+        }
+        let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
+        self.size.store(hdr.size, Ordering::Release);
+        *self.meta.lock().await = new_meta(geo, &hdr, l1, reftable, self.read_only);
+        if dirty && !self.read_only {
+            // As at open: refcounts may lag behind (lazy refcounts).
+            self.check(RepairMode {
+                leaks: true,
+                errors: true,
+            })
+            .await
+            .map_err(|e| e.context("Could not reopen qcow2 layer: Could not repair dirty image"))?;
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         // An image found corrupt is cut off: nothing more is written to it
         // (QEMU drops the driver of the node).
@@ -1294,81 +1328,7 @@ impl DriverClass for Qcow2Class {
         let _ = take_str(opts, "cache-clean-interval")?;
         let read_only = ctx.flags.read_only;
 
-        // A short file reads as zeroes past its end, as the header fields QEMU
-        // checks then see them.
-        let first = file.read(0, IoBuf::zeroed(512)).await?;
-        let bits = u32::from_be_bytes([
-            first.as_slice()[20],
-            first.as_slice()[21],
-            first.as_slice()[22],
-            first.as_slice()[23],
-        ]);
-        // Extensions may run past the first 512 bytes: parse the whole cluster.
-        let hdr = if (header::MIN_CLUSTER_BITS + 1..=header::MAX_CLUSTER_BITS).contains(&bits) {
-            let whole = file.read(0, IoBuf::zeroed(1 << bits)).await?;
-            Header::parse(whole.as_slice())?
-        } else {
-            Header::parse(first.as_slice())?
-        };
-        let cs = 1u64 << hdr.cluster_bits;
-        hdr.check_features()?;
-        if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
-            return Err(Error::msg(
-                libc::EACCES,
-                "qcow2: Image is corrupt; cannot be opened read/write",
-            ));
-        }
-        if hdr.version == 2 && hdr.refcount_order != 4 {
-            return Err(Error::invalid(
-                "Refcount order must be 4 for version 2 images",
-            ));
-        }
-        let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
-        // Tables are validated (and bounded) before anything is allocated by
-        // their size, in QEMU's order and words. Tables beyond the end of the
-        // file are not an error: they read as zeroes, as in QEMU.
-        if hdr.refcount_table_clusters == 0 {
-            return Err(Error::invalid(
-                "Image does not contain a reference count table",
-            ));
-        }
-        let rt_clusters = hdr.refcount_table_clusters as u64;
-        validate_table(
-            hdr.refcount_table_offset,
-            rt_clusters,
-            cs,
-            MAX_REFTABLE_BYTES,
-            cs,
-            "Reference count table",
-        )?;
-        if !ctx.flags.check {
-            validate_snapshot_table(&hdr)?;
-        }
-        validate_table(
-            hdr.l1_table_offset,
-            hdr.l1_size as u64,
-            8,
-            MAX_L1_BYTES,
-            cs,
-            "Active L1 table",
-        )?;
-        if geo.l1_size_for(hdr.size) > i32::MAX as u64 {
-            return Err(Error::msg(libc::EFBIG, "Image is too big"));
-        }
-        if (hdr.l1_size as u64) < geo.l1_size_for(hdr.size) {
-            return Err(Error::invalid("L1 table is too small"));
-        }
-        let rt_bytes = rt_clusters * cs;
-        let l1_bytes = file
-            .read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8))
-            .await?;
-        let l1: Vec<u64> = l1_bytes.as_slice().chunks_exact(8).map(be64).collect();
-        file.debug_event(DebugEvent::ReftableLoad).await;
-        let rt = file
-            .read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
-            .await
-            .map_err(|e| e.context("Could not initialize refcount handling"))?;
-        let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
+        let (hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
 
         let backing = match (&hdr.backing_file, backing_opts) {
             (_, Some(serde_json::Value::Null)) => None,
@@ -1388,34 +1348,7 @@ impl DriverClass for Qcow2Class {
             _ => None,
         };
 
-        let slice = cs.min(4096) as usize;
-        let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
-        let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
-        let l2_tables = l1
-            .iter()
-            .map(|e| e & OFFSET_MASK)
-            .filter(|&o| o != 0)
-            .collect();
-        let refblocks = reftable
-            .iter()
-            .map(|e| e & OFFSET_MASK)
-            .filter(|&o| o != 0)
-            .collect();
-        let meta = Meta {
-            geo,
-            l1,
-            reftable,
-            l2_cache: cache::TableCache::new(slice, l2_slices),
-            rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
-            free_cluster_index: 0,
-            l2_tables,
-            refblocks,
-            free_byte_offset: 0,
-            corrupt: false,
-            signaled: false,
-            writable: !read_only,
-            header: hdr.clone(),
-        };
+        let meta = new_meta(geo, &hdr, l1, reftable, read_only);
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
             file,
@@ -1439,6 +1372,132 @@ impl DriverClass for Qcow2Class {
                 .map_err(|e| e.context("Could not repair dirty image"))?;
         }
         Ok(Box::new(driver))
+    }
+}
+
+/// Reads and validates the header and the tables every request needs (L1,
+/// refcount table), in QEMU's order and words; at open and again when an
+/// inactive node is activated.
+async fn load_metadata(
+    file: &Arc<Node>,
+    read_only: bool,
+    check: bool,
+) -> Result<(Header, Geometry, Vec<u64>, Vec<u64>)> {
+    // A short file reads as zeroes past its end, as the header fields QEMU
+    // checks then see them.
+    let first = file.read(0, IoBuf::zeroed(512)).await?;
+    let bits = u32::from_be_bytes([
+        first.as_slice()[20],
+        first.as_slice()[21],
+        first.as_slice()[22],
+        first.as_slice()[23],
+    ]);
+    // Extensions may run past the first 512 bytes: parse the whole cluster.
+    let hdr = if (header::MIN_CLUSTER_BITS + 1..=header::MAX_CLUSTER_BITS).contains(&bits) {
+        let whole = file.read(0, IoBuf::zeroed(1 << bits)).await?;
+        Header::parse(whole.as_slice())?
+    } else {
+        Header::parse(first.as_slice())?
+    };
+    let cs = 1u64 << hdr.cluster_bits;
+    hdr.check_features()?;
+    if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+        return Err(Error::msg(
+            libc::EACCES,
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    if hdr.version == 2 && hdr.refcount_order != 4 {
+        return Err(Error::invalid(
+            "Refcount order must be 4 for version 2 images",
+        ));
+    }
+    let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
+    // Tables are validated (and bounded) before anything is allocated by
+    // their size, in QEMU's order and words. Tables beyond the end of the
+    // file are not an error: they read as zeroes, as in QEMU.
+    if hdr.refcount_table_clusters == 0 {
+        return Err(Error::invalid(
+            "Image does not contain a reference count table",
+        ));
+    }
+    let rt_clusters = hdr.refcount_table_clusters as u64;
+    validate_table(
+        hdr.refcount_table_offset,
+        rt_clusters,
+        cs,
+        MAX_REFTABLE_BYTES,
+        cs,
+        "Reference count table",
+    )?;
+    if !check {
+        validate_snapshot_table(&hdr)?;
+    }
+    validate_table(
+        hdr.l1_table_offset,
+        hdr.l1_size as u64,
+        8,
+        MAX_L1_BYTES,
+        cs,
+        "Active L1 table",
+    )?;
+    if geo.l1_size_for(hdr.size) > i32::MAX as u64 {
+        return Err(Error::msg(libc::EFBIG, "Image is too big"));
+    }
+    if (hdr.l1_size as u64) < geo.l1_size_for(hdr.size) {
+        return Err(Error::invalid("L1 table is too small"));
+    }
+    let rt_bytes = rt_clusters * cs;
+    let l1_bytes = file
+        .read(hdr.l1_table_offset, IoBuf::zeroed(hdr.l1_size as usize * 8))
+        .await?;
+    let l1: Vec<u64> = l1_bytes.as_slice().chunks_exact(8).map(be64).collect();
+    file.debug_event(DebugEvent::ReftableLoad).await;
+    let rt = file
+        .read(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
+        .await
+        .map_err(|e| e.context("Could not initialize refcount handling"))?;
+    let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
+    Ok((hdr, geo, l1, reftable))
+}
+
+/// Fresh in-memory state for the tables read by [`load_metadata`], with
+/// caches sized to the image.
+fn new_meta(
+    geo: Geometry,
+    hdr: &Header,
+    l1: Vec<u64>,
+    reftable: Vec<u64>,
+    read_only: bool,
+) -> Meta {
+    let cs = geo.cluster_size;
+    let slice = cs.min(4096) as usize;
+    let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
+    let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
+    let l2_tables = l1
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    let refblocks = reftable
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    Meta {
+        geo,
+        l1,
+        reftable,
+        l2_cache: cache::TableCache::new(slice, l2_slices),
+        rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
+        free_cluster_index: 0,
+        l2_tables,
+        refblocks,
+        free_byte_offset: 0,
+        corrupt: false,
+        signaled: false,
+        writable: !read_only,
+        header: hdr.clone(),
     }
 }
 
