@@ -6,7 +6,7 @@
 //! its limits, and talks to its children only through their nodes.
 
 use crate::buf::IoBuf;
-use crate::error::{err, Result};
+use crate::error::{err, Error, Result};
 use crate::node::Node;
 use crate::open::OpenCtx;
 use crate::options::{OptSpec, Opts};
@@ -363,6 +363,15 @@ pub trait Driver: Send + Sync {
     /// Breakpoint support, for drivers that have it (blkdebug).
     fn debug_hooks(&self) -> Option<&dyn crate::debug::DebugHooks> {
         None
+    }
+
+    /// Replaces the backing child (QEMU: bdrv_set_backing_hd); the node has
+    /// checked that the driver supports backing files and keeps the edges.
+    fn set_backing(&self, _backing: Option<Arc<Node>>) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Driver '{}' cannot change its backing file",
+            self.format_name()
+        )))
     }
 
     /// Writes back everything cached, so that another process may take the

@@ -121,7 +121,8 @@ pub struct Node {
     unmap: bool,
     detect_zeroes: DetectZeroes,
     copy_on_read: bool,
-    limits: Limits,
+    /// Recomputed whenever the children change (QEMU: bdrv_refresh_limits).
+    limits: Mutex<Limits>,
     tracker: Tracker,
     closed: AtomicBool,
     /// Users holding the node open: its opener, parents that found it by
@@ -172,7 +173,7 @@ impl Node {
             unmap: opts.unmap,
             detect_zeroes: opts.detect_zeroes,
             copy_on_read: opts.copy_on_read,
-            limits,
+            limits: Mutex::new(limits),
             tracker: Tracker::default(),
             closed: AtomicBool::new(false),
             refs: AtomicUsize::new(1),
@@ -194,23 +195,87 @@ impl Node {
     /// those that work through a chain in use (commit into it, stream, backup).
     fn attach_children(self: &Arc<Self>) {
         for c in self.children() {
-            c.node.lock_parents().push(ParentLink {
-                parent: Arc::downgrade(self),
-                parent_name: self.name.clone(),
-                role: c.role,
-            });
-            if c.role == ChildRole::Backing {
-                let b = &self.backing_blocker;
-                c.node.blockers.block_all(b);
-                for op in [
-                    BlockOp::CommitTarget,
-                    BlockOp::Stream,
-                    BlockOp::BackupSource,
-                    BlockOp::BackupTarget,
-                ] {
-                    c.node.blockers.unblock(op, b);
-                }
+            self.attach_child(&c);
+        }
+    }
+
+    fn attach_child(self: &Arc<Self>, c: &Child) {
+        c.node.lock_parents().push(ParentLink {
+            parent: Arc::downgrade(self),
+            parent_name: self.name.clone(),
+            role: c.role,
+        });
+        if c.role == ChildRole::Backing {
+            let b = &self.backing_blocker;
+            c.node.blockers.block_all(b);
+            for op in [
+                BlockOp::CommitTarget,
+                BlockOp::Stream,
+                BlockOp::BackupSource,
+                BlockOp::BackupTarget,
+            ] {
+                c.node.blockers.unblock(op, b);
             }
+        }
+    }
+
+    fn detach_child(&self, c: &Child) {
+        c.node
+            .lock_parents()
+            .retain(|p| !(std::ptr::eq(p.parent.as_ptr(), self) && p.role == c.role));
+        if c.role == ChildRole::Backing {
+            c.node.blockers.unblock_all(&self.backing_blocker);
+        }
+    }
+
+    /// True when `target` is this node or lies anywhere below it.
+    fn reaches(&self, target: &Node) -> bool {
+        std::ptr::eq(self, target) || self.children().iter().any(|c| c.node.reaches(target))
+    }
+
+    /// Makes `backing` this node's backing file in place of the one it has
+    /// (QEMU: bdrv_set_backing_hd): the node takes a reference to the new
+    /// one and drops its reference to the old one; limits are refreshed.
+    pub async fn set_backing(self: &Arc<Self>, backing: Option<Arc<Node>>) -> Result<()> {
+        if !self.driver.supports_backing() {
+            return Err(Error::invalid(format!(
+                "Driver '{}' of node '{}' does not support backing files",
+                self.format_name(),
+                self.name
+            )));
+        }
+        if let Some(b) = &backing {
+            if b.reaches(self) {
+                return Err(Error::invalid(format!(
+                    "Making '{}' a backing child of '{}' would create a cycle",
+                    b.name, self.name
+                )));
+            }
+            b.add_ref();
+        }
+        let old = self.backing();
+        if let Err(e) = self.driver.set_backing(backing.clone()) {
+            if let Some(b) = &backing {
+                b.close().await?;
+            }
+            return Err(e);
+        }
+        if let Some(o) = &old {
+            self.detach_child(&Child {
+                role: ChildRole::Backing,
+                node: Arc::clone(o),
+            });
+        }
+        if let Some(b) = backing {
+            self.attach_child(&Child {
+                role: ChildRole::Backing,
+                node: b,
+            });
+        }
+        self.refresh_limits();
+        match old {
+            Some(o) => o.close().await,
+            None => Ok(()),
         }
     }
 
@@ -342,7 +407,18 @@ impl Node {
     }
     /// The limits requests to this node obey.
     pub fn limits(&self) -> Limits {
-        self.limits
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the driver for its limits again, then the parents, whose limits
+    /// may follow from this node's (QEMU: bdrv_refresh_limits).
+    pub fn refresh_limits(&self) {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = self.driver.limits();
+        for p in self.parents() {
+            if let Some(p) = p.parent.upgrade() {
+                p.refresh_limits();
+            }
+        }
     }
     /// Length in bytes, rounded up to whole 512-byte sectors as QEMU counts
     /// them (a 1234-byte raw image is 1536 bytes long; the tail reads as zeroes).
@@ -532,8 +608,9 @@ impl Node {
         if copy_on_read {
             return self.read_copy_on_read(offset, buf).await;
         }
-        let align = self.limits.request_alignment.max(1) as u64;
-        let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
+        let limits = self.limits();
+        let align = limits.request_alignment.max(1) as u64;
+        let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
         if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
             return self.read_aligned(offset, buf).await;
         }
@@ -552,7 +629,7 @@ impl Node {
 
     /// Reads an aligned range, split at the maximum transfer.
     pub(crate) async fn read_aligned(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let max = self.limits.max_transfer;
+        let max = self.limits().max_transfer;
         if max == 0 || buf.len() as u64 <= max {
             return self.driver.read(offset, buf).await;
         }
@@ -578,8 +655,9 @@ impl Node {
         if len == 0 {
             return Ok(buf);
         }
-        let align = self.limits.request_alignment.max(1) as u64;
-        let mem_ok = buf.is_aligned(self.limits.memory_alignment.max(1) as usize);
+        let limits = self.limits();
+        let align = limits.request_alignment.max(1) as u64;
+        let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
         let buf = if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
             let _req = self.tracker.begin(offset, offset + len, false).await;
             self.write_aligned(offset, buf, flags).await?
@@ -625,7 +703,7 @@ impl Node {
                 r => return r.map(|()| buf),
             }
         }
-        let max = self.limits.max_transfer;
+        let max = self.limits().max_transfer;
         if max == 0 || buf.len() as u64 <= max {
             return self.driver.write(offset, buf, flags).await;
         }
@@ -660,7 +738,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let align = self.limits.request_alignment.max(1) as u64;
+        let align = self.limits().request_alignment.max(1) as u64;
         let end = offset + len;
         if offset.is_multiple_of(align) && len.is_multiple_of(align) {
             let _req = self.tracker.begin(offset, end, false).await;
@@ -702,7 +780,7 @@ impl Node {
         to: u64,
         flags: WriteFlags,
     ) -> Result<()> {
-        let align = self.limits.request_alignment.max(1) as usize;
+        let align = self.limits().request_alignment.max(1) as usize;
         let mut b = self.driver.read(block, IoBuf::zeroed(align)).await?;
         b.as_mut_slice()[(from - block) as usize..(to - block) as usize].fill(0);
         let plain = WriteFlags {
@@ -717,7 +795,7 @@ impl Node {
     /// piece the driver cannot zero is written as buffers of zeroes.
     async fn zeroes_aligned(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         const MAX_BOUNCE: u64 = 16 << 20;
-        let l = self.limits;
+        let l = self.limits();
         let align = (l.write_zeroes_alignment as u64).max(l.request_alignment.max(1) as u64);
         let max_zero = aligned_max(l.max_write_zeroes, align);
         let max_transfer = match l.max_transfer {
@@ -774,7 +852,7 @@ impl Node {
             return Ok(());
         }
         let _req = self.tracker.begin(offset, offset + len, false).await;
-        let l = self.limits;
+        let l = self.limits();
         let rq = l.request_alignment.max(1) as u64;
         let align = (l.discard_alignment as u64).max(rq);
         let max_discard = aligned_max(l.max_discard, align);
