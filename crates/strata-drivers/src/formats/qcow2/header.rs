@@ -96,7 +96,8 @@ pub struct Header {
     pub compression: Compression,
     /// Bytes of additional header fields beyond those we know, kept as-is.
     pub extra_fields: Vec<u8>,
-    /// Extensions other than the backing format and the feature table.
+    /// Extensions other than the backing format, the data file name and
+    /// the feature table.
     pub extensions: Vec<Extension>,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
@@ -250,10 +251,7 @@ impl Header {
                         ));
                     }
                 }
-                EXT_DATA_FILE => {
-                    self.data_file = Some(String::from_utf8_lossy(&data).into_owned());
-                    self.extensions.push(Extension { kind, data });
-                }
+                EXT_DATA_FILE => self.data_file = Some(String::from_utf8_lossy(&data).into_owned()),
                 _ => self.extensions.push(Extension { kind, data }),
             }
         }
@@ -262,7 +260,7 @@ impl Header {
 
     /// Refuses features Strata cannot honour, by name as the image declares it.
     pub fn check_features(&self) -> Result<()> {
-        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
         let unknown = self.incompatible_features & !known;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
@@ -325,6 +323,13 @@ impl Header {
         if let Some(f) = &self.backing_format {
             exts.push(Extension {
                 kind: EXT_BACKING_FORMAT,
+                data: f.as_bytes().to_vec(),
+            });
+        }
+        // The data file name follows the backing format, as QEMU writes them.
+        if let Some(f) = &self.data_file {
+            exts.push(Extension {
+                kind: EXT_DATA_FILE,
                 data: f.as_bytes().to_vec(),
             });
         }
