@@ -1432,7 +1432,8 @@ impl DriverClass for Qcow2Class {
         };
         let cs = 1u64 << hdr.cluster_bits;
         hdr.check_features()?;
-        if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+        // A corrupt image is written to only to repair it.
+        if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !ctx.flags.check {
             return Err(Error::msg(
                 libc::EACCES,
                 "qcow2: Image is corrupt; cannot be opened read/write",
