@@ -419,6 +419,22 @@ mod tests {
     }
 
     #[test]
+    fn data_file_name_follows_the_backing_format() {
+        let mut h = sample();
+        h.data_file = Some("disk.data".into());
+        h.incompatible_features |= INCOMPAT_DATA_FILE;
+        let b = h.serialize(65536).unwrap();
+        let p = Header::parse(&b).unwrap();
+        assert_eq!(p.data_file.as_deref(), Some("disk.data"));
+        // Kept by name, not a second time as an unknown extension.
+        assert!(p.extensions.is_empty());
+        assert!(p.check_features().is_ok());
+        let at = |kind: u32| b.windows(4).position(|w| w == kind.to_be_bytes()).unwrap();
+        assert!(at(EXT_BACKING_FORMAT) < at(EXT_DATA_FILE));
+        assert!(at(EXT_DATA_FILE) < at(EXT_FEATURE_TABLE));
+    }
+
+    #[test]
     fn garbage_is_refused() {
         assert!(Header::parse(&[0u8; 10]).is_err());
         let mut b = sample().serialize(65536).unwrap();
