@@ -522,6 +522,47 @@ fn resize_takes_the_data_file_along() {
 }
 
 #[test]
+fn preallocation_fills_partial_clusters_as_qemu_does() {
+    if !have_qemu() {
+        return;
+    }
+    // Sizes that end inside a cluster: the rest of a newly mapped cluster is
+    // copied on write (zeroes over what the data file held, or the backing
+    // file's data), and falloc/full only reserve what the data file gains.
+    same(
+        "qemu-img create -f qcow2 -o data_file=f.data,preallocation=full f.qcow2 100k && \
+         qemu-img create -f qcow2 -o data_file=g.data,preallocation=full g.qcow2 128k && \
+         qemu-img create -f qcow2 -o data_file=i.data i.qcow2 100k >/dev/null && \
+         qemu-io -f raw -c 'write -P 1 0 100k' i.data >/dev/null && \
+         qemu-img resize --preallocation=metadata i.qcow2 150k && \
+         qemu-io -f raw -c 'read -P 1 0 64k' -c 'read -P 0 64k 128k' i.data && \
+         qemu-img create -f qcow2 -o data_file=u.data,data_file_raw=on u.qcow2 100k && \
+         qemu-io -c 'write -P 3 0 100k' -c 'write -z 66000 36400' u.qcow2 && \
+         qemu-img resize u.qcow2 300k && qemu-img check u.qcow2 && \
+         qemu-img create -f qcow2 b.qcow2 1M >/dev/null && \
+         qemu-io -c 'write -P 0xbb 0 1M' b.qcow2 >/dev/null && \
+         qemu-img create -f qcow2 -o data_file=k.data -b b.qcow2 -F qcow2 k.qcow2 100k && \
+         qemu-img resize --preallocation=falloc k.qcow2 250k && \
+         qemu-io -c 'read -P 0xbb 0 100k' -c 'read -P 0 100k 150k' k.qcow2 && \
+         qemu-img check k.qcow2 && du -k f.data g.data",
+    );
+}
+
+#[test]
+fn check_counts_fragments_per_l2_table() {
+    if !have_qemu() {
+        return;
+    }
+    // With 512-byte clusters an L2 table covers 32 KiB; QEMU counts a
+    // fragment only within one table.
+    same(
+        "qemu-img create -f qcow2 -o data_file=v.data,cluster_size=512 v.qcow2 2M >/dev/null && \
+         qemu-io -c 'write -P 5 1000 1M' -c 'write -z -u 4096 100000' \
+             -c 'discard 500000 70000' v.qcow2 && qemu-img check v.qcow2",
+    );
+}
+
+#[test]
 fn bad_data_file_mappings_are_corruption() {
     if !have_qemu() {
         return;

@@ -153,12 +153,13 @@ async fn walk_l1(
     let cs = d.geo.cluster_size;
     let file_len = d.file.driver().length();
     add(refs, res, cs, file_len, l1_offset, l1.len() as u64 * 8);
-    let mut next_contiguous = 0u64;
     for (l1i, &e) in l1.iter().enumerate() {
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
         }
+        // Fragmentation is counted within each L2 table, as QEMU counts it.
+        let mut next_contiguous = 0u64;
         add(refs, res, cs, file_len, l2, cs);
         l2_tables.push((l1i, e, l2));
         if !l2.is_multiple_of(cs) {

@@ -7,9 +7,12 @@
 //! image file keeps only the metadata, and its refcounts never count data.
 
 use super::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE};
+use super::meta::{Mapping, OFLAG_COPIED};
+use super::Qcow2Driver;
 use std::sync::Arc;
+use strata_block::driver::Preallocation;
 use strata_block::options::Opts;
-use strata_block::{ChildRole, Error, Node, OpenCtx, Perm, Result};
+use strata_block::{ChildRole, Error, Node, OpenCtx, Perm, Result, WriteFlags};
 
 /// The option (and child) name.
 const KEY: &str = "data-file";
@@ -92,4 +95,68 @@ fn data_perms(ctx: &OpenCtx) -> (Perm, Perm) {
         Perm(shared.0 & !Perm::RESIZE.0)
     };
     (perm, shared)
+}
+
+impl Qcow2Driver {
+    /// Preallocates guest `[from, to)` of an image with the data file
+    /// `data` (QEMU: preallocate_co): every cluster the range touches and
+    /// that is not mapped yet is mapped at its guest offset. As for a guest
+    /// write, the part of such a cluster outside the range is copied on
+    /// write first (zeroes, or the backing file's data), even where the data
+    /// file had other bytes. Then the data file reaches `to`, reserving or
+    /// writing (falloc, full) only the space it gains.
+    pub(super) async fn preallocate_external(
+        &self,
+        data: &Arc<Node>,
+        from: u64,
+        to: u64,
+        mode: Preallocation,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let first = from / cs;
+        let end = to.div_ceil(cs);
+        let mut gc = first;
+        while gc < end {
+            let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+            let stop = table_end.min(end);
+            let mut m = self.meta.lock().await;
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let mut fresh = Vec::new();
+            for c in gc..stop {
+                let mp = m.mapping(&self.file, c).await?;
+                if !matches!(mp, Mapping::Normal { copied: true, .. }) {
+                    fresh.push((c, mp));
+                }
+            }
+            drop(m);
+            // The data of a cluster is in place before its entry points to it.
+            for &(c, mp) in &fresh {
+                let start = c * cs;
+                if start < from {
+                    let head = self.old_content(c, mp, 0, from - start).await?;
+                    data.write(start, head, WriteFlags::default()).await?;
+                }
+                if to < start + cs {
+                    let tail = self.old_content(c, mp, to - start, cs).await?;
+                    data.write(to, tail, WriteFlags::default()).await?;
+                }
+            }
+            let mut m = self.meta.lock().await;
+            let mask = self.geo.l2_entries() - 1;
+            for (c, _) in fresh {
+                m.l2_set(&self.file, l2, c & mask, (c * cs) | OFLAG_COPIED)
+                    .await?;
+            }
+            drop(m);
+            gc = stop;
+        }
+        if from < to && to > data.length() {
+            let mode = match mode {
+                Preallocation::Metadata => Preallocation::Off,
+                other => other,
+            };
+            data.truncate(to, mode).await?;
+        }
+        self.meta.lock().await.flush(&self.file).await
+    }
 }

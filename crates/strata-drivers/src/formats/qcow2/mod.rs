@@ -851,6 +851,9 @@ impl Qcow2Driver {
     /// Allocates host clusters for guest `[from, to)` (metadata), and
     /// reserves (falloc) or zero-writes (full) their data.
     async fn preallocate(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        if let Some(d) = self.external() {
+            return self.preallocate_external(d, from, to, mode).await;
+        }
         let cs = self.geo.cluster_size;
         let mut gc = from.div_ceil(cs);
         let end = to.div_ceil(cs);
@@ -861,15 +864,11 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             let l2 = self.writable_l2(&mut m, gc).await?;
             let n = stop - gc;
-            let host = if self.geo.external_data {
-                gc << self.geo.cluster_bits
-            } else {
-                // Fresh clusters at the end of the file, as QEMU takes them: a
-                // reused free cluster would show its old data through the new entry.
-                let file_end = self.file.length().div_ceil(cs);
-                m.free_cluster_index = m.free_cluster_index.max(file_end);
-                m.alloc_clusters(&self.file, n).await?
-            };
+            // Fresh clusters at the end of the file, as QEMU takes them: a
+            // reused free cluster would show its old data through the new entry.
+            let file_end = self.file.length().div_ceil(cs);
+            m.free_cluster_index = m.free_cluster_index.max(file_end);
+            let host = m.alloc_clusters(&self.file, n).await?;
             let mask = self.geo.l2_entries() - 1;
             for i in 0..n {
                 m.l2_set(
@@ -881,10 +880,6 @@ impl Qcow2Driver {
                 .await?;
             }
             drop(m);
-            gc = stop;
-            if self.geo.external_data {
-                continue;
-            }
             match mode {
                 Preallocation::Falloc => {
                     self.file
@@ -899,19 +894,10 @@ impl Qcow2Driver {
                 _ => {}
             }
             host_end = host_end.max(host + n * cs);
+            gc = stop;
         }
-        if let Some(d) = self.external() {
-            // The data file reaches the new end; only space it gains is
-            // reserved or written (QEMU: preallocate_co).
-            if from < to && to > d.length() {
-                let mode = match mode {
-                    Preallocation::Metadata => Preallocation::Off,
-                    m => m,
-                };
-                d.truncate(to, mode).await?;
-            }
-        } else if host_end > self.file.length() {
-            // The file reaches the end of the last cluster, so reads never fall off it.
+        // The file reaches the end of the last cluster, so reads never fall off it.
+        if host_end > self.file.length() {
             self.file.truncate(host_end, Preallocation::Off).await?;
         }
         self.meta.lock().await.flush(&self.file).await
