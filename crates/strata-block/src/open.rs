@@ -125,6 +125,9 @@ pub struct OpenCtx {
     file: Option<Arc<Node>>,
     /// Set while opening a format's file: the format applies permissions later.
     file_perms: Option<(Perm, Perm)>,
+    /// What the node being opened takes and shares, for the children it
+    /// opens by itself (a qcow2 data file).
+    node_perms: Option<(Perm, Perm)>,
     /// The format being opened was guessed by probing.
     probed: bool,
     /// The node being opened is not probed: its driver is a protocol, named
@@ -160,6 +163,7 @@ impl OpenCtx {
             chain: Vec::new(),
             file: None,
             file_perms: None,
+            node_perms: None,
             probed: false,
             protocol: false,
             backing_node: None,
@@ -208,6 +212,7 @@ impl OpenCtx {
         let mut ctx = self.clone();
         ctx.file = None;
         ctx.file_perms = None;
+        ctx.node_perms = None;
         ctx.probed = false;
         ctx.unmap_children();
         if !parent_is_format && role.is_pure_data() {
@@ -303,16 +308,17 @@ impl OpenCtx {
             return Err(Error::invalid("Backing chain is too deep"));
         }
         ctx.chain.push(display_name.clone());
+        let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
         if let Some(file_node) = &file_node {
             // Now that the format is known, the file gets the permissions the
             // format needs on it.
-            let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
             let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
             file_node.set_perm(fperm, fshared)?;
         }
         let mut open_ctx = ctx.clone();
         open_ctx.file = file_node;
         open_ctx.file_perms = None;
+        open_ctx.node_perms = Some((perm, shared));
         open_ctx.probed = probed;
         open_ctx.protocol = false;
         let drv = class.open(&open_ctx, &mut opts).await?;
@@ -503,6 +509,12 @@ impl OpenCtx {
             .ok_or_else(|| Error::invalid("A block device must be specified for \"file\""))
     }
 
+    /// What the node being opened takes and shares (what its user asked
+    /// for): the base of the permissions it takes on children it opens itself.
+    pub fn node_perms(&self) -> (Perm, Perm) {
+        self.node_perms.unwrap_or_else(|| self.flags.user_perms())
+    }
+
     /// True when the format being opened was guessed by probing (raw then
     /// guards its first sector, see the raw driver).
     pub fn probed(&self) -> bool {
@@ -569,6 +581,7 @@ impl OpenCtx {
         ctx.flags.resize = false;
         ctx.file = None;
         ctx.file_perms = None;
+        ctx.node_perms = None;
         ctx.protocol = false;
         ctx.unmap_children();
         // A driver the user names for the backing file beats the header's.

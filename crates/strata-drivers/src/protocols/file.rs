@@ -337,6 +337,17 @@ impl Driver for FileDriver {
             );
         }
         self.length.store(size, Ordering::Release);
+        if old == 0 && size > 0 && prealloc == Preallocation::Off {
+            // Allocate the first block so that O_DIRECT alignment probing of
+            // the file finds data to read; a failure only loses that (QEMU:
+            // allocate_first_block).
+            let n = if size < 4096 {
+                512.min(size as usize)
+            } else {
+                4096
+            };
+            let _ = self.write(0, IoBuf::zeroed(n), WriteFlags::default()).await;
+        }
         if size > old {
             preallocate(self, old, size - old, prealloc).await?;
         }
@@ -464,14 +475,6 @@ impl DriverClass for FileClass {
         if is_reg {
             driver.truncate(0, Preallocation::Off).await?;
             driver.truncate(size, prealloc).await?;
-            if prealloc == Preallocation::Off && size > 0 {
-                // Allocate the first block so that O_DIRECT alignment probing
-                // of the new image finds data to read (QEMU does the same).
-                let n = size.min(4096) as usize;
-                driver
-                    .write(0, IoBuf::zeroed(n), WriteFlags::default())
-                    .await?;
-            }
         }
         Ok(())
     }

@@ -207,7 +207,8 @@ pub fn run(ctx: Ctx) -> i32 {
         return usage_error("compare", "Expecting two image file names");
     }
     let (n1, n2) = (&p.operands[0], &p.operands[1]);
-    let f2 = f2.or_else(|| f1.clone());
+    // Without -F the second image's format is probed: -f names only the
+    // first (as qemu-img's compare).
     let flags = OpenFlags {
         read_only: true,
         force_share,

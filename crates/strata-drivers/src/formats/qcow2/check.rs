@@ -57,6 +57,14 @@ async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Resu
     walk_l1(d, m, res, &mut refs, l1_offset, &l1, true, &mut l2_tables).await?;
     // Snapshots hold their own L1 tables and share L2 tables and data.
     let header = m.header.clone();
+    if d.geo.external_data && header.nb_snapshots > 0 {
+        // A data file holds one version of each cluster: no room for snapshots.
+        eprintln!(
+            "ERROR {} snapshots in image with data file",
+            header.nb_snapshots
+        );
+        res.corruptions += 1;
+    }
     let (snapshots, table_len) = super::snapshot::read(&d.file, &header).await?;
     for sn in &snapshots {
         let (id, name) = (&sn.info.id, &sn.info.name);
@@ -145,12 +153,13 @@ async fn walk_l1(
     let cs = d.geo.cluster_size;
     let file_len = d.file.driver().length();
     add(refs, res, cs, file_len, l1_offset, l1.len() as u64 * 8);
-    let mut next_contiguous = 0u64;
     for (l1i, &e) in l1.iter().enumerate() {
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
         }
+        // Fragmentation is counted within each L2 table, as QEMU counts it.
+        let mut next_contiguous = 0u64;
         add(refs, res, cs, file_len, l2, cs);
         l2_tables.push((l1i, e, l2));
         if !l2.is_multiple_of(cs) {
@@ -169,7 +178,9 @@ async fn walk_l1(
                     );
                     res.corruptions += 1;
                 }
-                Ok(Mapping::Normal { host, .. }) => {
+                // A zero cluster that keeps its host cluster counts as
+                // allocated (and fragmented) like a data cluster, as in QEMU.
+                Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => {
                     if active {
                         res.allocated_clusters += 1;
                         if next_contiguous != 0 && host != next_contiguous {
@@ -177,13 +188,14 @@ async fn walk_l1(
                         }
                         next_contiguous = host + cs;
                     }
-                    add(refs, res, cs, file_len, host, cs);
-                }
-                Ok(Mapping::Zero(Some(host))) => {
-                    if active {
-                        res.allocated_clusters += 1;
+                    // Data file clusters are not the image file's to count.
+                    if !d.geo.external_data {
+                        add(refs, res, cs, file_len, host, cs);
                     }
-                    add(refs, res, cs, file_len, host, cs);
+                }
+                Ok(Mapping::Compressed(_)) if d.geo.external_data => {
+                    eprintln!("ERROR compressed cluster {idx} with data file, entry={entry:#x}");
+                    res.corruptions += 1;
                 }
                 Ok(mp @ Mapping::Compressed(_)) => {
                     if active {
@@ -381,7 +393,12 @@ async fn check_oflag_copied(
                 Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => host,
                 _ => continue,
             };
-            let rc = m.refcount(&d.file, host / cs).await?;
+            // A data file cluster has exactly one user, this entry.
+            let rc = if d.geo.external_data {
+                1
+            } else {
+                m.refcount(&d.file, host / cs).await?
+            };
             if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                 res.corruptions += 1;
                 eprintln!("{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}");

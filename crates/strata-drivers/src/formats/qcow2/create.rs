@@ -2,7 +2,10 @@
 //! then the L1 table sized for the disk, laid out as QEMU lays them out
 //! (clusters 0, 1, 2 and 3), so images and offsets match byte for byte.
 
-use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION};
+use super::header::{
+    Compression, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE,
+};
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
@@ -200,12 +203,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
             )))
         }
     };
-    if version < 3 && compression != Compression::Zlib {
-        return Err(Error::invalid(format!(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3_HINT}"
-        )));
-    }
-    let prealloc = match take_str(&mut opts, "preallocation")? {
+    let mut prealloc = match take_str(&mut opts, "preallocation")? {
         None => Preallocation::Off,
         Some(p) => Preallocation::parse(&p).map_err(|_| {
             Error::invalid(format!(
@@ -215,12 +213,30 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     };
     let backing_file = take_str(&mut opts, "backing_file")?;
     let backing_fmt = take_str(&mut opts, "backing_fmt")?;
-    if take_str(&mut opts, "data_file")?.is_some()
-        || take_bool(&mut opts, "data_file_raw")?.unwrap_or(false)
-    {
-        return Err(Error::unsupported(
-            "External data files are not supported by Strata yet",
+    let data_file = take_str(&mut opts, "data_file")?;
+    let data_file_raw = take_bool(&mut opts, "data_file_raw")?.unwrap_or(false);
+    if data_file_raw && data_file.is_none() {
+        return Err(Error::invalid("data-file-raw requires data-file"));
+    }
+    if data_file_raw && backing_file.is_some() {
+        return Err(Error::invalid(
+            "Backing file and data-file-raw cannot be used at the same time",
         ));
+    }
+    if data_file_raw && prealloc == Preallocation::Off {
+        // The raw file must read as the disk through the metadata too:
+        // every cluster is mapped 1:1 from the start.
+        prealloc = Preallocation::Metadata;
+    }
+    if data_file.is_some() && version < 3 {
+        return Err(Error::invalid(format!(
+            "External data files are only supported with compatibility level 1.1 and above {V3_HINT}"
+        )));
+    }
+    if version < 3 && compression != Compression::Zlib {
+        return Err(Error::invalid(format!(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3_HINT}"
+        )));
     }
     let encrypted = take_bool(&mut opts, "encryption")?.unwrap_or(false);
     if encrypted || opts.keys().any(|k| k.starts_with("encrypt")) {
@@ -241,8 +257,75 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     }
     strata_block::options::reject_unknown(&opts, "qcow2")?;
     let file_class = ctx.registry.format("file")?;
-    file_class.create(ctx, filename, file_opts).await?;
+    file_class.create(ctx, filename, file_opts.clone()).await?;
+    // The data file is a plain file too, made after the image (as QEMU does).
+    if let Some(d) = &data_file {
+        if let Err(e) = file_class.create(ctx, d, file_opts).await {
+            remove_created(filename, None);
+            return Err(e);
+        }
+    }
+    let layout = Layout {
+        version,
+        cluster_size,
+        refcount_bits,
+        lazy,
+        compression,
+        backing_file,
+        backing_fmt,
+        data_file: data_file.clone(),
+        data_file_raw,
+        size,
+        prealloc,
+    };
+    let made = format(ctx, filename, layout).await;
+    if made.is_err() {
+        // A half-made image is no image: both files go (QEMU deletes them).
+        remove_created(filename, data_file.as_deref());
+    }
+    made
+}
 
+/// Removes the files a failed create made; errors are ignored, as the
+/// create's own error is the one to report.
+fn remove_created(filename: &str, data_file: Option<&str>) {
+    let _ = std::fs::remove_file(filename);
+    if let Some(d) = data_file {
+        let _ = std::fs::remove_file(d);
+    }
+}
+
+/// What a validated create asks for.
+struct Layout {
+    version: u32,
+    cluster_size: u64,
+    refcount_bits: u64,
+    lazy: bool,
+    compression: Compression,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
+    data_file: Option<String>,
+    data_file_raw: bool,
+    size: u64,
+    prealloc: Preallocation,
+}
+
+/// Writes the first clusters of a new image into the empty `filename`,
+/// then opens it and grows it to its size.
+async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
+    let Layout {
+        version,
+        cluster_size,
+        refcount_bits,
+        lazy,
+        compression,
+        backing_file,
+        backing_fmt,
+        data_file,
+        data_file_raw,
+        size,
+        prealloc,
+    } = l;
     let cs = cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = refcount_bits.trailing_zeros();
@@ -263,17 +346,25 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
             INCOMPAT_COMPRESSION
         } else {
             0
+        } | if data_file.is_some() {
+            INCOMPAT_DATA_FILE
+        } else {
+            0
         },
         compatible_features: if lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
-        autoclear_features: 0,
+        autoclear_features: if data_file_raw {
+            AUTOCLEAR_DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order,
         header_length: if version >= 3 { 112 } else { 72 },
         compression,
         extra_fields: vec![0; 7],
         extensions: Vec::new(),
-        backing_file: backing_file.clone(),
-        backing_format: backing_fmt.clone(),
-        data_file: None,
+        backing_file,
+        backing_format: backing_fmt,
+        data_file: data_file.clone(),
         feature_table: Vec::new(),
     };
     if version < 3 {
@@ -307,6 +398,12 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
     let mut qo = Opts::new();
     qo.insert("driver".into(), "qcow2".into());
     qo.insert("filename".into(), filename.into());
+    if let Some(d) = &data_file {
+        qo.insert(
+            "data-file".into(),
+            serde_json::json!({ "driver": "file", "filename": d }),
+        );
+    }
     let node = octx.open_image(None, None, qo).await?;
     if size > 0 {
         node.truncate(size, prealloc).await?;

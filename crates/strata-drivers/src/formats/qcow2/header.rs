@@ -96,7 +96,8 @@ pub struct Header {
     pub compression: Compression,
     /// Bytes of additional header fields beyond those we know, kept as-is.
     pub extra_fields: Vec<u8>,
-    /// Extensions other than the backing format and the feature table.
+    /// Extensions other than the backing format, the data file name and
+    /// the feature table.
     pub extensions: Vec<Extension>,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
@@ -250,10 +251,7 @@ impl Header {
                         ));
                     }
                 }
-                EXT_DATA_FILE => {
-                    self.data_file = Some(String::from_utf8_lossy(&data).into_owned());
-                    self.extensions.push(Extension { kind, data });
-                }
+                EXT_DATA_FILE => self.data_file = Some(String::from_utf8_lossy(&data).into_owned()),
                 _ => self.extensions.push(Extension { kind, data }),
             }
         }
@@ -262,7 +260,7 @@ impl Header {
 
     /// Refuses features Strata cannot honour, by name as the image declares it.
     pub fn check_features(&self) -> Result<()> {
-        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
         let unknown = self.incompatible_features & !known;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
@@ -325,6 +323,13 @@ impl Header {
         if let Some(f) = &self.backing_format {
             exts.push(Extension {
                 kind: EXT_BACKING_FORMAT,
+                data: f.as_bytes().to_vec(),
+            });
+        }
+        // The data file name follows the backing format, as QEMU writes them.
+        if let Some(f) = &self.data_file {
+            exts.push(Extension {
+                kind: EXT_DATA_FILE,
                 data: f.as_bytes().to_vec(),
             });
         }
@@ -411,6 +416,22 @@ mod tests {
         assert_eq!(p.backing_file.as_deref(), Some("base.qcow2"));
         assert_eq!(p.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(p.feature_table.len(), FEATURE_NAMES.len());
+    }
+
+    #[test]
+    fn data_file_name_follows_the_backing_format() {
+        let mut h = sample();
+        h.data_file = Some("disk.data".into());
+        h.incompatible_features |= INCOMPAT_DATA_FILE;
+        let b = h.serialize(65536).unwrap();
+        let p = Header::parse(&b).unwrap();
+        assert_eq!(p.data_file.as_deref(), Some("disk.data"));
+        // Kept by name, not a second time as an unknown extension.
+        assert!(p.extensions.is_empty());
+        assert!(p.check_features().is_ok());
+        let at = |kind: u32| b.windows(4).position(|w| w == kind.to_be_bytes()).unwrap();
+        assert!(at(EXT_BACKING_FORMAT) < at(EXT_DATA_FILE));
+        assert!(at(EXT_DATA_FILE) < at(EXT_FEATURE_TABLE));
     }
 
     #[test]

@@ -39,10 +39,19 @@ pub struct Geometry {
     /// log2 of refcount entries per block.
     pub rb_bits: u32,
     pub version: u32,
+    /// Guest data lives in an external data file: a data cluster's host
+    /// offset is its guest offset there, and the image's refcounts do not
+    /// count it.
+    pub external_data: bool,
 }
 
 impl Geometry {
-    pub fn new(cluster_bits: u32, refcount_order: u32, version: u32) -> Geometry {
+    pub fn new(
+        cluster_bits: u32,
+        refcount_order: u32,
+        version: u32,
+        external_data: bool,
+    ) -> Geometry {
         Geometry {
             cluster_bits,
             cluster_size: 1 << cluster_bits,
@@ -50,6 +59,7 @@ impl Geometry {
             refcount_order,
             rb_bits: cluster_bits + 3 - refcount_order,
             version,
+            external_data,
         }
     }
     pub fn l2_entries(&self) -> u64 {
@@ -151,7 +161,9 @@ impl Meta {
         if self.geo.version >= 3 && entry & OFLAG_ZERO != 0 {
             return Ok(Mapping::Zero((host != 0).then_some(host)));
         }
-        if host == 0 {
+        // Offset 0 is a real cluster of an external data file; such clusters
+        // always carry COPIED, which tells them from unallocated entries.
+        if host == 0 && !(self.geo.external_data && entry & OFLAG_COPIED != 0) {
             return Ok(Mapping::Unallocated);
         }
         Ok(Mapping::Normal {
@@ -298,9 +310,35 @@ impl Meta {
         };
         let idx = gc & (self.geo.l2_entries() - 1);
         let e = self.l2_get(file, l2, idx).await?;
-        match self.decode(e, l2, idx) {
+        let checked = self
+            .decode(e, l2, idx)
+            .and_then(|m| self.check_external(m, gc, l2, idx));
+        match checked {
             Ok(m) => Ok(m),
             Err(e) => Err(self.signal_corruption(file, e).await),
+        }
+    }
+
+    /// With an external data file, data is never compressed and sits at its
+    /// guest offset; anything else is corruption (QEMU's words).
+    fn check_external(&self, m: Mapping, gc: u64, l2: u64, idx: u64) -> Result<Mapping> {
+        if !self.geo.external_data {
+            return Ok(m);
+        }
+        let guest = gc << self.geo.cluster_bits;
+        match m {
+            Mapping::Compressed(_) => Err(Error::corrupt(format!(
+                "Compressed cluster entry found in image with external data file (L2 offset: {}, L2 index: {})",
+                c_hex(l2),
+                c_hex(idx)
+            ))),
+            Mapping::Normal { host, .. } | Mapping::Zero(Some(host)) if host != guest => Err(Error::corrupt(format!(
+                "External data file host cluster offset {} does not match guest cluster offset: {}, L2 index: {})",
+                c_hex(host),
+                c_hex(guest),
+                c_hex(idx)
+            ))),
+            m => Ok(m),
         }
     }
 
@@ -871,6 +909,15 @@ impl Meta {
         len: u64,
     ) -> Result<()> {
         self.check_write(file, off, len, WriteKind::Data).await
+    }
+
+    /// Checks a guest data write at `[off, off+len)`: only without a data
+    /// file does it land in the image file, where it must miss the metadata.
+    pub async fn check_data_write(&mut self, file: &Arc<Node>, off: u64, len: u64) -> Result<()> {
+        if self.geo.external_data {
+            return Ok(());
+        }
+        self.check_metadata_write(file, off, len).await
     }
 
     /// Writes back the dirty slices of one cache, each checked first.

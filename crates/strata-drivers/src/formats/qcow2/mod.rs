@@ -12,11 +12,13 @@ mod cache;
 mod check;
 mod compress;
 mod create;
+mod data_file;
 pub mod header;
 mod meta;
 mod snapshot;
 
 use async_trait::async_trait;
+use data_file::DataFile;
 use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use meta::{
     Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -46,6 +48,10 @@ const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
 /// An open qcow2 image.
 pub struct Qcow2Driver {
     file: Arc<Node>,
+    /// Where guest data lives (the image file unless there is a data file).
+    data: DataFile,
+    /// The data file must read as the disk by itself (data_file_raw).
+    data_raw: bool,
     backing: Option<Arc<Node>>,
     geo: Geometry,
     size: AtomicU64,
@@ -111,6 +117,24 @@ impl Qcow2Driver {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The node guest data is read from and written to.
+    fn data(&self) -> Result<&Arc<Node>> {
+        match &self.data {
+            DataFile::Internal => Ok(&self.file),
+            DataFile::External(n) => Ok(n),
+            // Opened for metadata only (`info`): there is no data to reach.
+            DataFile::Unopened => Err(Error::errno(libc::ENOMEDIUM)),
+        }
+    }
+
+    /// The external data file, if one is open.
+    fn external(&self) -> Option<&Arc<Node>> {
+        match &self.data {
+            DataFile::External(n) => Some(n),
+            _ => None,
+        }
+    }
+
     /// Splits `[offset, offset+len)` into extents of like mapping; contiguous
     /// data clusters merge into one extent.
     async fn extents(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -168,7 +192,7 @@ impl Qcow2Driver {
         match e.mapping {
             Mapping::Normal { host, .. } => {
                 self.file.debug_event(DebugEvent::ReadAio).await;
-                self.file.read(host, buf).await
+                self.data()?.read(host, buf).await
             }
             Mapping::Zero(_) => Ok(zero_fill(buf)),
             Mapping::Unallocated => self.read_backing(e.offset, buf).await,
@@ -352,10 +376,10 @@ impl Qcow2Driver {
                 });
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
-                    m.check_metadata_write(&self.file, at, len).await?;
+                    m.check_data_write(&self.file, at, len).await?;
                     drop(m);
                     self.file.debug_event(DebugEvent::WriteAio).await;
-                    return self.file.write(at, buf, WriteFlags::default()).await;
+                    return self.data()?.write(at, buf, WriteFlags::default()).await;
                 }
             }
             // Split at the first cluster that is (or is not) written in place.
@@ -392,8 +416,13 @@ impl Qcow2Driver {
                 // Lazy refcounts: the image is marked dirty while refcounts may lag.
                 m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
             }
-            let host = m.alloc_clusters(&self.file, n).await?;
-            m.check_metadata_write(&self.file, host, n * cs).await?;
+            let host = if self.geo.external_data {
+                // A data file keeps each cluster at its guest offset, uncounted.
+                first << self.geo.cluster_bits
+            } else {
+                m.alloc_clusters(&self.file, n).await?
+            };
+            m.check_data_write(&self.file, host, n * cs).await?;
             // Marked in flight until this guard goes, even if this future is dropped.
             let _inflight = InflightGuard::new(self, first, last);
             drop(m);
@@ -410,7 +439,11 @@ impl Qcow2Driver {
                     .map(|()| buf),
                 Err(e) => {
                     // Nothing points to the new clusters yet: give them back.
-                    let _ = m.update_refcounts(&self.file, host, n, -1).await;
+                    // Data file clusters were never counted, so nothing is
+                    // freed for them (freeing would hit unrelated clusters).
+                    if !self.geo.external_data {
+                        let _ = m.update_refcounts(&self.file, host, n, -1).await;
+                    }
                     Err(e)
                 }
             };
@@ -431,14 +464,15 @@ impl Qcow2Driver {
         let head = self.geo.offset_in_cluster(offset);
         let end = head + buf.len() as u64;
         let total = (mappings.len() as u64) * cs;
+        let data = self.data()?;
         if head == 0 && end == total {
             self.file.debug_event(DebugEvent::WriteAio).await;
-            return self.file.write(host, buf, WriteFlags::default()).await;
+            return data.write(host, buf, WriteFlags::default()).await;
         }
-        let mut data = IoBuf::zeroed(total as usize);
+        let mut merged = IoBuf::zeroed(total as usize);
         if head > 0 {
             let old = self.old_content(first, mappings[0], 0, head).await?;
-            data.as_mut_slice()[..head as usize].copy_from_slice(old.as_slice());
+            merged.as_mut_slice()[..head as usize].copy_from_slice(old.as_slice());
         }
         if end < total {
             let last = mappings.len() - 1;
@@ -446,14 +480,14 @@ impl Qcow2Driver {
             let old = self
                 .old_content(first + last as u64, mappings[last], from, cs)
                 .await?;
-            data.as_mut_slice()[end as usize..].copy_from_slice(old.as_slice());
+            merged.as_mut_slice()[end as usize..].copy_from_slice(old.as_slice());
         }
-        data.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
+        merged.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
         // Guest data and copied-on-write bytes go in one write (QEMU's
         // merged COW announces both).
         self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.debug_event(DebugEvent::CowWrite).await;
-        self.file.write(host, data, WriteFlags::default()).await?;
+        data.write(host, merged, WriteFlags::default()).await?;
         Ok(buf)
     }
 
@@ -490,7 +524,6 @@ impl Qcow2Driver {
         if frees.is_empty() {
             return Ok(());
         }
-        m.flush_l2(&self.file).await?;
         // Neighbouring clusters are freed (and discarded) as one run.
         let mut frees = frees;
         frees.sort_unstable();
@@ -502,6 +535,18 @@ impl Qcow2Driver {
                 _ => runs.push((off, n)),
             }
         }
+        if self.geo.external_data {
+            // Nothing counts data file clusters; only the discard goes on
+            // (QEMU: qcow2_free_any_cluster with a data file).
+            if discard {
+                let data = self.data()?;
+                for (off, n) in runs {
+                    data.discard(off, n * cs).await?;
+                }
+            }
+            return Ok(());
+        }
+        m.flush_l2(&self.file).await?;
         for (off, n) in runs {
             m.free_clusters(&self.file, off, n, discard).await?;
         }
@@ -627,6 +672,16 @@ impl Qcow2Driver {
             }
         }
         Ok(true)
+    }
+
+    /// With data_file_raw, zeroes `[offset, offset+len)` of the data file
+    /// before the clusters become zero clusters, so that it still reads as
+    /// the disk by itself (QEMU: qcow2_subcluster_zeroize).
+    async fn zero_raw_data(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        if !self.data_raw {
+            return Ok(());
+        }
+        self.data()?.write_zeroes(offset, len, flags).await
     }
 
     /// Grows the L1 table to `entries`, moving it to new clusters.
@@ -785,12 +840,20 @@ impl Qcow2Driver {
         if last * cs < self.file.length() {
             self.file.truncate(last * cs, Preallocation::Off).await?;
         }
+        drop(m);
+        // The data file shrinks with the disk, as QEMU resizes it.
+        if let Some(d) = self.external() {
+            d.truncate(size, Preallocation::Off).await?;
+        }
         Ok(())
     }
 
     /// Allocates host clusters for guest `[from, to)` (metadata), and
     /// reserves (falloc) or zero-writes (full) their data.
     async fn preallocate(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        if let Some(d) = self.external() {
+            return self.preallocate_external(d, from, to, mode).await;
+        }
         let cs = self.geo.cluster_size;
         let mut gc = from.div_ceil(cs);
         let end = to.div_ceil(cs);
@@ -871,6 +934,9 @@ impl Driver for Qcow2Driver {
                 node: Arc::clone(b),
             });
         }
+        if let Some(d) = self.external() {
+            c.push(Child::new(ChildRole::DataFile, d));
+        }
         c
     }
 
@@ -936,6 +1002,8 @@ impl Driver for Qcow2Driver {
                 off
             };
             if run_end > off {
+                self.zero_raw_data(off, run_end.min(end) - off, flags)
+                    .await?;
                 self.clear_clusters(
                     gc,
                     (run_end - off) / cs,
@@ -949,6 +1017,8 @@ impl Driver for Qcow2Driver {
             }
             let piece_end = ((gc + 1) * cs).min(end);
             if self.may_zero_whole_cluster(gc, off, piece_end).await? {
+                // The request grows to the whole cluster, as in QEMU.
+                self.zero_raw_data(gc * cs, cs, flags).await?;
                 self.clear_clusters(gc, 1, Clear::Zero { unmap: false })
                     .await?;
             } else {
@@ -982,6 +1052,10 @@ impl Driver for Qcow2Driver {
     }
 
     async fn flush(&self) -> Result<()> {
+        // Data first, then the metadata that points to it.
+        if let Some(d) = self.external() {
+            d.flush().await?;
+        }
         let mut m = self.meta.lock().await;
         m.flush(&self.file).await?;
         self.file.flush().await?;
@@ -1031,11 +1105,11 @@ impl Driver for Qcow2Driver {
             Mapping::Zero(None) => BlockStatus::zero(total),
             // A zero cluster that keeps its host cluster says where it is.
             Mapping::Zero(Some(host)) => BlockStatus {
-                host: Some((Arc::clone(&self.file), host)),
+                host: Some((Arc::clone(self.data()?), host)),
                 ..BlockStatus::zero(total)
             },
             Mapping::Normal { host, .. } => {
-                BlockStatus::data_at(total, Arc::clone(&self.file), host)
+                BlockStatus::data_at(total, Arc::clone(self.data()?), host)
             }
             Mapping::Compressed(_) => BlockStatus {
                 compressed: true,
@@ -1052,10 +1126,20 @@ impl Driver for Qcow2Driver {
         if size < old {
             return self.shrink(size).await;
         }
+        // A raw data file must read as the disk: its new area is mapped 1:1.
+        let prealloc = match prealloc {
+            Preallocation::Off if self.data_raw => Preallocation::Metadata,
+            p => p,
+        };
         let mut m = self.meta.lock().await;
         let need = self.geo.l1_size_for(size);
         if need > m.l1.len() as u64 {
             self.grow_l1(&mut m, need).await?;
+        }
+        if prealloc == Preallocation::Off {
+            if let Some(d) = self.external() {
+                d.truncate(size, Preallocation::Off).await?;
+            }
         }
         self.file
             .write(
@@ -1083,7 +1167,16 @@ impl Driver for Qcow2Driver {
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.file.driver().allocated_size().await
+        // What the image takes is its file plus its data file (QEMU sums
+        // the children that hold data or metadata).
+        let mut total = self.file.driver().allocated_size().await?;
+        if let Some(d) = self.external() {
+            total = match (total, d.driver().allocated_size().await?) {
+                (Some(a), Some(b)) => Some(a + b),
+                _ => None,
+            };
+        }
+        Ok(total)
     }
 
     fn has_vmstate(&self) -> bool {
@@ -1091,6 +1184,10 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        // An L2 entry cannot point into a data file at a compressed cluster.
+        if self.geo.external_data {
+            return Err(Error::errno(libc::ENOTSUP));
+        }
         let cs = self.geo.cluster_size;
         let len = buf.len() as u64;
         if len == 0 {
@@ -1157,6 +1254,12 @@ impl Driver for Qcow2Driver {
             "compat".into(),
             if h.version >= 3 { "1.1" } else { "0.10" }.into(),
         );
+        if let Some(f) = &h.data_file {
+            data.insert("data-file".into(), f.clone().into());
+        }
+        if self.geo.external_data {
+            data.insert("data-file-raw".into(), self.data_raw.into());
+        }
         if h.version >= 3 {
             data.insert("extended-l2".into(), false.into());
             data.insert(
@@ -1259,6 +1362,9 @@ impl Driver for Qcow2Driver {
         if let Some(b) = &self.backing {
             b.close().await?;
         }
+        if let Some(d) = self.external() {
+            d.close().await?;
+        }
         self.file.close().await
     }
 }
@@ -1329,6 +1435,8 @@ impl DriverClass for Qcow2Class {
         let read_only = ctx.flags.read_only;
 
         let (hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
+        let external = geo.external_data;
+        let data = data_file::open(ctx, opts, &hdr).await?;
 
         let backing = match (&hdr.backing_file, backing_opts) {
             (_, Some(serde_json::Value::Null)) => None,
@@ -1352,6 +1460,8 @@ impl DriverClass for Qcow2Class {
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
             file,
+            data,
+            data_raw: external && data_file::is_raw(&hdr),
             backing,
             geo,
             size: AtomicU64::new(hdr.size),
@@ -1401,7 +1511,8 @@ async fn load_metadata(
     };
     let cs = 1u64 << hdr.cluster_bits;
     hdr.check_features()?;
-    if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+    // A corrupt image is written to only to repair it.
+    if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !check {
         return Err(Error::msg(
             libc::EACCES,
             "qcow2: Image is corrupt; cannot be opened read/write",
@@ -1412,7 +1523,8 @@ async fn load_metadata(
             "Refcount order must be 4 for version 2 images",
         ));
     }
-    let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
+    let external = data_file::is_external(&hdr);
+    let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version, external);
     // Tables are validated (and bounded) before anything is allocated by
     // their size, in QEMU's order and words. Tables beyond the end of the
     // file are not an error: they read as zeroes, as in QEMU.
