@@ -160,7 +160,7 @@ impl Node {
         } else {
             name.to_string()
         };
-        let limits = driver.limits();
+        let limits = limits_of(&*driver);
         let backing_blocker = Blocker::new(format!("node is used as backing hd of '{name}'"));
         let node = Arc::new(Node {
             name,
@@ -413,7 +413,7 @@ impl Node {
     /// Asks the driver for its limits again, then the parents, whose limits
     /// may follow from this node's (QEMU: bdrv_refresh_limits).
     pub fn refresh_limits(&self) {
-        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = self.driver.limits();
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits_of(&*self.driver);
         for p in self.parents() {
             if let Some(p) = p.parent.upgrade() {
                 p.refresh_limits();
@@ -1069,6 +1069,25 @@ pub async fn drained<R>(nodes: &[Arc<Node>], f: impl FnOnce() -> R) -> R {
         n.tracker.wait_idle().await;
     }
     f()
+}
+
+/// A node's limits: what its driver says, merged with its backing child's
+/// as QEMU's bdrv_merge_limits merges them (drivers already take their file
+/// and filtered children into account; none looks at its backing file).
+fn limits_of(driver: &dyn Driver) -> Limits {
+    let mut l = driver.limits();
+    for c in driver.children() {
+        if c.role == ChildRole::Backing {
+            let b = c.node.limits();
+            l.max_transfer = match (l.max_transfer, b.max_transfer) {
+                (0, x) | (x, 0) => x,
+                (x, y) => x.min(y),
+            };
+            l.memory_alignment = l.memory_alignment.max(b.memory_alignment);
+            l.discard_alignment = l.discard_alignment.max(b.discard_alignment);
+        }
+    }
+    l
 }
 
 /// A request maximum (0: none) rounded down to `align`, at least `align`.

@@ -184,3 +184,73 @@ fn references_to_missing_nodes_or_with_more_options_are_refused() {
         assert!(f.is_closed());
     });
 }
+
+#[test]
+fn a_new_backing_file_is_blocked_referenced_and_merged_into_the_limits() {
+    let dir = tempdir("set-backing");
+    let base = format!("{dir}/base.qcow2");
+    let top = format!("{dir}/top.qcow2");
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        common::create(&base, "qcow2", &[("size", "1048576")]).await;
+        common::create(&top, "qcow2", &[("size", "1048576")]).await;
+        let graph = Graph::new();
+        let ctx = ctx(&graph);
+        // The base sits under blkdebug, which caps its transfers.
+        let b = open(
+            &ctx,
+            &[
+                ("driver", "blkdebug"),
+                ("node-name", "base"),
+                ("max-transfer", "65536"),
+                ("image.driver", "qcow2"),
+                ("image.node-name", "base-img"),
+                ("image.file.filename", &base),
+            ],
+        )
+        .await
+        .unwrap();
+        b.write(0, IoBuf::filled(4096, 0x33), WriteFlags::default())
+            .await
+            .unwrap();
+        let t = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "top"),
+                ("file.filename", &top),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(t.limits().max_transfer, 0);
+        assert!(b.check_op(BlockOp::Resize).is_ok());
+
+        t.set_backing(Some(Arc::clone(&b))).await.unwrap();
+        assert_eq!(t.limits().max_transfer, 65536);
+        assert_eq!(b.ref_count(), 2);
+        assert_eq!(
+            b.check_op(BlockOp::Resize).unwrap_err().to_string(),
+            "Node 'base' is busy: node is used as backing hd of 'top'"
+        );
+        let r = t.read(0, IoBuf::zeroed(4096)).await.unwrap();
+        assert!(r.as_slice().iter().all(|&x| x == 0x33));
+        // The other way round would be a cycle.
+        let img = graph.find("base-img").unwrap();
+        let e = img.set_backing(Some(Arc::clone(&t))).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Making 'top' a backing child of 'base-img' would create a cycle"
+        );
+
+        t.set_backing(None).await.unwrap();
+        assert_eq!(t.limits().max_transfer, 0);
+        assert_eq!(b.ref_count(), 1);
+        assert!(b.blockers().is_empty() && b.parents().is_empty());
+        let r = t.read(0, IoBuf::zeroed(4096)).await.unwrap();
+        assert!(r.as_slice().iter().all(|&x| x == 0));
+        t.close().await.unwrap();
+        b.close().await.unwrap();
+        assert!(graph.nodes().is_empty());
+    });
+}

@@ -52,7 +52,8 @@ pub struct Qcow2Driver {
     data: DataFile,
     /// The data file must read as the disk by itself (data_file_raw).
     data_raw: bool,
-    backing: Option<Arc<Node>>,
+    /// Swapped by set_backing (external snapshots); read per request.
+    backing: std::sync::RwLock<Option<Arc<Node>>>,
     geo: Geometry,
     size: AtomicU64,
     compression: Compression,
@@ -115,6 +116,14 @@ struct Extent {
 impl Qcow2Driver {
     fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backing node, if any.
+    fn backing(&self) -> Option<Arc<Node>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The node guest data is read from and written to.
@@ -209,7 +218,7 @@ impl Qcow2Driver {
 
     /// Reads from the backing file; zeroes where there is none or it is shorter.
     async fn read_backing(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing() else {
             return Ok(zero_fill(buf));
         };
         self.file.debug_event(DebugEvent::ReadBackingAio).await;
@@ -593,7 +602,7 @@ impl Qcow2Driver {
             let v3 = self.geo.version >= 3;
             let needs_table = match how {
                 Clear::Zero { .. } => true,
-                Clear::Discard => v3 && self.backing.is_some(),
+                Clear::Discard => v3 && self.backing().is_some(),
                 Clear::Drop => false,
             };
             if m.l2_table_of(gc)?.is_none() && !needs_table {
@@ -624,7 +633,7 @@ impl Qcow2Driver {
                     // v3 keeps a discarded cluster reading as zeroes where it
                     // was allocated or a backing file would show through.
                     Clear::Discard
-                        if v3 && (self.backing.is_some() || mp != Mapping::Unallocated) =>
+                        if v3 && (self.backing().is_some() || mp != Mapping::Unallocated) =>
                     {
                         (OFLAG_ZERO, true)
                     }
@@ -657,7 +666,7 @@ impl Qcow2Driver {
             Mapping::Unallocated => {}
             _ => return Ok(false),
         }
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing() else {
             return Ok(true);
         };
         let cluster_end = ((gc + 1) * cs).min(self.length());
@@ -928,10 +937,10 @@ impl Driver for Qcow2Driver {
             role: ChildRole::File,
             node: Arc::clone(&self.file),
         }];
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing() {
             c.push(Child {
                 role: ChildRole::Backing,
-                node: Arc::clone(b),
+                node: b,
             });
         }
         if let Some(d) = self.external() {
@@ -1042,7 +1051,7 @@ impl Driver for Qcow2Driver {
             return Ok(());
         }
         let v3 = self.geo.version >= 3;
-        if !v3 && self.backing.is_some() {
+        if !v3 && self.backing().is_some() {
             // v2 cannot mark clusters zero, and unallocating them would show
             // the backing file: discard does nothing (as in QEMU).
             return Ok(());
@@ -1156,7 +1165,7 @@ impl Driver for Qcow2Driver {
         self.size.store(size, Ordering::Release);
         // The new area must read as zeroes, not as a longer backing file's
         // data (QEMU zeroes it the same way).
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing() {
             let end = size.min(b.length());
             if end > old && self.geo.version >= 3 {
                 self.write_zeroes(old, end - old, WriteFlags::default())
@@ -1295,6 +1304,11 @@ impl Driver for Qcow2Driver {
         check::check(self, &mut m, repair).await
     }
 
+    fn set_backing(&self, backing: Option<Arc<Node>>) -> Result<()> {
+        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing;
+        Ok(())
+    }
+
     async fn invalidate_cache(&self) -> Result<()> {
         // Another process owned the image: everything cached may be stale.
         let (hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only, false)
@@ -1359,7 +1373,7 @@ impl Driver for Qcow2Driver {
                     .await?;
             }
         }
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing() {
             b.close().await?;
         }
         if let Some(d) = self.external() {
@@ -1462,7 +1476,7 @@ impl DriverClass for Qcow2Class {
             file,
             data,
             data_raw: external && data_file::is_raw(&hdr),
-            backing,
+            backing: std::sync::RwLock::new(backing),
             geo,
             size: AtomicU64::new(hdr.size),
             compression: hdr.compression,
