@@ -346,7 +346,14 @@ fn write_value(out: &mut String, v: &Value, depth: usize) {
 /// A double as QEMU's JSON writer prints it: C's `%.17g`.
 pub fn format_double(v: f64) -> String {
     if !v.is_finite() {
-        return if v.is_nan() { "nan" } else if v > 0.0 { "inf" } else { "-inf" }.into();
+        return if v.is_nan() {
+            "nan"
+        } else if v > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+        .into();
     }
     let strip = |s: &str| -> String {
         if s.contains('.') {

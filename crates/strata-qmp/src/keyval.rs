@@ -40,9 +40,9 @@ fn index_of(s: &[u8]) -> Option<(usize, usize)> {
         return None;
     }
     let text = std::str::from_utf8(&s[..n]).ok()?;
-    let v = text.parse::<u64>().map_or(i32::MAX as usize, |v| {
-        v.min(i32::MAX as u64) as usize
-    });
+    let v = text
+        .parse::<u64>()
+        .map_or(i32::MAX as usize, |v| v.min(i32::MAX as u64) as usize);
     Some((v, n))
 }
 
@@ -95,7 +95,10 @@ fn parse_one<'s>(
     help: &mut bool,
 ) -> Result<&'s str, String> {
     let b = s.as_bytes();
-    let len = b.iter().position(|&c| c == b'=' || c == b',').unwrap_or(b.len());
+    let len = b
+        .iter()
+        .position(|&c| c == b'=' || c == b',')
+        .unwrap_or(b.len());
     let mut key: &str = s;
     let mut key_len = len;
     let mut implied_value = None;
@@ -262,7 +265,11 @@ mod tests {
 
     #[test]
     fn dotted_keys_lists_and_commas() {
-        let m = parse("qcow2,file.driver=file,file.filename=a,,b,l.0=x,l.1=y", Some("driver")).unwrap();
+        let m = parse(
+            "qcow2,file.driver=file,file.filename=a,,b,l.0=x,l.1=y",
+            Some("driver"),
+        )
+        .unwrap();
         assert_eq!(
             Value::Object(m),
             json!({"driver": "qcow2", "file": {"driver": "file", "filename": "a,b"}, "l": ["x", "y"]})
@@ -273,12 +280,24 @@ mod tests {
 
     #[test]
     fn qemu_error_words() {
-        assert_eq!(parse("a", None).unwrap_err(), "Expected '=' after parameter 'a'");
+        assert_eq!(
+            parse("a", None).unwrap_err(),
+            "Expected '=' after parameter 'a'"
+        );
         assert_eq!(parse("1a=x", None).unwrap_err(), "Invalid parameter '1a'");
-        assert_eq!(parse("a=1,a.b=2", None).unwrap_err(), "Parameters 'a.*' used inconsistently");
-        assert_eq!(parse("l.0=1,l.x=2", None).unwrap_err(), "Parameters 'l.*' used inconsistently");
+        assert_eq!(
+            parse("a=1,a.b=2", None).unwrap_err(),
+            "Parameters 'a.*' used inconsistently"
+        );
+        assert_eq!(
+            parse("l.0=1,l.x=2", None).unwrap_err(),
+            "Parameters 'l.*' used inconsistently"
+        );
         assert_eq!(parse("l.1=1", None).unwrap_err(), "Parameter 'l.0' missing");
-        assert_eq!(parse("help", Some("driver")).unwrap_err(), "Help is not available for this option");
+        assert_eq!(
+            parse("help", Some("driver")).unwrap_err(),
+            "Help is not available for this option"
+        );
         assert_eq!(parse("", Some("driver")).unwrap(), Map::new());
     }
 }

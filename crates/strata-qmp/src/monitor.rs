@@ -97,7 +97,10 @@ impl Qmp {
     pub fn new(version: Value, mut schema: Schema) -> Qmp {
         schema
             .enumeration("QMPCapability", CAPABILITIES)
-            .object("q_obj_qmp_capabilities-arg", &[("*enable", "[QMPCapability]")])
+            .object(
+                "q_obj_qmp_capabilities-arg",
+                &[("*enable", "[QMPCapability]")],
+            )
             .object("q_empty", &[]);
         Qmp {
             schema,
@@ -123,7 +126,11 @@ impl Qmp {
     /// `query-version`, `query-commands`.
     pub fn add_control_commands(&mut self) {
         for (name, args, action) in [
-            ("qmp_capabilities", "q_obj_qmp_capabilities-arg", Action::Capabilities),
+            (
+                "qmp_capabilities",
+                "q_obj_qmp_capabilities-arg",
+                Action::Capabilities,
+            ),
             ("query-version", "q_empty", Action::Version),
             ("query-commands", "q_empty", Action::Commands),
         ] {
@@ -278,7 +285,11 @@ impl Qmp {
                             "QMP input member '{k}' clashes with '{first}'"
                         )));
                     }
-                    exec = Some(if k == "execute" { "execute" } else { "exec-oob" });
+                    exec = Some(if k == "execute" {
+                        "execute"
+                    } else {
+                        "exec-oob"
+                    });
                 }
                 "arguments" if !val.is_object() => {
                     return Err(QmpError::generic(
@@ -308,26 +319,37 @@ impl Qmp {
                 let id = dict.get("id").cloned();
                 (self.dispatch(session, &dict).await, id)
             }
-            Ok(_) => (Err(QmpError::generic("QMP input must be a JSON object")), None),
+            Ok(_) => (
+                Err(QmpError::generic("QMP input must be a JSON object")),
+                None,
+            ),
         };
         let result = match result {
             // Before negotiation, say what is expected instead.
-            Err(e) if negotiating && e.class == ErrorClass::CommandNotFound => Err(
-                QmpError::command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'"),
-            ),
+            Err(e) if negotiating && e.class == ErrorClass::CommandNotFound => {
+                Err(QmpError::command_not_found(
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                ))
+            }
             r => r,
         };
         response(result, id)
     }
 
-    async fn dispatch(&self, session: &mut Session, dict: &Map<String, Value>) -> Result<Value, QmpError> {
+    async fn dispatch(
+        &self,
+        session: &mut Session,
+        dict: &Map<String, Value>,
+    ) -> Result<Value, QmpError> {
         let (name, oob) = Self::check_request(dict, session.oob)?;
         let negotiating = !session.negotiated.load(Ordering::Acquire);
         let cmd = self
             .commands
             .iter()
             .find(|c| c.name == name && (!negotiating || matches!(c.action, Action::Capabilities)))
-            .ok_or_else(|| QmpError::command_not_found(format!("The command {name} has not been found")))?;
+            .ok_or_else(|| {
+                QmpError::command_not_found(format!("The command {name} has not been found"))
+            })?;
         if oob {
             // No command of this server runs out of band.
             return Err(QmpError::generic(format!(

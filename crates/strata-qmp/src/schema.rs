@@ -43,8 +43,8 @@ pub enum TypeDef {
 
 /// The built-in scalar types.
 pub const BUILTINS: &[&str] = &[
-    "str", "int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "size", "number", "bool", "any", "null",
+    "str", "int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "size",
+    "number", "bool", "any", "null",
 ];
 
 /// A set of named types.
@@ -141,7 +141,11 @@ impl Schema {
                 TypeDef::Object { members, branches } => members
                     .iter()
                     .map(|m| m.ty.as_str())
-                    .chain(branches.iter().flat_map(|b| b.variants.iter().map(|v| v.1.as_str())))
+                    .chain(
+                        branches
+                            .iter()
+                            .flat_map(|b| b.variants.iter().map(|v| v.1.as_str())),
+                    )
                     .collect(),
                 TypeDef::Alternate(ts) => ts.iter().map(String::as_str).collect(),
             };

@@ -79,7 +79,9 @@ fn c_integer(s: &str) -> Option<(bool, u128)> {
     }
     let mut v: u128 = 0;
     for c in digits.chars() {
-        v = v.checked_mul(radix)?.checked_add(c.to_digit(radix as u32)? as u128)?;
+        v = v
+            .checked_mul(radix)?
+            .checked_add(c.to_digit(radix as u32)? as u128)?;
         if v > u64::MAX as u128 + 1 {
             return None;
         }
@@ -243,7 +245,11 @@ impl Visitor<'_> {
         Ok(())
     }
 
-    fn member_list(&mut self, members: &[Member], out: &mut Map<String, Value>) -> Result<(), String> {
+    fn member_list(
+        &mut self,
+        members: &[Member],
+        out: &mut Map<String, Value>,
+    ) -> Result<(), String> {
         for m in members {
             if m.optional && self.get(Some(&m.name), false).is_none() {
                 continue;
@@ -303,7 +309,12 @@ impl Visitor<'_> {
         ))
     }
 
-    fn alternate(&mut self, ty: &str, types: &[String], name: Option<&str>) -> Result<Value, String> {
+    fn alternate(
+        &mut self,
+        ty: &str,
+        types: &[String],
+        name: Option<&str>,
+    ) -> Result<Value, String> {
         let v = self.get_required(name, false)?;
         for t in types {
             let fits = match (&v, self.schema.get(t)) {
@@ -340,8 +351,13 @@ impl Visitor<'_> {
             let s = self.get_keyval(name)?;
             return match c_integer(&s) {
                 Some((false, v)) if v <= i64::MAX as u128 => Ok(v as i64),
-                Some((true, v)) if v <= i64::MAX as u128 + 1 => Ok((v as i128).wrapping_neg() as i64),
-                _ => Err(format!("Parameter '{}' expects integer", self.full_name(name))),
+                Some((true, v)) if v <= i64::MAX as u128 + 1 => {
+                    Ok((v as i128).wrapping_neg() as i64)
+                }
+                _ => Err(format!(
+                    "Parameter '{}' expects integer",
+                    self.full_name(name)
+                )),
             };
         }
         let v = self.get_required(name, true)?;
@@ -354,10 +370,15 @@ impl Visitor<'_> {
             let s = self.get_keyval(name)?;
             // strtoull takes a sign and wraps negative numbers.
             return match c_integer(&s) {
-                Some((neg, v)) if v <= u64::MAX as u128 => {
-                    Ok(if neg { (v as u64).wrapping_neg() } else { v as u64 })
-                }
-                _ => Err(format!("Parameter '{}' expects integer", self.full_name(name))),
+                Some((neg, v)) if v <= u64::MAX as u128 => Ok(if neg {
+                    (v as u64).wrapping_neg()
+                } else {
+                    v as u64
+                }),
+                _ => Err(format!(
+                    "Parameter '{}' expects integer",
+                    self.full_name(name)
+                )),
             };
         }
         let v = self.get_required(name, true)?;
@@ -365,7 +386,10 @@ impl Visitor<'_> {
             (Some(u), _) => Ok(u),
             // Negative numbers are taken as they are, for compatibility.
             (None, Some(i)) => Ok(i as u64),
-            _ => Err(format!("Parameter '{}' expects uint64", self.full_name(name))),
+            _ => Err(format!(
+                "Parameter '{}' expects uint64",
+                self.full_name(name)
+            )),
         }
     }
 
@@ -420,11 +444,13 @@ impl Visitor<'_> {
                     .map(Value::Number)
                     .ok_or_else(|| bad_type(&self.full_name(name), "number"))
             }
-            "number" => match self.get_required(name, true)? {
-                Value::Number(n) => Ok(Number::from_f64(n.as_f64().unwrap_or(0.0))
-                    .map_or(Value::Null, Value::Number)),
-                _ => Err(bad_type(&self.full_name(name), "number")),
-            },
+            "number" => {
+                match self.get_required(name, true)? {
+                    Value::Number(n) => Ok(Number::from_f64(n.as_f64().unwrap_or(0.0))
+                        .map_or(Value::Null, Value::Number)),
+                    _ => Err(bad_type(&self.full_name(name), "number")),
+                }
+            }
             "any" => self.get_required(name, true),
             "null" => match self.get_required(name, true)? {
                 Value::Null => Ok(Value::Null),
@@ -446,11 +472,31 @@ mod tests {
             .object("Caps", &[("*enable", "[Cap]")])
             .enumeration("Drv", &["file", "qcow2"])
             .object("File", &[("filename", "str"), ("*size", "size")])
-            .object("Qcow2", &[("file", "Ref"), ("*backing", "RefOrNull"), ("*l2", "int")])
-            .union("Opts", &[("driver", "Drv"), ("*node-name", "str"), ("*read-only", "bool")], "driver", &[("file", "File"), ("qcow2", "Qcow2")])
+            .object(
+                "Qcow2",
+                &[("file", "Ref"), ("*backing", "RefOrNull"), ("*l2", "int")],
+            )
+            .union(
+                "Opts",
+                &[
+                    ("driver", "Drv"),
+                    ("*node-name", "str"),
+                    ("*read-only", "bool"),
+                ],
+                "driver",
+                &[("file", "File"), ("qcow2", "Qcow2")],
+            )
             .alternate("Ref", &["Opts", "str"])
             .alternate("RefOrNull", &["Opts", "str", "null"])
-            .object("Resize", &[("*node-name", "str"), ("size", "int"), ("*n", "uint8"), ("*l", "[int]")]);
+            .object(
+                "Resize",
+                &[
+                    ("*node-name", "str"),
+                    ("size", "int"),
+                    ("*n", "uint8"),
+                    ("*l", "[int]"),
+                ],
+            );
         assert!(s.undefined().is_empty());
         s
     }
@@ -459,28 +505,85 @@ mod tests {
     fn qmp_errors_name_parameters_as_qemu() {
         let s = schema();
         let e = |ty: &str, v: Value| visit(&s, ty, v, false).unwrap_err();
-        assert_eq!(e("Caps", json!({"enable": ["foo"]})), "Parameter 'null' does not accept value 'foo'");
-        assert_eq!(e("Caps", json!({"enable": "oob"})), "Invalid parameter type for 'enable', expected: array");
-        assert_eq!(e("Caps", json!({"enable": [1]})), "Invalid parameter type for 'enable[0]', expected: string");
+        assert_eq!(
+            e("Caps", json!({"enable": ["foo"]})),
+            "Parameter 'null' does not accept value 'foo'"
+        );
+        assert_eq!(
+            e("Caps", json!({"enable": "oob"})),
+            "Invalid parameter type for 'enable', expected: array"
+        );
+        assert_eq!(
+            e("Caps", json!({"enable": [1]})),
+            "Invalid parameter type for 'enable[0]', expected: string"
+        );
         assert_eq!(e("Caps", json!({"x": 1})), "Parameter 'x' is unexpected");
         assert_eq!(e("Opts", json!({})), "Parameter 'driver' is missing");
-        assert_eq!(e("Opts", json!({"driver": "vmdk"})), "Parameter 'driver' does not accept value 'vmdk'");
-        assert_eq!(e("Opts", json!({"driver": "qcow2", "file": {"driver": "file"}})), "Parameter 'file.filename' is missing");
-        assert_eq!(e("Opts", json!({"driver": "qcow2", "file": {"driver": "file", "filename": "a", "x": 1}})), "Parameter 'file.x' is unexpected");
-        assert_eq!(e("Opts", json!({"driver": "qcow2", "file": 1})), "Invalid parameter type for 'file', expected: Ref");
-        assert_eq!(e("Opts", json!({"driver": "file", "filename": "a", "read-only": "on"})), "Invalid parameter type for 'read-only', expected: boolean");
-        assert_eq!(e("Resize", json!({"size": 1.5})), "Invalid parameter type for 'size', expected: integer");
-        assert_eq!(e("Resize", json!({"size": 9223372036854775808u64})), "Invalid parameter type for 'size', expected: integer");
-        assert_eq!(e("Resize", json!({"size": 1, "n": 256})), "Parameter 'n' expects uint8_t");
-        assert_eq!(e("Resize", json!({"size": 1, "l": [1, "x"]})), "Invalid parameter type for 'l[1]', expected: integer");
-        assert_eq!(e("Resize", json!(1)), "Invalid parameter type for '<anonymous>', expected: object");
+        assert_eq!(
+            e("Opts", json!({"driver": "vmdk"})),
+            "Parameter 'driver' does not accept value 'vmdk'"
+        );
+        assert_eq!(
+            e(
+                "Opts",
+                json!({"driver": "qcow2", "file": {"driver": "file"}})
+            ),
+            "Parameter 'file.filename' is missing"
+        );
+        assert_eq!(
+            e(
+                "Opts",
+                json!({"driver": "qcow2", "file": {"driver": "file", "filename": "a", "x": 1}})
+            ),
+            "Parameter 'file.x' is unexpected"
+        );
+        assert_eq!(
+            e("Opts", json!({"driver": "qcow2", "file": 1})),
+            "Invalid parameter type for 'file', expected: Ref"
+        );
+        assert_eq!(
+            e(
+                "Opts",
+                json!({"driver": "file", "filename": "a", "read-only": "on"})
+            ),
+            "Invalid parameter type for 'read-only', expected: boolean"
+        );
+        assert_eq!(
+            e("Resize", json!({"size": 1.5})),
+            "Invalid parameter type for 'size', expected: integer"
+        );
+        assert_eq!(
+            e("Resize", json!({"size": 9223372036854775808u64})),
+            "Invalid parameter type for 'size', expected: integer"
+        );
+        assert_eq!(
+            e("Resize", json!({"size": 1, "n": 256})),
+            "Parameter 'n' expects uint8_t"
+        );
+        assert_eq!(
+            e("Resize", json!({"size": 1, "l": [1, "x"]})),
+            "Invalid parameter type for 'l[1]', expected: integer"
+        );
+        assert_eq!(
+            e("Resize", json!(1)),
+            "Invalid parameter type for '<anonymous>', expected: object"
+        );
     }
 
     #[test]
     fn qmp_values_come_back_typed() {
         let s = schema();
-        let v = visit(&s, "Opts", json!({"driver": "qcow2", "node-name": "top", "file": "f", "backing": null}), false).unwrap();
-        assert_eq!(v, json!({"driver": "qcow2", "node-name": "top", "file": "f", "backing": null}));
+        let v = visit(
+            &s,
+            "Opts",
+            json!({"driver": "qcow2", "node-name": "top", "file": "f", "backing": null}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver": "qcow2", "node-name": "top", "file": "f", "backing": null})
+        );
     }
 
     #[test]
@@ -488,15 +591,27 @@ mod tests {
         let s = schema();
         let kv = |t: &str| Value::Object(crate::keyval::parse(t, Some("driver")).unwrap());
         let v = visit(&s, "Opts", kv("file,filename=a,size=1M,read-only=on"), true).unwrap();
-        assert_eq!(v, json!({"driver": "file", "read-only": true, "filename": "a", "size": 1048576}));
+        assert_eq!(
+            v,
+            json!({"driver": "file", "read-only": true, "filename": "a", "size": 1048576})
+        );
         let e = |t: &str| visit(&s, "Opts", kv(t), true).unwrap_err();
-        assert_eq!(e("file,filename=a,read-only=maybe"), "Parameter 'read-only' expects 'on' or 'off'");
+        assert_eq!(
+            e("file,filename=a,read-only=maybe"),
+            "Parameter 'read-only' expects 'on' or 'off'"
+        );
         assert_eq!(e("file,filename=a,size=x"), "Parameter 'size' expects size");
-        assert_eq!(e("file,filename.a=1"), "Parameters 'filename.*' are unexpected");
+        assert_eq!(
+            e("file,filename.a=1"),
+            "Parameters 'filename.*' are unexpected"
+        );
         assert_eq!(e("qcow2,file=f,l2=0x"), "Parameter 'l2' expects integer");
         let v = visit(&s, "Opts", kv("qcow2,file=f,l2=0x10"), true).unwrap();
         assert_eq!(v["l2"], 16);
         let r = Value::Object(crate::keyval::parse("size=1,l.0=1,l.1=x", None).unwrap());
-        assert_eq!(visit(&s, "Resize", r, true).unwrap_err(), "Parameter 'l.1' expects integer");
+        assert_eq!(
+            visit(&s, "Resize", r, true).unwrap_err(),
+            "Parameter 'l.1' expects integer"
+        );
     }
 }

@@ -245,7 +245,12 @@ mod tests {
             has_arg: true,
             val: 'b',
         }];
-        let p = parse("q", &v(&["--blockdev", "x", "pos", "--blockdev=y"]), "-h", &long);
+        let p = parse(
+            "q",
+            &v(&["--blockdev", "x", "pos", "--blockdev=y"]),
+            "-h",
+            &long,
+        );
         assert_eq!(
             p.items,
             vec![

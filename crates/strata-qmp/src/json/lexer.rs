@@ -230,7 +230,10 @@ mod tests {
         use TokenKind::*;
         assert_eq!(
             kinds,
-            [LCurly, String, Colon, Float, Comma, String, Colon, LSquare, Keyword, Comma, Integer, RSquare, RCurly]
+            [
+                LCurly, String, Colon, Float, Comma, String, Colon, LSquare, Keyword, Comma,
+                Integer, RSquare, RCurly
+            ]
         );
         assert_eq!(t[3].1, "-1.5e3");
     }

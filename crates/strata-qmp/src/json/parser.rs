@@ -277,7 +277,10 @@ mod tests {
 
     #[test]
     fn values_and_numbers() {
-        let v = parse(&toks("{'a': [1, -2, 18446744073709551615, 1.5, true, null], \"b\": \"x\\u00e9\"}")).unwrap();
+        let v = parse(&toks(
+            "{'a': [1, -2, 18446744073709551615, 1.5, true, null], \"b\": \"x\\u00e9\"}",
+        ))
+        .unwrap();
         assert_eq!(v["a"][2].as_u64(), Some(u64::MAX));
         assert!(v["a"][3].is_f64());
         assert_eq!(v["b"], "xé");
@@ -290,14 +293,23 @@ mod tests {
     fn qemu_error_words() {
         let e = |s: &str| parse(&toks(s)).unwrap_err();
         assert_eq!(e("{'a' 1}"), "JSON parse error, missing : in object pair");
-        assert_eq!(e("{1: 2}"), "JSON parse error, key is not a string in object");
-        assert_eq!(e("{'a': 1 'b'}"), "JSON parse error, expected separator in dict");
+        assert_eq!(
+            e("{1: 2}"),
+            "JSON parse error, key is not a string in object"
+        );
+        assert_eq!(
+            e("{'a': 1 'b'}"),
+            "JSON parse error, expected separator in dict"
+        );
         assert_eq!(e("[1 2]"), "JSON parse error, expected separator in list");
         assert_eq!(e("{'a': 1, 'a': 2}"), "JSON parse error, duplicate key");
         assert_eq!(e("{'a': }"), "JSON parse error, expecting value");
         assert_eq!(e("{'a': 1,"), "JSON parse error, premature EOI");
         assert_eq!(e("nul"), "JSON parse error, invalid keyword 'nul'");
-        assert_eq!(e("'\\x'"), "JSON parse error, invalid escape sequence in string");
+        assert_eq!(
+            e("'\\x'"),
+            "JSON parse error, invalid escape sequence in string"
+        );
         assert_eq!(
             e("'\\ud800'"),
             "JSON parse error, \\ud800 is not a valid Unicode character"

@@ -118,7 +118,10 @@ mod tests {
         assert_eq!(m[0].as_ref().unwrap_err(), "JSON parse error, stray '\x01'");
         assert!(m[1].is_ok());
         let m = s.feed(b"}");
-        assert_eq!(m[0].as_ref().unwrap_err(), "JSON parse error, expecting value");
+        assert_eq!(
+            m[0].as_ref().unwrap_err(),
+            "JSON parse error, expecting value"
+        );
     }
 
     #[test]
@@ -126,6 +129,9 @@ mod tests {
         let mut s = JsonStream::default();
         let deep = "[".repeat(1025);
         let m = s.feed(deep.as_bytes());
-        assert_eq!(m[0].as_ref().unwrap_err(), "JSON nesting depth limit exceeded");
+        assert_eq!(
+            m[0].as_ref().unwrap_err(),
+            "JSON nesting depth limit exceeded"
+        );
     }
 }

@@ -28,7 +28,9 @@ fn lists_to_dicts(v: Value) -> Value {
                 .map(|(i, x)| (i.to_string(), lists_to_dicts(x)))
                 .collect(),
         ),
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, x)| (k, lists_to_dicts(x))).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, x)| (k, lists_to_dicts(x))).collect())
+        }
         other => other,
     }
 }
@@ -86,7 +88,8 @@ impl Daemon {
             .graph
             .find(name)
             .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
-        node.check_op(BlockOp::DriveDel).map_err(|e| e.to_string())?;
+        node.check_op(BlockOp::DriveDel)
+            .map_err(|e| e.to_string())?;
         let owned_at = self.owned().iter().position(|n| Arc::ptr_eq(n, &node));
         let Some(at) = owned_at else {
             return Err(format!("Node {name} is not owned by the monitor"));

@@ -117,7 +117,11 @@ pub async fn create(
     if !BACKENDS.contains(&backend) {
         return Err(format!("'{backend}' is not a valid char driver name"));
     }
-    let allowed = if backend == "socket" { SOCKET_KEYS } else { STDIO_KEYS };
+    let allowed = if backend == "socket" {
+        SOCKET_KEYS
+    } else {
+        STDIO_KEYS
+    };
     if backend == "socket" {
         let given = ["path", "fd", "host"]
             .iter()
@@ -130,7 +134,11 @@ pub async fn create(
             return Err("chardev: socket: no port given".into());
         }
     }
-    if let Some((k, _)) = opts.opts.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+    if let Some((k, _)) = opts
+        .opts
+        .iter()
+        .find(|(k, _)| !allowed.contains(&k.as_str()))
+    {
         return Err(format!(
             "chardev: {backend}: '{k}' is not supported by strata-daemon"
         ));
@@ -186,7 +194,8 @@ pub async fn create(
 /// Binds a listening socket at `path`, replacing a stale socket file as
 /// QEMU does.
 fn listen(path: &str) -> Result<UnixListener, String> {
-    let errno = |e: &std::io::Error| strata_block::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+    let errno =
+        |e: &std::io::Error| strata_block::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
     if path.len() >= 108 {
         return Err(format!("UNIX socket path '{path}' is too long"));
     }

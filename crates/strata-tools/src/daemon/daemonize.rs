@@ -27,7 +27,9 @@ pub fn daemonize() -> Daemonized {
             let mut status = [1u8];
             let n = loop {
                 let n = unsafe { libc::read(fds[0], status.as_mut_ptr().cast(), 1) };
-                if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                if n >= 0
+                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
                     break n;
                 }
             };

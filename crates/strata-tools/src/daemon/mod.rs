@@ -23,13 +23,41 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
 const LONG: &[LongOpt] = &[
-    LongOpt { name: "blockdev", has_arg: true, val: 'B' },
-    LongOpt { name: "chardev", has_arg: true, val: 'C' },
-    LongOpt { name: "daemonize", has_arg: false, val: 'D' },
-    LongOpt { name: "help", has_arg: false, val: 'h' },
-    LongOpt { name: "monitor", has_arg: true, val: 'M' },
-    LongOpt { name: "pidfile", has_arg: true, val: 'P' },
-    LongOpt { name: "version", has_arg: false, val: 'V' },
+    LongOpt {
+        name: "blockdev",
+        has_arg: true,
+        val: 'B',
+    },
+    LongOpt {
+        name: "chardev",
+        has_arg: true,
+        val: 'C',
+    },
+    LongOpt {
+        name: "daemonize",
+        has_arg: false,
+        val: 'D',
+    },
+    LongOpt {
+        name: "help",
+        has_arg: false,
+        val: 'h',
+    },
+    LongOpt {
+        name: "monitor",
+        has_arg: true,
+        val: 'M',
+    },
+    LongOpt {
+        name: "pidfile",
+        has_arg: true,
+        val: 'P',
+    },
+    LongOpt {
+        name: "version",
+        has_arg: false,
+        val: 'V',
+    },
 ];
 
 fn help() {
@@ -67,7 +95,8 @@ QEMU storage daemon (Strata)
 
 /// What query-version and the greeting say: the QEMU release replaced.
 fn version_info() -> Value {
-    json!({"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Strata 0.1.0"})
+    // Built in QEMU's order, which its dictionaries print by.
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "Strata 0.1.0"})
 }
 
 /// Reports `msg` for the option given by `loc` as QEMU does
@@ -86,8 +115,16 @@ struct Device {
 /// or after shutdown, with the exit code.
 pub fn main() -> i32 {
     let args: Vec<String> = std::env::args().collect();
-    strata_block::report::set_prog_name(args.first().map(String::as_str).unwrap_or("strata-daemon"));
-    let parsed = getopt::parse(prog_name(), &args[1..], "-hV", LONG);
+    strata_block::report::set_prog_name(
+        args.first().map(String::as_str).unwrap_or("strata-daemon"),
+    );
+    // glibc names the program by argv[0] as given.
+    let parsed = getopt::parse(
+        args.first().map(String::as_str).unwrap_or_default(),
+        &args[1..],
+        "-hV",
+        LONG,
+    );
     // First pass: what must happen before anything starts.
     let mut daemonize = false;
     let mut pidfile = None;
@@ -136,7 +173,9 @@ fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
                 let device = args.get("device").and_then(Value::as_str);
                 let node = args.get("node-name").and_then(Value::as_str);
                 let size = args["size"].as_i64().unwrap_or(-1);
-                d.block_resize(device, node, size).await.map_err(QmpError::generic)?;
+                d.block_resize(device, node, size)
+                    .await
+                    .map_err(QmpError::generic)?;
                 Ok(json!({}))
             })
         }),
@@ -187,7 +226,11 @@ async fn run(
     daemonized: Option<daemonize::Daemonized>,
 ) -> i32 {
     let mut signals = Vec::new();
-    for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()] {
+    for kind in [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+    ] {
         match signal(kind) {
             Ok(s) => signals.push(s),
             Err(e) => {
@@ -281,7 +324,10 @@ async fn add_blockdev(daemon: &Daemon, qmp: &Qmp, arg: &str) -> Result<(), Strin
     let (value, keyval) = if arg.starts_with('{') {
         (strata_block::qjson::parse(arg)?, false)
     } else {
-        (Value::Object(strata_qmp::keyval::parse(arg, Some("driver"))?), true)
+        (
+            Value::Object(strata_qmp::keyval::parse(arg, Some("driver"))?),
+            true,
+        )
     };
     let opts = strata_qmp::visit::visit(qmp.schema(), "BlockdevOptions", value, keyval)?;
     daemon.blockdev_add(opts).await
@@ -326,7 +372,11 @@ fn serve(qmp: &Arc<Qmp>, devices: &mut [Device]) -> Vec<String> {
         let monitor = d.monitor;
         let backend = std::mem::replace(&mut d.dev.backend, Backend::Client(None));
         match backend {
-            Backend::Server { path, listener, first } => {
+            Backend::Server {
+                path,
+                listener,
+                first,
+            } => {
                 paths.push(path);
                 if let Some(s) = first {
                     connection(qmp, s, monitor);

@@ -13,16 +13,25 @@ pub struct PidFile {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 impl PidFile {
     /// Creates, locks and writes the file. `Err` is QEMU's message.
     pub fn write(path: &str) -> Result<PidFile, String> {
-        let c = CString::new(path).map_err(|_| format!("Could not create '{path}': Invalid argument"))?;
+        let c = CString::new(path)
+            .map_err(|_| format!("Could not create '{path}': Invalid argument"))?;
         let fd = loop {
             // SAFETY: `c` is a valid C string; open has no other memory arguments.
-            let raw = unsafe { libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o600) };
+            let raw = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                    0o600,
+                )
+            };
             if raw < 0 {
                 return Err(format!("Could not create '{path}': {}", strerror(errno())));
             }
@@ -40,15 +49,17 @@ impl PidFile {
                 return Err(format!("Cannot lock pid file: {}", strerror(errno())));
             }
             // The path must still name the file we locked (another daemon
-            // may have replaced it meanwhile).
+            // may have replaced it meanwhile). fstat, not a second
+            // descriptor: closing one would drop the lock.
             use std::os::unix::fs::MetadataExt;
-            let ours = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?)
-                .metadata()
-                .map(|m| m.ino());
-            match (std::fs::metadata(path).map(|m| m.ino()), ours) {
-                (Ok(a), Ok(b)) if a == b => break fd,
-                (Ok(_), Ok(_)) | (Err(_), _) => continue,
-                (_, Err(e)) => return Err(format!("Cannot stat file: {e}")),
+            // SAFETY: `st` is a valid stat buffer for the call.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(raw, &mut st) } < 0 {
+                return Err(format!("Cannot stat file: {}", strerror(errno())));
+            }
+            match std::fs::metadata(path) {
+                Ok(m) if m.ino() == st.st_ino => break fd,
+                _ => continue,
             }
         };
         let text = format!("{}\n", std::process::id());

@@ -35,7 +35,8 @@ impl QemuOpts {
 
     /// A boolean option (already checked), or `default`.
     pub fn get_bool(&self, name: &str, default: bool) -> bool {
-        self.get(name).map_or(default, |v| parse_bool(v) == Some(true))
+        self.get(name)
+            .map_or(default, |v| parse_bool(v) == Some(true))
     }
 }
 
@@ -70,7 +71,10 @@ fn value_at(s: &str) -> (String, &str) {
 
 /// One item: its name, its value, whether it was a bare flag (and the
 /// `no` prefix it had), and the rest of the string.
-fn name_value<'s>(s: &'s str, first: Option<&str>) -> (String, String, Option<&'static str>, &'s str) {
+fn name_value<'s>(
+    s: &'s str,
+    first: Option<&str>,
+) -> (String, String, Option<&'static str>, &'s str) {
     let len = s.find(['=', ',']).unwrap_or(s.len());
     let (name, value, flag, rest) = if s.as_bytes().get(len) != Some(&b'=') {
         match first {
@@ -190,7 +194,10 @@ mod tests {
 
     #[test]
     fn qemu_error_words() {
-        assert_eq!(parse("socket,bogus=1", "backend", KNOWN).unwrap_err(), "Invalid parameter 'bogus'");
+        assert_eq!(
+            parse("socket,bogus=1", "backend", KNOWN).unwrap_err(),
+            "Invalid parameter 'bogus'"
+        );
         assert_eq!(
             parse("socket,wait=maybe", "backend", KNOWN).unwrap_err(),
             "Parameter 'wait' expects 'on' or 'off'"

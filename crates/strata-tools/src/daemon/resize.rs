@@ -61,7 +61,13 @@ fn conflict(child: &str, user: &str, user_role: &str, parent: &str, role: &str) 
 /// resized by a new user.
 fn check_resize_perm(node: &Arc<Node>) -> Result<(), String> {
     if let Some((parent, role)) = resize_unshared_by(node, None) {
-        return Err(conflict(node.name(), "an unnamed block device", "root", &parent, &role));
+        return Err(conflict(
+            node.name(),
+            "an unnamed block device",
+            "root",
+            &parent,
+            &role,
+        ));
     }
     check_children(node)
 }
@@ -74,7 +80,13 @@ fn check_children(node: &Arc<Node>) -> Result<(), String> {
         }
         if let Some((parent, role)) = resize_unshared_by(&c.node, Some(node)) {
             let user = format!("node '{}'", node.name());
-            return Err(conflict(c.node.name(), &user, &c.role.name(), &parent, &role));
+            return Err(conflict(
+                c.node.name(),
+                &user,
+                &c.role.name(),
+                &parent,
+                &role,
+            ));
         }
         check_children(&c.node)?;
     }

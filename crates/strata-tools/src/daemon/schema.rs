@@ -37,17 +37,54 @@ pub fn drivers_without_schema(registry: &Registry) -> Vec<&'static str> {
 }
 
 const BLKDEBUG_EVENTS: &[&str] = &[
-    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
-    "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
-    "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed",
-    "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow",
-    "reftable_update", "refblock_load", "refblock_update", "refblock_update_part",
-    "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write",
-    "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table",
-    "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk",
-    "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
-    "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare", "l1_shrink_write_table",
-    "l1_shrink_free_l2_clusters", "cor_write", "cluster_alloc_space", "none",
+    "l1_update",
+    "l1_grow_alloc_table",
+    "l1_grow_write_table",
+    "l1_grow_activate_table",
+    "l2_load",
+    "l2_update",
+    "l2_update_compressed",
+    "l2_alloc_cow_read",
+    "l2_alloc_write",
+    "read_aio",
+    "read_backing_aio",
+    "read_compressed",
+    "write_aio",
+    "write_compressed",
+    "vmstate_load",
+    "vmstate_save",
+    "cow_read",
+    "cow_write",
+    "reftable_load",
+    "reftable_grow",
+    "reftable_update",
+    "refblock_load",
+    "refblock_update",
+    "refblock_update_part",
+    "refblock_alloc",
+    "refblock_alloc_hookup",
+    "refblock_alloc_write",
+    "refblock_alloc_write_blocks",
+    "refblock_alloc_write_table",
+    "refblock_alloc_switch_table",
+    "cluster_alloc",
+    "cluster_alloc_bytes",
+    "cluster_free",
+    "flush_to_os",
+    "flush_to_disk",
+    "pwritev_rmw_head",
+    "pwritev_rmw_after_head",
+    "pwritev_rmw_tail",
+    "pwritev_rmw_after_tail",
+    "pwritev",
+    "pwritev_zero",
+    "pwritev_done",
+    "empty_image_prepare",
+    "l1_shrink_write_table",
+    "l1_shrink_free_l2_clusters",
+    "cor_write",
+    "cluster_alloc_space",
+    "none",
 ];
 
 /// The schema of the daemon's commands and options, for the drivers of `registry`.
@@ -64,7 +101,10 @@ pub fn schema(registry: &Registry) -> Schema {
         .enumeration("BlockdevDetectZeroesOptions", &["off", "on", "unmap"])
         .enumeration("BlockdevAioOptions", &["threads", "native", "io_uring"])
         .enumeration("OnOffAuto", &["auto", "on", "off"])
-        .object("BlockdevCacheOptions", &[("*direct", "bool"), ("*no-flush", "bool")])
+        .object(
+            "BlockdevCacheOptions",
+            &[("*direct", "bool"), ("*no-flush", "bool")],
+        )
         .union(
             "BlockdevOptions",
             &[
@@ -97,12 +137,20 @@ pub fn schema(registry: &Registry) -> Schema {
         )
         .object(
             "BlockdevOptionsNull",
-            &[("*size", "int"), ("*latency-ns", "uint64"), ("*read-zeroes", "bool")],
+            &[
+                ("*size", "int"),
+                ("*latency-ns", "uint64"),
+                ("*read-zeroes", "bool"),
+            ],
         )
         .object("BlockdevOptionsGenericFormat", &[("file", "BlockdevRef")])
         .object(
             "BlockdevOptionsRaw",
-            &[("file", "BlockdevRef"), ("*offset", "int"), ("*size", "int")],
+            &[
+                ("file", "BlockdevRef"),
+                ("*offset", "int"),
+                ("*size", "int"),
+            ],
         )
         .object(
             "BlockdevOptionsCor",
@@ -127,7 +175,10 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("*read-pattern", "QuorumReadPattern"),
             ],
         )
-        .enumeration("Qcow2OverlapCheckMode", &["none", "constant", "cached", "all"])
+        .enumeration(
+            "Qcow2OverlapCheckMode",
+            &["none", "constant", "cached", "all"],
+        )
         .object(
             "Qcow2OverlapCheckFlags",
             &[
@@ -143,7 +194,10 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("*bitmap-directory", "bool"),
             ],
         )
-        .alternate("Qcow2OverlapChecks", &["Qcow2OverlapCheckFlags", "Qcow2OverlapCheckMode"])
+        .alternate(
+            "Qcow2OverlapChecks",
+            &["Qcow2OverlapCheckFlags", "Qcow2OverlapCheckMode"],
+        )
         .enumeration("BlockdevQcow2EncryptionFormat", &["aes", "luks"])
         .object("QCryptoBlockOptionsQCow", &[("*key-secret", "str")])
         .object("QCryptoBlockOptionsLUKS", &[("*key-secret", "str")])
@@ -151,7 +205,10 @@ pub fn schema(registry: &Registry) -> Schema {
             "BlockdevQcow2Encryption",
             &[("format", "BlockdevQcow2EncryptionFormat")],
             "format",
-            &[("aes", "QCryptoBlockOptionsQCow"), ("luks", "QCryptoBlockOptionsLUKS")],
+            &[
+                ("aes", "QCryptoBlockOptionsQCow"),
+                ("luks", "QCryptoBlockOptionsLUKS"),
+            ],
         )
         .object(
             "BlockdevOptionsQcow2",
@@ -176,7 +233,14 @@ pub fn schema(registry: &Registry) -> Schema {
         .enumeration("BlkdebugEvent", BLKDEBUG_EVENTS)
         .enumeration(
             "BlkdebugIOType",
-            &["read", "write", "write-zeroes", "discard", "flush", "block-status"],
+            &[
+                "read",
+                "write",
+                "write-zeroes",
+                "discard",
+                "flush",
+                "block-status",
+            ],
         )
         .enumeration(
             "BlockPermission",
@@ -196,7 +260,11 @@ pub fn schema(registry: &Registry) -> Schema {
         )
         .object(
             "BlkdebugSetStateOptions",
-            &[("event", "BlkdebugEvent"), ("*state", "int"), ("new_state", "int")],
+            &[
+                ("event", "BlkdebugEvent"),
+                ("*state", "int"),
+                ("new_state", "int"),
+            ],
         )
         .object(
             "BlockdevOptionsBlkdebug",
@@ -218,7 +286,12 @@ pub fn schema(registry: &Registry) -> Schema {
         .enumeration("MonitorMode", &["readline", "control"])
         .object(
             "MonitorOptions",
-            &[("*id", "str"), ("*mode", "MonitorMode"), ("*pretty", "bool"), ("chardev", "str")],
+            &[
+                ("*id", "str"),
+                ("*mode", "MonitorMode"),
+                ("*pretty", "bool"),
+                ("chardev", "str"),
+            ],
         )
         .object("q_obj_blockdev-del_arg", &[("node-name", "str")])
         .object(
