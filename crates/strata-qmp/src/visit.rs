@@ -300,7 +300,7 @@ impl Visitor<'_> {
 
     fn enumeration(&mut self, values: &[String], name: Option<&str>) -> Result<Value, String> {
         let s = self.string(name)?;
-        if values.iter().any(|v| *v == s) {
+        if values.contains(&s) {
             return Ok(Value::String(s));
         }
         Err(format!(
