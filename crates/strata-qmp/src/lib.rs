@@ -5,6 +5,7 @@
 //! commands and the schema of their arguments.
 
 pub mod error;
+mod ghash;
 pub mod json;
 pub mod keyval;
 pub mod monitor;

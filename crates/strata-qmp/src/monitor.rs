@@ -185,6 +185,12 @@ impl Qmp {
         }
     }
 
+    /// Waits for the command that runs, if any, and runs no more: what
+    /// shutdown does before it closes what commands use.
+    pub async fn stop(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.busy.lock().await
+    }
+
     /// Waits until everything queued for every client is written (or its
     /// connection is gone): the last answers before the process ends.
     pub async fn flush(&self) {

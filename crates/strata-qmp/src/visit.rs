@@ -6,6 +6,7 @@
 //! Two modes, as in QEMU: QMP input is typed JSON; keyval input (from
 //! `key=value` options) has only strings, which are converted by type.
 
+use crate::ghash::GHashSet;
 use crate::schema::{Member, Schema, TypeDef};
 use serde_json::{Map, Number, Value};
 
@@ -16,10 +17,10 @@ struct Frame {
 }
 
 enum Container {
-    /// An object and its keys not visited yet, in order.
+    /// An object and its keys not visited yet, laid out as QEMU keeps them.
     Dict {
         map: Map<String, Value>,
-        unvisited: Vec<String>,
+        unvisited: GHashSet,
     },
     /// A list, the next element and the index of the last one taken.
     List {
@@ -161,7 +162,7 @@ impl Visitor<'_> {
                 let key = name.unwrap_or_default();
                 let v = map.get(key).cloned();
                 if consume && v.is_some() {
-                    unvisited.retain(|k| k != key);
+                    unvisited.remove(key);
                 }
                 v
             }
@@ -217,7 +218,11 @@ impl Visitor<'_> {
         let Value::Object(map) = v else {
             return Err(bad_type(&self.full_name(name), "object"));
         };
-        let unvisited = map.keys().cloned().collect();
+        // Keys go into the table in the order QEMU's dictionary lists them.
+        let mut unvisited = GHashSet::new();
+        for k in strata_block::qjson::qdict_order(map.keys()) {
+            unvisited.insert(k);
+        }
         self.stack.push(Frame {
             name: name.map(str::to_string),
             kind: Container::Dict { map, unvisited },

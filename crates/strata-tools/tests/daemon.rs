@@ -897,3 +897,37 @@ fn daemonize_and_pidfile() {
         assert!(!Path::new(&sock).exists());
     }
 }
+
+#[test]
+fn server_waits_for_its_first_client() {
+    let Some((s, q)) = sides() else {
+        return;
+    };
+    let mut results = Vec::new();
+    for side in [&s, &q] {
+        let sock = side.path("w.sock");
+        let child = Command::new(&side.prog)
+            .args([
+                "--chardev",
+                &format!("socket,path={sock},server=on,id=c0"),
+                "--monitor",
+                "c0",
+            ])
+            .current_dir(side.dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let d = Running { child };
+        let mut c = Client::connect(&sock);
+        let mut lines = vec![side.normalize(&c.line())];
+        lines.push(c.ask(r#"{"execute": "qmp_capabilities"}"#));
+        lines.push(c.ask(r#"{"execute": "quit"}"#));
+        let (code, err) = d.wait();
+        lines.push(format!("exit {code}"));
+        lines.push(side.normalize(&err));
+        results.push(lines);
+    }
+    assert_eq!(results[0], results[1]);
+    assert!(results[0][4]
+        .contains("info: QEMU waiting for connection on: disconnected:unix:$DIR/w.sock,server=on"));
+}

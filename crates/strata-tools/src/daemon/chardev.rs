@@ -89,10 +89,12 @@ pub enum Created {
     Help(String),
 }
 
-/// Parses a `--chardev` argument. Warnings go to `warn`.
+/// Parses a `--chardev` argument and opens the device. Warnings go to
+/// `warn`, notes (waiting for a client) to `info`.
 pub async fn create(
     arg: &str,
     existing: &[&Chardev],
+    daemonized: bool,
     warn: &mut dyn FnMut(&str),
     info: &mut dyn FnMut(&str),
 ) -> Result<Created, String> {
@@ -148,6 +150,9 @@ pub async fn create(
     }
     let backend = match backend {
         "stdio" => {
+            if daemonized {
+                return Err("cannot use stdio with -daemonize".into());
+            }
             if existing.iter().any(|c| matches!(c.backend, Backend::Stdio)) {
                 return Err("cannot use stdio by multiple character devices".into());
             }

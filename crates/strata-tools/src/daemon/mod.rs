@@ -257,7 +257,7 @@ async fn run(
         let r = match *c {
             OPERAND => Err("Unexpected argument".to_string()),
             'B' => add_blockdev(&daemon, &qmp, arg).await,
-            'C' => match add_chardev(arg, &loc, &devices).await {
+            'C' => match add_chardev(arg, &loc, &devices, daemonized.is_some()).await {
                 Ok(Some(dev)) => {
                     devices.push(Device { dev, monitor: None });
                     Ok(())
@@ -310,6 +310,8 @@ async fn run(
 
 /// Closes every node, then lets the last answers out.
 async fn shutdown(daemon: &Daemon, qmp: &Qmp, devices: Vec<Device>) {
+    // A command still running finishes first; none starts after it.
+    let _stopped = qmp.stop().await;
     daemon.close_all().await;
     qmp.flush().await;
     for d in devices {
@@ -334,11 +336,16 @@ async fn add_blockdev(daemon: &Daemon, qmp: &Qmp, arg: &str) -> Result<(), Strin
 }
 
 /// `Ok(None)`: help was printed.
-async fn add_chardev(arg: &str, loc: &str, devices: &[Device]) -> Result<Option<Chardev>, String> {
+async fn add_chardev(
+    arg: &str,
+    loc: &str,
+    devices: &[Device],
+    daemonized: bool,
+) -> Result<Option<Chardev>, String> {
     let existing: Vec<&Chardev> = devices.iter().map(|d| &d.dev).collect();
     let mut warn = |m: &str| report_at(loc, "warning: ", m);
     let mut info = |m: &str| report_at(loc, "info: ", m);
-    match chardev::create(arg, &existing, &mut warn, &mut info).await? {
+    match chardev::create(arg, &existing, daemonized, &mut warn, &mut info).await? {
         Created::Device(c) => Ok(Some(c)),
         Created::Help(text) => {
             print!("{text}");
