@@ -289,28 +289,49 @@ impl OpenCtx {
             .unwrap_or_default();
         let probed = class.is_none();
         let class = match (class, &file_node) {
-            (Some(c), _) => c,
-            (None, Some(f)) => ctx.probe(f, &display_name).await?,
-            (None, None) => return Err(Error::invalid("Must specify either driver or file")),
+            (Some(c), _) => Ok(c),
+            (None, Some(f)) => ctx.probe(f, &display_name).await,
+            (None, None) => Err(Error::invalid("Must specify either driver or file")),
         };
-        if ctx.chain.len() > MAX_CHAIN_DEPTH {
-            return Err(Error::invalid("Backing chain is too deep"));
-        }
+        let class = match class {
+            Ok(c) if ctx.chain.len() <= MAX_CHAIN_DEPTH => c,
+            Ok(_) => {
+                release(file_node).await;
+                return Err(Error::invalid("Backing chain is too deep"));
+            }
+            Err(e) => {
+                release(file_node).await;
+                return Err(e);
+            }
+        };
         ctx.chain.push(display_name.clone());
-        if let Some(file_node) = &file_node {
+        if let Some(f) = &file_node {
             // Now that the format is known, the file gets the permissions the
             // format needs on it.
             let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
             let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
-            file_node.set_perm(fperm, fshared)?;
+            if let Err(e) = f.set_perm(fperm, fshared) {
+                release(file_node).await;
+                return Err(e);
+            }
         }
         let mut open_ctx = ctx.clone();
-        open_ctx.file = file_node;
+        open_ctx.file = file_node.clone();
         open_ctx.file_perms = None;
         open_ctx.probed = probed;
         open_ctx.protocol = false;
-        let drv = class.open(&open_ctx, &mut opts).await?;
-        crate::options::reject_unknown(&opts, class.name())?;
+        let drv = match class.open(&open_ctx, &mut opts).await {
+            Ok(d) => d,
+            Err(e) => {
+                release(file_node).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = crate::options::reject_unknown(&opts, class.name()) {
+            // The driver holds its children now; closing it lets them go.
+            let _ = drv.close().await;
+            return Err(e);
+        }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name);
         Ok(ctx.new_node(&node_name, identity, drv, node_opts))
     }
@@ -413,7 +434,10 @@ impl OpenCtx {
         own.insert("driver".into(), class.name().into());
         self.protocol = true;
         let drv = class.open(&self, &mut opts).await?;
-        crate::options::reject_unknown(&opts, class.name())?;
+        if let Err(e) = crate::options::reject_unknown(&opts, class.name()) {
+            let _ = drv.close().await;
+            return Err(e);
+        }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &exact);
         Ok(self.new_node(node_name, identity, drv, node_opts))
     }
@@ -527,6 +551,12 @@ impl OpenCtx {
             }
         }
         if let Some(a) = take_str(opts, "aio")? {
+            // Linux AIO only works on O_DIRECT files (QEMU's file-posix check).
+            if a == "native" && !self.flags.cache.direct {
+                return Err(Error::invalid(
+                    "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+                ));
+            }
             self.flags.aio = Aio::parse(&a)?;
         }
         Ok(())
@@ -568,6 +598,15 @@ impl OpenCtx {
             format
         };
         Box::pin(ctx.open_image(Some(&path), format, opts)).await
+    }
+}
+
+/// Gives back the file node of an open that failed: it was opened, or
+/// referenced, for the node that will not exist (QEMU: bdrv_unref_child on
+/// the error path), so a node shared by name is no longer held.
+async fn release(file: Option<Arc<Node>>) {
+    if let Some(f) = file {
+        let _ = f.close().await;
     }
 }
 

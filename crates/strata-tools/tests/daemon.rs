@@ -931,3 +931,117 @@ fn server_waits_for_its_first_client() {
     assert!(results[0][4]
         .contains("info: QEMU waiting for connection on: disconnected:unix:$DIR/w.sock,server=on"));
 }
+
+#[test]
+fn nodes_shared_by_name_permissions_and_failed_adds() {
+    let steps: &[Step] = &[
+        CAPS,
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "bad", "file": {"driver": "file", "filename": "$DIR/plain.raw"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "node-name": "tf", "filename": "$DIR/top.qcow2"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "tf"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "top2", "file": {"driver": "file", "filename": "$DIR/top.qcow2"}, "backing": "nope"}}"#,
+            1,
+        ),
+        // A second format on a file in use: both would write its metadata.
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "top3", "file": "tf"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "offset": 512, "size": 4096, "file": {"driver": "file", "node-name": "rf", "filename": "$DIR/plain.raw"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "rf", "size": 2097152}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "r", "size": 8192}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r2", "file": {"driver": "file", "node-name": "rf2", "filename": "$DIR/plain.raw", "locking": "off"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "rf2", "size": 2097152}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "r2", "size": 3145728}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "size": 1048576}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "n", "size": 8192}}"#,
+            1,
+        ),
+        // A failed add gives back the node it referenced.
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "throttle", "node-name": "t", "throttle-group": "nogroup", "file": "n"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "copy-on-read", "node-name": "cor", "file": "n"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "cor", "size": 16384}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "n"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "cor"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "n"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "dup", "filename": "$DIR/base.qcow2", "aio": "native"}}"#,
+            1,
+        ),
+        // The backing file top opened from its header holds base.qcow2.
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q1", "file": {"driver": "file", "filename": "$DIR/base.qcow2"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q1", "read-only": true, "file": {"driver": "file", "filename": "$DIR/base.qcow2"}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "q1"}}"#,
+            1,
+        ),
+    ];
+    let Some((s, _)) = same(steps, &[], create_chain) else {
+        return;
+    };
+    let (info, _) = s.qemu_img(&["info", "plain.raw"]);
+    assert!(
+        info.contains("virtual size: 3 MiB (3145728 bytes)"),
+        "{info}"
+    );
+}

@@ -77,6 +77,11 @@ impl Daemon {
             .open_image(None, None, opts)
             .await
             .map_err(|e| e.to_string())?;
+        // Nodes shared by name must allow what the new node takes on them.
+        if let Err(e) = super::perm::check_attached(&node) {
+            let _ = node.close().await;
+            return Err(e);
+        }
         self.owned().push(node);
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod blockdev;
 mod chardev;
 mod daemonize;
+mod perm;
 mod pidfile;
 mod qemu_opts;
 mod resize;
@@ -161,6 +162,12 @@ pub fn main() -> i32 {
     std::process::exit(code)
 }
 
+/// A QMP error from a message whose further lines are a hint: QMP answers
+/// carry no hints (QEMU prints them only on the command line).
+fn without_hint(msg: String) -> QmpError {
+    QmpError::generic(msg.lines().next().unwrap_or_default())
+}
+
 fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     let mut qmp = Qmp::new(version_info(), schema::schema(&daemon.registry));
     let d = Arc::clone(daemon);
@@ -187,7 +194,7 @@ fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
         Arc::new(move |args| {
             let d = Arc::clone(&d);
             Box::pin(async move {
-                d.blockdev_add(args).await.map_err(QmpError::generic)?;
+                d.blockdev_add(args).await.map_err(without_hint)?;
                 Ok(json!({}))
             })
         }),
