@@ -564,24 +564,33 @@ impl OpenCtx {
 
     /// Opens the backing file `name` of the image stored in `parent` (relative
     /// names are relative to its directory), read-only, with format `format`
-    /// or probed. Refuses a chain that loops.
+    /// or probed. Refuses a chain that loops. Options that name the backing
+    /// file's own file (`file.filename`) replace the name, as in QEMU's
+    /// bdrv_open_backing_file; without a name the options say it all.
     pub async fn open_backing(
         &self,
         parent: &Arc<Node>,
-        name: &str,
+        name: Option<&str>,
         format: Option<&str>,
         opts: Opts,
     ) -> Result<Arc<Node>> {
         if let Some(node) = &self.backing_node {
             return Ok(Arc::clone(node));
         }
-        let path = parent.full_backing_filename(name)?;
-        let parent = parent.filename();
-        let canon = canonical(&path);
-        if self.chain.iter().any(|p| canonical(p) == canon) {
-            return Err(Error::invalid(format!(
-                "Backing file '{name}' of '{parent}' creates a loop"
-            )));
+        let named_file =
+            matches!(opts.get("file"), Some(Value::Object(f)) if f.contains_key("filename"));
+        let path = match name {
+            Some(n) if !named_file => Some((n, parent.full_backing_filename(n)?)),
+            _ => None,
+        };
+        if let Some((name, path)) = &path {
+            let canon = canonical(path);
+            if self.chain.iter().any(|p| canonical(p) == canon) {
+                return Err(Error::invalid(format!(
+                    "Backing file '{name}' of '{}' creates a loop",
+                    parent.filename()
+                )));
+            }
         }
         // A backing file is only read: consistent read, everything shared.
         let mut ctx = self.clone();
@@ -597,7 +606,8 @@ impl OpenCtx {
         } else {
             format
         };
-        Box::pin(ctx.open_image(Some(&path), format, opts)).await
+        let path = path.map(|(_, p)| p);
+        Box::pin(ctx.open_image(path.as_deref(), format, opts)).await
     }
 }
 

@@ -1045,3 +1045,98 @@ fn nodes_shared_by_name_permissions_and_failed_adds() {
         "{info}"
     );
 }
+
+#[test]
+fn children_defined_inline() {
+    let steps: &[Step] = &[
+        (
+            r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob", "oob"]}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "quorum", "node-name": "q", "vote-threshold": 2, "children": [{"driver": "file", "filename": "$DIR/q0.raw"}, {"driver": "raw", "file": {"driver": "file", "filename": "$DIR/q1.raw"}}]}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "q", "size": 2097152}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "q"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "dbg", "inject-error": [{"event": "l2_load", "errno": 5}], "image": {"driver": "qcow2", "node-name": "img", "backing": null, "file": {"driver": "file", "filename": "$DIR/top.qcow2"}}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "img"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "img", "size": 2097152}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"device": "dbg", "node-name": "dbg", "size": 3145728}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "dbg"}}"#,
+            1,
+        ),
+        // A backing file defined inline replaces the one the header names.
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "t2", "file": {"driver": "file", "filename": "$DIR/top.qcow2"}, "backing": {"driver": "qcow2", "node-name": "b2", "read-only": false, "file": {"driver": "file", "filename": "$DIR/other.qcow2"}}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "b2", "size": 3145728}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "b2"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "t2"}}"#,
+            1,
+        ),
+        // And gives a backing file to an image whose header names none.
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "o", "file": {"driver": "file", "filename": "$DIR/other.qcow2"}, "backing": {"driver": "qcow2", "node-name": "ob", "file": {"driver": "file", "filename": "$DIR/base.qcow2"}}}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "ob"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "t3", "file": {"driver": "file", "filename": "$DIR/plain.raw"}, "detect-zeroes": "unmap", "discard": "ignore"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f", "filename": "$DIR/plain.raw", "cache": {"direct": true}, "aio": "native"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block_resize", "arguments": {"node-name": "f", "size": 4194304}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}}"#,
+            1,
+        ),
+    ];
+    same(steps, &[], |side| {
+        create_chain(side);
+        for f in ["q0.raw", "q1.raw"] {
+            assert_eq!(side.qemu_img(&["create", "-f", "raw", "-q", f, "1M"]).1, 0);
+        }
+        assert_eq!(
+            side.qemu_img(&["create", "-f", "qcow2", "-q", "other.qcow2", "1M"])
+                .1,
+            0
+        );
+    });
+}
