@@ -300,29 +300,50 @@ impl OpenCtx {
             .unwrap_or_default();
         let probed = class.is_none();
         let class = match (class, &file_node) {
-            (Some(c), _) => c,
-            (None, Some(f)) => ctx.probe(f, &display_name).await?,
-            (None, None) => return Err(Error::invalid("Must specify either driver or file")),
+            (Some(c), _) => Ok(c),
+            (None, Some(f)) => ctx.probe(f, &display_name).await,
+            (None, None) => Err(Error::invalid("Must specify either driver or file")),
         };
-        if ctx.chain.len() > MAX_CHAIN_DEPTH {
-            return Err(Error::invalid("Backing chain is too deep"));
-        }
+        let class = match class {
+            Ok(c) if ctx.chain.len() <= MAX_CHAIN_DEPTH => c,
+            Ok(_) => {
+                release(file_node).await;
+                return Err(Error::invalid("Backing chain is too deep"));
+            }
+            Err(e) => {
+                release(file_node).await;
+                return Err(e);
+            }
+        };
         ctx.chain.push(display_name.clone());
         let (perm, shared) = ctx.file_perms.unwrap_or_else(|| ctx.flags.user_perms());
-        if let Some(file_node) = &file_node {
+        if let Some(f) = &file_node {
             // Now that the format is known, the file gets the permissions the
             // format needs on it.
             let (fperm, fshared) = class.child_perms(perm, shared, &ctx.flags);
-            file_node.set_perm(fperm, fshared)?;
+            if let Err(e) = f.set_perm(fperm, fshared) {
+                release(file_node).await;
+                return Err(e);
+            }
         }
         let mut open_ctx = ctx.clone();
-        open_ctx.file = file_node;
+        open_ctx.file = file_node.clone();
         open_ctx.file_perms = None;
         open_ctx.node_perms = Some((perm, shared));
         open_ctx.probed = probed;
         open_ctx.protocol = false;
-        let drv = class.open(&open_ctx, &mut opts).await?;
-        crate::options::reject_unknown(&opts, class.name())?;
+        let drv = match class.open(&open_ctx, &mut opts).await {
+            Ok(d) => d,
+            Err(e) => {
+                release(file_node).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = crate::options::reject_unknown(&opts, class.name()) {
+            // The driver holds its children now; closing it lets them go.
+            let _ = drv.close().await;
+            return Err(e);
+        }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name);
         Ok(ctx.new_node(&node_name, identity, drv, node_opts))
     }
@@ -429,7 +450,10 @@ impl OpenCtx {
         own.insert("driver".into(), class.name().into());
         self.protocol = true;
         let drv = class.open(&self, &mut opts).await?;
-        crate::options::reject_unknown(&opts, class.name())?;
+        if let Err(e) = crate::options::reject_unknown(&opts, class.name()) {
+            let _ = drv.close().await;
+            return Err(e);
+        }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &exact);
         Ok(self.new_node(node_name, identity, drv, node_opts))
     }
@@ -549,6 +573,12 @@ impl OpenCtx {
             }
         }
         if let Some(a) = take_str(opts, "aio")? {
+            // Linux AIO only works on O_DIRECT files (QEMU's file-posix check).
+            if a == "native" && !self.flags.cache.direct {
+                return Err(Error::invalid(
+                    "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+                ));
+            }
             self.flags.aio = Aio::parse(&a)?;
         }
         Ok(())
@@ -556,24 +586,33 @@ impl OpenCtx {
 
     /// Opens the backing file `name` of the image stored in `parent` (relative
     /// names are relative to its directory), read-only, with format `format`
-    /// or probed. Refuses a chain that loops.
+    /// or probed. Refuses a chain that loops. Options that name the backing
+    /// file's own file (`file.filename`) replace the name, as in QEMU's
+    /// bdrv_open_backing_file; without a name the options say it all.
     pub async fn open_backing(
         &self,
         parent: &Arc<Node>,
-        name: &str,
+        name: Option<&str>,
         format: Option<&str>,
         opts: Opts,
     ) -> Result<Arc<Node>> {
         if let Some(node) = &self.backing_node {
             return Ok(Arc::clone(node));
         }
-        let path = parent.full_backing_filename(name)?;
-        let parent = parent.filename();
-        let canon = canonical(&path);
-        if self.chain.iter().any(|p| canonical(p) == canon) {
-            return Err(Error::invalid(format!(
-                "Backing file '{name}' of '{parent}' creates a loop"
-            )));
+        let named_file =
+            matches!(opts.get("file"), Some(Value::Object(f)) if f.contains_key("filename"));
+        let path = match name {
+            Some(n) if !named_file => Some((n, parent.full_backing_filename(n)?)),
+            _ => None,
+        };
+        if let Some((name, path)) = &path {
+            let canon = canonical(path);
+            if self.chain.iter().any(|p| canonical(p) == canon) {
+                return Err(Error::invalid(format!(
+                    "Backing file '{name}' of '{}' creates a loop",
+                    parent.filename()
+                )));
+            }
         }
         // A backing file is only read: consistent read, everything shared.
         let mut ctx = self.clone();
@@ -590,7 +629,17 @@ impl OpenCtx {
         } else {
             format
         };
-        Box::pin(ctx.open_image(Some(&path), format, opts)).await
+        let path = path.map(|(_, p)| p);
+        Box::pin(ctx.open_image(path.as_deref(), format, opts)).await
+    }
+}
+
+/// Gives back the file node of an open that failed: it was opened, or
+/// referenced, for the node that will not exist (QEMU: bdrv_unref_child on
+/// the error path), so a node shared by name is no longer held.
+async fn release(file: Option<Arc<Node>>) {
+    if let Some(f) = file {
+        let _ = f.close().await;
     }
 }
 

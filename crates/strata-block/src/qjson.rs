@@ -311,6 +311,7 @@ fn write_value(out: &mut String, v: &Value, depth: usize) {
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) if n.is_f64() => out.push_str(&format_double(n.as_f64().unwrap_or(0.0))),
         Value::Number(n) => out.push_str(&n.to_string()),
         Value::String(s) => write_string(out, s),
         Value::Array(a) => {
@@ -339,6 +340,37 @@ fn write_value(out: &mut String, v: &Value, depth: usize) {
             indent(out, depth);
             out.push('}');
         }
+    }
+}
+
+/// A double as QEMU's JSON writer prints it: C's `%.17g`.
+pub fn format_double(v: f64) -> String {
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "nan"
+        } else if v > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+        .into();
+    }
+    let strip = |s: &str| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    // The exponent after rounding to 17 significant digits decides the form.
+    let sci = format!("{v:.16e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..17).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", strip(mant), exp.abs())
+    } else {
+        strip(&format!("{v:.*}", (16 - exp) as usize))
     }
 }
 
@@ -377,6 +409,16 @@ mod tests {
         assert_eq!(keys, ["driver", "b", "a"]);
         assert_eq!(v["a"], "it's");
         assert_eq!(v["b"][1], -2);
+    }
+
+    #[test]
+    fn doubles_as_printf_17g() {
+        assert_eq!(format_double(1.5), "1.5");
+        assert_eq!(format_double(0.1), "0.10000000000000001");
+        assert_eq!(format_double(1e100), "1e+100");
+        assert_eq!(format_double(-2.5e-7), "-2.4999999999999999e-07");
+        assert_eq!(format_double(100.0), "100");
+        assert_eq!(to_compact_string(&parse("[2.0]").unwrap()), "[2]");
     }
 
     #[test]

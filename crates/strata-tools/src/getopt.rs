@@ -34,16 +34,26 @@ pub enum Item {
 pub struct Parsed {
     /// Options and errors in the order they appeared.
     pub items: Vec<Item>,
+    /// For each item, the arguments it came from (indexes into `args`), as
+    /// QEMU names an option in its error messages.
+    pub spans: Vec<std::ops::Range<usize>>,
     /// Non-option arguments, in order.
     pub operands: Vec<String>,
 }
 
+/// What getopt returns for an operand when `short` starts with `-`
+/// (glibc's RETURN_IN_ORDER: the value 1, the operand as its argument).
+pub const OPERAND: char = '\u{1}';
+
 /// Parses `args` (without argv[0]); `prog` names the program in errors.
-/// `short` is a getopt option string (`"c:f:r"`: a colon marks an argument).
+/// `short` is a getopt option string (`"c:f:r"`: a colon marks an argument);
+/// a leading `-` returns operands in order as [`OPERAND`] items.
 pub fn parse(prog: &str, args: &[String], short: &str, long: &[LongOpt]) -> Parsed {
     let mut out = Parsed::default();
+    let in_order = short.starts_with('-');
     let mut i = 0;
     while i < args.len() {
+        let start = i;
         let arg = &args[i];
         i += 1;
         if arg == "--" {
@@ -54,16 +64,19 @@ pub fn parse(prog: &str, args: &[String], short: &str, long: &[LongOpt]) -> Pars
             out.items.push(long_opt(prog, body, args, &mut i, long));
         } else if arg.len() > 1 && arg.starts_with('-') {
             short_cluster(prog, &arg[1..], args, &mut i, short, &mut out.items);
+        } else if in_order {
+            out.items.push(Item::Opt(OPERAND, Some(arg.clone())));
         } else {
             out.operands.push(arg.clone());
         }
+        out.spans.resize(out.items.len(), start..i);
     }
     out
 }
 
 /// Whether `c` is an option of `short`, and whether it takes an argument.
 fn short_spec(short: &str, c: char) -> Option<bool> {
-    if c == ':' {
+    if c == ':' || c == '-' {
         return None;
     }
     let pos = short.find(c)?;
@@ -223,6 +236,30 @@ mod tests {
                 )
             ]
         );
+    }
+
+    #[test]
+    fn operands_in_order_with_spans() {
+        let long = [LongOpt {
+            name: "blockdev",
+            has_arg: true,
+            val: 'b',
+        }];
+        let p = parse(
+            "q",
+            &v(&["--blockdev", "x", "pos", "--blockdev=y"]),
+            "-h",
+            &long,
+        );
+        assert_eq!(
+            p.items,
+            vec![
+                Item::Opt('b', Some("x".into())),
+                Item::Opt(OPERAND, Some("pos".into())),
+                Item::Opt('b', Some("y".into()))
+            ]
+        );
+        assert_eq!(p.spans, vec![0..2, 2..3, 3..4]);
     }
 
     #[test]

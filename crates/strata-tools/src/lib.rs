@@ -1,7 +1,9 @@
-//! Strata's command-line tools: `strata-img` (qemu-img) and `strata-io`
-//! (qemu-io), drop-in in flags, output and exit codes.
+//! Strata's command-line tools: `strata-img` (qemu-img), `strata-io`
+//! (qemu-io) and `strata-daemon` (qemu-storage-daemon), drop-in in flags,
+//! output and exit codes.
 
 pub mod common;
+pub mod daemon;
 pub mod getopt;
 pub mod img;
 pub mod io;

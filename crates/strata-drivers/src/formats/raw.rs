@@ -98,12 +98,15 @@ impl Driver for RawDriver {
     }
 
     async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
-        if self.size.is_some() || self.offset != 0 {
-            return Err(Error::unsupported(
-                "Cannot resize a raw image with an offset or a fixed size",
-            ));
+        // As QEMU: a fixed size stays fixed; an offset moves the file's end.
+        if self.size.is_some() {
+            return Err(Error::unsupported("Cannot resize fixed-size raw disks"));
         }
-        self.file.truncate(size, prealloc).await
+        let end = size
+            .checked_add(self.offset)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::invalid("Disk size too large for the chosen offset"))?;
+        self.file.truncate(end, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {

@@ -1456,13 +1456,14 @@ impl DriverClass for Qcow2Class {
             (_, Some(serde_json::Value::Null)) => None,
             // The name of an open node: this image shares it as its backing file.
             (_, Some(serde_json::Value::String(r))) => Some(ctx.reference(&r)?),
-            (Some(name), bo) if !ctx.flags.no_backing => {
+            // Options alone may define a backing file the header does not name.
+            (name, bo) if !ctx.flags.no_backing && (name.is_some() || bo.is_some()) => {
                 let bopts = match bo {
                     Some(serde_json::Value::Object(o)) => o,
                     _ => Opts::new(),
                 };
                 let node = ctx
-                    .open_backing(&file, name, hdr.backing_format.as_deref(), bopts)
+                    .open_backing(&file, name.as_deref(), hdr.backing_format.as_deref(), bopts)
                     .await
                     .map_err(|e| e.context("Could not open backing file"))?;
                 Some(node)

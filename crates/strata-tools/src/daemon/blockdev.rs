@@ -1,0 +1,122 @@
+//! The block graph of the daemon and the commands that add nodes to it and
+//! take them out (QEMU: qmp_blockdev_add, qmp_blockdev_del): nodes added
+//! by the monitor are owned by it until `blockdev-del` or shutdown.
+
+use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex};
+use strata_block::{BlockOp, Graph, Node, OpenCtx, OpenFlags, Registry};
+
+/// The daemon's nodes and what it needs to open more.
+pub struct Daemon {
+    /// The drivers.
+    pub registry: Arc<Registry>,
+    /// Every open node.
+    pub graph: Arc<Graph>,
+    /// Nodes added by blockdev-add, in the order they were added (QEMU:
+    /// monitor_bdrv_states).
+    owned: Mutex<Vec<Arc<Node>>>,
+}
+
+/// Lists become dictionaries keyed `0`, `1`, ... as QEMU's qdict_flatten
+/// makes them, which is how drivers read `children.0` or `inject-error.0`.
+fn lists_to_dicts(v: Value) -> Value {
+    match v {
+        Value::Array(items) => Value::Object(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| (i.to_string(), lists_to_dicts(x)))
+                .collect(),
+        ),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, x)| (k, lists_to_dicts(x))).collect())
+        }
+        other => other,
+    }
+}
+
+impl Daemon {
+    /// A daemon with no nodes.
+    pub fn new(registry: Arc<Registry>) -> Daemon {
+        Daemon {
+            registry,
+            graph: Graph::new(),
+            owned: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Node>>> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a node from checked `BlockdevOptions` (QEMU: qmp_blockdev_add
+    /// and bds_tree_init): no format probing, read-write unless told
+    /// otherwise, and a node name required at the top.
+    pub async fn blockdev_add(&self, options: Value) -> Result<(), String> {
+        let Value::Object(mut opts) = lists_to_dicts(options) else {
+            return Err("'node-name' must be specified for the root node".into());
+        };
+        if !opts.get("node-name").is_some_and(Value::is_string) {
+            return Err("'node-name' must be specified for the root node".into());
+        }
+        // bdrv_open's defaults are not blockdev-add's; these are.
+        let cache = opts
+            .entry("cache")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(c) = cache {
+            c.entry("direct").or_insert(Value::Bool(false));
+            c.entry("no-flush").or_insert(Value::Bool(false));
+        }
+        opts.entry("read-only").or_insert(Value::Bool(false));
+        let ctx = OpenCtx::with_graph(
+            Arc::clone(&self.registry),
+            OpenFlags::default(),
+            Arc::clone(&self.graph),
+        );
+        let node = ctx
+            .open_image(None, None, opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Nodes shared by name must allow what the new node takes on them.
+        if let Err(e) = super::perm::check_attached(&node) {
+            let _ = node.close().await;
+            return Err(e);
+        }
+        self.owned().push(node);
+        Ok(())
+    }
+
+    /// Drops the monitor's reference to a node it added, with QEMU's
+    /// checks in QEMU's order (qmp_blockdev_del).
+    pub async fn blockdev_del(&self, name: &str) -> Result<(), String> {
+        let node = self
+            .graph
+            .find(name)
+            .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
+        node.check_op(BlockOp::DriveDel)
+            .map_err(|e| e.to_string())?;
+        let owned_at = self.owned().iter().position(|n| Arc::ptr_eq(n, &node));
+        let Some(at) = owned_at else {
+            return Err(format!("Node {name} is not owned by the monitor"));
+        };
+        if node.ref_count() > 1 {
+            return Err(format!("Block device {name} is in use"));
+        }
+        self.owned().remove(at);
+        // As bdrv_unref, closing reports nothing to the caller.
+        let _ = node.close().await;
+        Ok(())
+    }
+
+    /// Drops every reference the monitor holds, in the order the nodes
+    /// were added (QEMU: bdrv_close_all at shutdown): each image is
+    /// written back and closed once its last user is gone.
+    pub async fn close_all(&self) {
+        let nodes: Vec<Arc<Node>> = std::mem::take(&mut *self.owned());
+        for n in nodes {
+            if let Err(e) = n.close().await {
+                strata_block::report::error_report(e);
+            }
+        }
+    }
+}
