@@ -15,6 +15,8 @@ pub struct Daemon {
     /// Nodes added by blockdev-add, in the order they were added (QEMU:
     /// monitor_bdrv_states).
     owned: Mutex<Vec<Arc<Node>>>,
+    /// I/O threads made by `--object iothread` and `object-add`.
+    iothreads: Mutex<Vec<strata_block::IoThread>>,
 }
 
 /// Lists become dictionaries keyed `0`, `1`, ... as QEMU's qdict_flatten
@@ -42,7 +44,12 @@ impl Daemon {
             registry,
             graph: Graph::new(),
             owned: Mutex::new(Vec::new()),
+            iothreads: Mutex::new(Vec::new()),
         }
+    }
+
+    pub(super) fn iothreads(&self) -> std::sync::MutexGuard<'_, Vec<strata_block::IoThread>> {
+        self.iothreads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn owned(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Node>>> {

@@ -6,6 +6,7 @@
 pub mod blockdev;
 mod chardev;
 mod daemonize;
+mod graph_ops;
 mod perm;
 mod pidfile;
 mod qemu_opts;
@@ -48,6 +49,11 @@ const LONG: &[LongOpt] = &[
         name: "monitor",
         has_arg: true,
         val: 'M',
+    },
+    LongOpt {
+        name: "object",
+        has_arg: true,
+        val: 'O',
     },
     LongOpt {
         name: "pidfile",
@@ -212,6 +218,7 @@ fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
             })
         }),
     );
+    graph_ops::register(&mut qmp, daemon);
     qmp.add_control_commands();
     let q = Arc::clone(quit);
     qmp.add_command(
@@ -276,6 +283,7 @@ async fn run(
                 Err(e) => Err(e),
             },
             'M' => add_monitor(&qmp, arg, &mut devices),
+            'O' => add_object(&daemon, &qmp, arg),
             _ => Ok(()),
         };
         if let Err(msg) = r {
@@ -340,6 +348,20 @@ async fn add_blockdev(daemon: &Daemon, qmp: &Qmp, arg: &str) -> Result<(), Strin
     };
     let opts = strata_qmp::visit::visit(qmp.schema(), "BlockdevOptions", value, keyval)?;
     daemon.blockdev_add(opts).await
+}
+
+/// `--object qom-type,id=ID,...`, in keyval form or JSON.
+fn add_object(daemon: &Daemon, qmp: &Qmp, arg: &str) -> Result<(), String> {
+    let (value, keyval) = if arg.starts_with('{') {
+        (strata_block::qjson::parse(arg)?, false)
+    } else {
+        (
+            Value::Object(strata_qmp::keyval::parse(arg, Some("qom-type"))?),
+            true,
+        )
+    };
+    let opts = strata_qmp::visit::visit(qmp.schema(), "ObjectOptions", value, keyval)?;
+    daemon.add_iothread(opts["id"].as_str().unwrap_or_default())
 }
 
 /// `Ok(None)`: help was printed.

@@ -198,3 +198,9 @@ pub fn check_new_user(node: &Arc<Node>, perm: u8) -> Result<(), String> {
     check_users(node, &all)?;
     check_below(node, Some((node, perm)))
 }
+
+/// True when some user of `node` reads it as a disk, so its content may not
+/// change under them (external snapshots refuse such an overlay).
+pub fn is_read_consistently(node: &Node) -> bool {
+    cumulative(node, None).0 & CONSISTENT_READ != 0
+}

@@ -295,6 +295,31 @@ pub fn schema(registry: &Registry) -> Schema {
         )
         .object("q_obj_blockdev-del_arg", &[("node-name", "str")])
         .object(
+            "q_obj_blockdev-set-active_arg",
+            &[("*node-name", "str"), ("active", "bool")],
+        )
+        .object("BlockdevSnapshot", &[("node", "str"), ("overlay", "str")])
+        .alternate("StrOrNull", &["str", "null"])
+        .object(
+            "q_obj_x-blockdev-set-iothread_arg",
+            &[
+                ("node-name", "str"),
+                ("iothread", "StrOrNull"),
+                ("*force", "bool"),
+            ],
+        )
+        // Only the object types Strata has; QEMU's tuning properties of
+        // iothread (poll-max-ns, ...) have nothing to tune here.
+        .enumeration("ObjectType", &["iothread"])
+        .object("IothreadProperties", &[])
+        .union(
+            "ObjectOptions",
+            &[("qom-type", "ObjectType"), ("id", "str")],
+            "qom-type",
+            &[("iothread", "IothreadProperties")],
+        )
+        .object("q_obj_object-del_arg", &[("id", "str")])
+        .object(
             "q_obj_block_resize_arg",
             &[("*device", "str"), ("*node-name", "str"), ("size", "int")],
         );

@@ -1,0 +1,236 @@
+//! QMP commands that change how the graph runs rather than what is in it:
+//! activation (the migration hand-off), I/O threads and moving nodes between
+//! them, and external snapshots (QEMU: qmp_blockdev_set_active,
+//! iothread objects, qmp_x_blockdev_set_iothread, qmp_blockdev_snapshot).
+
+use super::blockdev::Daemon;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use strata_block::{graph::id_wellformed, BlockOp, IoThread, Node};
+use strata_qmp::{Qmp, QmpError};
+
+impl Daemon {
+    fn find_node(&self, name: &str) -> Result<Arc<Node>, String> {
+        self.graph
+            .find(name)
+            .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))
+    }
+
+    /// `blockdev-set-active`: one node (and its children, or the parents'
+    /// order for inactivation), or every node when none is named.
+    pub async fn set_active(&self, node: Option<&str>, active: bool) -> Result<(), String> {
+        let Some(name) = node else {
+            // Every node: tops first to inactivate, so children follow them.
+            for n in self.graph.nodes() {
+                if n.parents().is_empty() {
+                    let r = if active {
+                        n.activate().await
+                    } else {
+                        n.inactivate().await
+                    };
+                    r.map_err(|e| {
+                        if active {
+                            e.to_string()
+                        } else {
+                            format!("Failed to inactivate all nodes: {e}")
+                        }
+                    })?;
+                }
+            }
+            return Ok(());
+        };
+        let n = self.find_node(name)?;
+        let r = if active {
+            n.activate().await
+        } else {
+            n.inactivate().await
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    /// `--object iothread,id=ID` / `object-add`: starts an I/O thread.
+    pub fn add_iothread(&self, id: &str) -> Result<(), String> {
+        if !id_wellformed(id) {
+            return Err("Parameter 'id' expects an identifier".into());
+        }
+        let mut threads = self.iothreads();
+        if threads.iter().any(|t| t.id() == id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        let t = IoThread::new(id).map_err(|e| format!("Failed to start iothread {id}: {e}"))?;
+        threads.push(t);
+        Ok(())
+    }
+
+    /// `object-del` of an I/O thread: nodes living on it go back to the
+    /// main loop first, so none is left on a stopped thread.
+    pub async fn del_iothread(&self, id: &str) -> Result<(), String> {
+        let Some(t) = self.take_iothread(id) else {
+            return Err(format!("object '{id}' not found"));
+        };
+        for n in self.graph.nodes() {
+            if n.home().is_some_and(|h| h.same(t.handle())) {
+                n.move_to(None).await;
+            }
+        }
+        drop(t);
+        Ok(())
+    }
+
+    fn take_iothread(&self, id: &str) -> Option<IoThread> {
+        let mut threads = self.iothreads();
+        let at = threads.iter().position(|t| t.id() == id)?;
+        Some(threads.remove(at))
+    }
+
+    /// `x-blockdev-set-iothread`: moves a node, and every node connected to
+    /// it, to an I/O thread (or back to the main loop), drained.
+    pub async fn set_iothread(&self, name: &str, iothread: Option<&str>) -> Result<(), String> {
+        let n = self.find_node(name)?;
+        let to = match iothread {
+            None => None,
+            Some(id) => Some(
+                self.iothreads()
+                    .iter()
+                    .find(|t| t.id() == id)
+                    .map(|t| t.handle().clone())
+                    .ok_or_else(|| format!("Cannot find iothread {id}"))?,
+            ),
+        };
+        n.move_to(to).await;
+        Ok(())
+    }
+
+    /// `blockdev-snapshot`: `overlay`, an image without a backing file,
+    /// goes on top of `node`, which becomes its backing file (QEMU:
+    /// external_snapshot_action, then bdrv_append), with QEMU's checks in
+    /// QEMU's order.
+    pub async fn blockdev_snapshot(&self, node: &str, overlay: &str) -> Result<(), String> {
+        let lookup = |name: &str| {
+            self.graph
+                .find(name)
+                .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))
+        };
+        let old = lookup(node)?;
+        old.check_op(BlockOp::ExternalSnapshot)
+            .map_err(|e| e.to_string())?;
+        if !old.is_read_only() && old.is_active() {
+            old.flush()
+                .await
+                .map_err(|e| format!("Write to node '{node}' failed: {e}"))?;
+        }
+        let new = lookup(overlay)?;
+        // A user reading the overlay would see its data change under it.
+        if super::perm::is_read_consistently(&new) {
+            return Err("The overlay is already in use".into());
+        }
+        if new.driver().is_filter() {
+            return Err("Filters cannot be used as overlays".into());
+        }
+        if new.backing().is_some() {
+            return Err("The overlay already has a backing image".into());
+        }
+        if !new.driver().supports_backing() {
+            return Err("The overlay does not support backing images".into());
+        }
+        // Putting the overlay in the place of `node` under its parents
+        // needs every parent driver to swap a child; Strata's do not yet.
+        if !old.parents().is_empty() {
+            return Err(format!(
+                "Node '{node}' is used by other nodes; an overlay can only go on a top node"
+            ));
+        }
+        if !old.is_active() && new.is_active() {
+            new.inactivate().await.map_err(|e| e.to_string())?;
+        }
+        new.set_backing(Some(Arc::clone(&old)))
+            .await
+            .map_err(|e| e.to_string())?;
+        // The new edge must agree with the other users of the old node.
+        if let Err(e) = super::perm::check_attached(&new) {
+            let _ = new.set_backing(None).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// Adds the commands of this module to `qmp`.
+pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "blockdev-set-active",
+        Some("q_obj_blockdev-set-active_arg"),
+        Arc::new(move |args| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                let node = args.get("node-name").and_then(Value::as_str);
+                let active = args["active"].as_bool().unwrap_or(true);
+                d.set_active(node, active)
+                    .await
+                    .map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "object-add",
+        Some("ObjectOptions"),
+        Arc::new(move |args| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                let id = args["id"].as_str().unwrap_or_default();
+                d.add_iothread(id).map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "object-del",
+        Some("q_obj_object-del_arg"),
+        Arc::new(move |args| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                let id = args["id"].as_str().unwrap_or_default().to_string();
+                d.del_iothread(&id).await.map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "x-blockdev-set-iothread",
+        Some("q_obj_x-blockdev-set-iothread_arg"),
+        Arc::new(move |args| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                let name = args["node-name"].as_str().unwrap_or_default().to_string();
+                let thread = args["iothread"].as_str().map(str::to_string);
+                d.set_iothread(&name, thread.as_deref())
+                    .await
+                    .map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "blockdev-snapshot",
+        Some("BlockdevSnapshot"),
+        Arc::new(move |args| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                let node = args["node"].as_str().unwrap_or_default().to_string();
+                let overlay = args["overlay"].as_str().unwrap_or_default().to_string();
+                d.blockdev_snapshot(&node, &overlay)
+                    .await
+                    .map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+}
