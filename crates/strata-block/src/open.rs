@@ -265,7 +265,12 @@ impl OpenCtx {
         // What follows opens children, which inherit none of these.
         ctx.unmap_children();
         let driver = take_str(&mut opts, "driver")?;
-        let node_name = take_str(&mut opts, "node-name")?.unwrap_or_default();
+        let node_name = take_str(&mut opts, "node-name")?;
+        // An empty name asks for an automatic one only when not given at all.
+        if node_name.as_deref() == Some("") {
+            return Err(Error::invalid("Invalid node-name: ''"));
+        }
+        let node_name = node_name.unwrap_or_default();
         ctx.graph.check_new_name(&node_name)?;
         let class = match &driver {
             Some(d) => Some(ctx.registry.format(d)?),

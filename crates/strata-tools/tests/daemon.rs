@@ -709,6 +709,42 @@ fn command_line_errors_and_exit_codes() {
         &["-V"],
         &["--version", "--foo"],
         &["--", "ignored"],
+        &[
+            "--blockdev",
+            "driver=file,node-name=,filename=$DIR/plain.raw",
+        ],
+        &["--blockdev", "[1]"],
+        &["--blockdev", "{\"a\":1}"],
+        &["--blockdev", "{\"driver\":\"file\"} x"],
+        &["--monitor", "c,pretty"],
+        &["--blockdev", "null-co,node-name=n,latency-ns=-1"],
+        &[
+            "--blockdev",
+            "file,node-name=f,filename=$DIR/plain.raw,aio=native",
+        ],
+        &[
+            "--blockdev",
+            "qcow2,node-name=f,file.driver=file,file.filename=$DIR/plain.raw",
+        ],
+        &[
+            "--blockdev",
+            "null-co,node-name=n",
+            "--blockdev",
+            "null-co,node-name=n",
+        ],
+        &["--chardev", "stdio,id=s", "--chardev", "stdio,id=t"],
+        &["--chardev", "socket,id=c,host=localhost"],
+        &[
+            "--chardev",
+            "socket,id=c,path=$DIR/m.sock,host=localhost,port=1",
+        ],
+        &["--daemonize", "--chardev", "stdio,id=s"],
+        &[
+            "--chardev",
+            "socket,id=c,path=$DIR/m.sock,server=on,wait=off,nodelay",
+            "--blockdev",
+            "driver=nope",
+        ],
     ];
     for case in cases {
         let fix = |side: &Side| -> Vec<String> {

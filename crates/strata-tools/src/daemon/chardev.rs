@@ -57,7 +57,10 @@ const BACKENDS: &[&str] = &["stdio", "socket"];
 
 /// Keys a backend uses; any other key QEMU knows is refused rather than
 /// silently ignored when it would change what the device does.
-const SOCKET_KEYS: &[&str] = &["backend", "path", "server", "wait", "tight"];
+/// (`delay`/`nodelay` set TCP_NODELAY, which a UNIX socket does not have.)
+const SOCKET_KEYS: &[&str] = &[
+    "backend", "path", "server", "wait", "tight", "delay", "nodelay",
+];
 const STDIO_KEYS: &[&str] = &["backend", "signal"];
 
 /// Where a chardev's connections come from.
