@@ -4,10 +4,11 @@
 //! iothread objects, qmp_x_blockdev_set_iothread, qmp_blockdev_snapshot).
 
 use super::blockdev::Daemon;
-use serde_json::{json, Value};
+use super::daemon_command;
+use serde_json::Value;
 use std::sync::Arc;
 use strata_block::{graph::id_wellformed, BlockOp, IoThread, Node};
-use strata_qmp::{Qmp, QmpError};
+use strata_qmp::Qmp;
 
 impl Daemon {
     fn find_node(&self, name: &str) -> Result<Arc<Node>, String> {
@@ -159,78 +160,50 @@ impl Daemon {
 
 /// Adds the commands of this module to `qmp`.
 pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    let arg = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    daemon_command(
+        qmp,
+        daemon,
         "blockdev-set-active",
-        Some("q_obj_blockdev-set-active_arg"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let node = args.get("node-name").and_then(Value::as_str);
-                let active = args["active"].as_bool().unwrap_or(true);
-                d.set_active(node, active)
-                    .await
-                    .map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "q_obj_blockdev-set-active_arg",
+        move |d, a| async move {
+            let active = a["active"].as_bool().unwrap_or(true);
+            d.set_active(a.get("node-name").and_then(Value::as_str), active)
+                .await
+        },
     );
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    daemon_command(
+        qmp,
+        daemon,
         "object-add",
-        Some("ObjectOptions"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let id = args["id"].as_str().unwrap_or_default();
-                d.add_iothread(id).map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "ObjectOptions",
+        move |d, a| async move { d.add_iothread(&arg(&a, "id")) },
     );
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    daemon_command(
+        qmp,
+        daemon,
         "object-del",
-        Some("q_obj_object-del_arg"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let id = args["id"].as_str().unwrap_or_default().to_string();
-                d.del_iothread(&id).await.map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "q_obj_object-del_arg",
+        move |d, a| async move { d.del_iothread(&arg(&a, "id")).await },
     );
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    daemon_command(
+        qmp,
+        daemon,
         "x-blockdev-set-iothread",
-        Some("q_obj_x-blockdev-set-iothread_arg"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let name = args["node-name"].as_str().unwrap_or_default().to_string();
-                let thread = args["iothread"].as_str().map(str::to_string);
-                d.set_iothread(&name, thread.as_deref())
-                    .await
-                    .map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "q_obj_x-blockdev-set-iothread_arg",
+        move |d, a| async move {
+            d.set_iothread(&arg(&a, "node-name"), a["iothread"].as_str())
+                .await
+        },
     );
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    daemon_command(
+        qmp,
+        daemon,
         "blockdev-snapshot",
-        Some("BlockdevSnapshot"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let node = args["node"].as_str().unwrap_or_default().to_string();
-                let overlay = args["overlay"].as_str().unwrap_or_default().to_string();
-                d.blockdev_snapshot(&node, &overlay)
-                    .await
-                    .map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "BlockdevSnapshot",
+        move |d, a| async move {
+            d.blockdev_snapshot(&arg(&a, "node"), &arg(&a, "overlay"))
+                .await
+        },
     );
 }

@@ -174,24 +174,40 @@ fn without_hint(msg: String) -> QmpError {
     QmpError::generic(msg.lines().next().unwrap_or_default())
 }
 
-fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
-    let mut qmp = Qmp::new(version_info(), schema::schema(&daemon.registry));
+/// Adds the command `name`, with arguments of type `args`, that runs `f`
+/// on the daemon; its error text becomes a GenericError.
+fn daemon_command<F, Fut>(qmp: &mut Qmp, daemon: &Arc<Daemon>, name: &str, args: &str, f: F)
+where
+    F: Fn(Arc<Daemon>, Value) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
     let d = Arc::clone(daemon);
     qmp.add_command(
-        "block_resize",
-        Some("q_obj_block_resize_arg"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
+        name,
+        Some(args),
+        Arc::new(move |a| {
+            let fut = f(Arc::clone(&d), a);
             Box::pin(async move {
-                let device = args.get("device").and_then(Value::as_str);
-                let node = args.get("node-name").and_then(Value::as_str);
-                let size = args["size"].as_i64().unwrap_or(-1);
-                d.block_resize(device, node, size)
-                    .await
-                    .map_err(QmpError::generic)?;
+                fut.await.map_err(QmpError::generic)?;
                 Ok(json!({}))
             })
         }),
+    );
+}
+
+fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
+    let mut qmp = Qmp::new(version_info(), schema::schema(&daemon.registry));
+    daemon_command(
+        &mut qmp,
+        daemon,
+        "block_resize",
+        "q_obj_block_resize_arg",
+        |d, args| async move {
+            let device = args.get("device").and_then(Value::as_str);
+            let node = args.get("node-name").and_then(Value::as_str);
+            let size = args["size"].as_i64().unwrap_or(-1);
+            d.block_resize(device, node, size).await
+        },
     );
     let d = Arc::clone(daemon);
     qmp.add_command(
@@ -205,18 +221,15 @@ fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
             })
         }),
     );
-    let d = Arc::clone(daemon);
-    qmp.add_command(
+    daemon_command(
+        &mut qmp,
+        daemon,
         "blockdev-del",
-        Some("q_obj_blockdev-del_arg"),
-        Arc::new(move |args| {
-            let d = Arc::clone(&d);
-            Box::pin(async move {
-                let name = args["node-name"].as_str().unwrap_or_default().to_string();
-                d.blockdev_del(&name).await.map_err(QmpError::generic)?;
-                Ok(json!({}))
-            })
-        }),
+        "q_obj_blockdev-del_arg",
+        |d, args| async move {
+            d.blockdev_del(args["node-name"].as_str().unwrap_or_default())
+                .await
+        },
     );
     graph_ops::register(&mut qmp, daemon);
     qmp.add_control_commands();
