@@ -71,6 +71,10 @@ pub struct Qmp {
     next_client: AtomicU64,
     /// Held while a command runs: commands never interleave.
     busy: tokio::sync::Mutex<()>,
+    /// Connections whose client left but whose last answers are still
+    /// being written; `flush` waits for them too.
+    closing: AtomicU64,
+    closed: tokio::sync::Notify,
 }
 
 /// The state of one connection.
@@ -109,6 +113,8 @@ impl Qmp {
             clients: Mutex::new(Vec::new()),
             next_client: AtomicU64::new(1),
             busy: tokio::sync::Mutex::new(()),
+            closing: AtomicU64::new(0),
+            closed: tokio::sync::Notify::new(),
         }
     }
 
@@ -205,6 +211,17 @@ impl Qmp {
         for w in waits {
             let _ = w.await;
         }
+        // A client that hung up right after its last command (stdin at
+        // EOF) is off the list, but its answers must still go out.
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.closing.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Serves one connection until the client goes: greeting, then
@@ -245,9 +262,12 @@ impl Qmp {
         let greeting = json!({"QMP": {"version": self.version, "capabilities": CAPABILITIES}});
         let _ = tx.send(Out::Line(to_line(&greeting, opts.pretty)));
         self.read_loop(&mut reader, &tx, session, opts).await;
+        self.closing.fetch_add(1, Ordering::AcqRel);
         self.lock_clients().retain(|c| c.id != id);
         drop(tx);
         let _ = write_task.await;
+        self.closing.fetch_sub(1, Ordering::AcqRel);
+        self.closed.notify_waiters();
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(
