@@ -47,6 +47,23 @@ impl Graph {
         self.nodes().into_iter().find(|n| n.name() == name)
     }
 
+    /// The open node called `name`, or QEMU's error for a node-name
+    /// argument that names none (qmp_blockdev_del and others).
+    pub fn find_node(&self, name: &str) -> Result<Arc<Node>> {
+        self.find(name)
+            .ok_or_else(|| Error::invalid(format!("Failed to find node with node-name='{name}'")))
+    }
+
+    /// The open node called `name`, or QEMU's error for a reference that
+    /// may name a device or a node (bdrv_lookup_bs); Strata has no devices.
+    pub fn lookup(&self, name: &str) -> Result<Arc<Node>> {
+        self.find(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
     /// Checks a node name the user gave before the node is opened (QEMU:
     /// bdrv_assign_node_name): well formed, not too long, not taken.
     pub fn check_new_name(&self, name: &str) -> Result<()> {

@@ -356,11 +356,7 @@ impl OpenCtx {
     /// A child given as the name of an open node (QEMU: the reference of
     /// bdrv_open_inherit): the parent shares it, taking a reference.
     pub fn reference(&self, name: &str) -> Result<Arc<Node>> {
-        let node = self.graph.find(name).ok_or_else(|| {
-            Error::invalid(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        })?;
+        let node = self.graph.lookup(name)?;
         node.add_ref();
         Ok(node)
     }

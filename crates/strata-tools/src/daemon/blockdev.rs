@@ -96,10 +96,7 @@ impl Daemon {
     /// Drops the monitor's reference to a node it added, with QEMU's
     /// checks in QEMU's order (qmp_blockdev_del).
     pub async fn blockdev_del(&self, name: &str) -> Result<(), String> {
-        let node = self
-            .graph
-            .find(name)
-            .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
+        let node = self.graph.find_node(name).map_err(|e| e.to_string())?;
         node.check_op(BlockOp::DriveDel)
             .map_err(|e| e.to_string())?;
         let owned_at = self.owned().iter().position(|n| Arc::ptr_eq(n, &node));

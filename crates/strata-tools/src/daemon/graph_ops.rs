@@ -12,41 +12,34 @@ use strata_qmp::Qmp;
 
 impl Daemon {
     fn find_node(&self, name: &str) -> Result<Arc<Node>, String> {
-        self.graph
-            .find(name)
-            .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))
+        self.graph.find_node(name).map_err(|e| e.to_string())
     }
 
     /// `blockdev-set-active`: one node (and its children, or the parents'
     /// order for inactivation), or every node when none is named.
     pub async fn set_active(&self, node: Option<&str>, active: bool) -> Result<(), String> {
-        let Some(name) = node else {
-            // Every node: tops first to inactivate, so children follow them.
-            for n in self.graph.nodes() {
-                if n.parents().is_empty() {
-                    let r = if active {
-                        n.activate().await
-                    } else {
-                        n.inactivate().await
-                    };
-                    r.map_err(|e| {
-                        if active {
-                            e.to_string()
-                        } else {
-                            format!("Failed to inactivate all nodes: {e}")
-                        }
-                    })?;
-                }
-            }
-            return Ok(());
+        let targets = match node {
+            Some(name) => vec![self.find_node(name)?],
+            // Every node: from the tops, so children follow their parents.
+            None => self
+                .graph
+                .nodes()
+                .into_iter()
+                .filter(|n| n.parents().is_empty())
+                .collect(),
         };
-        let n = self.find_node(name)?;
-        let r = if active {
-            n.activate().await
-        } else {
-            n.inactivate().await
-        };
-        r.map_err(|e| e.to_string())
+        for n in targets {
+            let r = if active {
+                n.activate().await
+            } else {
+                n.inactivate().await
+            };
+            r.map_err(|e| match node {
+                None if !active => format!("Failed to inactivate all nodes: {e}"),
+                _ => e.to_string(),
+            })?;
+        }
+        Ok(())
     }
 
     /// `--object iothread,id=ID` / `object-add`: starts an I/O thread.
@@ -109,11 +102,7 @@ impl Daemon {
     /// external_snapshot_action, then bdrv_append), with QEMU's checks in
     /// QEMU's order.
     pub async fn blockdev_snapshot(&self, node: &str, overlay: &str) -> Result<(), String> {
-        let lookup = |name: &str| {
-            self.graph
-                .find(name)
-                .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))
-        };
+        let lookup = |name: &str| self.graph.lookup(name).map_err(|e| e.to_string());
         let old = lookup(node)?;
         old.check_op(BlockOp::ExternalSnapshot)
             .map_err(|e| e.to_string())?;
