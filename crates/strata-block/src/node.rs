@@ -6,6 +6,7 @@
 
 use crate::blockers::{BlockOp, Blocker, OpBlockers};
 use crate::buf::IoBuf;
+use crate::debug::DebugEvent;
 use crate::driver::{Child, ChildRole, Driver, Limits, Perm, WriteFlags};
 use crate::error::{err, Error, Result};
 use crate::event_loop::LoopHandle;
@@ -608,6 +609,8 @@ impl Node {
         if copy_on_read {
             return self.read_copy_on_read(offset, buf).await;
         }
+        // Waits only for overlapping serialising requests (read-modify-write).
+        let _req = self.tracker.begin(offset, offset + len, false).await;
         let limits = self.limits();
         let align = limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
@@ -667,10 +670,7 @@ impl Node {
             let start = offset / align * align;
             let end = (offset + len).div_ceil(align) * align;
             let _req = self.tracker.begin(start, end, true).await;
-            let mut bounce = IoBuf::zeroed((end - start) as usize);
-            if start != offset || end != offset + len {
-                bounce = self.driver.read(start, bounce).await?;
-            }
+            let mut bounce = self.rmw_read(start, end, offset, offset + len).await?;
             let skip = (offset - start) as usize;
             bounce.as_mut_slice()[skip..skip + len as usize].copy_from_slice(buf.as_slice());
             self.write_aligned(start, bounce, flags).await?;
@@ -678,6 +678,62 @@ impl Node {
         };
         self.after_write(flags).await?;
         Ok(buf)
+    }
+
+    /// Reads what a read-modify-write of `[from, to)` keeps of the aligned
+    /// cover `[start, end)`: the head and tail blocks (one read when they
+    /// are the whole cover), announcing QEMU's `pwritev_rmw_*` events to the
+    /// blkdebug node below (the node whose alignment QEMU would pad for).
+    /// The caller holds a serialising request over the cover.
+    async fn rmw_read(&self, start: u64, end: u64, from: u64, to: u64) -> Result<IoBuf> {
+        let align = self.limits().request_alignment.max(1) as u64;
+        let (head, tail) = (from != start, to != end);
+        let merge = end - start == align || (head && tail && end - start == 2 * align);
+        let mut bounce = IoBuf::zeroed((end - start) as usize);
+        if head || merge {
+            let n = if merge { end - start } else { align };
+            if head {
+                self.rmw_event(DebugEvent::PwritevRmwHead).await;
+            }
+            if merge && tail {
+                self.rmw_event(DebugEvent::PwritevRmwTail).await;
+            }
+            let got = self.driver.read(start, IoBuf::zeroed(n as usize)).await?;
+            bounce.as_mut_slice()[..n as usize].copy_from_slice(got.as_slice());
+            if head {
+                self.rmw_event(DebugEvent::PwritevRmwAfterHead).await;
+            }
+            if merge && tail {
+                self.rmw_event(DebugEvent::PwritevRmwAfterTail).await;
+            }
+            if merge {
+                return Ok(bounce);
+            }
+        }
+        if tail {
+            self.rmw_event(DebugEvent::PwritevRmwTail).await;
+            let got = self.driver.read(end - align, IoBuf::zeroed(align as usize)).await?;
+            let at = (end - start - align) as usize;
+            bounce.as_mut_slice()[at..].copy_from_slice(got.as_slice());
+            self.rmw_event(DebugEvent::PwritevRmwAfterTail).await;
+        }
+        Ok(bounce)
+    }
+
+    /// Announces a read-modify-write event to the first node at or below
+    /// this one that takes debug events (alignment is inherited upwards
+    /// here, so the padding happens above the node QEMU pads at).
+    async fn rmw_event(&self, event: DebugEvent) {
+        if self.driver.debug_hooks().is_some() {
+            return self.debug_event(event).await;
+        }
+        let mut next = self.primary_child();
+        while let Some(n) = next {
+            if n.driver().debug_hooks().is_some() {
+                return n.debug_event(event).await;
+            }
+            next = n.primary_child();
+        }
     }
 
     pub(crate) async fn write_aligned(
@@ -694,15 +750,29 @@ impl Node {
                 may_unmap: self.detect_zeroes == DetectZeroes::Unmap && self.unmap,
                 ..flags
             };
-            match self
+            self.debug_event(DebugEvent::PwritevZero).await;
+            let r = self
                 .driver
                 .write_zeroes(offset, buf.len() as u64, zflags)
-                .await
-            {
+                .await;
+            match r {
                 Err(e) if e.code() == libc::ENOTSUP => {}
-                r => return r.map(|()| buf),
+                r => {
+                    self.debug_event(DebugEvent::PwritevDone).await;
+                    return r.map(|()| buf);
+                }
             }
         }
+        // QEMU's bdrv_aligned_pwritev events, heard by blkdebug on itself.
+        self.debug_event(DebugEvent::Pwritev).await;
+        let r = self.write_split(offset, buf, flags).await;
+        self.debug_event(DebugEvent::PwritevDone).await;
+        r
+    }
+
+    /// Hands an aligned write to the driver in pieces of at most the
+    /// maximum transfer.
+    async fn write_split(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         let max = self.limits().max_transfer;
         if max == 0 || buf.len() as u64 <= max {
             return self.driver.write(offset, buf, flags).await;
@@ -780,8 +850,8 @@ impl Node {
         to: u64,
         flags: WriteFlags,
     ) -> Result<()> {
-        let align = self.limits().request_alignment.max(1) as usize;
-        let mut b = self.driver.read(block, IoBuf::zeroed(align)).await?;
+        let align = self.limits().request_alignment.max(1) as u64;
+        let mut b = self.rmw_read(block, block + align, from, to).await?;
         b.as_mut_slice()[(from - block) as usize..(to - block) as usize].fill(0);
         let plain = WriteFlags {
             may_unmap: false,
@@ -935,12 +1005,22 @@ impl Node {
         if self.no_flush {
             return Ok(());
         }
+        self.pass_gate().await;
+        // Tracked so that a drained section waits for it; it overlaps nothing.
+        let _req = self.tracker.begin(0, 0, false).await;
         self.driver.flush().await
     }
 
-    /// Changes the length of the node.
+    /// Changes the length of the node. Growing serialises the new range
+    /// (QEMU: BDRV_TRACKED_TRUNCATE), so no request in flight there sees it
+    /// half made. Shrinking waits for nobody, as in QEMU (a write held in
+    /// flight past the new end would otherwise hang the caller): formats
+    /// keep the clusters such a write still targets from being reused.
     pub async fn truncate(&self, size: u64, prealloc: crate::driver::Preallocation) -> Result<()> {
+        self.pass_gate().await;
         self.check_writable()?;
+        let old = self.length();
+        let _req = self.tracker.begin(old.min(size), size, true).await;
         self.driver.truncate(size, prealloc).await
     }
 
@@ -952,7 +1032,10 @@ impl Node {
             return Ok(BlockStatus::zero(0));
         }
         let len = len.min(size - offset);
+        // Counted for drain; it waits for nobody.
+        let req = self.tracker.begin(0, 0, false).await;
         let mut st = self.driver.block_status(offset, len).await?;
+        drop(req);
         st.len = st.len.clamp(1, len);
         st.allocated = st.data || st.zero;
         if !st.allocated && self.driver.supports_backing() {

@@ -138,14 +138,18 @@ fn device_size(fd: RawFd) -> Result<u64> {
     Ok(size)
 }
 
-/// The smallest read alignment O_DIRECT accepts on `fd` (QEMU probes the same
-/// way): the logical sector size of a device, else trial reads.
-fn probe_alignment(fd: RawFd, block_device: bool) -> u32 {
+/// O_DIRECT alignment on `fd`: (request, memory). The kernel says it where
+/// it can (`statx` STATX_DIOALIGN, Linux 6.1+; BLKSSZGET on devices); else
+/// trial reads, as QEMU probes.
+fn probe_alignment(fd: RawFd, block_device: bool) -> (u32, u32) {
+    if let Some(a) = dio_align(fd) {
+        return a;
+    }
     if block_device {
         let mut ssz: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int.
         if unsafe { libc::ioctl(fd, 0x1268, &mut ssz) } == 0 && ssz > 0 {
-            return ssz as u32;
+            return (ssz as u32, (ssz as u32).max(512));
         }
     }
     let mut buf = IoBuf::zeroed(4096);
@@ -153,10 +157,36 @@ fn probe_alignment(fd: RawFd, block_device: bool) -> u32 {
         // SAFETY: buf has 4096 bytes, at least `align`.
         let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), align as usize, 0) };
         if r >= 0 {
-            return align;
+            // A 1-byte read proves nothing (a hole, or the end of the file,
+            // is read without touching the device): take the safe value, as
+            // QEMU does.
+            let align = if align == 1 { 4096 } else { align };
+            return (align, align.max(512));
         }
     }
-    4096
+    (4096, 4096)
+}
+
+/// The O_DIRECT offset and memory alignment the kernel reports for `fd`,
+/// if it does (0 means O_DIRECT is not supported there: unknown).
+fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid empty C string; statx writes one struct.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    let (off, mem) = (stx.stx_dio_offset_align, stx.stx_dio_mem_align);
+    (off > 0 && mem > 0).then(|| (off, mem.max(512)))
 }
 
 impl FileDriver {
@@ -534,8 +564,8 @@ impl DriverClass for FileClass {
         };
         let mut limits = Limits::default();
         if direct {
-            limits.request_alignment = probe_alignment(fd.raw(), block_device);
-            limits.memory_alignment = limits.request_alignment.max(512);
+            (limits.request_alignment, limits.memory_alignment) =
+                probe_alignment(fd.raw(), block_device);
         }
         Ok(Box::new(FileDriver {
             fd: Arc::new(fd),

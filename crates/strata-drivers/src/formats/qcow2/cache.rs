@@ -6,7 +6,7 @@
 //! (refcount blocks before the L2 tables that point to new clusters) is the
 //! caller's rule, see `meta.rs`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use strata_block::{IoBuf, Node, Result, WriteFlags};
 
@@ -16,15 +16,23 @@ struct Slice {
     used: u64,
 }
 
-/// A cache of table slices keyed by their host offset.
+/// A cache of table slices keyed by their host offset. Finding the least
+/// recently used slice and the dirty ones costs O(log n), not a scan.
 pub struct TableCache {
     slice_size: usize,
     capacity: usize,
     slices: HashMap<u64, Slice>,
+    /// Slices by last use (tick to offset): the first is the LRU victim.
+    lru: BTreeMap<u64, u64>,
+    /// Offsets of the dirty slices, in order.
+    dirty: BTreeSet<u64>,
     tick: u64,
     /// Slices were written since the file was last flushed: a write that
     /// must come after them needs a flush first, even if none is dirty now.
     written: bool,
+    /// Data these slices point to was written (copy-on-write) and must be
+    /// stable before any slice is written back (QEMU: depends_on_flush).
+    depends_on_flush: bool,
 }
 
 impl TableCache {
@@ -34,8 +42,11 @@ impl TableCache {
             slice_size,
             capacity: capacity.max(4),
             slices: HashMap::new(),
+            lru: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             tick: 0,
             written: false,
+            depends_on_flush: false,
         }
     }
 
@@ -62,15 +73,29 @@ impl TableCache {
 
     /// The least recently used slice, to evict.
     pub fn victim(&self) -> Option<(u64, bool)> {
-        self.slices
-            .iter()
-            .min_by_key(|(_, s)| s.used)
-            .map(|(o, s)| (*o, s.dirty))
+        let (_, &off) = self.lru.first_key_value()?;
+        Some((off, self.dirty.contains(&off)))
+    }
+
+    /// Marks the slice at `off` as used now.
+    fn touch(&mut self, off: u64) -> Option<&mut Slice> {
+        self.tick += 1;
+        let t = self.tick;
+        let s = self.slices.get_mut(&off)?;
+        self.lru.remove(&s.used);
+        self.lru.insert(t, off);
+        s.used = t;
+        Some(s)
     }
 
     /// Inserts a slice read from disk or made new.
     pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
+        self.remove(off);
         self.tick += 1;
+        self.lru.insert(self.tick, off);
+        if dirty {
+            self.dirty.insert(off);
+        }
         self.slices.insert(
             off,
             Slice {
@@ -83,34 +108,34 @@ impl TableCache {
 
     /// Drops a slice (clean, or written back already).
     pub fn remove(&mut self, off: u64) {
-        self.slices.remove(&off);
+        if let Some(s) = self.slices.remove(&off) {
+            self.lru.remove(&s.used);
+            self.dirty.remove(&off);
+        }
     }
 
     /// Drops every slice of the table at `table` (a freed table).
     pub fn remove_table(&mut self, table: u64, table_size: u64) {
-        self.slices
-            .retain(|o, _| !(table..table + table_size).contains(o));
+        let s = self.slice_size as u64;
+        let mut off = table;
+        while off < table + table_size {
+            self.remove(off);
+            off += s;
+        }
     }
 
     /// The bytes of a cached slice.
     pub fn get(&mut self, off: u64) -> Option<&[u8]> {
-        self.tick += 1;
-        let t = self.tick;
-        self.slices.get_mut(&off).map(|s| {
-            s.used = t;
-            &s.data[..]
-        })
+        self.touch(off).map(|s| &s.data[..])
     }
 
     /// The bytes of a cached slice, to change; marks it dirty.
     pub fn get_mut(&mut self, off: u64) -> Option<&mut [u8]> {
-        self.tick += 1;
-        let t = self.tick;
-        self.slices.get_mut(&off).map(|s| {
-            s.used = t;
-            s.dirty = true;
-            &mut s.data[..]
-        })
+        self.touch(off)?;
+        self.dirty.insert(off);
+        let s = self.slices.get_mut(&off)?;
+        s.dirty = true;
+        Some(&mut s.data[..])
     }
 
     /// True when slices were written (or wait to be) since the last flush.
@@ -121,11 +146,22 @@ impl TableCache {
     /// Records that the file was flushed.
     pub fn flushed(&mut self) {
         self.written = false;
+        self.depends_on_flush = false;
+    }
+
+    /// Requires a flush of the file before the next slice is written back.
+    pub fn set_depends_on_flush(&mut self) {
+        self.depends_on_flush = true;
+    }
+
+    /// True when a flush must come before the next write-back.
+    pub fn depends_on_flush(&self) -> bool {
+        self.depends_on_flush
     }
 
     /// True when any slice waits to be written.
     pub fn has_dirty(&self) -> bool {
-        self.slices.values().any(|s| s.dirty)
+        !self.dirty.is_empty()
     }
 
     /// Writes one dirty slice back and marks it clean.
@@ -135,6 +171,7 @@ impl TableCache {
                 file.write(off, IoBuf::from_slice(&s.data), WriteFlags::default())
                     .await?;
                 s.dirty = false;
+                self.dirty.remove(&off);
                 self.written = true;
             }
         }
@@ -144,18 +181,40 @@ impl TableCache {
     /// The offsets of the dirty slices, in order (the caller checks each
     /// against the other metadata before writing it back).
     pub fn dirty_offsets(&self) -> Vec<u64> {
-        let mut dirty: Vec<u64> = self
-            .slices
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(o, _)| *o)
-            .collect();
-        dirty.sort_unstable();
-        dirty
+        self.dirty.iter().copied().collect()
     }
 
     /// Forgets everything (after a failed write-back the image is re-read).
     pub fn clear(&mut self) {
         self.slices.clear();
+        self.lru.clear();
+        self.dirty.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_victim_and_dirty_set_follow_use() {
+        let mut c = TableCache::new(512, 4);
+        for off in [0u64, 512, 1024, 1536] {
+            c.insert(off, vec![0; 512], false);
+        }
+        assert!(c.is_full());
+        assert_eq!(c.victim(), Some((0, false)));
+        c.get(0);
+        assert_eq!(c.victim(), Some((512, false)));
+        c.get_mut(512);
+        c.get(1024);
+        c.get(1536);
+        assert_eq!(c.victim(), Some((0, false)));
+        c.get(0);
+        assert_eq!(c.victim(), Some((512, true)));
+        assert_eq!(c.dirty_offsets(), vec![512]);
+        c.remove_table(0, 1024);
+        assert!(!c.has_dirty());
+        assert_eq!(c.victim(), Some((1024, false)));
     }
 }

@@ -121,6 +121,9 @@ pub struct Meta {
     /// Where the next compressed cluster may start inside a partly used
     /// cluster; 0 for none (QEMU: free_byte_offset).
     pub free_byte_offset: u64,
+    /// Host clusters with guest I/O in flight: not handed out again, even
+    /// when free, until that I/O is done.
+    pub busy: Arc<super::host_inflight::HostInflight>,
 }
 
 /// What a write to the image file is, for the overlap check: each kind may
@@ -242,6 +245,10 @@ impl Meta {
                 if dirty {
                     if l2 {
                         self.flush_refcounts(file).await?;
+                        if self.l2_cache.depends_on_flush() {
+                            file.flush().await?;
+                            self.l2_cache.flushed();
+                        }
                     }
                     let ss = self.l2_cache.slice_size() as u64;
                     let kind = if l2 {
@@ -445,6 +452,10 @@ impl Meta {
         if val == 0 && hc < self.free_cluster_index {
             self.free_cluster_index = hc;
         }
+        if val == 0 && self.free_byte_offset >> self.geo.cluster_bits == hc {
+            // Compressed data must not be packed into a cluster given back.
+            self.free_byte_offset = 0;
+        }
         Ok(())
     }
 
@@ -542,8 +553,8 @@ impl Meta {
                 }
             }
         }
-        let mut f = self.free_cluster_index;
-        while self.refcount(file, f).await? != 0 {
+        let mut f = self.search_start();
+        while !self.allocatable(file, f).await? {
             f += 1;
         }
         let tf = f >> self.geo.rb_bits;
@@ -698,14 +709,29 @@ impl Meta {
         Ok(())
     }
 
+    /// True when host cluster `hc` may be handed out: no reference counts
+    /// it and no request's I/O to it is still in flight.
+    async fn allocatable(&mut self, file: &Arc<Node>, hc: u64) -> Result<bool> {
+        Ok(self.refcount(file, hc).await? == 0 && !self.busy.is_busy(hc))
+    }
+
+    /// Where a first-fit search starts: clusters passed over while busy and
+    /// released since are candidates again.
+    fn search_start(&mut self) -> u64 {
+        if let Some(m) = self.busy.take_released_min() {
+            self.free_cluster_index = self.free_cluster_index.min(m);
+        }
+        self.free_cluster_index
+    }
+
     /// Allocates `n` contiguous free clusters (first fit) with refcount 1.
     pub async fn alloc_clusters(&mut self, file: &Arc<Node>, n: u64) -> Result<u64> {
         file.debug_event(DebugEvent::ClusterAlloc).await;
-        let mut start = self.free_cluster_index;
+        let mut start = self.search_start();
         let mut found = 0;
         while found < n {
             let hc = start + found;
-            if self.refcount(file, hc).await? != 0 {
+            if !self.allocatable(file, hc).await? {
                 start = hc + 1;
                 found = 0;
                 continue;
@@ -741,8 +767,8 @@ impl Meta {
         let free_in_cluster = if offset == 0 { 0 } else { cs - offset % cs };
         if offset == 0 || free_in_cluster < size {
             // One free cluster, not counted yet (QEMU: alloc_clusters_noref).
-            let mut hc = self.free_cluster_index;
-            while self.refcount(file, hc).await? != 0 {
+            let mut hc = self.search_start();
+            while !self.allocatable(file, hc).await? {
                 hc += 1;
             }
             self.free_cluster_index = hc + 1;
@@ -933,6 +959,12 @@ impl Meta {
             WriteKind::Refblock
         };
         let ss = self.l2_cache.slice_size() as u64;
+        if l2 && !dirty.is_empty() && self.l2_cache.depends_on_flush() {
+            // Copied-on-write data goes first (QEMU: depends_on_flush).
+            file.flush().await?;
+            self.l2_cache.flushed();
+            self.rb_cache.flushed();
+        }
         for off in dirty {
             if self.corrupt {
                 return Err(Error::errno(libc::ENOMEDIUM));

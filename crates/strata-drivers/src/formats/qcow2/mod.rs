@@ -14,17 +14,22 @@ mod compress;
 mod create;
 mod data_file;
 pub mod header;
+mod host_inflight;
 mod meta;
 mod snapshot;
 
 use async_trait::async_trait;
 use data_file::DataFile;
-use header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use header::{
+    Compression, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+};
 use meta::{
     Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO,
 };
-use std::collections::HashSet;
+use host_inflight::{HostGuard, HostInflight};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMode};
@@ -59,7 +64,9 @@ pub struct Qcow2Driver {
     compression: Compression,
     meta: Mutex<Meta>,
     /// Guest clusters being allocated by a write in flight.
-    inflight: std::sync::Mutex<HashSet<u64>>,
+    inflight: std::sync::Mutex<BTreeSet<u64>>,
+    /// Host clusters with guest I/O in flight (shared with `meta`'s allocator).
+    host_busy: Arc<HostInflight>,
     alloc_done: Notify,
     read_only: bool,
 }
@@ -114,8 +121,29 @@ struct Extent {
 }
 
 impl Qcow2Driver {
-    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True while a write is allocating any of guest clusters `[first, last]`.
+    fn allocating(&self, first: u64, last: u64) -> bool {
+        self.lock_inflight().range(first..=last).next().is_some()
+    }
+
+    /// Holds the host clusters that `extents` read or write in place, so
+    /// none is handed out again while the I/O is in flight (taken under the
+    /// metadata lock, where the mapping was looked up).
+    fn hold_hosts<'e>(&self, extents: impl IntoIterator<Item = &'e Extent>) -> HostGuard {
+        let external = self.geo.external_data;
+        self.host_busy
+            .hold(extents.into_iter().filter_map(|e| match e.mapping {
+                // A data file keeps clusters at their guest offsets: never reused.
+                Mapping::Normal { host, .. } if !external => Some((host, e.len)),
+                Mapping::Compressed(_) => self
+                    .host_cluster_of(e.mapping)
+                    .map(|(off, n)| (off, n << self.geo.cluster_bits)),
+                _ => None,
+            }))
     }
 
     /// The backing node, if any.
@@ -340,11 +368,7 @@ impl Qcow2Driver {
             let notified = self.alloc_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self
-                .lock_inflight()
-                .iter()
-                .any(|c| (first..=last).contains(c))
-            {
+            if !self.allocating(first, last) {
                 return;
             }
             notified.await;
@@ -364,11 +388,7 @@ impl Qcow2Driver {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
             // Already in flight by someone who got the lock first: wait again.
-            if self
-                .lock_inflight()
-                .iter()
-                .any(|c| (first..=last).contains(c))
-            {
+            if self.allocating(first, last) {
                 continue;
             }
             let mut mappings = Vec::with_capacity((last - first + 1) as usize);
@@ -386,6 +406,11 @@ impl Qcow2Driver {
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
                     m.check_data_write(&self.file, at, len).await?;
+                    let _held = self.hold_hosts(&[Extent {
+                        offset,
+                        len,
+                        mapping: mappings[0],
+                    }]);
                     drop(m);
                     self.file.debug_event(DebugEvent::WriteAio).await;
                     return self.data()?.write(at, buf, WriteFlags::default()).await;
@@ -434,6 +459,13 @@ impl Qcow2Driver {
             m.check_data_write(&self.file, host, n * cs).await?;
             // Marked in flight until this guard goes, even if this future is dropped.
             let _inflight = InflightGuard::new(self, first, last);
+            // The clusters copy-on-write reads from stay theirs meanwhile.
+            let cs_len = |i: usize| Extent {
+                offset: (first + i as u64) << self.geo.cluster_bits,
+                len: cs,
+                mapping: mappings[i],
+            };
+            let _cow_src = self.hold_hosts(&[cs_len(0), cs_len(mappings.len() - 1)]);
             drop(m);
             let written = self
                 .write_new_clusters(offset, buf, host, first, &mappings)
@@ -442,10 +474,16 @@ impl Qcow2Driver {
             return match written {
                 // Linking failed half way leaves leaks at worst, never a
                 // reference to a free cluster.
-                Ok(buf) => self
-                    .link_clusters(&mut m, l2, first, host, mappings.len())
-                    .await
-                    .map(|()| buf),
+                Ok((buf, copied)) => {
+                    if copied {
+                        // Copied old data must be stable before an L2 entry
+                        // points at it: a crash would lose data the guest had.
+                        m.l2_cache.set_depends_on_flush();
+                    }
+                    self.link_clusters(&mut m, l2, first, host, mappings.len())
+                        .await
+                        .map(|()| buf)
+                }
                 Err(e) => {
                     // Nothing points to the new clusters yet: give them back.
                     // Data file clusters were never counted, so nothing is
@@ -460,7 +498,8 @@ impl Qcow2Driver {
     }
 
     /// Writes guest data and the copied-on-write rest of the partial first
-    /// and last clusters into the new clusters at `host`, in one write.
+    /// and last clusters into the new clusters at `host`, in one write; true
+    /// when old data was copied.
     async fn write_new_clusters(
         &self,
         offset: u64,
@@ -468,7 +507,7 @@ impl Qcow2Driver {
         host: u64,
         first: u64,
         mappings: &[Mapping],
-    ) -> Result<IoBuf> {
+    ) -> Result<(IoBuf, bool)> {
         let cs = self.geo.cluster_size;
         let head = self.geo.offset_in_cluster(offset);
         let end = head + buf.len() as u64;
@@ -476,7 +515,8 @@ impl Qcow2Driver {
         let data = self.data()?;
         if head == 0 && end == total {
             self.file.debug_event(DebugEvent::WriteAio).await;
-            return data.write(host, buf, WriteFlags::default()).await;
+            let buf = data.write(host, buf, WriteFlags::default()).await?;
+            return Ok((buf, false));
         }
         let mut merged = IoBuf::zeroed(total as usize);
         if head > 0 {
@@ -497,7 +537,7 @@ impl Qcow2Driver {
         self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.debug_event(DebugEvent::CowWrite).await;
         data.write(host, merged, WriteFlags::default()).await?;
-        Ok(buf)
+        Ok((buf, true))
     }
 
     /// Points the L2 entries of `mappings.len()` guest clusters from `first`
@@ -593,7 +633,7 @@ impl Qcow2Driver {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
             // A write may have marked clusters in flight before we got the lock.
-            if self.lock_inflight().iter().any(|c| (gc..stop).contains(c)) {
+            if self.allocating(gc, stop - 1) {
                 continue;
             }
             // Without a table nothing is allocated: zeroing still records
@@ -654,33 +694,78 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// True when a partial write-zeroes on guest cluster `gc`, covering
+    /// Whether a partial write-zeroes on guest cluster `gc`, covering
     /// `[from, to)` of the image, may zero the whole cluster instead (QEMU's
     /// rule): the cluster holds no data here, and the rest of it already
-    /// reads as zeroes through the backing chain.
-    async fn may_zero_whole_cluster(&self, gc: u64, from: u64, to: u64) -> Result<bool> {
+    /// reads as zeroes through the backing chain. Some(true) when
+    /// `[from, to)` reads as zeroes too.
+    async fn may_zero_whole_cluster(&self, gc: u64, from: u64, to: u64) -> Result<Option<bool>> {
         let cs = self.geo.cluster_size;
         let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
         match mp {
-            Mapping::Zero(_) => return Ok(true),
+            Mapping::Zero(_) => return Ok(Some(true)),
             Mapping::Unallocated => {}
-            _ => return Ok(false),
+            _ => return Ok(None),
         }
+        let cluster_end = ((gc + 1) * cs).min(self.length());
+        let rest_zero = self.backing_reads_zero(gc * cs, from).await?
+            && self.backing_reads_zero(to, cluster_end).await?;
+        if !rest_zero {
+            return Ok(None);
+        }
+        Ok(Some(self.backing_reads_zero(from, to).await?))
+    }
+
+    /// True when guest `[start, end)` reads as zeroes from the backing chain.
+    async fn backing_reads_zero(&self, start: u64, end: u64) -> Result<bool> {
         let Some(b) = self.backing() else {
             return Ok(true);
         };
-        let cluster_end = ((gc + 1) * cs).min(self.length());
-        for (start, end) in [(gc * cs, from), (to, cluster_end)] {
-            let mut off = start;
-            while off < end.min(b.length()) {
-                let (st, _) = b.block_status_above(None, off, end - off).await?;
-                if !st.zero {
-                    return Ok(false);
-                }
-                off += st.len.max(1);
+        let mut off = start;
+        while off < end.min(b.length()) {
+            let (st, _) = b.block_status_above(None, off, end - off).await?;
+            if !st.zero {
+                return Ok(false);
             }
+            off += st.len.max(1);
         }
         Ok(true)
+    }
+
+    /// Makes guest cluster `gc` a zero cluster for a partial write-zeroes
+    /// that [`may_zero_whole_cluster`](Self::may_zero_whole_cluster) allowed;
+    /// false if it holds data by the time the lock is taken (a write linked
+    /// some since the decision): then the caller writes the zeroes.
+    async fn zero_whole_cluster(&self, gc: u64, own_zero: bool) -> Result<bool> {
+        loop {
+            let mut m = self.meta.lock().await;
+            if m.corrupt {
+                return Err(Error::errno(libc::ENOMEDIUM));
+            }
+            // Decided again here, under the lock the change is made under.
+            let mp = m.mapping(&self.file, gc).await?;
+            if !matches!(mp, Mapping::Unallocated | Mapping::Zero(_)) {
+                return Ok(false);
+            }
+            if self.allocating(gc, gc) {
+                if own_zero {
+                    // The cluster reads as zeroes already, and the write
+                    // allocating it copies those zeroes: nothing to do (and
+                    // no wait, as with QEMU).
+                    return Ok(true);
+                }
+                drop(m);
+                self.wait_inflight(gc, gc).await;
+                continue;
+            }
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let idx = gc & (self.geo.l2_entries() - 1);
+            let entry = m.l2_get(&self.file, l2, idx).await?;
+            if entry & OFLAG_ZERO == 0 {
+                m.l2_set(&self.file, l2, idx, entry | OFLAG_ZERO).await?;
+            }
+            return Ok(true);
+        }
     }
 
     /// With data_file_raw, zeroes `[offset, offset+len)` of the data file
@@ -762,35 +847,53 @@ impl Qcow2Driver {
         };
         let plen = packed.len() as u64;
         let gc = offset >> self.geo.cluster_bits;
-        let host = {
+        let idx = gc & (self.geo.l2_entries() - 1);
+        // Plan under the lock: the cluster must be unallocated; it is marked
+        // in flight so no other write allocates it meanwhile.
+        let (host, _inflight) = loop {
+            self.wait_inflight(gc, gc).await;
             let mut m = self.meta.lock().await;
             if m.corrupt {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
+            if self.allocating(gc, gc) {
+                continue;
+            }
             let l2 = self.writable_l2(&mut m, gc).await?;
-            let idx = gc & (self.geo.l2_entries() - 1);
             // Compression cannot overwrite anything.
             if m.l2_get(&self.file, l2, idx).await? & OFFSET_MASK != 0 {
                 return Err(Error::errno(libc::EIO));
             }
             let host = m.alloc_bytes(&self.file, plen).await?;
-            let sectors = (host + plen - 1) / 512 - host / 512;
-            let shift = 62 - (self.geo.cluster_bits - 8);
-            self.file.debug_event(DebugEvent::L2UpdateCompressed).await;
-            m.l2_set(
-                &self.file,
-                l2,
-                idx,
-                OFLAG_COMPRESSED | host | (sectors << shift),
-            )
-            .await?;
             m.check_metadata_write(&self.file, host, plen).await?;
-            host
+            break (host, InflightGuard::new(self, gc, gc));
         };
+        // I/O without it: the data is on disk before anything points to it.
         self.file.debug_event(DebugEvent::WriteCompressed).await;
-        self.file
+        let written = self
+            .file
             .write(host, IoBuf::from_slice(&packed), WriteFlags::default())
-            .await?;
+            .await;
+        // Commit under it.
+        let mut m = self.meta.lock().await;
+        let cs = self.geo.cluster_size;
+        let (first_hc, n) = (host / cs, (host + plen - 1) / cs - host / cs + 1);
+        if let Err(e) = written {
+            // Nothing points to the bytes: give their references back.
+            let _ = m.update_refcounts(&self.file, first_hc * cs, n, -1).await;
+            return Err(e);
+        }
+        let l2 = self.writable_l2(&mut m, gc).await?;
+        let sectors = (host + plen - 1) / 512 - host / 512;
+        let shift = 62 - (self.geo.cluster_bits - 8);
+        self.file.debug_event(DebugEvent::L2UpdateCompressed).await;
+        m.l2_set(
+            &self.file,
+            l2,
+            idx,
+            OFLAG_COMPRESSED | host | (sectors << shift),
+        )
+        .await?;
         Ok(buf)
     }
 
@@ -843,7 +946,11 @@ impl Qcow2Driver {
         self.file.flush().await?;
         // Cut the file after the last cluster in use.
         let mut last = self.file.length().div_ceil(cs);
-        while last > 0 && m.refcount(&self.file, last - 1).await? == 0 {
+        // A cluster with a late write still in flight stays: cut after it.
+        while last > 0
+            && m.refcount(&self.file, last - 1).await? == 0
+            && !self.host_busy.is_busy(last - 1)
+        {
             last -= 1;
         }
         if last * cs < self.file.length() {
@@ -950,9 +1057,11 @@ impl Driver for Qcow2Driver {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let extents = {
+        let (extents, _held) = {
             let mut m = self.meta.lock().await;
-            self.extents(&mut m, offset, buf.len() as u64).await?
+            let e = self.extents(&mut m, offset, buf.len() as u64).await?;
+            let held = self.hold_hosts(&e);
+            (e, held)
         };
         if extents.len() == 1 {
             return self.read_extent(extents[0], buf).await;
@@ -1025,12 +1134,15 @@ impl Driver for Qcow2Driver {
                 continue;
             }
             let piece_end = ((gc + 1) * cs).min(end);
-            if self.may_zero_whole_cluster(gc, off, piece_end).await? {
-                // The request grows to the whole cluster, as in QEMU.
-                self.zero_raw_data(gc * cs, cs, flags).await?;
-                self.clear_clusters(gc, 1, Clear::Zero { unmap: false })
-                    .await?;
-            } else {
+            // The request grows to the whole cluster, as in QEMU, if the
+            // cluster still holds no data when the change is made. (A raw
+            // data file would have to be zeroed first, which could wipe a
+            // write racing for the cluster: it gets the bytes written.)
+            let whole = match self.may_zero_whole_cluster(gc, off, piece_end).await? {
+                Some(own_zero) if !self.data_raw => self.zero_whole_cluster(gc, own_zero).await?,
+                _ => false,
+            };
+            if !whole {
                 self.write(off, IoBuf::zeroed((piece_end - off) as usize), flags)
                     .await?;
             }
@@ -1311,9 +1423,12 @@ impl Driver for Qcow2Driver {
 
     async fn invalidate_cache(&self) -> Result<()> {
         // Another process owned the image: everything cached may be stale.
-        let (hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only, false)
+        let (mut hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only, false)
             .await
             .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
+        if !self.read_only {
+            clear_unknown_autoclear(&self.file, &mut hdr).await?;
+        }
         // This driver keeps the geometry in its own fields; QEMU would pick
         // up a new one, but only amend or a new image changes it.
         if (geo.cluster_bits, geo.refcount_order, geo.version)
@@ -1330,7 +1445,7 @@ impl Driver for Qcow2Driver {
         }
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         self.size.store(hdr.size, Ordering::Release);
-        *self.meta.lock().await = new_meta(geo, &hdr, l1, reftable, self.read_only);
+        *self.meta.lock().await = new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy);
         if dirty && !self.read_only {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {
@@ -1448,7 +1563,10 @@ impl DriverClass for Qcow2Class {
         let _ = take_str(opts, "cache-clean-interval")?;
         let read_only = ctx.flags.read_only;
 
-        let (hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
+        let (mut hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
+        if !read_only && !ctx.flags.inactive {
+            clear_unknown_autoclear(&file, &mut hdr).await?;
+        }
         let external = geo.external_data;
         let data = data_file::open(ctx, opts, &hdr).await?;
 
@@ -1471,7 +1589,8 @@ impl DriverClass for Qcow2Class {
             _ => None,
         };
 
-        let meta = new_meta(geo, &hdr, l1, reftable, read_only);
+        let host_busy = HostInflight::new(geo.cluster_bits);
+        let meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy);
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
             file,
@@ -1482,7 +1601,8 @@ impl DriverClass for Qcow2Class {
             size: AtomicU64::new(hdr.size),
             compression: hdr.compression,
             meta: Mutex::new(meta),
-            inflight: std::sync::Mutex::new(HashSet::new()),
+            inflight: std::sync::Mutex::new(BTreeSet::new()),
+            host_busy,
             alloc_done: Notify::new(),
             read_only,
         };
@@ -1588,6 +1708,25 @@ async fn load_metadata(
     Ok((hdr, geo, l1, reftable))
 }
 
+/// A writer clears the autoclear bits it does not know (qcow2.txt), as
+/// QEMU's open does: whatever they vouch for (bitmaps that saw every write)
+/// stops being true with this writer's first write.
+async fn clear_unknown_autoclear(file: &Arc<Node>, hdr: &mut Header) -> Result<()> {
+    let known = hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW;
+    if hdr.version < 3 || known == hdr.autoclear_features {
+        return Ok(());
+    }
+    file.write(
+        88,
+        IoBuf::from_slice(&known.to_be_bytes()),
+        WriteFlags::default(),
+    )
+    .await?;
+    file.flush().await?;
+    hdr.autoclear_features = known;
+    Ok(())
+}
+
 /// Fresh in-memory state for the tables read by [`load_metadata`], with
 /// caches sized to the image.
 fn new_meta(
@@ -1596,6 +1735,7 @@ fn new_meta(
     l1: Vec<u64>,
     reftable: Vec<u64>,
     read_only: bool,
+    busy: &Arc<HostInflight>,
 ) -> Meta {
     let cs = geo.cluster_size;
     let slice = cs.min(4096) as usize;
@@ -1625,6 +1765,7 @@ fn new_meta(
         signaled: false,
         writable: !read_only,
         header: hdr.clone(),
+        busy: Arc::clone(busy),
     }
 }
 

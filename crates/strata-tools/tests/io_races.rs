@@ -1,0 +1,200 @@
+//! Interleavings that lost data, forced with blkdebug breakpoints through
+//! strata-io (issue "A core that runs live"): each held a request at a
+//! chosen point while others ran, then required the data to read back and
+//! `qemu-img check` to find nothing wrong. Two of them (a late write into a
+//! discarded or shrunk-away cluster) fail with QEMU 10.0.2's qemu-io too, so
+//! they are checked on their own rather than against it.
+
+mod io_support;
+use io_support::{have_oracle, same};
+use std::path::Path;
+use std::process::Command;
+
+const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
+const STRATA_IMG: &str = env!("CARGO_BIN_EXE_strata-img");
+
+/// Runs a program in `dir` under a time limit (a lost wake-up must fail
+/// the test, not hang it); returns stdout + stderr, requiring success.
+fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{prog} {args:?} failed: {text}");
+    text
+}
+
+/// A fresh 1 MiB qcow2 image `a.qcow2`, made by strata-img.
+fn fresh(dir: &Path) {
+    run(dir, STRATA_IMG, &["create", "-f", "qcow2", "a.qcow2", "1M"]);
+}
+
+/// strata-io with `-c` for each command; no pattern check may fail.
+fn io(dir: &Path, cmds: &[&str]) -> String {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.push("-c");
+        args.push(*c);
+    }
+    let text = run(dir, STRATA_IO, &args);
+    assert!(
+        !text.contains("Pattern verification failed"),
+        "data lost: {cmds:?}\n{text}"
+    );
+    text
+}
+
+/// `qemu-img check` finds nothing wrong.
+fn check_clean(dir: &Path) {
+    let text = run(dir, "qemu-img", &["check", "a.qcow2"]);
+    assert!(text.contains("No errors were found"), "{text}");
+}
+
+const OPEN: &str = "open -o driver=qcow2 blkdebug::a.qcow2";
+
+#[test]
+fn zero_write_does_not_wipe_a_write_in_flight_in_the_same_cluster() {
+    if !have_oracle() {
+        return;
+    }
+    let cmds = [
+        "-c",
+        OPEN,
+        "-c",
+        "break write_aio A",
+        "-c",
+        "aio_write -P 0xaa 32k 4k",
+        "-c",
+        "wait_break A",
+        "-c",
+        "aio_write -z 0 4k",
+        "-c",
+        "resume A",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 0xaa 32k 4k",
+        "-c",
+        "read -P 0 0 4k",
+    ];
+    // qemu-io gets this right: the same output, byte for byte.
+    same("qemu-img create -f qcow2 a.qcow2 1M", &cmds, None);
+    let dir = tempfile::tempdir().unwrap();
+    fresh(dir.path());
+    let only: Vec<&str> = cmds.iter().skip(1).step_by(2).copied().collect();
+    io(dir.path(), &only);
+    check_clean(dir.path());
+}
+
+#[test]
+fn late_in_place_write_never_lands_in_a_reused_cluster() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    io(d, &["open a.qcow2", "write -P 1 0 64k"]);
+    io(
+        d,
+        &[
+            OPEN,
+            "break write_aio A",
+            "aio_write -P 0xaa 0 4k",
+            "wait_break A",
+            "discard 0 64k",
+            "write -P 0xbb 128k 64k",
+            "resume A",
+            "aio_flush",
+            "read -P 0xbb 128k 64k",
+        ],
+    );
+    check_clean(d);
+    io(d, &[OPEN, "read -P 0xbb 128k 64k"]);
+}
+
+#[test]
+fn late_write_past_a_shrink_never_lands_in_a_reused_cluster() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    io(d, &[OPEN, "write -P 1 0 64k", "write -P 2 512k 64k"]);
+    io(
+        d,
+        &[
+            OPEN,
+            "break write_aio A",
+            "aio_write -P 0xaa 512k 4k",
+            "wait_break A",
+            "truncate 256k",
+            "write -P 0xbb 128k 64k",
+            "resume A",
+            "aio_flush",
+            "read -P 0xbb 128k 64k",
+            "read -P 1 0 64k",
+        ],
+    );
+    check_clean(d);
+    io(d, &[OPEN, "read -P 0xbb 128k 64k", "read -P 1 0 64k"]);
+}
+
+#[test]
+fn unknown_autoclear_bits_are_cleared_by_a_writer() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    run(d, "qemu-img", &["bitmap", "--add", "a.qcow2", "b0"]);
+    let before = run(d, "qemu-img", &["info", "--output=json", "a.qcow2"]);
+    assert!(before.contains("\"b0\""), "{before}");
+    // A reader changes nothing.
+    io(d, &["open -r a.qcow2", "read 0 64k"]);
+    let still = run(d, "qemu-img", &["info", "--output=json", "a.qcow2"]);
+    assert!(still.contains("\"b0\""), "{still}");
+    io(d, &["open a.qcow2", "write 0 64k"]);
+    // QEMU no longer trusts b0, which missed the write.
+    let after = run(d, "qemu-img", &["info", "--output=json", "a.qcow2"]);
+    assert!(!after.contains("\"b0\""), "{after}");
+    assert!(
+        after.contains("a program lacking bitmap support modified this file"),
+        "{after}"
+    );
+}
+
+#[test]
+fn direct_io_alignment_is_not_fooled_by_a_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::File::create(d.join("r.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let probe = Command::new(STRATA_IO)
+        .args(["-f", "raw", "-t", "none", "-c", "read 0 512", "r.raw"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    if !probe.status.success() {
+        // No O_DIRECT on this file system (tmpfs before Linux 6.6).
+        println!("skipped: O_DIRECT not supported here");
+        return;
+    }
+    let args = ["-f", "raw", "-t", "none", "-c", "write -P 1 1 128k", "r.raw"];
+    run(d, STRATA_IO, &args);
+    let args = ["-f", "raw", "-t", "none", "-c", "read -P 1 1 128k", "r.raw"];
+    let text = run(d, STRATA_IO, &args);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+}
