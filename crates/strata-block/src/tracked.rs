@@ -3,10 +3,13 @@
 //! (read-modify-write, copy-on-read, truncate) never interleaves with an
 //! overlapping one.
 //!
-//! Rules: a request waits once, at its start, and only for requests that
-//! started before it; a serialising request waits for every such overlapping
-//! request, any other request only for overlapping serialising ones. Since
-//! nobody waits for a later request, waits cannot form a cycle.
+//! Rules (QEMU's): a request waits only at its start. A serialising request
+//! waits for every overlapping request in flight, any other request only for
+//! overlapping serialising ones; but nobody waits for a request that is
+//! itself waiting (it will wait for us in turn when it wakes, if need be).
+//! So a wait never leads to another wait, and waits cannot form a cycle.
+//! A woken request looks again at everything in flight, later requests
+//! included, before it goes on.
 //!
 //! Cost: an ordinary request checks only the serialising requests in flight
 //! (usually none); only a serialising one looks at every request. A request
@@ -20,13 +23,15 @@ use tokio::sync::Notify;
 struct Entry {
     start: u64,
     end: u64,
+    /// Waiting for another request: nobody waits for it meanwhile.
+    waiting: bool,
     /// Woken when this request ends (only its waiters listen).
     done: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Requests in flight by id; ids grow, so "earlier" is "smaller".
+    /// Requests in flight by id.
     reqs: BTreeMap<u64, Entry>,
     /// Ids of the serialising requests among them.
     serialising: BTreeSet<u64>,
@@ -34,21 +39,27 @@ struct Inner {
 }
 
 impl Inner {
-    /// The first earlier request that `[start, end)` must wait for.
+    /// A request `[start, end)` (id `id`) must wait for, if any: an
+    /// overlapping one that is not waiting itself.
     fn conflict(&self, id: u64, start: u64, end: u64, serialising: bool) -> Option<Arc<Notify>> {
-        let overlaps = |e: &Entry| e.start < end && start < e.end;
+        let blocks = |i: &u64, e: &Entry| *i != id && !e.waiting && e.start < end && start < e.end;
         if serialising {
             self.reqs
-                .range(..id)
-                .map(|(_, e)| e)
-                .find(|e| overlaps(e))
-                .map(|e| Arc::clone(&e.done))
+                .iter()
+                .find(|(i, e)| blocks(i, e))
+                .map(|(_, e)| Arc::clone(&e.done))
         } else {
             self.serialising
-                .range(..id)
-                .filter_map(|i| self.reqs.get(i))
-                .find(|e| overlaps(e))
-                .map(|e| Arc::clone(&e.done))
+                .iter()
+                .filter_map(|i| self.reqs.get(i).map(|e| (i, e)))
+                .find(|(i, e)| blocks(i, e))
+                .map(|(_, e)| Arc::clone(&e.done))
+        }
+    }
+
+    fn set_waiting(&mut self, id: u64, waiting: bool) {
+        if let Some(e) = self.reqs.get_mut(&id) {
+            e.waiting = waiting;
         }
     }
 }
@@ -86,6 +97,7 @@ impl Tracker {
                 Entry {
                     start,
                     end,
+                    waiting: false,
                     done: Arc::new(Notify::new()),
                 },
             );
@@ -102,7 +114,14 @@ impl Tracker {
             return req;
         }
         loop {
-            let done = self.lock().conflict(id, start, end, serialising);
+            let done = {
+                let mut g = self.lock();
+                let c = g.conflict(id, start, end, serialising);
+                // Marked under the same lock as the check, so that no two
+                // requests can each see the other running and both wait.
+                g.set_waiting(id, c.is_some());
+                c
+            };
             let Some(done) = done else {
                 return req;
             };
@@ -110,7 +129,8 @@ impl Tracker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // The entry may have ended between the check and enable().
-            if self.lock().conflict(id, start, end, serialising).is_some_and(|d| Arc::ptr_eq(&d, &done)) {
+            let still = self.lock().reqs.values().any(|e| Arc::ptr_eq(&e.done, &done));
+            if still {
                 notified.await;
             }
         }
@@ -191,6 +211,29 @@ mod tests {
         assert!(!h.is_finished());
         drop(s);
         h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn nobody_waits_for_a_waiting_request() {
+        // A holds [0, 4k); C (serialising, [0, 8k)) waits for A; B
+        // (serialising, [4k, 8k)) overlaps only C, which is waiting: B goes
+        // on at once (QEMU's rule; iotest 077). When A ends, C waits for B.
+        let t = Arc::new(Tracker::default());
+        let a = t.begin(0, 4096, true).await;
+        let t2 = Arc::clone(&t);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = tokio::spawn(async move {
+            let _c = t2.begin(0, 8192, true).await;
+            tx.send("c").unwrap();
+        });
+        tokio::task::yield_now().await;
+        let b = t.begin(4096, 8192, true).await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err(), "C must now wait for B");
+        drop(b);
+        c.await.unwrap();
+        assert_eq!(rx.recv().await, Some("c"));
     }
 
     #[tokio::test]
