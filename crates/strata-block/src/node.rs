@@ -712,7 +712,10 @@ impl Node {
         }
         if tail {
             self.rmw_event(DebugEvent::PwritevRmwTail).await;
-            let got = self.driver.read(end - align, IoBuf::zeroed(align as usize)).await?;
+            let got = self
+                .driver
+                .read(end - align, IoBuf::zeroed(align as usize))
+                .await?;
             let at = (end - start - align) as usize;
             bounce.as_mut_slice()[at..].copy_from_slice(got.as_slice());
             self.rmw_event(DebugEvent::PwritevRmwAfterTail).await;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::sync::Arc;
 
 /// The drivers the tools know, registered at start-up.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Registry {
     classes: Vec<Arc<dyn DriverClass>>,
 }

@@ -129,7 +129,11 @@ impl Tracker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // The entry may have ended between the check and enable().
-            let still = self.lock().reqs.values().any(|e| Arc::ptr_eq(&e.done, &done));
+            let still = self
+                .lock()
+                .reqs
+                .values()
+                .any(|e| Arc::ptr_eq(&e.done, &done));
             if still {
                 notified.await;
             }

@@ -192,7 +192,15 @@ fn direct_io_alignment_is_not_fooled_by_a_hole() {
         println!("skipped: O_DIRECT not supported here");
         return;
     }
-    let args = ["-f", "raw", "-t", "none", "-c", "write -P 1 1 128k", "r.raw"];
+    let args = [
+        "-f",
+        "raw",
+        "-t",
+        "none",
+        "-c",
+        "write -P 1 1 128k",
+        "r.raw",
+    ];
     run(d, STRATA_IO, &args);
     let args = ["-f", "raw", "-t", "none", "-c", "read -P 1 1 128k", "r.raw"];
     let text = run(d, STRATA_IO, &args);

@@ -24,11 +24,11 @@ use header::{
     Compression, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
 };
+use host_inflight::{HostGuard, HostInflight};
 use meta::{
     Geometry, Mapping, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO,
 };
-use host_inflight::{HostGuard, HostInflight};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,15 +135,16 @@ impl Qcow2Driver {
     /// metadata lock, where the mapping was looked up).
     fn hold_hosts<'e>(&self, extents: impl IntoIterator<Item = &'e Extent>) -> HostGuard {
         let external = self.geo.external_data;
-        self.host_busy
-            .hold(extents.into_iter().filter_map(|e| match e.mapping {
+        self.host_busy.hold(extents.into_iter().filter_map(|e| {
+            match e.mapping {
                 // A data file keeps clusters at their guest offsets: never reused.
                 Mapping::Normal { host, .. } if !external => Some((host, e.len)),
                 Mapping::Compressed(_) => self
                     .host_cluster_of(e.mapping)
                     .map(|(off, n)| (off, n << self.geo.cluster_bits)),
                 _ => None,
-            }))
+            }
+        }))
     }
 
     /// The backing node, if any.
@@ -1423,9 +1424,10 @@ impl Driver for Qcow2Driver {
 
     async fn invalidate_cache(&self) -> Result<()> {
         // Another process owned the image: everything cached may be stale.
-        let (mut hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only, false)
-            .await
-            .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
+        let (mut hdr, geo, l1, reftable) =
+            load_metadata(&self.file, self.read_only, false)
+                .await
+                .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
         if !self.read_only {
             clear_unknown_autoclear(&self.file, &mut hdr).await?;
         }
@@ -1445,7 +1447,8 @@ impl Driver for Qcow2Driver {
         }
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         self.size.store(hdr.size, Ordering::Release);
-        *self.meta.lock().await = new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy);
+        *self.meta.lock().await =
+            new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy);
         if dirty && !self.read_only {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {
