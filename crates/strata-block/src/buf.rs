@@ -143,6 +143,18 @@ impl IoBuf {
         }
     }
 
+    /// Splits a buffer meant for `offset` into consecutive pieces, each with
+    /// its own offset; `piece(off, left)` says how long the piece at `off`
+    /// may be (at least 1 byte, at most `left`). Every loop that cuts a
+    /// request at a limit or a boundary goes through here.
+    pub fn pieces<F: FnMut(u64, usize) -> usize>(self, offset: u64, piece: F) -> Pieces<F> {
+        Pieces {
+            rest: Some(self),
+            offset,
+            piece,
+        }
+    }
+
     /// Splits into consecutive parts of the given lengths (which must sum to `len`).
     pub fn split_into(self, lens: &[usize]) -> Vec<IoBuf> {
         let mut parts = Vec::with_capacity(lens.len());
@@ -209,6 +221,26 @@ pub fn is_zero(data: &[u8]) -> bool {
     tail.iter().all(|&b| b == 0)
 }
 
+/// The pieces of [`IoBuf::pieces`], in order.
+pub struct Pieces<F> {
+    rest: Option<IoBuf>,
+    offset: u64,
+    piece: F,
+}
+
+impl<F: FnMut(u64, usize) -> usize> Iterator for Pieces<F> {
+    type Item = (u64, IoBuf);
+    fn next(&mut self) -> Option<(u64, IoBuf)> {
+        let rest = self.rest.take().filter(|r| !r.is_empty())?;
+        let n = (self.piece)(self.offset, rest.len()).clamp(1, rest.len());
+        let (head, tail) = rest.split_at(n);
+        let at = self.offset;
+        self.offset += n as u64;
+        self.rest = Some(tail);
+        Some((at, head))
+    }
+}
+
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "IoBuf({} bytes)", self.len)
@@ -218,6 +250,30 @@ impl std::fmt::Debug for IoBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_cut_at_boundaries_and_join_back() {
+        let mut b = IoBuf::zeroed(10_000);
+        b.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = i as u8);
+        let want = b.as_slice().to_vec();
+        let cuts: Vec<(u64, usize)> = IoBuf::from_slice(&want)
+            .pieces(3000, |off, left| ((4096 - off % 4096) as usize).min(left))
+            .map(|(o, p)| (o, p.len()))
+            .collect();
+        assert_eq!(
+            cuts,
+            vec![(3000, 1096), (4096, 4096), (8192, 4096), (12288, 712)]
+        );
+        let parts = b
+            .pieces(0, |_, left| left.min(3000))
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(IoBuf::join_all(parts).as_slice(), &want[..]);
+        assert_eq!(IoBuf::zeroed(0).pieces(0, |_, l| l).count(), 0);
+    }
 
     #[test]
     fn split_and_join_round_trip() {

@@ -18,7 +18,8 @@ impl Node {
     /// Reads `buf.len()` bytes at `offset`, copying unallocated clusters up.
     pub(crate) async fn read_copy_on_read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
-        let align = self.limits().request_alignment.max(1) as u64;
+        let limits = self.limits();
+        let align = limits.request_alignment.max(1) as u64;
         let cluster = self.driver().cluster_size().unwrap_or(0).max(align);
         let start = offset / cluster * cluster;
         let end =
@@ -39,13 +40,15 @@ impl Node {
                     let a = want_start / align * align;
                     let b = want_end.div_ceil(align) * align;
                     let piece = self
-                        .read_aligned(a, IoBuf::zeroed((b - a) as usize))
+                        .read_aligned(a, IoBuf::zeroed((b - a) as usize), &limits)
                         .await?;
                     copy_out(&mut buf, offset, &piece, a, want_start, want_end);
                 }
             } else {
                 let n = n.div_ceil(align) * align;
-                let bounce = self.read_aligned(pos, IoBuf::zeroed(n as usize)).await?;
+                let bounce = self
+                    .read_aligned(pos, IoBuf::zeroed(n as usize), &limits)
+                    .await?;
                 let flags = WriteFlags::default();
                 let zeroes = is_zero(bounce.as_slice())
                     && self.driver().write_zeroes(pos, n, flags).await.is_ok();

@@ -65,6 +65,24 @@ impl Geometry {
     pub fn l2_entries(&self) -> u64 {
         1 << self.l2_bits
     }
+    /// Bit where the sector count of a compressed L2 entry starts.
+    fn compressed_shift(&self) -> u32 {
+        62 - (self.cluster_bits - 8)
+    }
+    /// Where the data of a compressed L2 entry lies: its host offset and
+    /// the bytes its sector count spans from there (the last sector may be
+    /// partly used).
+    pub fn compressed_extent(&self, entry: u64) -> (u64, u64) {
+        let shift = self.compressed_shift();
+        let host = entry & ((1u64 << shift) - 1);
+        let sectors = ((entry >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
+        (host, sectors * 512 - (host & 511))
+    }
+    /// The L2 entry for `len` (> 0) bytes of compressed data at `host`.
+    pub fn compressed_entry(&self, host: u64, len: u64) -> u64 {
+        let extra_sectors = (host + len - 1) / 512 - host / 512;
+        OFLAG_COMPRESSED | host | (extra_sectors << self.compressed_shift())
+    }
     pub fn refcount_max(&self) -> u64 {
         if self.refcount_order == 6 {
             u64::MAX
@@ -96,6 +114,23 @@ pub enum Mapping {
     Normal { host: u64, copied: bool },
     /// Compressed data (the raw L2 entry).
     Compressed(u64),
+}
+
+impl Mapping {
+    /// True when `next` continues this mapping `len` bytes further on: the
+    /// same kind and, where there is a host offset, the next host bytes.
+    /// Compressed clusters are alike for block status but never one piece
+    /// of data (each decompresses on its own).
+    pub fn continued_by(self, len: u64, next: Mapping) -> bool {
+        match (self, next) {
+            (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. }) => a + len == b,
+            (Mapping::Zero(Some(a)), Mapping::Zero(Some(b))) => a + len == b,
+            (Mapping::Unallocated, Mapping::Unallocated)
+            | (Mapping::Zero(None), Mapping::Zero(None))
+            | (Mapping::Compressed(_), Mapping::Compressed(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The in-memory metadata, behind the driver's async lock.

@@ -1,0 +1,66 @@
+//! Drained sections (QEMU: bdrv_drained_begin/end): new requests wait at
+//! a gate while the ones in flight finish, so the graph can change under
+//! no request; moving nodes between event loops is done drained.
+
+use super::Node;
+use crate::event_loop::LoopHandle;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Node {
+    /// Moves this node, and every node connected to it, to `to` (None: the
+    /// main loop), drained (QEMU: bdrv_try_change_aio_context): requests in
+    /// flight finish first, and new ones wait until the move is done.
+    pub async fn move_to(self: &Arc<Self>, to: Option<LoopHandle>) {
+        let nodes = self.component();
+        drained(&nodes, || {
+            for n in &nodes {
+                *n.home.lock().unwrap_or_else(|p| p.into_inner()) = to.clone();
+            }
+        })
+        .await
+    }
+
+    /// Waits while a drained section holds new requests back.
+    pub(super) async fn pass_gate(&self) {
+        while self.gate.load(Ordering::Acquire) > 0 {
+            let open = self.gate_open.notified();
+            tokio::pin!(open);
+            open.as_mut().enable();
+            if self.gate.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            open.await;
+        }
+    }
+}
+
+/// Runs `f` with `nodes` drained (QEMU: bdrv_drained_begin/end): new
+/// requests from the users of the topmost nodes wait, and every request in
+/// flight finishes, before `f` runs. Requests that in-flight ones make to
+/// children are not held, so a drain never waits for itself.
+pub async fn drained<R>(nodes: &[Arc<Node>], f: impl FnOnce() -> R) -> R {
+    let tops: Vec<Arc<Node>> = nodes
+        .iter()
+        .filter(|n| n.lock_parents().is_empty())
+        .cloned()
+        .collect();
+    // Reopens the gates even if the caller drops this future mid-drain.
+    struct Reopen(Vec<Arc<Node>>);
+    impl Drop for Reopen {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                n.gate.fetch_sub(1, Ordering::AcqRel);
+                n.gate_open.notify_waiters();
+            }
+        }
+    }
+    for n in &tops {
+        n.gate.fetch_add(1, Ordering::AcqRel);
+    }
+    let _reopen = Reopen(tops);
+    for n in nodes {
+        n.tracker.wait_idle().await;
+    }
+    f()
+}

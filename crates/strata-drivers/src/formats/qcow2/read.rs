@@ -1,0 +1,119 @@
+//! The read side (QEMU: qcow2_get_host_offset and the read path): a
+//! request cut into extents of like mapping, each read from the data file,
+//! the backing chain, zeroes or a decompressed cluster.
+
+use super::compress;
+use super::meta::{Mapping, Meta};
+use super::{zero_fill, Qcow2Driver};
+use strata_block::{DebugEvent, Error, IoBuf, Result};
+
+/// One piece of a request: `len` guest bytes at `offset`, all mapped alike.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Extent {
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) mapping: Mapping,
+}
+
+impl Qcow2Driver {
+    /// Splits `[offset, offset+len)` into extents of like mapping; contiguous
+    /// data clusters merge into one extent.
+    pub(super) async fn extents(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let cs = self.geo.cluster_size;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let gc = off >> self.geo.cluster_bits;
+            let n = (cs - self.geo.offset_in_cluster(off)).min(end - off);
+            let mapping = match m.mapping(&self.file, gc).await? {
+                Mapping::Normal { host, copied } => Mapping::Normal {
+                    host: host + self.geo.offset_in_cluster(off),
+                    copied,
+                },
+                Mapping::Zero(Some(host)) => {
+                    Mapping::Zero(Some(host + self.geo.offset_in_cluster(off)))
+                }
+                other => other,
+            };
+            if let Some(last) = out.last_mut() {
+                // One extent is one kind of I/O: data of one refcount state
+                // at contiguous host bytes, or a run without host bytes.
+                let same_io = match (last.mapping, mapping) {
+                    (Mapping::Normal { copied: a, .. }, Mapping::Normal { copied: b, .. }) => {
+                        a == b
+                    }
+                    (Mapping::Unallocated, _) | (Mapping::Zero(None), _) => true,
+                    _ => false,
+                };
+                if same_io && last.mapping.continued_by(last.len, mapping) {
+                    last.len += n;
+                    off += n;
+                    continue;
+                }
+            }
+            out.push(Extent {
+                offset: off,
+                len: n,
+                mapping,
+            });
+            off += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads one extent's bytes into `buf`.
+    pub(super) async fn read_extent(&self, e: Extent, buf: IoBuf) -> Result<IoBuf> {
+        match e.mapping {
+            Mapping::Normal { host, .. } => {
+                self.file.debug_event(DebugEvent::ReadAio).await;
+                self.data()?.read(host, buf).await
+            }
+            Mapping::Zero(_) => Ok(zero_fill(buf)),
+            Mapping::Unallocated => self.read_backing(e.offset, buf).await,
+            Mapping::Compressed(entry) => {
+                let data = self.read_compressed(entry).await?;
+                let mut buf = buf;
+                let at = self.geo.offset_in_cluster(e.offset) as usize;
+                buf.as_mut_slice()
+                    .copy_from_slice(&data[at..at + e.len as usize]);
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Reads from the backing file; zeroes where there is none or it is shorter.
+    pub(super) async fn read_backing(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let Some(b) = self.backing() else {
+            return Ok(zero_fill(buf));
+        };
+        self.file.debug_event(DebugEvent::ReadBackingAio).await;
+        let blen = b.length();
+        if offset >= blen {
+            return Ok(zero_fill(buf));
+        }
+        let n = (buf.len() as u64).min(blen - offset) as usize;
+        if n == buf.len() {
+            return b.read(offset, buf).await;
+        }
+        let (head, tail) = buf.split_at(n);
+        let head = b.read(offset, head).await?;
+        Ok(IoBuf::join_all(vec![head, zero_fill(tail)]))
+    }
+
+    /// The decompressed cluster a compressed L2 entry points to.
+    pub(super) async fn read_compressed(&self, entry: u64) -> Result<Vec<u8>> {
+        let (host, span) = self.geo.compressed_extent(entry);
+        let len = span.min(self.file.length().saturating_sub(host));
+        if len == 0 {
+            return Err(Error::corrupt(format!(
+                "Compressed cluster at {host:#x} lies beyond the end of the image"
+            )));
+        }
+        self.file.debug_event(DebugEvent::ReadCompressed).await;
+        let src = self.file.read(host, IoBuf::zeroed(len as usize)).await?;
+        let mut out = vec![0u8; self.geo.cluster_size as usize];
+        compress::decompress(self.compression, src.as_slice(), &mut out)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,188 @@
+//! Changing the disk's size (QEMU: qcow2_co_truncate): the L1 table grown
+//! with a safe switch, shrinking that frees what lies past the new end, and
+//! preallocation.
+
+use super::meta::{Meta, OFFSET_MASK, OFLAG_COPIED};
+use super::{Clear, Qcow2Driver, MAX_L1_BYTES};
+use std::sync::atomic::Ordering;
+use strata_block::driver::Preallocation;
+use strata_block::{DebugEvent, Driver, Error, IoBuf, Result, WriteFlags};
+
+impl Qcow2Driver {
+    /// Grows the L1 table to `entries`, moving it to new clusters.
+    pub(super) async fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::msg(libc::EFBIG, "Active L1 table too large"));
+        }
+        let cs = self.geo.cluster_size;
+        let clusters = (entries * 8).div_ceil(cs);
+        self.file.debug_event(DebugEvent::L1GrowAllocTable).await;
+        let new = m.alloc_clusters(&self.file, clusters).await?;
+        let switched = self.write_grown_l1(m, new, entries).await;
+        let table = match switched {
+            Ok(t) => t,
+            Err(e) => {
+                // The header still names the old table: give the new one back.
+                let _ = m.free_clusters(&self.file, new, clusters, false).await;
+                return Err(e);
+            }
+        };
+        let old_off = m.header.l1_table_offset;
+        let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
+        m.header.l1_table_offset = new;
+        m.header.l1_size = entries as u32;
+        m.l1 = table;
+        if old_off != 0 && old_clusters > 0 {
+            m.free_clusters(&self.file, old_off, old_clusters, false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the L1 table grown to `entries` at `new` and makes it the
+    /// image's by one header write; returns the new table.
+    pub(super) async fn write_grown_l1(
+        &self,
+        m: &mut Meta,
+        new: u64,
+        entries: u64,
+    ) -> Result<Vec<u64>> {
+        // The new clusters are counted before anything points to them.
+        m.flush_refcounts(&self.file).await?;
+        let mut table = m.l1.clone();
+        table.resize(entries as usize, 0);
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        m.check_metadata_write(&self.file, new, bytes.len() as u64)
+            .await?;
+        self.file.debug_event(DebugEvent::L1GrowWriteTable).await;
+        self.file
+            .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new.to_be_bytes());
+        self.file.debug_event(DebugEvent::L1GrowActivateTable).await;
+        self.file
+            .write(36, IoBuf::from_slice(&hdr), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        Ok(table)
+    }
+
+    /// Shrinks the disk to `size` as QEMU does: the clusters past the new
+    /// end are dropped for good, L2 tables past it freed, the header updated,
+    /// and the file cut after the last cluster still in use.
+    pub(super) async fn shrink(&self, size: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        if self.meta.lock().await.header.nb_snapshots > 0 {
+            return Err(Error::unsupported(
+                "Can't resize an image which has snapshots",
+            ));
+        }
+        let first = size.div_ceil(cs);
+        let end = self.length().div_ceil(cs);
+        if end > first {
+            self.clear_clusters(first, end - first, Clear::Drop).await?;
+        }
+        let mut m = self.meta.lock().await;
+        let keep = self.geo.l1_size_for(size) as usize;
+        for i in keep..m.l1.len() {
+            let l2 = m.l1[i] & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            // Unlink first, then free: never a reference to a free table.
+            m.l1[i] = 0;
+            m.write_l1_entry(&self.file, i).await?;
+            self.file.flush().await?;
+            m.l2_cache.remove_table(l2, cs);
+            m.l2_tables.remove(&l2);
+            m.free_clusters(&self.file, l2, 1, true).await?;
+        }
+        self.file
+            .write(
+                24,
+                IoBuf::from_slice(&size.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
+        m.header.size = size;
+        self.size.store(size, Ordering::Release);
+        m.flush(&self.file).await?;
+        self.file.flush().await?;
+        // Cut the file after the last cluster in use.
+        let mut last = self.file.length().div_ceil(cs);
+        // A cluster with a late write still in flight stays: cut after it.
+        while last > 0
+            && m.refcount(&self.file, last - 1).await? == 0
+            && !self.host_busy.is_busy(last - 1)
+        {
+            last -= 1;
+        }
+        if last * cs < self.file.length() {
+            self.file.truncate(last * cs, Preallocation::Off).await?;
+        }
+        drop(m);
+        // The data file shrinks with the disk, as QEMU resizes it.
+        if let Some(d) = self.external() {
+            d.truncate(size, Preallocation::Off).await?;
+        }
+        Ok(())
+    }
+
+    /// Allocates host clusters for guest `[from, to)` (metadata), and
+    /// reserves (falloc) or zero-writes (full) their data.
+    pub(super) async fn preallocate(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        if let Some(d) = self.external() {
+            return self.preallocate_external(d, from, to, mode).await;
+        }
+        let cs = self.geo.cluster_size;
+        let mut gc = from.div_ceil(cs);
+        let end = to.div_ceil(cs);
+        let mut host_end = 0;
+        while gc < end {
+            let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+            let stop = table_end.min(end);
+            let mut m = self.meta.lock().await;
+            let l2 = self.writable_l2(&mut m, gc).await?;
+            let n = stop - gc;
+            // Fresh clusters at the end of the file, as QEMU takes them: a
+            // reused free cluster would show its old data through the new entry.
+            let file_end = self.file.length().div_ceil(cs);
+            m.free_cluster_index = m.free_cluster_index.max(file_end);
+            let host = m.alloc_clusters(&self.file, n).await?;
+            let mask = self.geo.l2_entries() - 1;
+            for i in 0..n {
+                m.l2_set(
+                    &self.file,
+                    l2,
+                    (gc + i) & mask,
+                    (host + i * cs) | OFLAG_COPIED,
+                )
+                .await?;
+            }
+            drop(m);
+            match mode {
+                Preallocation::Falloc => {
+                    self.file
+                        .truncate(self.file.length().max(host + n * cs), Preallocation::Falloc)
+                        .await?
+                }
+                Preallocation::Full => {
+                    self.file
+                        .write_zeroes(host, n * cs, WriteFlags::default())
+                        .await?
+                }
+                _ => {}
+            }
+            host_end = host_end.max(host + n * cs);
+            gc = stop;
+        }
+        // The file reaches the end of the last cluster, so reads never fall off it.
+        if host_end > self.file.length() {
+            self.file.truncate(host_end, Preallocation::Off).await?;
+        }
+        self.meta.lock().await.flush(&self.file).await
+    }
+}
