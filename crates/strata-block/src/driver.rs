@@ -142,6 +142,28 @@ impl ChildRole {
     }
 }
 
+/// A child edge a driver reads per request and the core can swap while
+/// the node is open and drained (QEMU: BdrvChild.bs).
+pub struct ChildCell(std::sync::RwLock<Arc<Node>>);
+
+impl ChildCell {
+    /// An edge to `node`.
+    pub fn new(node: Arc<Node>) -> ChildCell {
+        ChildCell(std::sync::RwLock::new(node))
+    }
+    /// The child now.
+    pub fn get(&self) -> Arc<Node> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    /// Puts `node` in the place of the child; the old one is returned.
+    pub fn set(&self, node: Arc<Node>) -> Arc<Node> {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            node,
+        )
+    }
+}
+
 /// A named edge from a node to a child.
 #[derive(Clone)]
 pub struct Child {
@@ -363,6 +385,32 @@ pub trait Driver: Send + Sync {
     /// Breakpoint support, for drivers that have it (blkdebug).
     fn debug_hooks(&self) -> Option<&dyn crate::debug::DebugHooks> {
         None
+    }
+
+    /// What this node (`node`, whose driver this is) takes and shares on
+    /// its child in `role`, given what its own users take and share
+    /// together (QEMU: the driver's child_perm). QEMU's default rules by
+    /// role unless the driver knows better.
+    fn child_perm(&self, node: &Node, role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        crate::perm::default_child_perm(node, role, perm, shared)
+    }
+
+    /// True when the child in `role` can be swapped for another node while
+    /// open (see [`replace_child`](Self::replace_child)).
+    fn can_replace_child(&self, _role: ChildRole) -> bool {
+        false
+    }
+
+    /// Puts `node` in the place of the child in `role` (QEMU:
+    /// bdrv_replace_child_noperm). The core has checked permissions, drained
+    /// the nodes and keeps the parent lists and references; the driver only
+    /// switches the edge it reads per request.
+    fn replace_child(&self, role: ChildRole, _node: Arc<Node>) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Driver '{}' cannot replace its '{}' child",
+            self.format_name(),
+            role.name()
+        )))
     }
 
     /// Replaces the backing child (QEMU: bdrv_set_backing_hd); the node has

@@ -3,6 +3,8 @@
 //!
 //! It knows no driver by name; drivers register in a [`Registry`].
 
+pub mod backend;
+pub mod bitmap;
 pub mod blockers;
 pub mod buf;
 mod copy_on_read;
@@ -16,23 +18,26 @@ pub mod graph;
 pub mod node;
 pub mod open;
 pub mod options;
+pub mod perm;
 pub mod qjson;
 pub mod report;
 pub mod status;
 mod temp_overlay;
 pub mod tracked;
 
+pub use backend::Backend;
+pub use bitmap::{DirtyBitmap, DirtyBitmaps, HBitmap};
 pub use blockers::{BlockOp, Blocker};
 pub use buf::IoBuf;
 pub use debug::DebugEvent;
 pub use driver::{
-    CheckResult, Child, ChildRole, Driver, DriverClass, Limits, Perm, Preallocation, RepairMode,
-    WriteFlags,
+    CheckResult, Child, ChildCell, ChildRole, Driver, DriverClass, Limits, Perm, Preallocation,
+    RepairMode, WriteFlags,
 };
 pub use error::{Error, Result};
 pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
-pub use node::{drained, CacheMode, DetectZeroes, Node, NodeOptions};
+pub use node::{drained, replace_node, CacheMode, DetectZeroes, Node, NodeOptions};
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;
 pub use status::BlockStatus;

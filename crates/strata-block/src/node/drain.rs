@@ -22,7 +22,7 @@ impl Node {
     }
 
     /// Waits while a drained section holds new requests back.
-    pub(super) async fn pass_gate(&self) {
+    pub(crate) async fn pass_gate(&self) {
         while self.gate.load(Ordering::Acquire) > 0 {
             let open = self.gate_open.notified();
             tokio::pin!(open);

@@ -19,7 +19,7 @@ impl Node {
         }
     }
 
-    fn attach_child(self: &Arc<Self>, c: &Child) {
+    pub(super) fn attach_child(self: &Arc<Self>, c: &Child) {
         c.node.lock_parents().push(ParentLink {
             parent: Arc::downgrade(self),
             parent_name: self.name.clone(),
@@ -39,7 +39,7 @@ impl Node {
         }
     }
 
-    fn detach_child(&self, c: &Child) {
+    pub(super) fn detach_child(&self, c: &Child) {
         c.node
             .lock_parents()
             .retain(|p| !(std::ptr::eq(p.parent.as_ptr(), self) && p.role == c.role));
@@ -49,7 +49,7 @@ impl Node {
     }
 
     /// True when `target` is this node or lies anywhere below it.
-    fn reaches(&self, target: &Node) -> bool {
+    pub(super) fn reaches(&self, target: &Node) -> bool {
         std::ptr::eq(self, target) || self.children().iter().any(|c| c.node.reaches(target))
     }
 

@@ -3,6 +3,7 @@
 //! serialising tracked request, splitting at the maximum transfer,
 //! write-zeroes fallback, flush and FUA semantics of the cache mode.
 
+use super::funnel::{WriteKind, WriteReq};
 use super::{DetectZeroes, Node};
 use crate::buf::IoBuf;
 use crate::debug::DebugEvent;
@@ -82,19 +83,27 @@ impl Node {
         let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
         let buf = if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
             let _req = self.tracker.begin(offset, offset + len, false).await;
-            self.write_aligned(offset, buf, flags, &limits).await?
+            let req = WriteReq::new(WriteKind::Write, offset, len);
+            self.write_prepare(req).await?;
+            let r = self.write_aligned(offset, buf, flags, &limits).await;
+            self.write_finish(req);
+            r?
         } else {
             // Read-modify-write of the partial sectors, serialised against
             // every overlapping request so no write tears another.
             let start = offset / align * align;
             let end = (offset + len).div_ceil(align) * align;
             let _req = self.tracker.begin(start, end, true).await;
+            let req = WriteReq::new(WriteKind::Write, start, end - start);
+            self.write_prepare(req).await?;
             let mut bounce = self
                 .rmw_read(start, end, offset, offset + len, &limits)
                 .await?;
             let skip = (offset - start) as usize;
             bounce.as_mut_slice()[skip..skip + len as usize].copy_from_slice(buf.as_slice());
-            self.write_aligned(start, bounce, flags, &limits).await?;
+            let r = self.write_aligned(start, bounce, flags, &limits).await;
+            self.write_finish(req);
+            r?;
             buf
         };
         self.after_write(flags).await?;
@@ -245,7 +254,11 @@ impl Node {
         let end = offset + len;
         if offset.is_multiple_of(align) && len.is_multiple_of(align) {
             let _req = self.tracker.begin(offset, end, false).await;
-            self.zeroes_aligned(offset, len, flags, &limits).await?;
+            let req = WriteReq::new(WriteKind::Zeroes, offset, len);
+            self.write_prepare(req).await?;
+            let r = self.zeroes_aligned(offset, len, flags, &limits).await;
+            self.write_finish(req);
+            r?;
         } else {
             if flags.no_fallback {
                 return err(libc::ENOTSUP);
@@ -253,25 +266,45 @@ impl Node {
             let start = offset / align * align;
             let cover_end = end.div_ceil(align) * align;
             let _req = self.tracker.begin(start, cover_end, true).await;
-            let mid_start = offset.div_ceil(align) * align;
-            let mid_end = (end / align * align).max(mid_start);
-            if start < offset {
-                self.zero_partial_block(start, offset, end.min(start + align), flags, &limits)
-                    .await?;
-            }
-            if mid_start < mid_end {
-                self.zeroes_aligned(mid_start, mid_end - mid_start, flags, &limits)
-                    .await?;
-            }
-            let tail = end / align * align;
-            let head_done = start < offset;
-            let tail_partial = !end.is_multiple_of(align);
-            if tail_partial && (!head_done || tail != start) {
-                self.zero_partial_block(tail, tail.max(offset), end, flags, &limits)
-                    .await?;
-            }
+            let req = WriteReq::new(WriteKind::Zeroes, start, cover_end - start);
+            self.write_prepare(req).await?;
+            let r = self.zeroes_unaligned(offset, end, flags, &limits).await;
+            self.write_finish(req);
+            r?;
         }
         self.after_write(flags).await
+    }
+
+    /// Zeroes `[offset, end)`, not aligned: the partial blocks at either end
+    /// by read-modify-write, the aligned middle as a zero write (the caller
+    /// holds a serialising request over the aligned cover).
+    async fn zeroes_unaligned(
+        &self,
+        offset: u64,
+        end: u64,
+        flags: WriteFlags,
+        limits: &Limits,
+    ) -> Result<()> {
+        let align = limits.request_alignment.max(1) as u64;
+        let start = offset / align * align;
+        let mid_start = offset.div_ceil(align) * align;
+        let mid_end = (end / align * align).max(mid_start);
+        if start < offset {
+            self.zero_partial_block(start, offset, end.min(start + align), flags, limits)
+                .await?;
+        }
+        if mid_start < mid_end {
+            self.zeroes_aligned(mid_start, mid_end - mid_start, flags, limits)
+                .await?;
+        }
+        let tail = end / align * align;
+        let head_done = start < offset;
+        let tail_partial = !end.is_multiple_of(align);
+        if tail_partial && (!head_done || tail != start) {
+            self.zero_partial_block(tail, tail.max(offset), end, flags, limits)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Zeroes `[from, to)` inside the aligned block at `block` by
@@ -361,6 +394,15 @@ impl Node {
             return Ok(());
         }
         let _req = self.tracker.begin(offset, offset + len, false).await;
+        let req = WriteReq::new(WriteKind::Discard, offset, len);
+        self.write_prepare(req).await?;
+        let r = self.discard_pieces(offset, len).await;
+        self.write_finish(req);
+        r
+    }
+
+    /// Hands a discard to the driver in pieces aligned as its limits ask.
+    async fn discard_pieces(&self, offset: u64, len: u64) -> Result<()> {
         let l = self.limits();
         let rq = l.request_alignment.max(1) as u64;
         let align = (l.discard_alignment as u64).max(rq);
@@ -406,7 +448,11 @@ impl Node {
         self.check_request(offset, len)?;
         // An empty write goes to the driver too: it ends a series of them.
         let _req = self.tracker.begin(offset, offset + len, false).await;
-        let buf = self.driver.write_compressed(offset, buf).await?;
+        let req = WriteReq::new(WriteKind::Compressed, offset, len);
+        self.write_prepare(req).await?;
+        let r = self.driver.write_compressed(offset, buf).await;
+        self.write_finish(req);
+        let buf = r?;
         self.after_write(WriteFlags::default()).await?;
         Ok(buf)
     }
@@ -460,7 +506,10 @@ impl Node {
         self.check_writable()?;
         let old = self.length();
         let _req = self.tracker.begin(old.min(size), size, true).await;
-        self.driver.truncate(size, prealloc).await
+        self.driver.truncate(size, prealloc).await?;
+        // Bitmaps follow the new length (QEMU: bdrv_dirty_bitmap_truncate).
+        self.bitmaps.truncate(self.length());
+        Ok(())
     }
 }
 

@@ -18,10 +18,14 @@ mod block_status;
 mod common_opts;
 mod drain;
 mod edges;
+mod funnel;
 mod io;
+mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
 pub use drain::drained;
+pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
+pub use replace::replace_node;
 
 static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 
@@ -46,6 +50,14 @@ pub struct Node {
     refs: AtomicUsize,
     /// The edges from the parents that use this node.
     parents: Mutex<Vec<ParentLink>>,
+    /// The user handles on this node (QEMU: the BlockBackends whose root it is).
+    backends: Mutex<Vec<std::sync::Weak<crate::backend::BackendLink>>>,
+    /// The write funnel: notifiers before each write, bitmaps after it.
+    before_write: std::sync::RwLock<Vec<Arc<dyn funnel::BeforeWrite>>>,
+    has_before_write: AtomicBool,
+    bitmaps: crate::bitmap::DirtyBitmaps,
+    write_threshold: AtomicU64,
+    threshold_hook: Mutex<Option<funnel::ThresholdHook>>,
     blockers: OpBlockers,
     /// What this node blocks on its backing child while it uses it.
     backing_blocker: Arc<Blocker>,
@@ -94,6 +106,12 @@ impl Node {
             closed: AtomicBool::new(false),
             refs: AtomicUsize::new(1),
             parents: Mutex::new(Vec::new()),
+            backends: Mutex::new(Vec::new()),
+            before_write: std::sync::RwLock::new(Vec::new()),
+            has_before_write: AtomicBool::new(false),
+            bitmaps: Default::default(),
+            write_threshold: AtomicU64::new(0),
+            threshold_hook: Mutex::new(None),
             blockers: OpBlockers::default(),
             backing_blocker,
             home: Mutex::new(None),

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use strata_block::debug::DebugHooks;
 use strata_block::options::{take_size, take_str};
+use strata_block::ChildCell;
 use strata_block::{
     BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Limits, Node,
     OpenCtx, Opts, Perm, Result, WriteFlags,
@@ -41,7 +42,7 @@ struct State {
 }
 
 struct BlkdebugDriver {
-    image: Arc<Node>,
+    image: ChildCell,
     state: Mutex<State>,
     limits: Limits,
 }
@@ -98,11 +99,26 @@ impl Driver for BlkdebugDriver {
     }
 
     fn length(&self) -> u64 {
-        self.image.length()
+        self.image.get().length()
     }
 
     fn children(&self) -> Vec<Child> {
-        vec![Child::new(ChildRole::Image, &self.image)]
+        vec![Child::new(ChildRole::Image, &self.image.get())]
+    }
+
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        role == ChildRole::Image
+    }
+
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        if role != ChildRole::Image {
+            return Err(Error::unsupported(format!(
+                "No '{}' child to replace",
+                role.name()
+            )));
+        }
+        self.image.set(node);
+        Ok(())
     }
 
     fn limits(&self) -> Limits {
@@ -114,13 +130,13 @@ impl Driver for BlkdebugDriver {
     }
 
     fn growable(&self) -> bool {
-        self.image.driver().growable()
+        self.image.get().driver().growable()
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.rule_check(offset, buf.len() as u64, IoType::Read)
             .await?;
-        self.image.read(offset, buf).await
+        self.image.get().read(offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
@@ -128,7 +144,7 @@ impl Driver for BlkdebugDriver {
             .rule_check(offset, buf.len() as u64, IoType::Write)
             .await
         {
-            Ok(()) => self.image.write(offset, buf, flags).await,
+            Ok(()) => self.image.get().write(offset, buf, flags).await,
             Err(e) => Err(e),
         };
         self.wrote();
@@ -144,7 +160,7 @@ impl Driver for BlkdebugDriver {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let r = match self.rule_check(offset, len, IoType::WriteZeroes).await {
-            Ok(()) => self.image.write_zeroes(offset, len, flags).await,
+            Ok(()) => self.image.get().write_zeroes(offset, len, flags).await,
             Err(e) => Err(e),
         };
         self.wrote();
@@ -156,7 +172,7 @@ impl Driver for BlkdebugDriver {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let r = match self.rule_check(offset, len, IoType::Discard).await {
-            Ok(()) => self.image.discard(offset, len).await,
+            Ok(()) => self.image.get().discard(offset, len).await,
             Err(e) => Err(e),
         };
         self.wrote();
@@ -172,7 +188,7 @@ impl Driver for BlkdebugDriver {
             st.write_gen
         };
         self.rule_check(0, 0, IoType::Flush).await?;
-        self.image.flush().await?;
+        self.image.get().flush().await?;
         let mut st = self.lock();
         st.flushed_gen = st.flushed_gen.max(gen);
         Ok(())
@@ -182,16 +198,16 @@ impl Driver for BlkdebugDriver {
         self.rule_check(offset, len, IoType::BlockStatus).await?;
         Ok(BlockStatus {
             raw: true,
-            ..BlockStatus::data_at(len, Arc::clone(&self.image), offset)
+            ..BlockStatus::data_at(len, self.image.get(), offset)
         })
     }
 
     async fn truncate(&self, size: u64, prealloc: strata_block::Preallocation) -> Result<()> {
-        self.image.truncate(size, prealloc).await
+        self.image.get().truncate(size, prealloc).await
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
-        self.image.set_perm(perm, shared)
+        self.image.get().set_perm(perm, shared)
     }
 
     async fn debug_event(&self, event: DebugEvent) {
@@ -248,7 +264,7 @@ impl Driver for BlkdebugDriver {
         for (_, tx) in std::mem::take(&mut self.lock().suspended) {
             let _ = tx.send(());
         }
-        self.image.close().await
+        self.image.get().close().await
     }
 }
 
@@ -453,7 +469,7 @@ impl DriverClass for BlkdebugClass {
             max_write_zeroes: max_write_zero,
         };
         let drv = BlkdebugDriver {
-            image,
+            image: ChildCell::new(image),
             state: Mutex::new(State {
                 state: 1,
                 rules: rules_by_event,

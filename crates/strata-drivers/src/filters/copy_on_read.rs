@@ -9,6 +9,7 @@
 use async_trait::async_trait;
 use std::sync::Arc;
 use strata_block::options::take_str;
+use strata_block::ChildCell;
 use strata_block::{
     BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Limits, Node, OpenCtx, Opts,
     Perm, Preallocation, Result, WriteFlags,
@@ -18,7 +19,7 @@ use strata_block::{
 pub struct CopyOnReadClass;
 
 struct CorDriver {
-    file: Arc<Node>,
+    file: ChildCell,
     /// Data below this node is not copied (QEMU: bottom_bs), with the node
     /// under it, where the copied range ends.
     bottom: Option<(Arc<Node>, Option<Arc<Node>>)>,
@@ -32,8 +33,8 @@ impl CorDriver {
         offset: u64,
         mut buf: IoBuf,
     ) -> Result<IoBuf> {
-        let Some(backing) = self.file.backing() else {
-            return self.file.read_cor(offset, buf).await;
+        let Some(backing) = self.file.get().backing() else {
+            return self.file.get().read_cor(offset, buf).await;
         };
         let end = offset + buf.len() as u64;
         let mut pos = offset;
@@ -44,9 +45,9 @@ impl CorDriver {
             let n = st.len.clamp(1, end - pos);
             let piece = IoBuf::zeroed(n as usize);
             let piece = if st.allocated || pos >= backing.length() {
-                self.file.read_cor(pos, piece).await?
+                self.file.get().read_cor(pos, piece).await?
             } else {
-                self.file.read(pos, piece).await?
+                self.file.get().read(pos, piece).await?
             };
             let at = (pos - offset) as usize;
             buf.as_mut_slice()[at..at + n as usize].copy_from_slice(piece.as_slice());
@@ -63,15 +64,40 @@ impl Driver for CorDriver {
     }
 
     fn length(&self) -> u64 {
-        self.file.length()
+        self.file.get().length()
     }
 
     fn children(&self) -> Vec<Child> {
-        vec![Child::new(ChildRole::File, &self.file)]
+        vec![Child::new(ChildRole::File, &self.file.get())]
+    }
+
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        role == ChildRole::File
+    }
+
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        if role != ChildRole::File {
+            return Err(Error::unsupported(format!(
+                "No '{}' child to replace",
+                role.name()
+            )));
+        }
+        self.file.set(node);
+        Ok(())
+    }
+
+    fn child_perm(&self, _node: &Node, _role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        // Copying backing data up is a write that changes nothing a reader sees.
+        let pass = Perm::CONSISTENT_READ.0 | Perm::WRITE.0 | Perm::RESIZE.0;
+        let unchanged = Perm::WRITE_UNCHANGED.0;
+        (
+            Perm((perm.0 & pass) | unchanged),
+            Perm((shared.0 & pass) | unchanged),
+        )
     }
 
     fn limits(&self) -> Limits {
-        let child = self.file.limits();
+        let child = self.file.get().limits();
         Limits {
             request_alignment: 1,
             ..child
@@ -84,53 +110,53 @@ impl Driver for CorDriver {
 
     fn cluster_size(&self) -> Option<u64> {
         // A filter answers with its child's (QEMU: bdrv_co_get_info).
-        self.file.driver().cluster_size()
+        self.file.get().driver().cluster_size()
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         match &self.bottom {
-            None => self.file.read_cor(offset, buf).await,
+            None => self.file.get().read_cor(offset, buf).await,
             Some((_, base)) => self.read_above_bottom(base.as_ref(), offset, buf).await,
         }
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
-        self.file.write(offset, buf, flags).await
+        self.file.get().write(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        self.file.write_zeroes(offset, len, flags).await
+        self.file.get().write_zeroes(offset, len, flags).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.file.discard(offset, len).await
+        self.file.get().discard(offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.file.flush().await
+        self.file.get().flush().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         Ok(BlockStatus {
             raw: true,
-            ..BlockStatus::data_at(len, Arc::clone(&self.file), offset)
+            ..BlockStatus::data_at(len, self.file.get(), offset)
         })
     }
 
     async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
-        self.file.truncate(size, prealloc).await
+        self.file.get().truncate(size, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.file.driver().allocated_size().await
+        self.file.get().driver().allocated_size().await
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
-        self.file.set_perm(perm, shared)
+        self.file.get().set_perm(perm, shared)
     }
 
     async fn close(&self) -> Result<()> {
-        self.file.close().await
+        self.file.get().close().await
     }
 }
 
@@ -175,6 +201,9 @@ impl DriverClass for CopyOnReadClass {
         if ctx.flags.read_only || file.is_read_only() {
             return Err(Error::invalid("Block node is read-only"));
         }
-        Ok(Box::new(CorDriver { file, bottom }))
+        Ok(Box::new(CorDriver {
+            file: ChildCell::new(file),
+            bottom,
+        }))
     }
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use strata_block::options::take_str;
+use strata_block::ChildCell;
 use strata_block::{
     BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Limits, Node, OpenCtx, Opts,
     Perm, Preallocation, Result, WriteFlags,
@@ -476,7 +477,7 @@ pub fn add_group_object(props: &[(String, String)]) -> Result<()> {
 pub struct ThrottleClass;
 
 struct ThrottleDriver {
-    file: Arc<Node>,
+    file: ChildCell,
     group: Arc<ThrottleGroup>,
 }
 
@@ -487,17 +488,32 @@ impl Driver for ThrottleDriver {
     }
 
     fn length(&self) -> u64 {
-        self.file.length()
+        self.file.get().length()
     }
 
     fn children(&self) -> Vec<Child> {
-        vec![Child::new(ChildRole::File, &self.file)]
+        vec![Child::new(ChildRole::File, &self.file.get())]
+    }
+
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        role == ChildRole::File
+    }
+
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        if role != ChildRole::File {
+            return Err(Error::unsupported(format!(
+                "No '{}' child to replace",
+                role.name()
+            )));
+        }
+        self.file.set(node);
+        Ok(())
     }
 
     fn limits(&self) -> Limits {
         Limits {
             request_alignment: 1,
-            ..self.file.limits()
+            ..self.file.get().limits()
         }
     }
 
@@ -507,58 +523,58 @@ impl Driver for ThrottleDriver {
 
     fn cluster_size(&self) -> Option<u64> {
         // A filter answers with its child's (QEMU: bdrv_co_get_info).
-        self.file.driver().cluster_size()
+        self.file.get().driver().cluster_size()
     }
 
     fn growable(&self) -> bool {
-        self.file.driver().growable()
+        self.file.get().driver().growable()
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.group.intercept(Dir::Read, buf.len() as u64).await;
-        self.file.read(offset, buf).await
+        self.file.get().read(offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.group.intercept(Dir::Write, buf.len() as u64).await;
-        self.file.write(offset, buf, flags).await
+        self.file.get().write(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.group.intercept(Dir::Write, len).await;
-        self.file.write_zeroes(offset, len, flags).await
+        self.file.get().write_zeroes(offset, len, flags).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.group.intercept(Dir::Write, len).await;
-        self.file.discard(offset, len).await
+        self.file.get().discard(offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.file.flush().await
+        self.file.get().flush().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         Ok(BlockStatus {
             raw: true,
-            ..BlockStatus::data_at(len, Arc::clone(&self.file), offset)
+            ..BlockStatus::data_at(len, self.file.get(), offset)
         })
     }
 
     async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
-        self.file.truncate(size, prealloc).await
+        self.file.get().truncate(size, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.file.driver().allocated_size().await
+        self.file.get().driver().allocated_size().await
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
-        self.file.set_perm(perm, shared)
+        self.file.get().set_perm(perm, shared)
     }
 
     async fn close(&self) -> Result<()> {
-        self.file.close().await
+        self.file.get().close().await
     }
 }
 
@@ -584,7 +600,10 @@ impl DriverClass for ThrottleClass {
             .ok_or_else(|| Error::invalid("Please specify a throttle group"))?;
         let group = group(&name)
             .ok_or_else(|| Error::invalid(format!("Throttle group '{name}' does not exist")))?;
-        Ok(Box::new(ThrottleDriver { file, group }))
+        Ok(Box::new(ThrottleDriver {
+            file: ChildCell::new(file),
+            group,
+        }))
     }
 }
 

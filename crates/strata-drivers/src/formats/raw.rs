@@ -10,6 +10,7 @@ use strata_block::{
     BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
     Opts, Result, WriteFlags,
 };
+use strata_block::{ChildCell, Perm};
 
 /// What probing reads of an image, and so what raw guards when probed.
 const SECTOR: u64 = 512;
@@ -19,7 +20,7 @@ pub struct RawClass;
 
 /// An open raw image.
 pub struct RawDriver {
-    file: Arc<Node>,
+    file: ChildCell,
     /// Set when the format was guessed: a write must not turn the first
     /// sector into another format's header (a guest could otherwise make
     /// the host open, say, a backing file of its choice next time).
@@ -37,23 +38,47 @@ impl Driver for RawDriver {
 
     fn length(&self) -> u64 {
         self.size
-            .unwrap_or_else(|| self.file.length().saturating_sub(self.offset))
+            .unwrap_or_else(|| self.file.get().length().saturating_sub(self.offset))
     }
 
     fn children(&self) -> Vec<Child> {
         vec![Child {
             role: ChildRole::File,
-            node: Arc::clone(&self.file),
+            node: self.file.get(),
         }]
     }
 
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        role == ChildRole::File
+    }
+
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        if role != ChildRole::File {
+            return Err(Error::unsupported(format!(
+                "No '{}' child to replace",
+                role.name()
+            )));
+        }
+        self.file.set(node);
+        Ok(())
+    }
+
+    fn child_perm(&self, _node: &Node, _role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        if self.offset == 0 && self.size.is_none() {
+            // The whole file: raw is a filter of it.
+            return (perm, shared);
+        }
+        // A window of the file: what the users take, and nobody may resize it.
+        (perm, Perm(shared.0 & !Perm::RESIZE.0))
+    }
+
     fn limits(&self) -> strata_block::Limits {
-        self.file.limits()
+        self.file.get().limits()
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.file.debug_event(DebugEvent::ReadAio).await;
-        self.file.read(self.offset + offset, buf).await
+        self.file.get().debug_event(DebugEvent::ReadAio).await;
+        self.file.get().read(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
@@ -62,6 +87,7 @@ impl Driver for RawDriver {
                 // The first sector as it would be after this write.
                 let mut sector = self
                     .file
+                    .get()
                     .read(self.offset, IoBuf::zeroed(SECTOR as usize))
                     .await?;
                 let n = (SECTOR - offset).min(buf.len() as u64) as usize;
@@ -72,28 +98,32 @@ impl Driver for RawDriver {
                 }
             }
         }
-        self.file.debug_event(DebugEvent::WriteAio).await;
-        self.file.write(self.offset + offset, buf, flags).await
+        self.file.get().debug_event(DebugEvent::WriteAio).await;
+        self.file
+            .get()
+            .write(self.offset + offset, buf, flags)
+            .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.file
+            .get()
             .write_zeroes(self.offset + offset, len, flags)
             .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.file.discard(self.offset + offset, len).await
+        self.file.get().discard(self.offset + offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.file.flush().await
+        self.file.get().flush().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         Ok(BlockStatus {
             raw: true,
-            ..BlockStatus::data_at(len, Arc::clone(&self.file), self.offset + offset)
+            ..BlockStatus::data_at(len, self.file.get(), self.offset + offset)
         })
     }
 
@@ -106,15 +136,15 @@ impl Driver for RawDriver {
             .checked_add(self.offset)
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or_else(|| Error::invalid("Disk size too large for the chosen offset"))?;
-        self.file.truncate(end, prealloc).await
+        self.file.get().truncate(end, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.file.driver().allocated_size().await
+        self.file.get().driver().allocated_size().await
     }
 
     async fn close(&self) -> Result<()> {
-        self.file.close().await
+        self.file.get().close().await
     }
 }
 
@@ -158,7 +188,7 @@ impl DriverClass for RawClass {
         }
         let guard_first_sector = ctx.probed().then(|| Arc::clone(&ctx.registry));
         Ok(Box::new(RawDriver {
-            file,
+            file: ChildCell::new(file),
             guard_first_sector,
             offset,
             size,

@@ -85,9 +85,9 @@ impl Daemon {
             .await
             .map_err(|e| e.to_string())?;
         // Nodes shared by name must allow what the new node takes on them.
-        if let Err(e) = super::perm::check_attached(&node) {
+        if let Err(e) = strata_block::perm::check_attached(&node) {
             let _ = node.close().await;
-            return Err(e);
+            return Err(e.to_string());
         }
         self.owned().push(node);
         Ok(())

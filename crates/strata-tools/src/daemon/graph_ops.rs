@@ -113,7 +113,7 @@ impl Daemon {
         }
         let new = lookup(overlay)?;
         // A user reading the overlay would see its data change under it.
-        if super::perm::is_read_consistently(&new) {
+        if strata_block::perm::is_read_consistently(&new) {
             return Err("The overlay is already in use".into());
         }
         if new.driver().is_filter() {
@@ -125,24 +125,11 @@ impl Daemon {
         if !new.driver().supports_backing() {
             return Err("The overlay does not support backing images".into());
         }
-        // Putting the overlay in the place of `node` under its parents
-        // needs every parent driver to swap a child; Strata's do not yet.
-        if !old.parents().is_empty() {
-            return Err(format!(
-                "Node '{node}' is used by other nodes; an overlay can only go on a top node"
-            ));
-        }
         if !old.is_active() && new.is_active() {
             new.inactivate().await.map_err(|e| e.to_string())?;
         }
-        new.set_backing(Some(Arc::clone(&old)))
-            .await
-            .map_err(|e| e.to_string())?;
-        // The new edge must agree with the other users of the old node.
-        if let Err(e) = super::perm::check_attached(&new) {
-            let _ = new.set_backing(None).await;
-            return Err(e);
-        }
+        // The overlay takes `node`'s place under its parents and users.
+        new.append_over(&old).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 }

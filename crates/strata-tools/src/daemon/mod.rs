@@ -7,7 +7,6 @@ pub mod blockdev;
 mod chardev;
 mod daemonize;
 mod graph_ops;
-mod perm;
 mod pidfile;
 mod qemu_opts;
 mod resize;

@@ -4,8 +4,8 @@
 //! then change its length as bdrv_co_truncate does.
 
 use super::blockdev::Daemon;
-use super::perm;
-use strata_block::{BlockOp, Preallocation};
+use strata_block::perm::{check_new_user, User};
+use strata_block::{BlockOp, Perm, Preallocation};
 
 /// Largest length a node may have (QEMU: BDRV_MAX_LENGTH).
 const MAX_LENGTH: i64 = i64::MAX / (1 << 30) * (1 << 30);
@@ -30,7 +30,14 @@ impl Daemon {
             return Err("Parameter 'size' expects a >0 size".into());
         }
         node.check_op(BlockOp::Resize).map_err(|e| e.to_string())?;
-        perm::check_new_user(&node, perm::RESIZE)?;
+        // QEMU's block_resize opens a BlockBackend that takes resize.
+        let user = User {
+            desc: "an unnamed block device".into(),
+            role: "root".into(),
+            perm: Perm::RESIZE,
+            shared: Perm::ALL,
+        };
+        check_new_user(&node, user).map_err(|e| e.to_string())?;
         if size > MAX_LENGTH {
             return Err(format!("offset({size}) exceeds maximum({MAX_LENGTH})"));
         }

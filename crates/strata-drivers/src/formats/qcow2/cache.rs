@@ -33,6 +33,9 @@ pub struct TableCache {
     /// Data these slices point to was written (copy-on-write) and must be
     /// stable before any slice is written back (QEMU: depends_on_flush).
     depends_on_flush: bool,
+    /// Counts the changes to `written` and `depends_on_flush`, so that a
+    /// flush made without the lock clears only what it covered.
+    epoch: u64,
 }
 
 impl TableCache {
@@ -47,6 +50,7 @@ impl TableCache {
             tick: 0,
             written: false,
             depends_on_flush: false,
+            epoch: 0,
         }
     }
 
@@ -149,9 +153,23 @@ impl TableCache {
         self.depends_on_flush = false;
     }
 
+    /// Where the flush state stands now; see [`flushed_at`](Self::flushed_at).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Records a flush that began at `epoch` (taken under the lock before
+    /// the lock was dropped for the flush): what changed since stays owed.
+    pub fn flushed_at(&mut self, epoch: u64) {
+        if self.epoch == epoch {
+            self.flushed();
+        }
+    }
+
     /// Requires a flush of the file before the next slice is written back.
     pub fn set_depends_on_flush(&mut self) {
         self.depends_on_flush = true;
+        self.epoch += 1;
     }
 
     /// True when a flush must come before the next write-back.
@@ -173,6 +191,7 @@ impl TableCache {
                 s.dirty = false;
                 self.dirty.remove(&off);
                 self.written = true;
+                self.epoch += 1;
             }
         }
         Ok(())

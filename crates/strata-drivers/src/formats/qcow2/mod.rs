@@ -266,11 +266,16 @@ impl Driver for Qcow2Driver {
         if let Some(d) = self.external() {
             d.flush().await?;
         }
-        let mut m = self.meta.lock().await;
-        m.flush(&self.file).await?;
+        let epochs = {
+            let mut m = self.meta.lock().await;
+            m.flush(&self.file).await?;
+            (m.l2_cache.epoch(), m.rb_cache.epoch())
+        };
+        // The fsync itself runs without the lock: requests go on meanwhile.
         self.file.flush().await?;
-        m.l2_cache.flushed();
-        m.rb_cache.flushed();
+        let mut m = self.meta.lock().await;
+        m.l2_cache.flushed_at(epochs.0);
+        m.rb_cache.flushed_at(epochs.1);
         Ok(())
     }
 
@@ -492,6 +497,21 @@ impl Driver for Qcow2Driver {
     fn set_backing(&self, backing: Option<Arc<Node>>) -> Result<()> {
         *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing;
         Ok(())
+    }
+
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        // The file and data file hold metadata the driver has cached.
+        role == ChildRole::Backing
+    }
+
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        if role != ChildRole::Backing {
+            return Err(Error::unsupported(format!(
+                "qcow2 cannot replace its '{}' child while open",
+                role.name()
+            )));
+        }
+        self.set_backing(Some(node))
     }
 
     async fn invalidate_cache(&self) -> Result<()> {

@@ -1,0 +1,171 @@
+//! The user handle (QEMU: BlockBackend): what a tool, an export or a job
+//! holds on a node, with the permissions it takes and shares, and the only
+//! way to do I/O from above the graph. Its root can be swapped under it
+//! (`replace_node`): a request waits at the drained gate and then goes to
+//! whichever node is the root once the swap is done.
+
+use crate::buf::IoBuf;
+use crate::driver::{Perm, Preallocation, WriteFlags};
+use crate::error::{err, Result};
+use crate::node::Node;
+use crate::perm::User;
+use crate::status::BlockStatus;
+use std::sync::{Arc, RwLock};
+
+/// A user of a node (QEMU: BlockBackend).
+pub struct Backend {
+    link: Arc<BackendLink>,
+}
+
+/// What a node knows of a backend on it: enough to name it in permission
+/// errors and to move it to another node.
+pub(crate) struct BackendLink {
+    desc: String,
+    perm: Perm,
+    shared: Perm,
+    root: RwLock<Arc<Node>>,
+}
+
+impl BackendLink {
+    pub(crate) fn user(&self) -> User {
+        User {
+            desc: self.desc.clone(),
+            role: "root".into(),
+            perm: self.perm,
+            shared: self.shared,
+        }
+    }
+    pub(crate) fn root(&self) -> Arc<Node> {
+        Arc::clone(&self.root.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub(crate) fn set_root(&self, node: Arc<Node>) {
+        *self.root.write().unwrap_or_else(|p| p.into_inner()) = node;
+    }
+}
+
+impl Backend {
+    /// Starts using `node`, taking `perm` and sharing `shared` (QEMU:
+    /// blk_new + blk_insert_bs). `desc` names the user in permission errors
+    /// as QEMU does: `block device 'ID'`, or `an unnamed block device`.
+    /// Fails, with nothing changed, when another user does not share what
+    /// this one takes or takes what it does not share.
+    pub fn new(node: &Arc<Node>, desc: &str, perm: Perm, shared: Perm) -> Result<Backend> {
+        let link = Arc::new(BackendLink {
+            desc: desc.to_string(),
+            perm,
+            shared,
+            root: RwLock::new(Arc::clone(node)),
+        });
+        crate::perm::check_new_user(node, link.user())?;
+        node.add_ref();
+        node.add_backend(&link);
+        Ok(Backend { link })
+    }
+
+    /// The node this backend uses now.
+    pub fn node(&self) -> Arc<Node> {
+        self.link.root()
+    }
+
+    /// What this backend takes.
+    pub fn perm(&self) -> Perm {
+        self.link.perm
+    }
+
+    /// The root for a new request: after any drained section that holds
+    /// the root back, the root as it is then (it may have been replaced).
+    async fn root_for_request(&self) -> Arc<Node> {
+        loop {
+            let n = self.link.root();
+            n.pass_gate().await;
+            if Arc::ptr_eq(&n, &self.link.root()) {
+                return n;
+            }
+        }
+    }
+
+    fn need(&self, p: Perm) -> Result<()> {
+        if self.link.perm.contains(p) {
+            Ok(())
+        } else {
+            err(libc::EPERM)
+        }
+    }
+
+    /// Length of the disk in bytes.
+    pub fn length(&self) -> u64 {
+        self.link.root().length()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.root_for_request().await.read(offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.need(Perm::WRITE)?;
+        self.root_for_request()
+            .await
+            .write(offset, buf, flags)
+            .await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.need(Perm::WRITE)?;
+        self.root_for_request()
+            .await
+            .write_zeroes(offset, len, flags)
+            .await
+    }
+
+    /// Discards `len` bytes at `offset`.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.need(Perm::WRITE)?;
+        self.root_for_request().await.discard(offset, len).await
+    }
+
+    /// Writes whole clusters compressed.
+    pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.need(Perm::WRITE)?;
+        self.root_for_request()
+            .await
+            .write_compressed(offset, buf)
+            .await
+    }
+
+    /// Makes completed writes stable.
+    pub async fn flush(&self) -> Result<()> {
+        self.root_for_request().await.flush().await
+    }
+
+    /// Changes the disk's length.
+    pub async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+        self.need(Perm::RESIZE)?;
+        self.root_for_request().await.truncate(size, prealloc).await
+    }
+
+    /// What is at `offset`: at most `len` bytes of one kind.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.root_for_request()
+            .await
+            .block_status(offset, len)
+            .await
+    }
+
+    /// Stops using the node: its permissions are released and its
+    /// reference dropped (the node closes if this was its last user).
+    pub async fn close(self) -> Result<()> {
+        let node = self.link.root();
+        node.remove_backend(&self.link);
+        node.close().await
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // A backend dropped without close still gives its permissions back.
+        self.link.root().remove_backend(&self.link);
+    }
+}

@@ -1,0 +1,145 @@
+//! Swappable edges (QEMU: bdrv_replace_node, bdrv_append,
+//! bdrv_drop_filter): a node put in the place of another under all its
+//! parents and user handles, a filter inserted above a node and taken out
+//! again. Each checks every permission first and changes nothing when a
+//! check fails; the swap itself happens in a drained section, so no request
+//! is in flight on either side while the edges move.
+
+use super::{drained, Node};
+use crate::backend::BackendLink;
+use crate::driver::{Child, ChildRole};
+use crate::error::{Error, Result};
+use crate::perm::User;
+use std::sync::{Arc, Weak};
+
+impl Node {
+    pub(crate) fn add_backend(&self, link: &Arc<BackendLink>) {
+        self.lock_backends().push(Arc::downgrade(link));
+    }
+
+    pub(crate) fn remove_backend(&self, link: &Arc<BackendLink>) {
+        let me = Arc::as_ptr(link);
+        self.lock_backends()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), me));
+    }
+
+    fn lock_backends(&self) -> std::sync::MutexGuard<'_, Vec<Weak<BackendLink>>> {
+        self.backends.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn backend_links(&self) -> Vec<Arc<BackendLink>> {
+        self.lock_backends()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// The user handles on this node, as permission users.
+    pub(crate) fn backend_users(&self) -> Vec<User> {
+        self.backend_links().iter().map(|b| b.user()).collect()
+    }
+
+    /// How many user handles use this node as their root.
+    pub fn backend_count(&self) -> usize {
+        self.backend_links().len()
+    }
+
+    /// Takes this filter out of the graph (QEMU: bdrv_drop_filter): its
+    /// parents and user handles use its filtered child instead.
+    pub async fn drop_filter(self: &Arc<Self>) -> Result<()> {
+        if !self.driver.is_filter() {
+            return Err(Error::invalid(format!(
+                "Node '{}' is not a filter",
+                self.name
+            )));
+        }
+        let Some(child) = self.primary_child() else {
+            return Err(Error::invalid(format!(
+                "Filter '{}' has no child to put in its place",
+                self.name
+            )));
+        };
+        replace_node(self, &child).await
+    }
+
+    /// Puts `self`, an image without a backing file, on top of `base`
+    /// (QEMU: bdrv_append): `base` becomes its backing file, and every
+    /// parent and user handle of `base` uses `self` instead.
+    pub async fn append_over(self: &Arc<Self>, base: &Arc<Node>) -> Result<()> {
+        self.set_backing(Some(Arc::clone(base))).await?;
+        // The new backing edge must agree with the other users of `base`,
+        // and `base`'s users must accept `self` in its place.
+        let swapped = match crate::perm::check_attached(self) {
+            Ok(()) => replace_node(base, self).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = swapped {
+            let _ = self.set_backing(None).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// Puts `to` in the place of `from` under every parent of `from` and every
+/// user handle on it (QEMU: bdrv_replace_node). Edges from `to` itself, or
+/// from nodes below it, stay (so a filter opened over `from` can be put in
+/// its place). Permissions are checked, and every parent asked whether it
+/// can swap the edge, before anything changes.
+pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+    if Arc::ptr_eq(from, to) {
+        return Ok(());
+    }
+    let moved: Vec<(Arc<Node>, ChildRole)> = from
+        .parents()
+        .into_iter()
+        .filter_map(|l| Some((l.parent.upgrade()?, l.role)))
+        .filter(|(p, _)| !p.is_closed() && !to.reaches(p))
+        .collect();
+    for (p, role) in &moved {
+        if !p.driver.can_replace_child(*role) {
+            return Err(Error::unsupported(format!(
+                "Cannot change the '{}' child of node '{}' (driver '{}')",
+                role.name(),
+                p.name,
+                p.format_name()
+            )));
+        }
+    }
+    crate::perm::check_moved(from, to, &moved, true)?;
+    let backends = from.backend_links();
+    let mut nodes = from.component();
+    for n in to.component() {
+        if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {
+            nodes.push(n);
+        }
+    }
+    let swapped = drained(&nodes, || -> Result<usize> {
+        let mut refs = 0;
+        for (p, role) in &moved {
+            p.driver.replace_child(*role, Arc::clone(to))?;
+            let old = Child::new(*role, from);
+            p.detach_child(&old);
+            p.attach_child(&Child::new(*role, to));
+            to.add_ref();
+            refs += 1;
+        }
+        for b in &backends {
+            from.remove_backend(b);
+            b.set_root(Arc::clone(to));
+            to.add_backend(b);
+            to.add_ref();
+            refs += 1;
+        }
+        Ok(refs)
+    })
+    .await?;
+    for (p, _) in &moved {
+        p.refresh_limits();
+    }
+    // The references the moved edges and handles held on `from` go.
+    for _ in 0..swapped {
+        from.close().await?;
+    }
+    Ok(())
+}
