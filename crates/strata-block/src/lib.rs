@@ -37,7 +37,10 @@ pub use driver::{
 pub use error::{Error, Result};
 pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
-pub use node::{drained, replace_node, CacheMode, DetectZeroes, Node, NodeOptions};
+pub use node::{
+    drained, replace_node, BeforeWrite, CacheMode, DetectZeroes, Node, NodeOptions,
+    ThresholdExceeded, WriteKind, WriteReq,
+};
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;
 pub use status::BlockStatus;
