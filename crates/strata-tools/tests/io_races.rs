@@ -206,3 +206,46 @@ fn direct_io_alignment_is_not_fooled_by_a_hole() {
     let text = run(d, STRATA_IO, &args);
     assert!(!text.contains("Pattern verification failed"), "{text}");
 }
+
+/// A zero cluster that keeps its host cluster is written in place, as
+/// qemu-io writes it: the same mapping and the same file size afterwards,
+/// and the rest of the cluster reads as zeroes.
+#[test]
+fn a_zero_cluster_that_keeps_its_host_is_written_in_place() {
+    if !have_oracle() {
+        return;
+    }
+    let cmds = [
+        "write -P 1 0 128k",
+        "write -z 0 128k",
+        "write -P 0xaa 4k 4k",
+    ];
+    let mut results = Vec::new();
+    for prog in ["qemu-io", STRATA_IO] {
+        let dir = tempfile::tempdir().unwrap();
+        fresh(dir.path());
+        let mut args = Vec::new();
+        for c in cmds {
+            args.extend(["-c", c]);
+        }
+        args.push("a.qcow2");
+        run(dir.path(), prog, &args);
+        let map = run(dir.path(), "qemu-img", &["map", "--output=json", "a.qcow2"]);
+        let size = std::fs::metadata(dir.path().join("a.qcow2")).unwrap().len();
+        io(
+            dir.path(),
+            &[
+                "open a.qcow2",
+                "read -P 0 0 4k",
+                "read -P 0xaa 4k 4k",
+                "read -P 0 8k 120k",
+            ],
+        );
+        check_clean(dir.path());
+        results.push((map, size));
+    }
+    assert_eq!(
+        results[1], results[0],
+        "strata-io placed the data elsewhere"
+    );
+}

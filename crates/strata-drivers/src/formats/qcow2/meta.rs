@@ -606,17 +606,27 @@ impl Meta {
         self.check_metadata_write(file, rb, self.geo.cluster_size)
             .await?;
         file.debug_event(DebugEvent::RefblockAllocWrite).await;
-        self.write_zero_block(file, rb).await?;
-        if covered {
-            Box::pin(self.set_refcount(file, f, 1)).await?;
-            self.flush_refcounts(file).await?;
-        } else {
-            let idx = f & ((1 << self.geo.rb_bits) - 1);
-            self.put_in_block(file, rb, idx, 1).await?;
+        let hooked = async {
+            self.write_zero_block(file, rb).await?;
+            if covered {
+                Box::pin(self.set_refcount(file, f, 1)).await?;
+                self.flush_refcounts(file).await?;
+            } else {
+                let idx = f & ((1 << self.geo.rb_bits) - 1);
+                self.put_in_block(file, rb, idx, 1).await?;
+            }
+            self.write_reftable_entry(file, ti, rb).await
         }
+        .await;
+        if let Err(e) = hooked {
+            // The table does not point to the block: nothing cached may
+            // treat that cluster as one (it is free and will be reused).
+            self.rb_cache.remove_table(rb, self.geo.cluster_size);
+            return Err(e);
+        }
+        // Only now that the disk has it does memory.
         self.reftable[ti as usize] = rb;
         self.refblocks.insert(rb);
-        self.write_reftable_entry(file, ti).await?;
         if self.free_cluster_index == f {
             self.free_cluster_index = f + 1;
         }
@@ -651,11 +661,13 @@ impl Meta {
         Ok(())
     }
 
-    async fn write_reftable_entry(&mut self, file: &Arc<Node>, ti: u64) -> Result<()> {
+    /// Writes refcount table entry `ti` as `value`, after everything it
+    /// points to; the caller installs it in memory once this succeeded.
+    async fn write_reftable_entry(&mut self, file: &Arc<Node>, ti: u64, value: u64) -> Result<()> {
         // Everything the entry points to is on disk before the entry is.
         self.flush_refcounts(file).await?;
         let off = self.header.refcount_table_offset + ti * 8;
-        let v = self.reftable[ti as usize].to_be_bytes();
+        let v = value.to_be_bytes();
         file.debug_event(DebugEvent::RefblockAllocHookup).await;
         file.write(off, IoBuf::from_slice(&v), WriteFlags::default())
             .await?;
@@ -711,21 +723,49 @@ impl Meta {
         }
         let old_off = self.header.refcount_table_offset;
         let old_clusters = self.header.refcount_table_clusters as u64;
-        self.reftable.resize(entries as usize, 0);
+        // The new table is built beside the old one; memory switches to it
+        // only after the header on disk has (a failure leaves both as they were).
+        let mut table = self.reftable.clone();
+        table.resize(entries as usize, 0);
+        let end = start + table_clusters + blocks.len() as u64;
         file.debug_event(DebugEvent::RefblockAllocWriteBlocks).await;
+        let mut new_blocks = Vec::new();
         for (k, &ti) in blocks.iter().enumerate() {
             let rb = (start + table_clusters + k as u64) << self.geo.cluster_bits;
-            self.write_zero_block(file, rb).await?;
-            self.reftable[ti as usize] = rb;
-            self.refblocks.insert(rb);
+            // A new block counts the new clusters in its own range.
+            let mut block = vec![0u8; cs as usize];
+            let first = ti << self.geo.rb_bits;
+            for hc in start.max(first)..end.min(first + (1 << self.geo.rb_bits)) {
+                let bit = (hc - first) << self.geo.refcount_order;
+                put_refcount(
+                    &mut block,
+                    (bit / 8) as usize,
+                    bit,
+                    self.geo.refcount_order,
+                    1,
+                );
+            }
+            file.write(rb, IoBuf::from_slice(&block), WriteFlags::default())
+                .await?;
+            self.rb_cache.remove_table(rb, cs);
+            self.l2_cache.remove_table(rb, cs);
+            table[ti as usize] = rb;
+            new_blocks.push(rb);
         }
-        // Everything new is covered now: count the table and the blocks.
-        for hc in start..start + table_clusters + blocks.len() as u64 {
-            self.set_refcount(file, hc, 1).await?;
+        // New clusters in ranges that already have a block are counted there
+        // (if the switch fails they are leaked, never lost).
+        for hc in start..end {
+            let has_block = self
+                .reftable
+                .get((hc >> self.geo.rb_bits) as usize)
+                .is_some_and(|e| e & OFFSET_MASK != 0);
+            if has_block {
+                self.set_refcount(file, hc, 1).await?;
+            }
         }
         self.flush_refcounts(file).await?;
         let new_off = start << self.geo.cluster_bits;
-        let mut bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize((table_clusters * cs) as usize, 0);
         file.debug_event(DebugEvent::RefblockAllocWriteTable).await;
         file.write(new_off, IoBuf::from_slice(&bytes), WriteFlags::default())
@@ -738,6 +778,8 @@ impl Meta {
         file.write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
             .await?;
         file.flush().await?;
+        self.reftable = table;
+        self.refblocks.extend(new_blocks);
         self.header.refcount_table_offset = new_off;
         self.header.refcount_table_clusters = table_clusters as u32;
         Box::pin(self.update_refcounts(file, old_off, old_clusters, -1)).await?;

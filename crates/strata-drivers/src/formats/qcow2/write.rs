@@ -172,9 +172,15 @@ impl Qcow2Driver {
                 // Lazy refcounts: the image is marked dirty while refcounts may lag.
                 m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
             }
+            let kept = match self.geo.external_data {
+                false => self.kept_zero_run(&mut m, &mappings).await?,
+                true => None,
+            };
             let host = if self.geo.external_data {
                 // A data file keeps each cluster at its guest offset, uncounted.
                 first << self.geo.cluster_bits
+            } else if let Some(h) = kept {
+                h
             } else {
                 m.alloc_clusters(&self.file, n).await?
             };
@@ -210,13 +216,31 @@ impl Qcow2Driver {
                     // Nothing points to the new clusters yet: give them back.
                     // Data file clusters were never counted, so nothing is
                     // freed for them (freeing would hit unrelated clusters).
-                    if !self.geo.external_data {
+                    if !self.geo.external_data && kept.is_none() {
                         let _ = m.update_refcounts(&self.file, host, n, -1).await;
                     }
                     Err(e)
                 }
             };
         }
+    }
+
+    /// The host clusters of a run of zero clusters that keep them, when they
+    /// are contiguous and referenced by nothing else: the write goes there
+    /// in place, as QEMU writes a zero cluster with COPIED, instead of
+    /// allocating new clusters at the end of the file.
+    async fn kept_zero_run(&self, m: &mut Meta, mappings: &[Mapping]) -> Result<Option<u64>> {
+        let cs = self.geo.cluster_size;
+        let Mapping::Zero(Some(h0)) = mappings[0] else {
+            return Ok(None);
+        };
+        for (i, mp) in mappings.iter().enumerate() {
+            let h = h0 + i as u64 * cs;
+            if *mp != Mapping::Zero(Some(h)) || m.refcount(&self.file, h / cs).await? != 1 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(h0))
     }
 
     /// Writes guest data and the copied-on-write rest of the partial first
@@ -276,9 +300,14 @@ impl Qcow2Driver {
         let mut old = Vec::with_capacity(n);
         for i in 0..n as u64 {
             let gc = first + i;
-            // What the entry says now is what this write replaces.
-            old.push(m.mapping(&self.file, gc).await?);
+            // What the entry says now is what this write replaces; a zero
+            // cluster written in place keeps its host cluster.
             let h = host + (i << self.geo.cluster_bits);
+            let was = m.mapping(&self.file, gc).await?;
+            old.push(match was {
+                Mapping::Zero(Some(z)) if z == h => Mapping::Zero(None),
+                other => other,
+            });
             m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
                 .await?;
         }
