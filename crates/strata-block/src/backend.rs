@@ -77,7 +77,7 @@ impl Backend {
     async fn root_for_request(&self) -> Arc<Node> {
         loop {
             let n = self.link.root();
-            n.pass_gate().await;
+            n.pass_user_gate().await;
             if Arc::ptr_eq(&n, &self.link.root()) {
                 return n;
             }

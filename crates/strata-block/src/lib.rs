@@ -38,7 +38,7 @@ pub use error::{Error, Result};
 pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
 pub use node::{
-    drained, replace_node, BeforeWrite, CacheMode, DetectZeroes, Node, NodeOptions,
+    drained, drained_async, replace_node, BeforeWrite, CacheMode, DetectZeroes, Node, NodeOptions,
     ThresholdExceeded, WriteKind, WriteReq,
 };
 pub use open::{OpenCtx, OpenFlags, Registry};

@@ -421,3 +421,56 @@ fn the_write_funnel_notifies_before_and_marks_bitmaps_after() {
         node.close().await.unwrap();
     });
 }
+
+#[test]
+fn inactivation_drains_writes_in_flight_before_writing_caches_back() {
+    let dir = tempdir("inactivate");
+    let img = format!("{dir}/a.qcow2");
+    EventLoop::new().unwrap().block_on(async {
+        common::create(
+            &img,
+            "qcow2",
+            &[("size", "4194304"), ("cluster_size", "4096")],
+        )
+        .await;
+        let node = common::open(&img, Some("qcow2")).await;
+        let rw = Perm::CONSISTENT_READ.with(Perm::WRITE);
+        let user = Backend::new(&node, "block device 'vm'", rw, Perm::ALL).unwrap();
+        // Allocating writes (each touches L2 and refcounts) racing the hand-over.
+        let writes: Vec<_> = (0..64u64)
+            .map(|i| {
+                user.write(
+                    i * 65536,
+                    IoBuf::filled(4096, i as u8 + 1),
+                    WriteFlags::default(),
+                )
+            })
+            .collect();
+        let (results, inactivated) =
+            futures::join!(futures::future::join_all(writes), node.inactivate());
+        inactivated.unwrap();
+        // What completed is on disk now, as another process sees it.
+        let q = common::qemu_tool("qemu-img");
+        if let Some(q) = &q {
+            let (code, out) = common::run(q, &["check", "-U", &img]);
+            assert_eq!(code, 0, "{out}");
+        }
+        if let Some(qio) = common::qemu_tool("qemu-io") {
+            for (i, r) in results.iter().enumerate() {
+                if r.is_err() {
+                    // Refused once inactive: nothing was written.
+                    assert_eq!(r.as_ref().unwrap_err().code(), libc::EPERM);
+                    continue;
+                }
+                let cmd = format!("read -P {} {} 4096", i + 1, i * 65536);
+                let (code, out) = common::run(&qio, &["-U", "-r", "-f", "qcow2", "-c", &cmd, &img]);
+                assert!(
+                    code == 0 && !out.contains("Pattern verification failed"),
+                    "{out}"
+                );
+            }
+        }
+        user.close().await.unwrap();
+        node.close().await.unwrap();
+    });
+}

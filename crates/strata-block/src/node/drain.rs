@@ -23,11 +23,26 @@ impl Node {
 
     /// Waits while a drained section holds new requests back.
     pub(crate) async fn pass_gate(&self) {
-        while self.gate.load(Ordering::Acquire) > 0 {
+        self.wait_gates(false).await
+    }
+
+    /// Waits, for a request from a user handle, while a drained section
+    /// holds this node's users back (its own gate, or the user gate of a
+    /// node that also has parents).
+    pub(crate) async fn pass_user_gate(&self) {
+        self.wait_gates(true).await
+    }
+
+    async fn wait_gates(&self, user: bool) {
+        let closed = || {
+            self.gate.load(Ordering::Acquire) > 0
+                || (user && self.user_gate.load(Ordering::Acquire) > 0)
+        };
+        while closed() {
             let open = self.gate_open.notified();
             tokio::pin!(open);
             open.as_mut().enable();
-            if self.gate.load(Ordering::Acquire) == 0 {
+            if !closed() {
                 return;
             }
             open.await;
@@ -40,27 +55,51 @@ impl Node {
 /// flight finishes, before `f` runs. Requests that in-flight ones make to
 /// children are not held, so a drain never waits for itself.
 pub async fn drained<R>(nodes: &[Arc<Node>], f: impl FnOnce() -> R) -> R {
+    drained_async(nodes, || async move { f() }).await
+}
+
+/// [`drained`] for work that itself does I/O below the drained nodes
+/// (writing caches back): `f`'s future runs inside the section.
+pub async fn drained_async<R, F: std::future::Future<Output = R>>(
+    nodes: &[Arc<Node>],
+    f: impl FnOnce() -> F,
+) -> R {
     let tops: Vec<Arc<Node>> = nodes
         .iter()
         .filter(|n| n.lock_parents().is_empty())
         .cloned()
         .collect();
-    // Reopens the gates even if the caller drops this future mid-drain.
-    struct Reopen(Vec<Arc<Node>>);
+    // User handles on nodes that also have parents wait at their own gate:
+    // the parents' requests to such a node must go on, or the drain would
+    // wait for itself.
+    let used: Vec<Arc<Node>> = nodes
+        .iter()
+        .filter(|n| !n.lock_parents().is_empty())
+        .cloned()
+        .collect();
+    struct Reopen(Vec<Arc<Node>>, Vec<Arc<Node>>);
     impl Drop for Reopen {
         fn drop(&mut self) {
             for n in &self.0 {
                 n.gate.fetch_sub(1, Ordering::AcqRel);
                 n.gate_open.notify_waiters();
             }
+            for n in &self.1 {
+                n.user_gate.fetch_sub(1, Ordering::AcqRel);
+                n.gate_open.notify_waiters();
+            }
         }
+    }
+    for n in &used {
+        n.user_gate.fetch_add(1, Ordering::AcqRel);
     }
     for n in &tops {
         n.gate.fetch_add(1, Ordering::AcqRel);
     }
-    let _reopen = Reopen(tops);
+    // Reopens the gates even if the caller drops this future mid-drain.
+    let _reopen = Reopen(tops, used);
     for n in nodes {
         n.tracker.wait_idle().await;
     }
-    f()
+    f().await
 }

@@ -23,7 +23,7 @@ mod io;
 mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
-pub use drain::drained;
+pub use drain::{drained, drained_async};
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
 pub use replace::replace_node;
 
@@ -65,6 +65,9 @@ pub struct Node {
     home: Mutex<Option<LoopHandle>>,
     /// Drained sections holding new requests back (QEMU: quiesce_counter).
     gate: AtomicUsize,
+    /// Drained sections holding this node's user handles back (for a node
+    /// that also has parents, whose requests must go on).
+    user_gate: AtomicUsize,
     gate_open: Notify,
     /// False while another process owns the image (QEMU: BDRV_O_INACTIVE).
     active: AtomicBool,
@@ -116,6 +119,7 @@ impl Node {
             backing_blocker,
             home: Mutex::new(None),
             gate: AtomicUsize::new(0),
+            user_gate: AtomicUsize::new(0),
             gate_open: Notify::new(),
             active: AtomicBool::new(!opts.inactive),
             perm: Mutex::new(None),
@@ -283,14 +287,17 @@ impl Node {
         if self.has_active_parent() || !self.is_active() {
             return Ok(());
         }
-        self.driver
-            .inactivate()
-            .await
-            .map_err(|e| e.context("Failed to inactivate node"))?;
-        drained(std::slice::from_ref(self), || {
-            self.active.store(false, Ordering::Release)
+        // No request may dirty the caches between their write-back and the
+        // switch to inactive: both happen in one drained section.
+        drained_async(std::slice::from_ref(self), || async {
+            self.driver
+                .inactivate()
+                .await
+                .map_err(|e| e.context("Failed to inactivate node"))?;
+            self.active.store(false, Ordering::Release);
+            Ok::<(), Error>(())
         })
-        .await;
+        .await?;
         if self.children().is_empty() && self.stored_perm().is_some() {
             // Only loosening: an error would leave the image no less shared.
             let _ = self.driver.set_perm(Perm::NONE, Perm::ALL);
