@@ -10,6 +10,7 @@ use crate::error::{err, Result};
 use crate::node::Node;
 use crate::perm::User;
 use crate::status::BlockStatus;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 /// A user of a node (QEMU: BlockBackend).
@@ -97,60 +98,72 @@ impl Backend {
         self.link.root().length()
     }
 
+    /// Runs one request on the root's loop to its end, whether or not the
+    /// caller still waits for it: a request's tracking and in-flight guards
+    /// go when its I/O is done, never because a caller gave up on it.
+    async fn complete<T, F>(&self, req: impl FnOnce(Arc<Node>) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let node = self.root_for_request().await;
+        let task = match node.home() {
+            Some(home) => home.spawn(req(node)),
+            None => tokio::spawn(req(node)),
+        };
+        // A request only fails to finish if its loop was shut down.
+        task.await.unwrap_or_else(|_| err(libc::EIO))
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.root_for_request().await.read(offset, buf).await
+        self.complete(|n| async move { n.read(offset, buf).await })
+            .await
     }
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.need(Perm::WRITE)?;
-        self.root_for_request()
-            .await
-            .write(offset, buf, flags)
+        self.complete(|n| async move { n.write(offset, buf, flags).await })
             .await
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.need(Perm::WRITE)?;
-        self.root_for_request()
-            .await
-            .write_zeroes(offset, len, flags)
+        self.complete(|n| async move { n.write_zeroes(offset, len, flags).await })
             .await
     }
 
     /// Discards `len` bytes at `offset`.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.need(Perm::WRITE)?;
-        self.root_for_request().await.discard(offset, len).await
+        self.complete(|n| async move { n.discard(offset, len).await })
+            .await
     }
 
     /// Writes whole clusters compressed.
     pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.need(Perm::WRITE)?;
-        self.root_for_request()
-            .await
-            .write_compressed(offset, buf)
+        self.complete(|n| async move { n.write_compressed(offset, buf).await })
             .await
     }
 
     /// Makes completed writes stable.
     pub async fn flush(&self) -> Result<()> {
-        self.root_for_request().await.flush().await
+        self.complete(|n| async move { n.flush().await }).await
     }
 
     /// Changes the disk's length.
     pub async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
         self.need(Perm::RESIZE)?;
-        self.root_for_request().await.truncate(size, prealloc).await
+        self.complete(|n| async move { n.truncate(size, prealloc).await })
+            .await
     }
 
     /// What is at `offset`: at most `len` bytes of one kind.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.root_for_request()
-            .await
-            .block_status(offset, len)
+        self.complete(|n| async move { n.block_status(offset, len).await })
             .await
     }
 

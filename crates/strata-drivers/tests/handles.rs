@@ -474,3 +474,46 @@ fn inactivation_drains_writes_in_flight_before_writing_caches_back() {
         node.close().await.unwrap();
     });
 }
+
+#[test]
+fn a_request_runs_to_its_end_when_its_caller_gives_up() {
+    let dir = tempdir("giveup");
+    let img = format!("{dir}/a.qcow2");
+    EventLoop::new().unwrap().block_on(async {
+        common::create(&img, "qcow2", &[("size", "1048576")]).await;
+        let graph = Graph::new();
+        let ctx = ctx(&graph);
+        let dbg = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("file.driver", "blkdebug"),
+                ("file.image.driver", "file"),
+                ("file.image.filename", &img),
+            ],
+        )
+        .await
+        .unwrap();
+        let rw = Perm::CONSISTENT_READ.with(Perm::WRITE);
+        let user = Backend::new(&dbg, "block device 'vm'", rw, Perm::ALL).unwrap();
+        let file = dbg.primary_child().unwrap();
+        let hooks = || file.driver().debug_hooks().unwrap();
+        hooks().breakpoint("write_aio", "A").unwrap();
+        // The caller stops waiting while the write is held at the breakpoint.
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            user.write(0, IoBuf::filled(4096, 0x5c), WriteFlags::default()),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        assert!(hooks().is_suspended("A"));
+        assert_eq!(dbg.in_flight(), 1, "the write still holds its range");
+        hooks().resume("A").unwrap();
+        while dbg.in_flight() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(read(&user, 0, 4096).await, vec![0x5c; 4096], "it finished");
+        user.close().await.unwrap();
+        dbg.close().await.unwrap();
+    });
+}

@@ -4,8 +4,7 @@
 //! then change its length as bdrv_co_truncate does.
 
 use super::blockdev::Daemon;
-use strata_block::perm::{check_new_user, User};
-use strata_block::{BlockOp, Perm, Preallocation};
+use strata_block::{Backend, BlockOp, Perm, Preallocation};
 
 /// Largest length a node may have (QEMU: BDRV_MAX_LENGTH).
 const MAX_LENGTH: i64 = i64::MAX / (1 << 30) * (1 << 30);
@@ -30,28 +29,31 @@ impl Daemon {
             return Err("Parameter 'size' expects a >0 size".into());
         }
         node.check_op(BlockOp::Resize).map_err(|e| e.to_string())?;
-        // QEMU's block_resize opens a BlockBackend that takes resize.
-        let user = User {
-            desc: "an unnamed block device".into(),
-            role: "root".into(),
-            perm: Perm::RESIZE,
-            shared: Perm::ALL,
-        };
-        check_new_user(&node, user).map_err(|e| e.to_string())?;
-        if size > MAX_LENGTH {
-            return Err(format!("offset({size}) exceeds maximum({MAX_LENGTH})"));
-        }
-        if node.is_read_only() {
-            return Err("Image is read-only".into());
-        }
-        node.truncate(size as u64, Preallocation::Off)
-            .await
-            .map_err(|e| match e.message() {
-                Some(m) => m.to_string(),
-                None if e.code() == libc::ENOTSUP => {
-                    "Image format driver does not support resize".to_string()
-                }
-                None => e.to_string(),
-            })
+        // As QEMU, through a user handle that takes resize and shares all.
+        let blk = Backend::new(&node, "an unnamed block device", Perm::RESIZE, Perm::ALL)
+            .map_err(|e| e.to_string())?;
+        let r = resize_through(&blk, size).await;
+        let _ = blk.close().await;
+        r
     }
+}
+
+/// The rest of block_resize's checks, then the resize, through `blk`.
+async fn resize_through(blk: &Backend, size: i64) -> Result<(), String> {
+    let node = blk.node();
+    if size > MAX_LENGTH {
+        return Err(format!("offset({size}) exceeds maximum({MAX_LENGTH})"));
+    }
+    if node.is_read_only() {
+        return Err("Image is read-only".into());
+    }
+    blk.truncate(size as u64, Preallocation::Off)
+        .await
+        .map_err(|e| match e.message() {
+            Some(m) => m.to_string(),
+            None if e.code() == libc::ENOTSUP => {
+                "Image format driver does not support resize".to_string()
+            }
+            None => e.to_string(),
+        })
 }
