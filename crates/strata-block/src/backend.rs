@@ -11,11 +11,14 @@ use crate::node::Node;
 use crate::perm::User;
 use crate::status::BlockStatus;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 
 /// A user of a node (QEMU: BlockBackend).
 pub struct Backend {
     link: Arc<BackendLink>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// What a node knows of a backend on it: enough to name it in permission
@@ -60,7 +63,10 @@ impl Backend {
         crate::perm::check_new_user(node, link.user())?;
         node.add_ref();
         node.add_backend(&link);
-        Ok(Backend { link })
+        Ok(Backend {
+            link,
+            closed: Default::default(),
+        })
     }
 
     /// The node this backend uses now.
@@ -98,21 +104,23 @@ impl Backend {
         self.link.root().length()
     }
 
-    /// Runs one request on the root's loop to its end, whether or not the
-    /// caller still waits for it: a request's tracking and in-flight guards
-    /// go when its I/O is done, never because a caller gave up on it.
+    /// Runs one request to its end, whether or not the caller still waits
+    /// for it: a request's tracking and in-flight guards go when its I/O is
+    /// done, never because a caller gave up on it. It starts at once, in
+    /// the caller's task (no extra hop); only if the caller drops it half
+    /// way does the rest go on as a task of its own.
     async fn complete<T, F>(&self, req: impl FnOnce(Arc<Node>) -> F) -> Result<T>
     where
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let node = self.root_for_request().await;
-        let task = match node.home() {
-            Some(home) => home.spawn(req(node)),
-            None => tokio::spawn(req(node)),
-        };
-        // A request only fails to finish if its loop was shut down.
-        task.await.unwrap_or_else(|_| err(libc::EIO))
+        let home = node.home();
+        RunToEnd {
+            fut: Some(Box::pin(req(node))),
+            home,
+        }
+        .await
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -149,6 +157,19 @@ impl Backend {
             .await
     }
 
+    /// Saves VM state at `pos` (QEMU: blk_save_vmstate).
+    pub async fn save_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.need(Perm::WRITE)?;
+        self.complete(|n| async move { n.save_vmstate(pos, buf).await })
+            .await
+    }
+
+    /// Loads VM state at `pos` (QEMU: blk_load_vmstate).
+    pub async fn load_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.complete(|n| async move { n.load_vmstate(pos, buf).await })
+            .await
+    }
+
     /// Makes completed writes stable.
     pub async fn flush(&self) -> Result<()> {
         self.complete(|n| async move { n.flush().await }).await
@@ -169,10 +190,62 @@ impl Backend {
 
     /// Stops using the node: its permissions are released and its
     /// reference dropped (the node closes if this was its last user).
-    pub async fn close(self) -> Result<()> {
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(());
+        }
         let node = self.link.root();
         node.remove_backend(&self.link);
         node.close().await
+    }
+}
+
+/// A request future that, dropped before its end, finishes on its own.
+struct RunToEnd<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    fut: Option<Pin<Box<F>>>,
+    home: Option<crate::event_loop::LoopHandle>,
+}
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = fut.as_mut().poll(cx);
+        if out.is_ready() {
+            self.fut = None;
+        }
+        out
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else {
+            return;
+        };
+        let rest = async move {
+            let _ = fut.await;
+        };
+        match &self.home {
+            Some(h) => drop(h.spawn(rest)),
+            None => {
+                // Outside any runtime nothing can run it: it is cancelled.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    drop(rt.spawn(rest));
+                }
+            }
+        }
     }
 }
 

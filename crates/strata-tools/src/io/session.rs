@@ -5,7 +5,7 @@ use std::sync::Arc;
 use strata_block::engine::Aio;
 use strata_block::options::Opts;
 use strata_block::report::error_report;
-use strata_block::{CacheMode, Node, OpenCtx, OpenFlags, Registry};
+use strata_block::{Backend, CacheMode, Node, OpenCtx, OpenFlags, Perm, Registry};
 
 /// How to open an image: the flags of the command line or of `open`.
 #[derive(Clone, Debug)]
@@ -101,6 +101,8 @@ pub struct Session {
     pub registry: Arc<Registry>,
     /// The open image, if any.
     pub node: Option<Arc<Node>>,
+    /// The user handle all I/O goes through (QEMU: qemu-io's BlockBackend).
+    pub blk: Option<Arc<Backend>>,
     /// How `node` was opened, for `reopen`.
     pub opened: Option<OpenRequest>,
     /// `--image-opts` was given: `open` takes an option string.
@@ -117,6 +119,7 @@ impl Session {
         Session {
             registry,
             node: None,
+            blk: None,
             opened: None,
             image_opts,
             quit: false,
@@ -142,11 +145,7 @@ impl Session {
         }
         match self.open_node(&mut req).await {
             Ok(node) => {
-                // The write cache is a property of the user of the image, not
-                // of the nodes below it (QEMU: blk_set_enable_write_cache).
-                node.set_writeback(req.cache.writeback);
-                self.node = Some(node);
-                self.opened = Some(req);
+                self.attach(node, req);
                 Ok(())
             }
             Err(msg) => {
@@ -226,21 +225,36 @@ impl Session {
         let mut req = req;
         match self.open_node(&mut req).await {
             Ok(n) => {
-                n.set_writeback(req.cache.writeback);
-                self.node = Some(n);
-                self.opened = Some(req);
+                self.attach(n, req);
                 Ok(())
             }
             Err(msg) => {
                 let mut old = old;
                 if let Ok(n) = self.open_node(&mut old).await {
-                    n.set_writeback(old.cache.writeback);
-                    self.node = Some(n);
-                    self.opened = Some(old);
+                    self.attach(n, old);
                 }
                 Err(msg)
             }
         }
+    }
+
+    /// Makes `node` the session's image, used through a user handle that
+    /// takes what qemu-io's takes (read, and write and resize unless
+    /// read-only) and shares everything (image locks are the file's).
+    fn attach(&mut self, node: Arc<Node>, req: OpenRequest) {
+        // The write cache is a property of the user of the image, not
+        // of the nodes below it (QEMU: blk_set_enable_write_cache).
+        node.set_writeback(req.cache.writeback);
+        let mut perm = Perm::CONSISTENT_READ;
+        if !node.is_read_only() {
+            perm = perm.with(Perm::WRITE).with(Perm::RESIZE);
+        }
+        // The only user of a node it just opened: nothing can conflict.
+        self.blk = Backend::new(&node, "an unnamed block device", perm, Perm::ALL)
+            .ok()
+            .map(Arc::new);
+        self.node = Some(node);
+        self.opened = Some(req);
     }
 
     /// Starts an aio request. It runs whenever the event loop gets to run
@@ -264,6 +278,9 @@ impl Session {
     pub async fn close(&mut self) {
         self.drain().await;
         self.opened = None;
+        if let Some(blk) = self.blk.take() {
+            let _ = blk.close().await;
+        }
         if let Some(node) = self.node.take() {
             // As in QEMU, a failure to write back at close is not reported.
             let _ = node.close().await;

@@ -43,15 +43,13 @@ pub async fn aio_read(ctx: &mut Ctx<'_>) -> i32 {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let t1 = Instant::now();
     ctx.session.spawn(async move {
-        let r = node
-            .read(offset as u64, IoBuf::zeroed(count as usize))
-            .await;
+        let r = blk.read(offset as u64, IoBuf::zeroed(count as usize)).await;
         let elapsed = t1.elapsed();
         let buf = match r {
             Ok(b) => b,
@@ -138,17 +136,17 @@ pub async fn aio_write(ctx: &mut Ctx<'_>) -> i32 {
             None => return -libc::EINVAL,
         }
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let t1 = Instant::now();
     ctx.session.spawn(async move {
         let r = if zeroes {
-            node.write_zeroes(offset as u64, count as u64, flags).await
+            blk.write_zeroes(offset as u64, count as u64, flags).await
         } else {
             let buf = IoBuf::filled(count as usize, pattern);
-            node.write(offset as u64, buf, flags).await.map(drop)
+            blk.write(offset as u64, buf, flags).await.map(drop)
         };
         let elapsed = t1.elapsed();
         if let Err(e) = r {

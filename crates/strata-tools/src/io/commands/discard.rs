@@ -36,15 +36,15 @@ pub async fn discard(ctx: &mut Ctx<'_>) -> i32 {
         outln!("length cannot exceed {MAX_BYTES}, given {len_arg}");
         return -libc::EINVAL;
     }
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let unmap = ctx.session.unmap();
     let t1 = Instant::now();
     let r = if unmap {
-        node.discard(offset as u64, bytes as u64).await
-    } else if (offset as u64).saturating_add(bytes as u64) > node.length() {
+        blk.discard(offset as u64, bytes as u64).await
+    } else if (offset as u64).saturating_add(bytes as u64) > blk.length() {
         // discard=ignore still checks the request, like QEMU's block layer.
         Err(Error::errno(libc::EIO))
     } else {

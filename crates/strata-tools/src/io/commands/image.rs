@@ -23,11 +23,11 @@ pub fn length(ctx: &mut Ctx<'_>) -> i32 {
 
 /// `flush`; a failure is only the exit code, as in QEMU.
 pub async fn flush(ctx: &mut Ctx<'_>) -> i32 {
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
-    match node.flush().await {
+    match blk.flush().await {
         Ok(()) => 0,
         Err(e) => -e.code(),
     }
@@ -65,11 +65,11 @@ pub async fn truncate(ctx: &mut Ctx<'_>) -> i32 {
             return e.errno();
         }
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
-    match node.truncate(size as u64, prealloc).await {
+    match blk.truncate(size as u64, prealloc).await {
         Ok(()) => 0,
         Err(e) => {
             error_report(&e);

@@ -22,7 +22,7 @@ use crate::getopt::{self, Item, Parsed};
 use crate::{out, outln};
 use std::sync::Arc;
 use strata_block::report::error_report;
-use strata_block::Node;
+use strata_block::{Backend, Node};
 
 /// What a command needs from the image before it runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -368,6 +368,14 @@ impl Ctx<'_> {
     /// that ask, so the error is only a safety net.
     fn node(&self) -> Result<Arc<Node>, i32> {
         self.session.node.clone().ok_or_else(|| {
+            eprintln!("no file open, try 'help open'");
+            -libc::EINVAL
+        })
+    }
+
+    /// The user handle of the open image, for the commands that do I/O.
+    fn blk(&self) -> Result<Arc<Backend>, i32> {
+        self.session.blk.clone().ok_or_else(|| {
             eprintln!("no file open, try 'help open'");
             -libc::EINVAL
         })

@@ -80,16 +80,16 @@ pub async fn read(ctx: &mut Ctx<'_>) -> i32 {
             return -libc::EINVAL;
         }
     }
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let t1 = Instant::now();
     let buf = IoBuf::zeroed(count as usize);
     let r = if vmstate {
-        node.load_vmstate(offset as u64, buf).await
+        blk.load_vmstate(offset as u64, buf).await
     } else {
-        node.read(offset as u64, buf).await
+        blk.read(offset as u64, buf).await
     };
     let elapsed = t1.elapsed();
     let buf = match r {
@@ -139,14 +139,12 @@ pub async fn readv(ctx: &mut Ctx<'_>) -> i32 {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let t1 = Instant::now();
-    let r = node
-        .read(offset as u64, IoBuf::zeroed(count as usize))
-        .await;
+    let r = blk.read(offset as u64, IoBuf::zeroed(count as usize)).await;
     let elapsed = t1.elapsed();
     let buf = match r {
         Ok(b) => b,

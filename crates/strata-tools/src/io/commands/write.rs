@@ -101,16 +101,16 @@ pub async fn write(ctx: &mut Ctx<'_>) -> i32 {
             pattern.unwrap_or(DEFAULT_PATTERN),
         ))
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let t1 = Instant::now();
     let r = match data {
-        Some(buf) if compressed => node.write_compressed(offset as u64, buf).await.map(drop),
-        Some(buf) if vmstate => node.save_vmstate(offset as u64, buf).await.map(drop),
-        None => node.write_zeroes(offset as u64, count as u64, flags).await,
-        Some(buf) => node.write(offset as u64, buf, flags).await.map(drop),
+        Some(buf) if compressed => blk.write_compressed(offset as u64, buf).await.map(drop),
+        Some(buf) if vmstate => blk.save_vmstate(offset as u64, buf).await.map(drop),
+        None => blk.write_zeroes(offset as u64, count as u64, flags).await,
+        Some(buf) => blk.write(offset as u64, buf, flags).await.map(drop),
     };
     let elapsed = t1.elapsed();
     if let Err(e) = r {
@@ -187,13 +187,13 @@ pub async fn writev(ctx: &mut Ctx<'_>) -> i32 {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let node = match ctx.node() {
-        Ok(n) => n,
+    let blk = match ctx.blk() {
+        Ok(b) => b,
         Err(e) => return e,
     };
     let buf = IoBuf::filled(count as usize, pattern);
     let t1 = Instant::now();
-    let r = node.write(offset as u64, buf, flags).await;
+    let r = blk.write(offset as u64, buf, flags).await;
     let elapsed = t1.elapsed();
     if let Err(e) = r {
         return failed("writev", &e);
