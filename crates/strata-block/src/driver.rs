@@ -395,22 +395,34 @@ pub trait Driver: Send + Sync {
         crate::perm::default_child_perm(node, role, perm, shared)
     }
 
+    /// The swappable edge to the child in `role`, for drivers that keep it
+    /// in a [`ChildCell`] (filters, raw): the default edge swap uses it.
+    fn child_cell(&self, _role: ChildRole) -> Option<&ChildCell> {
+        None
+    }
+
     /// True when the child in `role` can be swapped for another node while
     /// open (see [`replace_child`](Self::replace_child)).
-    fn can_replace_child(&self, _role: ChildRole) -> bool {
-        false
+    fn can_replace_child(&self, role: ChildRole) -> bool {
+        self.child_cell(role).is_some()
     }
 
     /// Puts `node` in the place of the child in `role` (QEMU:
     /// bdrv_replace_child_noperm). The core has checked permissions, drained
     /// the nodes and keeps the parent lists and references; the driver only
     /// switches the edge it reads per request.
-    fn replace_child(&self, role: ChildRole, _node: Arc<Node>) -> Result<()> {
-        Err(Error::unsupported(format!(
-            "Driver '{}' cannot replace its '{}' child",
-            self.format_name(),
-            role.name()
-        )))
+    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
+        match self.child_cell(role) {
+            Some(cell) => {
+                cell.set(node);
+                Ok(())
+            }
+            None => Err(Error::unsupported(format!(
+                "Driver '{}' cannot replace its '{}' child",
+                self.format_name(),
+                role.name()
+            ))),
+        }
     }
 
     /// Replaces the backing child (QEMU: bdrv_set_backing_hd); the node has

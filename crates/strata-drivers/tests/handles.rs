@@ -38,6 +38,24 @@ fn ctx(graph: &Arc<Graph>) -> OpenCtx {
     )
 }
 
+/// Two 1 MiB raw nodes `a` and `b` over files in `dir`.
+async fn two_raw_nodes(dir: &str, ctx: &OpenCtx) -> (Arc<Node>, Arc<Node>) {
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let file = format!("{dir}/{name}.raw");
+        common::create(&file, "raw", &[("size", "1048576")]).await;
+        let opts = [
+            ("driver", "raw"),
+            ("node-name", name),
+            ("file.driver", "file"),
+            ("file.filename", &file),
+        ];
+        nodes.push(open(ctx, &opts).await.unwrap());
+    }
+    let b = nodes.pop().unwrap();
+    (nodes.pop().unwrap(), b)
+}
+
 async fn read(b: &Backend, off: u64, len: usize) -> Vec<u8> {
     b.read(off, IoBuf::zeroed(len))
         .await
@@ -93,34 +111,9 @@ fn handles_take_permissions_and_conflicts_are_refused_with_qemus_text() {
 #[test]
 fn a_replaced_node_gets_every_request_after_the_swap_and_none_before() {
     let dir = tempdir("replace");
-    let (fa, fb) = (format!("{dir}/a.raw"), format!("{dir}/b.raw"));
     EventLoop::new().unwrap().block_on(async {
-        common::create(&fa, "raw", &[("size", "1048576")]).await;
-        common::create(&fb, "raw", &[("size", "1048576")]).await;
         let graph = Graph::new();
-        let ctx = ctx(&graph);
-        let a = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "a"),
-                ("file.driver", "file"),
-                ("file.filename", &fa),
-            ],
-        )
-        .await
-        .unwrap();
-        let b = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "b"),
-                ("file.driver", "file"),
-                ("file.filename", &fb),
-            ],
-        )
-        .await
-        .unwrap();
+        let (a, b) = two_raw_nodes(&dir, &ctx(&graph)).await;
         let rw = Perm::CONSISTENT_READ.with(Perm::WRITE);
         let user = Backend::new(&a, "block device 'disk'", rw, Perm::ALL).unwrap();
         write(&user, 0, 65536, 0x11).await;
@@ -175,34 +168,9 @@ fn a_replaced_node_gets_every_request_after_the_swap_and_none_before() {
 #[test]
 fn a_replacement_the_permissions_forbid_changes_nothing() {
     let dir = tempdir("refuse");
-    let (fa, fb) = (format!("{dir}/a.raw"), format!("{dir}/b.raw"));
     EventLoop::new().unwrap().block_on(async {
-        common::create(&fa, "raw", &[("size", "1048576")]).await;
-        common::create(&fb, "raw", &[("size", "1048576")]).await;
         let graph = Graph::new();
-        let ctx = ctx(&graph);
-        let a = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "a"),
-                ("file.driver", "file"),
-                ("file.filename", &fa),
-            ],
-        )
-        .await
-        .unwrap();
-        let b = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "b"),
-                ("file.driver", "file"),
-                ("file.filename", &fb),
-            ],
-        )
-        .await
-        .unwrap();
+        let (a, b) = two_raw_nodes(&dir, &ctx(&graph)).await;
         let rw = Perm::CONSISTENT_READ.with(Perm::WRITE);
         let writer = Backend::new(&a, "block device 'disk'", rw, Perm::ALL).unwrap();
         // Someone reads `b` and lets nobody write it.

@@ -12,13 +12,13 @@
 use super::rules::{self, IoType, Rule, RuleAction, RuleSpec};
 use async_trait::async_trait;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use strata_block::debug::DebugHooks;
 use strata_block::options::{take_size, take_str};
 use strata_block::ChildCell;
 use strata_block::{
-    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Limits, Node,
-    OpenCtx, Opts, Perm, Result, WriteFlags,
+    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx,
+    Opts, Perm, Result, WriteFlags,
 };
 use tokio::sync::oneshot;
 
@@ -106,19 +106,8 @@ impl Driver for BlkdebugDriver {
         vec![Child::new(ChildRole::Image, &self.image.get())]
     }
 
-    fn can_replace_child(&self, role: ChildRole) -> bool {
-        role == ChildRole::Image
-    }
-
-    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
-        if role != ChildRole::Image {
-            return Err(Error::unsupported(format!(
-                "No '{}' child to replace",
-                role.name()
-            )));
-        }
-        self.image.set(node);
-        Ok(())
+    fn child_cell(&self, role: ChildRole) -> Option<&ChildCell> {
+        (role == ChildRole::Image).then_some(&self.image)
     }
 
     fn limits(&self) -> Limits {

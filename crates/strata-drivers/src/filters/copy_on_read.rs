@@ -71,19 +71,8 @@ impl Driver for CorDriver {
         vec![Child::new(ChildRole::File, &self.file.get())]
     }
 
-    fn can_replace_child(&self, role: ChildRole) -> bool {
-        role == ChildRole::File
-    }
-
-    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
-        if role != ChildRole::File {
-            return Err(Error::unsupported(format!(
-                "No '{}' child to replace",
-                role.name()
-            )));
-        }
-        self.file.set(node);
-        Ok(())
+    fn child_cell(&self, role: ChildRole) -> Option<&ChildCell> {
+        (role == ChildRole::File).then_some(&self.file)
     }
 
     fn child_perm(&self, _node: &Node, _role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {

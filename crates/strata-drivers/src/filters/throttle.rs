@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use strata_block::options::take_str;
 use strata_block::ChildCell;
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Limits, Node, OpenCtx, Opts,
-    Perm, Preallocation, Result, WriteFlags,
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Perm,
+    Preallocation, Result, WriteFlags,
 };
 
 /// The largest rate a bucket takes (QEMU: THROTTLE_VALUE_MAX).
@@ -495,19 +495,8 @@ impl Driver for ThrottleDriver {
         vec![Child::new(ChildRole::File, &self.file.get())]
     }
 
-    fn can_replace_child(&self, role: ChildRole) -> bool {
-        role == ChildRole::File
-    }
-
-    fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
-        if role != ChildRole::File {
-            return Err(Error::unsupported(format!(
-                "No '{}' child to replace",
-                role.name()
-            )));
-        }
-        self.file.set(node);
-        Ok(())
+    fn child_cell(&self, role: ChildRole) -> Option<&ChildCell> {
+        (role == ChildRole::File).then_some(&self.file)
     }
 
     fn limits(&self) -> Limits {
