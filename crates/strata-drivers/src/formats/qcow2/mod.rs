@@ -166,7 +166,10 @@ impl Driver for Qcow2Driver {
             .into_iter()
             .zip(parts)
             .map(|(e, p)| self.read_extent(e, p));
-        let parts = futures::future::try_join_all(reads).await?;
+        // Every piece runs to its end before the request does, even when
+        // one fails: the host clusters stay held while any I/O is in flight.
+        let parts = futures::future::join_all(reads).await;
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(IoBuf::join_all(parts))
     }
 
