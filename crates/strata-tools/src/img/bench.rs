@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use strata_block::options::parse_size;
 use strata_block::report::error_report;
-use strata_block::{CacheMode, IoBuf, Node, OpenFlags, WriteFlags};
+use strata_block::{Backend, CacheMode, IoBuf, Node, OpenFlags, Perm, WriteFlags};
 
 const OPTS: &[super::Opt] = &[
     opt('h', Some("help"), false),
@@ -68,9 +68,26 @@ fn parse_bytes(what: &str, v: &str) -> Result<u64, i32> {
     })
 }
 
-/// Runs the workload on `node`: `depth` requests in flight until `count` are done.
+/// Runs the workload on `node`, through a user handle as qemu-img's
+/// BlockBackend: `depth` requests in flight until `count` are done.
 async fn run_bench(node: &Arc<Node>, b: &Bench) -> strata_block::Result<()> {
-    let size = node.length();
+    let mut perm = Perm::CONSISTENT_READ;
+    if b.write {
+        perm = perm.with(Perm::WRITE);
+    }
+    let blk = Arc::new(Backend::new(
+        node,
+        "an unnamed block device",
+        perm,
+        Perm::ALL,
+    )?);
+    let r = bench_through(&blk, b).await;
+    blk.close().await?;
+    r
+}
+
+async fn bench_through(blk: &Arc<Backend>, b: &Bench) -> strata_block::Result<()> {
+    let size = blk.length();
     let mut offset = b.offset;
     let mut issued = 0u64;
     let mut done = 0u64;
@@ -85,14 +102,14 @@ async fn run_bench(node: &Arc<Node>, b: &Bench) -> strata_block::Result<()> {
                 if b.drain_on_flush && !inflight.is_empty() {
                     break;
                 }
-                node.flush().await?;
+                blk.flush().await?;
                 since_flush = 0;
             }
             let buf = buffers
                 .pop()
                 .unwrap_or_else(|| IoBuf::filled(b.bufsize, b.pattern));
             let off = offset;
-            let n = Arc::clone(node);
+            let n = Arc::clone(blk);
             let write = b.write;
             inflight.push(async move {
                 if write {

@@ -5,7 +5,7 @@ use super::{long, opt};
 use crate::common;
 use strata_block::options::parse_size;
 use strata_block::report::{error_report, warn_report};
-use strata_block::{OpenFlags, Preallocation};
+use strata_block::{Backend, OpenFlags, Perm, Preallocation};
 
 const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
@@ -102,7 +102,15 @@ pub fn run(ctx: Ctx) -> i32 {
         warn_report("Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
         1
     } else {
-        match ctx.ev.block_on(node.truncate(total as u64, prealloc)) {
+        // As qemu-img, through a user handle that takes resize.
+        let resized = ctx.ev.block_on(async {
+            let perm = Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE);
+            let blk = Backend::new(&node, "an unnamed block device", perm, Perm::ALL)?;
+            let r = blk.truncate(total as u64, prealloc).await;
+            blk.close().await?;
+            r
+        });
+        match resized {
             Ok(()) => {
                 if !quiet {
                     crate::outln!("Image resized.");
