@@ -496,7 +496,7 @@ async fn write_refblocks(
             let v = refs.get(&(start + i)).copied().unwrap_or(0);
             if v != 0 {
                 let bit = i << order;
-                super::meta::put_refcount(&mut block, (bit / 8) as usize, bit, order, v);
+                super::refcount::put_refcount(&mut block, (bit / 8) as usize, bit, order, v);
             }
         }
         m.check_write(&d.file, rb, cs, WriteKind::Refblock).await?;

@@ -379,7 +379,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
     let rb = &mut first[2 * cs as usize..];
     for i in 0..3u64 {
         let bit = i << refcount_order;
-        super::meta::put_refcount(rb, (bit / 8) as usize, bit, refcount_order, 1);
+        super::refcount::put_refcount(rb, (bit / 8) as usize, bit, refcount_order, 1);
     }
     let mut flags = ctx.flags.clone();
     flags.read_only = false;

@@ -25,6 +25,7 @@ mod inflight;
 mod meta;
 mod open;
 mod read;
+mod refcount;
 mod resize;
 mod snapshot;
 mod write;
