@@ -7,7 +7,7 @@ use super::{long, opt};
 use crate::common;
 use std::sync::Arc;
 use strata_block::report::error_report;
-use strata_block::{IoBuf, Node, OpenFlags};
+use strata_block::{Backend, IoBuf, Node, OpenFlags, Perm};
 
 const OPTS: &[super::Opt] = &[
     opt('f', None, true),
@@ -47,8 +47,8 @@ fn first_nonzero(a: &[u8]) -> Option<usize> {
         .map(|i| i * SECTOR)
 }
 
-async fn read(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result<IoBuf, Stop> {
-    node.read(off, IoBuf::zeroed(len as usize))
+async fn read(blk: &Backend, off: u64, len: u64, name: &str) -> Result<IoBuf, Stop> {
+    blk.read(off, IoBuf::zeroed(len as usize))
         .await
         .map_err(|e| {
             Stop::Error(
@@ -62,12 +62,14 @@ async fn read(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result<IoBuf,
 }
 
 async fn status(
-    node: &Arc<Node>,
+    blk: &Backend,
     off: u64,
     len: u64,
     name: &str,
 ) -> Result<strata_block::BlockStatus, Stop> {
-    node.block_status_above(None, off, len)
+    // Block status is asked of the node, as QEMU asks blk_bs(blk).
+    blk.node()
+        .block_status_above(None, off, len)
         .await
         .map(|(s, _)| s)
         .map_err(|e| {
@@ -82,11 +84,11 @@ async fn status(
 }
 
 /// Checks that `[off, off+len)` of `node` reads as zeroes.
-async fn check_empty(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result<(), Stop> {
+async fn check_empty(blk: &Backend, off: u64, len: u64, name: &str) -> Result<(), Stop> {
     let mut pos = off;
     while pos < off + len {
         let n = (off + len - pos).min(IO_BUF_SIZE);
-        let buf = read(node, pos, n, name).await?;
+        let buf = read(blk, pos, n, name).await?;
         if let Some(i) = first_nonzero(buf.as_slice()) {
             return Err(Stop::Differ(format!(
                 "Content mismatch at offset {}!",
@@ -99,8 +101,8 @@ async fn check_empty(node: &Arc<Node>, off: u64, len: u64, name: &str) -> Result
 }
 
 async fn compare(
-    a: &Arc<Node>,
-    b: &Arc<Node>,
+    a: &Backend,
+    b: &Backend,
     names: (&str, &str),
     strict: bool,
     quiet: bool,
@@ -224,7 +226,25 @@ pub fn run(ctx: Ctx) -> i32 {
         Ok(n) => n,
         Err(c) => return c,
     };
-    let r = ctx.ev.block_on(compare(&a, &b, (n1, n2), strict, quiet));
+    // Read through user handles, as qemu-img's BlockBackends.
+    let r = ctx.ev.block_on(async {
+        let read_only = |n: &Arc<Node>| {
+            Backend::new(
+                n,
+                "an unnamed block device",
+                Perm::CONSISTENT_READ,
+                Perm::ALL,
+            )
+        };
+        let (ba, bb) = match (read_only(&a), read_only(&b)) {
+            (Ok(ba), Ok(bb)) => (ba, bb),
+            (Err(e), _) | (_, Err(e)) => return Err(Stop::Error(2, e.to_string())),
+        };
+        let r = compare(&ba, &bb, (n1, n2), strict, quiet).await;
+        let _ = ba.close().await;
+        let _ = bb.close().await;
+        r
+    });
     let _ = ctx.ev.block_on(a.close());
     let _ = ctx.ev.block_on(b.close());
     match r {

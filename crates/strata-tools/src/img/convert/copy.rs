@@ -13,7 +13,7 @@ use std::sync::Arc;
 use strata_block::buf::is_zero;
 use strata_block::error::strerror;
 use strata_block::report::{error_report, warn_report};
-use strata_block::{IoBuf, Node, Result, WriteFlags};
+use strata_block::{Backend, IoBuf, Node, Result, WriteFlags};
 use strata_drivers::filters::throttle::ThrottleGroup;
 use tokio::sync::{Mutex, Notify};
 
@@ -34,6 +34,8 @@ enum Status {
 /// One source image.
 pub struct Source {
     pub node: Arc<Node>,
+    /// The handle reads go through.
+    pub blk: Arc<Backend>,
     /// Length in sectors.
     pub sectors: u64,
     /// Block-status answers are cut to multiples of this (sectors): the
@@ -45,7 +47,8 @@ pub struct Source {
 pub struct Convert {
     pub src: Vec<Source>,
     pub total_sectors: u64,
-    pub target: Arc<Node>,
+    /// The handle writes go through.
+    pub target: Arc<Backend>,
     /// The target reads as zeroes already: zero ranges need no writes.
     pub has_zero_init: bool,
     pub target_has_backing: bool,
@@ -271,7 +274,7 @@ impl Convert {
                 n = 1;
             }
             let (piece, tail) = rest.split_at((n * SECTOR) as usize);
-            match src.node.read(offset, piece).await {
+            match src.blk.read(offset, piece).await {
                 Ok(p) => done.push(p),
                 Err(e) if self.salvage => {
                     if n > 1 {

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use strata_block::options::{parse_keyval, Opts};
 use strata_block::report::error_report;
-use strata_block::{CacheMode, ChildRole, DriverClass, Node, OpenCtx, OpenFlags};
+use strata_block::{Backend, CacheMode, ChildRole, DriverClass, Node, OpenCtx, OpenFlags, Perm};
 
 /// QEMU's table, in its order (ambiguous abbreviations list candidates in it).
 const OPTS: &[super::Opt] = &[
@@ -544,15 +544,43 @@ fn convert(
         }
         total_sectors += sectors;
         nodes.push(Arc::clone(&node));
+        // Read through a user handle, as qemu-img's BlockBackend.
+        let blk = match user_handle(&node, Perm::CONSISTENT_READ) {
+            Ok(b) => b,
+            Err(()) => {
+                close_handles(ctx, &sources);
+                close_all(ctx, &nodes);
+                return false;
+            }
+        };
         sources.push(Source {
             node,
+            blk,
             sectors,
             alignment: alignment.max(1),
         });
     }
+    let handles: Vec<Arc<Backend>> = sources.iter().map(|s| Arc::clone(&s.blk)).collect();
     let r = convert_to(ctx, a, sources, total_sectors, out_filename, progress);
+    for h in handles {
+        let _ = ctx.ev.block_on(h.close());
+    }
     close_all(ctx, &nodes);
     r
+}
+
+/// A user handle on `node` that takes `perm` and shares everything (image
+/// locks are the file's business); reports a permission conflict.
+fn user_handle(node: &Arc<Node>, perm: Perm) -> Result<Arc<Backend>, ()> {
+    Backend::new(node, "an unnamed block device", perm, Perm::ALL)
+        .map(Arc::new)
+        .map_err(error_report)
+}
+
+fn close_handles(ctx: &Ctx, sources: &[Source]) {
+    for s in sources {
+        let _ = ctx.ev.block_on(s.blk.close());
+    }
 }
 
 /// Creates (unless `-n`) and opens the target, then copies.
@@ -792,10 +820,14 @@ fn copy_into(
     }
     let throttle = (a.rate_limit != 0)
         .then(|| strata_drivers::filters::throttle::ThrottleGroup::write_limit(a.rate_limit));
+    let perm = Perm::CONSISTENT_READ.with(Perm::WRITE);
+    let Ok(target_blk) = user_handle(target, perm) else {
+        return false;
+    };
     let job = Convert {
         src: sources,
         total_sectors,
-        target: Arc::clone(target),
+        target: Arc::clone(&target_blk),
         has_zero_init,
         target_has_backing,
         target_backing_sectors,
@@ -811,15 +843,19 @@ fn copy_into(
         throttle,
     };
     let ok = ctx.ev.block_on(job.run(progress));
-    if ok && a.compressed {
-        // QEMU ends compressed output with an empty compressed write.
-        if let Err(e) = ctx
-            .ev
-            .block_on(target.write_compressed(0, strata_block::IoBuf::zeroed(0)))
-        {
-            error_report(format!("error while closing the image: {e}"));
-            return false;
-        }
-    }
+    let ok = ok && (!a.compressed || end_compressed(ctx, &target_blk));
+    let _ = ctx.ev.block_on(target_blk.close());
     ok
+}
+
+/// QEMU ends compressed output with an empty compressed write.
+fn end_compressed(ctx: &Ctx, target: &Backend) -> bool {
+    let r = ctx
+        .ev
+        .block_on(target.write_compressed(0, strata_block::IoBuf::zeroed(0)));
+    if let Err(e) = r {
+        error_report(format!("error while closing the image: {e}"));
+        return false;
+    }
+    true
 }
