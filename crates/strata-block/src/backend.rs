@@ -84,10 +84,12 @@ impl Backend {
     async fn root_for_request(&self) -> Arc<Node> {
         loop {
             let n = self.link.root();
-            n.pass_user_gate().await;
-            if Arc::ptr_eq(&n, &self.link.root()) {
+            // A swap happens only behind a closed gate: if it is open, `n`
+            // is the root (the request registers before it yields).
+            if !n.user_gate_closed() {
                 return n;
             }
+            n.pass_user_gate().await;
         }
     }
 
@@ -104,8 +106,8 @@ impl Backend {
         self.link.root().length()
     }
 
-    /// Runs one request to its end, whether or not the caller still waits
-    /// for it: a request's tracking and in-flight guards go when its I/O is
+    /// Runs one request that changes the disk to its end, whether or not
+    /// the caller still waits for it: a request's tracking and in-flight guards go when its I/O is
     /// done, never because a caller gave up on it. It starts at once, in
     /// the caller's task (no extra hop); only if the caller drops it half
     /// way does the rest go on as a task of its own.
@@ -115,18 +117,18 @@ impl Backend {
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let node = self.root_for_request().await;
-        let home = node.home();
         RunToEnd {
-            fut: Some(Box::pin(req(node))),
-            home,
+            fut: Some(Box::pin(req(Arc::clone(&node)))),
+            node,
         }
         .await
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. A read the caller drops half
+    /// way may end early: what it still has in flight only fills a buffer
+    /// the engine keeps until completion, so nothing needs to run on.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.complete(|n| async move { n.read(offset, buf).await })
-            .await
+        self.root_for_request().await.read(offset, buf).await
     }
 
     /// Writes `buf` at `offset`.
@@ -166,8 +168,7 @@ impl Backend {
 
     /// Loads VM state at `pos` (QEMU: blk_load_vmstate).
     pub async fn load_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.complete(|n| async move { n.load_vmstate(pos, buf).await })
-            .await
+        self.root_for_request().await.load_vmstate(pos, buf).await
     }
 
     /// Makes completed writes stable.
@@ -184,7 +185,9 @@ impl Backend {
 
     /// What is at `offset`: at most `len` bytes of one kind.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.complete(|n| async move { n.block_status(offset, len).await })
+        self.root_for_request()
+            .await
+            .block_status(offset, len)
             .await
     }
 
@@ -206,7 +209,8 @@ where
     F::Output: Send + 'static,
 {
     fut: Option<Pin<Box<F>>>,
-    home: Option<crate::event_loop::LoopHandle>,
+    /// Where the rest runs if the caller gives up (its home loop).
+    node: Arc<Node>,
 }
 
 impl<F: Future + Send + 'static> Future for RunToEnd<F>
@@ -237,7 +241,7 @@ where
         let rest = async move {
             let _ = fut.await;
         };
-        match &self.home {
+        match &self.node.home() {
             Some(h) => drop(h.spawn(rest)),
             None => {
                 // Outside any runtime nothing can run it: it is cancelled.

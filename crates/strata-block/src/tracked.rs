@@ -11,11 +11,12 @@
 //! A woken request looks again at everything in flight, later requests
 //! included, before it goes on.
 //!
-//! Cost: an ordinary request checks only the serialising requests in flight
-//! (usually none); only a serialising one looks at every request. A request
-//! that ends wakes the requests that wait for it, not every waiter.
+//! Cost: one lock to start a request and one to end it; requests live in
+//! reused slots and get a wake-up only once somebody waits for them. An
+//! ordinary request checks only the serialising requests in flight (usually
+//! none); only a serialising one looks at every request. A request that
+//! ends wakes the requests that wait for it, not every waiter.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -23,44 +24,105 @@ use tokio::sync::Notify;
 struct Entry {
     start: u64,
     end: u64,
+    serialising: bool,
     /// Waiting for another request: nobody waits for it meanwhile.
     waiting: bool,
-    /// Woken when this request ends (only its waiters listen).
-    done: Arc<Notify>,
+    /// Tells this entry from an earlier one in the same slot.
+    generation: u64,
+    /// Woken when this request ends; made only once somebody waits for it.
+    done: Option<Arc<Notify>>,
 }
 
+/// The requests in flight, in slots reused once free (no allocation per
+/// request once warm), with the serialising ones also listed by slot.
 #[derive(Default)]
 struct Inner {
-    /// Requests in flight by id.
-    reqs: BTreeMap<u64, Entry>,
-    /// Ids of the serialising requests among them.
-    serialising: BTreeSet<u64>,
-    next_id: u64,
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    serialising: Vec<usize>,
+    next_generation: u64,
+    /// Requests in flight, empty ranges included (for drain).
+    count: usize,
 }
 
 impl Inner {
-    /// A request `[start, end)` (id `id`) must wait for, if any: an
-    /// overlapping one that is not waiting itself.
-    fn conflict(&self, id: u64, start: u64, end: u64, serialising: bool) -> Option<Arc<Notify>> {
-        let blocks = |i: &u64, e: &Entry| *i != id && !e.waiting && e.start < end && start < e.end;
+    fn insert(&mut self, start: u64, end: u64, serialising: bool) -> usize {
+        self.count += 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let entry = Entry {
+            start,
+            end,
+            serialising,
+            waiting: false,
+            generation,
+            done: None,
+        };
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        };
         if serialising {
-            self.reqs
-                .iter()
-                .find(|(i, e)| blocks(i, e))
-                .map(|(_, e)| Arc::clone(&e.done))
+            self.serialising.push(slot);
+        }
+        slot
+    }
+
+    fn remove(&mut self, slot: usize) -> Option<Entry> {
+        let e = self.slots.get_mut(slot)?.take()?;
+        self.count -= 1;
+        self.free.push(slot);
+        if e.serialising {
+            self.serialising.retain(|&i| i != slot);
+        }
+        Some(e)
+    }
+
+    /// The slot of a request `[start, end)` (in `me`) must wait for, if
+    /// any: an overlapping one that is not waiting itself.
+    fn conflict(&self, me: usize, start: u64, end: u64, serialising: bool) -> Option<usize> {
+        let blocks = |i: usize| {
+            i != me
+                && self.slots[i]
+                    .as_ref()
+                    .is_some_and(|e| !e.waiting && e.start < end && start < e.end)
+        };
+        if serialising {
+            (0..self.slots.len()).find(|&i| blocks(i))
         } else {
-            self.serialising
-                .iter()
-                .filter_map(|i| self.reqs.get(i).map(|e| (i, e)))
-                .find(|(i, e)| blocks(i, e))
-                .map(|(_, e)| Arc::clone(&e.done))
+            self.serialising.iter().copied().find(|&i| blocks(i))
         }
     }
 
-    fn set_waiting(&mut self, id: u64, waiting: bool) {
-        if let Some(e) = self.reqs.get_mut(&id) {
-            e.waiting = waiting;
+    fn entry(&mut self, slot: usize) -> Option<&mut Entry> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// What the request in `slot` must wait for now: the slot, generation
+    /// and wake-up of a request in its way. Its waiting mark is set under
+    /// the same lock as the check, so that no two requests can each see the
+    /// other running and both wait.
+    fn check(
+        &mut self,
+        slot: usize,
+        start: u64,
+        end: u64,
+        serialising: bool,
+    ) -> Option<(usize, u64, Arc<Notify>)> {
+        let c = self.conflict(slot, start, end, serialising);
+        if let Some(e) = self.entry(slot) {
+            e.waiting = c.is_some();
         }
+        let other = c?;
+        let o = self.entry(other)?;
+        let done = Arc::clone(o.done.get_or_insert_with(|| Arc::new(Notify::new())));
+        Some((other, o.generation, done))
     }
 }
 
@@ -68,7 +130,8 @@ impl Inner {
 #[derive(Default)]
 pub struct Tracker {
     inner: Mutex<Inner>,
-    count: AtomicUsize,
+    /// Drains waiting for the count to reach zero (none: no wake-up to send).
+    idle_waiters: AtomicUsize,
     /// Woken when the last request in flight ends (drain).
     idle: Notify,
 }
@@ -76,7 +139,7 @@ pub struct Tracker {
 /// A request in flight; dropping it ends the request and wakes its waiters.
 pub struct TrackedRequest<'a> {
     tracker: &'a Tracker,
-    id: u64,
+    slot: usize,
 }
 
 impl Tracker {
@@ -88,88 +151,71 @@ impl Tracker {
     /// requests it must not overlap with. An empty range (flush, block
     /// status) never waits, but counts as in flight for drain.
     pub async fn begin(&self, start: u64, end: u64, serialising: bool) -> TrackedRequest<'_> {
-        let id = {
+        // Registration and the first check under one lock: the common case
+        // (nothing to wait for) takes it once.
+        let (slot, mut wait) = {
             let mut g = self.lock();
-            let id = g.next_id;
-            g.next_id += 1;
-            g.reqs.insert(
-                id,
-                Entry {
-                    start,
-                    end,
-                    waiting: false,
-                    done: Arc::new(Notify::new()),
-                },
-            );
-            if serialising {
-                g.serialising.insert(id);
-            }
-            id
+            let slot = g.insert(start, end, serialising);
+            let wait = (start < end)
+                .then(|| g.check(slot, start, end, serialising))
+                .flatten();
+            (slot, wait)
         };
-        self.count.fetch_add(1, Ordering::AcqRel);
         // The guard exists before the first wait, so a request dropped while
         // waiting still leaves the list.
-        let req = TrackedRequest { tracker: self, id };
-        if start >= end {
-            return req;
-        }
-        loop {
-            let done = {
-                let mut g = self.lock();
-                let c = g.conflict(id, start, end, serialising);
-                // Marked under the same lock as the check, so that no two
-                // requests can each see the other running and both wait.
-                g.set_waiting(id, c.is_some());
-                c
-            };
-            let Some(done) = done else {
-                return req;
-            };
+        let req = TrackedRequest {
+            tracker: self,
+            slot,
+        };
+        while let Some((other, generation, done)) = wait {
             let notified = done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // The entry may have ended between the check and enable().
+            // The other may have ended between the check and enable().
             let still = self
                 .lock()
-                .reqs
-                .values()
-                .any(|e| Arc::ptr_eq(&e.done, &done));
+                .entry(other)
+                .is_some_and(|e| e.generation == generation);
             if still {
                 notified.await;
             }
+            wait = self.lock().check(slot, start, end, serialising);
         }
+        req
     }
 
     /// Number of requests in flight (for drain).
     pub fn in_flight(&self) -> usize {
-        self.count.load(Ordering::Acquire)
+        self.lock().count
     }
 
     /// Waits until no request is in flight.
     pub async fn wait_idle(&self) {
+        self.idle_waiters.fetch_add(1, Ordering::AcqRel);
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.in_flight() == 0 {
-                return;
+                break;
             }
             notified.await;
         }
+        self.idle_waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Drop for TrackedRequest<'_> {
     fn drop(&mut self) {
-        let entry = {
+        let (entry, last) = {
             let mut g = self.tracker.lock();
-            g.serialising.remove(&self.id);
-            g.reqs.remove(&self.id)
+            let e = g.remove(self.slot);
+            (e, g.count == 0)
         };
-        if let Some(e) = entry {
-            e.done.notify_waiters();
+        if let Some(done) = entry.and_then(|e| e.done) {
+            done.notify_waiters();
         }
-        if self.tracker.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if last && self.tracker.idle_waiters.load(Ordering::Acquire) > 0 {
             self.tracker.idle.notify_waiters();
         }
     }

@@ -33,6 +33,11 @@ impl Node {
         self.wait_gates(true).await
     }
 
+    /// True while a drained section holds this node's user handles back.
+    pub(crate) fn user_gate_closed(&self) -> bool {
+        self.gate.load(Ordering::Acquire) > 0 || self.user_gate.load(Ordering::Acquire) > 0
+    }
+
     async fn wait_gates(&self, user: bool) {
         let closed = || {
             self.gate.load(Ordering::Acquire) > 0

@@ -20,6 +20,7 @@ mod drain;
 mod edges;
 mod funnel;
 mod io;
+mod limits_cell;
 mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
@@ -42,7 +43,7 @@ pub struct Node {
     detect_zeroes: DetectZeroes,
     copy_on_read: bool,
     /// Recomputed whenever the children change (QEMU: bdrv_refresh_limits).
-    limits: Mutex<Limits>,
+    limits: limits_cell::LimitsCell,
     tracker: Tracker,
     closed: AtomicBool,
     /// Users holding the node open: its opener, parents that found it by
@@ -104,7 +105,7 @@ impl Node {
             unmap: opts.unmap,
             detect_zeroes: opts.detect_zeroes,
             copy_on_read: opts.copy_on_read,
-            limits: Mutex::new(limits),
+            limits: limits_cell::LimitsCell::new(limits),
             tracker: Tracker::default(),
             closed: AtomicBool::new(false),
             refs: AtomicUsize::new(1),
@@ -187,13 +188,13 @@ impl Node {
     }
     /// The limits requests to this node obey.
     pub fn limits(&self) -> Limits {
-        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
+        self.limits.get()
     }
 
     /// Asks the driver for its limits again, then the parents, whose limits
     /// may follow from this node's (QEMU: bdrv_refresh_limits).
     pub fn refresh_limits(&self) {
-        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits_of(&*self.driver);
+        self.limits.set(limits_of(&*self.driver));
         for p in self.parents() {
             if let Some(p) = p.parent.upgrade() {
                 p.refresh_limits();

@@ -6,6 +6,7 @@
 //! (refcount blocks before the L2 tables that point to new clusters) is the
 //! caller's rule, see `meta.rs`.
 
+use super::offset_hash::OffsetHash;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use strata_block::{IoBuf, Node, Result, WriteFlags};
@@ -21,7 +22,7 @@ struct Slice {
 pub struct TableCache {
     slice_size: usize,
     capacity: usize,
-    slices: HashMap<u64, Slice>,
+    slices: HashMap<u64, Slice, OffsetHash>,
     /// Slices by last use (tick to offset): the first is the LRU victim.
     lru: BTreeMap<u64, u64>,
     /// Offsets of the dirty slices, in order.
@@ -44,7 +45,7 @@ impl TableCache {
         TableCache {
             slice_size,
             capacity: capacity.max(4),
-            slices: HashMap::new(),
+            slices: HashMap::default(),
             lru: BTreeMap::new(),
             dirty: BTreeSet::new(),
             tick: 0,
@@ -83,9 +84,13 @@ impl TableCache {
 
     /// Marks the slice at `off` as used now.
     fn touch(&mut self, off: u64) -> Option<&mut Slice> {
+        let s = self.slices.get_mut(&off)?;
+        if s.used == self.tick {
+            // Already the most recent (a run of requests in one slice).
+            return Some(s);
+        }
         self.tick += 1;
         let t = self.tick;
-        let s = self.slices.get_mut(&off)?;
         self.lru.remove(&s.used);
         self.lru.insert(t, off);
         s.used = t;

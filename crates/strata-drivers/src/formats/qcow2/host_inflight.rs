@@ -4,9 +4,41 @@
 //! allocator must not hand it out again before that I/O is done, or the late
 //! write would land in someone else's data (a hole QEMU 10.0.2 has).
 
+use super::offset_hash::OffsetHash;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+type Counts = HashMap<u64, Count, OffsetHash>;
+
+/// The cluster ranges one request holds; one range (the usual case) needs
+/// no allocation.
+enum Held {
+    Nothing,
+    One((u64, u64)),
+    Many(Vec<(u64, u64)>),
+}
+
+impl Held {
+    /// First and last cluster of each range.
+    fn ranges(&self) -> &[(u64, u64)] {
+        match self {
+            Held::Nothing => &[],
+            Held::One(r) => std::slice::from_ref(r),
+            Held::Many(v) => v,
+        }
+    }
+    fn add(&mut self, r: (u64, u64)) {
+        *self = match std::mem::replace(self, Held::Nothing) {
+            Held::Nothing => Held::One(r),
+            Held::One(a) => Held::Many(vec![a, r]),
+            Held::Many(mut v) => {
+                v.push(r);
+                Held::Many(v)
+            }
+        };
+    }
+}
 
 #[derive(Default)]
 struct Count {
@@ -18,7 +50,7 @@ struct Count {
 /// In-flight counts per host cluster of the image file.
 pub struct HostInflight {
     cluster_bits: u32,
-    map: Mutex<HashMap<u64, Count>>,
+    map: Mutex<Counts>,
     /// Entries in `map`: lets the allocator skip the lock when nothing is held.
     held: AtomicUsize,
     /// Lowest cluster passed over by an allocator and released since; the
@@ -27,9 +59,9 @@ pub struct HostInflight {
 }
 
 /// Host clusters held while one request's I/O is in flight.
-pub struct HostGuard {
-    owner: Arc<HostInflight>,
-    clusters: Vec<u64>,
+pub struct HostGuard<'a> {
+    owner: &'a HostInflight,
+    held: Held,
 }
 
 impl HostInflight {
@@ -37,40 +69,38 @@ impl HostInflight {
     pub fn new(cluster_bits: u32) -> Arc<Self> {
         Arc::new(HostInflight {
             cluster_bits,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Counts::default()),
             held: AtomicUsize::new(0),
             released_min: AtomicU64::new(u64::MAX),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Count>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Holds the host clusters under each `(offset, len)` byte range until
     /// the guard is dropped.
-    pub fn hold(self: &Arc<Self>, ranges: impl IntoIterator<Item = (u64, u64)>) -> HostGuard {
-        let mut clusters = Vec::new();
+    pub fn hold(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> HostGuard<'_> {
+        let mut held = Held::Nothing;
         for (off, len) in ranges {
-            if len == 0 {
-                continue;
+            if len > 0 {
+                held.add((
+                    off >> self.cluster_bits,
+                    (off + len - 1) >> self.cluster_bits,
+                ));
             }
-            let first = off >> self.cluster_bits;
-            let last = (off + len - 1) >> self.cluster_bits;
-            clusters.extend(first..=last);
         }
-        if !clusters.is_empty() {
+        if !held.ranges().is_empty() {
             let mut m = self.lock();
-            for &c in &clusters {
-                let e = m.entry(c).or_default();
-                e.held += 1;
+            for &(first, last) in held.ranges() {
+                for c in first..=last {
+                    m.entry(c).or_default().held += 1;
+                }
             }
             self.held.store(m.len(), Ordering::Release);
         }
-        HostGuard {
-            owner: Arc::clone(self),
-            clusters,
-        }
+        HostGuard { owner: self, held }
     }
 
     /// True while host cluster `hc` has I/O in flight; the caller (an
@@ -98,20 +128,22 @@ impl HostInflight {
     }
 }
 
-impl Drop for HostGuard {
+impl Drop for HostGuard<'_> {
     fn drop(&mut self) {
-        if self.clusters.is_empty() {
+        if self.held.ranges().is_empty() {
             return;
         }
         let mut m = self.owner.lock();
-        for c in &self.clusters {
-            if let Some(e) = m.get_mut(c) {
-                e.held -= 1;
-                if e.held == 0 {
-                    if e.skipped {
-                        self.owner.released_min.fetch_min(*c, Ordering::AcqRel);
+        for &(first, last) in self.held.ranges() {
+            for c in first..=last {
+                if let Some(e) = m.get_mut(&c) {
+                    e.held -= 1;
+                    if e.held == 0 {
+                        if e.skipped {
+                            self.owner.released_min.fetch_min(c, Ordering::AcqRel);
+                        }
+                        m.remove(&c);
                     }
-                    m.remove(c);
                 }
             }
         }

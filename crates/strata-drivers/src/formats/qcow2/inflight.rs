@@ -54,7 +54,7 @@ impl Qcow2Driver {
     pub(super) fn hold_hosts<'e>(
         &self,
         extents: impl IntoIterator<Item = &'e Extent>,
-    ) -> HostGuard {
+    ) -> HostGuard<'_> {
         let external = self.geo.external_data;
         self.host_busy.hold(extents.into_iter().filter_map(|e| {
             match e.mapping {

@@ -23,6 +23,7 @@ pub mod header;
 mod host_inflight;
 mod inflight;
 mod meta;
+mod offset_hash;
 mod open;
 mod read;
 mod refcount;
