@@ -83,14 +83,19 @@ impl Backend {
     /// the root back, the root as it is then (it may have been replaced).
     async fn root_for_request(&self) -> Arc<Node> {
         loop {
-            let n = self.link.root();
-            // A swap happens only behind a closed gate: if it is open, `n`
-            // is the root (the request registers before it yields).
-            if !n.user_gate_closed() {
+            if let Some(n) = self.root_if_open() {
                 return n;
             }
-            n.pass_user_gate().await;
+            self.link.root().pass_user_gate().await;
         }
+    }
+
+    /// The root, if no drained section holds requests back. A swap happens
+    /// only behind a closed gate, so with the gate open this is the root
+    /// the request will run on (it registers before it first yields).
+    fn root_if_open(&self) -> Option<Arc<Node>> {
+        let n = self.link.root();
+        (!n.user_gate_closed()).then_some(n)
     }
 
     fn need(&self, p: Perm) -> Result<()> {
@@ -116,7 +121,10 @@ impl Backend {
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
-        let node = self.root_for_request().await;
+        let node = match self.root_if_open() {
+            Some(n) => n,
+            None => self.root_for_request().await,
+        };
         RunToEnd {
             fut: Some(Box::pin(req(Arc::clone(&node)))),
             node,
@@ -128,7 +136,11 @@ impl Backend {
     /// way may end early: what it still has in flight only fills a buffer
     /// the engine keeps until completion, so nothing needs to run on.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.root_for_request().await.read(offset, buf).await
+        let node = match self.root_if_open() {
+            Some(n) => n,
+            None => self.root_for_request().await,
+        };
+        node.read(offset, buf).await
     }
 
     /// Writes `buf` at `offset`.
