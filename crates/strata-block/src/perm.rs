@@ -29,11 +29,6 @@ fn names(p: u8) -> String {
         .join(", ")
 }
 
-/// What a filter passes on: everything its users take and share.
-pub fn filter_perm(perm: Perm, shared: Perm) -> (Perm, Perm) {
-    (perm, shared)
-}
-
 /// QEMU's bdrv_default_perms: what a parent takes and shares on its child
 /// in `role`, given what the parent's users take and share together.
 /// Drivers that differ say so in [`Driver::child_perm`](crate::Driver::child_perm).
@@ -156,11 +151,6 @@ fn edge_user(parent: &Node, role: ChildRole, extra: &Extra) -> User {
         perm,
         shared,
     }
-}
-
-/// The users of `node` as the graph stands.
-pub fn users(node: &Node) -> Vec<User> {
-    users_with(node, &Extra::default())
 }
 
 /// QEMU's bdrv_parent_perms_conflict: the first pair of users where one

@@ -249,3 +249,37 @@ fn a_zero_cluster_that_keeps_its_host_is_written_in_place() {
         "strata-io placed the data elsewhere"
     );
 }
+
+/// A write into a zero cluster that keeps its host cluster goes there in
+/// place, so that host cluster is not held like a data cluster's: what
+/// keeps it is the guest cluster in flight. Held at `write_aio`, the write
+/// must make a whole-cluster unmapping zero write of that cluster wait, so
+/// the host cluster cannot be freed and handed to another write meanwhile
+/// (the late in-place write would land in that write's data).
+#[test]
+fn in_place_write_into_a_zero_cluster_keeps_its_host_until_done() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    io(d, &["open a.qcow2", "write -P 1 0 64k", "write -z 0 64k"]);
+    io(
+        d,
+        &[
+            OPEN,
+            "break write_aio A",
+            "aio_write -P 0xaa 0 4k",
+            "wait_break A",
+            "aio_write -z -u 0 64k",
+            "write -P 0xbb 128k 64k",
+            "resume A",
+            "aio_flush",
+            "read -P 0xbb 128k 64k",
+            "read -P 0 0 64k",
+        ],
+    );
+    check_clean(d);
+    io(d, &[OPEN, "read -P 0xbb 128k 64k", "read -P 0 0 64k"]);
+}

@@ -303,11 +303,6 @@ impl DirtyBitmaps {
         }
     }
 
-    /// Every bitmap, in the order they were made.
-    pub fn all(&self) -> Vec<Arc<DirtyBitmap>> {
-        self.lock().clone()
-    }
-
     /// What query-block shows, newest first as QEMU lists them.
     pub fn info(&self) -> Vec<DirtyInfo> {
         self.lock().iter().rev().map(|b| b.info()).collect()

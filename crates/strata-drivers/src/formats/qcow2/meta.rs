@@ -390,6 +390,14 @@ impl Meta {
         }
     }
 
+    /// Writes the disk size into the header, then keeps it in memory.
+    pub async fn write_disk_size(&mut self, file: &Arc<Node>, size: u64) -> Result<()> {
+        let bytes = IoBuf::from_slice(&size.to_be_bytes());
+        file.write(24, bytes, WriteFlags::default()).await?;
+        self.header.size = size;
+        Ok(())
+    }
+
     /// Sets or clears incompatible feature bits (dirty, corrupt) on disk and
     /// flushes, so that the bit is stable before what depends on it.
     pub async fn set_incompatible(&mut self, file: &Arc<Node>, bits: u64, on: bool) -> Result<()> {

@@ -351,14 +351,7 @@ impl Driver for Qcow2Driver {
                 d.truncate(size, Preallocation::Off).await?;
             }
         }
-        self.file
-            .write(
-                24,
-                IoBuf::from_slice(&size.to_be_bytes()),
-                WriteFlags::default(),
-            )
-            .await?;
-        m.header.size = size;
+        m.write_disk_size(&self.file, size).await?;
         drop(m);
         if prealloc != Preallocation::Off {
             self.preallocate(old, size, prealloc).await?;

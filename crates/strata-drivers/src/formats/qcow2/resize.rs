@@ -100,14 +100,7 @@ impl Qcow2Driver {
             m.l2_tables.remove(&l2);
             m.free_clusters(&self.file, l2, 1, true).await?;
         }
-        self.file
-            .write(
-                24,
-                IoBuf::from_slice(&size.to_be_bytes()),
-                WriteFlags::default(),
-            )
-            .await?;
-        m.header.size = size;
+        m.write_disk_size(&self.file, size).await?;
         self.size.store(size, Ordering::Release);
         m.flush(&self.file).await?;
         self.file.flush().await?;
