@@ -373,7 +373,8 @@ pub trait Driver: Send + Sync {
         err(libc::ENOTSUP)
     }
 
-    /// Hears a debug event a parent announces for its next I/O on this node.
+    /// Hears a debug event a parent announces for its next I/O on this node;
+    /// called only on drivers that have `debug_hooks`.
     async fn debug_event(&self, _event: crate::debug::DebugEvent) {}
 
     /// False for drivers below which relative names have no one directory

@@ -17,8 +17,11 @@
 //! none); only a serialising one looks at every request. A request that
 //! ends wakes the requests that wait for it, not every waiter.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::sync::Notify;
 
 struct Entry {
@@ -136,6 +139,25 @@ pub struct Tracker {
     idle: Notify,
 }
 
+/// A registered request on its way in: ready, or waiting its turn.
+pub enum Begin<'a> {
+    Ready(Option<TrackedRequest<'a>>),
+    Waiting(Pin<Box<dyn Future<Output = TrackedRequest<'a>> + Send + 'a>>),
+}
+
+impl<'a> Future for Begin<'a> {
+    type Output = TrackedRequest<'a>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TrackedRequest<'a>> {
+        match self.get_mut() {
+            Begin::Ready(r) => match r.take() {
+                Some(r) => Poll::Ready(r),
+                None => panic!("tracked request begin polled after it completed"),
+            },
+            Begin::Waiting(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A request in flight; dropping it ends the request and wakes its waiters.
 pub struct TrackedRequest<'a> {
     tracker: &'a Tracker,
@@ -147,13 +169,16 @@ impl Tracker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a request over `[start, end)` and waits for the earlier
-    /// requests it must not overlap with. An empty range (flush, block
-    /// status) never waits, but counts as in flight for drain.
-    pub async fn begin(&self, start: u64, end: u64, serialising: bool) -> TrackedRequest<'_> {
+    /// Registers a request over `[start, end)` at once, and returns a
+    /// future that waits for the earlier requests it must not overlap with.
+    /// An empty range (flush, block status) never waits, but counts as in
+    /// flight for drain. The usual case, nothing in the way, is ready at
+    /// once and small: only a request that must wait carries a waiting
+    /// future (boxed), so the request futures that hold this stay small.
+    pub fn begin(&self, start: u64, end: u64, serialising: bool) -> Begin<'_> {
         // Registration and the first check under one lock: the common case
         // (nothing to wait for) takes it once.
-        let (slot, mut wait) = {
+        let (slot, wait) = {
             let mut g = self.lock();
             let slot = g.insert(start, end, serialising);
             let wait = (start < end)
@@ -167,6 +192,21 @@ impl Tracker {
             tracker: self,
             slot,
         };
+        match wait {
+            None => Begin::Ready(Some(req)),
+            Some(w) => Begin::Waiting(Box::pin(self.wait_turn(req, start, end, serialising, w))),
+        }
+    }
+
+    async fn wait_turn<'a>(
+        &'a self,
+        req: TrackedRequest<'a>,
+        start: u64,
+        end: u64,
+        serialising: bool,
+        first: (usize, u64, Arc<Notify>),
+    ) -> TrackedRequest<'a> {
+        let mut wait = Some(first);
         while let Some((other, generation, done)) = wait {
             let notified = done.notified();
             tokio::pin!(notified);
@@ -179,7 +219,7 @@ impl Tracker {
             if still {
                 notified.await;
             }
-            wait = self.lock().check(slot, start, end, serialising);
+            wait = self.lock().check(req.slot, start, end, serialising);
         }
         req
     }

@@ -23,7 +23,10 @@ impl Node {
 
     /// Waits while a drained section holds new requests back.
     pub(crate) async fn pass_gate(&self) {
-        self.wait_gates(false).await
+        // Open (the usual case): no waiting state in the request's future.
+        if self.gate.load(Ordering::Acquire) > 0 {
+            Box::pin(self.wait_gates(false)).await
+        }
     }
 
     /// Waits, for a request from a user handle, while a drained section

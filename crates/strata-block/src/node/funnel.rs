@@ -99,17 +99,23 @@ impl Node {
     /// The funnel's first step: notifiers, then the write threshold.
     pub(super) async fn write_prepare(&self, req: WriteReq) -> Result<()> {
         if self.has_before_write.load(Ordering::Acquire) {
-            let list = self
-                .before_write
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for n in list {
-                n.before_write(self, &req).await?;
-            }
+            // Boxed: without notifiers a write's future carries no state for them.
+            Box::pin(self.notify_before_write(&req)).await?;
         }
         if req.kind != WriteKind::Discard {
             self.check_write_threshold(req.offset + req.len);
+        }
+        Ok(())
+    }
+
+    async fn notify_before_write(&self, req: &WriteReq) -> Result<()> {
+        let list = self
+            .before_write
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for n in list {
+            n.before_write(self, req).await?;
         }
         Ok(())
     }

@@ -33,7 +33,9 @@ impl Node {
             return Ok(buf);
         }
         if copy_on_read {
-            return self.read_copy_on_read(offset, buf).await;
+            // Boxed, as the unaligned path below: the rare paths' state
+            // stays out of every read's future.
+            return Box::pin(self.read_copy_on_read(offset, buf)).await;
         }
         // Waits only for overlapping serialising requests (read-modify-write).
         let _req = self.tracker.begin(offset, offset + len, false).await;
@@ -41,14 +43,17 @@ impl Node {
         let align = limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
         if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
-            return self.read_aligned(offset, buf, &limits).await;
+            if buf.len() <= transfer_max(&limits) {
+                // The usual request: straight to the driver.
+                return self.driver.read(offset, buf).await;
+            }
+            return Box::pin(self.read_aligned(offset, buf, &limits)).await;
         }
         // Unaligned: read the aligned cover into a bounce buffer and copy out.
         let start = offset / align * align;
         let end = (offset + len).div_ceil(align) * align;
-        let bounce = self
-            .read_aligned(start, IoBuf::zeroed((end - start) as usize), &limits)
-            .await?;
+        let cover = IoBuf::zeroed((end - start) as usize);
+        let bounce = Box::pin(self.read_aligned(start, cover, &limits)).await?;
         let mut buf = buf;
         let skip = (offset - start) as usize;
         buf.as_mut_slice()
@@ -89,24 +94,37 @@ impl Node {
             self.write_finish(req);
             r?
         } else {
-            // Read-modify-write of the partial sectors, serialised against
-            // every overlapping request so no write tears another.
-            let start = offset / align * align;
-            let end = (offset + len).div_ceil(align) * align;
-            let _req = self.tracker.begin(start, end, true).await;
-            let req = WriteReq::new(WriteKind::Write, start, end - start);
-            self.write_prepare(req).await?;
-            let mut bounce = self
-                .rmw_read(start, end, offset, offset + len, &limits)
-                .await?;
-            let skip = (offset - start) as usize;
-            bounce.as_mut_slice()[skip..skip + len as usize].copy_from_slice(buf.as_slice());
-            let r = self.write_aligned(start, bounce, flags, &limits).await;
-            self.write_finish(req);
-            r?;
-            buf
+            // Boxed: the rare path's state stays out of every write's future.
+            Box::pin(self.write_rmw(offset, buf, flags, &limits)).await?
         };
         self.after_write(flags).await?;
+        Ok(buf)
+    }
+
+    /// Read-modify-write of the partial blocks of an unaligned write,
+    /// serialised against every overlapping request so no write tears another.
+    async fn write_rmw(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+        limits: &Limits,
+    ) -> Result<IoBuf> {
+        let align = limits.request_alignment.max(1) as u64;
+        let len = buf.len() as u64;
+        let start = offset / align * align;
+        let end = (offset + len).div_ceil(align) * align;
+        let _req = self.tracker.begin(start, end, true).await;
+        let req = WriteReq::new(WriteKind::Write, start, end - start);
+        self.write_prepare(req).await?;
+        let mut bounce = self
+            .rmw_read(start, end, offset, offset + len, limits)
+            .await?;
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + len as usize].copy_from_slice(buf.as_slice());
+        let r = self.write_aligned(start, bounce, flags, limits).await;
+        self.write_finish(req);
+        r?;
         Ok(buf)
     }
 
@@ -184,24 +202,9 @@ impl Node {
         l: &Limits,
     ) -> Result<IoBuf> {
         if self.detect_zeroes != DetectZeroes::Off && crate::buf::is_zero(buf.as_slice()) {
-            // A buffer of zeroes becomes a write-zeroes request (QEMU:
-            // bdrv_aligned_pwritev); drivers that cannot write zeroes
-            // without a buffer get the buffer after all.
-            let zflags = WriteFlags {
-                may_unmap: self.detect_zeroes == DetectZeroes::Unmap && self.unmap,
-                ..flags
-            };
-            self.debug_event(DebugEvent::PwritevZero).await;
-            let r = self
-                .driver
-                .write_zeroes(offset, buf.len() as u64, zflags)
-                .await;
-            match r {
-                Err(e) if e.code() == libc::ENOTSUP => {}
-                r => {
-                    self.debug_event(DebugEvent::PwritevDone).await;
-                    return r.map(|()| buf);
-                }
+            // Boxed: the rare path's state stays out of every write's future.
+            if Box::pin(self.write_detected_zeroes(offset, buf.len() as u64, flags)).await? {
+                return Ok(buf);
             }
         }
         // QEMU's bdrv_aligned_pwritev events, heard by blkdebug on itself.
@@ -209,6 +212,29 @@ impl Node {
         let r = self.write_split(offset, buf, flags, l).await;
         self.debug_event(DebugEvent::PwritevDone).await;
         r
+    }
+
+    /// A buffer of zeroes becomes a write-zeroes request (QEMU:
+    /// bdrv_aligned_pwritev). False when the driver cannot write zeroes
+    /// without a buffer: it gets the buffer after all.
+    async fn write_detected_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> Result<bool> {
+        let zflags = WriteFlags {
+            may_unmap: self.detect_zeroes == DetectZeroes::Unmap && self.unmap,
+            ..flags
+        };
+        self.debug_event(DebugEvent::PwritevZero).await;
+        match self.driver.write_zeroes(offset, len, zflags).await {
+            Err(e) if e.code() == libc::ENOTSUP => Ok(false),
+            r => {
+                self.debug_event(DebugEvent::PwritevDone).await;
+                r.map(|()| true)
+            }
+        }
     }
 
     /// Hands an aligned write to the driver in pieces of at most the
@@ -224,17 +250,20 @@ impl Node {
         if buf.len() <= max {
             return self.driver.write(offset, buf, flags).await;
         }
-        let mut parts = Vec::new();
-        for (off, piece) in buf.pieces(offset, |_, left| left.min(max)) {
-            parts.push(self.driver.write(off, piece, flags).await?);
-        }
-        Ok(IoBuf::join_all(parts))
+        Box::pin(async move {
+            let mut parts = Vec::new();
+            for (off, piece) in buf.pieces(offset, |_, left| left.min(max)) {
+                parts.push(self.driver.write(off, piece, flags).await?);
+            }
+            Ok(IoBuf::join_all(parts))
+        })
+        .await
     }
 
     /// With the write cache off, or FUA asked for, a write is flushed before it completes.
     async fn after_write(&self, flags: WriteFlags) -> Result<()> {
         if flags.fua || !self.writeback.load(Ordering::Relaxed) {
-            self.flush().await?;
+            Box::pin(self.flush()).await?;
         }
         Ok(())
     }

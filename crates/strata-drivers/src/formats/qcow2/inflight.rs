@@ -4,7 +4,7 @@
 //! `host_inflight`) so none is reused under them.
 
 use super::host_inflight::HostGuard;
-use super::meta::Mapping;
+use super::meta::{Mapping, Meta};
 use super::{Extent, Qcow2Driver};
 use std::collections::BTreeSet;
 
@@ -50,9 +50,10 @@ impl Qcow2Driver {
 
     /// Holds the host clusters that `extents` read or write in place, so
     /// none is handed out again while the I/O is in flight (taken under the
-    /// metadata lock, where the mapping was looked up).
+    /// metadata lock, where the mapping was looked up: `m` proves it).
     pub(super) fn hold_hosts<'e>(
         &self,
+        _locked: &Meta,
         extents: impl IntoIterator<Item = &'e Extent>,
     ) -> HostGuard<'_> {
         let external = self.geo.external_data;

@@ -37,6 +37,7 @@ use open::{clear_unknown_autoclear, load_metadata, new_meta, validate_snapshot_t
 use read::Extent;
 use zero::Clear;
 
+use async_lock::Mutex;
 use async_trait::async_trait;
 use data_file::DataFile;
 use header::{Compression, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -51,7 +52,7 @@ use strata_block::report::error_report;
 use strata_block::{
     BlockStatus, Child, ChildRole, DebugEvent, Driver, Error, IoBuf, Node, Result, WriteFlags,
 };
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 
 /// The `qcow2` driver class.
 pub struct Qcow2Class;
@@ -153,10 +154,21 @@ impl Driver for Qcow2Driver {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        if self.geo.offset_in_cluster(offset) + len <= self.geo.cluster_size {
+            // Within one cluster (the usual small request): one extent, no list.
+            let (e, _held) = {
+                let mut m = self.meta.lock().await;
+                let e = self.extent_at(&mut m, offset, len).await?;
+                let held = self.hold_hosts(&m, [&e]);
+                (e, held)
+            };
+            return self.read_extent(e, buf).await;
+        }
         let (extents, _held) = {
             let mut m = self.meta.lock().await;
             let e = self.extents(&mut m, offset, buf.len() as u64).await?;
-            let held = self.hold_hosts(&e);
+            let held = self.hold_hosts(&m, &e);
             (e, held)
         };
         if extents.len() == 1 {
@@ -434,7 +446,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn backing_file(&self) -> Option<(String, Option<String>)> {
-        let m = self.meta.try_lock().ok()?;
+        let m = self.meta.try_lock()?;
         m.header
             .backing_file
             .clone()
@@ -442,7 +454,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn format_specific(&self) -> Option<FormatSpecific> {
-        let m = self.meta.try_lock().ok()?;
+        let m = self.meta.try_lock()?;
         let h = &m.header;
         // Keys in the order of QEMU's schema (ImageInfoSpecificQCow2), which
         // decides their printed order where two share a QDict bucket.

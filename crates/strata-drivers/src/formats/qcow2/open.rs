@@ -7,6 +7,7 @@ use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use super::{cache, create, data_file, header};
 use super::{Qcow2Class, Qcow2Driver, MAX_L1_BYTES, MAX_L2_CACHE_BYTES};
+use async_lock::Mutex;
 use async_trait::async_trait;
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
@@ -17,7 +18,7 @@ use strata_block::{
     DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, OpenFlags, Perm, Result,
     WriteFlags,
 };
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 
 #[async_trait]
 impl DriverClass for Qcow2Class {
@@ -110,7 +111,7 @@ impl DriverClass for Qcow2Class {
             _ => None,
         };
 
-        let host_busy = HostInflight::new(geo.cluster_bits);
+        let host_busy = Arc::new(HostInflight::new());
         let meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy);
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {

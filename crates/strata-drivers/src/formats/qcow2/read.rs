@@ -24,18 +24,8 @@ impl Qcow2Driver {
         let mut off = offset;
         let end = offset + len;
         while off < end {
-            let gc = off >> self.geo.cluster_bits;
             let n = (cs - self.geo.offset_in_cluster(off)).min(end - off);
-            let mapping = match m.mapping(&self.file, gc).await? {
-                Mapping::Normal { host, copied } => Mapping::Normal {
-                    host: host + self.geo.offset_in_cluster(off),
-                    copied,
-                },
-                Mapping::Zero(Some(host)) => {
-                    Mapping::Zero(Some(host + self.geo.offset_in_cluster(off)))
-                }
-                other => other,
-            };
+            let Extent { mapping, .. } = self.extent_at(m, off, n).await?;
             if let Some(last) = out.last_mut() {
                 // One extent is one kind of I/O: data of one refcount state
                 // at contiguous host bytes, or a run without host bytes.
@@ -60,6 +50,27 @@ impl Qcow2Driver {
             off += n;
         }
         Ok(out)
+    }
+
+    /// The extent of `len` bytes at `offset`, within one cluster.
+    pub(super) async fn extent_at(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Extent> {
+        let in_cluster = self.geo.offset_in_cluster(offset);
+        let mapping = match m
+            .mapping(&self.file, offset >> self.geo.cluster_bits)
+            .await?
+        {
+            Mapping::Normal { host, copied } => Mapping::Normal {
+                host: host + in_cluster,
+                copied,
+            },
+            Mapping::Zero(Some(host)) => Mapping::Zero(Some(host + in_cluster)),
+            other => other,
+        };
+        Ok(Extent {
+            offset,
+            len,
+            mapping,
+        })
     }
 
     /// Reads one extent's bytes into `buf`.

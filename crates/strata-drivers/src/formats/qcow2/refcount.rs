@@ -68,6 +68,9 @@ impl Meta {
             .get_mut(slice)
             .ok_or_else(|| Error::errno(libc::EIO))?;
         put_refcount(b, at, bit, order, val);
+        if val == 0 {
+            self.busy.freed(hc);
+        }
         if val == 0 && hc < self.free_cluster_index {
             self.free_cluster_index = hc;
         }

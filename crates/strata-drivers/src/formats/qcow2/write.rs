@@ -128,11 +128,14 @@ impl Qcow2Driver {
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
                     m.check_data_write(&self.file, at, len).await?;
-                    let _held = self.hold_hosts(&[Extent {
-                        offset,
-                        len,
-                        mapping: mappings[0],
-                    }]);
+                    let _held = self.hold_hosts(
+                        &m,
+                        &[Extent {
+                            offset,
+                            len,
+                            mapping: mappings[0],
+                        }],
+                    );
                     drop(m);
                     self.file.debug_event(DebugEvent::WriteAio).await;
                     return self.data()?.write(at, buf, WriteFlags::default()).await;
@@ -193,7 +196,7 @@ impl Qcow2Driver {
                 len: cs,
                 mapping: mappings[i],
             };
-            let _cow_src = self.hold_hosts(&[cs_len(0), cs_len(mappings.len() - 1)]);
+            let _cow_src = self.hold_hosts(&m, &[cs_len(0), cs_len(mappings.len() - 1)]);
             drop(m);
             let written = self
                 .write_new_clusters(offset, buf, host, first, &mappings)
