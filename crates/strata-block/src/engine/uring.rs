@@ -121,26 +121,6 @@ impl Ring {
         Ok(ring)
     }
 
-    /// Called when the loop is about to park: submits what is queued and, if
-    /// operations are in flight, waits in the kernel a short while for the
-    /// first completion. Completions that arrive wake their tasks, and the
-    /// loop then runs them instead of parking; this saves a round trip
-    /// through epoll per request at low queue depth (QEMU polls for the same reason).
-    pub fn before_park(&self) {
-        const WAIT_NS: u32 = 200_000;
-        let mut inner = self.lock();
-        inner.submit();
-        inner.reap();
-        if inner.in_flight() == 0 {
-            return;
-        }
-        let ts = types::Timespec::new().nsec(WAIT_NS);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        // ETIME (nothing completed in time) and EINTR are expected here.
-        let _ = inner.uring.submitter().submit_with_args(1, &args);
-        inner.reap();
-    }
-
     /// Makes this ring the current thread's ring until the guard is dropped.
     pub fn enter(self: &Arc<Self>) -> RingGuard {
         let prev = CURRENT.with(|c| c.borrow_mut().replace(Arc::clone(self)));
@@ -240,11 +220,6 @@ impl Inner {
                 self.slots.len() - 1
             }
         }
-    }
-
-    /// Operations submitted or queued whose completion has not been reaped.
-    fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 
     fn push(&mut self, entry: io_uring::squeue::Entry) {

@@ -33,6 +33,7 @@ const OPTS: &[super::Opt] = &[
 ];
 
 /// The workload.
+#[derive(Clone)]
 struct Bench {
     count: u64,
     depth: usize,
@@ -269,7 +270,11 @@ pub fn run(ctx: Ctx) -> i32 {
         crate::outln!("Sending flush every {} requests", b.flush_interval);
     }
     let t0 = Instant::now();
-    let r = ctx.ev.block_on(run_bench(&node, &b));
+    let r = {
+        let (node, b) = (Arc::clone(&node), b.clone());
+        ctx.ev
+            .block_on_task(async move { run_bench(&node, &b).await })
+    };
     let elapsed = t0.elapsed().as_secs_f64();
     let _ = ctx.ev.block_on(node.close());
     match r {
