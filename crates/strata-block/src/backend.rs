@@ -203,6 +203,16 @@ impl Backend {
             .await
     }
 
+    /// What is at `offset` through the whole backing chain, with the depth
+    /// of the layer that answers (QEMU: blk_co_block_status_above to the
+    /// bottom; 0 is the root).
+    pub async fn block_status_above(&self, offset: u64, len: u64) -> Result<(BlockStatus, usize)> {
+        self.root_for_request()
+            .await
+            .block_status_above(None, offset, len)
+            .await
+    }
+
     /// Stops using the node: its permissions are released and its
     /// reference dropped (the node closes if this was its last user).
     pub async fn close(&self) -> Result<()> {

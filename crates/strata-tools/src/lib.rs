@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod getopt;
 pub mod img;
 pub mod io;
+pub mod nbd;
 pub mod progress;
 pub mod qjson;
 pub mod stdout;

@@ -5,9 +5,9 @@
 
 pub mod blockdev;
 mod chardev;
-mod daemonize;
+pub(crate) mod daemonize;
 mod graph_ops;
-mod pidfile;
+pub(crate) mod pidfile;
 mod qemu_opts;
 mod resize;
 pub mod schema;

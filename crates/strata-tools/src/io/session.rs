@@ -159,44 +159,7 @@ impl Session {
     }
 
     async fn open_node(&self, req: &mut OpenRequest) -> Result<Arc<Node>, String> {
-        let mut opts = req.opts.clone();
-        let mut force_share = req.force_share;
-        if let Some(v) = opts.remove("force-share") {
-            force_share = v == "on" || v == true;
-        }
-        if let Some(serde_json::Value::String(d)) = opts.get("driver") {
-            // QEMU names an unknown driver before it looks at the file.
-            if self.registry.get(d).is_none() {
-                return Err(format!("Unknown driver '{d}'"));
-            }
-        }
-        if force_share && !req.read_only {
-            return Err("force-share=on can only be used with read-only images".into());
-        }
-        if req.native_aio && !req.cache.direct {
-            return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
-        }
-        let flags = OpenFlags {
-            read_only: req.read_only,
-            force_share,
-            cache: CacheMode {
-                writeback: true,
-                ..req.cache
-            },
-            aio: if req.io_uring || req.native_aio {
-                Aio::IoUring
-            } else {
-                Aio::Threads
-            },
-            unmap: req.unmap,
-            copy_on_read: req.copy_on_read,
-            snapshot: req.snapshot,
-            ..OpenFlags::default()
-        };
-        let ctx = OpenCtx::new(Arc::clone(&self.registry), flags);
-        ctx.open_image(req.name.as_deref(), None, opts)
-            .await
-            .map_err(|e| e.to_string())
+        open_node(&self.registry, req).await
     }
 
     /// Opens the current image again with the flags of `req`. Only the write
@@ -347,4 +310,53 @@ fn check_unchanged(node: &Arc<Node>, opts: &Opts) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Opens the node `req` describes, as qemu-io's and qemu-nbd's openers do
+/// (QEMU: blk_new_open with their flags); `Err` is the message.
+pub(crate) async fn open_node(
+    registry: &Arc<Registry>,
+    req: &OpenRequest,
+) -> Result<Arc<Node>, String> {
+    let mut opts = req.opts.clone();
+    let mut force_share = req.force_share;
+    if let Some(v) = opts.remove("force-share") {
+        force_share = v == "on" || v == true;
+    }
+    if let Some(serde_json::Value::String(d)) = opts.get("driver") {
+        // QEMU names an unknown driver before it looks at the file.
+        if registry.get(d).is_none() {
+            return Err(format!("Unknown driver '{d}'"));
+        }
+    }
+    if force_share && !req.read_only {
+        return Err("force-share=on can only be used with read-only images".into());
+    }
+    if req.native_aio && !req.cache.direct {
+        return Err(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .into(),
+        );
+    }
+    let flags = OpenFlags {
+        read_only: req.read_only,
+        force_share,
+        cache: CacheMode {
+            writeback: true,
+            ..req.cache
+        },
+        aio: if req.io_uring || req.native_aio {
+            Aio::IoUring
+        } else {
+            Aio::Threads
+        },
+        unmap: req.unmap,
+        copy_on_read: req.copy_on_read,
+        snapshot: req.snapshot,
+        ..OpenFlags::default()
+    };
+    let ctx = OpenCtx::new(Arc::clone(registry), flags);
+    ctx.open_image(req.name.as_deref(), None, opts)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -1,0 +1,9 @@
+//! The NBD protocol (the NBD project's protocol document; QEMU's meta
+//! contexts from its `docs/interop/nbd.rst`): a server that serves nodes
+//! through user handles. It knows no driver.
+
+pub mod proto;
+pub mod server;
+
+pub use server::export::{Export, MetaContext};
+pub use server::Server;

@@ -1,0 +1,243 @@
+//! `strata-nbd`, the drop-in for qemu-nbd: serves one image over NBD on a
+//! TCP port or a Unix socket, with qemu-nbd's options, defaults and exit
+//! (after the last client unless `-t`).
+
+mod args;
+
+use crate::daemon::daemonize::daemonize;
+use crate::daemon::pidfile::PidFile;
+use std::sync::Arc;
+use std::time::Duration;
+use strata_block::report::error_report;
+use strata_block::{Backend, EventLoop, Perm};
+use strata_nbd::{Export, Server};
+
+/// Entry point of `strata-nbd`; returns the exit code.
+pub fn main() -> i32 {
+    let registry = crate::common::init();
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let a = match args::parse(&argv) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    // Forking must happen before any thread exists (the event loop's).
+    let daemon = a.fork.then(daemonize);
+    let el = match EventLoop::new() {
+        Ok(el) => el,
+        Err(e) => {
+            error_report(format!("cannot start the event loop: {e}"));
+            return 1;
+        }
+    };
+    let mut req = a.open.clone();
+    if a.image_opts {
+        match crate::common::image_opts(&a.image) {
+            Ok(o) => req.opts = o,
+            Err(e) => {
+                error_report(&e);
+                return 1;
+            }
+        }
+    } else {
+        req.name = Some(a.image.clone());
+    }
+    if let Some(dz) = &a.detect_zeroes {
+        if dz == "unmap" && !req.unmap {
+            error_report("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+            return 1;
+        }
+        req.opts.insert(
+            "detect-zeroes".into(),
+            serde_json::Value::String(dz.clone()),
+        );
+    }
+    let node = match el.block_on(crate::io::open_node(&registry, &req)) {
+        Ok(n) => n,
+        Err(msg) => {
+            error_report(format!("Failed to blk_new_open '{}': {msg}", a.image));
+            return 1;
+        }
+    };
+    node.set_writeback(req.cache.writeback);
+    let writable = !node.is_read_only();
+    let mut perm = Perm::CONSISTENT_READ;
+    if writable {
+        perm = perm.with(Perm::WRITE);
+    }
+    let blk = match Backend::new(&node, "an unnamed block device", perm, Perm::ALL) {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            error_report(e.to_string());
+            return 1;
+        }
+    };
+    let mut bitmaps = Vec::new();
+    for name in &a.bitmaps {
+        match node.bitmaps().find(name) {
+            Some(b) => bitmaps.push((name.clone(), b)),
+            None => {
+                error_report(format!("Bitmap '{name}' is not found"));
+                return 1;
+            }
+        }
+    }
+    let export = Arc::new(Export {
+        name: a.export_name.clone(),
+        description: a.description.clone(),
+        blk: Arc::clone(&blk),
+        writable,
+        // As qemu-nbd: several clients may share a read-only image safely.
+        multi_conn: !writable && a.shared > 1,
+        bitmaps,
+        allocation_depth: a.allocation_depth,
+    });
+    let server = Server::new(Duration::from_secs(a.handshake_limit));
+    server.add(export);
+    let code = el.block_on_task({
+        let a = Arc::new(a);
+        async move { listen(server, a, daemon).await }
+    });
+    el.block_on(async {
+        let _ = blk.close().await;
+    });
+    code
+}
+
+/// Binds, reports the start-up, and serves clients until the last one
+/// leaves (unless persistent).
+async fn listen(
+    server: Arc<Server>,
+    a: Arc<args::Args>,
+    daemon: Option<crate::daemon::daemonize::Daemonized>,
+) -> i32 {
+    let listener = match bind(&a).await {
+        Ok(l) => l,
+        Err(msg) => {
+            error_report(msg);
+            return 1;
+        }
+    };
+    let _pid = match &a.pid_file {
+        Some(p) => match PidFile::write(p) {
+            Ok(f) => Some(f),
+            Err(msg) => {
+                error_report(msg);
+                return 1;
+            }
+        },
+        None => None,
+    };
+    if let Some(d) = daemon {
+        if let Err(msg) = d.finish() {
+            error_report(msg);
+            return 1;
+        }
+    }
+    // Clients connected now; a watch never misses the last one leaving.
+    let (tx, mut rx) = tokio::sync::watch::channel(0usize);
+    let tx = Arc::new(tx);
+    let mut served = false;
+    let mut term = Box::pin(terminated());
+    loop {
+        // At most `shared` clients at once: the others wait in the backlog.
+        if rx.wait_for(|n| *n < a.shared).await.is_err() {
+            break;
+        }
+        if served && !a.persistent && *rx.borrow_and_update() == 0 {
+            break;
+        }
+        let accepted = tokio::select! {
+            c = listener.accept() => c,
+            _ = rx.changed(), if served && !a.persistent => continue,
+            // SIGTERM, SIGINT, SIGHUP: stop serving and clean up, as qemu-nbd.
+            _ = &mut term => break,
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                error_report(format!("Failed to accept a connection: {e}"));
+                continue;
+            }
+        };
+        served = true;
+        tx.send_modify(|n| *n += 1);
+        let (server, tx, verbose) = (Arc::clone(&server), Arc::clone(&tx), a.verbose);
+        tokio::spawn(async move {
+            let r = match conn {
+                Conn::Tcp(s) => server.serve(s).await,
+                Conn::Unix(s) => server.serve(s).await,
+            };
+            if let Err(e) = r {
+                if verbose {
+                    eprintln!("{}: client: {e}", strata_block::report::prog_name());
+                }
+            }
+            tx.send_modify(|n| *n -= 1);
+        });
+    }
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    0
+}
+
+/// Resolves when the process is asked to terminate.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let kinds = [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+    ];
+    let mut sigs: Vec<_> = kinds.into_iter().filter_map(|k| signal(k).ok()).collect();
+    if sigs.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = sigs.iter_mut().map(|s| Box::pin(s.recv()));
+    futures::future::select_all(waits).await;
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Conn::Tcp(s))
+            }
+            Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+async fn bind(a: &args::Args) -> Result<Listener, String> {
+    if let Some(path) = &a.socket {
+        // A socket left by an earlier server is replaced, as QEMU does.
+        let _ = std::fs::remove_file(path);
+        return tokio::net::UnixListener::bind(path)
+            .map(Listener::Unix)
+            .map_err(|e| format!("Failed to bind socket to {path}: {e}"));
+    }
+    let addr = format!("{}:{}", a.bind, a.port);
+    let bind_addr = if a.bind.contains(':') {
+        format!("[{}]:{}", a.bind, a.port)
+    } else {
+        addr.clone()
+    };
+    tokio::net::TcpListener::bind(&bind_addr)
+        .await
+        .map(Listener::Tcp)
+        .map_err(|e| format!("Failed to bind socket to {addr}: {e}"))
+}

@@ -1,0 +1,352 @@
+//! strata-nbd against QEMU's and libnbd's clients (issue "Serving disks
+//! live"): what qemu-img, qemu-io and nbdinfo see of an image served by
+//! strata-nbd is what they see of it served by qemu-nbd; data written over
+//! NBD lands in the image; hostile clients get errors or a closed
+//! connection while the server keeps serving the others.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STRATA_NBD: &str = env!("CARGO_BIN_EXE_strata-nbd");
+
+/// Runs a client program; returns stdout + stderr.
+fn client(prog: &str, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e} (is it installed? .ci/run installs it)"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A server process on a Unix socket, killed when dropped.
+struct Served {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Served {
+    fn start(server: &str, sock: &Path, args: &[&str]) -> Served {
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new(server)
+            .args(args)
+            .arg("-k")
+            .arg(sock)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the server");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{server} did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Served {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A qcow2 image with data, a zero range and a hole, made by qemu-img.
+fn image(dir: &Path) -> PathBuf {
+    let img = dir.join("a.qcow2");
+    let p = img.to_str().unwrap();
+    client("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    client(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 1M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 7 8M 64k",
+            p,
+        ],
+    );
+    img
+}
+
+/// What the clients print about an export, with the socket name made equal.
+fn seen(uri: &str, sock: &Path, export: &str) -> String {
+    let list = format!("nbd+unix://?socket={}", sock.display());
+    let mut out = String::new();
+    out += &client("qemu-img", &["map", "--output=json", uri]);
+    out += &client("qemu-img", &["info", uri]);
+    out += &client("nbdinfo", &["--json", uri]);
+    out += &client("nbdinfo", &["--list", "--json", &list]);
+    out += &client("nbdinfo", &["--map", uri]);
+    if export == "exp1" {
+        out += &client("nbdinfo", &["--map=qemu:allocation-depth", uri]);
+    }
+    out.replace(sock.to_str().unwrap(), "SOCK")
+}
+
+#[test]
+fn clients_see_the_same_export_as_from_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let p = img.to_str().unwrap();
+    let sock = dir.path().join("s.sock");
+    for (opts, export) in [
+        (vec![], ""),
+        (vec!["-x", "exp1"], "exp1"),
+        (
+            vec!["-r", "-e", "2", "-x", "exp1", "-D", "a disk", "-A"],
+            "exp1",
+        ),
+    ] {
+        let mut args = opts.clone();
+        args.extend(["-t", "-f", "qcow2", p]);
+        let want = {
+            let s = Served::start("qemu-nbd", &sock, &args);
+            seen(&s.uri(export), &sock, export)
+        };
+        let got = {
+            let s = Served::start(STRATA_NBD, &sock, &args);
+            seen(&s.uri(export), &sock, export)
+        };
+        assert!(want.contains("\"data\": true"), "{want}");
+        assert_eq!(got, want, "with {opts:?}");
+    }
+}
+
+#[test]
+fn writes_over_nbd_land_in_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let p = img.to_str().unwrap();
+    let sock = dir.path().join("s.sock");
+    {
+        let s = Served::start(STRATA_NBD, &sock, &["-t", "-f", "qcow2", p]);
+        let out = client(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 0 64k",
+                "-c",
+                "aio_write -P 0xcd 32M 1M",
+                "-c",
+                "aio_write -P 0xce 40M 1M",
+                "-c",
+                "aio_flush",
+                "-c",
+                "write -z 1M 64k",
+                "-c",
+                "discard 8M 64k",
+                "-c",
+                "read -P 0xab 0 64k",
+                "-c",
+                "read -P 0 1M 64k",
+                &s.uri(""),
+            ],
+        );
+        assert!(!out.contains("fail") && !out.contains("error"), "{out}");
+    }
+    let check = client("qemu-img", &["check", p]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let out = client(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "read -P 0xcd 32M 1M",
+            "-c",
+            "read -P 0xce 40M 1M",
+            "-c",
+            "read -P 0 1M 64k",
+            "-c",
+            "read -P 0x5a 1088k 960k",
+            p,
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+#[test]
+fn a_read_only_export_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("s.sock");
+    let s = Served::start(
+        STRATA_NBD,
+        &sock,
+        &["-t", "-r", "-f", "qcow2", img.to_str().unwrap()],
+    );
+    // QEMU's client will not even open it for writing (as with qemu-nbd).
+    let out = client("qemu-io", &["-f", "raw", "-c", "write 0 4k", &s.uri("")]);
+    assert!(out.contains("Permission denied"), "{out}");
+    // A client that writes anyway gets EPERM.
+    let mut c = greet(&sock);
+    go(&mut c);
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+    req.extend_from_slice(&5u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&512u32.to_be_bytes());
+    req.extend_from_slice(&[0xee; 512]);
+    c.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..8], &1u32.to_be_bytes(), "EPERM");
+    let out = client(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-r",
+            "-U",
+            "-c",
+            "read -P 0 0 512",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("read 512/512"), "{out}");
+}
+
+/// Connects and reads the server's greeting.
+fn greet(sock: &Path) -> UnixStream {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    c
+}
+
+/// The server closed the connection (a read sees the end).
+fn closed(c: &mut UnixStream) -> bool {
+    let mut b = [0u8; 4096];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Option header for `opt` with `len` bytes of payload announced.
+fn option(opt: u32, len: u32) -> Vec<u8> {
+    let mut b = b"IHAVEOPT".to_vec();
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Finishes a handshake with OPT_EXPORT_NAME "" (no zeroes).
+fn go(c: &mut UnixStream) {
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    c.write_all(&option(1, 0)).unwrap();
+    let mut reply = [0u8; 10];
+    c.read_exact(&mut reply).unwrap();
+}
+
+#[test]
+fn hostile_clients_do_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("s.sock");
+    let s = Served::start(
+        STRATA_NBD,
+        &sock,
+        &["-t", "-e", "8", "-f", "qcow2", img.to_str().unwrap()],
+    );
+    // Garbage instead of client flags and options.
+    let mut c = greet(&sock);
+    c.write_all(&[0xff; 64]).unwrap();
+    assert!(closed(&mut c));
+    // An option announcing a huge payload: dropped before it is read.
+    let mut c = greet(&sock);
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    c.write_all(&option(7, u32::MAX)).unwrap();
+    assert!(closed(&mut c));
+    // A truncated header, then silence: the handshake limit ends it; meanwhile
+    // the others are served.
+    let mut idle = greet(&sock);
+    idle.write_all(&[0, 0]).unwrap();
+    // A write whose announced length is over the maximum: closed unread.
+    let mut c = greet(&sock);
+    go(&mut c);
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes()); // flags
+    req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+    req.extend_from_slice(&7u64.to_be_bytes()); // cookie
+    req.extend_from_slice(&0u64.to_be_bytes()); // offset
+    req.extend_from_slice(&u32::MAX.to_be_bytes()); // length
+    c.write_all(&req).unwrap();
+    assert!(closed(&mut c));
+    // A read past the end: an EINVAL reply, and the connection lives on.
+    let mut c = greet(&sock);
+    go(&mut c);
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes()); // READ
+    req.extend_from_slice(&9u64.to_be_bytes());
+    req.extend_from_slice(&(64u64 << 20).to_be_bytes());
+    req.extend_from_slice(&4096u32.to_be_bytes());
+    c.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+    assert_eq!(&reply[4..8], &22u32.to_be_bytes(), "EINVAL");
+    assert_eq!(&reply[8..], &9u64.to_be_bytes());
+    // A client that sends reads and never reads a reply: the server stops
+    // reading from it, and others are still served.
+    let mut greedy = greet(&sock);
+    go(&mut greedy);
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&1u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&(32u32 << 20).to_be_bytes());
+    let mut sent = 0;
+    while sent < 10_000 && greedy.write_all(&req).is_ok() {
+        sent += 1;
+    }
+    assert!(
+        sent < 10_000,
+        "the server kept reading requests it could not answer"
+    );
+    // A well-behaved client meanwhile.
+    let out = client(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 7 8M 64k", &s.uri("")],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    drop(idle);
+}
