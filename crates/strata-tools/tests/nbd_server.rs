@@ -208,12 +208,7 @@ fn a_read_only_export_refuses_writes() {
     // A client that writes anyway gets EPERM.
     let mut c = greet(&sock);
     go(&mut c);
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
-    req.extend_from_slice(&5u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&512u32.to_be_bytes());
+    let mut req = request(1, 5, 0, 512);
     req.extend_from_slice(&[0xee; 512]);
     c.write_all(&req).unwrap();
     let mut reply = [0u8; 16];
@@ -264,6 +259,17 @@ fn option(opt: u32, len: u32) -> Vec<u8> {
     b
 }
 
+/// A compact request header: command `kind`, no flags.
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
 /// Finishes a handshake with OPT_EXPORT_NAME "" (no zeroes).
 fn go(c: &mut UnixStream) {
     c.write_all(&3u32.to_be_bytes()).unwrap();
@@ -298,23 +304,13 @@ fn hostile_clients_do_not_stop_the_server() {
     // A write whose announced length is over the maximum: closed unread.
     let mut c = greet(&sock);
     go(&mut c);
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&0u16.to_be_bytes()); // flags
-    req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
-    req.extend_from_slice(&7u64.to_be_bytes()); // cookie
-    req.extend_from_slice(&0u64.to_be_bytes()); // offset
-    req.extend_from_slice(&u32::MAX.to_be_bytes()); // length
+    let req = request(1, 7, 0, u32::MAX);
     c.write_all(&req).unwrap();
     assert!(closed(&mut c));
     // A read past the end: an EINVAL reply, and the connection lives on.
     let mut c = greet(&sock);
     go(&mut c);
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&0u16.to_be_bytes()); // READ
-    req.extend_from_slice(&9u64.to_be_bytes());
-    req.extend_from_slice(&(64u64 << 20).to_be_bytes());
-    req.extend_from_slice(&4096u32.to_be_bytes());
+    let req = request(0, 9, 64 << 20, 4096);
     c.write_all(&req).unwrap();
     let mut reply = [0u8; 16];
     c.read_exact(&mut reply).unwrap();
@@ -328,12 +324,7 @@ fn hostile_clients_do_not_stop_the_server() {
     greedy
         .set_write_timeout(Some(Duration::from_secs(2)))
         .unwrap();
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&0u16.to_be_bytes());
-    req.extend_from_slice(&1u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&(32u32 << 20).to_be_bytes());
+    let req = request(0, 1, 0, 32 << 20);
     let mut sent = 0;
     while sent < 10_000 && greedy.write_all(&req).is_ok() {
         sent += 1;
