@@ -121,6 +121,47 @@ fn late_in_place_write_never_lands_in_a_reused_cluster() {
     io(d, &[OPEN, "read -P 0xbb 128k 64k"]);
 }
 
+/// Two late writes in two epochs (host_inflight.rs): A's cluster is freed
+/// while only A runs, B starts after that and its cluster is freed while A
+/// still runs. When A ends, A's cluster may be reused but B's may not, though
+/// the two are neighbours and the next allocation wants two clusters.
+#[test]
+fn a_cluster_freed_under_two_epochs_waits_for_the_younger_write() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    io(
+        d,
+        &["open a.qcow2", "write -P 1 0 64k", "write -P 2 256k 64k"],
+    );
+    io(
+        d,
+        &[
+            OPEN,
+            "break write_aio A",
+            "aio_write -P 0xaa 0 4k",
+            "wait_break A",
+            "discard 0 64k",
+            "break write_aio B",
+            "aio_write -P 0xbb 256k 4k",
+            "wait_break B",
+            "discard 256k 64k",
+            "resume A",
+            // Not aio_flush: that would wait for B too; the loop lets A land.
+            "sleep 100",
+            "write -P 0xcc 512k 128k",
+            "resume B",
+            "aio_flush",
+            "read -P 0xcc 512k 128k",
+        ],
+    );
+    check_clean(d);
+    io(d, &[OPEN, "read -P 0xcc 512k 128k"]);
+}
+
 #[test]
 fn late_write_past_a_shrink_never_lands_in_a_reused_cluster() {
     if !have_oracle() {
