@@ -43,11 +43,7 @@ impl Node {
         let align = limits.request_alignment.max(1) as u64;
         let mem_ok = buf.is_aligned(limits.memory_alignment.max(1) as usize);
         if offset.is_multiple_of(align) && len.is_multiple_of(align) && mem_ok {
-            if buf.len() <= transfer_max(&limits) {
-                // The usual request: straight to the driver.
-                return self.driver.read(offset, buf).await;
-            }
-            return Box::pin(self.read_aligned(offset, buf, &limits)).await;
+            return self.read_aligned(offset, buf, &limits).await;
         }
         // Unaligned: read the aligned cover into a bounce buffer and copy out.
         let start = offset / align * align;
@@ -61,17 +57,22 @@ impl Node {
         Ok(buf)
     }
 
-    /// Reads an aligned range, split at the maximum transfer.
+    /// Reads an aligned range, split at the maximum transfer. The usual
+    /// request goes straight to the driver; the split loop is boxed so its
+    /// state stays out of every read's future.
     pub(crate) async fn read_aligned(&self, offset: u64, buf: IoBuf, l: &Limits) -> Result<IoBuf> {
         let max = transfer_max(l);
         if buf.len() <= max {
             return self.driver.read(offset, buf).await;
         }
-        let mut parts = Vec::new();
-        for (off, piece) in buf.pieces(offset, |_, left| left.min(max)) {
-            parts.push(self.driver.read(off, piece).await?);
-        }
-        Ok(IoBuf::join_all(parts))
+        Box::pin(async move {
+            let mut parts = Vec::new();
+            for (off, piece) in buf.pieces(offset, |_, left| left.min(max)) {
+                parts.push(self.driver.read(off, piece).await?);
+            }
+            Ok(IoBuf::join_all(parts))
+        })
+        .await
     }
 
     /// Writes `buf` at `offset`.
