@@ -383,6 +383,12 @@ pub trait Driver: Send + Sync {
         true
     }
 
+    /// The driver's name where QEMU's messages spell it their own way
+    /// ("NBD nodes").
+    fn name_in_messages(&self) -> &'static str {
+        self.format_name()
+    }
+
     /// Breakpoint support, for drivers that have it (blkdebug).
     fn debug_hooks(&self) -> Option<&dyn crate::debug::DebugHooks> {
         None

@@ -154,7 +154,7 @@ impl Node {
         if !self.driver().has_dirname() {
             return Err(Error::invalid(format!(
                 "Cannot generate a base directory for {} nodes",
-                self.format_name()
+                self.driver().name_in_messages()
             )));
         }
         match self.primary_child() {

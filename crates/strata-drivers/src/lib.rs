@@ -15,6 +15,9 @@ pub fn registry() -> Arc<Registry> {
     r.register(Arc::new(protocols::file::FileClass::FILE));
     r.register(Arc::new(protocols::file::FileClass::HOST_DEVICE));
     r.register(Arc::new(protocols::file::FileClass::HOST_CDROM));
+    r.register(Arc::new(protocols::nbd::NbdClass::NBD));
+    r.register(Arc::new(protocols::nbd::NbdClass::TCP));
+    r.register(Arc::new(protocols::nbd::NbdClass::UNIX));
     r.register(Arc::new(protocols::null::NullClass::CO));
     r.register(Arc::new(protocols::null::NullClass::AIO));
     r.register(Arc::new(formats::qcow2::Qcow2Class));

@@ -1,7 +1,9 @@
 //! The NBD protocol (the NBD project's protocol document; QEMU's meta
 //! contexts from its `docs/interop/nbd.rst`): a server that serves nodes
-//! through user handles. It knows no driver.
+//! through user handles, and a client the `nbd` protocol driver wraps. It
+//! knows no driver.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 

@@ -4,92 +4,14 @@
 //! NBD lands in the image; hostile clients get errors or a closed
 //! connection while the server keeps serving the others.
 
+mod nbd_support;
+use nbd_support::{client, image, Served};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 const STRATA_NBD: &str = env!("CARGO_BIN_EXE_strata-nbd");
-
-/// Runs a client program; returns stdout + stderr.
-fn client(prog: &str, args: &[&str]) -> String {
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e} (is it installed? .ci/run installs it)"));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A server process on a Unix socket, killed when dropped.
-struct Served {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Served {
-    fn start(server: &str, sock: &Path, args: &[&str]) -> Served {
-        let _ = std::fs::remove_file(sock);
-        let child = Command::new(server)
-            .args(args)
-            .arg("-k")
-            .arg(sock)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the server");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{server} did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Served {
-            child,
-            sock: sock.to_path_buf(),
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A qcow2 image with data, a zero range and a hole, made by qemu-img.
-fn image(dir: &Path) -> PathBuf {
-    let img = dir.join("a.qcow2");
-    let p = img.to_str().unwrap();
-    client("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-    client(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x5a 1M 1M",
-            "-c",
-            "write -z 4M 1M",
-            "-c",
-            "write -P 7 8M 64k",
-            p,
-        ],
-    );
-    img
-}
 
 /// What the clients print about an export, with the socket name made equal.
 fn seen(uri: &str, sock: &Path, export: &str) -> String {

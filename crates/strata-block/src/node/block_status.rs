@@ -35,10 +35,8 @@ impl Node {
         }
         if st.raw {
             if let Some((child, host)) = st.host.clone() {
+                // The child's answer, offset and all (none if it has none).
                 let mut inner = Box::pin(child.block_status(host, st.len)).await?;
-                if inner.host.is_none() {
-                    inner.host = Some((child, host));
-                }
                 inner.len = inner.len.min(st.len);
                 return Ok(inner);
             }

@@ -41,6 +41,11 @@ impl Driver for RawDriver {
             .unwrap_or_else(|| self.file.get().length().saturating_sub(self.offset))
     }
 
+    /// QEMU's raw answers get_info with its file's answer.
+    fn has_info(&self) -> bool {
+        self.file.get().driver().has_info()
+    }
+
     fn children(&self) -> Vec<Child> {
         vec![Child {
             role: ChildRole::File,

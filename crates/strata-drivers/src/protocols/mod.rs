@@ -2,4 +2,5 @@
 
 pub mod file;
 mod lock;
+pub mod nbd;
 pub mod null;

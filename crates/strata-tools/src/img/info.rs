@@ -28,7 +28,10 @@ pub async fn node_info(node: &Arc<Node>) -> Value {
     let mut m = Map::new();
     m.insert("filename".into(), node.filename().into());
     m.insert("format".into(), node.format_name().into());
-    m.insert("dirty-flag".into(), d.is_dirty().into());
+    // Only drivers that answer get_info say whether they are dirty.
+    if d.has_info() {
+        m.insert("dirty-flag".into(), d.is_dirty().into());
+    }
     if let Ok(Some(a)) = d.allocated_size().await {
         m.insert("actual-size".into(), a.into());
     }
