@@ -28,7 +28,8 @@ fn run(prog: &str, args: &[&str]) -> (String, i32) {
     );
     let text = text
         .replace("strata-img:", "qemu-img:")
-        .replace("strata-io:", "qemu-io:");
+        .replace("strata-io:", "qemu-io:")
+        .replace("strata-nbd:", "qemu-nbd:");
     (text, out.status.code().unwrap_or(-1))
 }
 
@@ -52,6 +53,15 @@ fn inspect(uri: &str) {
     ] {
         same(STRATA_IMG, "qemu-img", &args);
     }
+}
+
+/// `strata-nbd -L` lists the server's exports as `qemu-nbd -L` does.
+fn lists(sock: &Path) {
+    let k = sock.to_str().unwrap();
+    let want = run("qemu-nbd", &["-L", "-k", k]);
+    let got = run(STRATA_NBD, &["-L", "-k", k]);
+    assert!(want.0.contains("exports available"), "{want:?}");
+    assert_eq!(got, want);
 }
 
 /// Copies the remote disk with strata-img convert; qemu-img finds the copy
@@ -81,6 +91,7 @@ fn remote_disks_look_the_same_to_strata_img_as_to_qemu_img() {
             args.extend(["-t", "-r", "-f", "qcow2", p]);
             let s = Served::start(server, &sock, &args);
             inspect(&s.uri(export));
+            lists(&sock);
             converts(dir.path(), &s.uri(export));
         }
     }
@@ -98,6 +109,7 @@ fn nbdkit_disks_read_as_qemu_img_reads_them() {
     ] {
         let s = Served::nbdkit(&sock, &plugin);
         inspect(&s.uri(""));
+        lists(&sock);
         converts(dir.path(), &s.uri(""));
     }
 }

@@ -22,6 +22,7 @@ fn seen(uri: &str, sock: &Path, export: &str) -> String {
     out += &client("nbdinfo", &["--json", uri]);
     out += &client("nbdinfo", &["--list", "--json", &list]);
     out += &client("nbdinfo", &["--map", uri]);
+    out += &client("qemu-nbd", &["-L", "-k", sock.to_str().unwrap()]);
     if export == "exp1" {
         out += &client("nbdinfo", &["--map=qemu:allocation-depth", uri]);
     }

@@ -66,8 +66,14 @@ impl Driver for RawDriver {
         (perm, Perm(shared.0 & !Perm::RESIZE.0))
     }
 
+    /// The file's; a probed image is accessed in whole sectors, which
+    /// makes guarding its first sector simple (QEMU's rule).
     fn limits(&self) -> strata_block::Limits {
-        self.file.get().limits()
+        let mut l = self.file.get().limits();
+        if self.guard_first_sector.is_some() {
+            l.request_alignment = l.request_alignment.max(512);
+        }
+        l
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {

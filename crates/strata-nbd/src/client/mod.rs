@@ -7,7 +7,7 @@ mod conn;
 mod handshake;
 
 pub use conn::{Extent, MAX_IN_FLIGHT};
-pub use handshake::{ExportInfo, Wanted};
+pub use handshake::{ExportInfo, Listed, Wanted};
 
 use crate::proto::*;
 use conn::{Conn, Reader, Reply, Writer};
@@ -67,19 +67,31 @@ async fn dial(addr: &Addr) -> std::io::Result<(Reader, Writer)> {
     }
 }
 
+/// Connects, with QEMU's error if that fails.
+async fn open(addr: &Addr) -> Result<(Reader, Writer)> {
+    dial(addr).await.map_err(|e| {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        Error::msg(
+            errno,
+            format!(
+                "Failed to connect to '{addr}': {}",
+                strata_block::error::strerror(errno)
+            ),
+        )
+    })
+}
+
+/// The exports a server offers, each with its sizes, flags and meta
+/// contexts (`qemu-nbd -L`).
+pub async fn list_exports(addr: &Addr) -> Result<Vec<Listed>> {
+    let (mut r, mut w) = open(addr).await?;
+    handshake::list(&mut r, &mut w).await
+}
+
 impl Client {
     /// Connects to `addr` and negotiates `want`.
     pub async fn connect(addr: &Addr, want: &Wanted<'_>) -> Result<Client> {
-        let (mut r, mut w) = dial(addr).await.map_err(|e| {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            Error::msg(
-                errno,
-                format!(
-                    "Failed to connect to '{addr}': {}",
-                    strata_block::error::strerror(errno)
-                ),
-            )
-        })?;
+        let (mut r, mut w) = open(addr).await?;
         let info = handshake::negotiate(&mut r, &mut w, want).await?;
         let conn = Conn::start(r, w, info.structured, info.extended);
         Ok(Client { conn, info })

@@ -267,10 +267,22 @@ async fn info<W: AsyncWrite + Unpin>(
             reply.send(REP_INFO, &b).await?;
         }
     }
-    // Block sizes always: byte granularity (the core pads what it must),
-    // 4 KiB preferred, the payload bound as the maximum.
+    // Block sizes always (QEMU's choice): the node's alignment as the
+    // minimum to a client that asked for sizes (or only looks), else 1
+    // (the core pads what it must); 4 KiB preferred; the node's transfer
+    // limit within the payload bound as the maximum.
+    let limits = export.blk.node().limits();
+    let min = if !go || items.contains(&INFO_BLOCK_SIZE) {
+        limits.request_alignment.max(1)
+    } else {
+        1
+    };
+    let max = match limits.max_transfer {
+        0 => MAX_BUFFER,
+        m => m.min(MAX_BUFFER),
+    };
     let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [1u32, 4096, MAX_BUFFER as u32] {
+    for v in [min, min.max(4096), max as u32] {
         b.extend_from_slice(&v.to_be_bytes());
     }
     reply.send(REP_INFO, &b).await?;

@@ -78,6 +78,8 @@ pub struct Args {
     pub pid_file: Option<String>,
     pub handshake_limit: u64,
     pub detect_zeroes: Option<String>,
+    /// `-L`: list another server's exports instead of serving.
+    pub list: bool,
 }
 
 fn usage_hint() {
@@ -155,10 +157,16 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
         pid_file: None,
         handshake_limit: 10,
         detect_zeroes: None,
+        list: false,
     };
     let mut format = None;
     let mut port_given = false;
+    // Options that make no sense with -L (qemu-nbd's per-device settings).
+    let mut per_device = false;
     for item in parsed.items {
+        if let Item::Opt('x' | 'D' | 'f' | 'B' | 'A' | CACHE | AIO | DISCARD | 'n', _) = item {
+            per_device = true;
+        }
         match item {
             Item::Opt('h', _) => {
                 usage();
@@ -266,10 +274,10 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
             }
             // No trace events in Strata; accepted for scripts.
             Item::Opt('T', _) => {}
-            Item::Opt(c @ ('c' | 'd' | 'L' | 'l' | 'o'), _) | Item::Opt(c @ TLS, _) => {
+            Item::Opt('L', _) => a.list = true,
+            Item::Opt(c @ ('c' | 'd' | 'l' | 'o'), _) | Item::Opt(c @ TLS, _) => {
                 let what = match c {
                     'c' | 'd' => "the kernel NBD client (-c, -d)",
-                    'L' => "listing another server's exports (-L)",
                     'l' => "internal snapshots (-l)",
                     'o' => "exposing part of an image (-o)",
                     _ => "TLS",
@@ -289,17 +297,27 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
         error_report("-p is incompatible with -k");
         return Err(1);
     }
+    if a.list {
+        if !parsed.operands.is_empty() {
+            error_report("List mode is incompatible with a file name");
+            return Err(1);
+        }
+        if per_device {
+            error_report("List mode is incompatible with per-device settings");
+            return Err(1);
+        }
+        if a.fork {
+            error_report("List mode is incompatible with forking");
+            return Err(1);
+        }
+        return Ok(a);
+    }
     let mut operands = parsed.operands.into_iter();
-    let Some(image) = operands.next() else {
-        error_report("Not enough arguments");
+    let (Some(image), None) = (operands.next(), operands.next()) else {
+        error_report("Invalid number of arguments");
         usage_hint();
         return Err(1);
     };
-    if operands.next().is_some() {
-        error_report("Too many arguments");
-        usage_hint();
-        return Err(1);
-    }
     if format.is_some() && a.image_opts {
         error_report("--image-opts and --format are mutually exclusive");
         return Err(1);

@@ -3,6 +3,7 @@
 //! (after the last client unless `-t`).
 
 mod args;
+mod list;
 
 use crate::daemon::daemonize::daemonize;
 use crate::daemon::pidfile::PidFile;
@@ -22,6 +23,15 @@ pub fn main() -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
+    if a.list {
+        return match EventLoop::new() {
+            Ok(el) => el.block_on(list::run(&a)),
+            Err(e) => {
+                error_report(format!("cannot start the event loop: {e}"));
+                1
+            }
+        };
+    }
     // Forking must happen before any thread exists (the event loop's).
     let daemon = a.fork.then(daemonize);
     let el = match EventLoop::new() {
