@@ -189,9 +189,9 @@ impl Backend {
     }
 
     /// Changes the disk's length.
-    pub async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+    pub async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         self.need(Perm::RESIZE)?;
-        self.complete(|n| async move { n.truncate(size, prealloc).await })
+        self.complete(|n| async move { n.truncate(size, exact, prealloc).await })
             .await
     }
 

@@ -300,8 +300,9 @@ pub trait Driver: Send + Sync {
     /// What is at `offset` (at most `len` bytes of it).
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
 
-    /// Changes the length.
-    async fn truncate(&self, _size: u64, _prealloc: Preallocation) -> Result<()> {
+    /// Changes the length. Not `exact` (QEMU's flag): the node may end up
+    /// longer than asked, and a node that cannot grow says so.
+    async fn truncate(&self, _size: u64, _exact: bool, _prealloc: Preallocation) -> Result<()> {
         err(libc::ENOTSUP)
     }
 

@@ -8,6 +8,7 @@ pub mod bitmap;
 pub mod blockers;
 pub mod buf;
 mod copy_on_read;
+pub mod create_existing;
 pub mod debug;
 pub mod driver;
 pub mod engine;

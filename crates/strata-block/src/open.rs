@@ -459,6 +459,22 @@ impl OpenCtx {
         Ok(self.new_node(node_name, identity, drv, node_opts))
     }
 
+    /// Opens the protocol node a file name names, its prefix choosing the
+    /// driver (`nbd://…`, a plain path for `file`): where a format creates
+    /// or writes its image (QEMU: bdrv_open with BDRV_O_PROTOCOL).
+    pub async fn open_file(&self, filename: &str) -> Result<Arc<Node>> {
+        let mut ctx = self.clone();
+        ctx.protocol = true;
+        ctx.open_node(Some(filename), Opts::new()).await
+    }
+
+    /// Creates the file of an image being created with the protocol its
+    /// name selects (QEMU: bdrv_co_create_file).
+    pub async fn create_file(&self, filename: &str, opts: Opts) -> Result<()> {
+        let class = self.find_protocol(filename, true)?;
+        class.create(self, filename, opts).await
+    }
+
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
     /// `name:rest` where `name` comes before any `/` selects the driver with
     /// that protocol name; anything else is a plain file.

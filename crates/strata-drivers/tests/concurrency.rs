@@ -129,9 +129,9 @@ impl Driver for DelayDriver {
             ..BlockStatus::data_at(len, Arc::clone(&self.file), offset)
         })
     }
-    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         self.jitter().await;
-        self.file.truncate(size, prealloc).await
+        self.file.truncate(size, exact, prealloc).await
     }
     async fn allocated_size(&self) -> Result<Option<u64>> {
         self.file.driver().allocated_size().await
@@ -362,8 +362,8 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
                 tokio::task::yield_now().await;
             }
             let r = async {
-                node.truncate(to, Preallocation::Off).await?;
-                node.truncate(SIZE, Preallocation::Off).await
+                node.truncate(to, true, Preallocation::Off).await?;
+                node.truncate(SIZE, true, Preallocation::Off).await
             }
             .await;
             let mut s = st.borrow_mut();

@@ -237,3 +237,54 @@ fn errors_read_as_qemus() {
         &["-f", "raw", "-c", "write 0 4k", &good],
     );
 }
+
+#[test]
+fn an_image_is_made_on_an_existing_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    for tool in ["qemu-img", STRATA_IMG] {
+        let disk = dir.path().join("disk.raw");
+        let d = disk.to_str().unwrap();
+        client("qemu-img", &["create", "-q", "-f", "raw", d, "64M"]);
+        let s = Served::start(STRATA_NBD, &sock, &["-t", "-f", "raw", d]);
+        let uri = s.uri("");
+        // The export keeps its size; a qcow2 image goes inside it.
+        let made = run(tool, &["create", "-f", "qcow2", &uri, "32M"]);
+        assert_eq!(made.1, 0, "{made:?}");
+        let check = client("qemu-img", &["check", "-f", "qcow2", &uri]);
+        assert!(check.contains("No errors were found"), "{tool}: {check}");
+        let grown = run(
+            tool,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata",
+                &uri,
+                "128M",
+            ],
+        );
+        assert_eq!(grown.1, 1, "{grown:?}");
+        assert!(
+            grown
+                .0
+                .ends_with("Could not resize image: Cannot grow NBD nodes\n"),
+            "{grown:?}"
+        );
+        let resized = run(tool, &["resize", "-f", "raw", &uri, "128M"]);
+        assert_eq!(resized, ("qemu-img: Cannot resize NBD nodes\n".into(), 1));
+    }
+    let io = |prog: &str, cmd: &str| {
+        let disk = dir.path().join("disk.raw");
+        let s = Served::start(
+            STRATA_NBD,
+            &sock,
+            &["-t", "-f", "raw", disk.to_str().unwrap()],
+        );
+        run(prog, &["-f", "raw", "-c", cmd, &s.uri("")])
+    };
+    for cmd in ["truncate 128M", "truncate 32M", "truncate 64M"] {
+        assert_eq!(io(STRATA_IO, cmd), io("qemu-io", cmd), "{cmd}");
+    }
+}

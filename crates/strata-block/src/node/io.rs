@@ -531,12 +531,17 @@ impl Node {
     /// half made. Shrinking waits for nobody, as in QEMU (a write held in
     /// flight past the new end would otherwise hang the caller): formats
     /// keep the clusters such a write still targets from being reused.
-    pub async fn truncate(&self, size: u64, prealloc: crate::driver::Preallocation) -> Result<()> {
+    pub async fn truncate(
+        &self,
+        size: u64,
+        exact: bool,
+        prealloc: crate::driver::Preallocation,
+    ) -> Result<()> {
         self.pass_gate().await;
         self.check_writable()?;
         let old = self.length();
         let _req = self.tracker.begin(old.min(size), size, true).await;
-        self.driver.truncate(size, prealloc).await?;
+        self.driver.truncate(size, exact, prealloc).await?;
         // Bitmaps follow the new length (QEMU: bdrv_dirty_bitmap_truncate).
         self.bitmaps.truncate(self.length());
         Ok(())

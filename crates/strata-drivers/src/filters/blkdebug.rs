@@ -191,8 +191,13 @@ impl Driver for BlkdebugDriver {
         })
     }
 
-    async fn truncate(&self, size: u64, prealloc: strata_block::Preallocation) -> Result<()> {
-        self.image.get().truncate(size, prealloc).await
+    async fn truncate(
+        &self,
+        size: u64,
+        exact: bool,
+        prealloc: strata_block::Preallocation,
+    ) -> Result<()> {
+        self.image.get().truncate(size, exact, prealloc).await
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {

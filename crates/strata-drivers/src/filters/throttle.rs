@@ -550,8 +550,8 @@ impl Driver for ThrottleDriver {
         })
     }
 
-    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
-        self.file.get().truncate(size, prealloc).await
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
+        self.file.get().truncate(size, exact, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {

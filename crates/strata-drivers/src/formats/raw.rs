@@ -127,7 +127,7 @@ impl Driver for RawDriver {
         })
     }
 
-    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         // As QEMU: a fixed size stays fixed; an offset moves the file's end.
         if self.size.is_some() {
             return Err(Error::unsupported("Cannot resize fixed-size raw disks"));
@@ -136,7 +136,7 @@ impl Driver for RawDriver {
             .checked_add(self.offset)
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or_else(|| Error::invalid("Disk size too large for the chosen offset"))?;
-        self.file.get().truncate(end, prealloc).await
+        self.file.get().truncate(end, exact, prealloc).await
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
@@ -168,8 +168,7 @@ impl DriverClass for RawClass {
     }
 
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
-        let file = ctx.registry.format("file")?;
-        file.create(ctx, filename, opts).await
+        ctx.create_file(filename, opts).await
     }
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {

@@ -352,10 +352,13 @@ impl Driver for FileDriver {
         }
     }
 
-    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         if self.block_device {
+            if size != self.length() && exact {
+                return Err(Error::unsupported("Cannot resize device files"));
+            }
             if size > self.length() {
-                return Err(Error::unsupported("Cannot grow device files"));
+                return Err(Error::invalid("Cannot grow device files"));
             }
             return Ok(());
         }
@@ -503,8 +506,8 @@ impl DriverClass for FileClass {
             removable: false,
         };
         if is_reg {
-            driver.truncate(0, Preallocation::Off).await?;
-            driver.truncate(size, prealloc).await?;
+            driver.truncate(0, true, Preallocation::Off).await?;
+            driver.truncate(size, true, prealloc).await?;
         }
         Ok(())
     }

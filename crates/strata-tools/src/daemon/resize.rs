@@ -47,7 +47,8 @@ async fn resize_through(blk: &Backend, size: i64) -> Result<(), String> {
     if node.is_read_only() {
         return Err("Image is read-only".into());
     }
-    blk.truncate(size as u64, Preallocation::Off)
+    // Not exact, as QEMU's block_resize.
+    blk.truncate(size as u64, false, Preallocation::Off)
         .await
         .map_err(|e| match e.message() {
             Some(m) => m.to_string(),

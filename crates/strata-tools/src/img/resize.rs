@@ -106,7 +106,8 @@ pub fn run(ctx: Ctx) -> i32 {
         let resized = ctx.ev.block_on(async {
             let perm = Perm::CONSISTENT_READ.with(Perm::WRITE).with(Perm::RESIZE);
             let blk = Backend::new(&node, "an unnamed block device", perm, Perm::ALL)?;
-            let r = blk.truncate(total as u64, prealloc).await;
+            // Exact: the image is to be this long (QEMU's img_resize).
+            let r = blk.truncate(total as u64, true, prealloc).await;
             blk.close().await?;
             r
         });

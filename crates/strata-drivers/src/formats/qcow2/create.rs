@@ -256,11 +256,10 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         }
     }
     strata_block::options::reject_unknown(&opts, "qcow2")?;
-    let file_class = ctx.registry.format("file")?;
-    file_class.create(ctx, filename, file_opts.clone()).await?;
-    // The data file is a plain file too, made after the image (as QEMU does).
+    ctx.create_file(filename, file_opts.clone()).await?;
+    // The data file is made after the image (as QEMU does).
     if let Some(d) = &data_file {
-        if let Err(e) = file_class.create(ctx, d, file_opts).await {
+        if let Err(e) = ctx.create_file(d, file_opts).await {
             remove_created(filename, None);
             return Err(e);
         }
@@ -385,10 +384,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
     flags.read_only = false;
     flags.no_backing = true;
     let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
-    let mut fo = Opts::new();
-    fo.insert("driver".into(), "file".into());
-    fo.insert("filename".into(), filename.into());
-    let file = octx.open_image(None, None, fo).await?;
+    let file = octx.open_file(filename).await?;
     file.write(0, IoBuf::from_slice(&first), WriteFlags::default())
         .await?;
     file.flush().await?;
@@ -406,7 +402,10 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
     }
     let node = octx.open_image(None, None, qo).await?;
     if size > 0 {
-        node.truncate(size, prealloc).await?;
+        // Not exact, as QEMU's create: the file may already be longer.
+        node.truncate(size, false, prealloc)
+            .await
+            .map_err(|e| e.context("Could not resize image"))?;
     }
     node.flush().await?;
     node.close().await?;

@@ -155,7 +155,7 @@ impl Qcow2Driver {
                 Preallocation::Metadata => Preallocation::Off,
                 other => other,
             };
-            data.truncate(to, mode).await?;
+            data.truncate(to, false, mode).await?;
         }
         self.meta.lock().await.flush(&self.file).await
     }

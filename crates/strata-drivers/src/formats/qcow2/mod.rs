@@ -340,7 +340,7 @@ impl Driver for Qcow2Driver {
         })
     }
 
-    async fn truncate(&self, size: u64, prealloc: Preallocation) -> Result<()> {
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         let old = self.length();
         if !size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
@@ -360,7 +360,7 @@ impl Driver for Qcow2Driver {
         }
         if prealloc == Preallocation::Off {
             if let Some(d) = self.external() {
-                d.truncate(size, Preallocation::Off).await?;
+                d.truncate(size, exact, Preallocation::Off).await?;
             }
         }
         m.write_disk_size(&self.file, size).await?;
@@ -409,7 +409,7 @@ impl Driver for Qcow2Driver {
             // The end of a series: the file ends on a whole sector, so that
             // sector-based readers see all of the last compressed cluster.
             let end = self.file.length();
-            self.file.truncate(end, Preallocation::Off).await?;
+            self.file.truncate(end, false, Preallocation::Off).await?;
             return Ok(buf);
         }
         let unaligned_end = !len.is_multiple_of(cs) && offset + len != self.length();

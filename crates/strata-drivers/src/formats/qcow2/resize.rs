@@ -114,12 +114,14 @@ impl Qcow2Driver {
             last -= 1;
         }
         if last * cs < self.file.length() {
-            self.file.truncate(last * cs, Preallocation::Off).await?;
+            self.file
+                .truncate(last * cs, false, Preallocation::Off)
+                .await?;
         }
         drop(m);
         // The data file shrinks with the disk, as QEMU resizes it.
         if let Some(d) = self.external() {
-            d.truncate(size, Preallocation::Off).await?;
+            d.truncate(size, false, Preallocation::Off).await?;
         }
         Ok(())
     }
@@ -159,7 +161,11 @@ impl Qcow2Driver {
             match mode {
                 Preallocation::Falloc => {
                     self.file
-                        .truncate(self.file.length().max(host + n * cs), Preallocation::Falloc)
+                        .truncate(
+                            self.file.length().max(host + n * cs),
+                            false,
+                            Preallocation::Falloc,
+                        )
                         .await?
                 }
                 Preallocation::Full => {
@@ -174,7 +180,9 @@ impl Qcow2Driver {
         }
         // The file reaches the end of the last cluster, so reads never fall off it.
         if host_end > self.file.length() {
-            self.file.truncate(host_end, Preallocation::Off).await?;
+            self.file
+                .truncate(host_end, false, Preallocation::Off)
+                .await?;
         }
         self.meta.lock().await.flush(&self.file).await
     }

@@ -206,9 +206,15 @@ impl Driver for NbdDriver {
         })
     }
 
-    async fn truncate(&self, size: u64, _prealloc: Preallocation) -> Result<()> {
-        if size != self.client.info.size {
+    /// An export keeps its size; a shorter size than it has is fine
+    /// when not exact (QEMU's rule).
+    async fn truncate(&self, size: u64, exact: bool, _prealloc: Preallocation) -> Result<()> {
+        let cur = self.client.info.size;
+        if size != cur && exact {
             return Err(Error::unsupported("Cannot resize NBD nodes"));
+        }
+        if size > cur {
+            return Err(Error::invalid("Cannot grow NBD nodes"));
         }
         Ok(())
     }
@@ -257,10 +263,9 @@ impl DriverClass for NbdClass {
         address::parse_filename(filename, opts)
     }
 
-    async fn create(&self, _ctx: &OpenCtx, _filename: &str, _opts: Opts) -> Result<()> {
-        Err(Error::unsupported(
-            "Driver 'nbd' does not support image creation",
-        ))
+    /// An export exists already: "creating" opens it (QEMU's simple create).
+    async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
+        strata_block::create_existing::create_on_existing(ctx, "nbd", filename, opts).await
     }
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
