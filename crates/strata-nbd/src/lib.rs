@@ -4,8 +4,9 @@
 //! knows no driver.
 
 pub mod client;
+pub mod listener;
 pub mod proto;
 pub mod server;
 
-pub use server::export::{Export, MetaContext};
+pub use server::export::{Export, ExportState, MetaContext};
 pub use server::Server;

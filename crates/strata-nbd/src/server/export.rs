@@ -19,6 +19,66 @@ pub struct Export {
     pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
     /// `qemu:allocation-depth` is offered.
     pub allocation_depth: bool,
+    /// Connections in transmission, and the signal that ends them.
+    pub state: ExportState,
+}
+
+/// The connections of an export, counted, and ended when it is removed
+/// (QEMU's hard removal; a safe one first checks that there are none).
+pub struct ExportState {
+    clients: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for ExportState {
+    fn default() -> Self {
+        ExportState {
+            clients: std::sync::atomic::AtomicUsize::new(0),
+            closed: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl ExportState {
+    /// Connections serving this export now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ends every connection and waits until they are gone.
+    pub async fn close(&self) {
+        self.closed.send_replace(true);
+        let mut rx = self.closed.subscribe();
+        while self.clients() > 0 {
+            // Each connection that ends says so on the channel.
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Runs `serve` as one connection of the export, unless or until the
+    /// export is closed.
+    pub async fn serve<F: std::future::Future<Output = std::io::Result<()>>>(
+        &self,
+        serve: F,
+    ) -> std::io::Result<()> {
+        let mut closed = self.closed.subscribe();
+        if *closed.borrow_and_update() {
+            return Ok(());
+        }
+        self.clients
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let r = tokio::select! {
+            r = serve => r,
+            _ = closed.wait_for(|c| *c) => Ok(()),
+        };
+        self.clients
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        // Wakes a close() waiting for the last connection.
+        self.closed.send_modify(|_| {});
+        r
+    }
 }
 
 /// A meta context a client selected, with the id the server gave it.

@@ -83,7 +83,10 @@ impl Server {
             }
         };
         match n {
-            Some(n) => transmission::transmit(r, w, n).await,
+            Some(n) => {
+                let export = Arc::clone(&n.export);
+                export.state.serve(transmission::transmit(r, w, n)).await
+            }
             None => Ok(()),
         }
     }

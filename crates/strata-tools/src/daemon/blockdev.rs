@@ -17,6 +17,10 @@ pub struct Daemon {
     owned: Mutex<Vec<Arc<Node>>>,
     /// I/O threads made by `--object iothread` and `object-add`.
     iothreads: Mutex<Vec<strata_block::IoThread>>,
+    /// The NBD server and the block exports.
+    pub exports: super::exports::Exports,
+    /// Where events go: the monitor, once it exists.
+    events: std::sync::OnceLock<std::sync::Weak<strata_qmp::Qmp>>,
 }
 
 /// Lists become dictionaries keyed `0`, `1`, ... as QEMU's qdict_flatten
@@ -45,6 +49,20 @@ impl Daemon {
             graph: Graph::new(),
             owned: Mutex::new(Vec::new()),
             iothreads: Mutex::new(Vec::new()),
+            exports: Default::default(),
+            events: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sends events to the monitor `qmp` from now on.
+    pub fn set_monitor(&self, qmp: &Arc<strata_qmp::Qmp>) {
+        let _ = self.events.set(Arc::downgrade(qmp));
+    }
+
+    /// Emits a QMP event to every monitor client.
+    pub fn emit(&self, event: &str, data: Option<Value>) {
+        if let Some(q) = self.events.get().and_then(std::sync::Weak::upgrade) {
+            q.emit(event, data);
         }
     }
 
@@ -99,6 +117,9 @@ impl Daemon {
         let node = self.graph.find_node(name).map_err(|e| e.to_string())?;
         node.check_op(BlockOp::DriveDel)
             .map_err(|e| e.to_string())?;
+        if self.exports.exports_node(&node) {
+            return Err(format!("Node {name} is in use"));
+        }
         let owned_at = self.owned().iter().position(|n| Arc::ptr_eq(n, &node));
         let Some(at) = owned_at else {
             return Err(format!("Node {name} is not owned by the monitor"));
@@ -116,6 +137,8 @@ impl Daemon {
     /// were added (QEMU: bdrv_close_all at shutdown): each image is
     /// written back and closed once its last user is gone.
     pub async fn close_all(&self) {
+        // Exports first: they are users of the nodes.
+        self.exports.close_all(self).await;
         let nodes: Vec<Arc<Node>> = std::mem::take(&mut *self.owned());
         for n in nodes {
             if let Err(e) = n.close().await {

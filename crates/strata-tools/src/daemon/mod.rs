@@ -6,6 +6,7 @@
 pub mod blockdev;
 mod chardev;
 pub(crate) mod daemonize;
+mod exports;
 mod graph_ops;
 pub(crate) mod pidfile;
 mod qemu_opts;
@@ -40,6 +41,11 @@ const LONG: &[LongOpt] = &[
         val: 'D',
     },
     LongOpt {
+        name: "export",
+        has_arg: true,
+        val: 'E',
+    },
+    LongOpt {
         name: "help",
         has_arg: false,
         val: 'h',
@@ -48,6 +54,11 @@ const LONG: &[LongOpt] = &[
         name: "monitor",
         has_arg: true,
         val: 'M',
+    },
+    LongOpt {
+        name: "nbd-server",
+        has_arg: true,
+        val: 'N',
     },
     LongOpt {
         name: "object",
@@ -88,8 +99,19 @@ QEMU storage daemon (Strata)
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
 
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,max-connections=<n>]
+                         start an NBD server for exporting block nodes
 
   --pidfile <path>       write process ID to a file after startup
 
@@ -231,17 +253,89 @@ fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
         },
     );
     graph_ops::register(&mut qmp, daemon);
+    export_commands(&mut qmp, daemon);
     qmp.add_control_commands();
     let q = Arc::clone(quit);
+    let d = Arc::clone(daemon);
     qmp.add_command(
         "quit",
         None,
         Arc::new(move |_| {
-            q.notify_one();
-            Box::pin(async { Ok(json!({})) })
+            let (q, d) = (Arc::clone(&q), Arc::clone(&d));
+            Box::pin(async move {
+                // Exports end before the answer, as in QEMU: their
+                // BLOCK_EXPORT_DELETED events come first.
+                d.exports.close_all(&d).await;
+                q.notify_one();
+                Ok(json!({}))
+            })
         }),
     );
     qmp
+}
+
+/// The NBD server and block export commands (QEMU: blockdev-nbd.c,
+/// block/export/export.c).
+fn export_commands(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
+    daemon_command(
+        qmp,
+        daemon,
+        "nbd-server-start",
+        "q_obj_nbd-server-start_arg",
+        |d, a| async move { d.exports.nbd_server_start(&a).await },
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "nbd-server-stop",
+        None,
+        Arc::new(move |_| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                d.exports
+                    .nbd_server_stop(&d)
+                    .await
+                    .map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    daemon_command(
+        qmp,
+        daemon,
+        "block-export-add",
+        "BlockExportOptions",
+        |d, a| async move { d.exports.add(&d, &a).await },
+    );
+    daemon_command(
+        qmp,
+        daemon,
+        "block-export-del",
+        "q_obj_block-export-del_arg",
+        |d, a| async move { d.exports.del(&d, &a).await },
+    );
+    daemon_command(
+        qmp,
+        daemon,
+        "nbd-server-add",
+        "NbdServerAddOptions",
+        |d, a| async move { d.exports.nbd_server_add(&d, &a).await },
+    );
+    daemon_command(
+        qmp,
+        daemon,
+        "nbd-server-remove",
+        "q_obj_nbd-server-remove_arg",
+        |d, a| async move { d.exports.del(&d, &a).await },
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "query-block-exports",
+        None,
+        Arc::new(move |_| {
+            let list = d.exports.query();
+            Box::pin(async move { Ok(list) })
+        }),
+    );
 }
 
 /// Processes the options in order, serves the monitors, and shuts down.
@@ -273,6 +367,7 @@ async fn run(
         return 1;
     }
     let qmp = Arc::new(qmp);
+    daemon.set_monitor(&qmp);
     let mut devices: Vec<Device> = Vec::new();
     // Second pass: the options that build the daemon, in order.
     for (item, span) in parsed.items.iter().zip(&parsed.spans) {
@@ -296,6 +391,14 @@ async fn run(
             },
             'M' => add_monitor(&qmp, arg, &mut devices),
             'O' => add_object(&daemon, &qmp, arg),
+            'N' => match options(&qmp, arg, None, "NbdServerOptions") {
+                Ok(o) => daemon.exports.nbd_server_start(&o).await,
+                Err(e) => Err(e),
+            },
+            'E' => match options(&qmp, arg, Some("type"), "BlockExportOptions") {
+                Ok(o) => daemon.exports.add(&daemon, &o).await,
+                Err(e) => Err(e),
+            },
             _ => Ok(()),
         };
         if let Err(msg) = r {
@@ -360,6 +463,19 @@ async fn add_blockdev(daemon: &Daemon, qmp: &Qmp, arg: &str) -> Result<(), Strin
     };
     let opts = strata_qmp::visit::visit(qmp.schema(), "BlockdevOptions", value, keyval)?;
     daemon.blockdev_add(opts).await
+}
+
+/// An option's argument in keyval form or JSON, checked against `ty`.
+fn options(qmp: &Qmp, arg: &str, implied: Option<&str>, ty: &str) -> Result<Value, String> {
+    let (value, keyval) = if arg.starts_with('{') {
+        (strata_block::qjson::parse(arg)?, false)
+    } else {
+        (
+            Value::Object(strata_qmp::keyval::parse(arg, implied)?),
+            true,
+        )
+    };
+    strata_qmp::visit::visit(qmp.schema(), ty, value, keyval)
 }
 
 /// `--object qom-type,id=ID,...`, in keyval form or JSON.

@@ -15,6 +15,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("blkverify", "BlockdevOptionsBlkverify"),
     ("copy-on-read", "BlockdevOptionsCor"),
     ("file", "BlockdevOptionsFile"),
+    ("nbd", "BlockdevOptionsNbd"),
     ("host_cdrom", "BlockdevOptionsFile"),
     ("host_device", "BlockdevOptionsFile"),
     ("null-aio", "BlockdevOptionsNull"),
@@ -323,7 +324,127 @@ pub fn schema(registry: &Registry) -> Schema {
             "q_obj_block_resize_arg",
             &[("*device", "str"), ("*node-name", "str"), ("size", "int")],
         );
+    exports(&mut s);
     s
+}
+
+/// Socket addresses, the NBD driver's options, the NBD server and block
+/// exports (qapi/sockets.json, block-core.json, block-export.json).
+fn exports(s: &mut Schema) {
+    s.enumeration("SocketAddressType", &["inet", "unix"])
+        .object(
+            "InetSocketAddress",
+            &[
+                ("host", "str"),
+                ("port", "str"),
+                ("*numeric", "bool"),
+                ("*to", "uint16"),
+                ("*ipv4", "bool"),
+                ("*ipv6", "bool"),
+                ("*keep-alive", "bool"),
+                ("*mptcp", "bool"),
+            ],
+        )
+        .object(
+            "UnixSocketAddress",
+            &[("path", "str"), ("*abstract", "bool"), ("*tight", "bool")],
+        )
+        .union(
+            "SocketAddress",
+            &[("type", "SocketAddressType")],
+            "type",
+            &[("inet", "InetSocketAddress"), ("unix", "UnixSocketAddress")],
+        )
+        .object("InetSocketAddressWrapper", &[("data", "InetSocketAddress")])
+        .object("UnixSocketAddressWrapper", &[("data", "UnixSocketAddress")])
+        .union(
+            "SocketAddressLegacy",
+            &[("type", "SocketAddressType")],
+            "type",
+            &[
+                ("inet", "InetSocketAddressWrapper"),
+                ("unix", "UnixSocketAddressWrapper"),
+            ],
+        )
+        .object(
+            "BlockdevOptionsNbd",
+            &[
+                ("server", "SocketAddress"),
+                ("*export", "str"),
+                ("*tls-creds", "str"),
+                ("*tls-hostname", "str"),
+                ("*x-dirty-bitmap", "str"),
+                ("*reconnect-delay", "uint32"),
+                ("*open-timeout", "uint32"),
+            ],
+        )
+        .object(
+            "NbdServerOptions",
+            &[
+                ("*handshake-max-seconds", "uint32"),
+                ("*tls-creds", "str"),
+                ("*tls-authz", "str"),
+                ("*max-connections", "uint32"),
+                ("addr", "SocketAddress"),
+            ],
+        )
+        .object(
+            "q_obj_nbd-server-start_arg",
+            &[
+                ("addr", "SocketAddressLegacy"),
+                ("*tls-creds", "str"),
+                ("*tls-authz", "str"),
+                ("*max-connections", "uint32"),
+                ("*handshake-max-seconds", "uint32"),
+            ],
+        )
+        .object("BlockDirtyBitmap", &[("node", "str"), ("name", "str")])
+        .alternate("BlockDirtyBitmapOrStr", &["str", "BlockDirtyBitmap"])
+        .object(
+            "BlockExportOptionsNbd",
+            &[
+                ("*name", "str"),
+                ("*description", "str"),
+                ("*bitmaps", "[BlockDirtyBitmapOrStr]"),
+                ("*allocation-depth", "bool"),
+            ],
+        )
+        // Only the export types Strata has (QEMU's list depends on its build too).
+        .enumeration("BlockExportType", &["nbd"])
+        .union(
+            "BlockExportOptions",
+            &[
+                ("type", "BlockExportType"),
+                ("id", "str"),
+                ("*fixed-iothread", "bool"),
+                ("*iothread", "str"),
+                ("node-name", "str"),
+                ("*writable", "bool"),
+                ("*writethrough", "bool"),
+                ("*allow-inactive", "bool"),
+            ],
+            "type",
+            &[("nbd", "BlockExportOptionsNbd")],
+        )
+        .enumeration("BlockExportRemoveMode", &["safe", "hard"])
+        .object(
+            "q_obj_block-export-del_arg",
+            &[("id", "str"), ("*mode", "BlockExportRemoveMode")],
+        )
+        .object(
+            "NbdServerAddOptions",
+            &[
+                ("device", "str"),
+                ("*name", "str"),
+                ("*description", "str"),
+                ("*writable", "bool"),
+                ("*bitmap", "str"),
+            ],
+        )
+        .object(
+            "q_obj_nbd-server-remove_arg",
+            &[("name", "str"), ("*mode", "BlockExportRemoveMode")],
+        );
 }
 
 #[cfg(test)]

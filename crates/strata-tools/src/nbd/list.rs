@@ -2,7 +2,7 @@
 
 use super::args::Args;
 use strata_block::report::error_report;
-use strata_nbd::client::{list_exports, Addr, Listed};
+use strata_nbd::client::{list_exports, Listed};
 use strata_nbd::proto::FLAG_HAS_FLAGS;
 
 /// The names qemu-nbd gives the transmission flags, by bit.
@@ -24,14 +24,7 @@ const FLAG_NAMES: [Option<&str>; 13] = [
 
 /// Lists the exports of the server `a` names; returns the exit code.
 pub async fn run(a: &Args) -> i32 {
-    let addr = match &a.socket {
-        Some(p) => Addr::Unix(p.clone()),
-        None => Addr::Tcp {
-            host: a.bind.clone(),
-            port: a.port.to_string(),
-        },
-    };
-    match list_exports(&addr).await {
+    match list_exports(&super::address(a)).await {
         Ok(list) => {
             crate::outln!("{}", render(&list).trim_end_matches('\n'));
             crate::stdout::flush();

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use strata_block::report::error_report;
 use strata_block::{Backend, EventLoop, Perm};
+use strata_nbd::client::Addr;
+use strata_nbd::listener::Listener;
 use strata_nbd::{Export, Server};
 
 /// Entry point of `strata-nbd`; returns the exit code.
@@ -102,6 +104,7 @@ pub fn main() -> i32 {
         multi_conn: !writable && a.shared > 1,
         bitmaps,
         allocation_depth: a.allocation_depth,
+        state: Default::default(),
     });
     let server = Server::new(Duration::from_secs(a.handshake_limit));
     server.add(export);
@@ -122,7 +125,7 @@ async fn listen(
     a: Arc<args::Args>,
     daemon: Option<crate::daemon::daemonize::Daemonized>,
 ) -> i32 {
-    let listener = match bind(&a).await {
+    let listener = match Listener::bind(&address(&a)).await {
         Ok(l) => l,
         Err(msg) => {
             error_report(msg);
@@ -175,10 +178,7 @@ async fn listen(
         tx.send_modify(|n| *n += 1);
         let (server, tx, verbose) = (Arc::clone(&server), Arc::clone(&tx), a.verbose);
         tokio::spawn(async move {
-            let r = match conn {
-                Conn::Tcp(s) => server.serve(s).await,
-                Conn::Unix(s) => server.serve(s).await,
-            };
+            let r = server.serve_conn(conn).await;
             if let Err(e) = r {
                 if verbose {
                     eprintln!("{}: client: {e}", strata_block::report::prog_name());
@@ -209,45 +209,13 @@ async fn terminated() {
     futures::future::select_all(waits).await;
 }
 
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-enum Conn {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-impl Listener {
-    async fn accept(&self) -> std::io::Result<Conn> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok(Conn::Tcp(s))
-            }
-            Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
-        }
+/// The address `-k` or `-b`/`-p` name.
+fn address(a: &args::Args) -> Addr {
+    match &a.socket {
+        Some(p) => Addr::Unix(p.clone()),
+        None => Addr::Tcp {
+            host: a.bind.clone(),
+            port: a.port.to_string(),
+        },
     }
-}
-
-async fn bind(a: &args::Args) -> Result<Listener, String> {
-    if let Some(path) = &a.socket {
-        // A socket left by an earlier server is replaced, as QEMU does.
-        let _ = std::fs::remove_file(path);
-        return tokio::net::UnixListener::bind(path)
-            .map(Listener::Unix)
-            .map_err(|e| format!("Failed to bind socket to {path}: {e}"));
-    }
-    let addr = format!("{}:{}", a.bind, a.port);
-    let bind_addr = if a.bind.contains(':') {
-        format!("[{}]:{}", a.bind, a.port)
-    } else {
-        addr.clone()
-    };
-    tokio::net::TcpListener::bind(&bind_addr)
-        .await
-        .map(Listener::Tcp)
-        .map_err(|e| format!("Failed to bind socket to {addr}: {e}"))
 }

@@ -1,0 +1,306 @@
+//! The daemon's NBD server and block exports (QEMU: blockdev-nbd.c and
+//! block/export/export.c): `--nbd-server` / `nbd-server-start` and
+//! `-stop`, `--export` / `block-export-add`, `block-export-del`,
+//! `nbd-server-add` and `-remove`, `query-block-exports`, and the
+//! `BLOCK_EXPORT_DELETED` event. An export holds its node through a user
+//! handle; the node cannot be deleted while it is exported.
+
+use super::blockdev::Daemon;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use strata_block::{Backend, Node, Perm};
+use strata_nbd::client::Addr;
+use strata_nbd::listener::{Listener, Serving};
+use strata_nbd::{Export, Server};
+
+/// QEMU's defaults for `max-connections` and `handshake-max-seconds`.
+const DEFAULT_MAX_CONNECTIONS: u64 = 100;
+const DEFAULT_HANDSHAKE_SECS: u64 = 10;
+
+/// The running NBD server.
+struct NbdServer {
+    server: Arc<Server>,
+    serving: Serving,
+}
+
+/// One block export.
+struct Entry {
+    id: String,
+    node: Arc<Node>,
+    export: Arc<Export>,
+}
+
+/// The NBD server, if started, and every export, newest first (the order
+/// QEMU lists them in).
+#[derive(Default)]
+pub struct Exports {
+    nbd: tokio::sync::Mutex<Option<NbdServer>>,
+    list: Mutex<Vec<Entry>>,
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// A socket address in QAPI's flat form (`SocketAddress`: `type`, then
+/// the members) or its legacy form (`{"type", "data": {...}}`).
+pub fn socket_addr(v: &Value) -> Result<Addr, String> {
+    let flat = match v.get("data") {
+        Some(d) => {
+            let mut d = d.clone();
+            if let (Some(m), Some(t)) = (d.as_object_mut(), v.get("type")) {
+                m.insert("type".into(), t.clone());
+            }
+            d
+        }
+        None => v.clone(),
+    };
+    match str_of(&flat, "type") {
+        Some("unix") => Ok(Addr::Unix(str_of(&flat, "path").unwrap_or_default().into())),
+        Some("inet") => Ok(Addr::Tcp {
+            host: str_of(&flat, "host").unwrap_or_default().into(),
+            port: str_of(&flat, "port").unwrap_or_default().into(),
+        }),
+        Some(t) => Err(format!(
+            "Socket address type '{t}' is not supported by Strata"
+        )),
+        None => Err("Parameter 'type' is missing".into()),
+    }
+}
+
+impl Exports {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `nbd-server-start` and `--nbd-server` (arguments checked against
+    /// the schema; `addr` in either form).
+    pub async fn nbd_server_start(&self, args: &Value) -> Result<(), String> {
+        let mut nbd = self.nbd.lock().await;
+        if nbd.is_some() {
+            return Err("NBD server already running".into());
+        }
+        if args.get("tls-creds").is_some() || args.get("tls-authz").is_some() {
+            return Err("TLS is not supported by Strata yet".into());
+        }
+        let addr = socket_addr(&args["addr"])?;
+        let max = args
+            .get("max-connections")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let secs = args
+            .get("handshake-max-seconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_HANDSHAKE_SECS);
+        let listener = Listener::bind(&addr).await?;
+        let server = Server::new(Duration::from_secs(secs));
+        let serving = Serving::start(Arc::clone(&server), listener, max as usize);
+        *nbd = Some(NbdServer { server, serving });
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: every NBD export goes, then the listener.
+    pub async fn nbd_server_stop(&self, daemon: &Daemon) -> Result<(), String> {
+        let mut nbd = self.nbd.lock().await;
+        let Some(running) = nbd.take() else {
+            return Err("NBD server not running".into());
+        };
+        let ids: Vec<String> = self.list().iter().map(|e| e.id.clone()).collect();
+        for id in ids {
+            self.remove(daemon, &running.server, &id).await;
+        }
+        running.serving.stop().await;
+        Ok(())
+    }
+
+    /// `block-export-add` and `--export` (arguments checked against the
+    /// schema).
+    pub async fn add(&self, daemon: &Daemon, args: &Value) -> Result<(), String> {
+        let nbd = self.nbd.lock().await;
+        let id = str_of(args, "id").unwrap_or_default().to_string();
+        if id.is_empty() || id.starts_with(|c: char| !c.is_ascii_alphabetic()) {
+            return Err("Invalid block export id".into());
+        }
+        if self.list().iter().any(|e| e.id == id) {
+            return Err(format!("Block export id '{id}' is already in use"));
+        }
+        match str_of(args, "type") {
+            Some("nbd") => {}
+            _ => return Err("No driver found for the requested export type".into()),
+        }
+        let node_name = str_of(args, "node-name").unwrap_or_default();
+        let node = daemon
+            .graph
+            .find(node_name)
+            .ok_or_else(|| format!("Cannot find device='' nor node-name='{node_name}'"))?;
+        let writable = args
+            .get("writable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if writable && node.is_read_only() {
+            return Err("Cannot export read-only node as writable".into());
+        }
+        if args.get("iothread").is_some() {
+            return Err("Exports in I/O threads are not supported by Strata yet".into());
+        }
+        let Some(running) = nbd.as_ref() else {
+            return Err("NBD server not running".into());
+        };
+        let name = str_of(args, "name").unwrap_or(node_name).to_string();
+        if name.len() > strata_nbd::proto::MAX_STRING {
+            return Err(format!("export name '{name}' too long"));
+        }
+        let description = str_of(args, "description").map(str::to_string);
+        if description
+            .as_ref()
+            .is_some_and(|d| d.len() > strata_nbd::proto::MAX_STRING)
+        {
+            return Err(format!(
+                "description '{}' too long",
+                description.as_deref().unwrap_or_default()
+            ));
+        }
+        if running.server.export(&name).is_some() {
+            return Err(format!("NBD server already has export named '{name}'"));
+        }
+        let mut bitmaps = Vec::new();
+        for b in args
+            .get("bitmaps")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            // A name, or {node, name} (the node is the exported one here).
+            let bname = b
+                .as_str()
+                .or_else(|| b.get("name").and_then(Value::as_str))
+                .unwrap_or_default();
+            match node.bitmaps().find(bname) {
+                Some(bm) => bitmaps.push((bname.to_string(), bm)),
+                None => return Err(format!("Bitmap '{bname}' is not found")),
+            }
+        }
+        let mut perm = Perm::CONSISTENT_READ;
+        if writable {
+            perm = perm.with(Perm::WRITE);
+        }
+        let blk = Backend::new(&node, &id, perm, Perm::ALL).map_err(|e| e.to_string())?;
+        let export = Arc::new(Export {
+            name,
+            description,
+            blk: Arc::new(blk),
+            writable,
+            // As QEMU: several connections may share a read-only export.
+            multi_conn: !writable,
+            bitmaps,
+            allocation_depth: args
+                .get("allocation-depth")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            state: Default::default(),
+        });
+        running.server.add(Arc::clone(&export));
+        self.list().insert(0, Entry { id, node, export });
+        Ok(())
+    }
+
+    /// `nbd-server-add`: an export whose id is its name, the device's
+    /// name by default; a read-only node is exported read-only.
+    pub async fn nbd_server_add(&self, daemon: &Daemon, args: &Value) -> Result<(), String> {
+        let device = str_of(args, "device").unwrap_or_default();
+        let node = daemon
+            .graph
+            .find(device)
+            .ok_or_else(|| format!("Cannot find device='{device}' nor node-name='{device}'"))?;
+        let name = str_of(args, "name").unwrap_or(device);
+        let mut opts = json!({
+            "type": "nbd",
+            "id": name,
+            "node-name": node.name(),
+            "name": name,
+        });
+        for key in ["description", "allocation-depth"] {
+            if let Some(v) = args.get(key) {
+                opts[key] = v.clone();
+            }
+        }
+        let writable = args
+            .get("writable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        opts["writable"] = Value::Bool(writable && !node.is_read_only());
+        if let Some(b) = args.get("bitmap") {
+            opts["bitmaps"] = json!([b]);
+        }
+        self.add(daemon, &opts).await
+    }
+
+    /// `block-export-del` (and `nbd-server-remove`, which names only NBD
+    /// exports): in `safe` mode only an export nobody is connected to.
+    pub async fn del(&self, daemon: &Daemon, args: &Value) -> Result<(), String> {
+        let nbd = self.nbd.lock().await;
+        let id = str_of(args, "id")
+            .or_else(|| str_of(args, "name"))
+            .unwrap_or_default();
+        let Some(export) = self
+            .list()
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| Arc::clone(&e.export))
+        else {
+            return Err(format!("Export '{id}' is not found"));
+        };
+        let hard = str_of(args, "mode") == Some("hard");
+        if !hard && export.state.clients() > 0 {
+            return Err(format!("export '{id}' still in use"));
+        }
+        if let Some(running) = nbd.as_ref() {
+            self.remove(daemon, &running.server, id).await;
+        }
+        Ok(())
+    }
+
+    /// Takes an export out of the server, ends its connections, lets its
+    /// node go and says so (`BLOCK_EXPORT_DELETED`).
+    async fn remove(&self, daemon: &Daemon, server: &Server, id: &str) {
+        let entry = {
+            let mut l = self.list();
+            let Some(i) = l.iter().position(|e| e.id == id) else {
+                return;
+            };
+            l.remove(i)
+        };
+        server.remove(&entry.export.name);
+        entry.export.state.close().await;
+        let _ = entry.export.blk.close().await;
+        daemon.emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+    }
+
+    /// `query-block-exports`.
+    pub fn query(&self) -> Value {
+        Value::Array(
+            self.list()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "node-name": e.node.name(),
+                        "shutting-down": false,
+                        "type": "nbd",
+                        "id": e.id,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// True while some export holds `node` (it cannot be deleted then).
+    pub fn exports_node(&self, node: &Arc<Node>) -> bool {
+        self.list().iter().any(|e| Arc::ptr_eq(&e.node, node))
+    }
+
+    /// At shutdown: every export ends, then the server.
+    pub async fn close_all(&self, daemon: &Daemon) {
+        let _ = self.nbd_server_stop(daemon).await;
+    }
+}
