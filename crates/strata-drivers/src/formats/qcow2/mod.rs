@@ -301,6 +301,11 @@ impl Driver for Qcow2Driver {
         // Look at no more than one L2 table's worth at a time.
         let len = len.min(self.geo.l2_coverage() - offset % self.geo.l2_coverage());
         let mut m = self.meta.lock().await;
+        if !m.corrupt && matches!(m.l2_table_of(offset >> self.geo.cluster_bits), Ok(None)) {
+            // No L2 table: the whole table's worth is unallocated, without
+            // a look at each of its clusters (a sparse disk maps fast).
+            return Ok(BlockStatus::unallocated(len));
+        }
         let ext = self
             .extents(
                 &mut m,
