@@ -8,6 +8,7 @@ pub mod getopt;
 pub mod img;
 pub mod io;
 pub mod nbd;
+pub mod process;
 pub mod progress;
 pub mod qjson;
 pub mod stdout;

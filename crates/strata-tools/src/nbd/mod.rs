@@ -5,8 +5,8 @@
 mod args;
 mod list;
 
-use crate::daemon::daemonize::daemonize;
-use crate::daemon::pidfile::PidFile;
+use crate::process::daemonize::daemonize;
+use crate::process::pidfile::PidFile;
 use std::sync::Arc;
 use std::time::Duration;
 use strata_block::report::error_report;
@@ -123,7 +123,7 @@ pub fn main() -> i32 {
 async fn listen(
     server: Arc<Server>,
     a: Arc<args::Args>,
-    daemon: Option<crate::daemon::daemonize::Daemonized>,
+    daemon: Option<crate::process::daemonize::Daemonized>,
 ) -> i32 {
     let listener = match Listener::bind(&address(&a)).await {
         Ok(l) => l,

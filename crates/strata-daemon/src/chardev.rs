@@ -2,7 +2,7 @@
 //! chardev/char.c, char-socket.c, char-stdio.c): a UNIX socket server
 //! (several clients at once), a UNIX socket client, and stdio.
 
-use super::qemu_opts::{self, Kind, QemuOpts};
+use crate::qemu_opts::{self, Kind, QemuOpts};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Every key QEMU's `--chardev` takes, whatever the backend.

@@ -3,8 +3,8 @@
 //! them, and external snapshots (QEMU: qmp_blockdev_set_active,
 //! iothread objects, qmp_x_blockdev_set_iothread, qmp_blockdev_snapshot).
 
-use super::blockdev::Daemon;
-use super::daemon_command;
+use crate::blockdev::Daemon;
+use crate::commands::daemon_command;
 use serde_json::Value;
 use std::sync::Arc;
 use strata_block::{graph::id_wellformed, BlockOp, IoThread, Node};

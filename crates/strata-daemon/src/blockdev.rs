@@ -18,7 +18,7 @@ pub struct Daemon {
     /// I/O threads made by `--object iothread` and `object-add`.
     iothreads: Mutex<Vec<strata_block::IoThread>>,
     /// The NBD server and the block exports.
-    pub exports: super::exports::Exports,
+    pub exports: crate::exports::Exports,
     /// Where events go: the monitor, once it exists.
     events: std::sync::OnceLock<std::sync::Weak<strata_qmp::Qmp>>,
 }

@@ -5,7 +5,7 @@
 //! `BLOCK_EXPORT_DELETED` event. An export holds its node through a user
 //! handle; the node cannot be deleted while it is exported.
 
-use super::blockdev::Daemon;
+use crate::blockdev::Daemon;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! node whose users do not let it change size, and a read-only image;
 //! then change its length as bdrv_co_truncate does.
 
-use super::blockdev::Daemon;
+use crate::blockdev::Daemon;
 use strata_block::{Backend, BlockOp, Perm, Preallocation};
 
 /// Largest length a node may have (QEMU: BDRV_MAX_LENGTH).
