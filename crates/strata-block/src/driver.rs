@@ -51,6 +51,10 @@ impl Perm {
     pub fn with(self, other: Perm) -> Perm {
         Perm(self.0 | other.0)
     }
+    /// Difference.
+    pub fn without(self, other: Perm) -> Perm {
+        Perm(self.0 & !other.0)
+    }
 }
 
 /// Flags on a write request.
@@ -309,6 +313,12 @@ pub trait Driver: Send + Sync {
     /// Bytes the node uses on the host (QEMU: allocated_file_size); None if unknown.
     async fn allocated_size(&self) -> Result<Option<u64>> {
         Ok(None)
+    }
+
+    /// The driver's own counters for query-blockstats (QEMU:
+    /// BlockStatsSpecific, its `driver` key left to the caller).
+    fn specific_stats(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        None
     }
 
     /// Format-specific information for `info`.

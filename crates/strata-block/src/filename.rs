@@ -79,9 +79,46 @@ fn flatten_into(out: &mut Opts, key: &str, v: &Value) {
     }
 }
 
+/// Where a node's backing file came from, for telling whether the user
+/// overrode the one its image names (QEMU: auto_backing_file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingSource {
+    /// Opened from the image's own header, with no options.
+    Implicit,
+    /// Named by reference or options, or suppressed (`backing: null`).
+    Explicit,
+    /// The user reads no data (qemu-img info): the backing file changes
+    /// nothing, so it never counts as overridden.
+    NoIo,
+}
+
+/// True when the node's backing file is not the one its image would open
+/// by itself (QEMU: bdrv_backing_overridden): a backing file the image does
+/// not name, one named another way, or one suppressed.
+fn backing_overridden(driver: &dyn Driver, source: BackingSource) -> bool {
+    let header = driver.backing_file().map(|(n, _)| n).unwrap_or_default();
+    let child = driver
+        .children()
+        .into_iter()
+        .find(|c| c.role == ChildRole::Backing);
+    match (source, child) {
+        (BackingSource::NoIo | BackingSource::Implicit, Some(_)) => false,
+        (BackingSource::NoIo, None) => false,
+        (BackingSource::Explicit, Some(c)) => header != c.node.filename(),
+        (_, None) => !header.is_empty(),
+    }
+}
+
 /// Works out the identity of a node just opened: `own` are its own options
-/// as given (see [`own_options`]), `exact` the file name it was opened by.
-pub fn refresh(class: &dyn DriverClass, driver: &dyn Driver, own: &Opts, exact: &str) -> Identity {
+/// as given (see [`own_options`]), `exact` the file name it was opened by,
+/// `backing` how its backing file was chosen.
+pub fn refresh(
+    class: &dyn DriverClass,
+    driver: &dyn Driver,
+    own: &Opts,
+    exact: &str,
+    backing: BackingSource,
+) -> Identity {
     let mut full = Map::new();
     for key in ["driver", "filename"] {
         if let Some(v) = own.get(key) {
@@ -104,17 +141,23 @@ pub fn refresh(class: &dyn DriverClass, driver: &dyn Driver, own: &Opts, exact: 
     if !full.contains_key("driver") {
         full.insert("driver".into(), class.name().into());
     }
+    let overridden = backing_overridden(driver, backing);
+    generate_json |= overridden;
     let children = driver.children();
     let mut quorum = Vec::new();
     for c in &children {
         match c.role {
             // A backing file named by the image itself is not an option.
-            ChildRole::Backing => {}
+            ChildRole::Backing if !overridden => {}
             ChildRole::Quorum(i) => quorum.push((i, Value::Object(c.node.identity().full.clone()))),
             role => {
                 full.insert(role.name(), Value::Object(c.node.identity().full.clone()));
             }
         }
+    }
+    if overridden && !children.iter().any(|c| c.role == ChildRole::Backing) {
+        // Opening it again must not open the backing file the image names.
+        full.insert("backing".into(), Value::Null);
     }
     if !quorum.is_empty() {
         quorum.sort_by_key(|(i, _)| *i);

@@ -16,6 +16,7 @@ pub mod error;
 pub mod event_loop;
 pub mod filename;
 pub mod graph;
+pub mod info;
 pub mod node;
 pub mod open;
 pub mod options;

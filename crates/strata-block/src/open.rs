@@ -337,6 +337,13 @@ impl OpenCtx {
         open_ctx.node_perms = Some((perm, shared));
         open_ctx.probed = probed;
         open_ctx.protocol = false;
+        let backing = if ctx.flags.no_io {
+            crate::filename::BackingSource::NoIo
+        } else if opts.contains_key("backing") || ctx.backing_node.is_some() {
+            crate::filename::BackingSource::Explicit
+        } else {
+            crate::filename::BackingSource::Implicit
+        };
         let drv = match class.open(&open_ctx, &mut opts).await {
             Ok(d) => d,
             Err(e) => {
@@ -349,7 +356,7 @@ impl OpenCtx {
             let _ = drv.close().await;
             return Err(e);
         }
-        let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name);
+        let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name, backing);
         Ok(ctx.new_node(&node_name, identity, drv, node_opts))
     }
 
@@ -455,7 +462,13 @@ impl OpenCtx {
             let _ = drv.close().await;
             return Err(e);
         }
-        let identity = crate::filename::refresh(&*class, &*drv, &own, &exact);
+        let identity = crate::filename::refresh(
+            &*class,
+            &*drv,
+            &own,
+            &exact,
+            crate::filename::BackingSource::Implicit,
+        );
         Ok(self.new_node(node_name, identity, drv, node_opts))
     }
 

@@ -141,6 +141,12 @@ fn users_with(node: &Node, extra: &Extra) -> Vec<User> {
     out
 }
 
+/// What `parent`'s edge in `role` takes and shares on its child now.
+pub fn edge_perm(parent: &Node, role: ChildRole) -> (Perm, Perm) {
+    let u = edge_user(parent, role, &Extra::default());
+    (u.perm, u.shared)
+}
+
 /// The user that `parent`'s edge in `role` is, given its own users.
 fn edge_user(parent: &Node, role: ChildRole, extra: &Extra) -> User {
     let (pp, ps) = cumulative(parent, extra);

@@ -1,15 +1,17 @@
 //! The daemon's NBD server and block exports (QEMU: blockdev-nbd.c and
 //! block/export/export.c): `--nbd-server` / `nbd-server-start` and
-//! `-stop`, `--export` / `block-export-add`, `block-export-del`,
-//! `nbd-server-add` and `-remove`, `query-block-exports`, and the
-//! `BLOCK_EXPORT_DELETED` event. An export holds its node through a user
-//! handle; the node cannot be deleted while it is exported.
+//! `-stop`, `--export` / `block-export-add` of type `nbd` and `fuse`,
+//! `block-export-del`, `nbd-server-add` and `-remove`,
+//! `query-block-exports`, and the `BLOCK_EXPORT_DELETED` event. An export
+//! holds its node through a user handle; the node cannot be deleted while
+//! it is exported.
 
 use crate::blockdev::Daemon;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use strata_block::{Backend, Node, Perm};
+use strata_block::{Backend, Node};
+use strata_fuse::{AllowOther, FuseExport, FuseOptions};
 use strata_nbd::client::Addr;
 use strata_nbd::listener::{Listener, Serving};
 use strata_nbd::{Export, Server};
@@ -24,11 +26,26 @@ struct NbdServer {
     serving: Serving,
 }
 
+/// What an export serves its node through.
+enum Kind {
+    Nbd(Arc<Export>),
+    Fuse(Arc<FuseExport>),
+}
+
 /// One block export.
 struct Entry {
     id: String,
     node: Arc<Node>,
-    export: Arc<Export>,
+    kind: Kind,
+}
+
+impl Entry {
+    fn type_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Nbd(_) => "nbd",
+            Kind::Fuse(_) => "fuse",
+        }
+    }
 }
 
 /// The NBD server, if started, and every export, newest first (the order
@@ -106,9 +123,14 @@ impl Exports {
         let Some(running) = nbd.take() else {
             return Err("NBD server not running".into());
         };
-        let ids: Vec<String> = self.list().iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<String> = self
+            .list()
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Nbd(_)))
+            .map(|e| e.id.clone())
+            .collect();
         for id in ids {
-            self.remove(daemon, &running.server, &id).await;
+            self.remove(daemon, Some(&running.server), &id).await;
         }
         running.serving.stop().await;
         Ok(())
@@ -125,10 +147,11 @@ impl Exports {
         if self.list().iter().any(|e| e.id == id) {
             return Err(format!("Block export id '{id}' is already in use"));
         }
-        match str_of(args, "type") {
-            Some("nbd") => {}
+        let fuse = match str_of(args, "type") {
+            Some("nbd") => false,
+            Some("fuse") => true,
             _ => return Err("No driver found for the requested export type".into()),
-        }
+        };
         let node_name = str_of(args, "node-name").unwrap_or_default();
         let node = daemon
             .graph
@@ -143,6 +166,9 @@ impl Exports {
         }
         if args.get("iothread").is_some() {
             return Err("Exports in I/O threads are not supported by Strata yet".into());
+        }
+        if fuse {
+            return self.add_fuse(id, node, writable, args);
         }
         let Some(running) = nbd.as_ref() else {
             return Err("NBD server not running".into());
@@ -181,11 +207,8 @@ impl Exports {
                 None => return Err(format!("Bitmap '{bname}' is not found")),
             }
         }
-        let mut perm = Perm::CONSISTENT_READ;
-        if writable {
-            perm = perm.with(Perm::WRITE);
-        }
-        let blk = Backend::new(&node, &id, perm, Perm::ALL).map_err(|e| e.to_string())?;
+        let (perm, shared) = strata_nbd::export_perms(writable);
+        let blk = Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?;
         let export = Arc::new(Export {
             name,
             description,
@@ -201,7 +224,58 @@ impl Exports {
             state: Default::default(),
         });
         running.server.add(Arc::clone(&export));
-        self.list().insert(0, Entry { id, node, export });
+        self.list().insert(
+            0,
+            Entry {
+                id,
+                node,
+                kind: Kind::Nbd(export),
+            },
+        );
+        Ok(())
+    }
+
+    /// The rest of `block-export-add` for a FUSE export: mount it.
+    fn add_fuse(
+        &self,
+        id: String,
+        node: Arc<Node>,
+        writable: bool,
+        args: &Value,
+    ) -> Result<(), String> {
+        let growable = args
+            .get("growable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let opts = FuseOptions {
+            mountpoint: str_of(args, "mountpoint").unwrap_or_default().to_string(),
+            writable,
+            growable,
+            allow_other: match str_of(args, "allow-other") {
+                Some("on") => AllowOther::On,
+                Some("off") => AllowOther::Off,
+                _ => AllowOther::Auto,
+            },
+        };
+        let (perm, shared) = FuseExport::perms(writable, growable);
+        let blk = Arc::new(Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?);
+        let export = match FuseExport::start(opts, Arc::clone(&blk)) {
+            Ok(e) => e,
+            Err(e) => {
+                // The handle goes with the export that failed.
+                let blk = Arc::clone(&blk);
+                tokio::spawn(async move { blk.close().await });
+                return Err(e);
+            }
+        };
+        self.list().insert(
+            0,
+            Entry {
+                id,
+                node,
+                kind: Kind::Fuse(export),
+            },
+        );
         Ok(())
     }
 
@@ -243,27 +317,32 @@ impl Exports {
         let id = str_of(args, "id")
             .or_else(|| str_of(args, "name"))
             .unwrap_or_default();
-        let Some(export) = self
+        // Connections to an NBD export hold it; a FUSE export is only held
+        // while a request runs.
+        let Some(clients) = self
             .list()
             .iter()
             .find(|e| e.id == id)
-            .map(|e| Arc::clone(&e.export))
+            .map(|e| match &e.kind {
+                Kind::Nbd(x) => x.state.clients(),
+                Kind::Fuse(_) => 0,
+            })
         else {
             return Err(format!("Export '{id}' is not found"));
         };
         let hard = str_of(args, "mode") == Some("hard");
-        if !hard && export.state.clients() > 0 {
+        if !hard && clients > 0 {
             return Err(format!("export '{id}' still in use"));
         }
-        if let Some(running) = nbd.as_ref() {
-            self.remove(daemon, &running.server, id).await;
-        }
+        self.remove(daemon, nbd.as_ref().map(|r| &*r.server), id)
+            .await;
         Ok(())
     }
 
-    /// Takes an export out of the server, ends its connections, lets its
-    /// node go and says so (`BLOCK_EXPORT_DELETED`).
-    async fn remove(&self, daemon: &Daemon, server: &Server, id: &str) {
+    /// Takes an export out of its server (or off its mount point), ends
+    /// its connections, lets its node go and says so
+    /// (`BLOCK_EXPORT_DELETED`).
+    async fn remove(&self, daemon: &Daemon, server: Option<&Server>, id: &str) {
         let entry = {
             let mut l = self.list();
             let Some(i) = l.iter().position(|e| e.id == id) else {
@@ -271,9 +350,19 @@ impl Exports {
             };
             l.remove(i)
         };
-        server.remove(&entry.export.name);
-        entry.export.state.close().await;
-        let _ = entry.export.blk.close().await;
+        match &entry.kind {
+            Kind::Nbd(export) => {
+                if let Some(server) = server {
+                    server.remove(&export.name);
+                }
+                export.state.close().await;
+                let _ = export.blk.close().await;
+            }
+            Kind::Fuse(export) => {
+                export.close().await;
+                let _ = export.backend().close().await;
+            }
+        }
         daemon.emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
     }
 
@@ -286,7 +375,7 @@ impl Exports {
                     json!({
                         "node-name": e.node.name(),
                         "shutting-down": false,
-                        "type": "nbd",
+                        "type": e.type_name(),
                         "id": e.id,
                     })
                 })
@@ -302,5 +391,9 @@ impl Exports {
     /// At shutdown: every export ends, then the server.
     pub async fn close_all(&self, daemon: &Daemon) {
         let _ = self.nbd_server_stop(daemon).await;
+        let ids: Vec<String> = self.list().iter().map(|e| e.id.clone()).collect();
+        for id in ids {
+            self.remove(daemon, None, &id).await;
+        }
     }
 }

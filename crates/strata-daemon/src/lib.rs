@@ -12,6 +12,7 @@ mod exports;
 mod graph_ops;
 mod monitors;
 mod qemu_opts;
+mod queries;
 mod resize;
 pub mod schema;
 

@@ -323,6 +323,12 @@ pub fn schema(registry: &Registry) -> Schema {
         .object(
             "q_obj_block_resize_arg",
             &[("*device", "str"), ("*node-name", "str"), ("size", "int")],
+        )
+        .object("q_obj_query-named-block-nodes_arg", &[("*flat", "bool")])
+        .object("q_obj_query-blockstats_arg", &[("*query-nodes", "bool")])
+        .object(
+            "q_obj_block-set-write-threshold_arg",
+            &[("node-name", "str"), ("write-threshold", "uint64")],
         );
     exports(&mut s);
     s
@@ -409,8 +415,17 @@ fn exports(s: &mut Schema) {
                 ("*allocation-depth", "bool"),
             ],
         )
+        .enumeration("FuseExportAllowOther", &["off", "on", "auto"])
+        .object(
+            "BlockExportOptionsFuse",
+            &[
+                ("mountpoint", "str"),
+                ("*growable", "bool"),
+                ("*allow-other", "FuseExportAllowOther"),
+            ],
+        )
         // Only the export types Strata has (QEMU's list depends on its build too).
-        .enumeration("BlockExportType", &["nbd"])
+        .enumeration("BlockExportType", &["nbd", "fuse"])
         .union(
             "BlockExportOptions",
             &[
@@ -424,7 +439,10 @@ fn exports(s: &mut Schema) {
                 ("*allow-inactive", "bool"),
             ],
             "type",
-            &[("nbd", "BlockExportOptionsNbd")],
+            &[
+                ("nbd", "BlockExportOptionsNbd"),
+                ("fuse", "BlockExportOptionsFuse"),
+            ],
         )
         .enumeration("BlockExportRemoveMode", &["safe", "hard"])
         .object(

@@ -8,5 +8,5 @@ pub mod listener;
 pub mod proto;
 pub mod server;
 
-pub use server::export::{Export, ExportState, MetaContext};
+pub use server::export::{export_perms, Export, ExportState, MetaContext};
 pub use server::Server;

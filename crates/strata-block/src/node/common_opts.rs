@@ -61,6 +61,15 @@ pub enum DetectZeroes {
 }
 
 impl DetectZeroes {
+    /// The value as QEMU spells it (BlockdevDetectZeroesOptions).
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+
     /// Parses the option value as QEMU spells it.
     pub fn parse(s: &str) -> Result<DetectZeroes> {
         match s {

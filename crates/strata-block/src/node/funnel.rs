@@ -147,8 +147,18 @@ impl Node {
         }
     }
 
-    /// The funnel's last step: the enabled dirty bitmaps.
+    /// The funnel's last step: the highest offset written, the enabled
+    /// dirty bitmaps.
     pub(super) fn write_finish(&self, req: WriteReq) {
+        if req.kind != WriteKind::Discard && req.len > 0 {
+            self.wr_highest_offset
+                .fetch_max(req.offset + req.len, Ordering::AcqRel);
+        }
         self.bitmaps.mark_dirty(req.offset, req.len);
+    }
+
+    /// The end of the furthest write so far (query-blockstats).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.load(Ordering::Acquire)
     }
 }

@@ -39,6 +39,7 @@ pub struct Node {
     read_only: bool,
     writeback: AtomicBool,
     no_flush: bool,
+    direct: bool,
     unmap: bool,
     detect_zeroes: DetectZeroes,
     copy_on_read: bool,
@@ -58,6 +59,8 @@ pub struct Node {
     has_before_write: AtomicBool,
     bitmaps: crate::bitmap::DirtyBitmaps,
     write_threshold: AtomicU64,
+    /// The end of the furthest write so far (QEMU: wr_highest_offset).
+    wr_highest_offset: AtomicU64,
     threshold_hook: Mutex<Option<funnel::ThresholdHook>>,
     blockers: OpBlockers,
     /// What this node blocks on its backing child while it uses it.
@@ -102,6 +105,7 @@ impl Node {
             read_only: opts.read_only,
             writeback: AtomicBool::new(opts.cache.writeback),
             no_flush: opts.cache.no_flush,
+            direct: opts.cache.direct,
             unmap: opts.unmap,
             detect_zeroes: opts.detect_zeroes,
             copy_on_read: opts.copy_on_read,
@@ -115,6 +119,7 @@ impl Node {
             has_before_write: AtomicBool::new(false),
             bitmaps: Default::default(),
             write_threshold: AtomicU64::new(0),
+            wr_highest_offset: AtomicU64::new(0),
             threshold_hook: Mutex::new(None),
             blockers: OpBlockers::default(),
             backing_blocker,
@@ -183,6 +188,16 @@ impl Node {
         self.driver.format_name()
     }
     /// True when writes are refused.
+    /// `cache.direct` and `cache.no-flush`, as the node was opened.
+    pub fn cache_mode(&self) -> (bool, bool) {
+        (self.direct, self.no_flush)
+    }
+
+    /// What the node does with writes of zeroes.
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        self.detect_zeroes
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }

@@ -35,7 +35,7 @@ impl Node {
     }
 
     /// The user handles on this node, as permission users.
-    pub(crate) fn backend_users(&self) -> Vec<User> {
+    pub fn backend_users(&self) -> Vec<User> {
         self.backend_links().iter().map(|b| b.user()).collect()
     }
 

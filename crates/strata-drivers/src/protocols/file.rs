@@ -72,6 +72,42 @@ pub const CREATE_OPTIONS: &[OptSpec] = &[
     },
 ];
 
+/// How the discards that reached the file went (QEMU: BlockStatsSpecificFile).
+#[derive(Default)]
+struct DiscardStats {
+    nb_ok: AtomicU64,
+    nb_failed: AtomicU64,
+    bytes_ok: AtomicU64,
+}
+
+impl DiscardStats {
+    fn account(&self, bytes: u64, ok: bool) {
+        if ok {
+            self.nb_ok.fetch_add(1, Ordering::Relaxed);
+            self.bytes_ok.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.nb_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "discard-nb-ok".into(),
+            self.nb_ok.load(Ordering::Relaxed).into(),
+        );
+        m.insert(
+            "discard-nb-failed".into(),
+            self.nb_failed.load(Ordering::Relaxed).into(),
+        );
+        m.insert(
+            "discard-bytes-ok".into(),
+            self.bytes_ok.load(Ordering::Relaxed).into(),
+        );
+        m
+    }
+}
+
 /// An open file.
 pub struct FileDriver {
     fd: Arc<Fd>,
@@ -81,6 +117,7 @@ pub struct FileDriver {
     length: AtomicU64,
     limits: Limits,
     block_device: bool,
+    discard_stats: DiscardStats,
     /// The driver's name (file, host_device, host_cdrom).
     name: &'static str,
     /// The medium may change under us: ask for the length every time
@@ -312,13 +349,15 @@ impl Driver for FileDriver {
         if len == 0 || self.block_device {
             return Ok(());
         }
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .await
-        .or_else(|e| {
+        let r = self
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .await;
+        self.discard_stats.account(len, r.is_ok());
+        r.or_else(|e| {
             if e.code() == libc::EOPNOTSUPP {
                 Ok(())
             } else {
@@ -408,6 +447,10 @@ impl Driver for FileDriver {
         // last reference to the node goes.
         self.set_perm(strata_block::Perm::NONE, strata_block::Perm::ALL)?;
         r
+    }
+
+    fn specific_stats(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        Some(self.discard_stats.to_json())
     }
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
@@ -502,6 +545,7 @@ impl DriverClass for FileClass {
             length: AtomicU64::new(0),
             limits: Limits::default(),
             block_device: !is_reg,
+            discard_stats: DiscardStats::default(),
             name: self.name,
             removable: false,
         };
@@ -577,6 +621,7 @@ impl DriverClass for FileClass {
             length: AtomicU64::new(length),
             limits,
             block_device: self.device,
+            discard_stats: DiscardStats::default(),
             name: self.name,
             removable,
         }))

@@ -4,7 +4,20 @@
 use crate::proto::*;
 use std::sync::Arc;
 use strata_block::bitmap::DirtyBitmap;
+use strata_block::driver::Perm;
 use strata_block::Backend;
+
+/// The permissions an export's user handle takes and shares: reading,
+/// writing when writable; nobody may resize the disk under its clients
+/// (QEMU: nbd_export_create).
+pub fn export_perms(writable: bool) -> (Perm, Perm) {
+    let perm = if writable {
+        Perm::CONSISTENT_READ.with(Perm::WRITE)
+    } else {
+        Perm::CONSISTENT_READ
+    };
+    (perm, Perm::ALL.without(Perm::RESIZE))
+}
 
 /// One export.
 pub struct Export {

@@ -5,11 +5,10 @@ use super::{getopt, parse_output, usage_error, Ctx};
 use super::{long, opt};
 use crate::common::{self, size_to_str};
 use crate::qjson;
-use serde_json::{json, Map, Value};
-use std::sync::Arc;
+use serde_json::Value;
 use strata_block::open::path_combine;
 use strata_block::report::error_report;
-use strata_block::{ChildRole, Node, OpenFlags};
+use strata_block::OpenFlags;
 
 const OPTS: &[super::Opt] = &[
     opt('f', Some("format"), true),
@@ -21,85 +20,6 @@ const OPTS: &[super::Opt] = &[
     long("object", true),
     long("limits", false),
 ];
-
-/// Builds QEMU's BlockGraphInfo for `node` (keys in schema order).
-pub async fn node_info(node: &Arc<Node>) -> Value {
-    let d = node.driver();
-    let mut m = Map::new();
-    m.insert("filename".into(), node.filename().into());
-    m.insert("format".into(), node.format_name().into());
-    // Only drivers that answer get_info say whether they are dirty.
-    if d.has_info() {
-        m.insert("dirty-flag".into(), d.is_dirty().into());
-    }
-    if let Ok(Some(a)) = d.allocated_size().await {
-        m.insert("actual-size".into(), a.into());
-    }
-    m.insert("virtual-size".into(), node.length().into());
-    if let Some(cs) = d.cluster_size() {
-        m.insert("cluster-size".into(), cs.into());
-    }
-    if let Some((bf, bfmt)) = d.backing_file() {
-        m.insert("backing-filename".into(), bf.clone().into());
-        // Left out when the image's directory cannot be told (quorum).
-        if let Ok(full) = node.full_backing_filename(&bf) {
-            m.insert("full-backing-filename".into(), full.into());
-        }
-        if let Some(f) = bfmt {
-            m.insert("backing-filename-format".into(), f.into());
-        }
-    }
-    if let Ok(snaps) = d.snapshots().await {
-        if !snaps.is_empty() {
-            let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
-            m.insert("snapshots".into(), Value::Array(list));
-        }
-    }
-    match d.format_specific() {
-        Some(fs) => {
-            m.insert("format-specific".into(), fs);
-        }
-        None if node.format_name() == "file" || node.format_name() == "host_device" => {
-            m.insert(
-                "format-specific".into(),
-                json!({"type": node.format_name(), "data": {}}),
-            );
-        }
-        None => {}
-    }
-    let mut children = Vec::new();
-    for c in node.children() {
-        if c.role == ChildRole::Backing {
-            continue;
-        }
-        let info = Box::pin(node_info(&c.node)).await;
-        children.push(json!({"name": c.role.name(), "info": info}));
-    }
-    m.insert("children".into(), Value::Array(children));
-    Value::Object(m)
-}
-
-/// QEMU's SnapshotInfo (keys in schema order).
-fn snapshot_json(sn: &strata_block::driver::SnapshotInfo) -> Value {
-    let mut m = Map::new();
-    m.insert("id".into(), sn.id.clone().into());
-    m.insert("name".into(), sn.name.clone().into());
-    m.insert("vm-state-size".into(), sn.vm_state_size.into());
-    m.insert("date-sec".into(), sn.date_sec.into());
-    m.insert("date-nsec".into(), sn.date_nsec.into());
-    m.insert(
-        "vm-clock-sec".into(),
-        (sn.vm_clock_nsec / 1_000_000_000).into(),
-    );
-    m.insert(
-        "vm-clock-nsec".into(),
-        (sn.vm_clock_nsec % 1_000_000_000).into(),
-    );
-    if let Some(ic) = sn.icount {
-        m.insert("icount".into(), ic.into());
-    }
-    Value::Object(m)
-}
 
 /// `YYYY-MM-DD HH:MM:SS` in local time, as the snapshot list shows dates.
 fn local_date(secs: u64) -> String {
@@ -340,7 +260,7 @@ pub fn run(ctx: Ctx) -> i32 {
             Ok(n) => n,
             Err(code) => return code,
         };
-        let info = ctx.ev.block_on(node_info(&node));
+        let info = ctx.ev.block_on(strata_block::info::block_graph_info(&node));
         if chain {
             if let Some((bf, bfmt)) = node.driver().backing_file() {
                 let full = node

@@ -10,7 +10,7 @@ use crate::process::pidfile::PidFile;
 use std::sync::Arc;
 use std::time::Duration;
 use strata_block::report::error_report;
-use strata_block::{Backend, EventLoop, Perm};
+use strata_block::{Backend, EventLoop};
 use strata_nbd::client::Addr;
 use strata_nbd::listener::Listener;
 use strata_nbd::{Export, Server};
@@ -74,11 +74,8 @@ pub fn main() -> i32 {
     };
     node.set_writeback(req.cache.writeback);
     let writable = !node.is_read_only();
-    let mut perm = Perm::CONSISTENT_READ;
-    if writable {
-        perm = perm.with(Perm::WRITE);
-    }
-    let blk = match Backend::new(&node, "an unnamed block device", perm, Perm::ALL) {
+    let (perm, shared) = strata_nbd::export_perms(writable);
+    let blk = match Backend::new(&node, "an unnamed block device", perm, shared) {
         Ok(b) => Arc::new(b),
         Err(e) => {
             error_report(e.to_string());
