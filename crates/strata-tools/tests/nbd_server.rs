@@ -130,7 +130,7 @@ fn a_read_only_export_refuses_writes() {
     assert!(out.contains("Permission denied"), "{out}");
     // A client that writes anyway gets EPERM.
     let mut c = greet(&sock);
-    go(&mut c);
+    go(&mut c, "");
     let mut req = request(1, 5, 0, 512);
     req.extend_from_slice(&[0xee; 512]);
     c.write_all(&req).unwrap();
@@ -193,46 +193,44 @@ fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     b
 }
 
-/// Finishes a handshake with OPT_EXPORT_NAME "" (no zeroes).
-fn go(c: &mut UnixStream) {
+/// Finishes a handshake with OPT_EXPORT_NAME `name` (no zeroes).
+fn go(c: &mut UnixStream, name: &str) {
     c.write_all(&3u32.to_be_bytes()).unwrap();
-    c.write_all(&option(1, 0)).unwrap();
+    c.write_all(&option(1, name.len() as u32)).unwrap();
+    c.write_all(name.as_bytes()).unwrap();
     let mut reply = [0u8; 10];
     c.read_exact(&mut reply).unwrap();
 }
 
-#[test]
-fn hostile_clients_do_not_stop_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
-    let sock = dir.path().join("s.sock");
-    let s = Served::start(
-        STRATA_NBD,
-        &sock,
-        &["-t", "-e", "8", "-f", "qcow2", img.to_str().unwrap()],
-    );
+/// Hostile clients against the server `s` exporting `name` (a 64 MiB disk
+/// with pattern 7 at 8M): each gets an error or a closed connection, the
+/// server's memory stays bounded, and a well-behaved client is served
+/// meanwhile.
+fn hostile_clients(s: &Served, name: &str) {
+    let sock = &s.sock;
+    let rss_before = s.rss_kib();
     // Garbage instead of client flags and options.
-    let mut c = greet(&sock);
+    let mut c = greet(sock);
     c.write_all(&[0xff; 64]).unwrap();
     assert!(closed(&mut c));
     // An option announcing a huge payload: dropped before it is read.
-    let mut c = greet(&sock);
+    let mut c = greet(sock);
     c.write_all(&3u32.to_be_bytes()).unwrap();
     c.write_all(&option(7, u32::MAX)).unwrap();
     assert!(closed(&mut c));
     // A truncated header, then silence: the handshake limit ends it; meanwhile
     // the others are served.
-    let mut idle = greet(&sock);
+    let mut idle = greet(sock);
     idle.write_all(&[0, 0]).unwrap();
     // A write whose announced length is over the maximum: closed unread.
-    let mut c = greet(&sock);
-    go(&mut c);
+    let mut c = greet(sock);
+    go(&mut c, name);
     let req = request(1, 7, 0, u32::MAX);
     c.write_all(&req).unwrap();
     assert!(closed(&mut c));
     // A read past the end: an EINVAL reply, and the connection lives on.
-    let mut c = greet(&sock);
-    go(&mut c);
+    let mut c = greet(sock);
+    go(&mut c, name);
     let req = request(0, 9, 64 << 20, 4096);
     c.write_all(&req).unwrap();
     let mut reply = [0u8; 16];
@@ -240,10 +238,14 @@ fn hostile_clients_do_not_stop_the_server() {
     assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
     assert_eq!(&reply[4..8], &22u32.to_be_bytes(), "EINVAL");
     assert_eq!(&reply[8..], &9u64.to_be_bytes());
+    // An unknown command: EINVAL too, and the connection lives on.
+    c.write_all(&request(0x55, 10, 0, 512)).unwrap();
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..8], &22u32.to_be_bytes(), "EINVAL");
     // A client that sends reads and never reads a reply: the server stops
     // reading from it, and others are still served.
-    let mut greedy = greet(&sock);
-    go(&mut greedy);
+    let mut greedy = greet(sock);
+    go(&mut greedy, name);
     greedy
         .set_write_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -256,11 +258,64 @@ fn hostile_clients_do_not_stop_the_server() {
         sent < 10_000,
         "the server kept reading requests it could not answer"
     );
+    // An option flood whose answers are never read: the server stops
+    // reading options it cannot answer.
+    let mut flood = greet(sock);
+    flood.write_all(&3u32.to_be_bytes()).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let list: Vec<u8> = (0..1024).flat_map(|_| option(3, 0)).collect();
+    let mut sent = 0;
+    while sent < 10_000 && flood.write_all(&list).is_ok() {
+        sent += 1;
+    }
+    assert!(
+        sent < 10_000,
+        "the server kept reading options it could not answer"
+    );
     // A well-behaved client meanwhile.
     let out = client(
         "qemu-io",
-        &["-f", "raw", "-c", "read -P 7 8M 64k", &s.uri("")],
+        &["-f", "raw", "-c", "read -P 7 8M 64k", &s.uri(name)],
     );
     assert!(out.contains("read 65536/65536"), "{out}");
-    drop(idle);
+    // Two clients hold 32 MiB reads each at most; nothing grows with what
+    // they sent.
+    let grown = s.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 160 << 10, "the server grew by {grown} KiB");
+    drop((idle, greedy, flood));
+}
+
+#[test]
+fn hostile_clients_do_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("s.sock");
+    let s = Served::start(
+        STRATA_NBD,
+        &sock,
+        &["-t", "-e", "8", "-f", "qcow2", img.to_str().unwrap()],
+    );
+    hostile_clients(&s, "");
+}
+
+#[test]
+fn hostile_clients_do_not_stop_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("s.sock");
+    let file = format!("driver=file,filename={},node-name=f", img.display());
+    let s = Served::daemon(
+        &sock,
+        &[
+            "--blockdev",
+            &file,
+            "--blockdev",
+            "driver=qcow2,file=f,node-name=disk",
+            "--export",
+            "type=nbd,id=e,node-name=disk,name=disk,writable=on",
+        ],
+    );
+    hostile_clients(&s, "disk");
 }

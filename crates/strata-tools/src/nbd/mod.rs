@@ -105,12 +105,18 @@ pub fn main() -> i32 {
     });
     let server = Server::new(Duration::from_secs(a.handshake_limit));
     server.add(export);
+    let a_image = a.image.clone();
     let code = el.block_on_task({
         let a = Arc::new(a);
         async move { listen(server, a, daemon).await }
     });
+    // The handle's reference, then the opener's: the image is written
+    // back and closed, so writes a client never flushed are kept too.
     el.block_on(async {
         let _ = blk.close().await;
+        if let Err(e) = node.close().await {
+            error_report(format!("Failed to close '{}': {e}", a_image));
+        }
     });
     code
 }

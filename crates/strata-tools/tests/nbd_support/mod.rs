@@ -35,6 +35,33 @@ impl Served {
         Served::spawn(cmd, sock)
     }
 
+    /// strata-daemon serving NBD on `sock`, with `args` (nodes, exports).
+    pub fn daemon(sock: &Path, args: &[&str]) -> Served {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata-daemon"));
+        cmd.arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+            .args(args);
+        Served::spawn(cmd, sock)
+    }
+
+    /// Asks the server to end as a user would (SIGTERM: it finishes its
+    /// requests, flushes and closes the image) and waits for it.
+    pub fn stop(mut self) {
+        // SAFETY: kill has no memory arguments.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
+    /// The server's resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// nbdkit in the foreground with a plugin and its parameters.
     pub fn nbdkit(sock: &Path, plugin: &[&str]) -> Served {
         let mut cmd = Command::new("nbdkit");
