@@ -1,7 +1,7 @@
 //! The daemon's QMP commands, each bound to the [`Daemon`] it acts on.
 
 use crate::blockdev::Daemon;
-use crate::{graph_ops, queries, schema};
+use crate::{bitmaps, graph_ops, queries, schema};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use strata_qmp::{Qmp, QmpError};
@@ -85,6 +85,7 @@ pub(crate) fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     graph_ops::register(&mut qmp, daemon);
     export_commands(&mut qmp, daemon);
     queries::register(&mut qmp, daemon);
+    bitmaps::register(&mut qmp, daemon);
     qmp.add_control_commands();
     let q = Arc::clone(quit);
     let d = Arc::clone(daemon);

@@ -14,7 +14,7 @@ use strata_block::{Backend, Node};
 use strata_fuse::{AllowOther, FuseExport, FuseOptions};
 use strata_nbd::client::Addr;
 use strata_nbd::listener::{Listener, Serving};
-use strata_nbd::{Export, Server};
+use strata_nbd::{BitmapRef, Export, Server};
 
 /// QEMU's defaults for `max-connections` and `handshake-max-seconds`.
 const DEFAULT_MAX_CONNECTIONS: u64 = 100;
@@ -190,25 +190,31 @@ impl Exports {
         if running.server.export(&name).is_some() {
             return Err(format!("NBD server already has export named '{name}'"));
         }
-        let mut bitmaps = Vec::new();
-        for b in args
+        let (perm, shared) = strata_nbd::export_perms(writable);
+        let blk = Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?;
+        let refs: Vec<BitmapRef<'_>> = args
             .get("bitmaps")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-        {
-            // A name, or {node, name} (the node is the exported one here).
-            let bname = b
-                .as_str()
-                .or_else(|| b.get("name").and_then(Value::as_str))
-                .unwrap_or_default();
-            match node.bitmaps().find(bname) {
-                Some(bm) => bitmaps.push((bname.to_string(), bm)),
-                None => return Err(format!("Bitmap '{bname}' is not found")),
+            .map(|b| match b.as_str() {
+                Some(name) => BitmapRef::Local(name),
+                None => BitmapRef::External {
+                    node: str_of(b, "node").unwrap_or_default(),
+                    name: str_of(b, "name").unwrap_or_default(),
+                },
+            })
+            .collect();
+        let found = strata_nbd::export_bitmaps(&node, &refs, !writable, |n, b| {
+            crate::bitmaps::lookup(daemon, n, b).map(|(_, bm)| bm)
+        });
+        let bitmaps = match found {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = blk.close().await;
+                return Err(e);
             }
-        }
-        let (perm, shared) = strata_nbd::export_perms(writable);
-        let blk = Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?;
+        };
         let export = Arc::new(Export {
             name,
             description,

@@ -5,6 +5,7 @@
 //! written back. The binary is a thin front end: it parses the command line
 //! and hands each option to a [`Setup`] in order.
 
+mod bitmaps;
 mod blockdev;
 mod chardev;
 mod commands;

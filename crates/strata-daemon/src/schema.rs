@@ -329,6 +329,24 @@ pub fn schema(registry: &Registry) -> Schema {
         .object(
             "q_obj_block-set-write-threshold_arg",
             &[("node-name", "str"), ("write-threshold", "uint64")],
+        )
+        .object(
+            "BlockDirtyBitmapAdd",
+            &[
+                ("node", "str"),
+                ("name", "str"),
+                ("*granularity", "uint32"),
+                ("*persistent", "bool"),
+                ("*disabled", "bool"),
+            ],
+        )
+        .object(
+            "BlockDirtyBitmapMerge",
+            &[
+                ("node", "str"),
+                ("target", "str"),
+                ("bitmaps", "[BlockDirtyBitmapOrStr]"),
+            ],
         );
     exports(&mut s);
     s

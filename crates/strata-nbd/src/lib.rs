@@ -8,5 +8,7 @@ pub mod listener;
 pub mod proto;
 pub mod server;
 
-pub use server::export::{export_perms, Export, ExportState, MetaContext};
+pub use server::export::{
+    export_bitmaps, export_perms, BitmapRef, Export, ExportState, MetaContext,
+};
 pub use server::Server;

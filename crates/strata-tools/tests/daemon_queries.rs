@@ -155,3 +155,97 @@ fn graph_queries_answer_as_qemu_storage_daemon_does() {
         got[13]
     );
 }
+
+/// Dirty bitmaps over QMP, then offered by an NBD export: the answers,
+/// what `query-named-block-nodes` shows of them, and what nbdinfo maps of
+/// `qemu:dirty-bitmap:b0` after writes through another export.
+fn bitmap_session(side: &Side) -> Vec<String> {
+    let extra: Vec<String> = ARGS[..8]
+        .iter()
+        .chain(&["--nbd-server", "addr.type=unix,addr.path=$DIR/nbd.sock"])
+        .map(|a| a.replace("$DIR", &side.dir.path().display().to_string()))
+        .collect();
+    let (d, mut c) = Running::start(side, &extra);
+    let mut out = vec![side.normalize(&c.line())];
+    for cmd in [
+        r#"{"execute": "qmp_capabilities"}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": ""}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "nope", "name": "b0"}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "b0", "granularity": 1000}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "b0"}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "b0"}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "b1", "granularity": 4096, "disabled": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "tf", "name": "b2", "granularity": 65536}}"#,
+        r#"{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "top", "name": "nob"}}"#,
+        r#"{"execute": "block-dirty-bitmap-clear", "arguments": {"node": "nope", "name": "b0"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "w", "node-name": "top", "name": "w", "writable": true}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "r", "node-name": "top", "name": "r", "bitmaps": ["b0"]}}"#,
+    ] {
+        out.push(anonymous(&side.normalize(&c.ask(cmd))));
+    }
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", side.path("nbd.sock"));
+    for cmd in [
+        "write -P 3 512k 64k",
+        "write -P 4 1000k 100k",
+        "write -z 4M 64k",
+    ] {
+        let io = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &uri("w")])
+            .output()
+            .unwrap();
+        assert!(io.status.success(), "{io:?}");
+    }
+    // A bitmap that stopped recording may back a read-only export.
+    for cmd in [
+        r#"{"execute": "block-dirty-bitmap-disable", "arguments": {"node": "top", "name": "b0"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "r", "node-name": "top", "name": "r", "bitmaps": ["b0"]}}"#,
+        r#"{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "top", "name": "b0"}}"#,
+    ] {
+        out.push(anonymous(&side.normalize(&c.ask(cmd))));
+    }
+    let map = std::process::Command::new("nbdinfo")
+        .args(["--map=qemu:dirty-bitmap:b0", &uri("r")])
+        .output()
+        .unwrap();
+    out.push(
+        String::from_utf8_lossy(&map.stdout).into_owned() + &String::from_utf8_lossy(&map.stderr),
+    );
+    for cmd in [
+        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-merge", "arguments": {"node": "top", "target": "b1", "bitmaps": ["b0", {"node": "tf", "name": "b2"}]}}"#,
+        r#"{"execute": "block-dirty-bitmap-merge", "arguments": {"node": "top", "target": "b1", "bitmaps": ["nob"]}}"#,
+        r#"{"execute": "block-dirty-bitmap-enable", "arguments": {"node": "top", "name": "b1"}}"#,
+        r#"{"execute": "block-dirty-bitmap-clear", "arguments": {"node": "top", "name": "b0"}}"#,
+        r#"{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "tf", "name": "b2"}}"#,
+        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+    ] {
+        out.push(anonymous(&side.normalize(&c.ask(cmd))));
+    }
+    out.push(side.normalize(&c.ask(r#"{"execute": "quit"}"#)));
+    // Each export's end, then quit's answer.
+    for _ in 0..2 {
+        out.push(side.normalize(&c.line()));
+    }
+    let (code, err) = d.wait();
+    out.push(format!("exit {code} {}", side.normalize(&err)));
+    out
+}
+
+#[test]
+fn dirty_bitmaps_answer_and_export_as_qemu_storage_daemon_does() {
+    let Some((s, q)) = sides() else { return };
+    images(&s);
+    images(&q);
+    let got = bitmap_session(&s);
+    let want = bitmap_session(&q);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "line {i} differs");
+    }
+    assert_eq!(got.len(), want.len());
+    // nbdinfo mapped the writes as dirty, the rest as clean.
+    assert!(
+        got[16].contains("dirty") && got[16].contains("clean"),
+        "{}",
+        got[16]
+    );
+}

@@ -5,7 +5,7 @@
 
 use super::HBitmap;
 use crate::error::{Error, Result};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Longest bitmap name QEMU accepts (BDRV_BITMAP_MAX_NAME_SIZE).
@@ -175,6 +175,8 @@ pub struct DirtyBitmaps {
     list: Mutex<Vec<Arc<DirtyBitmap>>>,
     /// Enabled bitmaps: the write funnel skips the lock when there are none.
     enabled: AtomicUsize,
+    /// The size the bitmaps cover (the node's length); 0 without bitmaps.
+    size: AtomicU64,
 }
 
 impl DirtyBitmaps {
@@ -223,6 +225,7 @@ impl DirtyBitmaps {
         });
         list.push(Arc::clone(&b));
         self.recount(&list);
+        self.size.fetch_max(size, Ordering::AcqRel);
         Ok(b)
     }
 
@@ -265,8 +268,19 @@ impl DirtyBitmaps {
     /// Sets in `target` every bit set in `sources` (block-dirty-bitmap-merge).
     pub fn merge(&self, target: &DirtyBitmap, sources: &[Arc<DirtyBitmap>]) -> Result<()> {
         target.check(Check::Default)?;
+        // Every source is checked before any is merged, so a refusal leaves
+        // the target as it was (QEMU restores it from a backup).
+        let size = target.lock().size();
         for s in sources {
             s.check(Check::AllowReadOnly)?;
+            let other = s.lock().size();
+            if other != size {
+                return Err(Error::invalid(format!(
+                    "Bitmaps are of different sizes (destination size is {size}, source size is {other}) and can't be merged"
+                )));
+            }
+        }
+        for s in sources {
             if std::ptr::eq(&**s, target) {
                 continue;
             }
@@ -298,9 +312,31 @@ impl DirtyBitmaps {
 
     /// Follows the node's new size (QEMU: bdrv_dirty_bitmap_truncate).
     pub fn truncate(&self, size: u64) {
-        for b in self.lock().iter() {
+        let list = self.lock();
+        for b in list.iter() {
             b.lock().truncate(size);
         }
+        if !list.is_empty() {
+            self.size.store(size, Ordering::Release);
+        }
+    }
+
+    /// Grows the bitmaps to `end` after a write that ended past them: a
+    /// protocol node grows by writes past its end, and QEMU's bitmaps follow
+    /// it (bdrv_co_write_req_finish), so no write goes unrecorded.
+    pub fn grow_to(&self, end: u64) {
+        let size = self.size.load(Ordering::Acquire);
+        if size == 0 || end <= size {
+            return;
+        }
+        let list = self.lock();
+        for b in list.iter() {
+            let mut bits = b.lock();
+            if bits.size() < end {
+                bits.truncate(end);
+            }
+        }
+        self.size.fetch_max(end, Ordering::AcqRel);
     }
 
     /// What query-block shows, newest first as QEMU lists them.

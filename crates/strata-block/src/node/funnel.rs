@@ -153,6 +153,7 @@ impl Node {
         if req.kind != WriteKind::Discard && req.len > 0 {
             self.wr_highest_offset
                 .fetch_max(req.offset + req.len, Ordering::AcqRel);
+            self.bitmaps.grow_to(req.offset + req.len);
         }
         self.bitmaps.mark_dirty(req.offset, req.len);
     }

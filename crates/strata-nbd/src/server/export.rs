@@ -3,9 +3,10 @@
 
 use crate::proto::*;
 use std::sync::Arc;
+use strata_block::bitmap::Check;
 use strata_block::bitmap::DirtyBitmap;
 use strata_block::driver::Perm;
-use strata_block::Backend;
+use strata_block::{Backend, Node};
 
 /// The permissions an export's user handle takes and shares: reading,
 /// writing when writable; nobody may resize the disk under its clients
@@ -17,6 +18,68 @@ pub fn export_perms(writable: bool) -> (Perm, Perm) {
         Perm::CONSISTENT_READ
     };
     (perm, Perm::ALL.without(Perm::RESIZE))
+}
+
+/// How an export names a dirty bitmap to offer (QAPI:
+/// BlockDirtyBitmapOrStr): by name on the exported node or below it, or on
+/// a node named too.
+pub enum BitmapRef<'a> {
+    Local(&'a str),
+    External { node: &'a str, name: &'a str },
+}
+
+/// The node below `n` whose data it shows: a filter's child, a format's
+/// backing file (QEMU: bdrv_filter_or_cow_bs).
+fn filter_or_cow(n: &Node) -> Option<Arc<Node>> {
+    if n.driver().is_filter() {
+        n.primary_child()
+    } else {
+        n.backing()
+    }
+}
+
+/// Finds the bitmaps an export offers and marks them busy for its life,
+/// with QEMU's checks and words (nbd_export_create): a bitmap still
+/// recording writes cannot back a read-only export of a writable node, as
+/// it would change under the client. `external` looks up `{node, name}`.
+pub fn export_bitmaps(
+    node: &Arc<Node>,
+    refs: &[BitmapRef<'_>],
+    readonly: bool,
+    external: impl Fn(&str, &str) -> Result<Arc<DirtyBitmap>, String>,
+) -> Result<Vec<(String, Arc<DirtyBitmap>)>, String> {
+    let mut found = Vec::new();
+    for r in refs {
+        let (name, bm) = match *r {
+            BitmapRef::Local(name) => {
+                let mut at = Some(Arc::clone(node));
+                let mut hit = None;
+                while let Some(n) = at {
+                    if let Some(b) = n.bitmaps().find(name) {
+                        hit = Some((n, b));
+                        break;
+                    }
+                    at = filter_or_cow(&n);
+                }
+                let Some((owner, bm)) = hit else {
+                    return Err(format!("Bitmap '{name}' is not found"));
+                };
+                if readonly && !owner.is_read_only() && bm.is_enabled() {
+                    return Err(format!(
+                        "Enabled bitmap '{name}' incompatible with readonly export"
+                    ));
+                }
+                (name, bm)
+            }
+            BitmapRef::External { node, name } => (name, external(node, name)?),
+        };
+        bm.check(Check::AllowReadOnly).map_err(|e| e.to_string())?;
+        found.push((name.to_string(), bm));
+    }
+    for (_, b) in &found {
+        b.set_busy(true);
+    }
+    Ok(found)
 }
 
 /// One export.
@@ -34,6 +97,15 @@ pub struct Export {
     pub allocation_depth: bool,
     /// Connections in transmission, and the signal that ends them.
     pub state: ExportState,
+}
+
+impl Drop for Export {
+    /// The bitmaps it offered are free for other users again.
+    fn drop(&mut self) {
+        for (_, b) in &self.bitmaps {
+            b.set_busy(false);
+        }
+    }
 }
 
 /// The connections of an export, counted, and ended when it is removed

@@ -82,16 +82,20 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let mut bitmaps = Vec::new();
-    for name in &a.bitmaps {
-        match node.bitmaps().find(name) {
-            Some(b) => bitmaps.push((name.clone(), b)),
-            None => {
-                error_report(format!("Bitmap '{name}' is not found"));
+    let refs: Vec<_> = a
+        .bitmaps
+        .iter()
+        .map(|b| strata_nbd::BitmapRef::Local(b))
+        .collect();
+    // qemu-nbd names bitmaps only by name.
+    let bitmaps =
+        match strata_nbd::export_bitmaps(&node, &refs, !writable, |_, _| Err(String::new())) {
+            Ok(b) => b,
+            Err(msg) => {
+                error_report(msg);
                 return 1;
             }
-        }
-    }
+        };
     let export = Arc::new(Export {
         name: a.export_name.clone(),
         description: a.description.clone(),
