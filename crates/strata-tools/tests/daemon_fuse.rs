@@ -157,10 +157,7 @@ fn fuse_exports_serve_as_qemu_storage_daemons_do() {
     setup(&q);
     let got = session(&s);
     let want = session(&q);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "line {i} differs\n{}", got.join("\n"));
-    }
-    assert_eq!(got.len(), want.len());
+    assert_same_lines(&got, &want);
     // What the comparison is about happened.
     let all = got.join("\n");
     assert!(

@@ -138,10 +138,7 @@ fn graph_queries_answer_as_qemu_storage_daemon_does() {
     images(&q);
     let got = conversation(&s);
     let want = conversation(&q);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "line {i} differs");
-    }
-    assert_eq!(got.len(), want.len());
+    assert_same_lines(&got, &want);
     // The conversation shows what it is about.
     let event = &got[12];
     assert!(
@@ -238,10 +235,7 @@ fn dirty_bitmaps_answer_and_export_as_qemu_storage_daemon_does() {
     images(&q);
     let got = bitmap_session(&s);
     let want = bitmap_session(&q);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "line {i} differs");
-    }
-    assert_eq!(got.len(), want.len());
+    assert_same_lines(&got, &want);
     // nbdinfo mapped the writes as dirty, the rest as clean.
     assert!(
         got[16].contains("dirty") && got[16].contains("clean"),

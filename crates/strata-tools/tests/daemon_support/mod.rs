@@ -217,9 +217,15 @@ pub fn same(steps: &[Step], extra: &[&str], setup: impl Fn(&Side)) -> Option<(Si
     };
     let got = converse(&s, &fix(&s), steps);
     let want = converse(&q, &fix(&q), steps);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "line {i} differs");
+    assert_same_lines(&got, &want);
+    Some((s, q))
+}
+
+/// Strata's lines against the oracle's, the first difference named by its
+/// line, then the counts.
+pub fn assert_same_lines(got: &[String], want: &[String]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g, w, "line {i} differs\n{}", got.join("\n"));
     }
     assert_eq!(got.len(), want.len());
-    Some((s, q))
 }
