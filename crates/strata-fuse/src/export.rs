@@ -201,10 +201,16 @@ impl FuseExport {
             proto::FORGET | proto::BATCH_FORGET | proto::INTERRUPT => return,
             _ => {}
         }
-        let args = req[proto::IN_HEADER_LEN..].to_vec();
-        // A write's data goes to the disk from a buffer of its own.
-        let data =
-            (h.opcode == proto::WRITE && args.len() >= 40).then(|| IoBuf::from_slice(&args[40..]));
+        let body = &req[proto::IN_HEADER_LEN..];
+        // A write's data is copied once, into the buffer it goes to the
+        // disk from; the arguments before it are kept apart.
+        let (args, data) = match (h.opcode, body.len()) {
+            (proto::WRITE, n) if n >= proto::WRITE_IN_LEN => (
+                body[..proto::WRITE_IN_LEN].to_vec(),
+                Some(IoBuf::from_slice(&body[proto::WRITE_IN_LEN..])),
+            ),
+            _ => (body.to_vec(), None),
+        };
         self.inflight.fetch_add(1, Ordering::AcqRel);
         let exp = Arc::clone(self);
         tokio::spawn(async move {

@@ -54,6 +54,8 @@ pub const REQUEST_BUFFER: usize = MAX_WRITE as usize + 4096;
 
 /// `fuse_in_header`: 40 bytes before every request.
 pub const IN_HEADER_LEN: usize = 40;
+/// `fuse_write_in`: 40 bytes of arguments before a write's data.
+pub const WRITE_IN_LEN: usize = 40;
 
 /// The header of one request.
 #[derive(Clone, Copy, Debug)]
