@@ -42,6 +42,8 @@ fn clients_see_the_same_export_as_from_qemu_nbd() {
             vec!["-r", "-e", "2", "-x", "exp1", "-D", "a disk", "-A"],
             "exp1",
         ),
+        // Served from 1 MiB into the image on.
+        (vec!["-o", "1048576"], ""),
     ] {
         let mut args = opts.clone();
         args.extend(["-t", "-f", "qcow2", p]);

@@ -10,7 +10,7 @@ mod report;
 mod session;
 
 use session::Session;
-pub(crate) use session::{open_node, OpenRequest};
+pub(crate) use session::{open_node_in, OpenRequest};
 use strata_block::report::error_report;
 use strata_block::EventLoop;
 

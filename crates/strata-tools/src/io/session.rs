@@ -318,6 +318,15 @@ pub(crate) async fn open_node(
     registry: &Arc<Registry>,
     req: &OpenRequest,
 ) -> Result<Arc<Node>, String> {
+    open_node_in(registry, req, strata_block::Graph::new()).await
+}
+
+/// [`open_node`] into `graph`, so that later opens can name its nodes.
+pub(crate) async fn open_node_in(
+    registry: &Arc<Registry>,
+    req: &OpenRequest,
+    graph: Arc<strata_block::Graph>,
+) -> Result<Arc<Node>, String> {
     let mut opts = req.opts.clone();
     let mut force_share = req.force_share;
     if let Some(v) = opts.remove("force-share") {
@@ -355,7 +364,7 @@ pub(crate) async fn open_node(
         snapshot: req.snapshot,
         ..OpenFlags::default()
     };
-    let ctx = OpenCtx::new(Arc::clone(registry), flags);
+    let ctx = OpenCtx::with_graph(Arc::clone(registry), flags, graph);
     ctx.open_image(req.name.as_deref(), None, opts)
         .await
         .map_err(|e| e.to_string())

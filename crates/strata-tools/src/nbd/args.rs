@@ -80,6 +80,8 @@ pub struct Args {
     pub detect_zeroes: Option<String>,
     /// `-L`: list another server's exports instead of serving.
     pub list: bool,
+    /// `-o`: the export starts this far into the image (a raw node over it).
+    pub offset: u64,
 }
 
 fn usage_hint() {
@@ -158,6 +160,7 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
         handshake_limit: 10,
         detect_zeroes: None,
         list: false,
+        offset: 0,
     };
     let mut format = None;
     let mut port_given = false;
@@ -275,11 +278,17 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
             // No trace events in Strata; accepted for scripts.
             Item::Opt('T', _) => {}
             Item::Opt('L', _) => a.list = true,
-            Item::Opt(c @ ('c' | 'd' | 'l' | 'o'), _) | Item::Opt(c @ TLS, _) => {
+            Item::Opt('o', Some(v)) => match crate::io::numbers::strtou64(&v) {
+                Ok(o) => a.offset = o,
+                Err(_) => {
+                    error_report(format!("Invalid offset '{v}'"));
+                    return Err(1);
+                }
+            },
+            Item::Opt(c @ ('c' | 'd' | 'l'), _) | Item::Opt(c @ TLS, _) => {
                 let what = match c {
                     'c' | 'd' => "the kernel NBD client (-c, -d)",
                     'l' => "internal snapshots (-l)",
-                    'o' => "exposing part of an image (-o)",
                     _ => "TLS",
                 };
                 error_report(format!("{what} is not supported yet"));
@@ -296,6 +305,9 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
     if a.socket.is_some() && port_given {
         error_report("-p is incompatible with -k");
         return Err(1);
+    }
+    if a.offset != 0 {
+        per_device = true;
     }
     if a.list {
         if !parsed.operands.is_empty() {

@@ -65,11 +65,40 @@ pub fn main() -> i32 {
             serde_json::Value::String(dz.clone()),
         );
     }
-    let node = match el.block_on(crate::io::open_node(&registry, &req)) {
+    let graph = strata_block::Graph::new();
+    let node = match el.block_on(crate::io::open_node_in(&registry, &req, Arc::clone(&graph))) {
         Ok(n) => n,
         Err(msg) => {
             error_report(format!("Failed to blk_new_open '{}': {msg}", a.image));
             return 1;
+        }
+    };
+    // -o: a raw node starting that far into the image is served instead
+    // (as qemu-nbd builds it); it holds the image node as its file.
+    let node = if a.offset == 0 {
+        node
+    } else {
+        let mut opts = serde_json::Map::new();
+        opts.insert("driver".into(), "raw".into());
+        opts.insert("file".into(), node.name().into());
+        opts.insert("offset".into(), a.offset.into());
+        let flags = strata_block::OpenFlags {
+            read_only: node.is_read_only(),
+            ..Default::default()
+        };
+        let ctx = strata_block::OpenCtx::with_graph(Arc::clone(&registry), flags, graph);
+        let raw = el.block_on(async {
+            let r = ctx.open_image(None, None, opts).await;
+            // The raw node holds its own reference now.
+            let _ = node.close().await;
+            r
+        });
+        match raw {
+            Ok(r) => r,
+            Err(e) => {
+                error_report(e.to_string());
+                return 1;
+            }
         }
     };
     node.set_writeback(req.cache.writeback);
