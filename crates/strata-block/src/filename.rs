@@ -95,16 +95,15 @@ pub enum BackingSource {
 /// True when the node's backing file is not the one its image would open
 /// by itself (QEMU: bdrv_backing_overridden): a backing file the image does
 /// not name, one named another way, or one suppressed.
-fn backing_overridden(driver: &dyn Driver, source: BackingSource) -> bool {
+fn backing_overridden(
+    driver: &dyn Driver,
+    child: Option<&Arc<Node>>,
+    source: BackingSource,
+) -> bool {
     let header = driver.backing_file().map(|(n, _)| n).unwrap_or_default();
-    let child = driver
-        .children()
-        .into_iter()
-        .find(|c| c.role == ChildRole::Backing);
     match (source, child) {
-        (BackingSource::NoIo | BackingSource::Implicit, Some(_)) => false,
-        (BackingSource::NoIo, None) => false,
-        (BackingSource::Explicit, Some(c)) => header != c.node.filename(),
+        (BackingSource::NoIo, _) | (BackingSource::Implicit, Some(_)) => false,
+        (BackingSource::Explicit, Some(c)) => header != c.filename(),
         (_, None) => !header.is_empty(),
     }
 }
@@ -141,9 +140,10 @@ pub fn refresh(
     if !full.contains_key("driver") {
         full.insert("driver".into(), class.name().into());
     }
-    let overridden = backing_overridden(driver, backing);
-    generate_json |= overridden;
     let children = driver.children();
+    let backing_child = children.iter().find(|c| c.role == ChildRole::Backing);
+    let overridden = backing_overridden(driver, backing_child.map(|c| &c.node), backing);
+    generate_json |= overridden;
     let mut quorum = Vec::new();
     for c in &children {
         match c.role {
@@ -155,7 +155,7 @@ pub fn refresh(
             }
         }
     }
-    if overridden && !children.iter().any(|c| c.role == ChildRole::Backing) {
+    if overridden && backing_child.is_none() {
         // Opening it again must not open the backing file the image names.
         full.insert("backing".into(), Value::Null);
     }

@@ -350,6 +350,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bitmaps_grow_with_writes_past_the_end_enabled_or_not() {
+        let bms = DirtyBitmaps::default();
+        let on = bms.create(Some("on"), 512, 64 << 10).unwrap();
+        let off = bms.create(Some("off"), 512, 64 << 10).unwrap();
+        bms.set_enabled(&off, false).unwrap();
+        // A write ending past the bitmaps: they grow first, then it is marked.
+        bms.grow_to(128 << 10);
+        bms.mark_dirty(100 << 10, 4096);
+        assert!(on.get(100 << 10));
+        assert_eq!(on.count(), 4096);
+        assert!(!off.get(100 << 10));
+        assert_eq!(off.snapshot().size(), 128 << 10);
+        // Writes inside them change nothing of their size.
+        bms.grow_to(4096);
+        assert_eq!(on.snapshot().size(), 128 << 10);
+    }
+
+    #[test]
     fn names_granularity_and_states_are_checked_as_qemu_does() {
         let bms = DirtyBitmaps::default();
         let e = bms.create(Some("b"), 1000, 1 << 20).err().unwrap();
