@@ -352,6 +352,35 @@ pub trait Driver: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// True when the format keeps internal snapshots itself (QEMU: the
+    /// driver has bdrv_snapshot_create); otherwise the generic layer may
+    /// fall back to the primary child (see `crate::snapshot`).
+    fn has_internal_snapshots(&self) -> bool {
+        false
+    }
+
+    /// Creates an internal snapshot of the disk as it is now, with a new id
+    /// (the id in `sn` is ignored). The caller has drained the node.
+    async fn snapshot_create(&self, _sn: &SnapshotInfo) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Makes the disk the snapshot with this id, else this name, again.
+    async fn snapshot_goto(&self, _id_or_name: &str) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Deletes the first snapshot with this id and/or name.
+    async fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Shows a snapshot in place of the disk, read-only, until closed
+    /// (QEMU: bdrv_snapshot_load_tmp).
+    async fn snapshot_load_tmp(&self, _id: Option<&str>, _name: Option<&str>) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
     /// Consistency check and repair.
     async fn check(&self, _repair: RepairMode) -> Result<CheckResult> {
         err(libc::ENOTSUP)

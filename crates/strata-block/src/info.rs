@@ -91,7 +91,7 @@ async fn node_info(node: &Arc<Node>) -> Map<String, Value> {
 }
 
 /// QEMU's SnapshotInfo (keys in schema order).
-fn snapshot_json(sn: &SnapshotInfo) -> Value {
+pub fn snapshot_json(sn: &SnapshotInfo) -> Value {
     let mut m = Map::new();
     m.insert("id".into(), sn.id.clone().into());
     m.insert("name".into(), sn.name.clone().into());

@@ -23,6 +23,7 @@ pub mod options;
 pub mod perm;
 pub mod qjson;
 pub mod report;
+pub mod snapshot;
 pub mod status;
 mod temp_overlay;
 pub mod tracked;

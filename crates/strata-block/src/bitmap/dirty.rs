@@ -184,6 +184,11 @@ impl DirtyBitmaps {
         self.list.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// True when the node has no bitmap at all.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     fn recount(&self, list: &[Arc<DirtyBitmap>]) {
         let n = list.iter().filter(|b| b.is_enabled()).count();
         self.enabled.store(n, Ordering::Release);

@@ -157,12 +157,6 @@ pub fn run(ctx: Ctx) -> i32 {
             }
         }
     }
-    if force_share && fixing {
-        error_report(format!(
-            "Could not open '{name}': force-share=on can only be used with read-only images"
-        ));
-        return 1;
-    }
     let node = match ctx.open(name, fmt.as_deref(), image_opts, flags, 1) {
         Ok(n) => n,
         Err(code) => return code,

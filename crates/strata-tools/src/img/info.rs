@@ -111,42 +111,7 @@ fn human_at(info: &Value, out: &mut String, depth: usize, top: bool, path: &str)
         }
     }
     if let Some(snaps) = get("snapshots").and_then(Value::as_array) {
-        out.push_str(&format!("{ind}Snapshot list:\n"));
-        out.push_str(&format!(
-            "{ind}{}\n",
-            snapshot_line(["ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"])
-        ));
-        for sn in snaps {
-            let f = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let secs = f("vm-clock-sec");
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                f("vm-clock-nsec") / 1_000_000
-            );
-            let icount = sn
-                .get("icount")
-                .and_then(Value::as_u64)
-                .map_or("--".to_string(), |v| v.to_string());
-            let text = |k: &str| {
-                sn.get(k)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let (id, name) = (text("id"), text("name"));
-            let line = snapshot_line([
-                &id,
-                &name,
-                &size_to_str(f("vm-state-size")),
-                &local_date(f("date-sec")),
-                &clock,
-                &icount,
-            ]);
-            out.push_str(&format!("{ind}{line}\n"));
-        }
+        snapshot_list(snaps, &ind, out);
     }
     if let Some(data) = get("format-specific").and_then(|f| f.get("data")) {
         if data.as_object().is_some_and(|m| !m.is_empty()) {
@@ -290,4 +255,45 @@ pub fn run(ctx: Ctx) -> i32 {
         crate::out!("{out}");
     }
     0
+}
+
+/// The snapshot list as `info` and `snapshot -l` print it (QEMU:
+/// bdrv_snapshot_dump), each line indented by `ind`.
+pub fn snapshot_list(snaps: &[Value], ind: &str, out: &mut String) {
+    out.push_str(&format!("{ind}Snapshot list:\n"));
+    out.push_str(&format!(
+        "{ind}{}\n",
+        snapshot_line(["ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"])
+    ));
+    for sn in snaps {
+        let f = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let secs = f("vm-clock-sec");
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            f("vm-clock-nsec") / 1_000_000
+        );
+        let icount = sn
+            .get("icount")
+            .and_then(Value::as_u64)
+            .map_or("--".to_string(), |v| v.to_string());
+        let text = |k: &str| {
+            sn.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (id, name) = (text("id"), text("name"));
+        let line = snapshot_line([
+            &id,
+            &name,
+            &size_to_str(f("vm-state-size")),
+            &local_date(f("date-sec")),
+            &clock,
+            &icount,
+        ]);
+        out.push_str(&format!("{ind}{line}\n"));
+    }
 }

@@ -8,6 +8,7 @@ mod create;
 mod info;
 mod map;
 mod resize;
+mod snapshot;
 
 use crate::common;
 use std::sync::Arc;
@@ -32,6 +33,17 @@ impl Ctx {
         flags: strata_block::OpenFlags,
         code: i32,
     ) -> Result<std::sync::Arc<strata_block::Node>, i32> {
+        // qemu-img's img_open checks these two before anything is opened.
+        if image_opts && format.is_some() {
+            error_report("--image-opts and --format are mutually exclusive");
+            return Err(code);
+        }
+        if flags.force_share && !flags.read_only {
+            error_report(format!(
+                "Could not open '{name}': force-share=on can only be used with read-only images"
+            ));
+            return Err(code);
+        }
         let spec = common::ImageSpec {
             name,
             format,
@@ -87,7 +99,7 @@ fn dispatch() -> i32 {
                 strata_block::report::prog_name()
             );
             crate::outln!(
-                "Strata's drop-in for qemu-img: create, info, map, check, compare, convert, resize, bench."
+                "Strata's drop-in for qemu-img: create, info, map, check, compare, convert, resize, snapshot, bench."
             );
             return 0;
         }
@@ -121,6 +133,7 @@ fn dispatch() -> i32 {
         "convert" => convert::run(ctx),
         "resize" => resize::run(ctx),
         "bench" => bench::run(ctx),
+        "snapshot" => snapshot::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

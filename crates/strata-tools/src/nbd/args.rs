@@ -82,6 +82,8 @@ pub struct Args {
     pub list: bool,
     /// `-o`: the export starts this far into the image (a raw node over it).
     pub offset: u64,
+    /// `-l`: an internal snapshot served (read-only) instead of the disk.
+    pub snapshot: Option<strata_block::snapshot::SnapshotSel>,
 }
 
 fn usage_hint() {
@@ -160,6 +162,7 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
         handshake_limit: 10,
         detect_zeroes: None,
         list: false,
+        snapshot: None,
         offset: 0,
     };
     let mut format = None;
@@ -285,10 +288,26 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
                     return Err(1);
                 }
             },
-            Item::Opt(c @ ('c' | 'd' | 'l'), _) | Item::Opt(c @ TLS, _) => {
+            Item::Opt('l', Some(v)) => {
+                use strata_block::snapshot::SnapshotSel;
+                match SnapshotSel::parse(&v) {
+                    Ok(sel) => {
+                        // QEMU counts only the plain form as a per-device setting.
+                        per_device |= matches!(sel, SnapshotSel::IdOrName(_));
+                        a.snapshot = Some(sel);
+                    }
+                    Err(e) => {
+                        error_report(e);
+                        error_report(format!("Failed in parsing snapshot param `{v}'"));
+                        return Err(1);
+                    }
+                }
+                // A snapshot is served read-only.
+                a.open.read_only = true;
+            }
+            Item::Opt(c @ ('c' | 'd'), _) | Item::Opt(c @ TLS, _) => {
                 let what = match c {
                     'c' | 'd' => "the kernel NBD client (-c, -d)",
-                    'l' => "internal snapshots (-l)",
                     _ => "TLS",
                 };
                 error_report(format!("{what} is not supported yet"));

@@ -101,6 +101,13 @@ pub fn main() -> i32 {
             }
         }
     };
+    // -l: on the node served, so with -o it is the raw node (as in qemu-nbd).
+    if let Some(sel) = &a.snapshot {
+        if let Err(e) = el.block_on(sel.load(&node)) {
+            error_report(format!("Failed to load snapshot: {e}"));
+            return 1;
+        }
+    }
     node.set_writeback(req.cache.writeback);
     let writable = !node.is_read_only();
     let (perm, shared) = strata_nbd::export_perms(writable);

@@ -12,7 +12,8 @@
 //! `read`, `write` (plan / I/O / commit), `zero` (zero writes and discards),
 //! `resize`, `meta` (tables, refcounts, allocation), `cache` (L2 and refcount
 //! block caches), `inflight` and `host_inflight` (what requests hold),
-//! `check`, `create`, `compress`, `data_file`, `snapshot`.
+//! `check`, `create`, `compress`, `data_file`, `snapshot` (the table) and
+//! `snapshot_ops` (create, apply, delete, load).
 
 mod cache;
 mod check;
@@ -29,6 +30,7 @@ mod read;
 mod refcount;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod write;
 mod zero;
 
@@ -350,6 +352,15 @@ impl Driver for Qcow2Driver {
         if !size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
+        // Snapshots record their disk size only from version 3 on.
+        {
+            let m = self.meta.lock().await;
+            if m.header.nb_snapshots > 0 && m.header.version < 3 {
+                return Err(Error::unsupported(
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
+        }
         if size < old {
             return self.shrink(size).await;
         }
@@ -498,6 +509,26 @@ impl Driver for Qcow2Driver {
             .into_iter()
             .map(|s| s.info)
             .collect())
+    }
+
+    fn has_internal_snapshots(&self) -> bool {
+        true
+    }
+
+    async fn snapshot_create(&self, sn: &strata_block::driver::SnapshotInfo) -> Result<()> {
+        self.create_snapshot(sn).await
+    }
+
+    async fn snapshot_goto(&self, id_or_name: &str) -> Result<()> {
+        self.goto_snapshot(id_or_name).await
+    }
+
+    async fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        self.delete_snapshot(id, name).await
+    }
+
+    async fn snapshot_load_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        self.load_snapshot_tmp(id, name).await
     }
 
     async fn check(&self, repair: RepairMode) -> Result<CheckResult> {

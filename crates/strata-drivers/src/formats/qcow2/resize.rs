@@ -75,11 +75,6 @@ impl Qcow2Driver {
     /// and the file cut after the last cluster still in use.
     pub(super) async fn shrink(&self, size: u64) -> Result<()> {
         let cs = self.geo.cluster_size;
-        if self.meta.lock().await.header.nb_snapshots > 0 {
-            return Err(Error::unsupported(
-                "Can't resize an image which has snapshots",
-            ));
-        }
         let first = size.div_ceil(cs);
         let end = self.length().div_ceil(cs);
         if end > first {

@@ -1,6 +1,7 @@
-//! The internal snapshot table: read so that `info` lists snapshots and
-//! `check` counts the clusters they hold (otherwise their clusters would
-//! look leaked, and a repair would free data that a snapshot still needs).
+//! The internal snapshot table (qcow2.txt "Snapshot table"): read, found
+//! in by id and name as QEMU finds, and encoded for writing back. `info`
+//! lists it, `check` counts the clusters snapshots hold, and `snapshot_ops`
+//! creates, applies and deletes snapshots through it.
 
 use super::header::Header;
 use std::sync::Arc;
@@ -13,11 +14,19 @@ const MAX_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
 /// Most bytes of extra data in one entry.
 const MAX_EXTRA: u32 = 1024;
 
-/// One snapshot: its L1 table and what `info` shows.
+/// Bytes of the fixed part of an entry, and of the extra data QEMU writes
+/// (large VM state size, disk size, icount).
+const FIXED: usize = 40;
+const KNOWN_EXTRA: usize = 24;
+
+/// One snapshot: its L1 table, the disk's size then, and what `info` shows.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub l1_offset: u64,
     pub l1_size: u32,
+    pub disk_size: u64,
+    /// Extra data past the fields known here, kept as it was.
+    pub unknown_extra: Vec<u8>,
     pub info: SnapshotInfo,
 }
 
@@ -41,7 +50,7 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
     let mut off = h.snapshots_offset;
     let mut out = Vec::with_capacity(h.nb_snapshots as usize);
     for _ in 0..h.nb_snapshots {
-        let fixed = file.read(off, IoBuf::zeroed(40)).await?;
+        let fixed = file.read(off, IoBuf::zeroed(FIXED)).await?;
         let b = fixed.as_slice();
         let (id_len, name_len) = (
             u16::from_be_bytes([b[12], b[13]]) as u64,
@@ -55,7 +64,7 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
         }
         let rest_len = extra_len as u64 + id_len + name_len;
         let rest = file
-            .read(off + 40, IoBuf::zeroed(rest_len as usize))
+            .read(off + FIXED as u64, IoBuf::zeroed(rest_len as usize))
             .await?;
         let r = rest.as_slice();
         let e = extra_len as usize;
@@ -63,6 +72,8 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
         if e >= 8 {
             vm_state_size = be64(r, 0);
         }
+        // Images older than the disk size field had the disk's size.
+        let disk_size = if e >= 16 { be64(r, 8) } else { h.size };
         let icount = if e >= 24 {
             Some(be64(r, 16)).filter(|&v| v != u64::MAX)
         } else {
@@ -73,6 +84,8 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
         out.push(Snapshot {
             l1_offset: be64(b, 0),
             l1_size: be32(b, 8),
+            disk_size,
+            unknown_extra: r[e.min(KNOWN_EXTRA)..e].to_vec(),
             info: SnapshotInfo {
                 id,
                 name,
@@ -83,10 +96,131 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
                 icount,
             },
         });
-        off += (40 + rest_len).div_ceil(8) * 8;
+        off += (FIXED as u64 + rest_len).div_ceil(8) * 8;
         if off - h.snapshots_offset > MAX_TABLE_BYTES {
             return Err(Error::invalid("Snapshot table too large"));
         }
     }
     Ok((out, off - h.snapshots_offset))
+}
+
+/// The table as QEMU writes it (qcow2_write_snapshots): each entry with at
+/// least the known extra data, 8-byte aligned. Errors with EFBIG past
+/// QEMU's table size limit.
+pub fn encode(list: &[Snapshot]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for sn in list {
+        out.resize(out.len().div_ceil(8) * 8, 0);
+        let i = &sn.info;
+        let extra_len = KNOWN_EXTRA + sn.unknown_extra.len();
+        let mut h = [0u8; FIXED];
+        h[0..8].copy_from_slice(&sn.l1_offset.to_be_bytes());
+        h[8..12].copy_from_slice(&sn.l1_size.to_be_bytes());
+        h[12..14].copy_from_slice(&(i.id.len() as u16).to_be_bytes());
+        h[14..16].copy_from_slice(&(i.name.len() as u16).to_be_bytes());
+        h[16..20].copy_from_slice(&(i.date_sec as u32).to_be_bytes());
+        h[20..24].copy_from_slice(&(i.date_nsec as u32).to_be_bytes());
+        h[24..32].copy_from_slice(&i.vm_clock_nsec.to_be_bytes());
+        // Too large for 32 bits: older readers see a disk-only snapshot.
+        let small_vm = u32::try_from(i.vm_state_size).unwrap_or(0);
+        h[32..36].copy_from_slice(&small_vm.to_be_bytes());
+        h[36..40].copy_from_slice(&(extra_len as u32).to_be_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&i.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&sn.disk_size.to_be_bytes());
+        out.extend_from_slice(&i.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(&sn.unknown_extra);
+        out.extend_from_slice(i.id.as_bytes());
+        out.extend_from_slice(i.name.as_bytes());
+        if out.len() as u64 > MAX_TABLE_BYTES {
+            return Err(Error::errno(libc::EFBIG));
+        }
+    }
+    Ok(out)
+}
+
+/// The first snapshot with this id and/or name (QEMU's
+/// find_snapshot_by_id_and_name: both must match when both are given).
+pub fn find(list: &[Snapshot], id: Option<&str>, name: Option<&str>) -> Option<usize> {
+    if id.is_none() && name.is_none() {
+        return None;
+    }
+    list.iter()
+        .position(|s| id.is_none_or(|id| s.info.id == id) && name.is_none_or(|n| s.info.name == n))
+}
+
+/// By id first, then by name (QEMU's find_snapshot_by_id_or_name).
+pub fn find_by_id_or_name(list: &[Snapshot], id_or_name: &str) -> Option<usize> {
+    find(list, Some(id_or_name), None).or_else(|| find(list, None, Some(id_or_name)))
+}
+
+/// A new id: one more than the largest numeric prefix of the ids in use
+/// (QEMU's find_new_snapshot_id, with strtoul's reading of each).
+pub fn new_id(list: &[Snapshot]) -> String {
+    let max = list
+        .iter()
+        .map(|s| {
+            let t = s.info.id.trim_start();
+            let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
+            digits
+                .parse::<u64>()
+                .unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
+        })
+        .max()
+        .unwrap_or(0);
+    (max.saturating_add(1)).to_string()
+}
+
+/// Most snapshots an image may hold.
+pub const fn max_snapshots() -> u32 {
+    MAX_SNAPSHOTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sn(id: &str, name: &str) -> Snapshot {
+        Snapshot {
+            l1_offset: 0x30000,
+            l1_size: 1,
+            disk_size: 1 << 26,
+            unknown_extra: Vec::new(),
+            info: SnapshotInfo {
+                id: id.into(),
+                name: name.into(),
+                vm_state_size: 0,
+                date_sec: 1,
+                date_nsec: 2,
+                vm_clock_nsec: 3,
+                icount: None,
+            },
+        }
+    }
+
+    #[test]
+    fn lookups_follow_qemu() {
+        let l = [sn("1", "a"), sn("2", "1"), sn("3", "b")];
+        // An id wins over a name that reads the same.
+        assert_eq!(find_by_id_or_name(&l, "1"), Some(0));
+        assert_eq!(find_by_id_or_name(&l, "b"), Some(2));
+        assert_eq!(find(&l, Some("2"), Some("a")), None);
+        assert_eq!(find(&l, Some("2"), Some("1")), Some(1));
+        assert_eq!(find(&l, None, None), None);
+        assert_eq!(new_id(&l), "4");
+        assert_eq!(new_id(&[sn("7x", "a"), sn("z", "b")]), "8");
+        assert_eq!(new_id(&[]), "1");
+    }
+
+    #[test]
+    fn entries_are_aligned_and_carry_the_extra_data() {
+        let mut a = sn("1", "abc");
+        a.unknown_extra = vec![9; 5];
+        let b = encode(&[a, sn("12", "d")]).unwrap();
+        // 40 + 24 + 5 + 1 + 3 = 73, so the second entry starts at 80.
+        assert_eq!(b.len(), 80 + 40 + 24 + 2 + 1);
+        assert_eq!(u32::from_be_bytes(b[36..40].try_into().unwrap()), 29);
+        assert_eq!(&b[48..56], &(1u64 << 26).to_be_bytes());
+        assert_eq!(&b[120 + 24 - 8..120 + 24], &u64::MAX.to_be_bytes());
+    }
 }

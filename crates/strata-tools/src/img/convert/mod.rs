@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use strata_block::options::{parse_keyval, Opts};
 use strata_block::report::error_report;
+use strata_block::snapshot::SnapshotSel;
 use strata_block::{Backend, CacheMode, ChildRole, DriverClass, Node, OpenCtx, OpenFlags, Perm};
 
 /// QEMU's table, in its order (ambiguous abbreviations list candidates in it).
@@ -122,15 +123,6 @@ const MAX_BUF_SECTORS: u64 = 32768;
 const IO_BUF_SECTORS: u64 = 4096;
 const SECTOR: u64 = 512;
 
-/// `-l`: a snapshot by id or name, or `snapshot.id=...,snapshot.name=...`.
-enum SnapshotParam {
-    IdOrName(String),
-    Opts {
-        id: Option<String>,
-        name: Option<String>,
-    },
-}
-
 /// The command line, as qemu-img's option loop leaves it.
 struct Args {
     fmt: Option<String>,
@@ -138,7 +130,8 @@ struct Args {
     out_baseimg: Option<String>,
     backing_fmt: Option<String>,
     options: Option<String>,
-    snapshot: Option<SnapshotParam>,
+    /// `-l`: a snapshot by id or name, or `snapshot.id=...,snapshot.name=...`.
+    snapshot: Option<SnapshotSel>,
     min_sparse: u64,
     explicit_min_sparse: bool,
     progress: bool,
@@ -168,27 +161,6 @@ fn valid_option_list(s: &str) -> bool {
     }
     let trailing = s.len() - s.trim_end_matches(',').len();
     trailing.is_multiple_of(2)
-}
-
-/// Parses `-l snapshot.id=...,snapshot.name=...`; prints QEMU's complaints.
-fn parse_snapshot_opts(arg: &str) -> Result<SnapshotParam, ()> {
-    let fail = |msg: String| {
-        error_report(msg);
-        error_report(format!("Failed in parsing snapshot param '{arg}'"));
-    };
-    let pairs = parse_keyval(arg, None).map_err(|e| fail(e.to_string()))?;
-    let (mut id, mut name) = (None, None);
-    for (k, v) in pairs {
-        match k.as_str() {
-            "snapshot.id" => id = Some(v),
-            "snapshot.name" => name = Some(v),
-            _ => {
-                fail(format!("Invalid parameter '{k}'"));
-                return Err(());
-            }
-        }
-    }
-    Ok(SnapshotParam::Opts { id, name })
 }
 
 /// Reads the options in order, as qemu-img's loop does; `Err` is the exit code.
@@ -233,13 +205,14 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
             (Some('q'), _) => a.quiet = true,
             (Some('f'), _) => a.fmt = Some(v),
             (Some('T'), _) => a.src_cache = v,
-            (Some('l'), _) => {
-                a.snapshot = Some(if v.starts_with("snapshot.") {
-                    parse_snapshot_opts(&v).map_err(|()| 1)?
-                } else {
-                    SnapshotParam::IdOrName(v)
-                })
-            }
+            (Some('l'), _) => match SnapshotSel::parse(&v) {
+                Ok(sel) => a.snapshot = Some(sel),
+                Err(msg) => {
+                    error_report(msg);
+                    error_report(format!("Failed in parsing snapshot param '{v}'"));
+                    return Err(1);
+                }
+            },
             (Some('S'), _) => {
                 let sval = cvtnum_full("buffer size for sparse output", &v, true, 0, i64::MAX)?;
                 if sval % SECTOR != 0 || sval / SECTOR > MAX_BUF_SECTORS {
@@ -329,41 +302,6 @@ fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, Stri
     ctx.reg
         .get("file")
         .ok_or_else(|| "Unknown protocol 'file'".to_string())
-}
-
-/// Loads a snapshot of the first source for reading, as far as Strata can:
-/// it finds the snapshot as QEMU does, and says that loading one is not
-/// supported where QEMU would load it.
-fn load_snapshot(ctx: &Ctx, node: &Arc<Node>, sn: &SnapshotParam) -> Result<(), String> {
-    let unsupported = || {
-        format!(
-            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-            node.format_name()
-        )
-    };
-    if node.format_name() != "qcow2" {
-        return Err(unsupported());
-    }
-    let list = ctx
-        .ev
-        .block_on(node.driver().snapshots())
-        .map_err(|e| e.to_string())?;
-    let found = match sn {
-        SnapshotParam::IdOrName(s) => {
-            list.iter().any(|x| &x.id == s) || list.iter().any(|x| &x.name == s)
-        }
-        SnapshotParam::Opts { id, name } => {
-            (id.is_some() || name.is_some())
-                && list.iter().any(|x| {
-                    id.as_ref().is_none_or(|i| &x.id == i)
-                        && name.as_ref().is_none_or(|n| &x.name == n)
-                })
-        }
-    };
-    if !found {
-        return Err("Can't find snapshot".into());
-    }
-    Err(unsupported())
 }
 
 /// Closes the nodes, ignoring errors as qemu-img's blk_unref does.
@@ -593,11 +531,11 @@ fn convert_to(
     progress: &RefCell<Progress>,
 ) -> bool {
     if let Some(sn) = &a.snapshot {
-        if matches!(sn, SnapshotParam::IdOrName(_)) && sources.len() > 1 {
+        if matches!(sn, SnapshotSel::IdOrName(_)) && sources.len() > 1 {
             error_report("No support for concatenating multiple snapshot");
             return false;
         }
-        if let Err(msg) = load_snapshot(ctx, &sources[0].node, sn) {
+        if let Err(msg) = ctx.ev.block_on(sn.load(&sources[0].node)) {
             error_report(format!("Failed to load snapshot: {msg}"));
             return false;
         }
