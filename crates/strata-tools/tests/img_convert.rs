@@ -163,6 +163,27 @@ impl Fixture {
             "32M",
         ]);
         io(&["-c", "write -P 10 20M 64k", "over.qcow2"]);
+        // Small clusters with data apart: compressed output must round
+        // the areas to its own (larger) clusters.
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "c4k.qcow2",
+            "8M",
+        ]);
+        io(&[
+            "-c",
+            "write -P 11 16k 4k",
+            "-c",
+            "write -P 12 52k 4k",
+            "-c",
+            "write -P 13 7M 4k",
+            "c4k.qcow2",
+        ]);
         img(&["create", "-q", "-f", "qcow2", "small.qcow2", "512k"]);
         img(&["create", "-q", "-f", "qcow2", "empty.qcow2", "64M"]);
         img(&["create", "-q", "-f", "raw", "empty.raw", "64M"]);
@@ -331,6 +352,20 @@ fn compressed_output_as_qemu_img_writes_it() {
         .0;
     identical(&d, "src.raw", "p.qcow2");
     clean(&d, "p.qcow2");
+    let d = f.same_image(
+        "q.qcow2",
+        &[
+            "convert",
+            "-c",
+            "-m",
+            "1",
+            "-O",
+            "qcow2",
+            "c4k.qcow2",
+            "q.qcow2",
+        ],
+    );
+    identical(&d, "c4k.qcow2", "q.qcow2");
 }
 
 #[test]

@@ -255,6 +255,16 @@ impl Convert {
         if walk.status == Status::Data {
             n = n.min(self.buf_sectors);
         }
+        // Compressed output is written in whole clusters (the buffer is one
+        // cluster then): a shorter area counts as data, as in QEMU.
+        if self.compressed {
+            if n < self.buf_sectors {
+                n = self.buf_sectors.min(self.total_sectors - sector_num);
+                walk.status = Status::Data;
+            } else {
+                n = n / self.buf_sectors * self.buf_sectors;
+            }
+        }
         Ok(n)
     }
 
