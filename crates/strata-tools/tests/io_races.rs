@@ -324,3 +324,57 @@ fn in_place_write_into_a_zero_cluster_keeps_its_host_until_done() {
     check_clean(d);
     io(d, &[OPEN, "read -P 0xbb 128k 64k", "read -P 0 0 64k"]);
 }
+
+/// A run of data clusters and a zero cluster that keeps its host cluster
+/// is written in place in one request, as qemu-io writes it (iotest 066),
+/// but only over the bytes asked for: an earlier write to the rest of the
+/// first data cluster, held until the run has read what it would have
+/// copied, must still be there afterwards.
+#[test]
+fn a_run_written_in_place_leaves_the_rest_of_its_data_clusters_alone() {
+    if !have_oracle() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fresh(d);
+    io(d, &[OPEN, "write -P 1 0 192k", "write -z 64k 64k"]);
+    let before = run(d, "qemu-img", &["map", "--output=json", "a.qcow2"]);
+    io(
+        d,
+        &[
+            OPEN,
+            "break write_aio A",
+            "aio_write -P 0xbb 0 4k",
+            "wait_break A",
+            "break write_aio B",
+            "aio_write -P 0xaa 32k 160k",
+            "wait_break B",
+            "resume A",
+            "sleep 200",
+            "resume B",
+            "aio_flush",
+            "read -P 0xbb 0 4k",
+            "read -P 1 4k 28k",
+            "read -P 0xaa 32k 160k",
+        ],
+    );
+    check_clean(d);
+    io(
+        d,
+        &[
+            OPEN,
+            "read -P 0xbb 0 4k",
+            "read -P 1 4k 28k",
+            "read -P 0xaa 32k 160k",
+        ],
+    );
+    // In place: the three clusters where they were, now one data extent.
+    let after = run(d, "qemu-img", &["map", "--output=json", "a.qcow2"]);
+    let first_host = |m: &str| m.split("\"offset\": ").nth(1).map(|r| r[..6].to_string());
+    assert_eq!(first_host(&after), first_host(&before), "the run moved");
+    assert!(
+        after.contains("\"start\": 0, \"length\": 196608"),
+        "{after}"
+    );
+}

@@ -141,14 +141,20 @@ impl Qcow2Driver {
                     return self.data()?.write(at, buf, WriteFlags::default()).await;
                 }
             }
-            // Split at the first cluster that is (or is not) written in place.
+            // Zero clusters that keep their host clusters, among data clusters
+            // contiguous with them: one write in place.
+            let kept = match self.geo.external_data {
+                false => self.kept_run(&mut m, &mappings).await?,
+                true => None,
+            };
+            // Else split at the first cluster that is (or is not) written in place.
             let in_place = |mp: &Mapping| matches!(mp, Mapping::Normal { copied: true, .. });
             let head_in_place = in_place(&mappings[0]);
             let run = mappings
                 .iter()
                 .take_while(|mp| in_place(mp) == head_in_place)
                 .count() as u64;
-            if run < last - first + 1 {
+            if kept.is_none() && run < last - first + 1 {
                 let split = ((first + run) << self.geo.cluster_bits) - offset;
                 let (a, b) = buf.split_at(split as usize);
                 drop(m);
@@ -156,7 +162,7 @@ impl Qcow2Driver {
                 let b = Box::pin(self.write_in_table(offset + split, b)).await?;
                 return Ok(IoBuf::join_all(vec![a, b]));
             }
-            if head_in_place {
+            if kept.is_none() && head_in_place {
                 // In place but not contiguous on the host: cluster by cluster.
                 drop(m);
                 let split = (cs - self.geo.offset_in_cluster(offset)).min(len);
@@ -175,10 +181,6 @@ impl Qcow2Driver {
                 // Lazy refcounts: the image is marked dirty while refcounts may lag.
                 m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
             }
-            let kept = match self.geo.external_data {
-                false => self.kept_zero_run(&mut m, &mappings).await?,
-                true => None,
-            };
             let host = if self.geo.external_data {
                 // A data file keeps each cluster at its guest offset, uncounted.
                 first << self.geo.cluster_bits
@@ -198,9 +200,13 @@ impl Qcow2Driver {
             };
             let _cow_src = self.hold_hosts(&m, &[cs_len(0), cs_len(mappings.len() - 1)]);
             drop(m);
-            let written = self
-                .write_new_clusters(offset, buf, host, first, &mappings)
-                .await;
+            let written = match kept {
+                Some(_) => self.write_kept_run(offset, buf, host, &mappings).await,
+                None => {
+                    self.write_new_clusters(offset, buf, host, first, &mappings)
+                        .await
+                }
+            };
             let mut m = self.meta.lock().await;
             return match written {
                 // Linking failed half way leaves leaks at worst, never a
@@ -228,22 +234,70 @@ impl Qcow2Driver {
         }
     }
 
-    /// The host clusters of a run of zero clusters that keep them, when they
-    /// are contiguous and referenced by nothing else: the write goes there
-    /// in place, as QEMU writes a zero cluster with COPIED, instead of
-    /// allocating new clusters at the end of the file.
-    async fn kept_zero_run(&self, m: &mut Meta, mappings: &[Mapping]) -> Result<Option<u64>> {
+    /// Where a run of clusters is written in place although some are zero
+    /// clusters: each keeps its host cluster (data clusters referenced once,
+    /// zero clusters referenced by nothing else), all contiguous on the host,
+    /// as QEMU writes a zero cluster with COPIED like a data cluster.
+    async fn kept_run(&self, m: &mut Meta, mappings: &[Mapping]) -> Result<Option<u64>> {
         let cs = self.geo.cluster_size;
-        let Mapping::Zero(Some(h0)) = mappings[0] else {
-            return Ok(None);
+        let h0 = match mappings[0] {
+            Mapping::Zero(Some(h))
+            | Mapping::Normal {
+                host: h,
+                copied: true,
+            } => h,
+            _ => return Ok(None),
         };
+        let mut any_zero = false;
         for (i, mp) in mappings.iter().enumerate() {
             let h = h0 + i as u64 * cs;
-            if *mp != Mapping::Zero(Some(h)) || m.refcount(&self.file, h / cs).await? != 1 {
-                return Ok(None);
+            match *mp {
+                Mapping::Normal { host, copied: true } if host == h => {}
+                Mapping::Zero(Some(host))
+                    if host == h && m.refcount(&self.file, h / cs).await? == 1 =>
+                {
+                    any_zero = true
+                }
+                _ => return Ok(None),
             }
         }
-        Ok(Some(h0))
+        Ok(any_zero.then_some(h0))
+    }
+
+    /// Writes guest data in place over a kept run (see `kept_run`): the
+    /// uncovered parts of a partial zero cluster at either end are written
+    /// as zeroes with it, those of a data cluster are left alone (another
+    /// request may be writing them). True when zeroes were added, so the
+    /// L2 entries wait for them to be stable.
+    async fn write_kept_run(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        host: u64,
+        mappings: &[Mapping],
+    ) -> Result<(IoBuf, bool)> {
+        let cs = self.geo.cluster_size;
+        let head = self.geo.offset_in_cluster(offset);
+        let len = buf.len() as u64;
+        let total = mappings.len() as u64 * cs;
+        let zero_at = |i: usize| matches!(mappings[i], Mapping::Zero(_));
+        let pre = if zero_at(0) { head } else { 0 };
+        let post = if zero_at(mappings.len() - 1) {
+            total - head - len
+        } else {
+            0
+        };
+        let data = self.data()?;
+        self.file.debug_event(DebugEvent::WriteAio).await;
+        if pre == 0 && post == 0 {
+            let buf = data.write(host + head, buf, WriteFlags::default()).await?;
+            return Ok((buf, false));
+        }
+        let mut merged = IoBuf::zeroed((pre + len + post) as usize);
+        merged.as_mut_slice()[pre as usize..(pre + len) as usize].copy_from_slice(buf.as_slice());
+        data.write(host + head - pre, merged, WriteFlags::default())
+            .await?;
+        Ok((buf, true))
     }
 
     /// Writes guest data and the copied-on-write rest of the partial first
@@ -308,7 +362,10 @@ impl Qcow2Driver {
             let h = host + (i << self.geo.cluster_bits);
             let was = m.mapping(&self.file, gc).await?;
             old.push(match was {
-                Mapping::Zero(Some(z)) if z == h => Mapping::Zero(None),
+                // Written in place: the cluster stays this entry's.
+                Mapping::Zero(Some(z)) | Mapping::Normal { host: z, .. } if z == h => {
+                    Mapping::Zero(None)
+                }
                 other => other,
             });
             m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
