@@ -164,8 +164,17 @@ impl Exports {
         if writable && node.is_read_only() {
             return Err("Cannot export read-only node as writable".into());
         }
-        if args.get("iothread").is_some() {
-            return Err("Exports in I/O threads are not supported by Strata yet".into());
+        // The export's requests run where its node lives: the node (with
+        // every node connected to it) moves to the I/O thread, drained. A
+        // move cannot be refused here, so fixed-iothread changes nothing.
+        if let Some(t) = str_of(args, "iothread") {
+            let to = daemon
+                .iothreads()
+                .iter()
+                .find(|x| x.id() == t)
+                .map(|x| x.handle().clone())
+                .ok_or_else(|| format!("iothread \"{t}\" not found"))?;
+            node.move_to(Some(to)).await;
         }
         if fuse {
             return self.add_fuse(id, node, writable, args);

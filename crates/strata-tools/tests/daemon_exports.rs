@@ -76,6 +76,18 @@ fn export_commands_answer_as_qemu_storage_daemon_does() {
             1,
         ),
         (
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk", "name": "t", "iothread": "nope"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io1"}}"#,
+            1,
+        ),
+        (
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk", "name": "t", "iothread": "io1"}}"#,
+            1,
+        ),
+        (
             r#"{"execute": "nbd-server-add", "arguments": {"device": "disk", "name": "legacy", "writable": false}}"#,
             1,
         ),
@@ -168,6 +180,15 @@ fn exported_disks_serve_as_qemu_storage_daemons_do() {
             r#"{"addr": {"type": "unix", "path": "$DIR/nbd.sock"}, "max-connections": 2}"#,
             "--export",
             "nbd,id=x,node-name=disk,name=e0,writable=on,allocation-depth=on",
+        ][..],
+        // Served from an I/O thread: the disk's requests run there.
+        &[
+            "--object",
+            "iothread,id=io0",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=x,node-name=disk,name=e0,writable=on,iothread=io0,fixed-iothread=on",
         ][..],
     ] {
         disk(&s);

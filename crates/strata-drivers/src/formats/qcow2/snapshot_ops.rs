@@ -275,7 +275,14 @@ impl Qcow2Driver {
                 .ok_or_else(|| Error::errno(libc::ENOENT))?;
             list[i].clone()
         };
-        let sn_l1 = self.read_snapshot_l1(&sn).await?;
+        // QEMU reports what is wrong with the table itself and fails
+        // with its errno (then worded "Failed to load snapshot: ...").
+        let sn_l1 = self.read_snapshot_l1(&sn).await.map_err(|e| {
+            if let Some(msg) = e.message() {
+                strata_block::report::error_report(msg);
+            }
+            Error::errno(e.code())
+        })?;
         if sn.disk_size != self.length() {
             self.truncate(sn.disk_size, true, Preallocation::Off)
                 .await?;
