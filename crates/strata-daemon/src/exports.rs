@@ -24,6 +24,8 @@ const DEFAULT_HANDSHAKE_SECS: u64 = 10;
 struct NbdServer {
     server: Arc<Server>,
     serving: Serving,
+    /// `max-connections` (0: no limit).
+    max_connections: u64,
 }
 
 /// What an export serves its node through.
@@ -113,7 +115,11 @@ impl Exports {
         let listener = Listener::bind(&addr).await?;
         let server = Server::new(Duration::from_secs(secs));
         let serving = Serving::start(Arc::clone(&server), listener, max as usize);
-        *nbd = Some(NbdServer { server, serving });
+        *nbd = Some(NbdServer {
+            server,
+            serving,
+            max_connections: max,
+        });
         Ok(())
     }
 
@@ -229,8 +235,10 @@ impl Exports {
             description,
             blk: Arc::new(blk),
             writable,
-            // As QEMU: several connections may share a read-only export.
-            multi_conn: !writable,
+            // As QEMU: whenever several connections may come, writable or
+            // not; they share one user handle, so a flush on one covers
+            // the writes completed on all.
+            multi_conn: running.max_connections != 1,
             bitmaps,
             allocation_depth: args
                 .get("allocation-depth")

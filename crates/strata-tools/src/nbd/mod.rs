@@ -137,8 +137,9 @@ pub fn main() -> i32 {
         description: a.description.clone(),
         blk: Arc::clone(&blk),
         writable,
-        // As qemu-nbd: several clients may share a read-only image safely.
-        multi_conn: !writable && a.shared > 1,
+        // As qemu-nbd: whenever -e lets several clients in (0: any number);
+        // they share one user handle, so one flush covers them all.
+        multi_conn: a.shared != 1,
         bitmaps,
         allocation_depth: a.allocation_depth,
         state: Default::default(),
