@@ -619,6 +619,8 @@ fn snapshot_commands_do_what_qemu_img_does() {
         &["io", "read -P 0xa 4k 4k"],
         &["snapshot", "-d", "sn2"],
         &["snapshot", "-d", "sn1"],
+        // printf pads a UTF-8 tag by bytes.
+        &["snapshot", "-c", "日本"],
         &["snapshot"],
     ];
     for create in [&[][..], &["-o", "compat=0.10"], &["-o", "cluster_size=512"]] {

@@ -41,9 +41,23 @@ fn local_date(secs: u64) -> String {
 
 /// One line of the snapshot list (QEMU: bdrv_snapshot_dump).
 fn snapshot_line(cols: [&str; 6]) -> String {
+    // printf's widths count bytes, not characters (tags may be UTF-8).
+    let pad = |s: &str, w: usize, left: bool| {
+        let fill = " ".repeat(w.saturating_sub(s.len()));
+        if left {
+            format!("{s}{fill}")
+        } else {
+            format!("{fill}{s}")
+        }
+    };
     format!(
-        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+        "{} {} {} {} {} {}",
+        pad(cols[0], 7, true),
+        pad(cols[1], 16, true),
+        pad(cols[2], 8, false),
+        pad(cols[3], 19, false),
+        pad(cols[4], 15, false),
+        pad(cols[5], 10, false)
     )
 }
 

@@ -27,7 +27,26 @@ pub struct Snapshot {
     pub disk_size: u64,
     /// Extra data past the fields known here, kept as it was.
     pub unknown_extra: Vec<u8>,
+    /// The id and name as stored: written back byte for byte, even where
+    /// they are not UTF-8 (`info` shows them lossily).
+    pub raw_id: Vec<u8>,
+    pub raw_name: Vec<u8>,
     pub info: SnapshotInfo,
+}
+
+impl Snapshot {
+    /// A new entry for `info`, whose id and name are stored as given.
+    pub fn new(l1_offset: u64, l1_size: u32, disk_size: u64, info: SnapshotInfo) -> Snapshot {
+        Snapshot {
+            l1_offset,
+            l1_size,
+            disk_size,
+            unknown_extra: Vec::new(),
+            raw_id: info.id.as_bytes().to_vec(),
+            raw_name: info.name.as_bytes().to_vec(),
+            info,
+        }
+    }
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
@@ -79,9 +98,13 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
         } else {
             None
         };
-        let id = String::from_utf8_lossy(&r[e..e + id_len as usize]).into_owned();
-        let name = String::from_utf8_lossy(&r[e + id_len as usize..]).into_owned();
+        let raw_id = r[e..e + id_len as usize].to_vec();
+        let raw_name = r[e + id_len as usize..].to_vec();
+        let id = String::from_utf8_lossy(&raw_id).into_owned();
+        let name = String::from_utf8_lossy(&raw_name).into_owned();
         out.push(Snapshot {
+            raw_id,
+            raw_name,
             l1_offset: be64(b, 0),
             l1_size: be32(b, 8),
             disk_size,
@@ -116,8 +139,11 @@ pub fn encode(list: &[Snapshot]) -> Result<Vec<u8>> {
         let mut h = [0u8; FIXED];
         h[0..8].copy_from_slice(&sn.l1_offset.to_be_bytes());
         h[8..12].copy_from_slice(&sn.l1_size.to_be_bytes());
-        h[12..14].copy_from_slice(&(i.id.len() as u16).to_be_bytes());
-        h[14..16].copy_from_slice(&(i.name.len() as u16).to_be_bytes());
+        // Lengths are 16 bits on disk: a longer id or name cannot be stored.
+        let id_len = u16::try_from(sn.raw_id.len()).map_err(|_| Error::errno(libc::EINVAL))?;
+        let name_len = u16::try_from(sn.raw_name.len()).map_err(|_| Error::errno(libc::EINVAL))?;
+        h[12..14].copy_from_slice(&id_len.to_be_bytes());
+        h[14..16].copy_from_slice(&name_len.to_be_bytes());
         h[16..20].copy_from_slice(&(i.date_sec as u32).to_be_bytes());
         h[20..24].copy_from_slice(&(i.date_nsec as u32).to_be_bytes());
         h[24..32].copy_from_slice(&i.vm_clock_nsec.to_be_bytes());
@@ -130,8 +156,8 @@ pub fn encode(list: &[Snapshot]) -> Result<Vec<u8>> {
         out.extend_from_slice(&sn.disk_size.to_be_bytes());
         out.extend_from_slice(&i.icount.unwrap_or(u64::MAX).to_be_bytes());
         out.extend_from_slice(&sn.unknown_extra);
-        out.extend_from_slice(i.id.as_bytes());
-        out.extend_from_slice(i.name.as_bytes());
+        out.extend_from_slice(&sn.raw_id);
+        out.extend_from_slice(&sn.raw_name);
         if out.len() as u64 > MAX_TABLE_BYTES {
             return Err(Error::errno(libc::EFBIG));
         }
@@ -168,7 +194,8 @@ pub fn new_id(list: &[Snapshot]) -> String {
         })
         .max()
         .unwrap_or(0);
-    (max.saturating_add(1)).to_string()
+    // strtoul's overflow gives ULONG_MAX, and QEMU's + 1 wraps to 0.
+    max.wrapping_add(1).to_string()
 }
 
 /// Most snapshots an image may hold.
@@ -181,12 +208,11 @@ mod tests {
     use super::*;
 
     fn sn(id: &str, name: &str) -> Snapshot {
-        Snapshot {
-            l1_offset: 0x30000,
-            l1_size: 1,
-            disk_size: 1 << 26,
-            unknown_extra: Vec::new(),
-            info: SnapshotInfo {
+        Snapshot::new(
+            0x30000,
+            1,
+            1 << 26,
+            SnapshotInfo {
                 id: id.into(),
                 name: name.into(),
                 vm_state_size: 0,
@@ -195,7 +221,7 @@ mod tests {
                 vm_clock_nsec: 3,
                 icount: None,
             },
-        }
+        )
     }
 
     #[test]
@@ -210,6 +236,7 @@ mod tests {
         assert_eq!(new_id(&l), "4");
         assert_eq!(new_id(&[sn("7x", "a"), sn("z", "b")]), "8");
         assert_eq!(new_id(&[]), "1");
+        assert_eq!(new_id(&[sn("99999999999999999999", "a")]), "0");
     }
 
     #[test]
@@ -222,5 +249,7 @@ mod tests {
         assert_eq!(u32::from_be_bytes(b[36..40].try_into().unwrap()), 29);
         assert_eq!(&b[48..56], &(1u64 << 26).to_be_bytes());
         assert_eq!(&b[120 + 24 - 8..120 + 24], &u64::MAX.to_be_bytes());
+        // A name too long for its 16-bit length is refused, never cut short.
+        assert!(encode(&[sn("1", &"x".repeat(70000))]).is_err());
     }
 }

@@ -63,19 +63,69 @@ impl Qcow2Driver {
 
     /// Adds `addend` (-1, 0 or 1) to the refcount of every cluster `l1`
     /// reaches, and sets COPIED on exactly the entries whose cluster ends
-    /// up referenced once (QEMU: qcow2_update_snapshot_refcount). Dirty
-    /// metadata is flushed at the end; tables and data clusters that lost
-    /// their last reference leave the cache and are discarded in the file.
+    /// up referenced once (QEMU: qcow2_update_snapshot_refcount); returns
+    /// the table with its flags so set. Dirty metadata is flushed at the
+    /// end; tables and data clusters that lost their last reference leave
+    /// the cache (also when the walk fails half way) and are discarded in
+    /// the file.
     async fn update_snapshot_refcount(
         &self,
         m: &mut Meta,
         mut l1: Vec<u64>,
         addend: i64,
         back: WriteBack,
-    ) -> Result<()> {
+    ) -> Result<Vec<u64>> {
+        let cs = self.geo.cluster_size;
+        let mut freed = Vec::new();
+        let walked = self.walk_refcounts(m, &mut l1, addend, &mut freed).await;
+        let flushed = match walked {
+            Ok(changed) => match m.flush(&self.file).await {
+                Ok(()) => self.file.flush().await.map(|()| changed),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        // Freed tables must never be written again from the cache: their
+        // clusters may hold anything from now on (nothing reaches them).
+        for &c in &freed {
+            m.l2_cache.remove_table(c, cs);
+        }
+        let l1_changed = flushed?;
+        for c in freed {
+            self.file.discard(c, cs).await?;
+        }
+        if addend < 0 || !l1_changed {
+            return Ok(l1);
+        }
+        match back {
+            WriteBack::Active => {
+                let (off, len) = (m.header.l1_table_offset, l1.len() as u64 * 8);
+                m.check_write(&self.file, off, len, WriteKind::L1).await?;
+                self.write_sync(off, &table_bytes(&l1)).await?;
+                m.l1 = l1.clone();
+            }
+            WriteBack::At(off) => {
+                m.check_metadata_write(&self.file, off, l1.len() as u64 * 8)
+                    .await?;
+                self.write_sync(off, &table_bytes(&l1)).await?;
+            }
+            WriteBack::Not => {}
+        }
+        Ok(l1)
+    }
+
+    /// The walk of [`Self::update_snapshot_refcount`]: changes refcounts and
+    /// flags in the caches and `l1`; true when `l1` changed. Clusters whose
+    /// last reference this walk dropped go to `freed`.
+    async fn walk_refcounts(
+        &self,
+        m: &mut Meta,
+        l1: &mut [u64],
+        addend: i64,
+        freed: &mut Vec<u64>,
+    ) -> Result<bool> {
         let cs = self.geo.cluster_size;
         let mut l1_changed = false;
-        let mut freed = Vec::new();
         for (i, e) in l1.iter_mut().enumerate() {
             let l2 = *e & OFFSET_MASK;
             if l2 == 0 {
@@ -108,7 +158,8 @@ impl Qcow2Driver {
                             m.update_refcounts(&self.file, host, 1, addend).await?;
                         }
                         let rc = m.refcount(&self.file, host / cs).await?;
-                        if rc == 0 {
+                        // Only a reference this walk dropped frees anything.
+                        if rc == 0 && addend < 0 {
                             freed.push(host);
                         }
                         rc
@@ -128,7 +179,7 @@ impl Qcow2Driver {
                 m.update_refcounts(&self.file, l2, 1, addend).await?;
             }
             let rc = m.refcount(&self.file, l2 / cs).await?;
-            if rc == 0 {
+            if rc == 0 && addend < 0 {
                 freed.push(l2);
             }
             let new = if rc == 1 { l2 | OFLAG_COPIED } else { l2 };
@@ -137,34 +188,7 @@ impl Qcow2Driver {
                 l1_changed = true;
             }
         }
-        m.flush(&self.file).await?;
-        self.file.flush().await?;
-        // Written back, freed tables must never be written again from the
-        // cache: their clusters may hold anything from now on.
-        for &c in &freed {
-            m.l2_cache.remove_table(c, cs);
-        }
-        for c in freed {
-            self.file.discard(c, cs).await?;
-        }
-        if addend < 0 || !l1_changed {
-            return Ok(());
-        }
-        match back {
-            WriteBack::Active => {
-                let (off, len) = (m.header.l1_table_offset, l1.len() as u64 * 8);
-                m.check_write(&self.file, off, len, WriteKind::L1).await?;
-                self.write_sync(off, &table_bytes(&l1)).await?;
-                m.l1 = l1;
-            }
-            WriteBack::At(off) => {
-                m.check_metadata_write(&self.file, off, l1.len() as u64 * 8)
-                    .await?;
-                self.write_sync(off, &table_bytes(&l1)).await?;
-            }
-            WriteBack::Not => {}
-        }
-        Ok(())
+        Ok(l1_changed)
     }
 
     /// Writes `bytes` at `off` of the image file and flushes it.
@@ -255,13 +279,16 @@ impl Qcow2Driver {
         self.update_snapshot_refcount(&mut m, l1.clone(), 1, WriteBack::Active)
             .await?;
         Self::note_active_tables(&mut m);
-        list.push(Snapshot {
+        let mut entry = Snapshot::new(
             l1_offset,
-            l1_size: l1.len() as u32,
-            disk_size: self.length(),
-            unknown_extra: Vec::new(),
-            info: SnapshotInfo { id, ..sn.clone() },
-        });
+            l1.len() as u32,
+            self.length(),
+            SnapshotInfo { id, ..sn.clone() },
+        );
+        // QEMU keeps at most 255 bytes of a name (QEMUSnapshotInfo), cut
+        // where they end, even inside a character.
+        entry.raw_name.truncate(255);
+        list.push(entry);
         self.write_snapshot_table(&mut m, &list, old_len).await
     }
 
@@ -293,9 +320,12 @@ impl Qcow2Driver {
         }
         // The snapshot's clusters gain their references before the active
         // table points to them; the old ones lose theirs only after.
-        self.update_snapshot_refcount(&mut m, sn_l1.clone(), 1, WriteBack::At(sn.l1_offset))
+        // The table as the walk left it: its COPIED flags say what is
+        // shared now, so a crash before the last pass cannot leave the
+        // active table claiming a shared L2 table is its own.
+        let mut new_l1 = self
+            .update_snapshot_refcount(&mut m, sn_l1, 1, WriteBack::At(sn.l1_offset))
             .await?;
-        let mut new_l1 = sn_l1;
         new_l1.resize(m.l1.len(), 0);
         let (off, len) = (m.header.l1_table_offset, m.l1.len() as u64 * 8);
         m.check_write(&self.file, off, len, WriteKind::L1).await?;
@@ -308,6 +338,7 @@ impl Qcow2Driver {
         let active = m.l1.clone();
         self.update_snapshot_refcount(&mut m, active, 0, WriteBack::Active)
             .await
+            .map(drop)
     }
 
     /// QEMU: qcow2_snapshot_delete.
@@ -338,6 +369,7 @@ impl Qcow2Driver {
         let active = m.l1.clone();
         self.update_snapshot_refcount(&mut m, active, 0, WriteBack::Active)
             .await
+            .map(drop)
             .map_err(|e| e.context("Failed to update snapshot status in disk"))
     }
 
