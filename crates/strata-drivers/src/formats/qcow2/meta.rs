@@ -134,6 +134,14 @@ impl Mapping {
     }
 }
 
+/// The L2 tables an L1 table points to (the active set of the overlap check).
+pub(super) fn tables_of(l1: &[u64]) -> HashSet<u64> {
+    l1.iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect()
+}
+
 /// The in-memory metadata, behind the driver's async lock.
 pub struct Meta {
     pub geo: Geometry,

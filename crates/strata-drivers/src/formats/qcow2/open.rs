@@ -263,11 +263,7 @@ pub(super) fn new_meta(
     let slice = cs.min(4096) as usize;
     let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
     let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
-    let l2_tables = l1
-        .iter()
-        .map(|e| e & OFFSET_MASK)
-        .filter(|&o| o != 0)
-        .collect();
+    let l2_tables = super::meta::tables_of(&l1);
     let refblocks = reftable
         .iter()
         .map(|e| e & OFFSET_MASK)
@@ -305,7 +301,7 @@ pub(super) fn validate_snapshot_table(hdr: &Header) -> Result<()> {
 }
 
 /// QEMU's qcow2_validate_table: bounded size, offset aligned and not overflowing.
-fn validate_table(
+pub(super) fn validate_table(
     offset: u64,
     entries: u64,
     entry_len: u64,
@@ -322,6 +318,6 @@ fn validate_table(
     Ok(())
 }
 
-fn be64(c: &[u8]) -> u64 {
+pub(super) fn be64(c: &[u8]) -> u64 {
     u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
 }

@@ -10,7 +10,8 @@
 //! them, and dropped only after nothing does, so a crash leaks clusters at
 //! worst.
 
-use super::meta::{Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED};
+use super::meta::{tables_of, Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED};
+use super::open::{be64, validate_table};
 use super::snapshot::{self, Snapshot};
 use super::{Qcow2Driver, MAX_L1_BYTES};
 use strata_block::driver::SnapshotInfo;
@@ -42,23 +43,17 @@ impl Qcow2Driver {
 
     /// A snapshot's L1 table, checked as QEMU checks it before use.
     async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
-        let bytes = sn.l1_size as u64 * 8;
-        if bytes > MAX_L1_BYTES {
-            return Err(Error::msg(libc::EFBIG, "Snapshot L1 table too large"));
-        }
-        if !sn.l1_offset.is_multiple_of(self.geo.cluster_size)
-            || (i64::MAX as u64) - bytes < sn.l1_offset
-        {
-            return Err(Error::invalid("Snapshot L1 table offset invalid"));
-        }
-        let b = self
-            .file
-            .read(sn.l1_offset, IoBuf::zeroed(bytes as usize))
-            .await?;
-        Ok(b.as_slice()
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
+        validate_table(
+            sn.l1_offset,
+            sn.l1_size as u64,
+            8,
+            MAX_L1_BYTES,
+            self.geo.cluster_size,
+            "Snapshot L1 table",
+        )?;
+        let bytes = sn.l1_size as usize * 8;
+        let b = self.file.read(sn.l1_offset, IoBuf::zeroed(bytes)).await?;
+        Ok(b.as_slice().chunks_exact(8).map(be64).collect())
     }
 
     /// Adds `addend` (-1, 0 or 1) to the refcount of every cluster `l1`
@@ -237,15 +232,6 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// The active L2 tables, for the overlap check, after L1 changed.
-    fn note_active_tables(m: &mut Meta) {
-        m.l2_tables =
-            m.l1.iter()
-                .map(|e| e & OFFSET_MASK)
-                .filter(|&o| o != 0)
-                .collect();
-    }
-
     /// QEMU: qcow2_snapshot_create.
     pub(super) async fn create_snapshot(&self, sn: &SnapshotInfo) -> Result<()> {
         self.snapshots_possible()?;
@@ -278,7 +264,7 @@ impl Qcow2Driver {
         // that adds it is linked.
         self.update_snapshot_refcount(&mut m, l1.clone(), 1, WriteBack::Active)
             .await?;
-        Self::note_active_tables(&mut m);
+        m.l2_tables = tables_of(&m.l1);
         let mut entry = Snapshot::new(
             l1_offset,
             l1.len() as u32,
@@ -331,7 +317,7 @@ impl Qcow2Driver {
         m.check_write(&self.file, off, len, WriteKind::L1).await?;
         self.write_sync(off, &table_bytes(&new_l1)).await?;
         let old = std::mem::replace(&mut m.l1, new_l1);
-        Self::note_active_tables(&mut m);
+        m.l2_tables = tables_of(&m.l1);
         self.update_snapshot_refcount(&mut m, old, -1, WriteBack::Not)
             .await?;
         // Dropping the old references may leave clusters referenced once.
@@ -396,7 +382,7 @@ impl Qcow2Driver {
         m.header.l1_table_offset = sn.l1_offset;
         m.header.l1_size = sn.l1_size;
         m.l1 = l1;
-        Self::note_active_tables(&mut m);
+        m.l2_tables = tables_of(&m.l1);
         Ok(())
     }
 }
