@@ -5,6 +5,7 @@
 //! there through a [`LoopHandle`].
 
 use crate::engine::Ring;
+use crate::poll::{PollParams, Poller};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -12,22 +13,32 @@ use std::sync::Arc;
 pub struct EventLoop {
     rt: tokio::runtime::Runtime,
     ring: Option<Arc<Ring>>,
+    poller: Arc<Poller>,
 }
 
 impl EventLoop {
     /// Builds the runtime and, where the kernel allows, the ring. Without a ring
     /// (old kernel, seccomp) file nodes fall back to the thread pool.
     pub fn new() -> std::io::Result<EventLoop> {
+        Self::with_polling(PollParams::default())
+    }
+
+    /// A loop that polls as `params` say after its clients' requests.
+    pub fn with_polling(params: PollParams) -> std::io::Result<EventLoop> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let ring = rt.block_on(async { Ring::start() }).ok();
-        Ok(EventLoop { rt, ring })
+        let poller = Poller::new(params);
+        // Runs only while the thread is in block_on, like all the loop's work.
+        rt.spawn(Arc::clone(&poller).run());
+        Ok(EventLoop { rt, ring, poller })
     }
 
     /// Runs `fut` to completion on this loop.
     pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
         let _guard = self.ring.as_ref().map(|r| r.enter());
+        let _poll = crate::poll::enter(&self.poller);
         self.rt.block_on(fut)
     }
 
@@ -112,13 +123,18 @@ pub struct IoThread {
 impl IoThread {
     /// Starts the thread `id` and waits until its loop runs.
     pub fn new(id: &str) -> std::io::Result<IoThread> {
+        Self::with_polling(id, PollParams::default())
+    }
+
+    /// Starts the thread `id`, polling as `poll` says.
+    pub fn with_polling(id: &str, poll: PollParams) -> std::io::Result<IoThread> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let name = id.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("iothread-{id}"))
             .spawn(move || {
-                let ev = match EventLoop::new() {
+                let ev = match EventLoop::with_polling(poll) {
                     Ok(ev) => ev,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

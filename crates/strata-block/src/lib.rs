@@ -21,6 +21,7 @@ pub mod node;
 pub mod open;
 pub mod options;
 pub mod perm;
+pub mod poll;
 pub mod qjson;
 pub mod report;
 pub mod snapshot;

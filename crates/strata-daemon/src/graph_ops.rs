@@ -7,7 +7,7 @@ use crate::blockdev::Daemon;
 use crate::commands::daemon_command;
 use serde_json::Value;
 use std::sync::Arc;
-use strata_block::{graph::id_wellformed, BlockOp, IoThread, Node};
+use strata_block::{graph::id_wellformed, poll::PollParams, BlockOp, IoThread, Node};
 use strata_qmp::Qmp;
 
 impl Daemon {
@@ -42,18 +42,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// `--object iothread,id=ID` / `object-add`: starts an I/O thread.
-    pub fn add_iothread(&self, id: &str) -> Result<(), String> {
+    /// `--object iothread,id=ID[,poll-max-ns=,poll-grow=,poll-shrink=]` /
+    /// `object-add`: starts an I/O thread.
+    pub fn add_iothread(&self, opts: &Value) -> Result<(), String> {
+        let id = opts["id"].as_str().unwrap_or_default();
         if !id_wellformed(id) {
             return Err("Parameter 'id' expects an identifier".into());
         }
+        let poll = poll_params(opts)?;
         let mut threads = self.iothreads();
         if threads.iter().any(|t| t.id() == id) {
             return Err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             ));
         }
-        let t = IoThread::new(id).map_err(|e| format!("Failed to start iothread {id}: {e}"))?;
+        let t = IoThread::with_polling(id, poll)
+            .map_err(|e| format!("Failed to start iothread {id}: {e}"))?;
         threads.push(t);
         Ok(())
     }
@@ -153,7 +157,7 @@ pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         daemon,
         "object-add",
         "ObjectOptions",
-        move |d, a| async move { d.add_iothread(&arg(&a, "id")) },
+        move |d, a| async move { d.add_iothread(&a) },
     );
     daemon_command(
         qmp,
@@ -182,4 +186,24 @@ pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
                 .await
         },
     );
+}
+
+/// An iothread's polling properties, refused below zero as QEMU's.
+fn poll_params(opts: &Value) -> Result<PollParams, String> {
+    let get = |name: &str| -> Result<u64, String> {
+        match opts.get(name).and_then(Value::as_i64) {
+            None => Ok(0),
+            Some(v) => u64::try_from(v)
+                .map_err(|_| format!("{name} value must be in range [0, {}]", i64::MAX)),
+        }
+    };
+    let max_ns = match opts.get("poll-max-ns") {
+        None => PollParams::default().max_ns,
+        Some(_) => get("poll-max-ns")?,
+    };
+    Ok(PollParams {
+        max_ns,
+        grow: get("poll-grow")?,
+        shrink: get("poll-shrink")?,
+    })
 }

@@ -112,7 +112,7 @@ impl Setup {
             DaemonArg::Monitor(a) => monitors::add_monitor(qmp, a, &mut self.devices)?,
             DaemonArg::Object(a) => {
                 let opts = options(qmp, a, Some("qom-type"), "ObjectOptions")?;
-                daemon.add_iothread(opts["id"].as_str().unwrap_or_default())?
+                daemon.add_iothread(&opts)?
             }
             DaemonArg::NbdServer(a) => {
                 let opts = options(qmp, a, None, "NbdServerOptions")?;
@@ -139,6 +139,9 @@ impl Setup {
             _ = futures::future::select_all(waits.iter_mut()) => {}
         }
         drop(waits);
+        // No SHUTDOWN event: qemu-storage-daemon's schema has none (QEMU's
+        // system emulator sends one), and QEMU's iotests (qsd-jobs) expect
+        // nothing after `quit`'s answer but the exports' ends.
         self.shutdown().await;
         for p in paths {
             let _ = std::fs::remove_file(p);

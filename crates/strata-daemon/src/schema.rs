@@ -309,10 +309,16 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("*force", "bool"),
             ],
         )
-        // Only the object types Strata has; QEMU's tuning properties of
-        // iothread (poll-max-ns, ...) have nothing to tune here.
+        // Only the object types Strata has, with the properties it uses.
         .enumeration("ObjectType", &["iothread"])
-        .object("IothreadProperties", &[])
+        .object(
+            "IothreadProperties",
+            &[
+                ("*poll-max-ns", "int"),
+                ("*poll-grow", "int"),
+                ("*poll-shrink", "int"),
+            ],
+        )
         .union(
             "ObjectOptions",
             &[("qom-type", "ObjectType"), ("id", "str")],

@@ -162,7 +162,11 @@ impl FuseExport {
                 r = self.read_one(&mut buf) => r,
             };
             match n {
-                Ok(n) => self.dispatch(&buf[..n]),
+                Ok(n) => {
+                    // Another request likely follows soon: the loop polls.
+                    strata_block::poll::note_request();
+                    self.dispatch(&buf[..n])
+                }
                 // The request was interrupted before it was read.
                 Err(e) if e == libc::ENOENT || e == libc::EINTR => continue,
                 // Unmounted from outside (ENODEV), or the device failed.

@@ -1001,6 +1001,11 @@ fn external_snapshots_io_threads_and_activation_answer_as_qemu() {
         (r#"{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "top", "iothread": "io0"}}"#.into(), 1),
         (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io0"}}"#.into(), 1),
         (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io2"}}"#.into(), 1),
+        // Polling properties: taken, and refused below zero.
+        (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io3", "poll-max-ns": 0, "poll-grow": 4, "poll-shrink": 2}}"#.into(), 1),
+        (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io4", "poll-max-ns": -1}}"#.into(), 1),
+        (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io4", "poll-grow": "x"}}"#.into(), 1),
+        (r#"{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io 4", "poll-shrink": -2}}"#.into(), 1),
         (r#"{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "base", "iothread": "io2"}}"#.into(), 1),
         // The chain moves as one: moving top back takes base along. (QEMU
         // 10.0.2 crashes when an I/O thread in use is deleted; Strata moves

@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Requests one client may have in flight (as QEMU's server).
 pub const MAX_REQUESTS: usize = 16;
-/// Payload bytes (write data and read replies) one client may have in
-/// flight, in KiB.
-const BUDGET_KIB: u32 = 64 << 10;
+/// Payload bytes (write data and read replies, from the request's arrival
+/// until its reply is written) one client may have in flight, in KiB: 2 MiB
+/// keeps a 1 MiB reader busy while a server with many clients stays small.
+const BUDGET_KIB: u32 = 2 << 10;
 
 /// A framed request from the reader.
 pub struct Incoming {
@@ -27,7 +28,8 @@ pub struct Incoming {
     pub payload: Option<IoBuf>,
     /// Longer than the server takes: refused without being read.
     pub too_long: bool,
-    _budget: Option<OwnedSemaphorePermit>,
+    /// The request's share of the budget, held until its reply is written.
+    pub budget: Option<OwnedSemaphorePermit>,
 }
 
 /// Serves requests until the client disconnects or breaks the protocol.
@@ -50,7 +52,7 @@ where
         loop {
             tokio::select! {
                 biased;
-                Some(chunks) = inflight.next(), if !inflight.is_empty() => {
+                Some((chunks, _permit)) = inflight.next(), if !inflight.is_empty() => {
                     write_chunks(&mut w, chunks).await?;
                 }
                 msg = rx.recv(), if !closing && inflight.len() < MAX_REQUESTS => match msg {
@@ -58,7 +60,11 @@ where
                         drop(m);
                         closing = true;
                     }
-                    Some(m) => inflight.push(handle(Arc::clone(&n), form, m)),
+                    Some(mut m) => {
+                        let permit = m.budget.take();
+                        let reply = handle(Arc::clone(&n), form, m);
+                        inflight.push(async move { (reply.await, permit) });
+                    }
                     None => closing = true,
                 },
                 else => break,
@@ -110,6 +116,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
+        // The next request of a busy client likely follows soon: the loop polls.
+        strata_block::poll::note_request();
         let Some(req) = Request::decode(&head[..size], extended) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -128,7 +136,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
             ));
         }
         let permit = if carries && !too_long {
-            let kib = (req.len.div_ceil(1024) as u32).max(1);
+            // A request larger than the whole budget takes all of it: it runs alone.
+            let kib = (req.len.div_ceil(1024) as u32).clamp(1, BUDGET_KIB);
             Some(
                 Arc::clone(&budget)
                     .acquire_many_owned(kib)
@@ -150,7 +159,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             req,
             payload,
             too_long,
-            _budget: permit,
+            budget: permit,
         };
         if tx.send(msg).await.is_err() || disc {
             return Ok(());
