@@ -8,10 +8,11 @@ use super::handshake::Negotiated;
 use super::reply::{Chunk, Form};
 use crate::proto::*;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use std::io;
 use std::sync::Arc;
 use strata_block::IoBuf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Requests one client may have in flight (as QEMU's server).
@@ -32,12 +33,19 @@ pub struct Incoming {
     pub budget: Option<OwnedSemaphorePermit>,
 }
 
+/// Socket buffer of each direction: a deep queue's requests come in, and
+/// the replies that finished together go out, in one system call each
+/// (larger payloads pass by it).
+const SOCKET_BUFFER: usize = 64 << 10;
+
 /// Serves requests until the client disconnects or breaks the protocol.
-pub async fn transmit<R, W>(mut r: R, mut w: W, n: Negotiated) -> io::Result<()>
+pub async fn transmit<R, W>(r: R, w: W, n: Negotiated) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut r = BufReader::with_capacity(SOCKET_BUFFER, r);
+    let mut w = BufWriter::with_capacity(SOCKET_BUFFER, w);
     let n = Arc::new(n);
     let form = Form {
         structured: n.structured,
@@ -54,6 +62,10 @@ where
                 biased;
                 Some((chunks, _permit)) = inflight.next(), if !inflight.is_empty() => {
                     write_chunks(&mut w, chunks).await?;
+                    while let Some(Some((chunks, _permit))) = inflight.next().now_or_never() {
+                        write_chunks(&mut w, chunks).await?;
+                    }
+                    w.flush().await?;
                 }
                 msg = rx.recv(), if !closing && inflight.len() < MAX_REQUESTS => match msg {
                     Some(m) if m.req.kind == CMD_DISC => {
@@ -86,6 +98,7 @@ where
     }
 }
 
+/// Writes a reply into the buffer (the caller flushes).
 async fn write_chunks<W: AsyncWrite + Unpin>(w: &mut W, chunks: Vec<Chunk>) -> io::Result<()> {
     for c in chunks {
         w.write_all(&c.head).await?;
@@ -93,7 +106,7 @@ async fn write_chunks<W: AsyncWrite + Unpin>(w: &mut W, chunks: Vec<Chunk>) -> i
             w.write_all(d.as_slice()).await?;
         }
     }
-    w.flush().await
+    Ok(())
 }
 
 /// Reads and frames requests until DISC, the end of the stream or a frame
