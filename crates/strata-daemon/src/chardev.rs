@@ -212,5 +212,6 @@ fn listen(path: &str) -> Result<UnixListener, String> {
             return Err(format!("Failed to unlink socket {path}: {}", errno(&e)));
         }
     }
-    UnixListener::bind(path).map_err(|e| format!("Failed to bind socket to {path}: {}", errno(&e)))
+    strata_nbd::listener::bind_unix(path)
+        .map_err(|e| format!("Failed to bind socket to {path}: {}", errno(&e)))
 }

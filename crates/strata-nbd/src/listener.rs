@@ -34,7 +34,7 @@ impl Listener {
         match addr {
             Addr::Unix(path) => {
                 let _ = std::fs::remove_file(path);
-                tokio::net::UnixListener::bind(path)
+                bind_unix(path)
                     .map(|l| Listener::Unix(l, path.clone()))
                     .map_err(failed)
             }
@@ -129,4 +129,28 @@ impl Serving {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
+}
+
+/// Binds a listening Unix socket at `path` (which the caller has cleared)
+/// so that the file appears only once connections are accepted: bound and
+/// listening under a temporary name beside it, then renamed. A client that
+/// waits for the file then never meets a refused connect, which a plain
+/// bind-then-listen (QEMU's) allows for a moment. Where the temporary name
+/// does not fit or the rename fails, a plain bind, with its errors.
+pub fn bind_unix(path: &str) -> std::io::Result<tokio::net::UnixListener> {
+    let p = std::path::Path::new(path);
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = name.map(|n| p.with_file_name(format!(".{n}.{}.tmp", std::process::id())));
+    // sun_path holds 107 bytes and a NUL.
+    if let Some(tmp) = tmp.filter(|t| t.as_os_str().len() < 108) {
+        let _ = std::fs::remove_file(&tmp);
+        if let Ok(l) = std::os::unix::net::UnixListener::bind(&tmp) {
+            if std::fs::rename(&tmp, p).is_ok() {
+                l.set_nonblocking(true)?;
+                return tokio::net::UnixListener::from_std(l);
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    tokio::net::UnixListener::bind(path)
 }

@@ -5,6 +5,7 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod map;
 mod resize;
@@ -134,6 +135,7 @@ fn dispatch() -> i32 {
         "resize" => resize::run(ctx),
         "bench" => bench::run(ctx),
         "snapshot" => snapshot::run(ctx),
+        "dd" => dd::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

@@ -288,7 +288,7 @@ fn reads_zero_when_new(node: &Arc<Node>) -> bool {
 }
 
 /// The protocol driver that creates `filename` (QEMU: bdrv_find_protocol).
-fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, String> {
+pub(super) fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, String> {
     if strata_block::open::has_protocol(filename) {
         let prefix = &filename[..filename.find(':').unwrap_or(0)];
         return ctx
