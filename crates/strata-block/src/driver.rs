@@ -619,6 +619,26 @@ pub trait DriverClass: Send + Sync {
     /// Creates an image at `filename` with the options given (including `size`).
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()>;
 
+    /// How large an image of this format would be, made with `opts` (its
+    /// `size`) or holding what `input` holds (QEMU: bdrv_measure).
+    async fn measure(&self, _opts: Opts, _input: Option<&Arc<Node>>) -> Result<Measure> {
+        Err(Error::unsupported(format!(
+            "Block driver '{}' does not support size measurement",
+            self.name()
+        )))
+    }
+
     /// Opens a node of this driver; consumes the options it knows from `opts`.
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>>;
+}
+
+/// What `qemu-img measure` reports (QEMU: BlockMeasureInfo), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measure {
+    /// The file size the image needs with its data.
+    pub required: u64,
+    /// The file size with every cluster allocated.
+    pub fully_allocated: u64,
+    /// The persistent bitmaps' size, where source and target can have them.
+    pub bitmaps: Option<u64>,
 }

@@ -35,8 +35,8 @@ pub use blockers::{BlockOp, Blocker};
 pub use buf::IoBuf;
 pub use debug::DebugEvent;
 pub use driver::{
-    CheckResult, Child, ChildCell, ChildRole, Driver, DriverClass, Limits, Perm, Preallocation,
-    RepairMode, WriteFlags,
+    CheckResult, Child, ChildCell, ChildRole, Driver, DriverClass, Limits, Measure, Perm,
+    Preallocation, RepairMode, WriteFlags,
 };
 pub use error::{Error, Result};
 pub use event_loop::{EventLoop, IoThread, LoopHandle};

@@ -744,3 +744,128 @@ fn dd_copies_and_answers_as_qemu_img() {
         );
     }
 }
+
+#[test]
+fn measure_answers_as_qemu_img() {
+    if qemu_img().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ours = strata_as_qemu_img(dir);
+    let theirs = Path::new("/usr/bin/qemu-img");
+    let setup: &[&[&str]] = &[
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["create", "-q", "-f", "raw", "sp.raw", "10M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "5M",
+        ],
+    ];
+    for args in setup {
+        assert_eq!(run(theirs, args, dir).2, 0);
+    }
+    qemu_io(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 5 0 64k",
+            "-c",
+            "write 512k 4k",
+            "a.qcow2",
+        ],
+    );
+    qemu_io(
+        dir,
+        &["-f", "qcow2", "-c", "write -P 1 700k 8k", "top.qcow2"],
+    );
+    qemu_io(
+        dir,
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write 1M 100k",
+            "-c",
+            "write -z 3M 64k",
+            "sp.raw",
+        ],
+    );
+    assert_eq!(run(theirs, &["snapshot", "-c", "s1", "a.qcow2"], dir).2, 0);
+    let cases: &[&str] = &[
+        "--size 1G -O qcow2",
+        "--size 1G",
+        "--size 1000 -O qcow2",
+        "--size 0 -O qcow2",
+        "-O qcow2 a.qcow2",
+        "-O raw a.qcow2",
+        "a.qcow2",
+        "--output=json -O qcow2 a.qcow2",
+        "--output=json --size 1G",
+        "--output=json -O qcow2 -o cluster_size=4k,preallocation=metadata --size 10G",
+        "-O qcow2 -o compat=0.10 a.qcow2",
+        "-O qcow2 -o preallocation=full a.qcow2",
+        "-O qcow2 -o preallocation=falloc --size 3G",
+        "-O qcow2 -o backing_file=x a.qcow2",
+        "-O qcow2 -o refcount_bits=1 --size 1G",
+        "-O qcow2 -o refcount_bits=64,cluster_size=512 --size 1G",
+        "-O qcow2 -o cluster_size=4k -o refcount_bits=64 --size 1G",
+        "--options cluster_size=2M --target-format qcow2 --size 100T",
+        // Block status through a backing chain, and of a sparse raw file.
+        "-O qcow2 top.qcow2",
+        "-O qcow2 -o cluster_size=4k sp.raw",
+        "-O raw sp.raw",
+        // A v2 source has no bitmaps to count.
+        "-O qcow2 v2.qcow2",
+        "-O qcow2 -l s1 a.qcow2",
+        "-O qcow2 --snapshot snapshot.name=s1 a.qcow2",
+        "-O qcow2 -U a.qcow2",
+        "--image-opts driver=qcow2,file.filename=a.qcow2 -O qcow2",
+        // Errors.
+        "-O qcow2 -o preallocation=bogus --size 3G",
+        "-O qcow2 -o refcount_bits=3 --size 1G",
+        "-O qcow2 -o refcount_bits=8,compat=0.10 --size 1G",
+        "-O qcow2 -o extended_l2=on,cluster_size=8k --size 1G",
+        "-O qcow2 --size 100T -o cluster_size=512",
+        "-O qcow2 -l nope a.qcow2",
+        "-O qcow2 -l snapshot.bad=1 a.qcow2",
+        "-O qcow2 -o foo=1 --size 1G",
+        "-O qcow2 -o cluster_size=3k --size 1G",
+        "-O foo --size 1G",
+        "--output=xml --size 1G",
+        "-f qcow2 --size 1G",
+        "a b",
+        "--size 1G a.qcow2",
+        "--size 1x",
+        "",
+        "-O qcow2 nope.qcow2",
+        "-s 1G",
+        "--help",
+    ];
+    for case in cases {
+        let mut args = vec!["measure"];
+        args.extend(case.split_whitespace());
+        let a = run(&ours, &args, dir);
+        let b = run(theirs, &args, dir);
+        assert_eq!(a, b, "qemu-img {}", args.join(" "));
+    }
+}

@@ -7,8 +7,8 @@ use strata_block::driver::Preallocation;
 use strata_block::options::{take_size, OptSpec};
 use strata_block::Registry;
 use strata_block::{
-    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
-    Opts, Result, WriteFlags,
+    BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node,
+    OpenCtx, Opts, Result, WriteFlags,
 };
 use strata_block::{ChildCell, Perm};
 
@@ -169,6 +169,21 @@ impl DriverClass for RawClass {
 
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
         ctx.create_file(filename, opts).await
+    }
+
+    /// Every byte of the disk is a byte of the file (QEMU: raw_measure).
+    async fn measure(&self, mut opts: Opts, input: Option<&Arc<Node>>) -> Result<Measure> {
+        let required = match input {
+            Some(n) => n.length(),
+            None => take_size(&mut opts, "size")?
+                .unwrap_or(0)
+                .next_multiple_of(512),
+        };
+        Ok(Measure {
+            required,
+            fully_allocated: required,
+            bitmaps: None,
+        })
     }
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {

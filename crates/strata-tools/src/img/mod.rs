@@ -8,6 +8,7 @@ mod create;
 mod dd;
 mod info;
 mod map;
+mod measure;
 mod resize;
 mod snapshot;
 
@@ -136,6 +137,7 @@ fn dispatch() -> i32 {
         "bench" => bench::run(ctx),
         "snapshot" => snapshot::run(ctx),
         "dd" => dd::run(ctx),
+        "measure" => measure::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

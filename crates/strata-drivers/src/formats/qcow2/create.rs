@@ -146,32 +146,9 @@ const V3_HINT: &str = "(use version=v3 or greater)";
 /// Creates a qcow2 image at `filename` from creation options.
 pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
     let size = take_size(&mut opts, "size")?.unwrap_or(0);
-    let version = match take_str(&mut opts, "compat")?.as_deref() {
-        None | Some("1.1") | Some("v3") => 3,
-        Some("0.10") | Some("v2") => 2,
-        Some(v) => {
-            return Err(Error::invalid(format!(
-                "Parameter 'version' does not accept value '{v}'"
-            )))
-        }
-    };
-    let cluster_size = take_size(&mut opts, "cluster_size")?.unwrap_or(65536);
-    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err(Error::invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
-    }
-    let refcount_bits = take_u64(&mut opts, "refcount_bits")?.unwrap_or(16);
-    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(Error::invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
-    }
-    if version < 3 && refcount_bits != 16 {
-        return Err(Error::invalid(format!(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above {V3_HINT}"
-        )));
-    }
+    let version = take_version(&mut opts)?;
+    let cluster_size = take_cluster_size(&mut opts)?;
+    let refcount_bits = take_refcount_bits(&mut opts, version, V3_HINT)?;
     let lazy = take_bool(&mut opts, "lazy_refcounts")?.unwrap_or(false);
     if version < 3 && lazy {
         return Err(Error::invalid(format!(
@@ -283,6 +260,45 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         remove_created(filename, data_file.as_deref());
     }
     made
+}
+
+/// The `compat` option: the header version.
+pub(super) fn take_version(opts: &mut Opts) -> Result<u32> {
+    match take_str(opts, "compat")?.as_deref() {
+        None | Some("1.1") | Some("v3") => Ok(3),
+        Some("0.10") | Some("v2") => Ok(2),
+        Some(v) => Err(Error::invalid(format!(
+            "Parameter 'version' does not accept value '{v}'"
+        ))),
+    }
+}
+
+/// The `cluster_size` option, checked.
+pub(super) fn take_cluster_size(opts: &mut Opts) -> Result<u64> {
+    let cluster_size = take_size(opts, "cluster_size")?.unwrap_or(65536);
+    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+        return Err(Error::invalid(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
+    }
+    Ok(cluster_size)
+}
+
+/// The `refcount_bits` option, checked against the version (`hint` says
+/// how to ask for v3: create and measure word it differently).
+pub(super) fn take_refcount_bits(opts: &mut Opts, version: u32, hint: &str) -> Result<u64> {
+    let refcount_bits = take_u64(opts, "refcount_bits")?.unwrap_or(16);
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(Error::invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    if version < 3 && refcount_bits != 16 {
+        return Err(Error::invalid(format!(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above {hint}"
+        )));
+    }
+    Ok(refcount_bits)
 }
 
 /// Removes the files a failed create made; errors are ignored, as the

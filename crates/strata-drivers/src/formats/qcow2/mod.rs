@@ -23,6 +23,7 @@ mod data_file;
 pub mod header;
 mod host_inflight;
 mod inflight;
+mod measure;
 mod meta;
 mod offset_hash;
 mod open;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use strata_block::driver::RepairMode;
 use strata_block::options::{take_dict, take_str, OptSpec, Opts};
 use strata_block::{
-    DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, OpenFlags, Perm, Result,
+    DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags, Perm, Result,
     WriteFlags,
 };
 use tokio::sync::Notify;
@@ -46,6 +46,10 @@ impl DriverClass for Qcow2Class {
 
     fn create_options(&self) -> &'static [OptSpec] {
         create::CREATE_OPTIONS
+    }
+
+    async fn measure(&self, opts: Opts, input: Option<&Arc<Node>>) -> Result<Measure> {
+        super::measure::measure(opts, input).await
     }
 
     fn child_perms(&self, perm: Perm, shared: Perm, flags: &OpenFlags) -> (Perm, Perm) {

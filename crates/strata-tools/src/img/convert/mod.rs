@@ -155,7 +155,7 @@ struct Args {
 
 /// QEMU's is_valid_option_list: not empty, no leading comma, and trailing
 /// commas only in escaped pairs.
-fn valid_option_list(s: &str) -> bool {
+pub(super) fn valid_option_list(s: &str) -> bool {
     if s.is_empty() || s.starts_with(',') {
         return false;
     }
