@@ -26,6 +26,15 @@ pub(super) struct SetOpt {
     pub(super) value: String,
 }
 
+/// The options set, as a driver's create or measure takes them.
+pub(super) fn opts_of(set: &[SetOpt]) -> Opts {
+    let mut opts = Opts::new();
+    for s in set {
+        opts.insert(s.spec.name.to_string(), s.value.clone().into());
+    }
+    opts
+}
+
 /// The options of `fmt` followed by those of its protocol, without repeats.
 pub fn merged_options(fmt: &dyn DriverClass, proto: Option<&dyn DriverClass>) -> Vec<OptSpec> {
     let mut v: Vec<OptSpec> = fmt.create_options().to_vec();
@@ -314,10 +323,7 @@ pub fn run(ctx: Ctx) -> i32 {
     if get(&set, "backing_fmt").is_some() && backing.is_none() {
         return fail("Backing format cannot be used without backing file".into());
     }
-    let mut opts = Opts::new();
-    for s in &set {
-        opts.insert(s.spec.name.to_string(), s.value.clone().into());
-    }
+    let mut opts = opts_of(&set);
     // Sizes are rounded up to whole sectors, as QEMU does.
     if let Some(sz) = get(&set, "size").and_then(|s| s.parse::<u64>().ok()) {
         opts.insert("size".into(), (sz.div_ceil(512) * 512).into());

@@ -3,10 +3,9 @@
 //! `skip`) and its sizing: `count` limits the input from its start, `skip`
 //! then moves the start, and every block is written, zeroes included.
 
-use super::convert::find_protocol;
-use super::create::{merged_options, set_option, SetOpt};
+use super::convert::creating_protocol;
+use super::create::{merged_options, opts_of, set_option, SetOpt};
 use super::{cvtnum_full, getopt, long, opt, Ctx};
-use strata_block::options::Opts;
 use strata_block::report::error_report;
 use strata_block::{Backend, IoBuf, OpenCtx, OpenFlags, Perm, WriteFlags};
 
@@ -143,26 +142,13 @@ fn dd(
         error_report("Unknown file format");
         return 1;
     };
-    let proto = match find_protocol(ctx, output) {
+    let proto = match creating_protocol(ctx, &*class, output) {
         Ok(p) => p,
         Err(msg) => {
             error_report(msg);
             return 1;
         }
     };
-    if class.create_options().is_empty() {
-        error_report(format!(
-            "Format driver '{out_fmt}' does not support image creation"
-        ));
-        return 1;
-    }
-    if proto.create_options().is_empty() {
-        error_report(format!(
-            "Protocol driver '{}' does not support image creation",
-            proto.name()
-        ));
-        return 1;
-    }
     let mut size = src.length();
     let bs = o.bs;
     // qemu-img's order: count limits the input from its start, then skip.
@@ -180,10 +166,7 @@ fn dd(
     let specs = merged_options(&*class, Some(&*proto));
     let mut set: Vec<SetOpt> = Vec::new();
     let _ = set_option(&mut set, &specs, "size", &out_size.to_string());
-    let mut opts = Opts::new();
-    for s in &set {
-        opts.insert(s.spec.name.to_string(), s.value.clone().into());
-    }
+    let opts = opts_of(&set);
     let octx = OpenCtx::new(std::sync::Arc::clone(&ctx.reg), OpenFlags::default());
     if let Err(e) = ctx.ev.block_on(class.create(&octx, output, opts)) {
         error_report(format!("{output}: error while creating output image: {e}"));

@@ -2,10 +2,10 @@
 //! size (`--size`) or for what an existing image holds, in qemu-img's two
 //! outputs.
 
-use super::convert::valid_option_list;
-use super::create::{merged_options, set_option, SetOpt};
+use super::convert::accumulate_options;
+use super::create::{merged_options, opts_of, set_option, SetOpt};
 use super::{cvtnum_full, getopt, long, opt, parse_output, Ctx};
-use strata_block::options::{parse_keyval, Opts};
+use strata_block::options::parse_keyval;
 use strata_block::report::error_report;
 use strata_block::snapshot::SnapshotSel;
 use strata_block::{Measure, Node, OpenFlags};
@@ -88,16 +88,7 @@ fn parse_args(ctx: &Ctx) -> Result<Args, i32> {
             }
             1 => a.fmt = Some(v),
             2 => a.out_fmt = v,
-            3 => {
-                if !valid_option_list(&v) {
-                    error_report(format!("Invalid option list: {v}"));
-                    return Err(1);
-                }
-                a.options = Some(match a.options.take() {
-                    Some(o) => format!("{o},{v}"),
-                    None => v,
-                });
-            }
+            3 => accumulate_options(&mut a.options, v)?,
             4 => match SnapshotSel::parse(&v) {
                 Ok(sel) => a.snapshot = Some(sel),
                 Err(msg) => {
@@ -199,11 +190,7 @@ fn measure(ctx: &Ctx, a: &Args, input: Option<&std::sync::Arc<Node>>) -> i32 {
     if let Some(size) = a.size {
         let _ = set_option(&mut set, &specs, "size", &size.to_string());
     }
-    let mut opts = Opts::new();
-    for s in &set {
-        opts.insert(s.spec.name.to_string(), s.value.clone().into());
-    }
-    match ctx.ev.block_on(class.measure(opts, input)) {
+    match ctx.ev.block_on(class.measure(opts_of(&set), input)) {
         Ok(m) => {
             print(&m, a.json);
             0

@@ -5,13 +5,13 @@
 
 mod copy;
 
-use super::create::{merged_options, print_help, set_option, SetOpt};
+use super::create::{merged_options, opts_of, print_help, set_option, SetOpt};
 use super::{cvtnum_full, getopt, long, opt, Ctx};
 use crate::progress::Progress;
 use copy::{Convert, Source};
 use std::cell::RefCell;
 use std::sync::Arc;
-use strata_block::options::{parse_keyval, Opts};
+use strata_block::options::parse_keyval;
 use strata_block::report::error_report;
 use strata_block::snapshot::SnapshotSel;
 use strata_block::{Backend, CacheMode, ChildRole, DriverClass, Node, OpenCtx, OpenFlags, Perm};
@@ -153,9 +153,22 @@ struct Args {
     copy_range: bool,
 }
 
+/// QEMU's accumulate_options: a checked `-o` list joined to those before.
+pub(super) fn accumulate_options(acc: &mut Option<String>, v: String) -> Result<(), i32> {
+    if !valid_option_list(&v) {
+        error_report(format!("Invalid option list: {v}"));
+        return Err(1);
+    }
+    *acc = Some(match acc.take() {
+        Some(o) => format!("{o},{v}"),
+        None => v,
+    });
+    Ok(())
+}
+
 /// QEMU's is_valid_option_list: not empty, no leading comma, and trailing
 /// commas only in escaped pairs.
-pub(super) fn valid_option_list(s: &str) -> bool {
+fn valid_option_list(s: &str) -> bool {
     if s.is_empty() || s.starts_with(',') {
         return false;
     }
@@ -226,16 +239,7 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
                 a.explicit_min_sparse = true;
             }
             (Some('O'), _) => a.out_fmt = Some(v),
-            (Some('o'), _) => {
-                if !valid_option_list(&v) {
-                    error_report(format!("Invalid option list: {v}"));
-                    return Err(1);
-                }
-                a.options = Some(match a.options.take() {
-                    Some(o) => format!("{o},{v}"),
-                    None => v,
-                });
-            }
+            (Some('o'), _) => accumulate_options(&mut a.options, v)?,
             (Some('t'), _) => a.cache = v,
             (Some('B'), _) => a.out_baseimg = Some(v),
             (Some('F'), _) => a.backing_fmt = Some(v),
@@ -288,7 +292,7 @@ fn reads_zero_when_new(node: &Arc<Node>) -> bool {
 }
 
 /// The protocol driver that creates `filename` (QEMU: bdrv_find_protocol).
-pub(super) fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, String> {
+fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverClass>, String> {
     if strata_block::open::has_protocol(filename) {
         let prefix = &filename[..filename.find(':').unwrap_or(0)];
         return ctx
@@ -302,6 +306,29 @@ pub(super) fn find_protocol(ctx: &Ctx, filename: &str) -> Result<Arc<dyn DriverC
     ctx.reg
         .get("file")
         .ok_or_else(|| "Unknown protocol 'file'".to_string())
+}
+
+/// The protocol driver that creates `filename` for an image of `class`,
+/// once both can create images (qemu-img's checks, in its order).
+pub(super) fn creating_protocol(
+    ctx: &Ctx,
+    class: &dyn DriverClass,
+    filename: &str,
+) -> Result<Arc<dyn DriverClass>, String> {
+    let proto = find_protocol(ctx, filename)?;
+    if class.create_options().is_empty() {
+        return Err(format!(
+            "Format driver '{}' does not support image creation",
+            class.name()
+        ));
+    }
+    if proto.create_options().is_empty() {
+        return Err(format!(
+            "Protocol driver '{}' does not support image creation",
+            proto.name()
+        ));
+    }
+    Ok(proto)
 }
 
 /// Closes the nodes, ignoring errors as qemu-img's blk_unref does.
@@ -548,26 +575,13 @@ fn convert_to(
             error_report(format!("Unknown file format '{fmt}'"));
             return false;
         };
-        let proto = match find_protocol(ctx, out_filename) {
+        let proto = match creating_protocol(ctx, &*class, out_filename) {
             Ok(p) => p,
             Err(msg) => {
                 error_report(msg);
                 return false;
             }
         };
-        if class.create_options().is_empty() {
-            error_report(format!(
-                "Format driver '{fmt}' does not support image creation"
-            ));
-            return false;
-        }
-        if proto.create_options().is_empty() {
-            error_report(format!(
-                "Protocol driver '{}' does not support image creation",
-                proto.name()
-            ));
-            return false;
-        }
         let specs = merged_options(&*class, Some(&*proto));
         let mut set: Vec<SetOpt> = Vec::new();
         if let Some(o) = &a.options {
@@ -669,10 +683,7 @@ fn convert_to(
     }
     if let Some((class, set)) = create {
         let fmt = class.name();
-        let mut opts = Opts::new();
-        for s in &set {
-            opts.insert(s.spec.name.to_string(), s.value.clone().into());
-        }
+        let opts = opts_of(&set);
         let octx = OpenCtx::new(Arc::clone(&ctx.reg), OpenFlags::default());
         if let Err(e) = ctx.ev.block_on(class.create(&octx, out_filename, opts)) {
             error_report(format!("{out_filename}: error while converting {fmt}: {e}"));
