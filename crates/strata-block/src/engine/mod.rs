@@ -4,9 +4,11 @@
 //! operation owns its memory until the kernel is done with it, even when the
 //! future that asked for it is dropped.
 
+mod inline;
 mod threads;
 mod uring;
 
+pub use inline::InlineWrites;
 pub use uring::{current_ring, Ring};
 
 use crate::buf::IoBuf;

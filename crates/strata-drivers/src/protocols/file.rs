@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
-use strata_block::engine::{self, Aio, Fd, FileOp};
+use strata_block::engine::{self, Aio, Fd, FileOp, InlineWrites};
 use strata_block::options::{take_bool, take_size, take_str, OptSpec, OptType};
 use strata_block::{
     BlockStatus, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Result, WriteFlags,
@@ -114,6 +114,8 @@ pub struct FileDriver {
     /// The name as given, for lock error hints; None when locking is off.
     lock_name: Option<String>,
     aio: Aio,
+    /// Buffered on io_uring: small writes are copied in on the loop's thread.
+    inline_writes: Option<InlineWrites>,
     length: AtomicU64,
     limits: Limits,
     block_device: bool,
@@ -228,6 +230,9 @@ fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
 
 impl FileDriver {
     async fn op(&self, op: FileOp) -> (Result<usize>, Option<IoBuf>) {
+        if let Some(w) = self.inline_writes.as_ref().filter(|w| w.takes(&op)) {
+            return w.run(&self.fd, op);
+        }
         engine::submit(self.aio, &self.fd, op).await
     }
 
@@ -542,6 +547,7 @@ impl DriverClass for FileClass {
             fd: Arc::new(fd),
             lock_name: None,
             aio: Aio::Threads,
+            inline_writes: None,
             length: AtomicU64::new(0),
             limits: Limits::default(),
             block_device: !is_reg,
@@ -618,6 +624,8 @@ impl DriverClass for FileClass {
             fd: Arc::new(fd),
             lock_name: locking.then(|| filename.clone()),
             aio,
+            // O_DIRECT writes go to the device: only the ring keeps them async.
+            inline_writes: (aio == Aio::IoUring && !direct).then(InlineWrites::default),
             length: AtomicU64::new(length),
             limits,
             block_device: self.device,
