@@ -5,6 +5,7 @@
 //! request can be scattered over several kernel operations without copying, and
 //! each operation can own its part until its completion arrives.
 
+use crate::buf_pool;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -15,7 +16,14 @@ pub const MEM_ALIGN: usize = 4096;
 
 struct Chunk {
     ptr: NonNull<u8>,
-    layout: Layout,
+    from: Source,
+}
+
+/// Where a chunk's memory came from, and so where it goes back.
+enum Source {
+    Malloc(Layout),
+    /// A [`buf_pool`] mapping of this size.
+    Pool(usize),
 }
 
 // SAFETY: the chunk is plain memory; access to its bytes is partitioned among
@@ -26,9 +34,11 @@ unsafe impl Sync for Chunk {}
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        if self.layout.size() != 0 {
+        match self.from {
             // SAFETY: allocated in `IoBuf::zeroed` with this very layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+            Source::Malloc(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: from buf_pool::alloc with this size; the last IoBuf is gone.
+            Source::Pool(size) => unsafe { buf_pool::release(self.ptr, size) },
         }
     }
 }
@@ -46,12 +56,25 @@ pub struct IoBuf {
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes aligned to [`MEM_ALIGN`].
     pub fn zeroed(len: usize) -> IoBuf {
-        let layout = Layout::from_size_align(len.max(1), MEM_ALIGN).expect("buffer size overflow");
-        // SAFETY: layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        let chunk = if len >= buf_pool::POOLED_MIN {
+            let (ptr, size) = buf_pool::alloc(len);
+            Chunk {
+                ptr,
+                from: Source::Pool(size),
+            }
+        } else {
+            let layout =
+                Layout::from_size_align(len.max(1), MEM_ALIGN).expect("buffer size overflow");
+            // SAFETY: layout has a non-zero size.
+            let ptr = unsafe { alloc::alloc_zeroed(layout) };
+            let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+            Chunk {
+                ptr,
+                from: Source::Malloc(layout),
+            }
+        };
         IoBuf {
-            chunk: Arc::new(Chunk { ptr, layout }),
+            chunk: Arc::new(chunk),
             start: 0,
             len,
         }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bitmap;
 pub mod blockers;
 pub mod buf;
+mod buf_pool;
 mod copy_on_read;
 pub mod create_existing;
 pub mod debug;
