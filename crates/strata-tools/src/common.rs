@@ -7,7 +7,6 @@ use strata_block::{Error, Node, OpenCtx, OpenFlags, Registry, Result};
 
 /// Sets the program name for messages from argv[0] and returns the registry.
 pub fn init() -> Arc<Registry> {
-    crate::process::malloc::tune();
     let argv0 = std::env::args().next().unwrap_or_else(|| "strata".into());
     strata_block::report::set_prog_name(&argv0);
     strata_block::report::set_stdout_hook(crate::stdout::write_fmt);
