@@ -76,6 +76,52 @@ fn nbdsh_sees_and_does_the_same_as_against_qemu_nbd() {
     assert_eq!(got, want);
 }
 
+/// The chunks of one structured read: offset, length, kind, bytes seen.
+const CHUNKS: &str = r#"
+chunks = []
+def chunk(buf, offset, status, err):
+    chunks.append((offset, len(buf), status, sorted(set(bytes(buf)))))
+    return 0
+h.pread_structured(5 * 65536, 0, chunk)
+for c in chunks:
+    print(*c)
+"#;
+
+#[test]
+fn a_read_over_scattered_clusters_is_one_data_chunk() {
+    // Clusters 1-3 hold data, written out of order so that cluster 3 sits
+    // before 1 and 2 in the file; 0 and 4 are holes.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("scattered.qcow2");
+    let p = img.to_str().unwrap();
+    client("qemu-img", &["create", "-q", "-f", "qcow2", p, "320K"]);
+    client(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 192K 64K",
+            "-c",
+            "write -P 0x11 64K 64K",
+            "-c",
+            "write -P 0x22 128K 64K",
+            p,
+        ],
+    );
+    let sock = dir.path().join("s.sock");
+    let s = Served::start(STRATA_NBD, &sock, &["-t", "-f", "qcow2", p]);
+    let (out, ok) = debian("nbdsh", &["-u", &s.uri(""), "-c", CHUNKS]);
+    s.stop();
+    assert!(ok, "{out}");
+    // READ_HOLE is 2, READ_DATA 1: a hole, the three clusters in one data
+    // chunk (QEMU sends two: its extents follow the file), a hole.
+    assert_eq!(
+        out,
+        "0 65536 2 [0]\n65536 196608 1 [17, 34, 51]\n262144 65536 2 [0]\n"
+    );
+}
+
 #[test]
 fn nbdcopy_copies_out_and_in_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -117,21 +117,19 @@ async fn read(n: &Negotiated, form: Form, req: &Request) -> Vec<Chunk> {
             Err(e) => vec![failed(form, req, &e)],
         };
     }
-    let mut chunks = Vec::new();
-    let end = req.offset + req.len;
+    let runs = match sparse_runs(n, req.offset, req.offset + req.len).await {
+        Ok(r) => r,
+        Err(e) => return vec![failed(form, req, &e)],
+    };
+    let mut chunks = Vec::with_capacity(runs.len());
     let mut off = req.offset;
-    while off < end {
-        let st = match blk.block_status_above(off, end - off).await {
-            Ok((st, _)) => st,
-            Err(e) => {
-                chunks.push(failed(form, req, &e));
-                return chunks;
-            }
+    for (i, &(len, zero)) in runs.iter().enumerate() {
+        let flags = if i + 1 == runs.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
         };
-        let len = st.len.clamp(1, end - off);
-        let last = off + len == end;
-        let flags = if last { REPLY_FLAG_DONE } else { 0 };
-        if st.zero {
+        if zero {
             let mut p = off.to_be_bytes().to_vec();
             p.extend_from_slice(&(len as u32).to_be_bytes());
             chunks.push(form.chunk(flags, REPLY_TYPE_OFFSET_HOLE, req, &p, None));
@@ -152,6 +150,29 @@ async fn read(n: &Negotiated, form: Form, req: &Request) -> Vec<Chunk> {
         off += len;
     }
     chunks
+}
+
+/// `[offset, end)` as runs of data and of zeroes, `(length, zero)`, each
+/// as long as block status allows: a read over clusters scattered in the
+/// file is still one data chunk, one buffer and one reply write (QEMU
+/// sends a chunk per extent).
+async fn sparse_runs(
+    n: &Negotiated,
+    offset: u64,
+    end: u64,
+) -> strata_block::Result<Vec<(u64, bool)>> {
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut off = offset;
+    while off < end {
+        let (st, _) = n.export.blk.block_status_above(off, end - off).await?;
+        let len = st.len.clamp(1, end - off);
+        match runs.last_mut() {
+            Some((l, zero)) if *zero == st.zero => *l += len,
+            _ => runs.push((len, st.zero)),
+        }
+        off += len;
+    }
+    Ok(runs)
 }
 
 /// Prefetch: the range is read (and so copied up where copy-on-read is on).
