@@ -515,9 +515,10 @@ impl Node {
         node.driver.load_vmstate(pos, buf).await
     }
 
-    /// Makes completed writes stable (a no-op with `cache=unsafe`).
+    /// Makes completed writes stable (a no-op with `cache=unsafe`, and on a
+    /// read-only node, which has none: QEMU's bdrv_co_flush skips both).
     pub async fn flush(&self) -> Result<()> {
-        if self.no_flush {
+        if self.no_flush || self.read_only {
             return Ok(());
         }
         self.pass_gate().await;

@@ -125,6 +125,10 @@ pub struct FileDriver {
     /// The medium may change under us: ask for the length every time
     /// instead of caching it.
     removable: bool,
+    /// Opened writable without `cache.no-flush`: closing makes the writes
+    /// stable (QEMU's bdrv_close flushes, which `cache=unsafe` and
+    /// read-only nodes skip).
+    flush_on_close: bool,
 }
 
 fn cstr(path: &str) -> Result<CString> {
@@ -447,7 +451,11 @@ impl Driver for FileDriver {
     }
 
     async fn close(&self) -> Result<()> {
-        let r = self.flush().await;
+        let r = if self.flush_on_close {
+            self.flush().await
+        } else {
+            Ok(())
+        };
         // Closing releases the image for other users at once, not when the
         // last reference to the node goes.
         self.set_perm(strata_block::Perm::NONE, strata_block::Perm::ALL)?;
@@ -554,6 +562,7 @@ impl DriverClass for FileClass {
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable: false,
+            flush_on_close: true,
         };
         if is_reg {
             driver.truncate(0, true, Preallocation::Off).await?;
@@ -632,6 +641,7 @@ impl DriverClass for FileClass {
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable,
+            flush_on_close: !ctx.flags.read_only && !ctx.flags.cache.no_flush,
         }))
     }
 }
