@@ -38,14 +38,13 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
 
 /// The mapping size for a buffer of `len` bytes and its class, if pooled.
 fn size_of(len: usize) -> (usize, Option<usize>) {
+    if len > POOLED_MIN << (CLASSES - 1) {
+        // Beyond the largest class: mapped to the page, never kept.
+        return (len.next_multiple_of(page_size()), None);
+    }
     let size = len.max(POOLED_MIN).next_power_of_two();
     let class = (size.trailing_zeros() - POOLED_MIN.trailing_zeros()) as usize;
-    if class < CLASSES {
-        (size, Some(class))
-    } else {
-        // Beyond the largest class: mapped to the page, never kept.
-        (len.next_multiple_of(page_size()), None)
-    }
+    (size, Some(class))
 }
 
 fn page_size() -> usize {

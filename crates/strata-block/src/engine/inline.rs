@@ -43,8 +43,9 @@ impl InlineWrites {
     /// outside a backoff.
     pub fn takes(&self, op: &FileOp) -> bool {
         matches!(op, FileOp::Write(_, b) if b.len() <= INLINE_MAX)
-            && super::current_ring().is_some()
-            && self.allowed_at(now_ns())
+            && super::on_ring_thread()
+            // No clock read while no write was ever slow.
+            && (self.ring_until.load(Ordering::Relaxed) == 0 || self.allowed_at(now_ns()))
     }
 
     /// Does the write with a blocking system call, timing it.

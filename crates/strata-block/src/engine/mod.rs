@@ -9,7 +9,7 @@ mod threads;
 mod uring;
 
 pub use inline::InlineWrites;
-pub use uring::{current_ring, Ring};
+pub use uring::{current_ring, on_ring_thread, Ring};
 
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};

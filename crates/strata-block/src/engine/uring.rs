@@ -36,6 +36,11 @@ pub fn current_ring() -> Option<Arc<Ring>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// Whether this thread runs an event loop with a ring (no reference taken).
+pub fn on_ring_thread() -> bool {
+    CURRENT.with(|c| c.borrow().is_some())
+}
+
 /// What an operation keeps alive while the kernel works on it.
 struct Keep {
     _fd: Arc<Fd>,
