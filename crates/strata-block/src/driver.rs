@@ -347,6 +347,20 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Writes a new backing file name and format into the image (QEMU:
+    /// bdrv_co_change_backing_file); `None` makes the image stand alone.
+    /// Only the stored names change; the open backing node stays.
+    async fn change_backing_file(&self, _file: Option<&str>, _format: Option<&str>) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Drops everything this layer holds, so that the backing file (or
+    /// zeroes) shows through everywhere (QEMU: bdrv_make_empty, after a
+    /// commit). Must be as safe as a discard with requests in flight.
+    async fn make_empty(&self) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
     /// The internal snapshots, for `info`.
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(Vec::new())

@@ -8,6 +8,7 @@ pub mod bitmap;
 pub mod blockers;
 pub mod buf;
 mod buf_pool;
+mod chain;
 mod copy_on_read;
 pub mod create_existing;
 pub mod debug;

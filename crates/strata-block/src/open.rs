@@ -339,7 +339,8 @@ impl OpenCtx {
         open_ctx.protocol = false;
         let backing = if ctx.flags.no_io {
             crate::filename::BackingSource::NoIo
-        } else if opts.contains_key("backing") || ctx.backing_node.is_some() {
+        } else if opts.get("backing").is_some_and(|b| !only_tunes(b)) || ctx.backing_node.is_some()
+        {
             crate::filename::BackingSource::Explicit
         } else {
             crate::filename::BackingSource::Implicit
@@ -662,6 +663,19 @@ impl OpenCtx {
         let path = path.map(|(_, p)| p);
         Box::pin(ctx.open_image(path.as_deref(), format, opts)).await
     }
+}
+
+/// True when backing options only tune how the image's own backing file is
+/// opened (`backing.read-only=off` for a commit) and name no other one.
+fn only_tunes(backing: &Value) -> bool {
+    const TUNING: &[&str] = &[
+        "read-only",
+        "auto-read-only",
+        "cache",
+        "force-share",
+        "discard",
+    ];
+    matches!(backing, Value::Object(m) if m.keys().all(|k| TUNING.contains(&k.as_str())))
 }
 
 /// Gives back the file node of an open that failed: it was opened, or

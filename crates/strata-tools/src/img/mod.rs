@@ -9,6 +9,7 @@ mod dd;
 mod info;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -138,12 +139,19 @@ fn dispatch() -> i32 {
         "snapshot" => snapshot::run(ctx),
         "dd" => dd::run(ctx),
         "measure" => measure::run(ctx),
+        "rebase" => rebase::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());
             1
         }
     }
+}
+
+/// QEMU's block_driver_can_compress, for the formats Strata has: qcow2
+/// alone among them writes compressed clusters in QEMU.
+pub fn qemu_can_compress(fmt: &str) -> bool {
+    fmt == "qcow2"
 }
 
 /// One option of a subcommand's table: short letter and/or long name, and

@@ -12,8 +12,9 @@
 //! `read`, `write` (plan / I/O / commit), `zero` (zero writes and discards),
 //! `resize`, `meta` (tables, refcounts, allocation), `cache` (L2 and refcount
 //! block caches), `inflight` and `host_inflight` (what requests hold),
-//! `check`, `create`, `compress`, `data_file`, `snapshot` (the table) and
-//! `snapshot_ops` (create, apply, delete, load).
+//! `check`, `create`, `compress`, `data_file`, `snapshot` (the table),
+//! `snapshot_ops` (create, apply, delete, load) and `header_update`
+//! (backing file names, emptying after a commit).
 
 mod cache;
 mod check;
@@ -21,6 +22,7 @@ mod compress;
 mod create;
 mod data_file;
 pub mod header;
+mod header_update;
 mod host_inflight;
 mod inflight;
 mod measure;
@@ -530,6 +532,14 @@ impl Driver for Qcow2Driver {
 
     async fn snapshot_load_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
         self.load_snapshot_tmp(id, name).await
+    }
+
+    async fn change_backing_file(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.set_backing_file_name(file, format).await
+    }
+
+    async fn make_empty(&self) -> Result<()> {
+        self.empty().await
     }
 
     async fn check(&self, repair: RepairMode) -> Result<CheckResult> {

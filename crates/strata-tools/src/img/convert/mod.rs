@@ -269,12 +269,6 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
     Ok((a, p.operands))
 }
 
-/// QEMU's block_driver_can_compress, for the formats Strata has: qcow2
-/// alone among them writes compressed clusters in QEMU.
-fn qemu_can_compress(fmt: &str) -> bool {
-    fmt == "qcow2"
-}
-
 /// QEMU's bdrv_has_zero_init: does a new image of this node read as zeroes?
 /// qcow2 does (Strata has neither external data files nor encryption), a
 /// regular file does, raw and filters ask their file.
@@ -650,7 +644,7 @@ fn convert_to(
     }
     if a.compressed {
         if let Some((class, _)) = &create {
-            if !qemu_can_compress(class.name()) {
+            if !super::qemu_can_compress(class.name()) {
                 error_report("Compression not supported for this file format");
                 return false;
             }
@@ -736,7 +730,7 @@ fn copy_into(
     progress: &RefCell<Progress>,
 ) -> bool {
     let fmt = target.format_name();
-    if a.compressed && !qemu_can_compress(fmt) {
+    if a.compressed && !super::qemu_can_compress(fmt) {
         error_report("Compression not supported for this file format");
         return false;
     }

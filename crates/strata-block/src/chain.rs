@@ -1,0 +1,85 @@
+//! Backing chains as qemu-img walks them: the next image down, an image
+//! found by the name a user gives, the names an image stores, and emptying
+//! a layer after a commit.
+
+use crate::error::{err, Error, Result};
+use crate::node::Node;
+use std::sync::Arc;
+
+impl Node {
+    /// The next image down the backing chain, past any filters (QEMU:
+    /// bdrv_backing_chain_next).
+    pub fn backing_chain_next(self: &Arc<Self>) -> Option<Arc<Node>> {
+        self.skip_filters().backing().map(|b| b.skip_filters())
+    }
+
+    /// The image of this node's backing chain that `name` names (QEMU:
+    /// bdrv_find_backing_image): a name as some layer stores it, resolved
+    /// against that layer's directory and compared as canonical paths; with
+    /// a protocol, compared as written or fully resolved. A layer whose
+    /// backing file was given by options compares with the child's own name.
+    pub fn find_backing_image(self: &Arc<Self>, name: &str) -> Option<Arc<Node>> {
+        let is_protocol = crate::open::has_protocol(name);
+        let mut cur = self.skip_filters();
+        while let Some(below) = cur.backing() {
+            let below_img = below.skip_filters();
+            let stored = cur.driver().backing_file().map(|(n, _)| n);
+            let found = match stored {
+                None => name == below.filename(),
+                Some(stored) if is_protocol || crate::open::has_protocol(&stored) => {
+                    name == stored
+                        || cur
+                            .full_backing_filename(&stored)
+                            .is_ok_and(|full| full == name)
+                }
+                Some(stored) => {
+                    let wanted = cur.full_backing_filename(name).ok().and_then(canonical);
+                    let have = cur.full_backing_filename(&stored).ok().and_then(canonical);
+                    wanted.is_some() && wanted == have
+                }
+            };
+            if found {
+                return Some(below_img);
+            }
+            cur = below_img;
+        }
+        None
+    }
+
+    /// Stores `file` (and its format) as this image's backing file name
+    /// (QEMU: bdrv_change_backing_file); `require` asks for a format with
+    /// any name. EINVAL for a format without a file or a name without a
+    /// required format; ENOTSUP where the format stores no names.
+    pub async fn change_backing_file(
+        self: &Arc<Self>,
+        file: Option<&str>,
+        format: Option<&str>,
+        require: bool,
+    ) -> Result<()> {
+        if format.is_some() && file.is_none() {
+            return err(libc::EINVAL);
+        }
+        if require && file.is_some() && format.is_none() {
+            return err(libc::EINVAL);
+        }
+        if self.is_read_only() {
+            return err(libc::EPERM);
+        }
+        self.driver().change_backing_file(file, format).await
+    }
+
+    /// Empties this layer (QEMU: bdrv_make_empty): what it held is gone and
+    /// the backing chain shows through. ENOTSUP where the format cannot.
+    pub async fn make_empty(self: &Arc<Self>) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::errno(libc::EPERM));
+        }
+        self.driver().make_empty().await
+    }
+}
+
+fn canonical(path: String) -> Option<String> {
+    std::fs::canonicalize(path)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
