@@ -69,12 +69,13 @@ impl Node {
     }
 
     /// Empties this layer (QEMU: bdrv_make_empty): what it held is gone and
-    /// the backing chain shows through. ENOTSUP where the format cannot.
+    /// the backing chain shows through. ENOTSUP where the format cannot. It
+    /// runs drained: the format may rebuild its metadata from scratch.
     pub async fn make_empty(self: &Arc<Self>) -> Result<()> {
         if self.is_read_only() {
             return Err(Error::errno(libc::EPERM));
         }
-        self.driver().make_empty().await
+        crate::node::drained_async(&[Arc::clone(self)], || self.driver().make_empty()).await
     }
 }
 

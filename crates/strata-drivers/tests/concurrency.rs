@@ -172,6 +172,9 @@ const WORKERS: usize = 8;
 struct Config {
     cluster_bits: u32,
     backing: bool,
+    /// Lazy refcounts on the image under test: refcount blocks lag behind
+    /// the L2 tables while the image is marked dirty.
+    lazy: bool,
     seed: u64,
 }
 
@@ -489,6 +492,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
     let cs = 1u64 << cfg.cluster_bits;
     let size = SIZE.to_string();
     let cluster = cs.to_string();
+    let lazy = if cfg.lazy { "on" } else { "off" };
     let ev = EventLoop::new().unwrap();
     let mut rng = Rng::new(cfg.seed ^ 0xbac);
     let mut model = vec![0u8; SIZE as usize];
@@ -524,6 +528,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
                     ("cluster_size", &cluster),
                     ("backing_file", &base),
                     ("backing_fmt", "qcow2"),
+                    ("lazy_refcounts", lazy),
                 ],
             )
             .await;
@@ -531,7 +536,11 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
             common::create(
                 &top,
                 "qcow2",
-                &[("size", &size), ("cluster_size", &cluster)],
+                &[
+                    ("size", &size),
+                    ("cluster_size", &cluster),
+                    ("lazy_refcounts", lazy),
+                ],
             )
             .await;
         }
@@ -574,6 +583,11 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
                 ));
             }
         }
+        // Lazy refcounts were in play: allocations marked the image dirty.
+        if cfg.lazy && st.borrow().failure.is_none() && !node.skip_filters().driver().is_dirty() {
+            st.borrow_mut()
+                .fail("lazy refcounts: the image was never marked dirty".into());
+        }
         node.close().await.unwrap();
         let s = st.borrow();
         (s.ops, s.overlaps)
@@ -598,6 +612,8 @@ fn configs(seed: u64) -> Vec<Config> {
             v.push(Config {
                 cluster_bits,
                 backing,
+                // Half of the configurations, every cluster size among them.
+                lazy: (i + backing as usize) % 2 == 1,
                 seed: seed.wrapping_add(i as u64 * 2 + backing as u64),
             });
         }

@@ -48,13 +48,36 @@ pub async fn open(
     spec: &ImageSpec<'_>,
     flags: OpenFlags,
 ) -> Result<Arc<Node>> {
+    open_with(reg, spec, flags, Opts::new()).await
+}
+
+/// [`open`] with options of the tool's own laid over the user's (nested
+/// objects merge key by key).
+pub async fn open_with(
+    reg: &Arc<Registry>,
+    spec: &ImageSpec<'_>,
+    flags: OpenFlags,
+    extra: Opts,
+) -> Result<Arc<Node>> {
     let ctx = OpenCtx::new(Arc::clone(reg), flags);
     if spec.image_opts {
-        let opts = image_opts(spec.name)?;
+        let mut opts = image_opts(spec.name)?;
+        merge(&mut opts, extra);
         return ctx.open_image(None, spec.format, opts).await;
     }
-    ctx.open_image(Some(spec.name), spec.format, Opts::new())
-        .await
+    ctx.open_image(Some(spec.name), spec.format, extra).await
+}
+
+fn merge(into: &mut Opts, from: Opts) {
+    use serde_json::Value;
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 /// Parses an `--image-opts` string (`driver=qcow2,file.filename=x`) or JSON.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -140,6 +141,7 @@ fn dispatch() -> i32 {
         "dd" => dd::run(ctx),
         "measure" => measure::run(ctx),
         "rebase" => rebase::run(ctx),
+        "commit" => commit::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

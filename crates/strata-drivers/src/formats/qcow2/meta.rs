@@ -158,6 +158,11 @@ pub struct Meta {
     pub signaled: bool,
     /// Opened read-write: corruption marks the image corrupt on disk.
     pub writable: bool,
+    /// Lazy refcounts (QEMU's use_lazy_refcounts): the first refcount
+    /// change marks the image dirty, and from then on refcount blocks are
+    /// written only when the cache needs room or the image is closed; an
+    /// image left dirty is repaired at its next read-write open.
+    pub lazy_refcounts: bool,
     /// Host offsets of the active L2 tables and of the refcount blocks, for
     /// the overlap check of every write.
     pub l2_tables: HashSet<u64>,
@@ -293,7 +298,7 @@ impl Meta {
             if let Some((victim, dirty)) = cache.victim() {
                 if dirty {
                     if l2 {
-                        self.flush_refcounts(file).await?;
+                        self.flush_refcounts_before_l2(file).await?;
                         if self.l2_cache.depends_on_flush() {
                             file.flush().await?;
                             self.l2_cache.flushed();
@@ -414,6 +419,12 @@ impl Meta {
         if new == old || self.geo.version < 3 {
             return Ok(());
         }
+        let cleaning = old & !new & super::header::INCOMPAT_DIRTY != 0;
+        if cleaning && self.refcounts_deferred() {
+            // Refcounts are to be trusted again: on disk first (QEMU:
+            // qcow2_mark_clean flushes the caches before the header).
+            self.flush_refcount_cache(file).await?;
+        }
         self.header.incompatible_features = new;
         file.write(
             72,
@@ -464,11 +475,38 @@ impl Meta {
         Ok(())
     }
 
+    /// True while lazy refcounts have marked the image dirty: refcounts on
+    /// disk may lag behind, so L2 tables no longer wait for them (QEMU:
+    /// !qcow2_need_accurate_refcounts).
+    pub fn refcounts_deferred(&self) -> bool {
+        self.lazy_refcounts
+            && self.header.incompatible_features & super::header::INCOMPAT_DIRTY != 0
+    }
+
+    /// What must precede writing L2 slices back: the refcounts they rely
+    /// on, unless those are deferred.
+    async fn flush_refcounts_before_l2(&mut self, file: &Arc<Node>) -> Result<()> {
+        if self.refcounts_deferred() {
+            return Ok(());
+        }
+        self.flush_refcounts(file).await
+    }
+
+    /// Marks a lazy-refcount image dirty before data clusters are linked
+    /// (QEMU: qcow2_alloc_cluster_link_l2); refcounts are deferred from then.
+    pub(super) async fn mark_dirty_for_lazy_refcounts(&mut self, file: &Arc<Node>) -> Result<()> {
+        if self.lazy_refcounts && !self.refcounts_deferred() {
+            self.set_incompatible(file, super::header::INCOMPAT_DIRTY, true)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Writes dirty L2 slices (after the refcounts they depend on) and
     /// flushes the file.
     pub async fn flush_l2(&mut self, file: &Arc<Node>) -> Result<()> {
         if self.l2_cache.needs_flush() {
-            self.flush_refcounts(file).await?;
+            self.flush_refcounts_before_l2(file).await?;
             self.write_back_cache(file, true).await?;
             file.flush().await?;
             self.rb_cache.flushed();
@@ -482,7 +520,7 @@ impl Meta {
     /// qcow2_cache_flush of the L2 cache).
     pub async fn flush_l2_cache(&mut self, file: &Arc<Node>) -> Result<()> {
         if self.l2_cache.has_dirty() {
-            self.flush_refcounts(file).await?;
+            self.flush_refcounts_before_l2(file).await?;
             self.write_back_cache(file, true).await?;
         }
         file.flush().await?;
@@ -498,9 +536,11 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes all cached metadata back in the safe order.
+    /// Writes all cached metadata back in the safe order (refcounts left
+    /// in the cache while lazy refcounts defer them, as QEMU's
+    /// qcow2_write_caches).
     pub async fn flush(&mut self, file: &Arc<Node>) -> Result<()> {
-        self.flush_refcounts(file).await?;
+        self.flush_refcounts_before_l2(file).await?;
         if self.l2_cache.has_dirty() {
             self.write_back_cache(file, true).await?;
         }

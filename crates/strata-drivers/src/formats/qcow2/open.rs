@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use strata_block::driver::RepairMode;
-use strata_block::options::{take_dict, take_str, OptSpec, Opts};
+use strata_block::options::{take_bool, take_dict, take_str, OptSpec, Opts};
 use strata_block::{
     DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags, Perm, Result,
     WriteFlags,
@@ -82,7 +82,7 @@ impl DriverClass for Qcow2Class {
         let _ = take_str(opts, "cache-size")?;
         let _ = take_dict(opts, "overlap-check")?;
         let _ = take_str(opts, "overlap-check")?;
-        let _ = take_str(opts, "lazy-refcounts")?;
+        let lazy = take_bool(opts, "lazy-refcounts")?;
         let _ = take_str(opts, "pass-discard-request")?;
         let _ = take_str(opts, "pass-discard-other")?;
         let _ = take_str(opts, "discard-no-unref")?;
@@ -116,7 +116,17 @@ impl DriverClass for Qcow2Class {
         };
 
         let host_busy = Arc::new(HostInflight::new());
-        let meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy);
+        let mut meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy);
+        if let Some(on) = lazy {
+            // The runtime option beats the image's own setting (QEMU's
+            // lazy-refcounts).
+            if on && geo.version < 3 {
+                return Err(Error::invalid(
+                    "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+                ));
+            }
+            meta.lazy_refcounts = on && !read_only;
+        }
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
             file,
@@ -286,6 +296,9 @@ pub(super) fn new_meta(
         corrupt: false,
         signaled: false,
         writable: !read_only,
+        lazy_refcounts: !read_only
+            && geo.version >= 3
+            && hdr.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0,
         header: hdr.clone(),
         busy: Arc::clone(busy),
     }

@@ -4,7 +4,6 @@
 //! it (link the L2 entries, release what they pointed to).
 
 use super::compress;
-use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::meta::{Mapping, Meta, OFFSET_MASK, OFLAG_COPIED};
 use super::{Extent, InflightGuard, Qcow2Driver};
 use strata_block::{DebugEvent, Driver, Error, IoBuf, Result, WriteFlags};
@@ -177,10 +176,8 @@ impl Qcow2Driver {
             // Allocate: new L2 table if needed, then the data clusters.
             let n = last - first + 1;
             let l2 = self.writable_l2(&mut m, first).await?;
-            if m.header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0 {
-                // Lazy refcounts: the image is marked dirty while refcounts may lag.
-                m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
-            }
+            // Lazy refcounts: the image is marked dirty while refcounts may lag.
+            m.mark_dirty_for_lazy_refcounts(&self.file).await?;
             let host = if self.geo.external_data {
                 // A data file keeps each cluster at its guest offset, uncounted.
                 first << self.geo.cluster_bits
