@@ -1,6 +1,6 @@
 //! Backing chains as qemu-img walks them: the next image down, an image
-//! found by the name a user gives, the names an image stores, and emptying
-//! a layer after a commit.
+//! found by the name a user gives, the names an image stores, emptying
+//! a layer after a commit; and amending an image's options in place.
 
 use crate::error::{err, Error, Result};
 use crate::node::Node;
@@ -76,6 +76,25 @@ impl Node {
             return Err(Error::errno(libc::EPERM));
         }
         crate::node::drained_async(&[Arc::clone(self)], || self.driver().make_empty()).await
+    }
+}
+
+impl Node {
+    /// Changes the image's options in place (QEMU: bdrv_amend_options),
+    /// drained: a format may rewrite every table.
+    pub async fn amend(
+        self: &Arc<Self>,
+        opts: crate::options::Opts,
+        force: bool,
+        status: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        if self.is_read_only() {
+            return err(libc::EPERM);
+        }
+        crate::node::drained_async(&[Arc::clone(self)], || {
+            self.driver().amend(opts, force, status)
+        })
+        .await
     }
 }
 

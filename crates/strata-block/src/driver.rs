@@ -361,6 +361,19 @@ pub trait Driver: Send + Sync {
         err(libc::ENOTSUP)
     }
 
+    /// Changes the image's options in place (QEMU: bdrv_amend_options);
+    /// `opts` holds only the options the user set, checked against the
+    /// class's `amend_options`. `status(done, total)` reports progress of
+    /// long steps. The node is drained while it runs.
+    async fn amend(
+        &self,
+        _opts: crate::options::Opts,
+        _force: bool,
+        _status: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
     /// The internal snapshots, for `info`.
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(Vec::new())
@@ -628,6 +641,12 @@ pub trait DriverClass: Send + Sync {
     /// The creation options, in the order QEMU's Formatting line prints them.
     fn create_options(&self) -> &'static [OptSpec] {
         &[]
+    }
+
+    /// The options `amend` takes (QEMU: amend_opts); None when the format
+    /// cannot amend at all.
+    fn amend_options(&self) -> Option<&'static [OptSpec]> {
+        None
     }
 
     /// Creates an image at `filename` with the options given (including `size`).

@@ -35,6 +35,14 @@ pub(super) fn opts_of(set: &[SetOpt]) -> Opts {
     opts
 }
 
+/// QEMU's has_help_option: an option list that asks for `help` or `?`.
+pub(super) fn has_help_option(list: &str) -> bool {
+    parse_keyval(list, None)
+        .unwrap_or_default()
+        .iter()
+        .any(|(k, _)| k == "help" || k == "?")
+}
+
 /// The options of `fmt` followed by those of its protocol, without repeats.
 pub fn merged_options(fmt: &dyn DriverClass, proto: Option<&dyn DriverClass>) -> Vec<OptSpec> {
     let mut v: Vec<OptSpec> = fmt.create_options().to_vec();
@@ -180,12 +188,7 @@ pub fn run(ctx: Ctx) -> i32 {
         return 1;
     };
     let proto = reg.get("file");
-    let want_help = optstr.iter().any(|o| {
-        parse_keyval(o, None)
-            .unwrap_or_default()
-            .iter()
-            .any(|(k, _)| k == "help" || k == "?")
-    });
+    let want_help = optstr.iter().any(|o| has_help_option(o));
     if want_help {
         if p.operands.is_empty() {
             print_help(

@@ -1,5 +1,6 @@
 //! qemu-img's subcommands, one file each.
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -142,6 +143,7 @@ fn dispatch() -> i32 {
         "measure" => measure::run(ctx),
         "rebase" => rebase::run(ctx),
         "commit" => commit::run(ctx),
+        "amend" => amend::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

@@ -242,8 +242,15 @@ impl Header {
                     self.backing_format = Some(String::from_utf8_lossy(&data).into_owned())
                 }
                 EXT_FEATURE_TABLE => {
+                    // As QEMU reads it: a short last entry is padded with
+                    // zeroes, and an entry without a name ends the table.
+                    let mut data = data;
+                    data.resize(data.len().div_ceil(48) * 48, 0);
                     for e in data.chunks_exact(48) {
                         let name = e[2..].split(|&b| b == 0).next().unwrap_or(&[]);
+                        if name.is_empty() {
+                            break;
+                        }
                         self.feature_table.push((
                             e[0],
                             e[1],
@@ -263,16 +270,19 @@ impl Header {
         let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
         let unknown = self.incompatible_features & !known;
         if unknown != 0 {
-            let names: Vec<String> = (0..64)
-                .filter(|b| unknown & (1 << b) != 0)
-                .map(|b| {
-                    self.feature_table
-                        .iter()
-                        .find(|(t, bit, _)| *t == 0 && *bit as u32 == b)
-                        .map(|(_, _, n)| n.clone())
-                        .unwrap_or_else(|| format!("Unknown incompatible feature: {:x}", 1u64 << b))
-                })
-                .collect();
+            // As QEMU's report_unsupported_feature: the image's own names,
+            // in its table's order, then the bits left as one mask.
+            let mut mask = unknown;
+            let mut names: Vec<String> = Vec::new();
+            for (ty, bit, name) in &self.feature_table {
+                if *ty == 0 && *bit < 64 && mask & (1u64 << bit) != 0 {
+                    names.push(name.chars().take(46).collect());
+                    mask &= !(1u64 << bit);
+                }
+            }
+            if mask != 0 {
+                names.push(format!("Unknown incompatible feature: {mask:x}"));
+            }
             return Err(Error::unsupported(format!(
                 "Unsupported qcow2 feature(s): {}",
                 names.join(", ")
@@ -333,9 +343,9 @@ impl Header {
                 data: f.as_bytes().to_vec(),
             });
         }
-        exts.extend(self.extensions.iter().cloned());
         // QEMU leaves the feature table out of images with clusters of 4 KiB
-        // or less, to keep room for the backing file name.
+        // or less, to keep room for the backing file name; extensions it
+        // does not know go after it.
         if self.version >= 3 && cluster_size > 4096 {
             let mut t = Vec::new();
             for (ty, bit, name) in FEATURE_NAMES {
@@ -350,6 +360,7 @@ impl Header {
                 data: t,
             });
         }
+        exts.extend(self.extensions.iter().cloned());
         let too_big = || Error::invalid("Header extensions do not fit in the first cluster");
         for e in exts.iter().chain(std::iter::once(&Extension {
             kind: EXT_END,

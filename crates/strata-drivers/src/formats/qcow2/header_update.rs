@@ -71,7 +71,7 @@ impl Qcow2Driver {
         let entries_per_refblock = (cs * 8) >> self.geo.refcount_order;
         let simple = {
             let m = self.meta.lock().await;
-            self.geo.version >= 3
+            self.v3()
                 && m.header.nb_snapshots == 0
                 && 3 + l1_clusters <= entries_per_refblock
                 && self.external().is_none()

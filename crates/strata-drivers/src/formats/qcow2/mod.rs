@@ -9,6 +9,7 @@
 //! table, so a new cluster is visible only once its data is there.
 //!
 //! By concern, as QEMU splits qcow2*.c: `open` (header, tables, the class),
+//! `amend` (version, lazy refcounts, size and data file options in place),
 //! `read`, `write` (plan / I/O / commit), `zero` (zero writes and discards),
 //! `resize`, `meta` (tables, refcounts, allocation), `cache` (L2 and refcount
 //! block caches), `inflight` and `host_inflight` (what requests hold),
@@ -16,6 +17,7 @@
 //! `snapshot_ops` (create, apply, delete, load) and `header_update`
 //! (backing file names, emptying after a commit).
 
+mod amend;
 mod cache;
 mod check;
 mod compress;
@@ -86,9 +88,16 @@ pub struct Qcow2Driver {
     host_busy: Arc<HostInflight>,
     alloc_done: Notify,
     read_only: bool,
+    /// The image's version (2 or 3): amend changes it while open.
+    version: std::sync::atomic::AtomicU32,
 }
 
 impl Qcow2Driver {
+    /// True for version 3 images (zero clusters, feature bits).
+    fn v3(&self) -> bool {
+        self.version.load(Ordering::Acquire) >= 3
+    }
+
     /// The backing node, if any.
     fn backing(&self) -> Option<Arc<Node>> {
         self.backing
@@ -207,7 +216,7 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        if self.geo.version < 3 {
+        if !self.v3() {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let cs = self.geo.cluster_size;
@@ -273,7 +282,7 @@ impl Driver for Qcow2Driver {
         if start >= end {
             return Ok(());
         }
-        let v3 = self.geo.version >= 3;
+        let v3 = self.v3();
         if !v3 && self.backing().is_some() {
             // v2 cannot mark clusters zero, and unallocating them would show
             // the backing file: discard does nothing (as in QEMU).
@@ -392,7 +401,7 @@ impl Driver for Qcow2Driver {
         // data (QEMU zeroes it the same way).
         if let Some(b) = self.backing() {
             let end = size.min(b.length());
-            if end > old && self.geo.version >= 3 {
+            if end > old && self.v3() {
                 self.write_zeroes(old, end - old, WriteFlags::default())
                     .await?;
             }
@@ -534,6 +543,15 @@ impl Driver for Qcow2Driver {
         self.load_snapshot_tmp(id, name).await
     }
 
+    async fn amend(
+        &self,
+        opts: strata_block::Opts,
+        _force: bool,
+        status: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        self.amend_image(opts, status).await
+    }
+
     async fn change_backing_file(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
         self.set_backing_file_name(file, format).await
     }
@@ -586,7 +604,7 @@ impl Driver for Qcow2Driver {
             != (
                 self.geo.cluster_bits,
                 self.geo.refcount_order,
-                self.geo.version,
+                self.version.load(Ordering::Acquire),
             )
             || hdr.compression != self.compression
         {

@@ -44,6 +44,10 @@ impl DriverClass for Qcow2Class {
         &["encrypt.key-secret"]
     }
 
+    fn amend_options(&self) -> Option<&'static [OptSpec]> {
+        Some(super::amend::AMEND_OPTIONS)
+    }
+
     fn create_options(&self) -> &'static [OptSpec] {
         create::CREATE_OPTIONS
     }
@@ -79,6 +83,7 @@ impl DriverClass for Qcow2Class {
         let backing_opts = opts.remove("backing");
         let _ = take_str(opts, "l2-cache-size")?;
         let _ = take_str(opts, "refcount-cache-size")?;
+        let _ = take_str(opts, "l2-cache-entry-size")?;
         let _ = take_str(opts, "cache-size")?;
         let _ = take_dict(opts, "overlap-check")?;
         let _ = take_str(opts, "overlap-check")?;
@@ -141,6 +146,7 @@ impl DriverClass for Qcow2Class {
             host_busy,
             alloc_done: Notify::new(),
             read_only,
+            version: std::sync::atomic::AtomicU32::new(geo.version),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.

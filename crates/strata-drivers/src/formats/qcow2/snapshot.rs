@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub raw_id: Vec<u8>,
     pub raw_name: Vec<u8>,
     pub info: SnapshotInfo,
+    /// Stored without the disk size and 64-bit VM state size that v3
+    /// requires (written by a v2 tool).
+    pub short_extra: bool,
 }
 
 impl Snapshot {
@@ -45,6 +48,7 @@ impl Snapshot {
             raw_id: info.id.as_bytes().to_vec(),
             raw_name: info.name.as_bytes().to_vec(),
             info,
+            short_extra: false,
         }
     }
 }
@@ -109,6 +113,7 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
             l1_size: be32(b, 8),
             disk_size,
             unknown_extra: r[e.min(KNOWN_EXTRA)..e].to_vec(),
+            short_extra: e < 16,
             info: SnapshotInfo {
                 id,
                 name,

@@ -196,7 +196,7 @@ impl Qcow2Driver {
 
     /// Writes the snapshot table anew and points the header at it, then
     /// frees the old one (QEMU: qcow2_write_snapshots).
-    async fn write_snapshot_table(
+    pub(super) async fn write_snapshot_table(
         &self,
         m: &mut Meta,
         list: &[Snapshot],

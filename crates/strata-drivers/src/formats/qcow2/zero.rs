@@ -38,7 +38,7 @@ impl Qcow2Driver {
             // Without a table nothing is allocated: zeroing still records
             // zero clusters, as QEMU does; a discard must only hide a
             // backing file (v3).
-            let v3 = self.geo.version >= 3;
+            let v3 = self.v3();
             let needs_table = match how {
                 Clear::Zero { .. } => true,
                 Clear::Discard => v3 && self.backing().is_some(),

@@ -381,11 +381,7 @@ pub fn run(ctx: Ctx) -> i32 {
         operands.last().cloned()
     };
     if let Some(o) = &a.options {
-        let help = parse_keyval(o, None)
-            .unwrap_or_default()
-            .iter()
-            .any(|(k, _)| k == "help" || k == "?");
-        if help {
+        if super::create::has_help_option(o) {
             return match &a.out_fmt {
                 Some(f) => option_help(&ctx, out_filename.as_deref(), f),
                 None => {
