@@ -19,6 +19,7 @@
 
 mod amend;
 mod cache;
+mod cache_opts;
 mod check;
 mod compress;
 mod create;
@@ -90,6 +91,8 @@ pub struct Qcow2Driver {
     read_only: bool,
     /// The image's version (2 or 3): amend changes it while open.
     version: std::sync::atomic::AtomicU32,
+    /// What the metadata caches may hold (the cache options).
+    cache_sizes: cache_opts::CacheSizes,
 }
 
 impl Qcow2Driver {
@@ -615,7 +618,7 @@ impl Driver for Qcow2Driver {
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         self.size.store(hdr.size, Ordering::Release);
         *self.meta.lock().await =
-            new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy);
+            new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy, self.cache_sizes);
         if dirty && !self.read_only {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {

@@ -6,6 +6,7 @@ use super::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_
 use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use super::{cache, create, data_file, header};
+use super::cache_opts::CacheSizes;
 use super::{Qcow2Class, Qcow2Driver, MAX_L1_BYTES, MAX_L2_CACHE_BYTES};
 use async_lock::Mutex;
 use async_trait::async_trait;
@@ -81,10 +82,6 @@ impl DriverClass for Qcow2Class {
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
         let backing_opts = opts.remove("backing");
-        let _ = take_str(opts, "l2-cache-size")?;
-        let _ = take_str(opts, "refcount-cache-size")?;
-        let _ = take_str(opts, "l2-cache-entry-size")?;
-        let _ = take_str(opts, "cache-size")?;
         let _ = take_dict(opts, "overlap-check")?;
         let _ = take_str(opts, "overlap-check")?;
         let lazy = take_bool(opts, "lazy-refcounts")?;
@@ -95,6 +92,7 @@ impl DriverClass for Qcow2Class {
         let read_only = ctx.flags.read_only;
 
         let (mut hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
+        let cache_sizes = CacheSizes::take(opts, geo.cluster_size, hdr.size)?;
         if !read_only && !ctx.flags.inactive {
             clear_unknown_autoclear(&file, &mut hdr).await?;
         }
@@ -121,7 +119,7 @@ impl DriverClass for Qcow2Class {
         };
 
         let host_busy = Arc::new(HostInflight::new());
-        let mut meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy);
+        let mut meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy, cache_sizes);
         if let Some(on) = lazy {
             // The runtime option beats the image's own setting (QEMU's
             // lazy-refcounts).
@@ -147,6 +145,7 @@ impl DriverClass for Qcow2Class {
             alloc_done: Notify::new(),
             read_only,
             version: std::sync::atomic::AtomicU32::new(geo.version),
+            cache_sizes,
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
@@ -278,11 +277,14 @@ pub(super) fn new_meta(
     reftable: Vec<u64>,
     read_only: bool,
     busy: &Arc<HostInflight>,
+    sizes: CacheSizes,
 ) -> Meta {
     let cs = geo.cluster_size;
     let slice = cs.min(4096) as usize;
     let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
-    let l2_slices = (l2_need.min(MAX_L2_CACHE_BYTES) / slice as u64).max(16) as usize;
+    let l2_bytes = l2_need.min(MAX_L2_CACHE_BYTES).min(sizes.l2_bytes);
+    let l2_slices = (l2_bytes / slice as u64).max(16) as usize;
+    let rb_slices = (sizes.refcount_bytes / slice as u64).max(16) as usize;
     let l2_tables = super::meta::tables_of(&l1);
     let refblocks = reftable
         .iter()
@@ -294,7 +296,7 @@ pub(super) fn new_meta(
         l1,
         reftable,
         l2_cache: cache::TableCache::new(slice, l2_slices),
-        rb_cache: cache::TableCache::new(slice, (l2_slices / 4).max(16)),
+        rb_cache: cache::TableCache::new(slice, rb_slices),
         free_cluster_index: 0,
         l2_tables,
         refblocks,
