@@ -361,7 +361,9 @@ impl Convert {
                 .await?;
             return Ok(Some(buf));
         }
-        let mut done = Vec::new();
+        // Every piece is issued at the first poll, in order: the target
+        // allocates them in order, and their I/O runs together.
+        let mut pieces = Vec::new();
         let mut rest = buf;
         let mut left = nb;
         while left > 0 {
@@ -378,22 +380,27 @@ impl Convert {
                 )
             };
             let (piece, tail) = rest.split_at((n * SECTOR) as usize);
-            if data {
-                self.throttle(n * SECTOR).await;
-                let piece = self
-                    .target
-                    .write(sector_num * SECTOR, piece, WriteFlags::default())
-                    .await?;
-                done.push(piece);
-            } else {
-                if !self.has_zero_init {
-                    self.write_zeroes(sector_num, n).await?;
+            let at = sector_num;
+            pieces.push(async move {
+                if data {
+                    self.throttle(n * SECTOR).await;
+                    self.target
+                        .write(at * SECTOR, piece, WriteFlags::default())
+                        .await
+                } else {
+                    if !self.has_zero_init {
+                        self.write_zeroes(at, n).await?;
+                    }
+                    Ok(piece)
                 }
-                done.push(piece);
-            }
+            });
             rest = tail;
             sector_num += n;
             left -= n;
+        }
+        let mut done = Vec::with_capacity(pieces.len() + 1);
+        for r in futures::future::join_all(pieces).await {
+            done.push(r?);
         }
         done.push(rest);
         Ok(Some(IoBuf::join_all(done)))
@@ -464,8 +471,25 @@ impl Convert {
                     turn.await;
                 }
             }
+            // Writes go in order of submission (QEMU waits for each to
+            // complete): once this one is issued, its target clusters are
+            // allocated in order and the next chunk may go, so the target
+            // always has a write queued. A rate limit keeps QEMU's rule.
+            let early_turn = self.wr_in_order && self.throttle.is_none();
+            let mut passed = false;
             if !sh.failed.get() {
-                match self.write(sector_num, n, data, status).await {
+                let mut w = std::pin::pin!(self.write(sector_num, n, data.take(), status));
+                let first = futures::poll!(w.as_mut());
+                if early_turn {
+                    sh.wr_offs.set(sector_num + n);
+                    sh.written.notify_waiters();
+                    passed = true;
+                }
+                let r = match first {
+                    std::task::Poll::Ready(r) => r,
+                    std::task::Poll::Pending => w.await,
+                };
+                match r {
                     Ok(b) => data = b,
                     Err(e) => {
                         error_report(format!(
@@ -478,7 +502,7 @@ impl Convert {
                     }
                 }
             }
-            if self.wr_in_order {
+            if self.wr_in_order && !passed {
                 sh.wr_offs.set(sector_num + n);
                 sh.written.notify_waiters();
             }
