@@ -85,7 +85,10 @@ mod tests {
         ];
         assert!(sizes(&all).unwrap_err().to_string().contains("same time"));
         let l2 = [("cache-size", "1M"), ("l2-cache-size", "2M")];
-        assert!(sizes(&l2).unwrap_err().to_string().contains("may not exceed"));
+        assert!(sizes(&l2)
+            .unwrap_err()
+            .to_string()
+            .contains("may not exceed"));
         let bad_entry = [("l2-cache-entry-size", "4242")];
         assert!(sizes(&bad_entry).is_err());
     }

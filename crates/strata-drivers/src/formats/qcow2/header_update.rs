@@ -131,7 +131,15 @@ impl Qcow2Driver {
             // What is on disk now describes an empty image whose first
             // clusters are not counted yet: read it back, then count them.
             let (hdr, geo, l1, reftable) = load_metadata(f, false, false).await?;
-            *m = new_meta(geo, &hdr, l1, reftable, false, &self.host_busy, self.cache_sizes);
+            *m = new_meta(
+                geo,
+                &hdr,
+                l1,
+                reftable,
+                false,
+                &self.host_busy,
+                self.cache_sizes,
+            );
             let first = m.alloc_clusters(f, 3 + l1_clusters).await?;
             if first != 0 {
                 return Err(Error::corrupt("First cluster in emptied image is in use"));

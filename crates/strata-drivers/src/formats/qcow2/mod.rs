@@ -617,8 +617,15 @@ impl Driver for Qcow2Driver {
         }
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         self.size.store(hdr.size, Ordering::Release);
-        *self.meta.lock().await =
-            new_meta(geo, &hdr, l1, reftable, self.read_only, &self.host_busy, self.cache_sizes);
+        *self.meta.lock().await = new_meta(
+            geo,
+            &hdr,
+            l1,
+            reftable,
+            self.read_only,
+            &self.host_busy,
+            self.cache_sizes,
+        );
         if dirty && !self.read_only {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {

@@ -2,11 +2,11 @@
 //! extensions checked, tables validated and loaded, unknown autoclear bits
 //! cleared on a read-write open; and the driver class that registers it.
 
+use super::cache_opts::CacheSizes;
 use super::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use super::{cache, create, data_file, header};
-use super::cache_opts::CacheSizes;
 use super::{Qcow2Class, Qcow2Driver, MAX_L1_BYTES, MAX_L2_CACHE_BYTES};
 use async_lock::Mutex;
 use async_trait::async_trait;
