@@ -604,14 +604,20 @@ pub trait DriverClass: Send + Sync {
     }
 
     /// Turns a file name given to this protocol into options (QEMU:
-    /// bdrv_parse_filename). The default strips the `name:` prefix.
+    /// bdrv_parse_filename). The default strips the `name:` prefix; a rest
+    /// that would itself look like a protocol (`file:a:b`) gets `./` in
+    /// front, as QEMU's bdrv_parse_filename_strip_prefix does.
     fn parse_filename(&self, filename: &str, opts: &mut Opts) -> Result<()> {
-        let f = self
+        let stripped = self
             .protocol_name()
             .and_then(|p| filename.strip_prefix(p))
-            .and_then(|f| f.strip_prefix(':'))
-            .unwrap_or(filename);
-        opts.insert("filename".into(), serde_json::Value::String(f.into()));
+            .and_then(|f| f.strip_prefix(':'));
+        let f = match stripped {
+            Some(rest) if crate::open::has_protocol(rest) => format!("./{rest}"),
+            Some(rest) => rest.to_string(),
+            None => filename.to_string(),
+        };
+        opts.insert("filename".into(), serde_json::Value::String(f));
         Ok(())
     }
 

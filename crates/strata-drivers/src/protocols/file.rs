@@ -427,9 +427,11 @@ impl Driver for FileDriver {
             Some(d) if d > offset => Ok(here(BlockStatus::zero((d - offset).min(len)))),
             Some(_) => {
                 let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(offset + len);
-                Ok(here(BlockStatus::data(
-                    (hole.max(offset + 1) - offset).min(len),
-                )))
+                // A data extent ending in a partial block at the end of the
+                // file counts the whole block (QEMU's raw_co_block_status).
+                let align = u64::from(self.limits.request_alignment.max(1));
+                let n = (hole.max(offset + 1) - offset).div_ceil(align) * align;
+                Ok(here(BlockStatus::data(n.min(len))))
             }
         }
     }
@@ -573,6 +575,9 @@ impl DriverClass for FileClass {
         let nocow = take_bool(&mut opts, "nocow")?.unwrap_or(false);
         let _ = take_size(&mut opts, "extent_size_hint")?;
         strata_block::options::reject_unknown(&opts, "file")?;
+        // The protocol prefix names the driver, not the file (QEMU's
+        // raw_co_create_opts skips it the same way).
+        let filename = filename.strip_prefix("file:").unwrap_or(filename);
         let fd = open_fd(filename, libc::O_RDWR | libc::O_CREAT, 0o644, "create")?;
         if nocow {
             set_nocow(fd.raw());

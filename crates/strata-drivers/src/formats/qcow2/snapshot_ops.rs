@@ -15,6 +15,7 @@ use super::open::{be64, validate_table};
 use super::snapshot::{self, Snapshot};
 use super::{Qcow2Driver, MAX_L1_BYTES};
 use strata_block::driver::SnapshotInfo;
+use strata_block::error::strerror;
 use strata_block::{Driver, Error, IoBuf, Preallocation, Result, WriteFlags};
 
 /// Where a refcount walk writes its table back when COPIED flags changed.
@@ -226,8 +227,14 @@ impl Qcow2Driver {
         m.header.nb_snapshots = list.len() as u32;
         m.header.snapshots_offset = off;
         if old_nb > 0 && old_len > 0 {
-            m.free_clusters(&self.file, old_off, old_len.div_ceil(cs), true)
-                .await?;
+            // The new table is in place: failing to free the old one only
+            // leaks it (QEMU's qcow2_free_clusters reports and goes on).
+            if let Err(e) = m
+                .free_clusters(&self.file, old_off, old_len.div_ceil(cs), true)
+                .await
+            {
+                eprintln!("qcow2_free_clusters failed: {}", strerror(e.code()));
+            }
         }
         Ok(())
     }
