@@ -274,12 +274,7 @@ async fn copy_differences(
             }
             None => open_new_backing(ctx, a, &real, src_cache)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "Could not open new backing file '{base}': {}",
-                        common::open_error(&real, &e)
-                    )
-                }),
+                .map_err(|e| format!("Could not open new backing file '{base}': {e}")),
         };
         match side {
             Ok(s) => s,
