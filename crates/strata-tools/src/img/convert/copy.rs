@@ -65,6 +65,9 @@ pub struct Convert {
     pub min_sparse: u64,
     /// Writes are cut at multiples of this (sectors), a power of two.
     pub alignment: u64,
+    /// The target's cluster size in sectors (1 without clusters): writes
+    /// that start and end on these share no cluster with another write.
+    pub target_cluster_sectors: u64,
     /// Largest data chunk, in sectors.
     pub buf_sectors: u64,
     pub num_coroutines: usize,
@@ -329,14 +332,22 @@ impl Convert {
             .await
     }
 
+    /// True when `sector` starts a target cluster (or is the end of the disk).
+    fn on_cluster(&self, sector: u64) -> bool {
+        sector.is_multiple_of(self.target_cluster_sectors) || sector >= self.total_sectors
+    }
+
     /// Writes one chunk to the target as its status says (QEMU:
-    /// convert_co_write); gives the data buffer back.
+    /// convert_co_write); gives the data buffer back. `issued` is set, at
+    /// the first poll, when every piece went to the target at once, each
+    /// on clusters of its own: the target then allocates in order.
     async fn write(
         &self,
-        mut sector_num: u64,
+        sector_num: u64,
         nb: u64,
         buf: Option<IoBuf>,
         status: Status,
+        issued: &Cell<bool>,
     ) -> Result<Option<IoBuf>> {
         let buf = match (status, buf) {
             (Status::Data, Some(buf)) => buf,
@@ -361,26 +372,36 @@ impl Convert {
                 .await?;
             return Ok(Some(buf));
         }
-        // Every piece is issued at the first poll, in order: the target
-        // allocates them in order, and their I/O runs together.
-        let mut pieces = Vec::new();
-        let mut rest = buf;
+        // Where pieces start and end on clusters of their own, every piece
+        // is issued at the first poll, in order: the target allocates them
+        // in order, and their I/O runs together. Otherwise one after the
+        // other, as qemu-img: a piece sharing a cluster with the one before
+        // waits for its allocation, and the next must not overtake it.
+        let mut plan = Vec::new();
         let mut left = nb;
+        let mut at = sector_num;
+        let mut scan = buf.as_slice();
         while left > 0 {
             // With -S 0 (or a copy offload) everything is written as it is.
             let (data, n) = if self.min_sparse == 0 || self.copy_range {
                 (true, left)
             } else {
-                is_allocated_sectors_min(
-                    rest.as_slice(),
-                    left,
-                    self.min_sparse,
-                    sector_num,
-                    self.alignment,
-                )
+                is_allocated_sectors_min(scan, left, self.min_sparse, at, self.alignment)
             };
+            plan.push((data, at, n));
+            scan = &scan[(n * SECTOR) as usize..];
+            at += n;
+            left -= n;
+        }
+        let together = plan
+            .iter()
+            .all(|&(_, at, n)| self.on_cluster(at) && self.on_cluster(at + n));
+        issued.set(together);
+        let mut pieces = Vec::with_capacity(plan.len());
+        let mut rest = buf;
+        for (data, at, n) in plan {
             let (piece, tail) = rest.split_at((n * SECTOR) as usize);
-            let at = sector_num;
+            rest = tail;
             pieces.push(async move {
                 if data {
                     self.throttle(n * SECTOR).await;
@@ -394,13 +415,16 @@ impl Convert {
                     Ok(piece)
                 }
             });
-            rest = tail;
-            sector_num += n;
-            left -= n;
         }
         let mut done = Vec::with_capacity(pieces.len() + 1);
-        for r in futures::future::join_all(pieces).await {
-            done.push(r?);
+        if together {
+            for r in futures::future::join_all(pieces).await {
+                done.push(r?);
+            }
+        } else {
+            for p in pieces {
+                done.push(p.await?);
+            }
         }
         done.push(rest);
         Ok(Some(IoBuf::join_all(done)))
@@ -471,16 +495,21 @@ impl Convert {
                     turn.await;
                 }
             }
-            // Writes go in order of submission (QEMU waits for each to
-            // complete): once this one is issued, its target clusters are
-            // allocated in order and the next chunk may go, so the target
-            // always has a write queued. A rate limit keeps QEMU's rule.
-            let early_turn = self.wr_in_order && self.throttle.is_none();
+            // On a raw target writes go in order of submission (QEMU waits
+            // for each to complete): once this one is issued the next chunk
+            // may go, so the target always has a write queued. A format
+            // keeps QEMU's rule: its allocation may wait inside the write
+            // (its metadata lock, an L2 table boundary), and a later chunk
+            // overtaking it would make the layout differ from qemu-img's.
+            // A rate limit keeps QEMU's rule too.
+            let early_turn =
+                self.wr_in_order && self.throttle.is_none() && self.target_cluster_sectors == 1;
             let mut passed = false;
             if !sh.failed.get() {
-                let mut w = std::pin::pin!(self.write(sector_num, n, data.take(), status));
+                let issued = Cell::new(false);
+                let mut w = std::pin::pin!(self.write(sector_num, n, data.take(), status, &issued));
                 let first = futures::poll!(w.as_mut());
-                if early_turn {
+                if early_turn && (issued.get() || first.is_ready()) {
                     sh.wr_offs.set(sector_num + n);
                     sh.written.notify_waiters();
                     passed = true;

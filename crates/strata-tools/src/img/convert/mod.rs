@@ -777,6 +777,11 @@ fn copy_into(
         quiet: a.quiet,
         min_sparse: a.min_sparse,
         alignment,
+        target_cluster_sectors: target
+            .skip_filters()
+            .driver()
+            .cluster_size()
+            .map_or(1, |cs| (cs / SECTOR).max(1)),
         buf_sectors,
         num_coroutines: a.num_coroutines,
         throttle,
