@@ -3,47 +3,12 @@
 //! (check, map and info of every image of the chain), and what the guest
 //! sees through the top image never changes where the command promises it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-const QEMU_IMG: &str = "/usr/bin/qemu-img";
+mod img_support;
 
-fn have_qemu() -> bool {
-    if Path::new(QEMU_IMG).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "qemu-img is required under CI"
-    );
-    eprintln!("skipped: qemu-img not found");
-    false
-}
-
-/// A folder with `qemu-img` linked to strata-img, so messages name the
-/// same program.
-fn strata_as_qemu_img(dir: &Path) -> PathBuf {
-    let link = dir.join("bin/qemu-img");
-    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_strata-img"), &link).unwrap();
-    link
-}
-
-fn run(prog: &Path, args: &[&str], dir: &Path) -> (String, String, i32) {
-    let path = format!("{}:/usr/bin:/bin", prog.parent().unwrap().display());
-    let out = Command::new("qemu-img")
-        .env("PATH", path)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
-}
+use img_support::{qemu_img, run, strata_as_qemu_img, QEMU_IMG};
 
 fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
     let mut a: Vec<&str> = Vec::new();
@@ -295,7 +260,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn rebase_commit_and_amend_do_what_qemu_img_does() {
-    if !have_qemu() {
+    if qemu_img().is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

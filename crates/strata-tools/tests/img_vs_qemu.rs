@@ -2,46 +2,12 @@
 //! the same bytes and exits with the same code. Both run under the name
 //! `qemu-img` (a symlink), since messages start with the program's name.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn qemu_img() -> Option<&'static str> {
-    if Path::new("/usr/bin/qemu-img").exists() {
-        return Some("/usr/bin/qemu-img");
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "qemu-img is required under CI"
-    );
-    eprintln!("skipped: qemu-img not found");
-    None
-}
+mod img_support;
 
-/// A folder with `qemu-img` linked to strata-img.
-fn strata_as_qemu_img(dir: &Path) -> PathBuf {
-    let link = dir.join("bin/qemu-img");
-    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_strata-img"), &link).unwrap();
-    link
-}
-
-/// Runs `qemu-img args` in `dir` with `prog`'s folder first in PATH, so both
-/// tools see the same argv[0]; stdout, stderr and the exit code.
-fn run(prog: &Path, args: &[&str], dir: &Path) -> (String, String, i32) {
-    let path = format!("{}:/usr/bin:/bin", prog.parent().unwrap().display());
-    let out = Command::new("qemu-img")
-        .env("PATH", path)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
-}
+use img_support::{qemu_img, run, strata_as_qemu_img};
 
 /// Both tools, same arguments, same results (disk usage lines aside, which
 /// depend on the filesystem's allocation of two different files).

@@ -1,0 +1,50 @@
+//! What the tests of strata-img against qemu-img share: both tools run
+//! under the name `qemu-img` (a symlink to strata-img in a folder of its
+//! own), since messages start with the program's name.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The oracle.
+pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
+
+/// The oracle, if installed; CI must have it.
+pub fn qemu_img() -> Option<&'static str> {
+    if Path::new(QEMU_IMG).exists() {
+        return Some(QEMU_IMG);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "qemu-img is required under CI"
+    );
+    eprintln!("skipped: qemu-img not found");
+    None
+}
+
+/// A folder with `qemu-img` linked to strata-img.
+pub fn strata_as_qemu_img(dir: &Path) -> PathBuf {
+    let link = dir.join("bin/qemu-img");
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_strata-img"), &link).unwrap();
+    link
+}
+
+/// Runs `qemu-img args` in `dir` with `prog`'s folder first in PATH, so both
+/// tools see the same argv[0]; stdout, stderr and the exit code.
+pub fn run(prog: &Path, args: &[&str], dir: &Path) -> (String, String, i32) {
+    let path = format!("{}:/usr/bin:/bin", prog.parent().unwrap().display());
+    let out = Command::new("qemu-img")
+        .env("PATH", path)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
