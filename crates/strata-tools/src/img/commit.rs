@@ -103,36 +103,29 @@ pub fn run(ctx: Ctx) -> i32 {
     let ok = ctx.ev.block_on(async {
         // The base must be writable: open the chain again with it so (QEMU
         // reopens the base read-write for the job).
-        let node = match find_base(&node, a.base.as_deref(), filename) {
-            Ok(path) => {
-                let _ = node.close().await;
-                let spec = common::ImageSpec {
-                    name: filename,
-                    format: a.fmt.as_deref(),
-                    image_opts: a.image_opts,
-                };
-                match common::open_with(&ctx.reg, &spec, flags, writable_at(&path)).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        error_report(common::open_error(filename, &e));
-                        return false;
-                    }
-                }
-            }
+        let path = match find_base(&node, a.base.as_deref(), filename) {
+            Ok(path) => path,
             Err(msg) => {
                 error_report(msg);
                 let _ = node.close().await;
                 return false;
             }
         };
-        let base = match find_base(&node, a.base.as_deref(), filename) {
-            Ok(path) => walk(&node, &path),
-            Err(msg) => {
-                error_report(msg);
-                let _ = node.close().await;
+        let _ = node.close().await;
+        let spec = common::ImageSpec {
+            name: filename,
+            format: a.fmt.as_deref(),
+            image_opts: a.image_opts,
+        };
+        // The same chain again: the path found above leads to the base.
+        let node = match common::open_with(&ctx.reg, &spec, flags, writable_at(&path)).await {
+            Ok(n) => n,
+            Err(e) => {
+                error_report(common::open_error(filename, &e));
                 return false;
             }
         };
+        let base = walk(&node, &path);
         let mut ok = match commit(&a, &node, &base, &mut progress).await {
             Ok(()) => true,
             Err(e) => {

@@ -208,12 +208,16 @@ impl Side {
     /// Reads `n` bytes at `offset`, zeroes past the end of the file.
     async fn read(&self, offset: u64, n: u64) -> strata_block::Result<IoBuf> {
         let have = n.min(self.size.saturating_sub(offset));
-        let mut buf = IoBuf::zeroed(n as usize);
-        if let (Some(blk), true) = (&self.blk, have > 0) {
-            let part = blk.read(offset, IoBuf::zeroed(have as usize)).await?;
-            buf.as_mut_slice()[..have as usize].copy_from_slice(part.as_slice());
+        let buf = IoBuf::zeroed(n as usize);
+        match (&self.blk, have > 0) {
+            (Some(blk), true) => {
+                // Read into the head of the buffer itself; the tail stays zero.
+                let (head, tail) = buf.split_at(have as usize);
+                let head = blk.read(offset, head).await?;
+                Ok(IoBuf::join_all(vec![head, tail]))
+            }
+            _ => Ok(buf),
         }
-        Ok(buf)
     }
 
     async fn close(self) {

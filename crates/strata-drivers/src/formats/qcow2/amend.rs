@@ -71,18 +71,8 @@ pub const AMEND_OPTIONS: &[OptSpec] = &[
         OptType::Bool,
         "The external data file must stay valid as a raw image",
     ),
-    OptSpec {
-        name: "lazy_refcounts",
-        ty: OptType::Bool,
-        help: "Postpone refcount updates",
-        default: Some("off"),
-    },
-    OptSpec {
-        name: "refcount_bits",
-        ty: OptType::Number,
-        help: "Width of a reference count entry in bits",
-        default: Some("16"),
-    },
+    super::create::LAZY_REFCOUNTS_OPT,
+    super::create::REFCOUNT_BITS_OPT,
 ];
 
 /// What the user asked to change.

@@ -127,19 +127,23 @@ pub const CREATE_OPTIONS: &[OptSpec] = &[
         help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
         default: None,
     },
-    OptSpec {
-        name: "lazy_refcounts",
-        ty: OptType::Bool,
-        help: "Postpone refcount updates",
-        default: Some("off"),
-    },
-    OptSpec {
-        name: "refcount_bits",
-        ty: OptType::Number,
-        help: "Width of a reference count entry in bits",
-        default: Some("16"),
-    },
+    LAZY_REFCOUNTS_OPT,
+    REFCOUNT_BITS_OPT,
 ];
+
+/// Options that both creation and amend take.
+pub const LAZY_REFCOUNTS_OPT: OptSpec = OptSpec {
+    name: "lazy_refcounts",
+    ty: OptType::Bool,
+    help: "Postpone refcount updates",
+    default: Some("off"),
+};
+pub const REFCOUNT_BITS_OPT: OptSpec = OptSpec {
+    name: "refcount_bits",
+    ty: OptType::Number,
+    help: "Width of a reference count entry in bits",
+    default: Some("16"),
+};
 
 const V3_HINT: &str = "(use version=v3 or greater)";
 

@@ -67,15 +67,16 @@ impl Qcow2Driver {
     /// them; any other image has every cluster of the disk unallocated.
     pub(super) async fn empty(&self) -> Result<()> {
         let cs = self.geo.cluster_size;
-        let l1_clusters = (self.meta.lock().await.l1.len() as u64 * 8).div_ceil(cs);
         let entries_per_refblock = (cs * 8) >> self.geo.refcount_order;
-        let simple = {
+        let (l1_clusters, simple) = {
             let m = self.meta.lock().await;
-            self.v3()
+            let l1_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
+            let simple = self.v3()
                 && m.header.nb_snapshots == 0
                 && 3 + l1_clusters <= entries_per_refblock
                 && self.external().is_none()
-                && !self.geo.external_data
+                && !self.geo.external_data;
+            (l1_clusters, simple)
         };
         if simple {
             return self.make_completely_empty(l1_clusters).await;
