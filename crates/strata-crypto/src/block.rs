@@ -1,0 +1,114 @@
+//! An image's encryption once open (QEMU: QCryptoBlock): which scheme, and
+//! the cipher for its payload sectors when the image was opened for I/O.
+
+use crate::cipher::{CipherAlg, CipherMode, IvGenAlg, SectorCipher};
+use crate::luks::{Luks, SECTOR_SIZE};
+use crate::{Error, Result};
+use serde_json::{Map, Value};
+
+enum Scheme {
+    /// qcow's legacy AES-128-CBC, keyed by the password itself.
+    Qcow,
+    Luks(Box<Luks>),
+}
+
+/// An open encryption layer: encrypts and decrypts whole 512-byte sectors
+/// of an image's payload.
+pub struct BlockCrypto {
+    scheme: Scheme,
+    /// None when opened without I/O (`info` needs no key).
+    cipher: Option<SectorCipher>,
+}
+
+impl BlockCrypto {
+    /// qcow's AES: the key is the password's first 16 bytes, zero-padded
+    /// (QEMU: qcrypto_block_qcow_init). No password: metadata only.
+    pub fn qcow(password: Option<&[u8]>) -> Result<BlockCrypto> {
+        let cipher = match password {
+            Some(p) => {
+                let mut key = [0u8; 16];
+                let n = p.len().min(16);
+                key[..n].copy_from_slice(&p[..n]);
+                Some(SectorCipher::new(
+                    CipherAlg::Aes128,
+                    CipherMode::Cbc,
+                    &key,
+                    IvGenAlg::Plain64,
+                    CipherAlg::Aes128,
+                    None,
+                )?)
+            }
+            None => None,
+        };
+        Ok(BlockCrypto {
+            scheme: Scheme::Qcow,
+            cipher,
+        })
+    }
+
+    /// LUKS with its master key (none: metadata only).
+    pub fn luks(luks: Luks, master: Option<&[u8]>) -> Result<BlockCrypto> {
+        let cipher = master.map(|k| luks.params.cipher(k)).transpose()?;
+        Ok(BlockCrypto {
+            scheme: Scheme::Luks(Box::new(luks)),
+            cipher,
+        })
+    }
+
+    /// Requests must be whole sectors of this size.
+    pub fn sector_size(&self) -> u64 {
+        SECTOR_SIZE
+    }
+
+    /// True for LUKS, false for qcow's AES.
+    pub fn is_luks(&self) -> bool {
+        matches!(self.scheme, Scheme::Luks(_))
+    }
+
+    /// The LUKS header, if that is the scheme.
+    pub fn luks_header(&self) -> Option<&Luks> {
+        match &self.scheme {
+            Scheme::Luks(l) => Some(l),
+            Scheme::Qcow => None,
+        }
+    }
+
+    fn cipher(&self) -> Result<&SectorCipher> {
+        self.cipher
+            .as_ref()
+            .ok_or_else(|| Error::new("The image was opened without its key"))
+    }
+
+    /// Encrypts `buf` in place; `offset` (a sector multiple) picks the IVs.
+    pub fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE));
+        self.cipher()?
+            .encrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
+        Ok(())
+    }
+
+    /// Decrypts `buf` in place.
+    pub fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE));
+        self.cipher()?
+            .decrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
+        Ok(())
+    }
+
+    /// QCryptoBlockInfo: `format` (`qcow` or `luks`) and the LUKS details.
+    pub fn info(&self) -> Map<String, Value> {
+        match &self.scheme {
+            Scheme::Qcow => {
+                let mut m = Map::new();
+                m.insert("format".into(), "qcow".into());
+                m
+            }
+            Scheme::Luks(l) => {
+                let mut m = Map::new();
+                m.insert("format".into(), "luks".into());
+                m.extend(l.info());
+                m
+            }
+        }
+    }
+}
