@@ -342,6 +342,23 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// True when the image's data is encrypted (QEMU: bs->encrypted).
+    fn encrypted(&self) -> bool {
+        false
+    }
+
+    /// True when a newly made image of this node reads as zeroes, so a
+    /// copy may skip zero ranges (QEMU: bdrv_has_zero_init).
+    fn has_zero_init(&self) -> bool {
+        false
+    }
+
+    /// The driver itself, for operations only one format has (a format
+    /// setting up what its own create needs).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// The backing file name as stored in the image, and its format.
     fn backing_file(&self) -> Option<(String, Option<String>)> {
         None

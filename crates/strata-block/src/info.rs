@@ -59,6 +59,9 @@ async fn node_info(node: &Arc<Node>) -> Map<String, Value> {
     if let Some(cs) = d.cluster_size() {
         m.insert("cluster-size".into(), cs.into());
     }
+    if d.encrypted() {
+        m.insert("encrypted".into(), true.into());
+    }
     if let Some((bf, bfmt)) = d.backing_file() {
         m.insert("backing-filename".into(), bf.clone().into());
         // Left out when the image's directory cannot be told (quorum).

@@ -81,7 +81,9 @@ impl BlockCrypto {
 
     /// Encrypts `buf` in place; `offset` (a sector multiple) picks the IVs.
     pub fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        debug_assert!(offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE));
+        debug_assert!(
+            offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE)
+        );
         self.cipher()?
             .encrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
         Ok(())
@@ -89,7 +91,9 @@ impl BlockCrypto {
 
     /// Decrypts `buf` in place.
     pub fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        debug_assert!(offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE));
+        debug_assert!(
+            offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE)
+        );
         self.cipher()?
             .decrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
         Ok(())

@@ -312,8 +312,15 @@ mod tests {
         ] {
             let n = alg.key_len() * if mode == CipherMode::Xts { 2 } else { 1 };
             let key: Vec<u8> = (0..n as u8).collect();
-            let c = SectorCipher::new(alg, mode, &key, ivgen, CipherAlg::Aes256, Some(HashAlg::Sha256))
-                .unwrap();
+            let c = SectorCipher::new(
+                alg,
+                mode,
+                &key,
+                ivgen,
+                CipherAlg::Aes256,
+                Some(HashAlg::Sha256),
+            )
+            .unwrap();
             let plain: Vec<u8> = (0..2048).map(|i| (i * 7) as u8).collect();
             let mut buf = plain.clone();
             c.encrypt(512, 9, &mut buf);
@@ -331,15 +338,23 @@ mod tests {
         // data unit 0x3333333333, plaintext 44...
         let mut key = vec![0x11u8; 16];
         key.extend([0x22u8; 16]);
-        let c = SectorCipher::new(CipherAlg::Aes128, CipherMode::Xts, &key, IvGenAlg::Plain64, CipherAlg::Aes128, None).unwrap();
+        let c = SectorCipher::new(
+            CipherAlg::Aes128,
+            CipherMode::Xts,
+            &key,
+            IvGenAlg::Plain64,
+            CipherAlg::Aes128,
+            None,
+        )
+        .unwrap();
         let mut buf = vec![0x44u8; 32];
         c.encrypt(32, 0x3333333333, &mut buf);
         assert_eq!(
             buf,
             [
-                0xc4, 0x54, 0x18, 0x5e, 0x6a, 0x16, 0x93, 0x6e, 0x39, 0x33, 0x40, 0x38, 0xac,
-                0xef, 0x83, 0x8b, 0xfb, 0x18, 0x6f, 0xff, 0x74, 0x80, 0xad, 0xc4, 0x28, 0x93,
-                0x82, 0xec, 0xd6, 0xd3, 0x94, 0xf0
+                0xc4, 0x54, 0x18, 0x5e, 0x6a, 0x16, 0x93, 0x6e, 0x39, 0x33, 0x40, 0x38, 0xac, 0xef,
+                0x83, 0x8b, 0xfb, 0x18, 0x6f, 0xff, 0x74, 0x80, 0xad, 0xc4, 0x28, 0x93, 0x82, 0xec,
+                0xd6, 0xd3, 0x94, 0xf0
             ]
         );
     }

@@ -96,7 +96,11 @@ impl HashAlg {
             if iterations > u32::MAX as u64 / 10 {
                 return Err(Error::new("Unable to get accurate CPU usage"));
             }
-            iterations *= if took < Duration::from_millis(10) { 10 } else { 2 };
+            iterations *= if took < Duration::from_millis(10) {
+                10
+            } else {
+                2
+            };
         }
     }
 }
@@ -112,8 +116,8 @@ mod tests {
         assert_eq!(
             out,
             [
-                0xea, 0x6c, 0x01, 0x4d, 0xc7, 0x2d, 0x6f, 0x8c, 0xcd, 0x1e, 0xd9, 0x2a, 0xce,
-                0x1d, 0x41, 0xf0, 0xd8, 0xde, 0x89, 0x57
+                0xea, 0x6c, 0x01, 0x4d, 0xc7, 0x2d, 0x6f, 0x8c, 0xcd, 0x1e, 0xd9, 0x2a, 0xce, 0x1d,
+                0x41, 0xf0, 0xd8, 0xde, 0x89, 0x57
             ]
         );
     }

@@ -17,7 +17,7 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of the header with its slot headers.
 pub const HEADER_LEN: usize = 592;
 const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
-const NUM_SLOTS: usize = 8;
+pub const NUM_SLOTS: usize = 8;
 const STRIPES: u32 = 4000;
 const SALT_LEN: usize = 32;
 const DIGEST_LEN: usize = 20;
@@ -263,7 +263,8 @@ impl Params {
         let ivgen_alg = IvGenAlg::from_name(ivgen)
             .ok_or_else(|| Error::new(format!("IV generator '{ivgen}' not supported")))?;
         let ivgen_cipher = if ivgen_alg == IvGenAlg::Essiv {
-            let hash = ivhash.ok_or_else(|| Error::new("Missing IV generator hash specification"))?;
+            let hash =
+                ivhash.ok_or_else(|| Error::new("Missing IV generator hash specification"))?;
             essiv_cipher(cipher_alg, hash)?
         } else {
             cipher_alg
@@ -279,7 +280,12 @@ impl Params {
     }
 
     fn key_len(&self) -> usize {
-        self.cipher_alg.key_len() * if self.cipher_mode == CipherMode::Xts { 2 } else { 1 }
+        self.cipher_alg.key_len()
+            * if self.cipher_mode == CipherMode::Xts {
+                2
+            } else {
+                1
+            }
     }
 
     /// The payload (or key material) cipher keyed with `key`.
@@ -357,31 +363,33 @@ impl Luks {
         self.header.payload_offset_sector as u64 * SECTOR_SIZE
     }
 
-    /// How many bytes of the region `unlock` needs: the header and every
-    /// slot's key material.
-    pub fn region_len(&self) -> u64 {
-        let ends = self.header.slots.iter().map(|s| {
-            (s.key_offset_sector as u64 + self.header.split_key_sectors(s.stripes)) * SECTOR_SIZE
-        });
-        ends.max().unwrap_or(0).max(HEADER_LEN as u64)
+    /// Where slot `i` keeps its key material (offset into the region,
+    /// length), if the slot is active: what `unlock` needs read.
+    pub fn material_range(&self, i: usize) -> Option<(u64, usize)> {
+        let s = &self.header.slots[i];
+        s.is_active().then(|| {
+            (
+                s.key_offset_sector as u64 * SECTOR_SIZE,
+                self.header.master_key_len as usize * s.stripes as usize,
+            )
+        })
     }
 
-    /// Tries slot `i` with `password`; the master key if it opens it.
-    fn try_slot(&self, i: usize, password: &[u8], region: &[u8]) -> Result<Option<Vec<u8>>> {
-        let slot = &self.header.slots[i];
-        if !slot.is_active() {
+    /// Tries slot `i` with `password` on its key `material`; the master
+    /// key if it opens it.
+    fn try_slot(&self, i: usize, password: &[u8], material: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some((_, split_len)) = self.material_range(i) else {
             return Ok(None);
+        };
+        let slot = &self.header.slots[i];
+        if material.len() != split_len {
+            return Err(Error::new("Request for data outside of extension header"));
         }
         let key_len = self.header.master_key_len as usize;
         let mut slot_key = vec![0u8; key_len];
         self.params
             .hash_alg
             .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
-        let at = slot.key_offset_sector as usize * SECTOR_SIZE as usize;
-        let split_len = key_len * slot.stripes as usize;
-        let Some(material) = region.get(at..at + split_len) else {
-            return Err(Error::new("Request for data outside of extension header"));
-        };
         let mut split = material.to_vec();
         self.params
             .cipher(&slot_key)?
@@ -402,10 +410,11 @@ impl Luks {
         digest == self.header.master_key_digest
     }
 
-    /// The master key, from the first slot `password` opens.
-    pub fn unlock(&self, password: &[u8], region: &[u8]) -> Result<Vec<u8>> {
-        for i in 0..NUM_SLOTS {
-            if let Some(k) = self.try_slot(i, password, region)? {
+    /// The master key, from the first slot `password` opens; `materials[i]`
+    /// holds slot i's key material as `material_range` placed it.
+    pub fn unlock(&self, password: &[u8], materials: &[Vec<u8>]) -> Result<Vec<u8>> {
+        for (i, m) in materials.iter().enumerate().take(NUM_SLOTS) {
+            if let Some(k) = self.try_slot(i, password, m)? {
                 return Ok(k);
             }
         }
@@ -413,14 +422,27 @@ impl Luks {
     }
 
     /// The slots `password` opens (for erasing by old secret).
-    pub fn slots_opened_by(&self, password: &[u8], region: &[u8]) -> Result<Vec<usize>> {
+    pub fn slots_opened_by(&self, password: &[u8], materials: &[Vec<u8>]) -> Result<Vec<usize>> {
         let mut out = Vec::new();
-        for i in 0..NUM_SLOTS {
-            if self.try_slot(i, password, region)?.is_some() {
+        for (i, m) in materials.iter().enumerate().take(NUM_SLOTS) {
+            if self.try_slot(i, password, m)?.is_some() {
                 out.push(i);
             }
         }
         Ok(out)
+    }
+
+    /// The materials `unlock` takes, cut out of a whole region.
+    pub fn materials_in(&self, region: &[u8]) -> Vec<Vec<u8>> {
+        (0..NUM_SLOTS)
+            .map(|i| match self.material_range(i) {
+                Some((at, n)) => region
+                    .get(at as usize..at as usize + n)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            })
+            .collect()
     }
 
     /// Makes a header with slot 0 opened by `password`: the header and its
@@ -443,7 +465,12 @@ impl Luks {
             hash_alg: opts.hash_alg,
         };
         let mode_spec = match ivgen_hash {
-            Some(h) => format!("{}-{}:{}", opts.cipher_mode.name(), opts.ivgen_alg.name(), h.name()),
+            Some(h) => format!(
+                "{}-{}:{}",
+                opts.cipher_mode.name(),
+                opts.ivgen_alg.name(),
+                h.name()
+            ),
             None => format!("{}-{}", opts.cipher_mode.name(), opts.ivgen_alg.name()),
         };
         if mode_spec.len() >= 32 {
@@ -474,11 +501,9 @@ impl Luks {
         let mut master = vec![0u8; key_len];
         random_bytes(&mut master)?;
         // About an eighth of the iteration time on the digest, as cryptsetup.
-        let per_sec = opts.hash_alg.pbkdf2_iters_per_second(
-            &master,
-            &header.master_key_salt,
-            DIGEST_LEN,
-        )?;
+        let per_sec =
+            opts.hash_alg
+                .pbkdf2_iters_per_second(&master, &header.master_key_salt, DIGEST_LEN)?;
         let iters = scaled_iters(per_sec, opts.iter_time_ms)? / 8;
         header.master_key_iterations = iters.max(MIN_ITERS) as u32;
         opts.hash_alg.pbkdf2(
@@ -495,7 +520,11 @@ impl Luks {
             s.stripes = STRIPES;
         }
         let region_sectors = header_sectors + NUM_SLOTS as u64 * split;
-        header.payload_offset_sector = if opts.detached { 0 } else { region_sectors as u32 };
+        header.payload_offset_sector = if opts.detached {
+            0
+        } else {
+            region_sectors as u32
+        };
         let mut luks = Luks { header, params };
         let mut region = vec![0u8; (region_sectors * SECTOR_SIZE) as usize];
         for (off, bytes) in luks.store_key(0, password, &master, opts.iter_time_ms)? {
@@ -571,7 +600,10 @@ impl Luks {
             }
         }
         m.insert("hash-alg".into(), p.hash_alg.name().into());
-        m.insert("detached-header".into(), (self.payload_offset() == 0).into());
+        m.insert(
+            "detached-header".into(),
+            (self.payload_offset() == 0).into(),
+        );
         m.insert("payload-offset".into(), self.payload_offset().into());
         m.insert(
             "master-key-iters".into(),
@@ -645,9 +677,10 @@ mod tests {
         assert_eq!(luks.header.slots[1].key_offset_sector as u64 * 512, 262144);
         let reopened = Luks::open(&region, false).unwrap();
         assert_eq!(reopened.params, luks.params);
-        assert_eq!(reopened.unlock(b"hunter0", &region).unwrap(), master);
+        let materials = reopened.materials_in(&region);
+        assert_eq!(reopened.unlock(b"hunter0", &materials).unwrap(), master);
         assert_eq!(
-            reopened.unlock(b"hunter1", &region).unwrap_err().0,
+            reopened.unlock(b"hunter1", &materials).unwrap_err().0,
             "Invalid password, cannot unlock any keyslot"
         );
         assert_eq!(cstr(&reopened.header.cipher_mode), "xts-plain64");
@@ -668,6 +701,9 @@ mod tests {
         );
         let mut bad = region[..HEADER_LEN].to_vec();
         bad[0] = b'X';
-        assert_eq!(Luks::open(&bad, false).unwrap_err().0, "Volume is not in LUKS format");
+        assert_eq!(
+            Luks::open(&bad, false).unwrap_err().0,
+            "Volume is not in LUKS format"
+        );
     }
 }

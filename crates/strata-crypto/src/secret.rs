@@ -84,14 +84,20 @@ mod tests {
     use super::*;
 
     fn props(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn raw_and_base64_secrets_are_found_by_id() {
         define(&props(&[("id", "t-raw"), ("data", "hunter2")])).unwrap();
-        define(&props(&[("id", "t-b64"), ("data", "aHVudGVyMg=="), ("format", "base64")]))
-            .unwrap();
+        define(&props(&[
+            ("id", "t-b64"),
+            ("data", "aHVudGVyMg=="),
+            ("format", "base64"),
+        ]))
+        .unwrap();
         assert_eq!(lookup_utf8("t-raw").unwrap(), "hunter2");
         assert_eq!(lookup_utf8("t-b64").unwrap(), "hunter2");
         assert_eq!(

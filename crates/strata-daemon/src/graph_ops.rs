@@ -42,6 +42,28 @@ impl Daemon {
         Ok(())
     }
 
+    /// `--object` / `object-add`: an I/O thread or a secret.
+    pub fn add_object(&self, opts: &Value) -> Result<(), String> {
+        if opts["qom-type"].as_str() != Some("secret") {
+            return self.add_iothread(opts);
+        }
+        let pairs: Vec<(String, String)> = opts
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+            .collect();
+        strata_crypto::secret::define(&pairs).map_err(|e| e.0)
+    }
+
+    /// `object-del`: a secret goes at once, an I/O thread as below.
+    pub async fn del_object(&self, id: &str) -> Result<(), String> {
+        if strata_crypto::secret::remove(id) {
+            return Ok(());
+        }
+        self.del_iothread(id).await
+    }
+
     /// `--object iothread,id=ID[,poll-max-ns=,poll-grow=,poll-shrink=]` /
     /// `object-add`: starts an I/O thread.
     pub fn add_iothread(&self, opts: &Value) -> Result<(), String> {
@@ -157,14 +179,14 @@ pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         daemon,
         "object-add",
         "ObjectOptions",
-        move |d, a| async move { d.add_iothread(&a) },
+        move |d, a| async move { d.add_object(&a) },
     );
     daemon_command(
         qmp,
         daemon,
         "object-del",
         "q_obj_object-del_arg",
-        move |d, a| async move { d.del_iothread(&arg(&a, "id")).await },
+        move |d, a| async move { d.del_object(&arg(&a, "id")).await },
     );
     daemon_command(
         qmp,

@@ -112,7 +112,7 @@ impl Setup {
             DaemonArg::Monitor(a) => monitors::add_monitor(qmp, a, &mut self.devices)?,
             DaemonArg::Object(a) => {
                 let opts = options(qmp, a, Some("qom-type"), "ObjectOptions")?;
-                daemon.add_iothread(&opts)?
+                daemon.add_object(&opts)?
             }
             DaemonArg::NbdServer(a) => {
                 let opts = options(qmp, a, None, "NbdServerOptions")?;

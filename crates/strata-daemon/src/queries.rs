@@ -122,7 +122,7 @@ async fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
     }
     m.insert("backing_file_depth".into(), depth.into());
     m.insert("active".into(), n.is_active().into());
-    m.insert("encrypted".into(), false.into());
+    m.insert("encrypted".into(), n.driver().encrypted().into());
     m.insert("detect_zeroes".into(), n.detect_zeroes().name().into());
     // No throttling on a node itself: a throttle filter node carries it.
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {

@@ -310,7 +310,18 @@ pub fn schema(registry: &Registry) -> Schema {
             ],
         )
         // Only the object types Strata has, with the properties it uses.
-        .enumeration("ObjectType", &["iothread"])
+        .enumeration("ObjectType", &["iothread", "secret"])
+        .enumeration("QCryptoSecretFormat", &["raw", "base64"])
+        .object(
+            "SecretProperties",
+            &[
+                ("*format", "QCryptoSecretFormat"),
+                ("*keyid", "str"),
+                ("*iv", "str"),
+                ("*data", "str"),
+                ("*file", "str"),
+            ],
+        )
         .object(
             "IothreadProperties",
             &[
@@ -323,7 +334,10 @@ pub fn schema(registry: &Registry) -> Schema {
             "ObjectOptions",
             &[("qom-type", "ObjectType"), ("id", "str")],
             "qom-type",
-            &[("iothread", "IothreadProperties")],
+            &[
+                ("iothread", "IothreadProperties"),
+                ("secret", "SecretProperties"),
+            ],
         )
         .object("q_obj_object-del_arg", &[("id", "str")])
         .object(

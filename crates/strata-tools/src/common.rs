@@ -105,8 +105,15 @@ pub fn img_object(def: &str) -> std::result::Result<(), String> {
     let pairs = parse_keyval(def, Some("qom-type")).map_err(|e| e.to_string())?;
     match pairs.iter().find(|(k, _)| k == "qom-type") {
         Some((_, ty)) if ty == "throttle-group" => throttle_group_object(&pairs),
+        Some((_, ty)) if ty == "secret" => secret_object(&pairs),
         _ => Ok(()),
     }
+}
+
+/// `--object secret,id=ID,data=...|file=...[,format=base64]`: kept for the
+/// formats whose `key-secret` names it.
+pub fn secret_object(pairs: &[(String, String)]) -> std::result::Result<(), String> {
+    strata_crypto::secret::define(pairs).map_err(|e| e.0)
 }
 
 /// `Could not open 'x': reason`, the wrapping qemu-img puts around open errors.

@@ -297,6 +297,11 @@ impl Driver for FileDriver {
         self.limits
     }
 
+    /// A new regular file reads as zeroes; a device keeps what it held.
+    fn has_zero_init(&self) -> bool {
+        self.name == "file"
+    }
+
     fn growable(&self) -> bool {
         !self.block_device
     }

@@ -152,8 +152,8 @@ See '{name} -c help' for information on available commands.
     );
 }
 
-/// `--object`: secrets are accepted (no driver needs one yet), throttle
-/// groups are created; other object types are refused by name.
+/// `--object`: secrets and throttle groups are created; other object
+/// types are refused by name.
 fn object(def: &str) -> Result<(), String> {
     let pairs = parse_keyval(def, Some("qom-type")).map_err(|e| e.to_string())?;
     let ty = pairs
@@ -162,7 +162,8 @@ fn object(def: &str) -> Result<(), String> {
         .map(|(_, v)| v.as_str())
         .ok_or("Parameter 'qom-type' is missing")?;
     match ty {
-        "secret" | "secret_keyring" => Ok(()),
+        "secret" => common::secret_object(&pairs),
+        "secret_keyring" => Err(format!("object type '{ty}' is not supported")),
         "throttle-group" => common::throttle_group_object(&pairs),
         // Types QEMU's tools create that Strata has no use for yet.
         "tls-creds-anon" | "tls-creds-psk" | "tls-creds-x509" | "tls-cipher-suites"

@@ -270,18 +270,17 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
 }
 
 /// QEMU's bdrv_has_zero_init: does a new image of this node read as zeroes?
-/// qcow2 does (Strata has neither external data files nor encryption), a
-/// regular file does, raw and filters ask their file.
+/// The driver says (a regular file and most qcow2 images do); raw and
+/// filters ask their file.
 fn reads_zero_when_new(node: &Arc<Node>) -> bool {
     match node.format_name() {
-        "qcow2" | "file" => true,
         "raw" => node
             .child(ChildRole::File)
             .is_some_and(|f| reads_zero_when_new(&f)),
         _ if node.driver().is_filter() => node
             .primary_child()
             .is_some_and(|c| reads_zero_when_new(&c)),
-        _ => false,
+        _ => node.driver().has_zero_init(),
     }
 }
 

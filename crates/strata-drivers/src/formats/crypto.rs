@@ -1,0 +1,190 @@
+//! What the encrypted formats (qcow2, luks) share: their `encrypt.*` /
+//! LUKS options, the secret lookup, and reading and writing a LUKS header
+//! region through a node (QEMU: block/crypto.c's helpers).
+
+use std::sync::Arc;
+use strata_block::options::{take_str, take_u64, OptSpec, OptType, Opts};
+use strata_block::{Error, IoBuf, Node, Result, WriteFlags};
+use strata_crypto::luks::{CreateOptions, Luks, HEADER_LEN, NUM_SLOTS};
+use strata_crypto::{secret, BlockCrypto, CipherAlg, CipherMode, HashAlg, IvGenAlg};
+
+/// A crypto error as a block error (EINVAL with QEMU's message).
+pub(crate) fn crypto_err(e: strata_crypto::Error) -> Error {
+    Error::invalid(e.0)
+}
+
+/// Takes `prefix` + `key` from the options, flat (`encrypt.key-secret`) or
+/// nested (`"encrypt": {"key-secret": ...}`).
+pub(crate) fn take_prefixed(opts: &mut Opts, prefix: &str, key: &str) -> Result<Option<String>> {
+    if let Some(v) = take_str(opts, &format!("{prefix}{key}"))? {
+        return Ok(Some(v));
+    }
+    let Some(group) = prefix.strip_suffix('.') else {
+        return Ok(None);
+    };
+    match opts.get_mut(group) {
+        Some(serde_json::Value::Object(sub)) => {
+            let v = take_str(sub, key)?;
+            if sub.is_empty() {
+                opts.remove(group);
+            }
+            Ok(v)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The password a `key-secret` names; QEMU's error when none is named.
+pub(crate) fn password(key_secret: Option<&str>, prefix: &str) -> Result<Vec<u8>> {
+    let id = key_secret.ok_or_else(|| {
+        Error::invalid(format!(
+            "Parameter '{prefix}key-secret' is required for cipher"
+        ))
+    })?;
+    Ok(secret::lookup_utf8(id).map_err(crypto_err)?.into_bytes())
+}
+
+/// The LUKS creation options of a standalone `luks` image, in QEMU's order.
+pub(crate) const LUKS_CREATE_OPTIONS: &[OptSpec] = &[
+    OptSpec {
+        name: "size",
+        ty: OptType::Size,
+        help: "Virtual disk size",
+        default: None,
+    },
+    OptSpec {
+        name: "key-secret",
+        ty: OptType::Str,
+        help: "ID of the secret that provides the keyslot passphrase",
+        default: None,
+    },
+    OptSpec {
+        name: "cipher-alg",
+        ty: OptType::Str,
+        help: "Name of encryption cipher algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "cipher-mode",
+        ty: OptType::Str,
+        help: "Name of encryption cipher mode",
+        default: None,
+    },
+    OptSpec {
+        name: "ivgen-alg",
+        ty: OptType::Str,
+        help: "Name of IV generator algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "ivgen-hash-alg",
+        ty: OptType::Str,
+        help: "Name of IV generator hash algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "hash-alg",
+        ty: OptType::Str,
+        help: "Name of encryption hash algorithm",
+        default: None,
+    },
+    OptSpec {
+        name: "iter-time",
+        ty: OptType::Number,
+        help: "Time to spend in PBKDF in milliseconds",
+        default: None,
+    },
+    OptSpec {
+        name: "detached-header",
+        ty: OptType::Bool,
+        help: "Create a detached LUKS header",
+        default: None,
+    },
+];
+
+/// Takes the LUKS creation options under `prefix` (`encrypt.` in qcow2).
+pub(crate) fn take_luks_create(opts: &mut Opts, prefix: &str) -> Result<CreateOptions> {
+    fn named<T>(
+        opts: &mut Opts,
+        prefix: &str,
+        key: &str,
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match take_prefixed(opts, prefix, key)? {
+            None => Ok(None),
+            Some(v) => parse(&v).map(Some).ok_or_else(|| {
+                Error::invalid(format!(
+                    "Parameter '{prefix}{key}' does not accept value '{v}'"
+                ))
+            }),
+        }
+    }
+    let mut o = CreateOptions::default();
+    if let Some(a) = named(opts, prefix, "cipher-alg", CipherAlg::from_name)? {
+        o.cipher_alg = a;
+    }
+    if let Some(m) = named(opts, prefix, "cipher-mode", CipherMode::from_name)? {
+        o.cipher_mode = m;
+    }
+    if let Some(g) = named(opts, prefix, "ivgen-alg", IvGenAlg::from_name)? {
+        o.ivgen_alg = g;
+    }
+    o.ivgen_hash = named(opts, prefix, "ivgen-hash-alg", HashAlg::from_name)?;
+    if let Some(h) = named(opts, prefix, "hash-alg", HashAlg::from_name)? {
+        o.hash_alg = h;
+    }
+    let iter_key = format!("{prefix}iter-time");
+    if let Some(t) = take_u64(opts, &iter_key)? {
+        o.iter_time_ms = t;
+    }
+    Ok(o)
+}
+
+/// Opens the LUKS header `base` bytes into `file`, whose region may span
+/// at most `limit` bytes; unlocks it with `password` unless there is none
+/// (opened for metadata only).
+pub(crate) async fn open_luks(
+    file: &Arc<Node>,
+    base: u64,
+    limit: u64,
+    password: Option<&[u8]>,
+) -> Result<BlockCrypto> {
+    let read = |off: u64, len: usize| async move {
+        if off + len as u64 > limit {
+            return Err(Error::invalid(
+                "Request for data outside of extension header",
+            ));
+        }
+        file.read(base + off, IoBuf::zeroed(len))
+            .await
+            .map_err(|e| e.context("Could not read encryption header"))
+    };
+    let hdr = read(0, HEADER_LEN).await?;
+    let luks = Luks::open(hdr.as_slice(), false).map_err(crypto_err)?;
+    let Some(password) = password else {
+        return BlockCrypto::luks(luks, None).map_err(crypto_err);
+    };
+    let mut materials = Vec::with_capacity(NUM_SLOTS);
+    for i in 0..NUM_SLOTS {
+        materials.push(match luks.material_range(i) {
+            Some((off, len)) => read(off, len).await?.as_slice().to_vec(),
+            None => Vec::new(),
+        });
+    }
+    let master = luks.unlock(password, &materials).map_err(crypto_err)?;
+    BlockCrypto::luks(luks, Some(&master)).map_err(crypto_err)
+}
+
+/// Writes LUKS header changes (`writes` relative to the region) at `base`.
+pub(crate) async fn write_region(
+    file: &Arc<Node>,
+    base: u64,
+    writes: Vec<(u64, Vec<u8>)>,
+) -> Result<()> {
+    for (off, bytes) in writes {
+        file.write(base + off, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await
+            .map_err(|e| e.context("Could not write encryption header"))?;
+    }
+    Ok(())
+}

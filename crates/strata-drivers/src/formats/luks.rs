@@ -1,0 +1,197 @@
+//! The `luks` format (QEMU: block/crypto.c): a LUKS1 header and its key
+//! material, then the payload, every 512-byte sector of it encrypted with
+//! the master key and an IV from its sector number within the payload.
+
+use super::crypto::{crypto_err, open_luks, password, take_luks_create, write_region};
+use async_trait::async_trait;
+use std::sync::Arc;
+use strata_block::driver::{FormatSpecific, Preallocation};
+use strata_block::options::{take_bool, take_size, take_str, OptSpec, Opts};
+use strata_block::{
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Result,
+    WriteFlags,
+};
+use strata_crypto::luks::{Luks, SECTOR_SIZE};
+use strata_crypto::BlockCrypto;
+
+/// The `luks` driver class.
+pub struct LuksClass;
+
+/// An open LUKS image.
+pub struct LuksDriver {
+    file: Arc<Node>,
+    crypto: BlockCrypto,
+    /// Where the payload starts in the file.
+    payload: u64,
+}
+
+#[async_trait]
+impl Driver for LuksDriver {
+    fn format_name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn length(&self) -> u64 {
+        self.file.length().saturating_sub(self.payload)
+    }
+
+    fn children(&self) -> Vec<Child> {
+        vec![Child {
+            role: ChildRole::File,
+            node: Arc::clone(&self.file),
+        }]
+    }
+
+    /// Whole sectors only: each is encrypted on its own.
+    fn limits(&self) -> strata_block::Limits {
+        let mut l = self.file.limits();
+        l.request_alignment = l.request_alignment.max(SECTOR_SIZE as u32);
+        l
+    }
+
+    fn encrypted(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let mut buf = self.file.read(self.payload + offset, buf).await?;
+        self.crypto
+            .decrypt(offset, buf.as_mut_slice())
+            .map_err(crypto_err)?;
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        // The caller keeps its plaintext: the cipher text is a copy.
+        let mut enc = IoBuf::from_slice(buf.as_slice());
+        self.crypto
+            .encrypt(offset, enc.as_mut_slice())
+            .map_err(crypto_err)?;
+        self.file.write(self.payload + offset, enc, flags).await?;
+        Ok(buf)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+
+    /// Everything is data; where it sits is not the guest's bytes.
+    async fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::data(len))
+    }
+
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
+        let end = size
+            .checked_add(self.payload)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::invalid("The requested file size is too large"))?;
+        self.file.truncate(end, exact, prealloc).await
+    }
+
+    async fn allocated_size(&self) -> Result<Option<u64>> {
+        self.file.driver().allocated_size().await
+    }
+
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        let mut info = self.crypto.info();
+        info.remove("format");
+        Some(serde_json::json!({ "type": "luks", "data": info }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.file.close().await
+    }
+}
+
+#[async_trait]
+impl DriverClass for LuksClass {
+    fn name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn probe(&self, header: &[u8], _filename: &str) -> u32 {
+        if Luks::probe(header) {
+            100
+        } else {
+            0
+        }
+    }
+
+    fn strong_options(&self) -> &'static [&'static str] {
+        &["key-secret"]
+    }
+
+    fn create_options(&self) -> &'static [OptSpec] {
+        super::crypto::LUKS_CREATE_OPTIONS
+    }
+
+    /// The header region, then the payload grown to `size`.
+    async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
+        let size = take_size(&mut opts, "size")?.unwrap_or(0);
+        let key_secret = take_str(&mut opts, "key-secret")?;
+        let luks_opts = take_luks_create(&mut opts, "")?;
+        if take_bool(&mut opts, "detached-header")?.unwrap_or(false) {
+            return Err(Error::unsupported(
+                "Detached LUKS headers are not supported by Strata yet",
+            ));
+        }
+        let prealloc = match take_str(&mut opts, "preallocation")?.as_deref() {
+            None | Some("off") => Preallocation::Off,
+            Some("metadata") => Preallocation::Metadata,
+            Some("falloc") => Preallocation::Falloc,
+            Some("full") => Preallocation::Full,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "Parameter 'preallocation' does not accept value '{v}'"
+                )))
+            }
+        };
+        let pw = password(key_secret.as_deref(), "")?;
+        let (luks, _master, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
+        ctx.create_file(filename, opts).await?;
+        let mut flags = ctx.flags.clone();
+        flags.read_only = false;
+        let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
+        let file = octx.open_file(filename).await?;
+        let payload = luks.payload_offset();
+        let end = payload
+            .checked_add(size)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::invalid("The requested file size is too large"))?;
+        file.truncate(end, false, prealloc)
+            .await
+            .map_err(|e| e.context("Could not resize image"))?;
+        write_region(&file, 0, vec![(0, region)]).await?;
+        file.flush().await?;
+        file.close().await
+    }
+
+    async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
+        let file = ctx.file()?;
+        let key_secret = take_str(opts, "key-secret")?;
+        if take_str(opts, "header")?.is_some() {
+            return Err(Error::unsupported(
+                "Detached LUKS headers are not supported by Strata yet",
+            ));
+        }
+        let pw = match ctx.flags.no_io {
+            true => None,
+            false => Some(password(key_secret.as_deref(), "")?),
+        };
+        let crypto = open_luks(&file, 0, file.length(), pw.as_deref()).await?;
+        let payload = crypto
+            .luks_header()
+            .map(Luks::payload_offset)
+            .unwrap_or_default();
+        if payload > file.length() {
+            return Err(Error::invalid(format!(
+                "LUKS payload at {payload} lies past the end of the file"
+            )));
+        }
+        Ok(Box::new(LuksDriver {
+            file,
+            crypto,
+            payload,
+        }))
+    }
+}
