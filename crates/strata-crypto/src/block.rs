@@ -6,6 +6,18 @@ use crate::luks::{Luks, SECTOR_SIZE};
 use crate::{Error, Result};
 use serde_json::{Map, Value};
 
+/// Encryption works on whole sectors: anything else is a caller's bug,
+/// refused rather than half encrypted.
+fn whole_sectors(offset: u64, len: usize) -> Result<()> {
+    if offset.is_multiple_of(SECTOR_SIZE) && (len as u64).is_multiple_of(SECTOR_SIZE) {
+        Ok(())
+    } else {
+        Err(Error::new(format!(
+            "Encryption needs whole {SECTOR_SIZE}-byte sectors, not {len} bytes at {offset}"
+        )))
+    }
+}
+
 enum Scheme {
     /// qcow's legacy AES-128-CBC, keyed by the password itself.
     Qcow,
@@ -81,9 +93,7 @@ impl BlockCrypto {
 
     /// Encrypts `buf` in place; `offset` (a sector multiple) picks the IVs.
     pub fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        debug_assert!(
-            offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE)
-        );
+        whole_sectors(offset, buf.len())?;
         self.cipher()?
             .encrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
         Ok(())
@@ -91,9 +101,7 @@ impl BlockCrypto {
 
     /// Decrypts `buf` in place.
     pub fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        debug_assert!(
-            offset.is_multiple_of(SECTOR_SIZE) && (buf.len() as u64).is_multiple_of(SECTOR_SIZE)
-        );
+        whole_sectors(offset, buf.len())?;
         self.cipher()?
             .decrypt(SECTOR_SIZE as usize, offset / SECTOR_SIZE, buf);
         Ok(())

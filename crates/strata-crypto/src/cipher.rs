@@ -155,14 +155,14 @@ enum Xts {
 enum Mode {
     Ecb(Aes),
     Cbc(Aes),
-    Xts(Xts),
+    Xts(Box<Xts>),
 }
 
 /// The keyed IV generator.
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(Aes),
+    Essiv(Box<Aes>),
 }
 
 /// Encrypts and decrypts runs of sectors with one key.
@@ -203,7 +203,7 @@ impl SectorCipher {
             CipherMode::Xts => {
                 let (k1, k2) = key.split_at(key.len() / 2);
                 let err = |_| Error::new("Invalid XTS key");
-                Mode::Xts(match alg {
+                Mode::Xts(Box::new(match alg {
                     CipherAlg::Aes128 => Xts::X128(Xts128::new(
                         Aes128::new_from_slice(k1).map_err(err)?,
                         Aes128::new_from_slice(k2).map_err(err)?,
@@ -216,7 +216,7 @@ impl SectorCipher {
                         Aes256::new_from_slice(k1).map_err(err)?,
                         Aes256::new_from_slice(k2).map_err(err)?,
                     )),
-                })
+                }))
             }
         };
         let ivgen = match ivgen {
@@ -228,7 +228,7 @@ impl SectorCipher {
                 let salt = hash.digest(&[key]);
                 // The salt is cut to the ESSIV cipher's key length.
                 let n = ivgen_cipher.key_len().min(salt.len());
-                IvGen::Essiv(Aes::new(&salt[..n])?)
+                IvGen::Essiv(Box::new(Aes::new(&salt[..n])?))
             }
         };
         Ok(SectorCipher { mode, ivgen })
@@ -262,12 +262,14 @@ impl SectorCipher {
                             *x ^= p;
                         }
                         c.encrypt(std::slice::from_mut(b));
-                        prev = b.clone();
+                        prev = *b;
                     }
                 }
-                Mode::Xts(Xts::X128(x)) => x.encrypt_sector(sector, iv),
-                Mode::Xts(Xts::X192(x)) => x.encrypt_sector(sector, iv),
-                Mode::Xts(Xts::X256(x)) => x.encrypt_sector(sector, iv),
+                Mode::Xts(x) => match x.as_ref() {
+                    Xts::X128(x) => x.encrypt_sector(sector, iv),
+                    Xts::X192(x) => x.encrypt_sector(sector, iv),
+                    Xts::X256(x) => x.encrypt_sector(sector, iv),
+                },
             }
         }
     }
@@ -289,9 +291,11 @@ impl SectorCipher {
                         }
                     }
                 }
-                Mode::Xts(Xts::X128(x)) => x.decrypt_sector(sector, iv),
-                Mode::Xts(Xts::X192(x)) => x.decrypt_sector(sector, iv),
-                Mode::Xts(Xts::X256(x)) => x.decrypt_sector(sector, iv),
+                Mode::Xts(x) => match x.as_ref() {
+                    Xts::X128(x) => x.decrypt_sector(sector, iv),
+                    Xts::X192(x) => x.decrypt_sector(sector, iv),
+                    Xts::X256(x) => x.decrypt_sector(sector, iv),
+                },
             }
         }
     }

@@ -61,6 +61,28 @@ impl Ctx {
                 code
             })
     }
+
+    /// [`Ctx::open`] of a file name with options of the tool's own.
+    pub fn open_with(
+        &self,
+        name: &str,
+        format: Option<&str>,
+        flags: strata_block::OpenFlags,
+        extra: strata_block::options::Opts,
+        code: i32,
+    ) -> Result<std::sync::Arc<strata_block::Node>, i32> {
+        let spec = common::ImageSpec {
+            name,
+            format,
+            image_opts: false,
+        };
+        self.ev
+            .block_on(common::open_with(&self.reg, &spec, flags, extra))
+            .map_err(|e| {
+                error_report(common::open_error(name, &e));
+                code
+            })
+    }
 }
 
 /// `qemu-img <cmd>` as getopt names it in messages (`qemu-img create`).

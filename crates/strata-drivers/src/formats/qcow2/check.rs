@@ -110,6 +110,10 @@ async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Resu
         header.snapshots_offset,
         table_len,
     );
+    // The LUKS header's clusters (QEMU: calculate_refcounts).
+    if let Some((offset, length)) = m.header.crypto_header {
+        add(&mut refs, res, cs, file_len, offset, length);
+    }
     let rt_bytes = m.header.refcount_table_clusters as u64 * cs;
     add(
         &mut refs,

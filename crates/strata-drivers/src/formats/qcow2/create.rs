@@ -6,10 +6,12 @@ use super::header::{
     Compression, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
     INCOMPAT_DATA_FILE,
 };
+use crate::formats::crypto::{password, take_luks_create, take_prefixed};
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
 use strata_block::{Error, IoBuf, OpenCtx, Result, WriteFlags};
+use strata_crypto::luks::CreateOptions;
 
 /// The creation options, in the order QEMU prints them on the `Formatting` line.
 pub const CREATE_OPTIONS: &[OptSpec] = &[
@@ -219,12 +221,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
             "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3_HINT}"
         )));
     }
-    let encrypted = take_bool(&mut opts, "encryption")?.unwrap_or(false);
-    if encrypted || opts.keys().any(|k| k.starts_with("encrypt")) {
-        return Err(Error::unsupported(
-            "Encrypted images are not supported by Strata",
-        ));
-    }
+    let encryption = take_encryption(&mut opts)?;
     if size % 512 != 0 {
         return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
     }
@@ -257,6 +254,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         data_file_raw,
         size,
         prealloc,
+        encryption,
     };
     let made = format(ctx, filename, layout).await;
     if made.is_err() {
@@ -264,6 +262,52 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         remove_created(filename, data_file.as_deref());
     }
     made
+}
+
+/// How a new image is encrypted: qcow's AES (with its password) or LUKS.
+enum Encryption {
+    Aes,
+    Luks(CreateOptions, Vec<u8>),
+}
+
+/// The `encryption` and `encrypt.*` options (QEMU's qcow2_co_create_opts
+/// renames and the QAPI checks), with the secret looked up before anything
+/// is created.
+fn take_encryption(opts: &mut Opts) -> Result<Option<Encryption>> {
+    let legacy = take_bool(opts, "encryption")?;
+    let mut format = take_prefixed(opts, "encrypt.", "format")?;
+    if legacy.is_some() && format.is_some() {
+        return Err(Error::invalid(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time",
+        ));
+    }
+    if legacy == Some(true) {
+        format = Some("aes".into());
+    }
+    let key_secret = take_prefixed(opts, "encrypt.", "key-secret")?;
+    let Some(format) = format else {
+        if key_secret.is_some() || opts.keys().any(|k| k.starts_with("encrypt.")) {
+            return Err(Error::invalid("Parameter 'encrypt.format' is missing"));
+        }
+        return Ok(None);
+    };
+    match format.as_str() {
+        "aes" => {
+            if let Some(k) = opts.keys().find(|k| k.starts_with("encrypt.")) {
+                return Err(Error::invalid(format!("Parameter '{k}' is unexpected")));
+            }
+            password(key_secret.as_deref(), "encrypt.")?;
+            Ok(Some(Encryption::Aes))
+        }
+        "luks" => {
+            let luks = take_luks_create(opts, "encrypt.")?;
+            let pw = password(key_secret.as_deref(), "encrypt.")?;
+            Ok(Some(Encryption::Luks(luks, pw)))
+        }
+        f => Err(Error::invalid(format!(
+            "Parameter 'encrypt.format' does not accept value '{f}'"
+        ))),
+    }
 }
 
 /// The `compat` option: the header version.
@@ -327,6 +371,7 @@ struct Layout {
     data_file_raw: bool,
     size: u64,
     prealloc: Preallocation,
+    encryption: Option<Encryption>,
 }
 
 /// Writes the first clusters of a new image into the empty `filename`,
@@ -344,6 +389,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
         data_file_raw,
         size,
         prealloc,
+        encryption,
     } = l;
     let cs = cluster_size;
     let cluster_bits = cs.trailing_zeros();
@@ -385,6 +431,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
         backing_format: backing_fmt,
         data_file: data_file.clone(),
         feature_table: Vec::new(),
+        crypto_header: None,
     };
     if version < 3 {
         header.extra_fields.clear();
@@ -426,6 +473,19 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
         node.truncate(size, false, prealloc)
             .await
             .map_err(|e| e.context("Could not resize image"))?;
+    }
+    // Encryption last, as QEMU sets it up: the LUKS header follows the
+    // tables the size made.
+    if let Some(enc) = &encryption {
+        let q = node
+            .driver()
+            .as_any()
+            .and_then(|d| d.downcast_ref::<super::Qcow2Driver>())
+            .ok_or_else(|| Error::invalid("Crypto format not supported in qcow2"))?;
+        match enc {
+            Encryption::Aes => q.set_up_encryption(None).await?,
+            Encryption::Luks(o, pw) => q.set_up_encryption(Some((o, pw))).await?,
+        }
     }
     node.flush().await?;
     node.close().await?;

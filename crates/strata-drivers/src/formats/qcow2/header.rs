@@ -31,6 +31,13 @@ pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 /// Header extension: external data file name.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Full disk encryption header pointer: where the LUKS header lives.
+pub const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
+
+/// `crypt_method`: none, qcow's legacy AES, LUKS.
+pub const CRYPT_NONE: u32 = 0;
+pub const CRYPT_AES: u32 = 1;
+pub const CRYPT_LUKS: u32 = 2;
 
 /// Names of the features Strata knows, for the feature name table it writes
 /// (type, bit, name) in the order QEMU writes them.
@@ -104,6 +111,8 @@ pub struct Header {
     pub data_file: Option<String>,
     /// Feature names the image itself declares (type, bit, name).
     pub feature_table: Vec<(u8, u8, String)>,
+    /// The LUKS header's clusters (offset, length in bytes).
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {
@@ -163,6 +172,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             feature_table: Vec::new(),
+            crypto_header: None,
         };
         let cluster_size = 1usize << cluster_bits;
         if version >= 3 {
@@ -259,6 +269,28 @@ impl Header {
                     }
                 }
                 EXT_DATA_FILE => self.data_file = Some(String::from_utf8_lossy(&data).into_owned()),
+                EXT_CRYPTO_HEADER => {
+                    // QEMU's checks (qcow2_read_extensions).
+                    if self.crypt_method != CRYPT_LUKS {
+                        return Err(Error::invalid(
+                            "CRYPTO header extension only expected with LUKS encryption method",
+                        ));
+                    }
+                    if data.len() != 16 {
+                        return Err(Error::invalid(format!(
+                            "CRYPTO header extension size {}, but expected size 16",
+                            data.len()
+                        )));
+                    }
+                    let offset = u64::from_be_bytes(data[..8].try_into().unwrap());
+                    let length = u64::from_be_bytes(data[8..].try_into().unwrap());
+                    if offset % cluster_size as u64 != 0 {
+                        return Err(Error::invalid(format!(
+                            "Encryption header offset '{offset}' is not a multiple of cluster size '{cluster_size}'"
+                        )));
+                    }
+                    self.crypto_header = Some((offset, length));
+                }
                 _ => self.extensions.push(Extension { kind, data }),
             }
         }
@@ -288,8 +320,11 @@ impl Header {
                 names.join(", ")
             )));
         }
-        if self.crypt_method != 0 {
-            return Err(Error::unsupported("Encrypted images are not supported"));
+        match self.crypt_method {
+            CRYPT_NONE | CRYPT_AES => {}
+            CRYPT_LUKS if self.crypto_header.is_some() => {}
+            CRYPT_LUKS => return Err(Error::invalid("Missing CRYPTO header for crypt method 2")),
+            m => return Err(Error::invalid(format!("Unsupported encryption method {m}"))),
         }
         Ok(())
     }
@@ -341,6 +376,14 @@ impl Header {
             exts.push(Extension {
                 kind: EXT_DATA_FILE,
                 data: f.as_bytes().to_vec(),
+            });
+        }
+        if let Some((offset, length)) = self.crypto_header {
+            let mut data = offset.to_be_bytes().to_vec();
+            data.extend_from_slice(&length.to_be_bytes());
+            exts.push(Extension {
+                kind: EXT_CRYPTO_HEADER,
+                data,
             });
         }
         // QEMU leaves the feature table out of images with clusters of 4 KiB

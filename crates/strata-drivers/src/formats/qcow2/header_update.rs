@@ -62,7 +62,7 @@ impl Qcow2Driver {
     }
 
     /// QEMU: qcow2_make_empty. A v3 image with nothing but guest data
-    /// (no snapshots, no data file) is reset to a header, a refcount table,
+    /// (no snapshots, no data file, no LUKS header) is reset to a header, a refcount table,
     /// one refcount block and an empty L1 table, and the file cut after
     /// them; any other image has every cluster of the disk unallocated.
     pub(super) async fn empty(&self) -> Result<()> {
@@ -73,6 +73,7 @@ impl Qcow2Driver {
             let l1_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
             let simple = self.v3()
                 && m.header.nb_snapshots == 0
+                && m.header.crypto_header.is_none()
                 && 3 + l1_clusters <= entries_per_refblock
                 && self.external().is_none()
                 && !self.geo.external_data;

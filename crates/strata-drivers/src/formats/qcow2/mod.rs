@@ -24,6 +24,7 @@ mod check;
 mod compress;
 mod create;
 mod data_file;
+mod encryption;
 pub mod header;
 mod header_update;
 mod host_inflight;
@@ -93,6 +94,8 @@ pub struct Qcow2Driver {
     version: std::sync::atomic::AtomicU32,
     /// What the metadata caches may hold (the cache options).
     cache_sizes: cache_opts::CacheSizes,
+    /// The image's encryption (LUKS or legacy AES), if any.
+    crypto: Option<strata_crypto::BlockCrypto>,
 }
 
 impl Qcow2Driver {
@@ -348,6 +351,13 @@ impl Driver for Qcow2Driver {
             Mapping::Unallocated => BlockStatus::unallocated(total),
             Mapping::Zero(None) => BlockStatus::zero(total),
             // A zero cluster that keeps its host cluster says where it is.
+            // Encrypted bytes are not the guest's: no host offset (QEMU).
+            Mapping::Zero(Some(_)) | Mapping::Normal { .. } if self.crypto.is_some() => {
+                match first.mapping {
+                    Mapping::Zero(_) => BlockStatus::zero(total),
+                    _ => BlockStatus::data(total),
+                }
+            }
             Mapping::Zero(Some(host)) => BlockStatus {
                 host: Some((Arc::clone(self.data()?), host)),
                 ..BlockStatus::zero(total)
@@ -430,8 +440,9 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        // An L2 entry cannot point into a data file at a compressed cluster.
-        if self.geo.external_data {
+        // An L2 entry cannot point into a data file at a compressed cluster,
+        // and compressed clusters are never encrypted.
+        if self.geo.external_data || self.crypto.is_some() {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let cs = self.geo.cluster_size;
@@ -484,6 +495,40 @@ impl Driver for Qcow2Driver {
             .map(|b| (b, m.header.backing_format.clone()))
     }
 
+    /// Encryption works on whole sectors (QEMU: qcow2_refresh_limits).
+    fn limits(&self) -> strata_block::Limits {
+        let mut l = strata_block::Limits::default();
+        if let Some(c) = &self.crypto {
+            l.request_alignment = c.sector_size() as u32;
+        }
+        l
+    }
+
+    fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// QEMU's qcow2_has_zero_init: an image without L2 tables reads as
+    /// zeroes; a preallocated one only if its data is not encrypted and
+    /// the data file itself reads as zeroes.
+    fn has_zero_init(&self) -> bool {
+        let preallocated = match self.meta.try_lock() {
+            Some(m) => m.l1.first().is_some_and(|&e| e != 0),
+            None => true,
+        };
+        if !preallocated {
+            true
+        } else if self.crypto.is_some() {
+            false
+        } else {
+            self.data().is_ok_and(|d| d.driver().has_zero_init())
+        }
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn format_specific(&self) -> Option<FormatSpecific> {
         let m = self.meta.try_lock()?;
         let h = &m.header;
@@ -512,6 +557,15 @@ impl Driver for Qcow2Driver {
             );
         }
         data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+        if let Some(c) = &self.crypto {
+            // ImageInfoSpecificQCow2Encryption: QCryptoBlockInfo with the
+            // qcow scheme called `aes`.
+            let mut info = c.info();
+            if !c.is_luks() {
+                info.insert("format".into(), "aes".into());
+            }
+            data.insert("encrypt".into(), info.into());
+        }
         data.insert("compression-type".into(), self.compression.name().into());
         Some(serde_json::json!({ "type": "qcow2", "data": data }))
     }

@@ -97,6 +97,7 @@ impl DriverClass for Qcow2Class {
             clear_unknown_autoclear(&file, &mut hdr).await?;
         }
         let external = geo.external_data;
+        let crypto = super::encryption::open(ctx, &file, &hdr, opts).await?;
         let data = data_file::open(ctx, opts, &hdr).await?;
 
         let backing = match (&hdr.backing_file, backing_opts) {
@@ -146,6 +147,7 @@ impl DriverClass for Qcow2Class {
             read_only,
             version: std::sync::atomic::AtomicU32::new(geo.version),
             cache_sizes,
+            crypto,
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.

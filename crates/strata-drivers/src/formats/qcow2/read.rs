@@ -78,7 +78,7 @@ impl Qcow2Driver {
         match e.mapping {
             Mapping::Normal { host, .. } => {
                 self.file.debug_event(DebugEvent::ReadAio).await;
-                self.data()?.read(host, buf).await
+                self.read_data(host, e.offset, buf).await
             }
             Mapping::Zero(_) => Ok(zero_fill(buf)),
             Mapping::Unallocated => self.read_backing(e.offset, buf).await,

@@ -137,7 +137,7 @@ impl Qcow2Driver {
                     );
                     drop(m);
                     self.file.debug_event(DebugEvent::WriteAio).await;
-                    return self.data()?.write(at, buf, WriteFlags::default()).await;
+                    return self.write_data(at, offset, buf).await;
                 }
             }
             // Zero clusters that keep their host clusters, among data clusters
@@ -284,15 +284,14 @@ impl Qcow2Driver {
         } else {
             0
         };
-        let data = self.data()?;
         self.file.debug_event(DebugEvent::WriteAio).await;
         if pre == 0 && post == 0 {
-            let buf = data.write(host + head, buf, WriteFlags::default()).await?;
+            let buf = self.write_data(host + head, offset, buf).await?;
             return Ok((buf, false));
         }
         let mut merged = IoBuf::zeroed((pre + len + post) as usize);
         merged.as_mut_slice()[pre as usize..(pre + len) as usize].copy_from_slice(buf.as_slice());
-        data.write(host + head - pre, merged, WriteFlags::default())
+        self.write_data(host + head - pre, offset - pre, merged)
             .await?;
         Ok((buf, true))
     }
@@ -312,10 +311,9 @@ impl Qcow2Driver {
         let head = self.geo.offset_in_cluster(offset);
         let end = head + buf.len() as u64;
         let total = (mappings.len() as u64) * cs;
-        let data = self.data()?;
         if head == 0 && end == total {
             self.file.debug_event(DebugEvent::WriteAio).await;
-            let buf = data.write(host, buf, WriteFlags::default()).await?;
+            let buf = self.write_data(host, offset, buf).await?;
             return Ok((buf, false));
         }
         let mut merged = IoBuf::zeroed(total as usize);
@@ -336,7 +334,8 @@ impl Qcow2Driver {
         // merged COW announces both).
         self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.debug_event(DebugEvent::CowWrite).await;
-        data.write(host, merged, WriteFlags::default()).await?;
+        self.write_data(host, first << self.geo.cluster_bits, merged)
+            .await?;
         Ok((buf, true))
     }
 

@@ -670,9 +670,17 @@ fn convert_to(
         ));
         return false;
     }
+    // The target is opened with the creation's secrets (qemu-img's
+    // img_add_key_secrets): an encrypted target needs its key.
+    let mut key_secrets = strata_block::options::Opts::new();
     if let Some((class, set)) = create {
         let fmt = class.name();
         let opts = opts_of(&set);
+        for (k, v) in &opts {
+            if k.ends_with("key-secret") {
+                key_secrets.insert(k.clone(), v.clone());
+            }
+        }
         let octx = OpenCtx::new(Arc::clone(&ctx.reg), OpenFlags::default());
         if let Err(e) = ctx.ev.block_on(class.create(&octx, out_filename, opts)) {
             error_report(format!("{out_filename}: error while converting {fmt}: {e}"));
@@ -696,7 +704,7 @@ fn convert_to(
     let target = if a.skip_create {
         ctx.open(out_filename, out_fmt.as_deref(), a.tgt_image_opts, flags, 1)
     } else {
-        ctx.open(out_filename, out_fmt.as_deref(), false, flags, 1)
+        ctx.open_with(out_filename, out_fmt.as_deref(), flags, key_secrets, 1)
     };
     let Ok(target) = target else {
         return false;
