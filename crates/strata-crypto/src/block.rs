@@ -21,7 +21,8 @@ fn whole_sectors(offset: u64, len: usize) -> Result<()> {
 enum Scheme {
     /// qcow's legacy AES-128-CBC, keyed by the password itself.
     Qcow,
-    Luks(Box<Luks>),
+    /// Behind a lock: amending key slots changes it while the image is open.
+    Luks(std::sync::Mutex<Luks>),
 }
 
 /// An open encryption layer: encrypts and decrypts whole 512-byte sectors
@@ -30,6 +31,8 @@ pub struct BlockCrypto {
     scheme: Scheme,
     /// None when opened without I/O (`info` needs no key).
     cipher: Option<SectorCipher>,
+    /// The secret the image was opened with (amend unlocks with it).
+    secret: Option<String>,
 }
 
 impl BlockCrypto {
@@ -55,6 +58,7 @@ impl BlockCrypto {
         Ok(BlockCrypto {
             scheme: Scheme::Qcow,
             cipher,
+            secret: None,
         })
     }
 
@@ -62,8 +66,9 @@ impl BlockCrypto {
     pub fn luks(luks: Luks, master: Option<&[u8]>) -> Result<BlockCrypto> {
         let cipher = master.map(|k| luks.params.cipher(k)).transpose()?;
         Ok(BlockCrypto {
-            scheme: Scheme::Luks(Box::new(luks)),
+            scheme: Scheme::Luks(std::sync::Mutex::new(luks)),
             cipher,
+            secret: None,
         })
     }
 
@@ -77,11 +82,29 @@ impl BlockCrypto {
         matches!(self.scheme, Scheme::Luks(_))
     }
 
-    /// The LUKS header, if that is the scheme.
-    pub fn luks_header(&self) -> Option<&Luks> {
+    /// Remembers the secret the image was opened with.
+    pub fn with_secret(mut self, id: Option<String>) -> BlockCrypto {
+        self.secret = id;
+        self
+    }
+
+    /// The secret the image was opened with.
+    pub fn secret(&self) -> Option<&str> {
+        self.secret.as_deref()
+    }
+
+    /// A copy of the LUKS header, if that is the scheme.
+    pub fn luks_header(&self) -> Option<Luks> {
         match &self.scheme {
-            Scheme::Luks(l) => Some(l),
+            Scheme::Luks(l) => Some(l.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             Scheme::Qcow => None,
+        }
+    }
+
+    /// Replaces the LUKS header after its key slots were changed on disk.
+    pub fn set_luks_header(&self, new: Luks) {
+        if let Scheme::Luks(l) = &self.scheme {
+            *l.lock().unwrap_or_else(|p| p.into_inner()) = new;
         }
     }
 
@@ -118,7 +141,7 @@ impl BlockCrypto {
             Scheme::Luks(l) => {
                 let mut m = Map::new();
                 m.insert("format".into(), "luks".into());
-                m.extend(l.info());
+                m.extend(l.lock().unwrap_or_else(|p| p.into_inner()).info());
                 m
             }
         }

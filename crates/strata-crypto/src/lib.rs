@@ -11,6 +11,7 @@ mod block;
 mod cipher;
 mod hash;
 pub mod luks;
+pub mod luks_amend;
 pub mod secret;
 
 pub use block::BlockCrypto;

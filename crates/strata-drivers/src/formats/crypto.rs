@@ -6,6 +6,7 @@ use std::sync::Arc;
 use strata_block::options::{take_str, take_u64, OptSpec, OptType, Opts};
 use strata_block::{Error, IoBuf, Node, Result, WriteFlags};
 use strata_crypto::luks::{CreateOptions, Luks, HEADER_LEN, NUM_SLOTS};
+use strata_crypto::luks_amend::AmendOptions;
 use strata_crypto::{secret, BlockCrypto, CipherAlg, CipherMode, HashAlg, IvGenAlg};
 
 /// A crypto error as a block error (EINVAL with QEMU's message).
@@ -102,6 +103,41 @@ pub(crate) const LUKS_CREATE_OPTIONS: &[OptSpec] = &[
     },
 ];
 
+/// The options amend takes for a standalone `luks` image (QEMU's
+/// block_crypto_amend_opts_luks).
+pub(crate) const LUKS_AMEND_OPTIONS: &[OptSpec] = &[
+    OptSpec {
+        name: "state",
+        ty: OptType::Str,
+        help: "Select new state of affected keyslots (active/inactive)",
+        default: None,
+    },
+    OptSpec {
+        name: "keyslot",
+        ty: OptType::Number,
+        help: "Select a single keyslot to modify explicitly",
+        default: None,
+    },
+    OptSpec {
+        name: "old-secret",
+        ty: OptType::Str,
+        help: "Select all keyslots that match this password",
+        default: None,
+    },
+    OptSpec {
+        name: "new-secret",
+        ty: OptType::Str,
+        help: "New secret to set in the matching keyslots. Empty string to erase",
+        default: None,
+    },
+    OptSpec {
+        name: "iter-time",
+        ty: OptType::Number,
+        help: "Time to spend in PBKDF in milliseconds",
+        default: None,
+    },
+];
+
 /// Takes the LUKS creation options under `prefix` (`encrypt.` in qcow2).
 pub(crate) fn take_luks_create(opts: &mut Opts, prefix: &str) -> Result<CreateOptions> {
     fn named<T>(
@@ -164,15 +200,87 @@ pub(crate) async fn open_luks(
     let Some(password) = password else {
         return BlockCrypto::luks(luks, None).map_err(crypto_err);
     };
+    let materials = read_materials(file, base, limit, &luks).await?;
+    let master = luks.unlock(password, &materials).map_err(crypto_err)?;
+    BlockCrypto::luks(luks, Some(&master)).map_err(crypto_err)
+}
+
+/// Reads the key material of every active slot (bounded by `limit`).
+async fn read_materials(
+    file: &Arc<Node>,
+    base: u64,
+    limit: u64,
+    luks: &Luks,
+) -> Result<Vec<Vec<u8>>> {
     let mut materials = Vec::with_capacity(NUM_SLOTS);
     for i in 0..NUM_SLOTS {
         materials.push(match luks.material_range(i) {
-            Some((off, len)) => read(off, len).await?.as_slice().to_vec(),
+            Some((off, len)) => {
+                if off + len as u64 > limit {
+                    return Err(Error::invalid(
+                        "Request for data outside of extension header",
+                    ));
+                }
+                file.read(base + off, IoBuf::zeroed(len))
+                    .await
+                    .map_err(|e| e.context("Could not read encryption header"))?
+                    .as_slice()
+                    .to_vec()
+            }
             None => Vec::new(),
         });
     }
-    let master = luks.unlock(password, &materials).map_err(crypto_err)?;
-    BlockCrypto::luks(luks, Some(&master)).map_err(crypto_err)
+    Ok(materials)
+}
+
+/// The key slot options of amend under `prefix`
+/// (QCryptoBlockAmendOptionsLUKS).
+pub(crate) fn take_luks_amend(opts: &mut Opts, prefix: &str) -> Result<AmendOptions> {
+    let active = match take_prefixed(opts, prefix, "state")?.as_deref() {
+        Some("active") => true,
+        Some("inactive") => false,
+        Some(v) => {
+            return Err(Error::invalid(format!(
+                "Parameter '{prefix}state' does not accept value '{v}'"
+            )))
+        }
+        None => {
+            return Err(Error::invalid(format!(
+                "Parameter '{prefix}state' is missing"
+            )))
+        }
+    };
+    Ok(AmendOptions {
+        active,
+        new_secret: take_prefixed(opts, prefix, "new-secret")?,
+        old_secret: take_prefixed(opts, prefix, "old-secret")?,
+        keyslot: take_u64(opts, &format!("{prefix}keyslot"))?.map(|k| k as i64),
+        iter_time_ms: take_u64(opts, &format!("{prefix}iter-time"))?,
+        secret: take_prefixed(opts, prefix, "secret")?,
+    })
+}
+
+/// Changes the key slots of the LUKS header at `base` (region of at most
+/// `limit` bytes) as `o` asks; the open image keeps its master key.
+pub(crate) async fn amend_luks(
+    file: &Arc<Node>,
+    base: u64,
+    limit: u64,
+    crypto: &BlockCrypto,
+    o: &AmendOptions,
+    force: bool,
+) -> Result<()> {
+    let mut luks = crypto
+        .luks_header()
+        .ok_or_else(|| Error::unsupported("Only LUKS encryption options can be amended"))?;
+    let materials = read_materials(file, base, limit, &luks).await?;
+    let writes = luks
+        .amend(o, force, crypto.secret(), &materials)
+        .map_err(crypto_err)?;
+    write_region(file, base, writes).await?;
+    file.flush().await?;
+    crypto.set_luks_header(luks);
+    Ok(())
 }
 
 /// Writes LUKS header changes (`writes` relative to the region) at `base`.

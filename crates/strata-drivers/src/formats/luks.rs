@@ -2,7 +2,9 @@
 //! material, then the payload, every 512-byte sector of it encrypted with
 //! the master key and an IV from its sector number within the payload.
 
-use super::crypto::{crypto_err, open_luks, password, take_luks_create, write_region};
+use super::crypto::{
+    amend_luks, crypto_err, open_luks, password, take_luks_amend, take_luks_create, write_region,
+};
 use async_trait::async_trait;
 use std::sync::Arc;
 use strata_block::driver::{FormatSpecific, Preallocation};
@@ -98,6 +100,17 @@ impl Driver for LuksDriver {
         Some(serde_json::json!({ "type": "luks", "data": info }))
     }
 
+    /// Key slots added or erased (QEMU: block_crypto_amend_options_luks).
+    async fn amend(
+        &self,
+        mut opts: Opts,
+        force: bool,
+        _status: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let o = take_luks_amend(&mut opts, "")?;
+        amend_luks(&self.file, 0, self.payload, &self.crypto, &o, force).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.file.close().await
     }
@@ -123,6 +136,10 @@ impl DriverClass for LuksClass {
 
     fn create_options(&self) -> &'static [OptSpec] {
         super::crypto::LUKS_CREATE_OPTIONS
+    }
+
+    fn amend_options(&self) -> Option<&'static [OptSpec]> {
+        Some(super::crypto::LUKS_AMEND_OPTIONS)
     }
 
     /// The header region, then the payload grown to `size`.
@@ -178,10 +195,12 @@ impl DriverClass for LuksClass {
             true => None,
             false => Some(password(key_secret.as_deref(), "")?),
         };
-        let crypto = open_luks(&file, 0, file.length(), pw.as_deref()).await?;
+        let crypto = open_luks(&file, 0, file.length(), pw.as_deref())
+            .await?
+            .with_secret(key_secret);
         let payload = crypto
             .luks_header()
-            .map(Luks::payload_offset)
+            .map(|l| l.payload_offset())
             .unwrap_or_default();
         if payload > file.length() {
             return Err(Error::invalid(format!(

@@ -8,9 +8,11 @@ use super::header::{Compression, AUTOCLEAR_DATA_FILE_RAW};
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY};
 use super::meta::{Meta, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use super::Qcow2Driver;
+use crate::formats::crypto::{amend_luks, take_luks_amend};
 use std::sync::atomic::Ordering;
 use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
 use strata_block::{Driver, Error, IoBuf, Preallocation, Result, WriteFlags};
+use strata_crypto::luks_amend::AmendOptions;
 
 const fn spec(name: &'static str, ty: OptType, help: &'static str) -> OptSpec {
     OptSpec {
@@ -85,12 +87,15 @@ struct Wanted {
     data_file_raw: bool,
     lazy: bool,
     refcount_bits: u64,
+    /// Key slot changes (LUKS images).
+    encryption: Option<AmendOptions>,
 }
 
 impl Qcow2Driver {
     pub(super) async fn amend_image(
         &self,
         mut opts: Opts,
+        force: bool,
         status: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
         let w = self.wanted(&mut opts).await?;
@@ -142,6 +147,14 @@ impl Qcow2Driver {
         if w.version < old_version {
             self.downgrade(status).await?;
         }
+        // Key slots last, as QEMU changes them.
+        if let (Some(o), Some(c), Some((off, len))) = (
+            &w.encryption,
+            &self.crypto,
+            self.meta.lock().await.header.crypto_header,
+        ) {
+            amend_luks(&self.file, off, len, c, o, force).await?;
+        }
         Ok(())
     }
 
@@ -157,12 +170,23 @@ impl Qcow2Driver {
             data_file_raw: self.data_raw,
             lazy: m.lazy_refcounts,
             refcount_bits: 1 << m.geo.refcount_order,
+            encryption: None,
         };
         drop(m);
         if opts.keys().any(|k| k.starts_with("encrypt.")) {
-            return Err(Error::invalid(
-                "Can't amend encryption options - encryption not present",
-            ));
+            match &self.crypto {
+                None => {
+                    return Err(Error::invalid(
+                        "Can't amend encryption options - encryption not present",
+                    ))
+                }
+                Some(c) if !c.is_luks() => {
+                    return Err(Error::unsupported(
+                        "Only LUKS encryption options can be amended",
+                    ))
+                }
+                Some(_) => w.encryption = Some(take_luks_amend(opts, "encrypt.")?),
+            }
         }
         if let Some(c) = take_str(opts, "compat")? {
             w.version = match c.as_str() {

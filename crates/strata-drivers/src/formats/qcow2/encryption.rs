@@ -60,9 +60,8 @@ pub(super) async fn open(
     let Some((offset, length)) = hdr.crypto_header else {
         return Err(Error::invalid("Missing CRYPTO header for crypt method 2"));
     };
-    open_luks(file, offset, length, pw.as_deref())
-        .await
-        .map(Some)
+    let c = open_luks(file, offset, length, pw.as_deref()).await?;
+    Ok(Some(c.with_secret(key_secret)))
 }
 
 impl Qcow2Driver {

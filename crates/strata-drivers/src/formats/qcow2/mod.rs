@@ -603,10 +603,10 @@ impl Driver for Qcow2Driver {
     async fn amend(
         &self,
         opts: strata_block::Opts,
-        _force: bool,
+        force: bool,
         status: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
-        self.amend_image(opts, status).await
+        self.amend_image(opts, force, status).await
     }
 
     async fn change_backing_file(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
