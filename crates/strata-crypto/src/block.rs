@@ -22,7 +22,7 @@ enum Scheme {
     /// qcow's legacy AES-128-CBC, keyed by the password itself.
     Qcow,
     /// Behind a lock: amending key slots changes it while the image is open.
-    Luks(std::sync::Mutex<Luks>),
+    Luks(Box<std::sync::Mutex<Luks>>),
 }
 
 /// An open encryption layer: encrypts and decrypts whole 512-byte sectors
@@ -66,7 +66,7 @@ impl BlockCrypto {
     pub fn luks(luks: Luks, master: Option<&[u8]>) -> Result<BlockCrypto> {
         let cipher = master.map(|k| luks.params.cipher(k)).transpose()?;
         Ok(BlockCrypto {
-            scheme: Scheme::Luks(std::sync::Mutex::new(luks)),
+            scheme: Scheme::Luks(Box::new(std::sync::Mutex::new(luks))),
             cipher,
             secret: None,
         })
