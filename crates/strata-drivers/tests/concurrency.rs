@@ -175,8 +175,14 @@ struct Config {
     /// Lazy refcounts on the image under test: refcount blocks lag behind
     /// the L2 tables while the image is marked dirty.
     lazy: bool,
+    /// LUKS encryption on the image under test: requests are whole sectors
+    /// below the core, which reads, changes and writes back the rest.
+    encrypted: bool,
     seed: u64,
 }
+
+/// The secret encrypted configurations use.
+const SECRET: &str = "model-sec";
 
 /// A modifying request in flight: its range, and whether another one
 /// overlapped it while it ran (then the bytes they share may end up with
@@ -431,8 +437,9 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
                             .finish(id, Some(&|b| data[(b - off) as usize]));
                         Ok(())
                     }
-                    // Only an unallocated cluster takes compressed data.
-                    Err(e) if e.code() == libc::EIO => {
+                    // Only an unallocated cluster takes compressed data,
+                    // and an encrypted image none.
+                    Err(e) if e.code() == libc::EIO || e.code() == libc::ENOTSUP => {
                         st.borrow_mut().finish(id, None);
                         Ok(())
                     }
@@ -463,22 +470,26 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
     }
 }
 
-async fn open_delayed(path: &str, seed: u64) -> Arc<Node> {
+async fn open_delayed(path: &str, seed: u64, encrypted: bool) -> Arc<Node> {
     let mut reg = (*strata_drivers::registry()).clone();
     reg.register(Arc::new(DelayClass {
         seed: AtomicU64::new(seed),
     }));
     let ctx = OpenCtx::new(Arc::new(reg), OpenFlags::default());
-    let pairs: Vec<(String, String)> = [
+    let mut pairs = vec![
         ("driver", "qcow2"),
         ("discard", "unmap"),
         ("file.driver", "delay"),
         ("file.file.driver", "file"),
         ("file.file.filename", path),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ];
+    if encrypted {
+        pairs.push(("encrypt.key-secret", SECRET));
+    }
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let opts = strata_block::options::nest(&pairs).unwrap();
     ctx.open_image(None, None, opts).await.unwrap()
 }
@@ -493,6 +504,18 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
     let size = SIZE.to_string();
     let cluster = cs.to_string();
     let lazy = if cfg.lazy { "on" } else { "off" };
+    let mut encrypt: Vec<(&str, &str)> = Vec::new();
+    if cfg.encrypted {
+        let _ = strata_crypto::secret::define(&[
+            ("id".to_string(), SECRET.to_string()),
+            ("data".to_string(), "hunter2".to_string()),
+        ]);
+        encrypt = vec![
+            ("encrypt.format", "luks"),
+            ("encrypt.key-secret", SECRET),
+            ("encrypt.iter-time", "1"),
+        ];
+    }
     let ev = EventLoop::new().unwrap();
     let mut rng = Rng::new(cfg.seed ^ 0xbac);
     let mut model = vec![0u8; SIZE as usize];
@@ -520,29 +543,23 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
                 model[off as usize..(off + len) as usize].fill(pattern);
             }
             b.close().await.unwrap();
-            common::create(
-                &top,
-                "qcow2",
-                &[
-                    ("size", &size),
-                    ("cluster_size", &cluster),
-                    ("backing_file", &base),
-                    ("backing_fmt", "qcow2"),
-                    ("lazy_refcounts", lazy),
-                ],
-            )
-            .await;
+            let mut o = vec![
+                ("size", size.as_str()),
+                ("cluster_size", &cluster),
+                ("backing_file", &base),
+                ("backing_fmt", "qcow2"),
+                ("lazy_refcounts", lazy),
+            ];
+            o.extend_from_slice(&encrypt);
+            common::create(&top, "qcow2", &o).await;
         } else {
-            common::create(
-                &top,
-                "qcow2",
-                &[
-                    ("size", &size),
-                    ("cluster_size", &cluster),
-                    ("lazy_refcounts", lazy),
-                ],
-            )
-            .await;
+            let mut o = vec![
+                ("size", size.as_str()),
+                ("cluster_size", &cluster),
+                ("lazy_refcounts", lazy),
+            ];
+            o.extend_from_slice(&encrypt);
+            common::create(&top, "qcow2", &o).await;
         }
     });
     let st = RefCell::new(State {
@@ -556,7 +573,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
         failure: None,
     });
     let done = ev.block_on(async {
-        let node = open_delayed(&top, cfg.seed).await;
+        let node = open_delayed(&top, cfg.seed, cfg.encrypted).await;
         let workers = (0..WORKERS as u64).map(|w| {
             worker(
                 &node,
@@ -599,7 +616,16 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
         if img == &base && !cfg.backing {
             continue;
         }
-        let (code, out) = common::run(qemu_img, &["check", img]);
+        let spec = format!("driver=qcow2,file.filename={img},encrypt.key-secret={SECRET}");
+        let secret = format!("secret,id={SECRET},data=hunter2");
+        let (code, out) = if cfg.encrypted && img == &top {
+            common::run(
+                qemu_img,
+                &["check", "--object", &secret, "--image-opts", &spec],
+            )
+        } else {
+            common::run(qemu_img, &["check", img])
+        };
         assert_eq!(code, 0, "{cfg:?}: qemu-img check {img}: {out}");
     }
     done
@@ -614,9 +640,21 @@ fn configs(seed: u64) -> Vec<Config> {
                 backing,
                 // Half of the configurations, every cluster size among them.
                 lazy: (i + backing as usize) % 2 == 1,
+                encrypted: false,
                 seed: seed.wrapping_add(i as u64 * 2 + backing as u64),
             });
         }
+    }
+    // LUKS, with and without a backing file (copy-on-write of plaintext
+    // into encrypted clusters), on small and on default clusters.
+    for (i, cluster_bits) in [12u32, 16].into_iter().enumerate() {
+        v.push(Config {
+            cluster_bits,
+            backing: i == 0,
+            lazy: false,
+            encrypted: true,
+            seed: seed.wrapping_add(100 + i as u64),
+        });
     }
     v
 }
