@@ -222,7 +222,11 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        if !self.v3() {
+        // v2 has no zero flag; without a backing file an unallocated
+        // cluster reads as zeroes, so whole clusters are discarded instead
+        // (QEMU: qcow2_subcluster_zeroize).
+        let v2 = !self.v3();
+        if v2 && self.backing().is_some() {
             return Err(Error::errno(libc::ENOTSUP));
         }
         let cs = self.geo.cluster_size;
@@ -248,14 +252,13 @@ impl Driver for Qcow2Driver {
             if run_end > off {
                 self.zero_raw_data(off, run_end.min(end) - off, flags)
                     .await?;
-                self.clear_clusters(
-                    gc,
-                    (run_end - off) / cs,
-                    Clear::Zero {
+                let how = match v2 {
+                    true => Clear::Discard,
+                    false => Clear::Zero {
                         unmap: flags.may_unmap,
                     },
-                )
-                .await?;
+                };
+                self.clear_clusters(gc, (run_end - off) / cs, how).await?;
                 off = run_end.min(end);
                 continue;
             }
@@ -265,7 +268,9 @@ impl Driver for Qcow2Driver {
             // data file would have to be zeroed first, which could wipe a
             // write racing for the cluster: it gets the bytes written.)
             let whole = match self.may_zero_whole_cluster(gc, off, piece_end).await? {
-                Some(own_zero) if !self.data_raw => self.zero_whole_cluster(gc, own_zero).await?,
+                Some(own_zero) if !self.data_raw && !v2 => {
+                    self.zero_whole_cluster(gc, own_zero).await?
+                }
                 _ => false,
             };
             if !whole {
