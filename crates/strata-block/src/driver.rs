@@ -436,6 +436,12 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// True for formats that write compressed clusters (QEMU:
+    /// block_driver_can_compress).
+    fn can_compress(&self) -> bool {
+        false
+    }
+
     /// Writes whole clusters compressed (`buf` starts on a cluster and is a
     /// whole number of them, or ends at the end of the disk).
     async fn write_compressed(&self, _offset: u64, _buf: IoBuf) -> Result<IoBuf> {

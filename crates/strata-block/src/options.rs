@@ -221,6 +221,10 @@ pub fn reject_unknown(o: &Opts, driver: &str) -> Result<()> {
 pub fn parse_size(s: &str, default_unit: u64) -> Result<u64> {
     let bad = || Error::invalid(format!("invalid size '{s}'"));
     let s = s.trim();
+    // Hexadecimal, as QEMU's do_strtosz takes it: no fraction, no suffix.
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());

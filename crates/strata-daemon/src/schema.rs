@@ -13,11 +13,13 @@ use strata_qmp::Schema;
 const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("blkdebug", "BlockdevOptionsBlkdebug"),
     ("blkverify", "BlockdevOptionsBlkverify"),
+    ("compress", "BlockdevOptionsGenericFormat"),
     ("copy-on-read", "BlockdevOptionsCor"),
     ("file", "BlockdevOptionsFile"),
     ("nbd", "BlockdevOptionsNbd"),
     ("host_cdrom", "BlockdevOptionsFile"),
     ("host_device", "BlockdevOptionsFile"),
+    ("luks", "BlockdevOptionsLUKS"),
     ("null-aio", "BlockdevOptionsNull"),
     ("null-co", "BlockdevOptionsNull"),
     ("qcow2", "BlockdevOptionsQcow2"),
@@ -145,6 +147,14 @@ pub fn schema(registry: &Registry) -> Schema {
             ],
         )
         .object("BlockdevOptionsGenericFormat", &[("file", "BlockdevRef")])
+        .object(
+            "BlockdevOptionsLUKS",
+            &[
+                ("file", "BlockdevRef"),
+                ("*key-secret", "str"),
+                ("*header", "BlockdevRef"),
+            ],
+        )
         .object(
             "BlockdevOptionsRaw",
             &[

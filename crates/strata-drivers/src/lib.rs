@@ -25,6 +25,7 @@ pub fn registry() -> Arc<Registry> {
     r.register(Arc::new(filters::blkdebug::BlkdebugClass));
     r.register(Arc::new(filters::blkverify::BlkverifyClass));
     r.register(Arc::new(filters::copy_on_read::CopyOnReadClass));
+    r.register(Arc::new(filters::compress::CompressClass));
     r.register(Arc::new(filters::throttle::ThrottleClass));
     r.register(Arc::new(filters::quorum::QuorumClass));
     r.register(Arc::new(formats::raw::RawClass));

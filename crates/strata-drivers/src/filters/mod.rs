@@ -3,6 +3,7 @@
 
 pub mod blkdebug;
 pub mod blkverify;
+pub mod compress;
 pub mod copy_on_read;
 pub mod quorum;
 mod rules;

@@ -444,6 +444,10 @@ impl Driver for Qcow2Driver {
         true
     }
 
+    fn can_compress(&self) -> bool {
+        true
+    }
+
     async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         // An L2 entry cannot point into a data file at a compressed cluster,
         // and compressed clusters are never encrypted.
