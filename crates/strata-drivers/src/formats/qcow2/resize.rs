@@ -155,13 +155,27 @@ impl Qcow2Driver {
             drop(m);
             match mode {
                 Preallocation::Falloc => {
-                    self.file
-                        .truncate(
-                            self.file.length().max(host + n * cs),
-                            false,
-                            Preallocation::Falloc,
-                        )
-                        .await?
+                    // Growing the file reserves what it adds; clusters the
+                    // file already reaches (metadata was written past them)
+                    // are reserved as zeroes, which the filesystem allocates.
+                    let old = self.file.length();
+                    let end = host + n * cs;
+                    if old > host {
+                        let reserve = end.min(old) - host;
+                        match self
+                            .file
+                            .write_zeroes(host, reserve, WriteFlags::default())
+                            .await
+                        {
+                            Err(e) if e.code() != libc::ENOTSUP => return Err(e),
+                            _ => {}
+                        }
+                    }
+                    if end > old {
+                        self.file
+                            .truncate(end, false, Preallocation::Falloc)
+                            .await?
+                    }
                 }
                 Preallocation::Full => {
                     self.file
