@@ -96,6 +96,9 @@ pub struct Qcow2Driver {
     cache_sizes: cache_opts::CacheSizes,
     /// The image's encryption (LUKS or legacy AES), if any.
     crypto: Option<strata_crypto::BlockCrypto>,
+    /// Whether clusters were allocated ahead of their data (decided once,
+    /// on the first block status, as QEMU does).
+    metadata_prealloc: tokio::sync::OnceCell<bool>,
 }
 
 impl Qcow2Driver {
@@ -134,6 +137,33 @@ impl Qcow2Driver {
     /// (QEMU: qcow2_vm_state_offset).
     fn vm_state_offset(&self) -> u64 {
         self.geo.l1_size_for(self.length()) << (self.geo.cluster_bits + self.geo.l2_bits)
+    }
+}
+
+impl Qcow2Driver {
+    /// QEMU's qcow2_detect_metadata_preallocation: far more clusters are
+    /// in use than the file has blocks for.
+    async fn metadata_preallocated(&self) -> Result<bool> {
+        self.metadata_prealloc
+            .get_or_try_init(|| async {
+                let cs = self.geo.cluster_size;
+                let real = match self.file.driver().allocated_size().await? {
+                    Some(a) => a / cs,
+                    None => return Ok(false),
+                };
+                let threshold = (real * 10 / 9).max(real + 2);
+                let end = self.file.length().div_ceil(cs);
+                let mut m = self.meta.lock().await;
+                let mut count = 0;
+                let mut i = 0;
+                while i < end && count < threshold {
+                    count += (m.refcount(&self.file, i).await? != 0) as u64;
+                    i += 1;
+                }
+                Ok(count >= threshold)
+            })
+            .await
+            .copied()
     }
 }
 
@@ -367,9 +397,12 @@ impl Driver for Qcow2Driver {
                 host: Some((Arc::clone(self.data()?), host)),
                 ..BlockStatus::zero(total)
             },
-            Mapping::Normal { host, .. } => {
-                BlockStatus::data_at(total, Arc::clone(self.data()?), host)
-            }
+            // Preallocated clusters may hold nothing yet: the file says
+            // whether they read as zeroes (QEMU's BDRV_BLOCK_RECURSE).
+            Mapping::Normal { host, .. } => BlockStatus {
+                recurse: self.metadata_preallocated().await?,
+                ..BlockStatus::data_at(total, Arc::clone(self.data()?), host)
+            },
             Mapping::Compressed(_) => BlockStatus {
                 compressed: true,
                 ..BlockStatus::data(total)

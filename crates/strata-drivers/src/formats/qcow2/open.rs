@@ -148,6 +148,7 @@ impl DriverClass for Qcow2Class {
             version: std::sync::atomic::AtomicU32::new(geo.version),
             cache_sizes,
             crypto,
+            metadata_prealloc: tokio::sync::OnceCell::new(),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
