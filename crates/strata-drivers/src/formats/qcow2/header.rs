@@ -215,6 +215,9 @@ impl Header {
                 "Reference count entry width too large; may not exceed 64 bits",
             ));
         }
+        if h.backing_file_offset > cluster_size as u64 {
+            return Err(Error::invalid("Invalid backing file offset"));
+        }
         h.parse_extensions(buf, cluster_size)?;
         if h.backing_file_offset != 0 {
             let off = h.backing_file_offset as usize;
@@ -235,15 +238,21 @@ impl Header {
         }
         .min(buf.len());
         let mut off = self.header_length as usize;
-        while off + 8 <= end {
+        // As QEMU's qcow2_read_extensions: an extension's own header may
+        // not cross the end of the area either.
+        let too_large = || Error::invalid("Header extension too large");
+        while off < end {
+            if off + 8 > buf.len() {
+                return Err(too_large());
+            }
             let kind = be32(buf, off);
             let len = be32(buf, off + 4) as usize;
             off += 8;
+            if off > end || len > end - off {
+                return Err(too_large());
+            }
             if kind == EXT_END {
                 break;
-            }
-            if len > end - off {
-                return Err(Error::invalid("Invalid extension length"));
             }
             let data = buf[off..off + len].to_vec();
             off += len.div_ceil(8) * 8;
