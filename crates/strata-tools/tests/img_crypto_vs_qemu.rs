@@ -70,6 +70,14 @@ fn img(t: Tool, dir: &Path, args: &[&str]) -> (String, String, i32) {
     run(&prog, args, dir)
 }
 
+/// `SUBCOMMAND --object ... ARGS`: a command line with the secrets.
+fn with_secrets<'a>(subcommand: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![subcommand];
+    a.extend_from_slice(&SECRETS);
+    a.extend_from_slice(args);
+    a
+}
+
 fn img_ok(t: Tool, dir: &Path, args: &[&str]) -> String {
     let (out, err, code) = img(t, dir, args);
     assert_eq!(code, 0, "{t:?} {args:?}: {out}{err}");
@@ -99,9 +107,7 @@ const READS: &[&str] = &[
 ];
 
 fn check_clean(dir: &Path, spec: &str) {
-    let mut a = vec!["check"];
-    a.extend_from_slice(&SECRETS);
-    a.extend_from_slice(&["--image-opts", spec]);
+    let a = with_secrets("check", &["--image-opts", spec]);
     for t in BOTH {
         let (out, err, code) = img(t, dir, &a);
         assert_eq!(code, 0, "{t:?} check: {out}{err}");
@@ -114,9 +120,7 @@ fn round_trip(dir: &Path, fmt: &str, name: &str, opts: &str, spec: &str) {
     for maker in BOTH {
         for (writer, reader) in [(Tool::Qemu, Tool::Strata), (Tool::Strata, Tool::Qemu)] {
             let _ = std::fs::remove_file(dir.join(name));
-            let mut a = vec!["create", "-q", "-f", fmt];
-            a.extend_from_slice(&SECRETS);
-            a.extend_from_slice(&["-o", opts, name, "4M"]);
+            let a = with_secrets("create", &["-q", "-f", fmt, "-o", opts, name, "4M"]);
             img_ok(maker, dir, &a);
             io_ok(writer, dir, spec, WRITES);
             io_ok(reader, dir, spec, READS);
@@ -192,14 +196,18 @@ fn info_and_errors_match_qemu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut a = vec!["create", "-q", "-f", "qcow2"];
-    a.extend_from_slice(&SECRETS);
-    a.extend_from_slice(&[
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cipher_size=512",
-        "e.qcow2",
-        "1M",
-    ]);
+    let mut a = with_secrets(
+        "create",
+        &[
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cipher_size=512",
+            "e.qcow2",
+            "1M",
+        ],
+    );
     // An unknown option: the same refusal.
     let q = img(Tool::Qemu, d, &a);
     let s = img(Tool::Strata, d, &a);
@@ -249,34 +257,40 @@ fn key_slots_added_by_one_open_with_the_other() {
     let spec1 = "driver=qcow2,file.filename=k.qcow2,encrypt.key-secret=sec1";
     for (adder, eraser) in [(Tool::Strata, Tool::Qemu), (Tool::Qemu, Tool::Strata)] {
         let _ = std::fs::remove_file(d.join("k.qcow2"));
-        let mut a = vec!["create", "-q", "-f", "qcow2"];
-        a.extend_from_slice(&SECRETS);
-        a.extend_from_slice(&[
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            "k.qcow2",
-            "1M",
-        ]);
+        let a = with_secrets(
+            "create",
+            &[
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                "k.qcow2",
+                "1M",
+            ],
+        );
         img_ok(adder, d, &a);
         io_ok(Tool::Qemu, d, spec0, &["write -P 0x5c 0 64k"]);
-        let mut add = vec!["amend"];
-        add.extend_from_slice(&SECRETS);
-        add.extend_from_slice(&[
-            "--image-opts",
-            spec0,
-            "-o",
-            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
-        ]);
+        let add = with_secrets(
+            "amend",
+            &[
+                "--image-opts",
+                spec0,
+                "-o",
+                "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+            ],
+        );
         img_ok(adder, d, &add);
         // Erasing the only other slot by its password leaves sec1 alone.
-        let mut erase = vec!["amend"];
-        erase.extend_from_slice(&SECRETS);
-        erase.extend_from_slice(&[
-            "--image-opts",
-            spec1,
-            "-o",
-            "encrypt.state=inactive,encrypt.old-secret=sec0",
-        ]);
+        let erase = with_secrets(
+            "amend",
+            &[
+                "--image-opts",
+                spec1,
+                "-o",
+                "encrypt.state=inactive,encrypt.old-secret=sec0",
+            ],
+        );
         img_ok(eraser, d, &erase);
         for t in BOTH {
             io_ok(t, d, spec1, &["read -P 0x5c 0 64k"]);
@@ -288,14 +302,15 @@ fn key_slots_added_by_one_open_with_the_other() {
             );
         }
         // The last slot is refused by both, with the same words.
-        let mut last = vec!["amend"];
-        last.extend_from_slice(&SECRETS);
-        last.extend_from_slice(&[
-            "--image-opts",
-            spec1,
-            "-o",
-            "encrypt.state=inactive,encrypt.keyslot=1",
-        ]);
+        let last = with_secrets(
+            "amend",
+            &[
+                "--image-opts",
+                spec1,
+                "-o",
+                "encrypt.state=inactive,encrypt.keyslot=1",
+            ],
+        );
         let q = img(Tool::Qemu, d, &last);
         let s = img(Tool::Strata, d, &last);
         assert_eq!(q, s);
@@ -327,17 +342,19 @@ fn convert_into_a_new_encrypted_image_keeps_the_data() {
         let o = format!(
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation={prealloc}"
         );
-        let mut a = vec!["convert", "-O", "qcow2"];
-        a.extend_from_slice(&SECRETS);
-        a.extend_from_slice(&["-o", &o, "src.raw", "enc.qcow2"]);
+        let a = with_secrets(
+            "convert",
+            &["-O", "qcow2", "-o", &o, "src.raw", "enc.qcow2"],
+        );
         img_ok(Tool::Strata, d, &a);
-        let mut cmp = vec!["compare"];
-        cmp.extend_from_slice(&SECRETS);
-        cmp.extend_from_slice(&[
-            "--image-opts",
-            raw,
-            "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=sec0",
-        ]);
+        let cmp = with_secrets(
+            "compare",
+            &[
+                "--image-opts",
+                raw,
+                "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=sec0",
+            ],
+        );
         let out = img_ok(Tool::Qemu, d, &cmp);
         assert!(out.contains("Images are identical"), "{prealloc}: {out}");
     }

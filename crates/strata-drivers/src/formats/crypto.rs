@@ -176,6 +176,25 @@ pub(crate) fn take_luks_create(opts: &mut Opts, prefix: &str) -> Result<CreateOp
     Ok(o)
 }
 
+/// Reads `len` bytes at `off` of the header region at `base`, which spans
+/// at most `limit` bytes (QEMU: qcow2_crypto_hdr_read_func).
+async fn read_region(
+    file: &Arc<Node>,
+    base: u64,
+    limit: u64,
+    off: u64,
+    len: usize,
+) -> Result<IoBuf> {
+    if off + len as u64 > limit {
+        return Err(Error::invalid(
+            "Request for data outside of extension header",
+        ));
+    }
+    file.read(base + off, IoBuf::zeroed(len))
+        .await
+        .map_err(|e| e.context("Could not read encryption header"))
+}
+
 /// Opens the LUKS header `base` bytes into `file`, whose region may span
 /// at most `limit` bytes; unlocks it with `password` unless there is none
 /// (opened for metadata only).
@@ -185,17 +204,7 @@ pub(crate) async fn open_luks(
     limit: u64,
     password: Option<&[u8]>,
 ) -> Result<BlockCrypto> {
-    let read = |off: u64, len: usize| async move {
-        if off + len as u64 > limit {
-            return Err(Error::invalid(
-                "Request for data outside of extension header",
-            ));
-        }
-        file.read(base + off, IoBuf::zeroed(len))
-            .await
-            .map_err(|e| e.context("Could not read encryption header"))
-    };
-    let hdr = read(0, HEADER_LEN).await?;
+    let hdr = read_region(file, base, limit, 0, HEADER_LEN).await?;
     let luks = Luks::open(hdr.as_slice(), false).map_err(crypto_err)?;
     let Some(password) = password else {
         return BlockCrypto::luks(luks, None).map_err(crypto_err);
@@ -205,7 +214,7 @@ pub(crate) async fn open_luks(
     BlockCrypto::luks(luks, Some(&master)).map_err(crypto_err)
 }
 
-/// Reads the key material of every active slot (bounded by `limit`).
+/// Reads the key material of every active slot.
 async fn read_materials(
     file: &Arc<Node>,
     base: u64,
@@ -215,18 +224,10 @@ async fn read_materials(
     let mut materials = Vec::with_capacity(NUM_SLOTS);
     for i in 0..NUM_SLOTS {
         materials.push(match luks.material_range(i) {
-            Some((off, len)) => {
-                if off + len as u64 > limit {
-                    return Err(Error::invalid(
-                        "Request for data outside of extension header",
-                    ));
-                }
-                file.read(base + off, IoBuf::zeroed(len))
-                    .await
-                    .map_err(|e| e.context("Could not read encryption header"))?
-                    .as_slice()
-                    .to_vec()
-            }
+            Some((off, len)) => read_region(file, base, limit, off, len)
+                .await?
+                .as_slice()
+                .to_vec(),
             None => Vec::new(),
         });
     }
