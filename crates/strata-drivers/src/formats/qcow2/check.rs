@@ -45,8 +45,16 @@ struct Walk {
     l2_tables: Vec<(usize, u64, u64)>,
 }
 
+/// The snapshot table as check read it: entries and length in bytes.
+type Table = (Vec<super::snapshot::Snapshot>, u64);
+
 /// Counts the references of every piece of metadata and data.
-async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Result<Walk> {
+async fn calculate(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    table: &Table,
+) -> Result<Walk> {
     let cs = d.geo.cluster_size;
     let mut refs = Refs::new();
     let file_len = d.file.driver().length();
@@ -65,8 +73,8 @@ async fn calculate(d: &Qcow2Driver, m: &mut Meta, res: &mut CheckResult) -> Resu
         );
         res.corruptions += 1;
     }
-    let (snapshots, table_len) = super::snapshot::read(&d.file, &header).await?;
-    for sn in &snapshots {
+    let (snapshots, table_len) = (&table.0, table.1);
+    for sn in snapshots {
         let (id, name) = (&sn.info.id, &sn.info.name);
         if !sn.l1_offset.is_multiple_of(cs) {
             eprintln!(
@@ -277,6 +285,119 @@ async fn compare(
     Ok(rebuild)
 }
 
+/// Reads the snapshot table before anything is counted (QEMU:
+/// qcow2_check_read_snapshot_table): with repair, snapshots past a table
+/// too long are dropped at once (the header says so before the counts are
+/// compared), extra data too long is cut; v3 entries without the disk size
+/// are incomplete. Returns the table and the errors left for
+/// `fix_snapshot_table`.
+async fn read_snapshot_table(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    repair: RepairMode,
+) -> Result<(Table, u64)> {
+    let mut header = m.header.clone();
+    let original = header.nb_snapshots;
+    // Too many snapshots: with repair the rest go before anything else.
+    let max = super::snapshot::MAX_SNAPSHOTS;
+    if original > max && repair.errors {
+        eprintln!("Discarding {} overhanging snapshots", original - max);
+        header.nb_snapshots = max;
+    }
+    if let Err(e) = super::open::validate_table(
+        header.snapshots_offset,
+        header.nb_snapshots as u64,
+        40,
+        40 * max as u64,
+        d.geo.cluster_size,
+        "snapshot table",
+    ) {
+        res.check_errors += 1;
+        strata_block::report::error_report(format!("ERROR {}", e.message().unwrap_or_default()));
+        if header.nb_snapshots > max {
+            eprintln!(
+                "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                header.nb_snapshots - max
+            );
+        }
+        return Err(Error::errno(e.code()));
+    }
+    let (list, len, mut fixes) =
+        match super::snapshot::read_checked(&d.file, &header, repair.errors).await {
+            Ok(t) => t,
+            Err(e) => {
+                strata_block::report::error_report(format!(
+                    "ERROR failed to read the snapshot table: {}",
+                    e.message().unwrap_or_default()
+                ));
+                return Err(Error::errno(e.code()));
+            }
+        };
+    fixes.reduced += original - header.nb_snapshots;
+    if fixes.reduced > 0 {
+        let n = original - fixes.reduced;
+        d.file
+            .write(
+                60,
+                IoBuf::from_slice(&n.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await
+            .map_err(|e| {
+                e.context("ERROR failed to update the snapshot count in the image header")
+            })?;
+        d.file.flush().await?;
+        m.header.nb_snapshots = n;
+        res.corruptions_fixed += fixes.reduced as u64;
+    }
+    let mut errors = fixes.extra_dropped as u64;
+    if d.v3() {
+        for (i, sn) in list.iter().enumerate() {
+            if sn.short_extra {
+                errors += 1;
+                let word = if repair.errors { "Repairing" } else { "ERROR" };
+                eprintln!("{word} snapshot table entry {i} is incomplete");
+            }
+        }
+    }
+    Ok(((list, len), errors))
+}
+
+/// Writes the snapshot table anew when reading it found entries to repair
+/// (QEMU: qcow2_check_fix_snapshot_table), after the refcounts are right:
+/// every entry with its full extra data.
+async fn fix_snapshot_table(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    res: &mut CheckResult,
+    repair: RepairMode,
+    table: &Table,
+    errors: u64,
+) -> Result<()> {
+    if errors == 0 {
+        return Ok(());
+    }
+    if !repair.errors {
+        res.corruptions += errors;
+        return Ok(());
+    }
+    let mut list = table.0.clone();
+    for sn in &mut list {
+        sn.short_extra = false;
+    }
+    if let Err(e) = d.write_snapshot_table(m, &list, table.1).await {
+        res.check_errors += 1;
+        eprintln!(
+            "ERROR failed to update snapshot table: {}",
+            strata_block::error::strerror(e.code())
+        );
+        return Err(e);
+    }
+    res.corruptions_fixed += errors;
+    Ok(())
+}
+
 /// Runs the check (and repair) on an open image.
 pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<CheckResult> {
     // Check what is on disk, not what the cache holds.
@@ -286,7 +407,8 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         total_clusters: d.length().div_ceil(cs),
         ..Default::default()
     };
-    let mut walk = calculate(d, m, &mut res).await?;
+    let (table, snapshot_errors) = read_snapshot_table(d, m, &mut res, repair).await?;
+    let mut walk = calculate(d, m, &mut res, &table).await?;
     let pre_compare = res.clone();
     let mut highest = 0;
     let rebuild = compare(d, m, &mut res, RepairMode::default(), &walk, &mut highest).await?;
@@ -297,7 +419,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         rebuild_refcounts(d, m, &mut walk).await?;
         res.corruptions = 0;
         res.leaks = 0;
-        walk = calculate(d, m, &mut res).await?;
+        walk = calculate(d, m, &mut res, &table).await?;
         let mut fresh_leaks = 0;
         if repair.leaks {
             // The old structures are leaks now; what cannot be fixed stays a leak.
@@ -339,6 +461,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         }
     }
     check_oflag_copied(d, m, &mut res, repair, &walk).await?;
+    fix_snapshot_table(d, m, &mut res, repair, &table, snapshot_errors).await?;
     m.flush(&d.file).await?;
     d.file.flush().await?;
     if fixing && res.check_errors == 0 && res.corruptions == 0 {

@@ -42,7 +42,7 @@ mod write;
 mod zero;
 
 use inflight::InflightGuard;
-use open::{clear_unknown_autoclear, load_metadata, new_meta, validate_snapshot_table};
+use open::{clear_unknown_autoclear, load_metadata, new_meta};
 use read::Extent;
 use zero::Clear;
 
@@ -661,10 +661,6 @@ impl Driver for Qcow2Driver {
 
     async fn check(&self, repair: RepairMode) -> Result<CheckResult> {
         let mut m = self.meta.lock().await;
-        if validate_snapshot_table(&m.header).is_err() {
-            strata_block::report::error_report("ERROR snapshot table offset invalid");
-            return Err(Error::errno(libc::EINVAL));
-        }
         check::check(self, &mut m, repair).await
     }
 

@@ -249,6 +249,11 @@ pub(super) async fn load_metadata(
         .await
         .map_err(|e| e.context("Could not initialize refcount handling"))?;
     let reftable: Vec<u64> = rt.as_slice().chunks_exact(8).map(be64).collect();
+    // The snapshot table must read as QEMU reads it at open; check reads
+    // (and repairs) it itself.
+    if !check {
+        super::snapshot::read(file, &hdr).await?;
+    }
     Ok((hdr, geo, l1, reftable))
 }
 

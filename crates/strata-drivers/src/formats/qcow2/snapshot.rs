@@ -9,7 +9,7 @@ use strata_block::driver::SnapshotInfo;
 use strata_block::{Error, IoBuf, Node, Result};
 
 /// Most snapshots QEMU accepts, and the most bytes their table may take.
-const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
 /// Most bytes of extra data in one entry.
 const MAX_EXTRA: u32 = 1024;
@@ -61,18 +61,50 @@ fn be64(b: &[u8], o: usize) -> u64 {
     (be32(b, o) as u64) << 32 | be32(b, o + 4) as u64
 }
 
+/// What `check -r all` dropped while reading the table (QEMU:
+/// qcow2_do_read_snapshots in repair mode).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TableRepairs {
+    /// Snapshots cut off the end of a table that was too long.
+    pub reduced: u32,
+    /// Entries whose extra data was cut to the most QEMU keeps.
+    pub extra_dropped: u32,
+}
+
 /// Reads the snapshot table; sizes come from the file, so each is bounded
 /// before it is used. Returns the entries and the table's length in bytes.
 pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
-    if h.nb_snapshots == 0 {
-        return Ok((Vec::new(), 0));
+    let (list, len, _) = read_checked(file, h, false).await?;
+    Ok((list, len))
+}
+
+/// [`read`], and with `repair` what QEMU's check repairs instead of
+/// refusing: too many snapshots, too much extra data, a table too big.
+pub async fn read_checked(
+    file: &Arc<Node>,
+    h: &Header,
+    repair: bool,
+) -> Result<(Vec<Snapshot>, u64, TableRepairs)> {
+    let mut fixes = TableRepairs::default();
+    let mut count = h.nb_snapshots;
+    if count == 0 {
+        return Ok((Vec::new(), 0, fixes));
     }
-    if h.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(Error::invalid("Snapshot table too large"));
+    if count > MAX_SNAPSHOTS {
+        if !repair {
+            return Err(Error::invalid("Snapshot table too large"));
+        }
+        eprintln!("Discarding {} overhanging snapshots", count - MAX_SNAPSHOTS);
+        fixes.reduced += count - MAX_SNAPSHOTS;
+        count = MAX_SNAPSHOTS;
     }
     let mut off = h.snapshots_offset;
-    let mut out = Vec::with_capacity(h.nb_snapshots as usize);
-    for _ in 0..h.nb_snapshots {
+    // Where the last entry read ends (unpadded), and the table's length
+    // as QEMU bounds it (with extra data as kept).
+    let mut end = off;
+    let mut table_len = 0u64;
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count {
         let fixed = file.read(off, IoBuf::zeroed(FIXED)).await?;
         let b = fixed.as_slice();
         let (id_len, name_len) = (
@@ -80,39 +112,75 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
             u16::from_be_bytes([b[14], b[15]]) as u64,
         );
         let extra_len = be32(b, 36);
+        let mut kept = extra_len;
         if extra_len > MAX_EXTRA {
-            return Err(Error::invalid(
-                "Too much extra metadata in snapshot table entry",
-            ));
+            if !repair {
+                return Err(Error::msg(
+                    libc::EFBIG,
+                    format!(
+                        "Too much extra metadata in snapshot table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
+                    ),
+                ));
+            }
+            eprintln!(
+                "Discarding too much extra metadata in snapshot table entry {i} ({extra_len} > {MAX_EXTRA})"
+            );
+            fixes.extra_dropped += 1;
+            kept = MAX_EXTRA;
         }
-        let rest_len = extra_len as u64 + id_len + name_len;
-        let rest = file
-            .read(off + FIXED as u64, IoBuf::zeroed(rest_len as usize))
+        let e = kept as usize;
+        let extra = file.read(off + FIXED as u64, IoBuf::zeroed(e)).await?;
+        let x = extra.as_slice();
+        let names_at = off + FIXED as u64 + extra_len as u64;
+        let names = file
+            .read(names_at, IoBuf::zeroed((id_len + name_len) as usize))
             .await?;
-        let r = rest.as_slice();
-        let e = extra_len as usize;
+        let r = names.as_slice();
+        table_len = table_len.div_ceil(8) * 8 + FIXED as u64 + kept as u64 + id_len + name_len;
+        let entry_end = names_at + id_len + name_len;
+        if table_len > MAX_TABLE_BYTES || entry_end - h.snapshots_offset > i32::MAX as u64 {
+            if !repair {
+                return Err(Error::msg(
+                    libc::EFBIG,
+                    format!(
+                        "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                        count - i
+                    ),
+                ));
+            }
+            eprintln!(
+                "Discarding {} overhanging snapshots (snapshot table is too big)",
+                count - i
+            );
+            fixes.reduced += count - i;
+            break;
+        }
         let mut vm_state_size = be32(b, 32) as u64;
         if e >= 8 {
-            vm_state_size = be64(r, 0);
+            vm_state_size = be64(x, 0);
         }
         // Images older than the disk size field had the disk's size.
-        let disk_size = if e >= 16 { be64(r, 8) } else { h.size };
+        let disk_size = if e >= 16 { be64(x, 8) } else { h.size };
         let icount = if e >= 24 {
-            Some(be64(r, 16)).filter(|&v| v != u64::MAX)
+            Some(be64(x, 16)).filter(|&v| v != u64::MAX)
         } else {
             None
         };
-        let raw_id = r[e..e + id_len as usize].to_vec();
-        let raw_name = r[e + id_len as usize..].to_vec();
-        let id = String::from_utf8_lossy(&raw_id).into_owned();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
+        let raw_id = r[..id_len as usize].to_vec();
+        let raw_name = r[id_len as usize..].to_vec();
+        // QEMU reads them as C strings: shown and matched up to a NUL.
+        let text = |raw: &[u8]| {
+            let n = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..n]).into_owned()
+        };
+        let (id, name) = (text(&raw_id), text(&raw_name));
         out.push(Snapshot {
             raw_id,
             raw_name,
             l1_offset: be64(b, 0),
             l1_size: be32(b, 8),
             disk_size,
-            unknown_extra: r[e.min(KNOWN_EXTRA)..e].to_vec(),
+            unknown_extra: x[e.min(KNOWN_EXTRA)..e].to_vec(),
             short_extra: e < 16,
             info: SnapshotInfo {
                 id,
@@ -124,12 +192,10 @@ pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> 
                 icount,
             },
         });
-        off += (FIXED as u64 + rest_len).div_ceil(8) * 8;
-        if off - h.snapshots_offset > MAX_TABLE_BYTES {
-            return Err(Error::invalid("Snapshot table too large"));
-        }
+        end = entry_end;
+        off = entry_end.div_ceil(8) * 8;
     }
-    Ok((out, off - h.snapshots_offset))
+    Ok((out, end - h.snapshots_offset, fixes))
 }
 
 /// The table as QEMU writes it (qcow2_write_snapshots): each entry with at
