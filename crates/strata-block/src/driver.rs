@@ -5,6 +5,7 @@
 //! A driver gets requests the core has already bounds-checked and aligned to
 //! its limits, and talks to its children only through their nodes.
 
+use crate::bitmap::DirtyBitmaps;
 use crate::buf::IoBuf;
 use crate::error::{err, Error, Result};
 use crate::node::Node;
@@ -529,6 +530,39 @@ pub trait Driver: Send + Sync {
             "Driver '{}' cannot change its backing file",
             self.format_name()
         )))
+    }
+
+    /// True for formats that store dirty bitmaps in the image (QEMU:
+    /// bdrv_supports_persistent_dirty_bitmap).
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// Loads the image's persistent bitmaps into the node's `bitmaps`, and
+    /// keeps them to store later (QEMU: qcow2_load_dirty_bitmaps). Called
+    /// once the node exists and whenever it becomes active again.
+    async fn load_bitmaps(&self, _bitmaps: &Arc<DirtyBitmaps>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes the node's persistent bitmaps into the image (QEMU:
+    /// qcow2_store_persistent_dirty_bitmaps); called before close and
+    /// inactivation.
+    async fn store_bitmaps(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// May a new persistent bitmap `name` of `granularity` be stored here?
+    /// (QEMU: bdrv_co_can_store_new_dirty_bitmap; the caller adds the
+    /// node's name to the error.)
+    async fn can_store_new_bitmap(&self, _name: &str, _granularity: u64) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
+    /// Removes persistent bitmap `name` from the image; absent is fine
+    /// (QEMU: bdrv_co_remove_persistent_dirty_bitmap).
+    async fn remove_persistent_bitmap(&self, _name: &str) -> Result<()> {
+        Ok(())
     }
 
     /// Writes back everything cached, so that another process may take the

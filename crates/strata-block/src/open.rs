@@ -358,7 +358,12 @@ impl OpenCtx {
             return Err(e);
         }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name, backing);
-        Ok(ctx.new_node(&node_name, identity, drv, node_opts))
+        let node = ctx.new_node(&node_name, identity, drv, node_opts);
+        if let Err(e) = node.load_bitmaps().await {
+            let _ = node.close().await;
+            return Err(e);
+        }
+        Ok(node)
     }
 
     /// A child given as the name of an open node (QEMU: the reference of

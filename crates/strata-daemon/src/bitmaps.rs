@@ -2,7 +2,7 @@
 //! `block-dirty-bitmap-add`, `-remove`, `-clear`, `-enable`, `-disable` and
 //! `-merge` on the core's in-memory bitmaps, which NBD exports offer as
 //! `qemu:dirty-bitmap:NAME`. Persistent bitmaps (stored in a qcow2 image)
-//! come with the qcow2 bitmaps extension.
+//! are stored in a qcow2 image by its driver (Node::add_bitmap).
 
 use crate::blockdev::Daemon;
 use crate::commands::daemon_command;
@@ -30,15 +30,6 @@ fn str_arg<'a>(a: &'a Value, key: &str) -> &'a str {
     a.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
-/// The default granularity: the cluster size within 4 KiB to 64 KiB, else
-/// 64 KiB (QEMU: bdrv_get_default_bitmap_granularity).
-fn default_granularity(node: &Node) -> u64 {
-    match node.driver().cluster_size() {
-        Some(c) if c > 0 => c.clamp(4096, 65536),
-        _ => 65536,
-    }
-}
-
 pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
     daemon_command(
         qmp,
@@ -46,37 +37,20 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         "block-dirty-bitmap-add",
         "BlockDirtyBitmapAdd",
         |d, a| async move {
-            let name = str_arg(&a, "name");
-            if name.is_empty() {
-                return Err("Bitmap name cannot be empty".into());
-            }
             let node = d
                 .graph
                 .lookup(str_arg(&a, "node"))
                 .map_err(|e| e.to_string())?;
-            let granularity = match a.get("granularity").and_then(Value::as_u64) {
-                Some(g) if g < 512 || !g.is_power_of_two() => {
-                    return Err("Granularity must be power of 2 and at least 512".into())
-                }
-                Some(g) => g,
-                None => default_granularity(&node),
-            };
-            if a.get("persistent").and_then(Value::as_bool) == Some(true) {
-                return Err(format!(
-                    "Can't store persistent bitmaps to {}: Operation not supported",
-                    node.name()
-                ));
-            }
-            let b = node
-                .bitmaps()
-                .create(Some(name), granularity, node.length())
-                .map_err(|e| e.to_string())?;
-            if a.get("disabled").and_then(Value::as_bool) == Some(true) {
-                node.bitmaps()
-                    .set_enabled(&b, false)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            let flag = |k: &str| a.get(k).and_then(Value::as_bool) == Some(true);
+            node.add_bitmap(
+                str_arg(&a, "name"),
+                a.get("granularity").and_then(Value::as_u64),
+                flag("persistent"),
+                flag("disabled"),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
         },
     );
     daemon_command(
@@ -85,8 +59,10 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         "block-dirty-bitmap-remove",
         "BlockDirtyBitmap",
         |d, a| async move {
-            let (n, b) = lookup(&d, str_arg(&a, "node"), str_arg(&a, "name"))?;
-            n.bitmaps().remove(&b).map_err(|e| e.to_string())
+            let (n, _) = lookup(&d, str_arg(&a, "node"), str_arg(&a, "name"))?;
+            n.remove_bitmap(str_arg(&a, "name"))
+                .await
+                .map_err(|e| e.to_string())
         },
     );
     daemon_command(

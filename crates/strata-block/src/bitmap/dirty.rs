@@ -39,8 +39,11 @@ pub struct DirtyInfo {
 pub enum Check {
     /// Busy, read-only and inconsistent bitmaps are refused.
     Default,
-    /// Read-only bitmaps are fine (reading, removing from memory).
+    /// Read-only bitmaps are fine (reading, enabling, merging from).
     AllowReadOnly,
+    /// Inconsistent bitmaps are fine, busy and read-only ones are not
+    /// (removing one: QEMU's BDRV_BITMAP_BUSY | BDRV_BITMAP_RO).
+    Remove,
 }
 
 impl DirtyBitmap {
@@ -82,6 +85,22 @@ impl DirtyBitmap {
     pub fn set_inconsistent(&self, i: bool) {
         self.inconsistent.store(i, Ordering::Release)
     }
+    /// True when it was loaded from an image opened read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly.load(Ordering::Acquire)
+    }
+    /// True when it is stored in the image on close.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+    /// True when the image held it in use (its bits cannot be trusted).
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent.load(Ordering::Acquire)
+    }
+    /// Bytes of disk it covers.
+    pub fn size(&self) -> u64 {
+        self.lock().size()
+    }
 
     /// QEMU's bdrv_dirty_bitmap_check: may this bitmap be used as `check`
     /// says? (QEMU adds the hint "Try block-dirty-bitmap-remove to delete
@@ -93,12 +112,12 @@ impl DirtyBitmap {
                 "Bitmap '{name}' is currently in use by another operation and cannot be used"
             )));
         }
-        if check == Check::Default && self.readonly.load(Ordering::Acquire) {
+        if check != Check::AllowReadOnly && self.is_readonly() {
             return Err(Error::invalid(format!(
                 "Bitmap '{name}' is readonly and cannot be modified"
             )));
         }
-        if self.inconsistent.load(Ordering::Acquire) {
+        if check != Check::Remove && self.is_inconsistent() {
             return Err(Error::invalid(format!(
                 "Bitmap '{name}' is inconsistent and cannot be used"
             )));
@@ -247,11 +266,31 @@ impl DirtyBitmaps {
 
     /// Removes a bitmap (QEMU: block-dirty-bitmap-remove's checks).
     pub fn remove(&self, bitmap: &Arc<DirtyBitmap>) -> Result<()> {
-        bitmap.check(Check::AllowReadOnly)?;
+        bitmap.check(Check::Remove)?;
+        self.release(bitmap);
+        Ok(())
+    }
+
+    /// Drops a bitmap from memory without checks (QEMU:
+    /// bdrv_release_dirty_bitmap).
+    pub fn release(&self, bitmap: &Arc<DirtyBitmap>) {
         let mut list = self.lock();
         list.retain(|b| !Arc::ptr_eq(b, bitmap));
         self.recount(&list);
-        Ok(())
+    }
+
+    /// Every bitmap, newest first: QEMU's list order, which decides the
+    /// order a format stores new bitmaps in and convert copies them.
+    pub fn list(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.lock().iter().rev().cloned().collect()
+    }
+
+    /// Drops the persistent bitmaps from memory once the image holds them
+    /// (QEMU: qcow2_inactivate releases what it stored).
+    pub fn release_persistent(&self) {
+        let mut list = self.lock();
+        list.retain(|b| !b.is_persistent());
+        self.recount(&list);
     }
 
     /// Starts or stops recording in `bitmap`.
@@ -391,6 +430,11 @@ mod tests {
         );
         b.set_busy(false);
         b.set_readonly(true);
+        assert!(bms.clear(&b).is_err());
+        // Read-only bitmaps stay; inconsistent ones may go (QEMU's flags).
+        assert!(bms.remove(&b).is_err());
+        b.set_readonly(false);
+        b.set_inconsistent(true);
         assert!(bms.clear(&b).is_err());
         assert!(bms.remove(&b).is_ok());
         assert!(bms.find("b").is_none());

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
+mod bitmaps;
 mod block_status;
 mod common_opts;
 mod drain;
@@ -57,7 +58,7 @@ pub struct Node {
     /// The write funnel: notifiers before each write, bitmaps after it.
     before_write: std::sync::RwLock<Vec<Arc<dyn funnel::BeforeWrite>>>,
     has_before_write: AtomicBool,
-    bitmaps: crate::bitmap::DirtyBitmaps,
+    bitmaps: Arc<crate::bitmap::DirtyBitmaps>,
     write_threshold: AtomicU64,
     /// The end of the furthest write so far (QEMU: wr_highest_offset).
     wr_highest_offset: AtomicU64,
@@ -306,6 +307,10 @@ impl Node {
         // No request may dirty the caches between their write-back and the
         // switch to inactive: both happen in one drained section.
         drained_async(std::slice::from_ref(self), || async {
+            // The image holds the persistent bitmaps from now on; the node
+            // loads them again when it takes the image back.
+            self.store_bitmaps().await;
+            self.bitmaps.release_persistent();
             self.driver
                 .inactivate()
                 .await
@@ -345,7 +350,7 @@ impl Node {
             self.active.store(false, Ordering::Release);
             return Err(e);
         }
-        Ok(())
+        self.driver.load_bitmaps(&self.bitmaps).await
     }
 
     fn stored_perm(&self) -> Option<(Perm, Perm)> {
@@ -395,6 +400,9 @@ impl Node {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
         if dec != Ok(1) || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if self.is_active() && !self.read_only {
+            self.store_bitmaps().await;
         }
         let r = self.driver.close().await;
         self.detach_children();

@@ -152,7 +152,6 @@ pub fn dump_dict(v: &Value, out: &mut String, depth: usize) {
         let name = k.replace('-', " ");
         match &m[k] {
             Value::Object(o) if o.is_empty() => {}
-            Value::Array(a) if a.is_empty() => {}
             c @ (Value::Object(_) | Value::Array(_)) => {
                 out.push_str(&format!("{ind}{name}:\n"));
                 dump_composite(c, out, depth + 1);

@@ -2,6 +2,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -166,6 +167,7 @@ fn dispatch() -> i32 {
         "rebase" => rebase::run(ctx),
         "commit" => commit::run(ctx),
         "amend" => amend::run(ctx),
+        "bitmap" => bitmap::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
             eprintln!("Try '{} --help' for more info", common::argv0());

@@ -122,6 +122,11 @@ async fn calculate(
     if let Some((offset, length)) = m.header.crypto_header {
         add(&mut refs, res, cs, file_len, offset, length);
     }
+    let (regions, corruptions) = d.bitmap_regions(m).await;
+    res.corruptions += corruptions;
+    for (offset, length) in regions {
+        add(&mut refs, res, cs, file_len, offset, length);
+    }
     let rt_bytes = m.header.refcount_table_clusters as u64 * cs;
     add(
         &mut refs,

@@ -432,6 +432,8 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
         data_file: data_file.clone(),
         feature_table: Vec::new(),
         crypto_header: None,
+        bitmaps: None,
+        stale_bitmaps: false,
     };
     if version < 3 {
         header.extra_fields.clear();

@@ -33,6 +33,20 @@ pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Full disk encryption header pointer: where the LUKS header lives.
 pub const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
+/// Header extension: where the persistent bitmaps' directory is.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Most bitmaps an image may have (QCOW2_MAX_BITMAPS).
+pub const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
+pub const MAX_BITMAP_DIR_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
+
+/// The bitmaps extension: the directory of the persistent bitmaps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub dir_size: u64,
+    pub dir_offset: u64,
+}
 
 /// `crypt_method`: none, qcow's legacy AES, LUKS.
 pub const CRYPT_NONE: u32 = 0;
@@ -113,6 +127,12 @@ pub struct Header {
     pub feature_table: Vec<(u8, u8, String)>,
     /// The LUKS header's clusters (offset, length in bytes).
     pub crypto_header: Option<(u64, u64)>,
+    /// The persistent bitmaps' directory, when the autoclear bit vouches
+    /// for it.
+    pub bitmaps: Option<BitmapsExt>,
+    /// A bitmaps extension was there without its autoclear bit: a program
+    /// without bitmap support wrote the image; it is dropped.
+    pub stale_bitmaps: bool,
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {
@@ -173,6 +193,8 @@ impl Header {
             data_file: None,
             feature_table: Vec::new(),
             crypto_header: None,
+            bitmaps: None,
+            stale_bitmaps: false,
         };
         let cluster_size = 1usize << cluster_bits;
         if version >= 3 {
@@ -300,9 +322,51 @@ impl Header {
                     }
                     self.crypto_header = Some((offset, length));
                 }
+                EXT_BITMAPS => self.parse_bitmaps_ext(&data, cluster_size)?,
                 _ => self.extensions.push(Extension { kind, data }),
             }
         }
+        Ok(())
+    }
+
+    /// The bitmaps extension with QEMU's checks (qcow2_read_extensions).
+    fn parse_bitmaps_ext(&mut self, data: &[u8], cluster_size: usize) -> Result<()> {
+        if data.len() != 24 {
+            return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
+        }
+        if self.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            self.stale_bitmaps = true;
+            return Ok(());
+        }
+        if be32(data, 4) != 0 {
+            return Err(Error::invalid("bitmaps_ext: Reserved field is not zero"));
+        }
+        let ext = BitmapsExt {
+            nb_bitmaps: be32(data, 0),
+            dir_size: be64(data, 8),
+            dir_offset: be64(data, 16),
+        };
+        if ext.nb_bitmaps > MAX_BITMAPS {
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
+                ext.nb_bitmaps
+            )));
+        }
+        if ext.nb_bitmaps == 0 {
+            return Err(Error::invalid("found bitmaps extension with zero bitmaps"));
+        }
+        if ext.dir_offset % cluster_size as u64 != 0 {
+            return Err(Error::invalid(
+                "bitmaps_ext: invalid bitmap directory offset",
+            ));
+        }
+        if ext.dir_size > MAX_BITMAP_DIR_SIZE {
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({MAX_BITMAP_DIR_SIZE})",
+                ext.dir_size
+            )));
+        }
+        self.bitmaps = Some(ext);
         Ok(())
     }
 
@@ -410,6 +474,16 @@ impl Header {
             exts.push(Extension {
                 kind: EXT_FEATURE_TABLE,
                 data: t,
+            });
+        }
+        if let Some(bm) = self.bitmaps.filter(|b| b.nb_bitmaps > 0) {
+            let mut data = bm.nb_bitmaps.to_be_bytes().to_vec();
+            data.extend_from_slice(&[0; 4]);
+            data.extend_from_slice(&bm.dir_size.to_be_bytes());
+            data.extend_from_slice(&bm.dir_offset.to_be_bytes());
+            exts.push(Extension {
+                kind: EXT_BITMAPS,
+                data,
             });
         }
         exts.extend(self.extensions.iter().cloned());

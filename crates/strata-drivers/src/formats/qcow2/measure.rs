@@ -4,11 +4,10 @@
 //! or by preallocation.
 
 use super::create::{take_cluster_size, take_refcount_bits, take_version};
-use super::header::AUTOCLEAR_BITMAPS;
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, Opts};
-use strata_block::{ChildRole, Error, IoBuf, Measure, Node, Result};
+use strata_block::{Error, Measure, Node, Result};
 
 /// Bytes of an L1 entry, of a normal and an extended L2 entry, and of a
 /// refcount table entry.
@@ -75,10 +74,7 @@ pub async fn measure(mut opts: Opts, input: Option<&Arc<Node>>) -> Result<Measur
         refcount_bits.trailing_zeros(),
         extended_l2,
     );
-    let bitmaps = match input {
-        Some(i) if version >= 3 && i.format_name() == "qcow2" => persistent_bitmaps_size(i).await?,
-        _ => None,
-    };
+    let bitmaps = input.and_then(|i| persistent_bitmaps_size(i, version, cluster_size));
     Ok(Measure {
         // Metadata of the fully allocated image stays counted, as QEMU's.
         required: fully_allocated - virtual_size + required,
@@ -111,27 +107,25 @@ async fn data_clusters_bytes(input: &Arc<Node>, size: u64, cluster_size: u64) ->
     Ok(required)
 }
 
-/// The persistent bitmaps of a qcow2 input, None where it cannot have any
-/// (v2): QEMU counts those it loaded. Strata does not load them yet, so an
-/// image whose bitmaps are valid (the autoclear bit set) is refused rather
-/// than measured wrong.
-async fn persistent_bitmaps_size(input: &Arc<Node>) -> Result<Option<u64>> {
-    let Some(file) = input.child(ChildRole::File) else {
-        return Ok(None);
-    };
-    let header = file.read(0, IoBuf::zeroed(104)).await?;
-    let h = header.as_slice();
-    let version = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-    let autoclear = u64::from_be_bytes(h[88..96].try_into().unwrap_or_default());
-    if version < 3 {
-        return Ok(None);
+/// The bytes the input's persistent bitmaps would take in the new image,
+/// None where the target (v2) or the input cannot have any (QEMU:
+/// qcow2_get_persistent_dirty_bitmap_size, over the bitmaps it loaded).
+fn persistent_bitmaps_size(input: &Node, version: u32, cluster_size: u64) -> Option<u64> {
+    if version < 3 || !input.supports_persistent_bitmaps() {
+        return None;
     }
-    if autoclear & AUTOCLEAR_BITMAPS != 0 {
-        return Err(Error::unsupported(
-            "Measuring persistent dirty bitmaps is not supported by Strata yet",
-        ));
-    }
-    Ok(Some(0))
+    let list: Vec<(usize, u64)> = input
+        .bitmaps()
+        .list()
+        .iter()
+        .filter(|b| b.is_persistent())
+        .map(|b| (b.name().unwrap_or_default().len(), b.granularity()))
+        .collect();
+    Some(if list.is_empty() {
+        0
+    } else {
+        super::bitmaps::persistent_size(&list, input.length(), cluster_size)
+    })
 }
 
 /// The file size of an image with every cluster allocated (QEMU:

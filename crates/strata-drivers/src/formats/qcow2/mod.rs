@@ -18,6 +18,8 @@
 //! (backing file names, emptying after a commit).
 
 mod amend;
+mod bitmap_store;
+mod bitmaps;
 mod cache;
 mod cache_opts;
 mod check;
@@ -99,6 +101,11 @@ pub struct Qcow2Driver {
     /// Whether clusters were allocated ahead of their data (decided once,
     /// on the first block status, as QEMU does).
     metadata_prealloc: tokio::sync::OnceCell<bool>,
+    /// The node's dirty bitmaps, given at load: the persistent ones are
+    /// stored from there.
+    node_bitmaps: std::sync::Mutex<Option<Arc<strata_block::DirtyBitmaps>>>,
+    /// The bitmap directory as on disk, for `info`.
+    bitmap_dir: std::sync::Mutex<Vec<bitmaps::DirEntry>>,
 }
 
 impl Qcow2Driver {
@@ -423,6 +430,7 @@ impl Driver for Qcow2Driver {
                     "Can't resize a v2 image which has snapshots",
                 ));
             }
+            self.check_bitmaps_for_resize(&m).await?;
         }
         if size < old {
             return self.shrink(size).await;
@@ -567,6 +575,26 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    fn supports_persistent_bitmaps(&self) -> bool {
+        self.v3()
+    }
+
+    async fn load_bitmaps(&self, bitmaps: &Arc<strata_block::DirtyBitmaps>) -> Result<()> {
+        self.load_persistent_bitmaps(bitmaps).await
+    }
+
+    async fn store_bitmaps(&self) -> Result<()> {
+        self.store_persistent_bitmaps().await
+    }
+
+    async fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        self.can_store_bitmap(name, granularity).await
+    }
+
+    async fn remove_persistent_bitmap(&self, name: &str) -> Result<()> {
+        self.remove_bitmap_from_image(name).await
+    }
+
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
@@ -607,6 +635,30 @@ impl Driver for Qcow2Driver {
                 info.insert("format".into(), "aes".into());
             }
             data.insert("encrypt".into(), info.into());
+        }
+        if h.version >= 3 {
+            // Qcow2BitmapInfo: name, granularity, flags.
+            let list: Vec<serde_json::Value> = self
+                .shown_directory()
+                .into_iter()
+                .map(|e| {
+                    let mut flags = Vec::new();
+                    if e.flags & bitmaps::FLAG_IN_USE != 0 {
+                        flags.push("in-use");
+                    }
+                    if e.flags & bitmaps::FLAG_AUTO != 0 {
+                        flags.push("auto");
+                    }
+                    serde_json::json!({
+                        "name": e.name,
+                        "granularity": 1u64 << e.granularity_bits,
+                        "flags": flags,
+                    })
+                })
+                .collect();
+            if !list.is_empty() {
+                data.insert("bitmaps".into(), list.into());
+            }
         }
         data.insert("compression-type".into(), self.compression.name().into());
         Some(serde_json::json!({ "type": "qcow2", "data": data }))

@@ -3,7 +3,9 @@
 //! cleared on a read-write open; and the driver class that registers it.
 
 use super::cache_opts::CacheSizes;
-use super::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::header::{
+    Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use super::{cache, create, data_file, header};
@@ -93,6 +95,9 @@ impl DriverClass for Qcow2Class {
 
         let (mut hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
         let cache_sizes = CacheSizes::take(opts, geo.cluster_size, hdr.size)?;
+        if hdr.stale_bitmaps {
+            super::bitmaps::warn_stale(hdr.version);
+        }
         if !read_only && !ctx.flags.inactive {
             clear_unknown_autoclear(&file, &mut hdr).await?;
         }
@@ -149,6 +154,8 @@ impl DriverClass for Qcow2Class {
             cache_sizes,
             crypto,
             metadata_prealloc: tokio::sync::OnceCell::new(),
+            node_bitmaps: Default::default(),
+            bitmap_dir: Default::default(),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
@@ -261,7 +268,17 @@ pub(super) async fn load_metadata(
 /// QEMU's open does: whatever they vouch for (bitmaps that saw every write)
 /// stops being true with this writer's first write.
 pub(super) async fn clear_unknown_autoclear(file: &Arc<Node>, hdr: &mut Header) -> Result<()> {
-    let known = hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW;
+    if hdr.stale_bitmaps {
+        // The extension is dropped with the whole header rewritten (QEMU's
+        // need_update_header); the bitmaps' clusters leak.
+        hdr.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW;
+        hdr.stale_bitmaps = false;
+        let bytes = hdr.serialize(1 << hdr.cluster_bits)?;
+        file.write(0, IoBuf::from_slice(&bytes), WriteFlags::default())
+            .await?;
+        return file.flush().await;
+    }
+    let known = hdr.autoclear_features & (AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS);
     if hdr.version < 3 || known == hdr.autoclear_features {
         return Ok(());
     }

@@ -3,6 +3,7 @@
 //! existing one. Options, checks, messages and exit codes follow qemu-img;
 //! the copy itself is in `copy.rs`.
 
+mod bitmaps;
 mod copy;
 
 use super::create::{merged_options, opts_of, print_help, set_option, SetOpt};
@@ -658,17 +659,9 @@ fn convert_to(
             error_report("Copying bitmaps only possible with single source");
             return false;
         }
-        if sources[0].node.skip_filters().format_name() != "qcow2" {
-            error_report("Source lacks bitmap support");
+        if !bitmaps::check(&sources[0].node, a.skip_broken) {
             return false;
         }
-        // Strata reads no persistent bitmaps yet, so it cannot tell whether
-        // there are any to copy.
-        error_report(format!(
-            "Copying persistent bitmaps is not supported by Strata yet: {}",
-            strata_block::error::strerror(libc::ENOTSUP)
-        ));
-        return false;
     }
     // The target is opened with the creation's secrets (qemu-img's
     // img_add_key_secrets): an encrypted target needs its key.
@@ -733,6 +726,11 @@ fn copy_into(
     progress: &RefCell<Progress>,
 ) -> bool {
     let fmt = target.format_name();
+    if a.bitmaps && !target.supports_persistent_bitmaps() {
+        error_report(format!("Format driver '{fmt}' does not support bitmaps"));
+        return false;
+    }
+    let bitmap_source = Arc::clone(&sources[0].node);
     if a.compressed && !super::qemu_can_compress(fmt) {
         error_report("Compression not supported for this file format");
         return false;
@@ -795,6 +793,11 @@ fn copy_into(
     };
     let ok = ctx.ev.block_on(job.run(progress));
     let ok = ok && (!a.compressed || end_compressed(ctx, &target_blk));
+    let ok = ok
+        && (!a.bitmaps
+            || ctx
+                .ev
+                .block_on(bitmaps::copy(&bitmap_source, target, a.skip_broken)));
     let _ = ctx.ev.block_on(target_blk.close());
     ok
 }
