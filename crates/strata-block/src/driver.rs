@@ -552,11 +552,14 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
-    /// May a new persistent bitmap `name` of `granularity` be stored here?
-    /// (QEMU: bdrv_co_can_store_new_dirty_bitmap; the caller adds the
-    /// node's name to the error.)
-    async fn can_store_new_bitmap(&self, _name: &str, _granularity: u64) -> Result<()> {
-        err(libc::ENOTSUP)
+    /// May a new persistent bitmap `name` of `granularity` be stored in
+    /// the image of node `node`? (QEMU: bdrv_co_can_store_new_dirty_bitmap,
+    /// whose messages name the node.)
+    async fn can_store_new_bitmap(&self, node: &str, _name: &str, _granularity: u64) -> Result<()> {
+        Err(Error::msg(
+            libc::ENOTSUP,
+            format!("Can't store persistent bitmaps to {node}: Operation not supported"),
+        ))
     }
 
     /// Removes persistent bitmap `name` from the image; absent is fine

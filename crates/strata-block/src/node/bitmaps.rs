@@ -48,7 +48,9 @@ impl Node {
             None => self.default_bitmap_granularity(),
         };
         if persistent {
-            self.can_store_new_bitmap(name, granularity).await?;
+            self.driver
+                .can_store_new_bitmap(&self.name, name, granularity)
+                .await?;
         }
         let b = self
             .bitmaps
@@ -58,31 +60,6 @@ impl Node {
         }
         b.set_persistent(persistent);
         Ok(b)
-    }
-
-    /// QEMU's bdrv_co_can_store_new_dirty_bitmap with its messages.
-    async fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
-        if !self.driver.supports_persistent_bitmaps() {
-            return Err(Error::msg(
-                libc::ENOTSUP,
-                format!(
-                    "Can't store persistent bitmaps to {}: Operation not supported",
-                    self.name
-                ),
-            ));
-        }
-        if self.bitmaps.find(name).is_some() {
-            return Err(Error::invalid(format!("Bitmap already exists: {name}")));
-        }
-        self.driver
-            .can_store_new_bitmap(name, granularity)
-            .await
-            .map_err(|e| {
-                e.context(&format!(
-                    "Can't make bitmap '{name}' persistent in '{}'",
-                    self.name
-                ))
-            })
     }
 
     /// block-dirty-bitmap-remove: refused while busy or read-only; a

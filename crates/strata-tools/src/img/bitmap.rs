@@ -131,7 +131,8 @@ pub fn run(ctx: Ctx) -> i32 {
         }
         None => None,
     };
-    let granularity = (granularity != 0).then_some(granularity);
+    // QMP's granularity is a uint32: qemu-img passes its number cut to it.
+    let granularity = (granularity != 0).then_some(granularity as u32 as u64);
     ctx.ev.block_on(async {
         let mut code = 0;
         for a in &actions {

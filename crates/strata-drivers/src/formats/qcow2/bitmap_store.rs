@@ -506,16 +506,34 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// QEMU's qcow2_co_can_store_new_dirty_bitmap, after the name check.
-    pub(super) async fn can_store_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+    /// QEMU's qcow2_co_can_store_new_dirty_bitmap, with its messages.
+    pub(super) async fn can_store_bitmap(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: u64,
+    ) -> Result<()> {
+        let bms = self.node_bitmaps();
+        if bms.as_ref().is_some_and(|b| b.find(name).is_some()) {
+            return Err(Error::invalid(format!("Bitmap already exists: {name}")));
+        }
+        self.can_store_more(bms, name, granularity)
+            .map_err(|e| e.context(format!("Can't make bitmap '{name}' persistent in '{node}'")))
+    }
+
+    fn can_store_more(
+        &self,
+        bms: Option<Arc<DirtyBitmaps>>,
+        name: &str,
+        granularity: u64,
+    ) -> Result<()> {
         if !self.v3() {
             return Err(Error::invalid(
                 "Cannot store dirty bitmaps in qcow2 v2 files",
             ));
         }
         check_constraints(name, granularity, self.length(), self.geo.cluster_size)?;
-        let persistent: Vec<_> = self
-            .node_bitmaps()
+        let persistent: Vec<_> = bms
             .map(|b| b.list())
             .unwrap_or_default()
             .into_iter()

@@ -587,8 +587,8 @@ impl Driver for Qcow2Driver {
         self.store_persistent_bitmaps().await
     }
 
-    async fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
-        self.can_store_bitmap(name, granularity).await
+    async fn can_store_new_bitmap(&self, node: &str, name: &str, granularity: u64) -> Result<()> {
+        self.can_store_bitmap(node, name, granularity).await
     }
 
     async fn remove_persistent_bitmap(&self, name: &str) -> Result<()> {
