@@ -1,6 +1,7 @@
 //! The concurrency model test: many requests in flight at once on one qcow2
 //! image — writes (some unaligned), zero writes, discards, compressed
-//! writes, reads, and truncates — with random delays injected below the
+//! writes, reads, truncates, and persistent bitmaps added and removed —
+//! with random delays injected below the
 //! format by a test-only `delay` filter, against a plain in-memory model.
 //!
 //! Writers in flight may overlap (a hot area makes them): the bytes two
@@ -19,7 +20,11 @@
 //!
 //! (`scripts/soak-concurrency SEED SECONDS` does the same.)
 
+#[path = "concurrency_parts/bitmaps.rs"]
+mod bitmaps;
 mod common;
+
+use bitmaps::BitmapModel;
 
 use async_trait::async_trait;
 use std::cell::RefCell;
@@ -178,6 +183,8 @@ struct Config {
     /// LUKS encryption on the image under test: requests are whole sectors
     /// below the core, which reads, changes and writes back the rest.
     encrypted: bool,
+    /// Persistent dirty bitmaps added and removed among the requests.
+    bitmaps: bool,
     seed: u64,
 }
 
@@ -207,6 +214,8 @@ struct State {
     ops: u64,
     overlaps: u64,
     failure: Option<String>,
+    /// The bitmaps the node should have, in configurations with bitmaps.
+    bitmaps: Option<BitmapModel>,
 }
 
 impl State {
@@ -359,6 +368,12 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
         if st.borrow().ops >= budget || st.borrow().failure.is_some() {
             return;
         }
+        if st.borrow().bitmaps.is_some() && rng.below(100) == 0 {
+            if let Err(e) = bitmap_op(node, st, &mut rng).await {
+                st.borrow_mut().fail(e);
+            }
+            continue;
+        }
         let op = pick(&mut rng, cs);
         if let Op::Truncate { to } = op {
             // Alone: every other request finishes first, none starts.
@@ -377,7 +392,12 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
             .await;
             let mut s = st.borrow_mut();
             match r {
-                Ok(()) => s.model[to as usize..].fill(0),
+                Ok(()) => {
+                    s.model[to as usize..].fill(0);
+                    if let Some(b) = s.bitmaps.as_mut() {
+                        b.truncated(to);
+                    }
+                }
                 Err(e) => s.fail(format!("truncate to {to}: {e}")),
             }
             s.truncating = false;
@@ -395,6 +415,16 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
         let Some(id) = st.borrow_mut().start(off, len, modifies) else {
             tokio::task::yield_now().await;
             continue;
+        };
+        // The bitmaps that exist as a write starts must record it; a
+        // compressed write may be refused, and then records nothing.
+        let recorded = !matches!(op, Op::Compressed { .. });
+        let bitmap_names = match st.borrow_mut().bitmaps.as_mut() {
+            Some(b) if modifies => {
+                b.started(off, len);
+                b.names()
+            }
+            _ => Vec::new(),
         };
         let result: std::result::Result<(), String> = match op {
             Op::Write { off, len, pattern } => {
@@ -462,12 +492,58 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
             },
             Op::Truncate { .. } => unreachable!("handled above"),
         };
-        if let Err(e) = result {
-            let mut s = st.borrow_mut();
-            let n = s.ops;
-            s.fail(format!("{e} (after {n} operations)"));
+        match result {
+            Err(e) => {
+                let mut s = st.borrow_mut();
+                let n = s.ops;
+                s.fail(format!("{e} (after {n} operations)"));
+            }
+            Ok(()) if recorded => {
+                if let Some(b) = st.borrow_mut().bitmaps.as_mut() {
+                    b.written(&bitmap_names, off, len);
+                }
+            }
+            Ok(()) => {}
         }
     }
+}
+
+/// Adds a persistent bitmap, or removes one, with requests in flight.
+async fn bitmap_op(
+    node: &Arc<Node>,
+    st: &RefCell<State>,
+    rng: &mut Rng,
+) -> std::result::Result<(), String> {
+    let (remove, name) = {
+        let mut s = st.borrow_mut();
+        let b = s.bitmaps.as_mut().expect("a bitmaps configuration");
+        let names = b.names();
+        if !names.is_empty() && (names.len() >= 4 || rng.below(2) == 0) {
+            (true, names[rng.below(names.len() as u64) as usize].clone())
+        } else {
+            (false, b.next_name())
+        }
+    };
+    if remove {
+        node.remove_bitmap(&name)
+            .await
+            .map_err(|e| format!("remove bitmap {name}: {e}"))?;
+        st.borrow_mut().bitmaps.as_mut().unwrap().removed(&name);
+    } else {
+        node.add_bitmap(&name, Some(bitmaps::GRANULE), true, false)
+            .await
+            .map_err(|e| format!("add bitmap {name}: {e}"))?;
+        let mut s = st.borrow_mut();
+        let in_flight: Vec<(u64, u64)> = s
+            .flights
+            .iter()
+            .filter(|f| f.modifies)
+            .map(|f| (f.off, f.end))
+            .collect();
+        s.bitmaps.as_mut().unwrap().added(name, &in_flight);
+    }
+    st.borrow_mut().ops += 1;
+    Ok(())
 }
 
 async fn open_delayed(path: &str, seed: u64, encrypted: bool) -> Arc<Node> {
@@ -571,6 +647,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
         ops: 0,
         overlaps: 0,
         failure: None,
+        bitmaps: cfg.bitmaps.then(|| BitmapModel::new(SIZE)),
     });
     let done = ev.block_on(async {
         let node = open_delayed(&top, cfg.seed, cfg.encrypted).await;
@@ -605,7 +682,33 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
             st.borrow_mut()
                 .fail("lazy refcounts: the image was never marked dirty".into());
         }
+        if st.borrow().failure.is_none() {
+            let checked = st.borrow().bitmaps.as_ref().map(|b| b.verify(&node));
+            if let Some(Err(e)) = checked {
+                st.borrow_mut().fail(e);
+            }
+        }
+        let churn = st.borrow().bitmaps.as_ref().map(|b| b.churn());
+        if let Some((added, removed)) = churn {
+            if added == 0 || removed == 0 {
+                st.borrow_mut().fail(format!(
+                    "bitmaps: {added} added, {removed} removed; the run needs both"
+                ));
+            }
+        }
+        let live = BitmapModel::snapshot(&node);
         node.close().await.unwrap();
+        if cfg.bitmaps && st.borrow().failure.is_none() {
+            // Stored at close, loaded at open: the same bits.
+            let again = common::open(&top, Some("qcow2")).await;
+            let loaded = BitmapModel::snapshot(&again);
+            again.close().await.unwrap();
+            if loaded != live {
+                st.borrow_mut().fail(format!(
+                    "bitmaps stored and loaded again differ: {loaded:?}, were {live:?}"
+                ));
+            }
+        }
         let s = st.borrow();
         (s.ops, s.overlaps)
     });
@@ -641,6 +744,7 @@ fn configs(seed: u64) -> Vec<Config> {
                 // Half of the configurations, every cluster size among them.
                 lazy: (i + backing as usize) % 2 == 1,
                 encrypted: false,
+                bitmaps: true,
                 seed: seed.wrapping_add(i as u64 * 2 + backing as u64),
             });
         }
@@ -653,6 +757,7 @@ fn configs(seed: u64) -> Vec<Config> {
             backing: i == 0,
             lazy: false,
             encrypted: true,
+            bitmaps: false,
             seed: seed.wrapping_add(100 + i as u64),
         });
     }
