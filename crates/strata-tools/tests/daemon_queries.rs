@@ -243,3 +243,61 @@ fn dirty_bitmaps_answer_and_export_as_qemu_storage_daemon_does() {
         got[16]
     );
 }
+
+/// Persistent bitmaps over QMP: one made by qemu-img is loaded with the
+/// image, a new one is added and written to through an export, the old one
+/// removed from the image; what the queries show, and what qemu-img finds
+/// in the image once the daemon is gone.
+fn persistent_bitmap_session(side: &Side) -> Vec<String> {
+    side.qemu_img(&["bitmap", "--add", "-g", "128k", "top.qcow2", "old"]);
+    side.qemu_img(&["bitmap", "--add", "--disable", "top.qcow2", "keep"]);
+    let extra: Vec<String> = ARGS[..12]
+        .iter()
+        .map(|a| a.replace("$DIR", &side.dir.path().display().to_string()))
+        .collect();
+    let (d, mut c) = Running::start(side, &extra);
+    let mut out = vec![side.normalize(&c.line())];
+    for cmd in [
+        r#"{"execute": "qmp_capabilities"}"#,
+        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "old", "persistent": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "other", "name": "p", "persistent": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "p", "persistent": true, "granularity": 256}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "p", "persistent": true}}"#,
+        r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "top", "name": "mem"}}"#,
+        r#"{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "top", "name": "old"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "w", "node-name": "top", "name": "w", "writable": true}}"#,
+    ] {
+        out.push(anonymous(&side.normalize(&c.ask(cmd))));
+    }
+    let uri = format!("nbd+unix:///w?socket={}", side.path("nbd.sock"));
+    let io = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 1M 64k", &uri])
+        .output()
+        .unwrap();
+    assert!(io.status.success(), "{io:?}");
+    for cmd in [
+        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+        r#"{"execute": "block-export-del", "arguments": {"id": "w"}}"#,
+    ] {
+        out.push(anonymous(&side.normalize(&c.ask(cmd))));
+    }
+    out.push(side.normalize(&c.line()));
+    out.push(side.normalize(&c.ask(r#"{"execute": "quit"}"#)));
+    let (code, err) = d.wait();
+    out.push(format!("exit {code} {}", side.normalize(&err)));
+    out.push(side.qemu_img(&["info", "--output=json", "top.qcow2"]).0);
+    out.push(side.qemu_img(&["check", "top.qcow2"]).0);
+    out
+}
+
+#[test]
+fn persistent_bitmaps_over_qmp_match_qemu_storage_daemon() {
+    let Some((s, q)) = sides() else { return };
+    images(&s);
+    images(&q);
+    let got = persistent_bitmap_session(&s);
+    let want = persistent_bitmap_session(&q);
+    assert_same_lines(&got, &want);
+    assert!(got.iter().any(|l| l.contains(r#""name": "p""#)), "{got:?}");
+}

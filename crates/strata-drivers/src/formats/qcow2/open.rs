@@ -108,7 +108,10 @@ impl DriverClass for Qcow2Class {
         let backing = match (&hdr.backing_file, backing_opts) {
             (_, Some(serde_json::Value::Null)) => None,
             // The name of an open node: this image shares it as its backing file.
-            (_, Some(serde_json::Value::String(r))) => Some(ctx.reference(&r)?),
+            (_, Some(serde_json::Value::String(r))) => Some(
+                ctx.reference(&r)
+                    .map_err(|e| e.context("Could not open backing file"))?,
+            ),
             // Options alone may define a backing file the header does not name.
             (name, bo) if !ctx.flags.no_backing && (name.is_some() || bo.is_some()) => {
                 let bopts = match bo {
