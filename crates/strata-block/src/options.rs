@@ -172,10 +172,12 @@ pub fn take_u64(o: &mut Opts, key: &str) -> Result<Option<u64>> {
             .as_u64()
             .map(Some)
             .ok_or_else(|| Error::invalid(format!("Parameter '{key}' expects a number"))),
-        Some(Value::String(s)) => s
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Error::invalid(format!("Parameter '{key}' expects a number"))),
+        // As qemu_strtou64, a minus sign wraps: "-1" is 2^64 - 1.
+        Some(Value::String(s)) => match s.strip_prefix('-') {
+            Some(n) => n.parse::<u64>().map(|v| Some(v.wrapping_neg())),
+            None => s.parse::<u64>().map(Some),
+        }
+        .map_err(|_| Error::invalid(format!("Parameter '{key}' expects a number"))),
         Some(_) => Err(Error::invalid(format!(
             "Invalid parameter type for '{key}', expected: number"
         ))),

@@ -150,7 +150,7 @@ fn references_to_missing_nodes_or_with_more_options_are_refused() {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Cannot find device='nope' nor node-name='nope'"
+            "Could not open backing file: Cannot find device='nope' nor node-name='nope'"
         );
         let e = open(
             &ctx,

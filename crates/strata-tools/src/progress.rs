@@ -1,10 +1,14 @@
 //! qemu-img's progress line (QEMU: util/qemu-progress.c): `    (xx.xx/100%)`
 //! and a carriage return on stdout, printed when the value moved by more
-//! than the minimum step, at 0 and at 100; a newline at the end.
+//! than the minimum step, at 0 and at 100; a newline at the end. Or, for
+//! pipelines (`--progress=json`, which qemu-img lacks), one JSON object a
+//! line on stderr at the same moments: `{"done": BYTES, "total": BYTES}`.
 
 /// The state of one progress report.
 pub struct Progress {
     enabled: bool,
+    /// JSON lines of bytes instead of the percentage line.
+    json: bool,
     current: f32,
     last_print: f32,
     min_skip: f32,
@@ -16,40 +20,78 @@ impl Progress {
     pub fn new(enabled: bool, min_skip: f32) -> Progress {
         Progress {
             enabled,
+            json: false,
             current: 0.0,
             last_print: 0.0,
             min_skip,
         }
     }
 
+    /// A report of bytes as JSON lines (only [`report`](Self::report)
+    /// prints).
+    pub fn new_json(min_skip: f32) -> Progress {
+        Progress {
+            json: true,
+            ..Progress::new(true, min_skip)
+        }
+    }
+
+    /// Reports `done` of `total` bytes: the percentage line as qemu-img
+    /// prints it, or in JSON mode the bytes themselves.
+    pub fn report(&mut self, done: u64, total: u64) {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            (100.0 * done as f64 / total as f64) as f32
+        };
+        if !self.json {
+            return self.print(pct, 0);
+        }
+        if self.step(pct) {
+            eprintln!("{{\"done\": {done}, \"total\": {total}}}");
+        }
+    }
+
+    /// Moves to `current` percent; true when that is worth a line.
+    fn step(&mut self, current: f32) -> bool {
+        let current = current.min(100.0);
+        self.current = current;
+        let due = current > self.last_print + self.min_skip
+            || current < self.last_print - self.min_skip
+            || current == 100.0
+            || current == 0.0;
+        if due {
+            self.last_print = current;
+        }
+        due
+    }
+
     /// Reports progress: with `max` 0, `delta` is the percentage done;
     /// otherwise `delta` percent of a part worth `max` percent was done.
     pub fn print(&mut self, delta: f32, max: i32) {
-        let mut current = if max == 0 {
+        if self.json {
+            // Only byte counts go out as JSON.
+            return;
+        }
+        let current = if max == 0 {
             delta
         } else {
             self.current + delta / 100.0 * max as f32
         };
-        if current > 100.0 {
-            current = 100.0;
+        if self.step(current) && self.enabled {
+            crate::out!("    ({:.2}/100%)\r", current as f64);
+            crate::stdout::flush();
         }
-        self.current = current;
-        if current > self.last_print + self.min_skip
-            || current < self.last_print - self.min_skip
-            || current == 100.0
-            || current == 0.0
-        {
-            self.last_print = current;
-            if self.enabled {
-                crate::out!("    ({:.2}/100%)\r", current as f64);
-                crate::stdout::flush();
-            }
-        }
+    }
+
+    /// True for JSON lines of bytes.
+    pub fn is_json(&self) -> bool {
+        self.json
     }
 
     /// Ends the report: the newline after the last line.
     pub fn end(&self) {
-        if self.enabled {
+        if self.enabled && !self.json {
             crate::outln!();
         }
     }

@@ -742,3 +742,69 @@ fn rate_limit_holds_writes_back() {
     assert!(t.elapsed().as_secs_f64() > 0.7, "{:?}", t.elapsed());
     identical(d, "six.raw", "o.raw");
 }
+
+#[test]
+fn progress_as_json_lines_counts_the_bytes_copied() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    sh(
+        dir,
+        QEMU_IMG,
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"],
+    );
+    // 24 MiB of data in three runs, the rest unallocated.
+    for w in ["write 0 8M", "write 20M 8M", "write 50M 8M"] {
+        sh(dir, QEMU_IO, &["-c", w, "src.qcow2"]);
+    }
+    let bin = strata_bin(dir);
+    let (out, err, code) = run(
+        Some(&bin),
+        dir,
+        &[
+            "convert",
+            "--progress=json",
+            "-O",
+            "raw",
+            "src.qcow2",
+            "dst.raw",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "", "nothing on stdout");
+    let lines: Vec<(u64, u64)> = err
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+            (v["done"].as_u64().unwrap(), v["total"].as_u64().unwrap())
+        })
+        .collect();
+    let total = 24 << 20;
+    assert_eq!(lines.first(), Some(&(0, total)), "{err}");
+    assert_eq!(lines.last(), Some(&(total, total)), "{err}");
+    assert!(lines.len() > 10, "{err}");
+    assert!(
+        lines
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[1].1 == total),
+        "{err}"
+    );
+    // Any other format name is refused.
+    let (_, err, code) = run(
+        Some(&bin),
+        dir,
+        &[
+            "convert",
+            "--progress=xml",
+            "-O",
+            "raw",
+            "src.qcow2",
+            "x.raw",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("Invalid progress format 'xml'"), "{err}");
+}

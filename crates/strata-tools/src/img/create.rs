@@ -109,10 +109,13 @@ pub(super) fn set_option(
                 format!("Parameter '{key}' expects a non-negative number below 2^64{SIZE_HELP}")
             })?
             .to_string(),
-        OptType::Number => val
-            .parse::<u64>()
-            .map_err(|_| format!("Parameter '{key}' expects a number"))?
-            .to_string(),
+        // As qemu_strtou64, a minus sign wraps: "-1" is 2^64 - 1.
+        OptType::Number => match val.strip_prefix('-') {
+            Some(n) => n.parse::<u64>().map(u64::wrapping_neg),
+            None => val.parse::<u64>(),
+        }
+        .map_err(|_| format!("Parameter '{key}' expects a number"))?
+        .to_string(),
         OptType::Bool => match val {
             "on" | "yes" | "true" | "y" => "on".to_string(),
             "off" | "no" | "false" | "n" => "off".to_string(),

@@ -100,9 +100,16 @@ impl Qcow2Driver {
     ) -> Result<()> {
         let w = self.wanted(&mut opts).await?;
         let old_version = self.version.load(Ordering::Acquire);
-        let old_bits = 1u64 << self.geo.refcount_order;
+        let old_bits = 1u64 << self.meta.lock().await.geo.refcount_order;
+        let steps = Steps::new(
+            status,
+            u64::from(w.version != old_version)
+                + u64::from(w.refcount_bits != old_bits)
+                + u64::from(w.encryption.is_some()),
+        );
         if w.version > old_version {
-            self.upgrade(status).await?;
+            self.upgrade(&|o, t| steps.report(Step::Upgrade, o, t))
+                .await?;
         }
         if w.refcount_bits != old_bits {
             if w.version < 3 && w.refcount_bits != 16 {
@@ -110,9 +117,11 @@ impl Qcow2Driver {
                     "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
                 ));
             }
-            return Err(Error::unsupported(
-                "Changing the refcount width of an existing image is not supported by Strata yet",
-            ));
+            let mut m = self.meta.lock().await;
+            self.change_refcount_order(&mut m, w.refcount_bits.trailing_zeros(), &|o, t| {
+                steps.report(Step::RefcountOrder, o, t)
+            })
+            .await?;
         }
         {
             let mut m = self.meta.lock().await;
@@ -145,7 +154,8 @@ impl Qcow2Driver {
             self.truncate(size, true, Preallocation::Off).await?;
         }
         if w.version < old_version {
-            self.downgrade(status).await?;
+            self.downgrade(&|o, t| steps.report(Step::Downgrade, o, t))
+                .await?;
         }
         // Key slots last, as QEMU changes them.
         if let (Some(o), Some(c), Some((off, len))) = (
@@ -440,5 +450,59 @@ impl Qcow2Driver {
             self.file.write(l2, table, WriteFlags::default()).await?;
         }
         Ok(())
+    }
+}
+
+/// The parts of one amend, for its progress.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Upgrade,
+    RefcountOrder,
+    Downgrade,
+}
+
+/// One progress report over all the parts of an amend (QEMU:
+/// qcow2_amend_helper_cb): the parts done count with their own work
+/// size, the parts to come are projected from the average so far.
+struct Steps<'a> {
+    status: &'a (dyn Fn(u64, u64) + Send + Sync),
+    total: u64,
+    state: std::sync::Mutex<StepsState>,
+}
+
+#[derive(Default)]
+struct StepsState {
+    last: Option<Step>,
+    offset_completed: u64,
+    completed: u64,
+    last_size: u64,
+}
+
+impl<'a> Steps<'a> {
+    fn new(status: &'a (dyn Fn(u64, u64) + Send + Sync), total: u64) -> Steps<'a> {
+        Steps {
+            status,
+            total: total.max(1),
+            state: Default::default(),
+        }
+    }
+
+    fn report(&self, step: Step, offset: u64, size: u64) {
+        let (done, all) = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.last != Some(step) {
+                if s.last.is_some() {
+                    s.offset_completed += s.last_size;
+                    s.completed += 1;
+                }
+                s.last = Some(step);
+            }
+            s.last_size = size;
+            let current = s.offset_completed + size;
+            let left = self.total.saturating_sub(s.completed + 1);
+            let projected = current * left / (s.completed + 1);
+            (s.offset_completed + offset, current + projected)
+        };
+        (self.status)(done, all);
     }
 }

@@ -13,7 +13,25 @@ use strata_block::driver::{CheckResult, RepairMode};
 use strata_block::{Driver, Error, IoBuf, Result, WriteFlags};
 
 /// Computed references per host cluster.
-type Refs = BTreeMap<u64, u64>;
+/// Computed references per host cluster, each at most `max` (the image's
+/// widest refcount): more is an overflow, counted as QEMU counts it.
+struct Refs {
+    map: BTreeMap<u64, u64>,
+    max: u64,
+}
+
+impl std::ops::Deref for Refs {
+    type Target = BTreeMap<u64, u64>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Refs {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
 
 /// Counts one reference to `[off, off+len)`. A region that ends a cluster
 /// or more past the end of the file is corruption, not a reference (the last
@@ -31,8 +49,17 @@ fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64,
     }
     let first = off / cs;
     let last = (off + len - 1) / cs;
+    let max = refs.max;
     for c in first..=last {
-        *refs.entry(c).or_insert(0) += 1;
+        let r = refs.entry(c).or_insert(0);
+        if *r == max {
+            // QEMU's qcow2_inc_refcounts_imrt: the count stays at the top.
+            eprintln!("ERROR: overflow cluster offset={:#x}", c * cs);
+            eprintln!("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
+            res.corruptions += 1;
+            continue;
+        }
+        *r += 1;
     }
 }
 
@@ -56,7 +83,10 @@ async fn calculate(
     table: &Table,
 ) -> Result<Walk> {
     let cs = d.geo.cluster_size;
-    let mut refs = Refs::new();
+    let mut refs = Refs {
+        map: BTreeMap::new(),
+        max: m.geo.refcount_max(),
+    };
     let file_len = d.file.driver().length();
     add(&mut refs, res, cs, file_len, 0, cs);
     let l1 = m.l1.clone();
@@ -595,8 +625,8 @@ async fn write_refblocks(
     table: &mut Vec<u64>,
 ) -> Result<bool> {
     let cs = d.geo.cluster_size;
-    let rb_bits = d.geo.rb_bits;
-    let order = d.geo.refcount_order;
+    let rb_bits = m.geo.rb_bits;
+    let order = m.geo.refcount_order;
     let mut grown = false;
     let mut first_free = 0u64;
     let mut end = end;

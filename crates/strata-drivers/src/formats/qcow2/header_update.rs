@@ -67,9 +67,9 @@ impl Qcow2Driver {
     /// them; any other image has every cluster of the disk unallocated.
     pub(super) async fn empty(&self) -> Result<()> {
         let cs = self.geo.cluster_size;
-        let entries_per_refblock = (cs * 8) >> self.geo.refcount_order;
         let (l1_clusters, simple) = {
             let m = self.meta.lock().await;
+            let entries_per_refblock = (cs * 8) >> m.geo.refcount_order;
             let l1_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
             let simple = self.v3()
                 && m.header.nb_snapshots == 0

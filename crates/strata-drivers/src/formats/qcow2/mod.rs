@@ -37,6 +37,7 @@ mod offset_hash;
 mod open;
 mod read;
 mod refcount;
+mod refcount_order;
 mod resize;
 mod snapshot;
 mod snapshot_ops;
@@ -747,10 +748,12 @@ impl Driver for Qcow2Driver {
         }
         // This driver keeps the geometry in its own fields; QEMU would pick
         // up a new one, but only amend or a new image changes it.
+        // The refcount width lives in the metadata (amend changes it).
+        let refcount_order = self.meta.lock().await.geo.refcount_order;
         if (geo.cluster_bits, geo.refcount_order, geo.version)
             != (
                 self.geo.cluster_bits,
-                self.geo.refcount_order,
+                refcount_order,
                 self.version.load(Ordering::Acquire),
             )
             || hdr.compression != self.compression

@@ -54,7 +54,8 @@ impl Meta {
     /// (and growing the refcount table) where none covers it.
     pub async fn set_refcount(&mut self, file: &Arc<Node>, hc: u64, val: u64) -> Result<()> {
         if val > self.geo.refcount_max() {
-            return Err(Error::msg(libc::ERANGE, "Refcount overflow"));
+            // QEMU's update_refcount answers an overflow with EINVAL.
+            return Err(Error::msg(libc::EINVAL, "Refcount overflow"));
         }
         let ti = hc >> self.geo.rb_bits;
         let rb = self.ensure_refblock(file, ti).await?;
@@ -95,7 +96,12 @@ impl Meta {
             self.announce_refblock(file, hc, &mut last_block).await;
             let cur = self.refcount(file, hc).await?;
             let new = cur.checked_add_signed(delta).ok_or_else(|| {
-                Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
+                if delta > 0 {
+                    // QEMU's update_refcount: an overflow is EINVAL.
+                    Error::msg(libc::EINVAL, "Refcount overflow")
+                } else {
+                    Error::corrupt(format!("Refcount of cluster {hc:#x} would drop below zero"))
+                }
             })?;
             self.set_refcount(file, hc, new).await?;
         }

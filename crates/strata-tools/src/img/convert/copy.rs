@@ -456,8 +456,10 @@ impl Convert {
             };
             if status == Status::Data || (self.min_sparse == 0 && status == Status::Zero) {
                 sh.allocated_done.set(sh.allocated_done.get() + n);
-                let pct = 100.0 * sh.allocated_done.get() as f64 / sh.allocated_sectors as f64;
-                sh.progress.borrow_mut().print(pct as f32, 0);
+                sh.progress.borrow_mut().report(
+                    sh.allocated_done.get() * SECTOR,
+                    sh.allocated_sectors * SECTOR,
+                );
             }
             let mut status = status;
             let mut data = None;
@@ -576,8 +578,17 @@ impl Convert {
             allocated_done: Cell::new(0),
             progress,
         };
+        let json = progress.borrow().is_json();
+        let total = allocated_sectors * SECTOR;
+        if json {
+            progress.borrow_mut().report(0, total);
+        }
         let workers = (0..self.num_coroutines).map(|_| self.worker(&sh));
         futures::future::join_all(workers).await;
+        if json && !sh.failed.get() {
+            // Nothing to copy still ends with everything done.
+            progress.borrow_mut().report(total, total);
+        }
         !sh.failed.get()
     }
 }

@@ -39,6 +39,8 @@ const OPTS: &[super::Opt] = &[
     long("target-is-zero", false),
     long("bitmaps", false),
     long("skip-broken-bitmaps", false),
+    // Strata's own: `--progress=json` for pipelines (qemu-img has only -p).
+    long("progress", true),
     opt('r', Some("rate"), true),
     opt('m', Some("parallel"), true),
     opt('W', Some("oob-writes"), false),
@@ -63,6 +65,8 @@ Arguments:
      quiet operations
   -p, --progress
      show operation progress
+  --progress=json
+     report progress as JSON lines on stderr: {\"done\": BYTES, \"total\": BYTES}
   -f, --source-format SRC_FMT
      specify SRC_FILENAME source image format explicitly
   --source-image-opts
@@ -136,6 +140,8 @@ struct Args {
     min_sparse: u64,
     explicit_min_sparse: bool,
     progress: bool,
+    /// `--progress=json`: bytes as JSON lines on stderr.
+    progress_json: bool,
     cache: String,
     src_cache: String,
     quiet: bool,
@@ -191,6 +197,7 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
         min_sparse: 8,
         explicit_min_sparse: false,
         progress: false,
+        progress_json: false,
         cache: "unsafe".into(),
         src_cache: "writeback".into(),
         quiet: false,
@@ -264,6 +271,19 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
             (_, Some("target-is-zero")) => a.target_is_zero = true,
             (_, Some("bitmaps")) => a.bitmaps = true,
             (_, Some("skip-broken-bitmaps")) => a.skip_broken = true,
+            (_, Some("progress")) => {
+                a.progress = true;
+                a.progress_json = match v.as_str() {
+                    "json" => true,
+                    "human" => false,
+                    _ => {
+                        error_report(format!(
+                            "Invalid progress format '{v}': expected 'human' or 'json'"
+                        ));
+                        return Err(1);
+                    }
+                };
+            }
             _ => {}
         }
     }
@@ -405,7 +425,11 @@ pub fn run(ctx: Ctx) -> i32 {
     if a.quiet {
         a.progress = false;
     }
-    let progress = RefCell::new(Progress::new(a.progress, 1.0));
+    let progress = RefCell::new(if a.progress_json {
+        Progress::new_json(1.0)
+    } else {
+        Progress::new(a.progress, 1.0)
+    });
     progress.borrow_mut().print(0.0, 100);
     let ok = convert(&ctx, &a, &src_names, &out_filename, src_cache, &progress);
     if ok {
