@@ -835,3 +835,68 @@ fn measure_answers_as_qemu_img() {
         assert_eq!(a, b, "qemu-img {}", args.join(" "));
     }
 }
+
+#[test]
+fn refcount_width_changes_keep_every_cluster_and_check_clean_in_qemu() {
+    let Some(q) = qemu_img() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let ours = strata_as_qemu_img(dir);
+    // Small clusters, so the refcount structure spans several blocks, with
+    // a snapshot (references of 2) and compressed clusters sharing hosts.
+    let ok = |prog: &Path, args: &[&str]| {
+        let (o, e, c) = run(prog, args, dir);
+        assert_eq!(c, 0, "{args:?}: {o}{e}");
+        o
+    };
+    let qp = Path::new(q);
+    ok(
+        qp,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "a.qcow2",
+            "4M",
+        ],
+    );
+    qemu_io(
+        dir,
+        &[
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -c -P 2 2M 64k",
+            "a.qcow2",
+        ],
+    );
+    ok(qp, &["snapshot", "-c", "s1", "a.qcow2"]);
+    ok(qp, &["convert", "-O", "raw", "a.qcow2", "snap.raw"]);
+    qemu_io(dir, &["-c", "write -P 3 512k 1M", "a.qcow2"]);
+    ok(qp, &["convert", "-O", "raw", "a.qcow2", "want.raw"]);
+    for bits in ["64", "8", "16", "32"] {
+        let o = format!("refcount_bits={bits}");
+        ok(&ours, &["amend", "-o", &o, "a.qcow2"]);
+        let info = ok(qp, &["info", "a.qcow2"]);
+        assert!(info.contains(&format!("refcount bits: {bits}")), "{info}");
+        let check = ok(qp, &["check", "a.qcow2"]);
+        assert!(check.contains("No errors were found"), "{bits}: {check}");
+        ok(
+            qp,
+            &["compare", "-f", "qcow2", "-F", "raw", "a.qcow2", "want.raw"],
+        );
+        ok(
+            qp,
+            &["convert", "-l", "s1", "-O", "raw", "a.qcow2", "s1.raw"],
+        );
+        ok(
+            qp,
+            &["compare", "-f", "raw", "-F", "raw", "s1.raw", "snap.raw"],
+        );
+    }
+    // A width too small for the snapshot's references: both refuse alike.
+    same(dir, &ours, &["amend", "-o", "refcount_bits=2", "a.qcow2"]);
+}
