@@ -119,11 +119,11 @@ impl BitmapModel {
             for (off, len) in b.dirty_ranges() {
                 dirty[granules(off, len)].fill(true);
             }
-            for g in 0..self.granules {
-                if t.must[g] && !dirty[g] {
+            for (g, &d) in dirty.iter().enumerate() {
+                if t.must[g] && !d {
                     return Err(format!("bitmap {}: granule {g} missed a write", t.name));
                 }
-                if dirty[g] && !t.may[g] {
+                if d && !t.may[g] {
                     return Err(format!(
                         "bitmap {}: granule {g} is dirty, no write touched it",
                         t.name

@@ -355,7 +355,7 @@ impl Header {
         if ext.nb_bitmaps == 0 {
             return Err(Error::invalid("found bitmaps extension with zero bitmaps"));
         }
-        if ext.dir_offset % cluster_size as u64 != 0 {
+        if !ext.dir_offset.is_multiple_of(cluster_size as u64) {
             return Err(Error::invalid(
                 "bitmaps_ext: invalid bitmap directory offset",
             ));

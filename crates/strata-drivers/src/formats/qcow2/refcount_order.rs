@@ -58,7 +58,7 @@ impl Qcow2Driver {
             let size = m.reftable.len() as u64;
             status(index * size + ti as u64, total * size);
             let rb = m.reftable[ti] & OFFSET_MASK;
-            if rb != 0 && rb % cs != 0 {
+            if rb != 0 && !rb.is_multiple_of(cs) {
                 return Err(Error::msg(
                     libc::EIO,
                     "Image is corrupt (unaligned refblock offset)",
