@@ -39,7 +39,8 @@ const OPTS: &[super::Opt] = &[
     long("target-is-zero", false),
     long("bitmaps", false),
     long("skip-broken-bitmaps", false),
-    // Strata's own: `--progress=json` for pipelines (qemu-img has only -p).
+    // Strata's own: `--progress=json` for pipelines (qemu-img has only -p;
+    // the help stays qemu-img's, byte for byte, and the README names it).
     long("progress", true),
     opt('r', Some("rate"), true),
     opt('m', Some("parallel"), true),
@@ -65,8 +66,6 @@ Arguments:
      quiet operations
   -p, --progress
      show operation progress
-  --progress=json
-     report progress as JSON lines on stderr: {\"done\": BYTES, \"total\": BYTES}
   -f, --source-format SRC_FMT
      specify SRC_FILENAME source image format explicitly
   --source-image-opts
