@@ -338,6 +338,13 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// The smallest unit a write allocates without copying on write
+    /// around it (QEMU's BlockDriverInfo.subcluster_size): the cluster,
+    /// unless the format splits it.
+    fn subcluster_size(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+
     /// True when the image is marked dirty (qcow2 lazy refcounts), for `info`.
     fn is_dirty(&self) -> bool {
         false

@@ -58,6 +58,10 @@ impl Driver for CompressDriver {
         self.file.get().driver().cluster_size()
     }
 
+    fn subcluster_size(&self) -> Option<u64> {
+        self.file.get().driver().subcluster_size()
+    }
+
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.file.get().read(offset, buf).await
     }

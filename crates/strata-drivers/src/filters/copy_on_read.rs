@@ -102,6 +102,10 @@ impl Driver for CorDriver {
         self.file.get().driver().cluster_size()
     }
 
+    fn subcluster_size(&self) -> Option<u64> {
+        self.file.get().driver().subcluster_size()
+    }
+
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         match &self.bottom {
             None => self.file.get().read_cor(offset, buf).await,

@@ -515,6 +515,10 @@ impl Driver for ThrottleDriver {
         self.file.get().driver().cluster_size()
     }
 
+    fn subcluster_size(&self) -> Option<u64> {
+        self.file.get().driver().subcluster_size()
+    }
+
     fn growable(&self) -> bool {
         self.file.get().driver().growable()
     }

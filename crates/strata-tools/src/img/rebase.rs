@@ -371,9 +371,15 @@ async fn compare_loop(
     progress: &mut Progress,
 ) -> Result<(), String> {
     let size = blk.length();
-    let cluster = image.driver().cluster_size().unwrap_or(1).max(1);
-    // Writes cover whole (sub)clusters of the image, so none needs a COW.
-    let align = cluster;
+    // Writes cover whole subclusters of the image (clusters when they are
+    // compressed), so none needs a copy-on-write.
+    let d = image.driver();
+    let align = match a.compress {
+        true => d.cluster_size(),
+        false => d.subcluster_size(),
+    }
+    .unwrap_or(1)
+    .max(1);
     let step = if size == 0 {
         0.0
     } else {

@@ -16,15 +16,15 @@ pub struct CacheSizes {
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 
 impl CacheSizes {
-    /// Sizes for a disk of `disk_size` bytes in clusters of `cs` bytes,
-    /// from the options (removed from `opts`).
-    pub fn take(opts: &mut Opts, cs: u64, disk_size: u64) -> Result<CacheSizes> {
+    /// Sizes for a disk of `disk_size` bytes in clusters of `cs` bytes
+    /// with L2 entries of `l2e` bytes, from the options (removed from `opts`).
+    pub fn take(opts: &mut Opts, cs: u64, l2e: u64, disk_size: u64) -> Result<CacheSizes> {
         let combined = take_size(opts, "cache-size")?;
         let l2_set = take_size(opts, "l2-cache-size")?;
         let rc_set = take_size(opts, "refcount-cache-size")?;
         let entry = take_size(opts, "l2-cache-entry-size")?.unwrap_or(cs);
         // Enough L2 tables to map the whole disk, in whole clusters.
-        let max_l2 = (disk_size.div_ceil(cs) * 8).div_ceil(cs) * cs;
+        let max_l2 = (disk_size.div_ceil(cs) * l2e).div_ceil(cs) * cs;
         let mut l2 = max_l2.min(l2_set.unwrap_or(DEFAULT_L2_CACHE_MAX));
         let mut rc = rc_set.unwrap_or(0);
         if let Some(c) = combined {
@@ -73,7 +73,7 @@ mod tests {
         for (k, v) in pairs {
             o.insert(k.to_string(), v.to_string().into());
         }
-        CacheSizes::take(&mut o, 65536, 64 << 30)
+        CacheSizes::take(&mut o, 65536, 8, 64 << 30)
     }
 
     #[test]

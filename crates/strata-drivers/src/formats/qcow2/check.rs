@@ -6,7 +6,8 @@
 //! order and their messages (stderr) are QEMU's, as scripts read them.
 
 use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::meta::{Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED};
+use super::meta::{Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::subcluster::{L2Entry, ALL_ALLOC, ALL_ZEROES};
 use super::Qcow2Driver;
 use std::collections::BTreeMap;
 use strata_block::driver::{CheckResult, RepairMode};
@@ -81,6 +82,7 @@ async fn calculate(
     m: &mut Meta,
     res: &mut CheckResult,
     table: &Table,
+    fix_errors: bool,
 ) -> Result<Walk> {
     let cs = d.geo.cluster_size;
     let mut refs = Refs {
@@ -92,7 +94,12 @@ async fn calculate(
     let l1 = m.l1.clone();
     let l1_offset = m.header.l1_table_offset;
     let mut l2_tables = Vec::new();
-    walk_l1(d, m, res, &mut refs, l1_offset, &l1, true, &mut l2_tables).await?;
+    let active = Table1 {
+        offset: l1_offset,
+        entries: &l1,
+        active: true,
+    };
+    walk_l1(d, m, res, &mut refs, active, fix_errors, &mut l2_tables).await?;
     // Snapshots hold their own L1 tables and share L2 tables and data.
     let header = m.header.clone();
     if d.geo.external_data && header.nb_snapshots > 0 {
@@ -128,17 +135,12 @@ async fn calculate(
             .await?;
         let table: Vec<u64> = bytes.as_slice().chunks_exact(8).map(be64).collect();
         let mut unused = Vec::new();
-        walk_l1(
-            d,
-            m,
-            res,
-            &mut refs,
-            sn.l1_offset,
-            &table,
-            false,
-            &mut unused,
-        )
-        .await?;
+        let inactive = Table1 {
+            offset: sn.l1_offset,
+            entries: &table,
+            active: false,
+        };
+        walk_l1(d, m, res, &mut refs, inactive, fix_errors, &mut unused).await?;
     }
     add(
         &mut refs,
@@ -183,24 +185,39 @@ async fn calculate(
     })
 }
 
-/// Counts an L1 table, its L2 tables and their clusters. `active`: the
-/// image's own table, whose walk also gives the allocation statistics and
-/// the list of L2 tables for the COPIED check.
-#[allow(clippy::too_many_arguments)]
+/// An L1 table to walk: where it is, its entries, and whether it is the
+/// image's own (whose walk also gives the allocation statistics and the
+/// list of L2 tables for the COPIED check) or a snapshot's.
+struct Table1<'a> {
+    offset: u64,
+    entries: &'a [u64],
+    active: bool,
+}
+
+/// Counts an L1 table, its L2 tables and their clusters, with QEMU's
+/// checks of each L2 entry (check_refcounts_l2). With `fix_errors`, an
+/// unaligned cluster that holds no data is dropped from its entry.
 async fn walk_l1(
     d: &Qcow2Driver,
     m: &mut Meta,
     res: &mut CheckResult,
     refs: &mut Refs,
-    l1_offset: u64,
-    l1: &[u64],
-    active: bool,
+    t: Table1<'_>,
+    fix_errors: bool,
     l2_tables: &mut Vec<(usize, u64, u64)>,
 ) -> Result<()> {
     let cs = d.geo.cluster_size;
     let file_len = d.file.driver().length();
-    add(refs, res, cs, file_len, l1_offset, l1.len() as u64 * 8);
-    for (l1i, &e) in l1.iter().enumerate() {
+    let active = t.active;
+    add(
+        refs,
+        res,
+        cs,
+        file_len,
+        t.offset,
+        t.entries.len() as u64 * 8,
+    );
+    for (l1i, &e) in t.entries.iter().enumerate() {
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
@@ -215,50 +232,140 @@ async fn walk_l1(
             continue;
         }
         let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
-        for (idx, c) in table.as_slice().chunks_exact(8).enumerate() {
-            let entry = be64(c);
-            match m.decode(entry, l2, idx as u64) {
-                Err(_) => {
-                    eprintln!(
-                        "ERROR offset={:x}: Cluster is not properly aligned; L2 entry corrupted.",
-                        entry & OFFSET_MASK
-                    );
-                    res.corruptions += 1;
-                }
-                // A zero cluster that keeps its host cluster counts as
-                // allocated (and fragmented) like a data cluster, as in QEMU.
-                Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => {
-                    if active {
-                        res.allocated_clusters += 1;
-                        if next_contiguous != 0 && host != next_contiguous {
-                            res.fragmented_clusters += 1;
-                        }
-                        next_contiguous = host + cs;
-                    }
-                    // Data file clusters are not the image file's to count.
-                    if !d.geo.external_data {
-                        add(refs, res, cs, file_len, host, cs);
-                    }
-                }
-                Ok(Mapping::Compressed(_)) if d.geo.external_data => {
+        let esize = d.geo.l2_entry_size() as usize;
+        for (idx, c) in table.as_slice().chunks_exact(esize).enumerate() {
+            let e = L2Entry {
+                entry: be64(&c[..8]),
+                bitmap: if d.geo.extended_l2 {
+                    be64(&c[8..16])
+                } else {
+                    0
+                },
+            };
+            let entry = e.entry;
+            if e.compressed() {
+                if d.geo.external_data {
                     eprintln!("ERROR compressed cluster {idx} with data file, entry={entry:#x}");
                     res.corruptions += 1;
+                    continue;
                 }
-                Ok(mp @ Mapping::Compressed(_)) => {
-                    if active {
-                        res.allocated_clusters += 1;
-                        res.compressed_clusters += 1;
-                        res.fragmented_clusters += 1;
-                    }
-                    if let Some((off, n)) = d.host_cluster_of(mp) {
-                        add(refs, res, cs, file_len, off, n * cs);
+                if e.bitmap != 0 {
+                    eprintln!("ERROR compressed cluster {idx} with non-zero subcluster allocation bitmap, entry={entry:#x}");
+                    res.corruptions += 1;
+                    continue;
+                }
+                if active {
+                    res.allocated_clusters += 1;
+                    res.compressed_clusters += 1;
+                    res.fragmented_clusters += 1;
+                }
+                if let Some((off, n)) = d.host_cluster_of(Mapping::Compressed(entry)) {
+                    add(refs, res, cs, file_len, off, n * cs);
+                }
+                continue;
+            }
+            // A zero cluster that keeps its host cluster counts as
+            // allocated (and fragmented) like a data cluster, as in QEMU.
+            let zero_flag = !d.geo.extended_l2 && d.geo.version >= 3 && entry & OFLAG_ZERO != 0;
+            let host = e.host();
+            if !e.has_cluster(&d.geo) {
+                if e.bitmap & ALL_ALLOC != 0 {
+                    res.corruptions += 1;
+                    eprintln!("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+                }
+                continue;
+            }
+            if (e.bitmap >> 32) & e.bitmap != 0 {
+                res.corruptions += 1;
+                eprintln!("ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap");
+            }
+            if !host.is_multiple_of(cs) {
+                res.corruptions += 1;
+                let contains_data = if d.geo.extended_l2 {
+                    e.bitmap & ALL_ALLOC != 0
+                } else {
+                    !zero_flag
+                };
+                if contains_data {
+                    eprintln!("ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                } else {
+                    let word = if fix_errors { "Repairing" } else { "ERROR" };
+                    eprintln!("{word} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                    if fix_errors {
+                        let at = l2 + (idx * esize) as u64;
+                        if fix_entry_by_zero(d, m, e, at, active).await? {
+                            res.corruptions -= 1;
+                            res.corruptions_fixed += 1;
+                            continue;
+                        }
                     }
                 }
-                Ok(_) => {}
+            }
+            if active {
+                res.allocated_clusters += 1;
+                if next_contiguous != 0 && host != next_contiguous {
+                    res.fragmented_clusters += 1;
+                }
+                next_contiguous = host + cs;
+            }
+            // Data file clusters are not the image file's to count.
+            if !d.geo.external_data {
+                add(refs, res, cs, file_len, host, cs);
             }
         }
     }
     Ok(())
+}
+
+/// Rewrites an entry whose unaligned cluster holds no data so that it
+/// reads as zeroes without it (QEMU: fix_l2_entry_by_zero); false if the
+/// write was refused or failed.
+async fn fix_entry_by_zero(
+    d: &Qcow2Driver,
+    m: &mut Meta,
+    e: L2Entry,
+    at: u64,
+    active: bool,
+) -> Result<bool> {
+    let mut bytes = Vec::with_capacity(16);
+    if d.geo.extended_l2 {
+        // Allocated subclusters become zero.
+        let bitmap = (e.bitmap | (e.bitmap << 32)) & ALL_ZEROES;
+        bytes.extend_from_slice(&0u64.to_be_bytes());
+        bytes.extend_from_slice(&bitmap.to_be_bytes());
+    } else {
+        bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
+    }
+    let kind = if active {
+        WriteKind::L2
+    } else {
+        WriteKind::Data
+    };
+    if m.overlap_check(at, bytes.len() as u64, kind).is_err() {
+        eprintln!("ERROR: Overlap check failed");
+        return Ok(false);
+    }
+    // The cache must not write the old entry back over the fix.
+    m.l2_cache.remove_table(
+        at / d.geo.cluster_size * d.geo.cluster_size,
+        d.geo.cluster_size,
+    );
+    let written = d
+        .file
+        .write(at, IoBuf::from_slice(&bytes), WriteFlags::default())
+        .await;
+    let written = match written {
+        Ok(_) => d.file.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(err) = written {
+        eprintln!(
+            "ERROR: Failed to overwrite L2 table entry: {}",
+            strata_block::error::strerror(err.code())
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Compares stored and computed refcounts; with `fix`, repairs what it may.
@@ -443,7 +550,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         ..Default::default()
     };
     let (table, snapshot_errors) = read_snapshot_table(d, m, &mut res, repair).await?;
-    let mut walk = calculate(d, m, &mut res, &table).await?;
+    let mut walk = calculate(d, m, &mut res, &table, repair.errors).await?;
     let pre_compare = res.clone();
     let mut highest = 0;
     let rebuild = compare(d, m, &mut res, RepairMode::default(), &walk, &mut highest).await?;
@@ -454,7 +561,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         rebuild_refcounts(d, m, &mut walk).await?;
         res.corruptions = 0;
         res.leaks = 0;
-        walk = calculate(d, m, &mut res, &table).await?;
+        walk = calculate(d, m, &mut res, &table, repair.errors).await?;
         let mut fresh_leaks = 0;
         if repair.leaks {
             // The old structures are leaks now; what cannot be fixed stays a leak.
@@ -549,8 +656,9 @@ async fn check_oflag_copied(
         }
         let mut table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
         let mut dirty = 0;
-        for idx in 0..(cs / 8) as usize {
-            let entry = be64(&table.as_slice()[idx * 8..idx * 8 + 8]);
+        let esize = d.geo.l2_entry_size() as usize;
+        for idx in 0..cs as usize / esize {
+            let entry = be64(&table.as_slice()[idx * esize..idx * esize + 8]);
             let host = match m.decode(entry, l2, idx as u64) {
                 Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => host,
                 _ => continue,
@@ -570,7 +678,7 @@ async fn check_oflag_copied(
                     } else {
                         entry & !OFLAG_COPIED
                     };
-                    table.as_mut_slice()[idx * 8..idx * 8 + 8]
+                    table.as_mut_slice()[idx * esize..idx * esize + 8]
                         .copy_from_slice(&fixed.to_be_bytes());
                     dirty += 1;
                 }

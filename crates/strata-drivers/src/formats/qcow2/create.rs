@@ -4,7 +4,7 @@
 
 use super::header::{
     Compression, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-    INCOMPAT_DATA_FILE,
+    INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
 };
 use crate::formats::crypto::{password, take_luks_create, take_prefixed};
 use std::sync::Arc;
@@ -173,9 +173,6 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
-        return Err(Error::unsupported(
-            "Extended L2 entries are not supported by Strata yet",
-        ));
     }
     let compression = match take_str(&mut opts, "compression_type")?.as_deref() {
         None | Some("zlib") => Compression::Zlib,
@@ -255,6 +252,7 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         size,
         prealloc,
         encryption,
+        extended_l2,
     };
     let made = format(ctx, filename, layout).await;
     if made.is_err() {
@@ -372,6 +370,7 @@ struct Layout {
     size: u64,
     prealloc: Preallocation,
     encryption: Option<Encryption>,
+    extended_l2: bool,
 }
 
 /// Writes the first clusters of a new image into the empty `filename`,
@@ -390,6 +389,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
         size,
         prealloc,
         encryption,
+        extended_l2,
     } = l;
     let cs = cluster_size;
     let cluster_bits = cs.trailing_zeros();
@@ -415,7 +415,7 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
             INCOMPAT_DATA_FILE
         } else {
             0
-        },
+        } | if extended_l2 { INCOMPAT_EXTL2 } else { 0 },
         compatible_features: if lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
         autoclear_features: if data_file_raw {
             AUTOCLEAR_DATA_FILE_RAW

@@ -372,7 +372,11 @@ impl Header {
 
     /// Refuses features Strata cannot honour, by name as the image declares it.
     pub fn check_features(&self) -> Result<()> {
-        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
+        let known = INCOMPAT_DIRTY
+            | INCOMPAT_CORRUPT
+            | INCOMPAT_DATA_FILE
+            | INCOMPAT_COMPRESSION
+            | INCOMPAT_EXTL2;
         let unknown = self.incompatible_features & !known;
         if unknown != 0 {
             // As QEMU's report_unsupported_feature: the image's own names,

@@ -44,6 +44,12 @@ pub struct Geometry {
     /// offset is its guest offset there, and the image's refcounts do not
     /// count it.
     pub external_data: bool,
+    /// Extended L2 entries: each entry has a second word, the allocation
+    /// and zero bits of the cluster's 32 subclusters (`subcluster.rs`).
+    pub extended_l2: bool,
+    /// log2 of the unit a bit of that word covers (the cluster without
+    /// extended L2 entries).
+    pub subcluster_bits: u32,
 }
 
 impl Geometry {
@@ -52,16 +58,27 @@ impl Geometry {
         refcount_order: u32,
         version: u32,
         external_data: bool,
+        extended_l2: bool,
     ) -> Geometry {
+        let ext = extended_l2 as u32;
         Geometry {
             cluster_bits,
             cluster_size: 1 << cluster_bits,
-            l2_bits: cluster_bits - 3,
+            l2_bits: cluster_bits - 3 - ext,
             refcount_order,
             rb_bits: cluster_bits + 3 - refcount_order,
             version,
             external_data,
+            extended_l2,
+            subcluster_bits: cluster_bits - 5 * ext,
         }
+    }
+    /// Bytes of one L2 entry (8, or 16 with the subcluster word).
+    pub fn l2_entry_size(&self) -> u64 {
+        8 << self.extended_l2 as u32
+    }
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits
     }
     pub fn l2_entries(&self) -> u64 {
         1 << self.l2_bits
@@ -210,7 +227,9 @@ impl Meta {
                 c_hex(idx)
             )));
         }
-        if self.geo.version >= 3 && entry & OFLAG_ZERO != 0 {
+        // With extended entries the zero flag is unused: the subcluster
+        // word says what reads as zeroes.
+        if self.geo.version >= 3 && !self.geo.extended_l2 && entry & OFLAG_ZERO != 0 {
             return Ok(Mapping::Zero((host != 0).then_some(host)));
         }
         // Offset 0 is a real cluster of an external data file; such clusters
@@ -332,13 +351,8 @@ impl Meta {
 
     /// Reads entry `idx` of the L2 table at `l2_off`.
     pub async fn l2_get(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64) -> Result<u64> {
-        let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
-        self.ensure_slice(file, slice, true).await?;
-        let b = self
-            .l2_cache
-            .get(slice)
-            .ok_or_else(|| Error::errno(libc::EIO))?;
-        Ok(be64_at(b, at))
+        self.l2_word(file, l2_off, idx * self.geo.l2_entry_size())
+            .await
     }
 
     /// Sets entry `idx` of the L2 table at `l2_off` (in the cache, dirty).
@@ -349,7 +363,49 @@ impl Meta {
         idx: u64,
         val: u64,
     ) -> Result<()> {
-        let (slice, at) = self.l2_cache.slice_of(l2_off, idx * 8);
+        let at = idx * self.geo.l2_entry_size();
+        self.set_l2_word(file, l2_off, at, val).await
+    }
+
+    /// The subcluster word of extended entry `idx` (0 without extended entries).
+    pub async fn l2_get_bitmap(&mut self, file: &Arc<Node>, l2_off: u64, idx: u64) -> Result<u64> {
+        if !self.geo.extended_l2 {
+            return Ok(0);
+        }
+        self.l2_word(file, l2_off, idx * 16 + 8).await
+    }
+
+    /// Sets the subcluster word of extended entry `idx`.
+    pub async fn l2_set_bitmap(
+        &mut self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        idx: u64,
+        val: u64,
+    ) -> Result<()> {
+        debug_assert!(self.geo.extended_l2);
+        self.set_l2_word(file, l2_off, idx * 16 + 8, val).await
+    }
+
+    /// The big-endian word `at` bytes into the L2 table at `l2_off`.
+    async fn l2_word(&mut self, file: &Arc<Node>, l2_off: u64, at: u64) -> Result<u64> {
+        let (slice, at) = self.l2_cache.slice_of(l2_off, at);
+        self.ensure_slice(file, slice, true).await?;
+        let b = self
+            .l2_cache
+            .get(slice)
+            .ok_or_else(|| Error::errno(libc::EIO))?;
+        Ok(be64_at(b, at))
+    }
+
+    async fn set_l2_word(
+        &mut self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        at: u64,
+        val: u64,
+    ) -> Result<()> {
+        let (slice, at) = self.l2_cache.slice_of(l2_off, at);
         self.ensure_slice(file, slice, true).await?;
         let b = self
             .l2_cache

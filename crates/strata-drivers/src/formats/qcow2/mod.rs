@@ -41,8 +41,11 @@ mod refcount_order;
 mod resize;
 mod snapshot;
 mod snapshot_ops;
+mod subcluster;
 mod write;
+mod write_sub;
 mod zero;
+mod zero_sub;
 
 use inflight::InflightGuard;
 use open::{clear_unknown_autoclear, load_metadata, new_meta};
@@ -107,6 +110,9 @@ pub struct Qcow2Driver {
     node_bitmaps: std::sync::Mutex<Option<Arc<strata_block::DirtyBitmaps>>>,
     /// The bitmap directory as on disk, for `info`.
     bitmap_dir: std::sync::Mutex<Vec<bitmaps::DirEntry>>,
+    /// The cache epochs of the last completed flush not yet recorded in
+    /// the caches (see `flush`).
+    flushed_epochs: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl Qcow2Driver {
@@ -149,6 +155,20 @@ impl Qcow2Driver {
 }
 
 impl Qcow2Driver {
+    /// Records a completed flush in the caches: what they held at its
+    /// start is stable (a later epoch means more was written since).
+    fn apply_flushed(&self, m: &mut Meta) {
+        let done = self
+            .flushed_epochs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((l2, rb)) = done {
+            m.l2_cache.flushed_at(l2);
+            m.rb_cache.flushed_at(rb);
+        }
+    }
+
     /// QEMU's qcow2_detect_metadata_preallocation: far more clusters are
     /// in use than the file has blocks for.
     async fn metadata_preallocated(&self) -> Result<bool> {
@@ -221,7 +241,10 @@ impl Driver for Qcow2Driver {
                 let held = self.hold_hosts(&m, [&e]);
                 (e, held)
             };
-            return self.read_extent(e, buf).await;
+            // (Subclusters of several kinds take the general path.)
+            if e.len == len {
+                return self.read_extent(e, buf).await;
+            }
         }
         let (extents, _held) = {
             let mut m = self.meta.lock().await;
@@ -260,6 +283,9 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        if self.geo.extended_l2 {
+            return self.write_zeroes_sub(offset, len, flags).await;
+        }
         // v2 has no zero flag; without a backing file an unallocated
         // cluster reads as zeroes, so whole clusters are discarded instead
         // (QEMU: qcow2_subcluster_zeroize).
@@ -348,14 +374,22 @@ impl Driver for Qcow2Driver {
         }
         let epochs = {
             let mut m = self.meta.lock().await;
+            self.apply_flushed(&mut m);
             m.flush(&self.file).await?;
             (m.l2_cache.epoch(), m.rb_cache.epoch())
         };
         // The fsync itself runs without the lock: requests go on meanwhile.
         self.file.flush().await?;
-        let mut m = self.meta.lock().await;
-        m.l2_cache.flushed_at(epochs.0);
-        m.rb_cache.flushed_at(epochs.1);
+        // The flush is done now. Recording it needs the lock, but waiting
+        // for it here would let requests that came later finish first:
+        // when it is busy, the next flush records this one.
+        *self
+            .flushed_epochs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(epochs);
+        if let Some(mut m) = self.meta.try_lock() {
+            self.apply_flushed(&mut m);
+        }
         Ok(())
     }
 
@@ -386,8 +420,8 @@ impl Driver for Qcow2Driver {
             if !first.mapping.continued_by(total, e.mapping) {
                 break;
             }
-            total += n;
-            next += n;
+            total += e.len;
+            next += e.len;
         }
         drop(m);
         Ok(match first.mapping {
@@ -531,6 +565,10 @@ impl Driver for Qcow2Driver {
         Some(self.geo.cluster_size)
     }
 
+    fn subcluster_size(&self) -> Option<u64> {
+        Some(self.geo.subcluster_size())
+    }
+
     fn is_dirty(&self) -> bool {
         self.meta
             .try_lock()
@@ -617,7 +655,7 @@ impl Driver for Qcow2Driver {
             data.insert("data-file-raw".into(), self.data_raw.into());
         }
         if h.version >= 3 {
-            data.insert("extended-l2".into(), false.into());
+            data.insert("extended-l2".into(), self.geo.extended_l2.into());
             data.insert(
                 "lazy-refcounts".into(),
                 (h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0).into(),

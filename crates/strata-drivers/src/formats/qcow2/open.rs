@@ -94,7 +94,7 @@ impl DriverClass for Qcow2Class {
         let read_only = ctx.flags.read_only;
 
         let (mut hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
-        let cache_sizes = CacheSizes::take(opts, geo.cluster_size, hdr.size)?;
+        let cache_sizes = CacheSizes::take(opts, geo.cluster_size, geo.l2_entry_size(), hdr.size)?;
         if hdr.stale_bitmaps {
             super::bitmaps::warn_stale(hdr.version);
         }
@@ -159,6 +159,7 @@ impl DriverClass for Qcow2Class {
             metadata_prealloc: tokio::sync::OnceCell::new(),
             node_bitmaps: Default::default(),
             bitmap_dir: Default::default(),
+            flushed_epochs: Default::default(),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
@@ -213,7 +214,20 @@ pub(super) async fn load_metadata(
         ));
     }
     let external = data_file::is_external(&hdr);
-    let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order, hdr.version, external);
+    let extended_l2 = hdr.incompatible_features & header::INCOMPAT_EXTL2 != 0;
+    let geo = Geometry::new(
+        hdr.cluster_bits,
+        hdr.refcount_order,
+        hdr.version,
+        external,
+        extended_l2,
+    );
+    if geo.subcluster_size() < 512 {
+        return Err(Error::invalid(format!(
+            "Unsupported subcluster size: {}",
+            geo.subcluster_size()
+        )));
+    }
     // Tables are validated (and bounded) before anything is allocated by
     // their size, in QEMU's order and words. Tables beyond the end of the
     // file are not an error: they read as zeroes, as in QEMU.

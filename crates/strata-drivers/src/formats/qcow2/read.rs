@@ -25,7 +25,10 @@ impl Qcow2Driver {
         let end = offset + len;
         while off < end {
             let n = (cs - self.geo.offset_in_cluster(off)).min(end - off);
-            let Extent { mapping, .. } = self.extent_at(m, off, n).await?;
+            // With subclusters an extent may end before its cluster does.
+            let Extent {
+                mapping, len: n, ..
+            } = self.extent_at(m, off, n).await?;
             if let Some(last) = out.last_mut() {
                 // One extent is one kind of I/O: data of one refcount state
                 // at contiguous host bytes, or a run without host bytes.
@@ -52,8 +55,17 @@ impl Qcow2Driver {
         Ok(out)
     }
 
-    /// The extent of `len` bytes at `offset`, within one cluster.
+    /// The extent at `offset` of at most `len` bytes, within one cluster:
+    /// shorter where the subclusters of the cluster change type.
     pub(super) async fn extent_at(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Extent> {
+        if self.geo.extended_l2 {
+            let (mapping, len) = m.sub_mapping(&self.file, offset, len).await?;
+            return Ok(Extent {
+                offset,
+                len,
+                mapping,
+            });
+        }
         let in_cluster = self.geo.offset_in_cluster(offset);
         let mapping = match m
             .mapping(&self.file, offset >> self.geo.cluster_bits)

@@ -98,6 +98,9 @@ impl Qcow2Driver {
 
     /// Writes `buf` at guest `offset`; the range lies within one L2 table.
     pub(super) async fn write_in_table(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        if self.geo.extended_l2 {
+            return self.write_in_table_sub(offset, buf).await;
+        }
         let cs = self.geo.cluster_size;
         let len = buf.len() as u64;
         let first = offset >> self.geo.cluster_bits;
@@ -482,6 +485,10 @@ impl Qcow2Driver {
         self.file.debug_event(DebugEvent::L2UpdateCompressed).await;
         let entry = self.geo.compressed_entry(host, plen);
         m.l2_set(&self.file, l2, idx, entry).await?;
+        if self.geo.extended_l2 {
+            // The word is unused for compressed clusters: kept clear.
+            m.l2_set_bitmap(&self.file, l2, idx, 0).await?;
+        }
         Ok(buf)
     }
 }

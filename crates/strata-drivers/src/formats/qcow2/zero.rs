@@ -2,7 +2,8 @@
 //! qcow2_cluster_discard): L2 entries changed in place, host clusters kept
 //! or released, decided under the lock they act under.
 
-use super::meta::{Mapping, OFLAG_ZERO};
+use super::meta::{Mapping, Meta, OFLAG_ZERO};
+use super::subcluster::{L2Entry, ALL_ZEROES};
 use super::Qcow2Driver;
 use strata_block::{Driver, Error, Result, WriteFlags};
 
@@ -52,6 +53,12 @@ impl Qcow2Driver {
             let mask = self.geo.l2_entries() - 1;
             let mut old = Vec::new();
             for c in gc..stop {
+                if self.geo.extended_l2 {
+                    if let Some(mp) = self.clear_extended(&mut m, l2, c & mask, how).await? {
+                        old.push(mp);
+                    }
+                    continue;
+                }
                 let entry = m.l2_get(&self.file, l2, c & mask).await?;
                 let mp = m.mapping(&self.file, c).await?;
                 let allocated = !matches!(mp, Mapping::Unallocated | Mapping::Zero(None));
@@ -91,6 +98,37 @@ impl Qcow2Driver {
             gc = stop;
         }
         Ok(())
+    }
+
+    /// `clear_clusters` for one entry with a subcluster word (QEMU's
+    /// zero_in_l2_slice and discard_in_l2_slice): returns what it pointed
+    /// to if that reference goes.
+    async fn clear_extended(
+        &self,
+        m: &mut Meta,
+        l2: u64,
+        idx: u64,
+        how: Clear,
+    ) -> Result<Option<Mapping>> {
+        let entry = m.l2_get(&self.file, l2, idx).await?;
+        let bitmap = m.l2_get_bitmap(&self.file, l2, idx).await?;
+        let e = L2Entry { entry, bitmap };
+        let allocated = e.compressed() || e.has_cluster(&self.geo);
+        let (new, new_bitmap, release) = match how {
+            Clear::Zero { unmap } => {
+                let drop_it = e.compressed() || (unmap && allocated);
+                (if drop_it { 0 } else { entry }, ALL_ZEROES, drop_it)
+            }
+            Clear::Discard if self.backing().is_some() || allocated => (0, ALL_ZEROES, true),
+            Clear::Discard => (entry, bitmap, false),
+            Clear::Drop => (0, 0, true),
+        };
+        if (new, new_bitmap) == (entry, bitmap) {
+            return Ok(None);
+        }
+        m.l2_set(&self.file, l2, idx, new).await?;
+        m.l2_set_bitmap(&self.file, l2, idx, new_bitmap).await?;
+        Ok(release.then(|| self.cluster_mapping(&e)))
     }
 
     /// Whether a partial write-zeroes on guest cluster `gc`, covering
