@@ -57,6 +57,7 @@ impl Node {
                 } else {
                     self.driver().write(pos, bounce, flags).await?
                 };
+                self.note_write();
                 if want_start < want_end {
                     copy_out(&mut buf, offset, &bounce, pos, want_start, want_end);
                 }

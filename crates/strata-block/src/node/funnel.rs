@@ -149,7 +149,13 @@ impl Node {
 
     /// The funnel's last step: the highest offset written, the enabled
     /// dirty bitmaps.
+    /// Counts a completed write, so the next flush makes it stable.
+    pub(crate) fn note_write(&self) {
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(super) fn write_finish(&self, req: WriteReq) {
+        self.note_write();
         if req.kind != WriteKind::Discard && req.len > 0 {
             self.wr_highest_offset
                 .fetch_max(req.offset + req.len, Ordering::AcqRel);

@@ -524,7 +524,17 @@ impl Node {
         self.pass_gate().await;
         // Tracked so that a drained section waits for it; it overlaps nothing.
         let _req = self.tracker.begin(0, 0, false).await;
-        self.driver.flush().await
+        let mut flushed = self.flush_order.lock().await;
+        let gen = self.write_gen.load(Ordering::Acquire);
+        // A protocol node with nothing written since its last flush has
+        // nothing to make stable (QEMU skips flush_to_disk the same way);
+        // a format node always flushes, as it writes its caches back.
+        if *flushed == gen && self.driver.children().is_empty() {
+            return Ok(());
+        }
+        self.driver.flush().await?;
+        *flushed = gen;
+        Ok(())
     }
 
     /// Changes the length of the node. Growing serialises the new range
@@ -542,7 +552,9 @@ impl Node {
         self.check_writable()?;
         let old = self.length();
         let _req = self.tracker.begin(old.min(size), size, true).await;
-        self.driver.truncate(size, exact, prealloc).await?;
+        let r = self.driver.truncate(size, exact, prealloc).await;
+        self.note_write();
+        r?;
         // Bitmaps follow the new length (QEMU: bdrv_dirty_bitmap_truncate).
         self.bitmaps.truncate(self.length());
         Ok(())

@@ -62,6 +62,13 @@ pub struct Node {
     write_threshold: AtomicU64,
     /// The end of the furthest write so far (QEMU: wr_highest_offset).
     wr_highest_offset: AtomicU64,
+    /// Writes completed so far (QEMU: write_gen).
+    write_gen: AtomicU64,
+    /// One flush at a time, in the order they were asked for (QEMU:
+    /// active_flush_req and flush_queue): a flush completes after every
+    /// flush asked before it. Holds the write generation the last
+    /// successful flush made stable (QEMU: flushed_gen).
+    flush_order: tokio::sync::Mutex<u64>,
     threshold_hook: Mutex<Option<funnel::ThresholdHook>>,
     blockers: OpBlockers,
     /// What this node blocks on its backing child while it uses it.
@@ -121,6 +128,8 @@ impl Node {
             bitmaps: Default::default(),
             write_threshold: AtomicU64::new(0),
             wr_highest_offset: AtomicU64::new(0),
+            write_gen: AtomicU64::new(0),
+            flush_order: tokio::sync::Mutex::new(0),
             threshold_hook: Mutex::new(None),
             blockers: OpBlockers::default(),
             backing_blocker,

@@ -487,18 +487,20 @@ impl Driver for Qcow2Driver {
         }
         m.write_disk_size(&self.file, size).await?;
         drop(m);
+        // The new area must read as zeroes, not as a longer backing file's
+        // data (QEMU: BDRV_REQ_ZERO_WRITE on a truncate).
+        let hide_backing = self.backing().is_some_and(|b| b.length() > old);
+        // New clusters of the image file read as zeroes by themselves.
+        let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full)
+            && self.external().is_none();
         if prealloc != Preallocation::Off {
-            self.preallocate(old, size, prealloc).await?;
+            self.preallocate(old, size, prealloc, hide_backing && zeroed)
+                .await?;
         }
         self.size.store(size, Ordering::Release);
-        // The new area must read as zeroes, not as a longer backing file's
-        // data (QEMU zeroes it the same way).
-        if let Some(b) = self.backing() {
-            let end = size.min(b.length());
-            if end > old && self.v3() {
-                self.write_zeroes(old, end - old, WriteFlags::default())
-                    .await?;
-            }
+        if hide_backing && !zeroed && self.v3() {
+            self.write_zeroes(old, size - old, WriteFlags::default())
+                .await?;
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! preallocation.
 
 use super::meta::{Meta, OFFSET_MASK, OFLAG_COPIED};
-use super::{Clear, Qcow2Driver, MAX_L1_BYTES};
+use super::subcluster::{L2Entry, ALL_ALLOC, ALL_ZEROES};
+use super::{Clear, Extent, InflightGuard, Qcow2Driver, MAX_L1_BYTES};
 use std::sync::atomic::Ordering;
 use strata_block::driver::Preallocation;
 use strata_block::{DebugEvent, Driver, Error, IoBuf, Result, WriteFlags};
@@ -121,69 +122,110 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Allocates host clusters for guest `[from, to)` (metadata), and
-    /// reserves (falloc) or zero-writes (full) their data.
-    pub(super) async fn preallocate(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+    /// Allocates host clusters for guest `[from, to)`, and reserves
+    /// (falloc) or zero-writes (full) their data, as QEMU's
+    /// qcow2_co_truncate does: metadata preallocation gives a new cluster
+    /// to each cluster this image does not have alone (preallocate_co);
+    /// falloc and full give one to every cluster from the one `from` lies
+    /// in. Where `from` is inside a cluster, what that cluster held before
+    /// it is copied into the new one, so the old part of the disk reads as
+    /// before. `alloc_all`: with extended L2 entries, the new clusters'
+    /// subclusters are marked allocated (their zeroes hide a backing file).
+    pub(super) async fn preallocate(
+        &self,
+        from: u64,
+        to: u64,
+        mode: Preallocation,
+        alloc_all: bool,
+    ) -> Result<()> {
         if let Some(d) = self.external() {
             return self.preallocate_external(d, from, to, mode).await;
         }
         let cs = self.geo.cluster_size;
-        let mut gc = from.div_ceil(cs);
+        let every = matches!(mode, Preallocation::Falloc | Preallocation::Full);
+        let first = from / cs;
         let end = to.div_ceil(cs);
+        let mut gc = first;
         let mut host_end = 0;
         while gc < end {
             let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
             let stop = table_end.min(end);
+            // A write below the old end may still be allocating the first cluster.
+            self.wait_inflight(gc, stop - 1).await;
             let mut m = self.meta.lock().await;
+            if self.allocating(gc, stop - 1) {
+                continue;
+            }
             let l2 = self.writable_l2(&mut m, gc).await?;
-            let n = stop - gc;
+            let mut fresh: Vec<(u64, L2Entry)> = Vec::new();
+            for c in gc..stop {
+                let e = match m.l2_entry(&self.file, c).await? {
+                    Some((_, _, e)) => e,
+                    None => L2Entry::default(),
+                };
+                // Kept: a cluster of this image alone (QEMU: cluster_needs_new_alloc).
+                let ours = !e.compressed() && e.host() != 0 && e.entry & OFLAG_COPIED != 0;
+                if every || !ours {
+                    fresh.push((c, e));
+                }
+            }
+            if fresh.is_empty() {
+                gc = stop;
+                continue;
+            }
+            let n = fresh.len() as u64;
             // Fresh clusters at the end of the file, as QEMU takes them: a
             // reused free cluster would show its old data through the new entry.
             let file_end = self.file.length().div_ceil(cs);
             m.free_cluster_index = m.free_cluster_index.max(file_end);
             let host = m.alloc_clusters(&self.file, n).await?;
-            let mask = self.geo.l2_entries() - 1;
-            for i in 0..n {
-                m.l2_set(
-                    &self.file,
-                    l2,
-                    (gc + i) & mask,
-                    (host + i * cs) | OFLAG_COPIED,
-                )
-                .await?;
-            }
+            let _inflight = InflightGuard::new(self, gc, stop - 1);
+            let (c0, e0) = fresh[0];
+            let head = match c0 == first {
+                true => from - c0 * cs,
+                false => 0,
+            };
+            let head_mapping = self.cluster_mapping(&e0);
+            let source = Extent {
+                offset: c0 * cs,
+                len: cs,
+                mapping: head_mapping,
+            };
+            let _cow_src = self.hold_hosts(&m, &[source]);
             drop(m);
-            match mode {
-                Preallocation::Falloc => {
-                    // Growing the file reserves what it adds; clusters the
-                    // file already reaches (metadata was written past them)
-                    // are reserved as zeroes, which the filesystem allocates.
-                    let old = self.file.length();
-                    let end = host + n * cs;
-                    if old > host {
-                        let reserve = end.min(old) - host;
-                        match self
-                            .file
-                            .write_zeroes(host, reserve, WriteFlags::default())
-                            .await
-                        {
-                            Err(e) if e.code() != libc::ENOTSUP => return Err(e),
-                            _ => {}
-                        }
+            self.reserve_data(host, n * cs, mode).await?;
+            if head > 0 {
+                // What the cluster held below the old end, in the new cluster.
+                // (falloc and full copy all of it, whatever the subclusters.)
+                let (cow_from, old) = match self.geo.extended_l2 {
+                    true => {
+                        let f = if every { 0 } else { self.cow_start(&e0, head) };
+                        (f, self.old_sub_content(c0, &e0, f, head).await?)
                     }
-                    if end > old {
-                        self.file
-                            .truncate(end, false, Preallocation::Falloc)
-                            .await?
+                    false => {
+                        let mp = self.meta.lock().await.decode(e0.entry, l2, c0)?;
+                        (0, self.old_content(c0, mp, 0, head).await?)
                     }
+                };
+                if cow_from < head {
+                    self.write_data(host + cow_from, c0 * cs + cow_from, old)
+                        .await?;
                 }
-                Preallocation::Full => {
-                    self.file
-                        .write_zeroes(host, n * cs, WriteFlags::default())
-                        .await?
-                }
-                _ => {}
             }
+            let mut m = self.meta.lock().await;
+            let mask = self.geo.l2_entries() - 1;
+            let mut old = Vec::new();
+            for (i, &(c, e)) in fresh.iter().enumerate() {
+                old.push(self.cluster_mapping(&e));
+                let h = host + i as u64 * cs;
+                m.l2_set(&self.file, l2, c & mask, h | OFLAG_COPIED).await?;
+                if self.geo.extended_l2 && alloc_all {
+                    let bitmap = (e.bitmap | ALL_ALLOC) & !ALL_ZEROES;
+                    m.l2_set_bitmap(&self.file, l2, c & mask, bitmap).await?;
+                }
+            }
+            self.release_old(&mut m, &old, false).await?;
+            drop(m);
             host_end = host_end.max(host + n * cs);
             gc = stop;
         }
@@ -194,5 +236,42 @@ impl Qcow2Driver {
                 .await?;
         }
         self.meta.lock().await.flush(&self.file).await
+    }
+
+    /// Reserves (falloc) or zero-writes (full) the data of `len` bytes of
+    /// new clusters at `host`.
+    async fn reserve_data(&self, host: u64, len: u64, mode: Preallocation) -> Result<()> {
+        match mode {
+            Preallocation::Falloc => {
+                // Growing the file reserves what it adds; clusters the
+                // file already reaches (metadata was written past them)
+                // are reserved as zeroes, which the filesystem allocates.
+                let old = self.file.length();
+                let end = host + len;
+                if old > host {
+                    let reserve = end.min(old) - host;
+                    match self
+                        .file
+                        .write_zeroes(host, reserve, WriteFlags::default())
+                        .await
+                    {
+                        Err(e) if e.code() != libc::ENOTSUP => return Err(e),
+                        _ => {}
+                    }
+                }
+                if end > old {
+                    self.file
+                        .truncate(end, false, Preallocation::Falloc)
+                        .await?
+                }
+                Ok(())
+            }
+            Preallocation::Full => {
+                self.file
+                    .write_zeroes(host, len, WriteFlags::default())
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! same subcluster from stale data.
 
 use super::meta::{Mapping, Meta, OFLAG_COPIED};
-use super::subcluster::{alloc_range, invalid_entry, zero_range, L2Entry, ScType};
+use super::subcluster::{alloc_range, invalid_entry, zero_range, L2Entry, ScType, ALL_ALLOC};
 use super::{Extent, InflightGuard, Qcow2Driver};
 use strata_block::{DebugEvent, Error, IoBuf, Result};
 
@@ -236,16 +236,7 @@ impl Qcow2Driver {
         let cb = self.geo.cluster_bits;
         let sb = self.geo.subcluster_bits;
         let cs = self.geo.cluster_size;
-        let first = &entries[0];
-        let sc = (head >> sb) as u32;
-        let from = match first.sc_type(&self.geo, sc) {
-            ScType::Compressed => 0,
-            ScType::ZeroPlain | ScType::UnallocatedPlain => u64::from(sc) << sb,
-            _ => {
-                let alloc = (first.bitmap & 0xffff_ffff) as u32;
-                u64::from(sc.min(alloc.trailing_zeros())) << sb
-            }
-        };
+        let from = self.cow_start(&entries[0], head);
         let last_i = entries.len() - 1;
         let e = &entries[last_i];
         let base = (last_i as u64) << cb;
@@ -262,6 +253,21 @@ impl Qcow2Driver {
             }
         };
         Span { from, to }
+    }
+
+    /// Where copy-on-write into a new host cluster starts when the cluster
+    /// is written from byte `head` of it on.
+    pub(super) fn cow_start(&self, e: &L2Entry, head: u64) -> u64 {
+        let sb = self.geo.subcluster_bits;
+        let sc = (head >> sb) as u32;
+        match e.sc_type(&self.geo, sc) {
+            ScType::Compressed => 0,
+            ScType::ZeroPlain | ScType::UnallocatedPlain => u64::from(sc) << sb,
+            _ => {
+                let alloc = (e.bitmap & ALL_ALLOC) as u32;
+                u64::from(sc.min(alloc.trailing_zeros())) << sb
+            }
+        }
     }
 
     /// Writes the guest data with the old content of the rest of `span`
@@ -315,7 +321,13 @@ impl Qcow2Driver {
 
     /// What guest cluster `gc` read as over bytes `[from, to)` of it, by
     /// the entry it had when the write was planned.
-    async fn old_sub_content(&self, gc: u64, e: &L2Entry, from: u64, to: u64) -> Result<IoBuf> {
+    pub(super) async fn old_sub_content(
+        &self,
+        gc: u64,
+        e: &L2Entry,
+        from: u64,
+        to: u64,
+    ) -> Result<IoBuf> {
         self.file.debug_event(DebugEvent::CowRead).await;
         let base = gc << self.geo.cluster_bits;
         let mut parts = Vec::new();
