@@ -185,6 +185,8 @@ struct Config {
     encrypted: bool,
     /// Persistent dirty bitmaps added and removed among the requests.
     bitmaps: bool,
+    /// Extended L2 entries: writes complete and zero single subclusters.
+    extended_l2: bool,
     seed: u64,
 }
 
@@ -580,6 +582,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
     let size = SIZE.to_string();
     let cluster = cs.to_string();
     let lazy = if cfg.lazy { "on" } else { "off" };
+    let extended = if cfg.extended_l2 { "on" } else { "off" };
     let mut encrypt: Vec<(&str, &str)> = Vec::new();
     if cfg.encrypted {
         let _ = strata_crypto::secret::define(&[
@@ -625,6 +628,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
                 ("backing_file", &base),
                 ("backing_fmt", "qcow2"),
                 ("lazy_refcounts", lazy),
+                ("extended_l2", extended),
             ];
             o.extend_from_slice(&encrypt);
             common::create(&top, "qcow2", &o).await;
@@ -633,6 +637,7 @@ fn run(cfg: Config, budget: u64, qemu_img: &str) -> (u64, u64) {
                 ("size", size.as_str()),
                 ("cluster_size", &cluster),
                 ("lazy_refcounts", lazy),
+                ("extended_l2", extended),
             ];
             o.extend_from_slice(&encrypt);
             common::create(&top, "qcow2", &o).await;
@@ -745,7 +750,23 @@ fn configs(seed: u64) -> Vec<Config> {
                 lazy: (i + backing as usize) % 2 == 1,
                 encrypted: false,
                 bitmaps: true,
+                extended_l2: false,
                 seed: seed.wrapping_add(i as u64 * 2 + backing as u64),
+            });
+        }
+    }
+    // Subclusters (16 KiB clusters: 512-byte subclusters, the smallest
+    // QEMU allows; 64 KiB ones), with and without a backing file.
+    for (i, cluster_bits) in [14u32, 16].into_iter().enumerate() {
+        for backing in [false, true] {
+            v.push(Config {
+                cluster_bits,
+                backing,
+                lazy: false,
+                encrypted: false,
+                bitmaps: false,
+                extended_l2: true,
+                seed: seed.wrapping_add(200 + i as u64 * 2 + backing as u64),
             });
         }
     }
@@ -758,6 +779,7 @@ fn configs(seed: u64) -> Vec<Config> {
             lazy: false,
             encrypted: true,
             bitmaps: false,
+            extended_l2: false,
             seed: seed.wrapping_add(100 + i as u64),
         });
     }

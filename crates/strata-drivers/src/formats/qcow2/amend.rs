@@ -372,6 +372,19 @@ impl Qcow2Driver {
         m.l2_cache.clear();
         let mut tables: Vec<Vec<u64>> = vec![m.l1.clone()];
         for sn in snapshots {
+            // A table QEMU would not read is named before the amend fails.
+            let valid = super::open::validate_table(
+                sn.l1_offset,
+                sn.l1_size as u64,
+                8,
+                super::MAX_L1_BYTES,
+                self.geo.cluster_size,
+                "Snapshot L1 table",
+            );
+            if let Err(e) = valid {
+                strata_block::report::error_report(e.to_string());
+                return Err(Error::errno(e.code()));
+            }
             let bytes = self
                 .file
                 .read(sn.l1_offset, IoBuf::zeroed(sn.l1_size as usize * 8))

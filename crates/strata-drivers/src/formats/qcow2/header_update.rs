@@ -142,6 +142,7 @@ impl Qcow2Driver {
                 &self.host_busy,
                 self.cache_sizes,
             );
+            m.check_inactive_l2 = self.check_inactive_l2;
             let first = m.alloc_clusters(f, 3 + l1_clusters).await?;
             if first != 0 {
                 return Err(Error::corrupt("First cluster in emptied image is in use"));

@@ -190,6 +190,9 @@ pub struct Meta {
     /// Host clusters with guest I/O in flight: not handed out again, even
     /// when free, until that I/O is done.
     pub busy: Arc<super::host_inflight::HostInflight>,
+    /// Check writes against the snapshots' L2 tables too (QEMU's
+    /// overlap-check.inactive-l2).
+    pub check_inactive_l2: bool,
 }
 
 /// What a write to the image file is, for the overlap check: each kind may
@@ -674,10 +677,48 @@ impl Meta {
         len: u64,
         kind: WriteKind,
     ) -> Result<()> {
-        match self.overlap_check(off, len, kind) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.signal_corruption(file, e).await),
+        if let Err(e) = self.overlap_check(off, len, kind) {
+            return Err(self.signal_corruption(file, e).await);
         }
+        if self.check_inactive_l2 {
+            // An unreadable snapshot table fails the write with its error,
+            // without calling the image corrupt (as QEMU returns it).
+            if let Some(e) = self.inactive_l2_overlap(file, off, len).await? {
+                return Err(self.signal_corruption(file, e).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's QCOW2_OL_INACTIVE_L2 check: the corruption if
+    /// `[off, off+len)` hits an L2 table a snapshot's L1 table points to.
+    async fn inactive_l2_overlap(
+        &self,
+        file: &Arc<Node>,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<Error>> {
+        if self.header.nb_snapshots == 0 || len == 0 {
+            return Ok(None);
+        }
+        let cs = self.geo.cluster_size;
+        let (snapshots, _) = super::snapshot::read(file, &self.header).await?;
+        for sn in snapshots {
+            let entries = sn.l1_size as u64;
+            super::open::validate_table(sn.l1_offset, entries, 8, super::MAX_L1_BYTES, cs, "")?;
+            let l1 = file
+                .read(sn.l1_offset, IoBuf::zeroed(entries as usize * 8))
+                .await?;
+            for e in l1.as_slice().chunks_exact(8) {
+                let l2 = be64_at(e, 0) & OFFSET_MASK;
+                if l2 != 0 && off < l2 + cs && l2 < off + len {
+                    return Ok(Some(Error::corrupt(
+                        "Preventing invalid write on metadata (overlaps with inactive L2 table)",
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Checks a data write (or a new table) at `[off, off+len)`.

@@ -113,6 +113,8 @@ pub struct Qcow2Driver {
     /// The cache epochs of the last completed flush not yet recorded in
     /// the caches (see `flush`).
     flushed_epochs: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Writes are checked against the snapshots' L2 tables too.
+    check_inactive_l2: bool,
 }
 
 impl Qcow2Driver {
@@ -813,6 +815,7 @@ impl Driver for Qcow2Driver {
             &self.host_busy,
             self.cache_sizes,
         );
+        self.meta.lock().await.check_inactive_l2 = self.check_inactive_l2;
         if dirty && !self.read_only {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {

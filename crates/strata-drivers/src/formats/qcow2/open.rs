@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use strata_block::driver::RepairMode;
-use strata_block::options::{take_bool, take_dict, take_str, OptSpec, Opts};
+use strata_block::options::{take_bool, take_str, OptSpec, Opts};
 use strata_block::{
     DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags, Perm, Result,
     WriteFlags,
@@ -84,8 +84,7 @@ impl DriverClass for Qcow2Class {
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
         let backing_opts = opts.remove("backing");
-        let _ = take_dict(opts, "overlap-check")?;
-        let _ = take_str(opts, "overlap-check")?;
+        let check_inactive_l2 = take_overlap_check(opts)?;
         let lazy = take_bool(opts, "lazy-refcounts")?;
         let _ = take_str(opts, "pass-discard-request")?;
         let _ = take_str(opts, "pass-discard-other")?;
@@ -129,6 +128,7 @@ impl DriverClass for Qcow2Class {
 
         let host_busy = Arc::new(HostInflight::new());
         let mut meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy, cache_sizes);
+        meta.check_inactive_l2 = check_inactive_l2;
         if let Some(on) = lazy {
             // The runtime option beats the image's own setting (QEMU's
             // lazy-refcounts).
@@ -160,6 +160,7 @@ impl DriverClass for Qcow2Class {
             node_bitmaps: Default::default(),
             bitmap_dir: Default::default(),
             flushed_epochs: Default::default(),
+            check_inactive_l2,
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.
@@ -351,6 +352,43 @@ pub(super) fn new_meta(
             && hdr.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0,
         header: hdr.clone(),
         busy: Arc::clone(busy),
+        check_inactive_l2: false,
+    }
+}
+
+/// The `overlap-check` options (QEMU's template and per-area switches):
+/// whether writes are checked against the snapshots' L2 tables too, which
+/// only the `all` template and `overlap-check.inactive-l2=on` ask for (it
+/// reads every snapshot's L1 table on each metadata write). The other
+/// areas are always checked.
+fn take_overlap_check(opts: &mut Opts) -> Result<bool> {
+    let template = |t: &str| {
+        match t {
+        "all" => Ok(true),
+        "none" | "constant" | "cached" => Ok(false),
+        v => Err(Error::invalid(format!(
+            "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+        ))),
+    }
+    };
+    let Some(v) = opts.remove("overlap-check") else {
+        return Ok(false);
+    };
+    match v {
+        serde_json::Value::String(s) => template(&s),
+        serde_json::Value::Object(mut m) => {
+            let mut on = match strata_block::options::take_str(&mut m, "template")? {
+                Some(t) => template(&t)?,
+                None => false,
+            };
+            if let Some(b) = take_bool(&mut m, "inactive-l2")? {
+                on = b;
+            }
+            Ok(on)
+        }
+        _ => Err(Error::invalid(
+            "Invalid parameter type for 'overlap-check', expected: string",
+        )),
     }
 }
 

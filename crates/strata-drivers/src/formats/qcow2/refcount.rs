@@ -108,6 +108,23 @@ impl Meta {
         Ok(())
     }
 
+    /// A cluster some table references must already be counted by a
+    /// refcount block. QEMU's update_refcount makes the missing block (EFBIG
+    /// if the refcount table cannot grow that far), then fails with EAGAIN
+    /// (its allocator would retry; a reference increment does not); Strata
+    /// refuses with the same errors before changing anything, as such a
+    /// reference points past everything the image ever allocated.
+    pub fn counted(&self, off: u64) -> Result<()> {
+        let ti = off >> self.geo.cluster_bits >> self.geo.rb_bits;
+        match self.reftable.get(ti as usize) {
+            Some(e) if e & OFFSET_MASK != 0 => Ok(()),
+            _ if (ti + 1).next_multiple_of(self.geo.cluster_size / 8) * 8 > MAX_REFTABLE_BYTES => {
+                Err(Error::errno(libc::EFBIG))
+            }
+            _ => Err(Error::errno(libc::EAGAIN)),
+        }
+    }
+
     /// Announces the refcount block of cluster `hc` once per block a
     /// refcount update walks through (QEMU: alloc_refcount_block's events).
     pub(super) async fn announce_refblock(

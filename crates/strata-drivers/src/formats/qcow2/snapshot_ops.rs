@@ -143,6 +143,9 @@ impl Qcow2Driver {
                             let (host, len) = self.geo.compressed_extent(entry);
                             let first = host / cs;
                             let n = (host + len - 1) / cs - first + 1;
+                            if addend > 0 {
+                                m.counted(first * cs)?;
+                            }
                             m.update_refcounts(&self.file, first * cs, n, addend)
                                 .await?;
                         }
@@ -150,6 +153,9 @@ impl Qcow2Driver {
                         2
                     }
                     Ok(Mapping::Normal { host, .. }) | Ok(Mapping::Zero(Some(host))) => {
+                        if addend > 0 {
+                            m.counted(host)?;
+                        }
                         if addend != 0 {
                             m.update_refcounts(&self.file, host, 1, addend).await?;
                         }
