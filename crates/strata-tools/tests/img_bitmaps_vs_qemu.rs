@@ -9,7 +9,7 @@ use std::process::Command;
 
 mod img_support;
 
-use img_support::{qemu_img, run, strata_as_qemu_img, QEMU_IMG};
+use img_support::{io, qemu_img, run, strata_as_qemu_img, QEMU_IMG};
 
 /// Which tool does a step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,22 +36,8 @@ fn io_ok(t: Tool, dir: &Path, file: &str, cmds: &[&str]) {
         Tool::Qemu => "/usr/bin/qemu-io",
         Tool::Strata => env!("CARGO_BIN_EXE_strata-io"),
     };
-    let mut a = vec!["-f", "qcow2"];
-    for c in cmds {
-        a.extend_from_slice(&["-c", c]);
-    }
-    a.push(file);
-    let out = Command::new(prog)
-        .args(&a)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{t:?} {cmds:?}: {text}"
-    );
+    let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+    io(prog, dir, "qcow2", file, &cmds);
 }
 
 /// The dirty ranges of bitmap `name` as QEMU's own NBD server exports them

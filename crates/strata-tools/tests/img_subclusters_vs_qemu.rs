@@ -5,41 +5,37 @@
 //! subclusters of one cluster lose nothing; every image checks clean.
 
 use std::path::Path;
-use std::process::Command;
 
 mod img_support;
 
-use img_support::{qemu_img, run, QEMU_IMG};
+use img_support::{io, qemu_img, run, strata_as_qemu_img, QEMU_IMG};
 
 const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
-const STRATA_IMG: &str = env!("CARGO_BIN_EXE_strata-img");
+const QEMU_IO: &str = "/usr/bin/qemu-io";
 
-/// Runs an I/O tool's commands on `file` (`-f` first) and returns its output.
-fn io(prog: &str, dir: &Path, fmt: &str, file: &str, cmds: &[String]) -> String {
-    let mut a = vec!["-f".to_string(), fmt.to_string()];
-    for c in cmds {
-        a.push("-c".into());
-        a.push(c.clone());
-    }
-    a.push(file.into());
-    let out = Command::new(prog)
-        .args(&a)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{prog} {cmds:?}: {text}"
-    );
-    text
+/// Runs `qemu-img args` with `prog` (QEMU's, or Strata's under that name).
+fn img_ok(prog: &Path, dir: &Path, args: &[&str]) -> String {
+    let (out, err, code) = run(prog, args, dir);
+    assert_eq!(code, 0, "{prog:?} {args:?}: {out}{err}");
+    out
 }
 
-fn img_ok(prog: &str, dir: &Path, args: &[&str]) -> String {
-    let (out, err, code) = run(Path::new(prog), args, dir);
-    assert_eq!(code, 0, "{prog} {args:?}: {out}{err}");
-    out
+/// A raw image of `size` filled with `pattern` (or zeroes).
+fn raw_image(dir: &Path, name: &str, size: &str, pattern: Option<u8>) {
+    img_ok(
+        Path::new(QEMU_IMG),
+        dir,
+        &["create", "-q", "-f", "raw", name, size],
+    );
+    if let Some(p) = pattern {
+        io(
+            QEMU_IO,
+            dir,
+            "raw",
+            name,
+            &[format!("write -P {p} 0 {size}")],
+        );
+    }
 }
 
 /// The first L2 table of a qcow2 image, as bytes.
@@ -86,33 +82,21 @@ fn the_same_requests_make_the_same_subcluster_words_as_qemu() {
     let Some(_) = qemu_img() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let qemu = Path::new(QEMU_IMG);
+    let strata = strata_as_qemu_img(d);
+    raw_image(d, "base.raw", "1M", Some(0xff));
     for with_backing in [false, true] {
         let mut tables = Vec::new();
-        for (tag, img, io_prog) in [
-            ("q", QEMU_IMG, "/usr/bin/qemu-io"),
-            ("s", STRATA_IMG, STRATA_IO),
-        ] {
+        for (tag, img, io_prog) in [("q", qemu, QEMU_IO), ("s", strata.as_path(), STRATA_IO)] {
             let file = format!("{tag}{with_backing}.qcow2");
             let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"];
             if with_backing {
-                img_ok(
-                    QEMU_IMG,
-                    d,
-                    &["create", "-q", "-f", "raw", "base.raw", "1M"],
-                );
-                io(
-                    "/usr/bin/qemu-io",
-                    d,
-                    "raw",
-                    "base.raw",
-                    &["write -P 0xff 0 1M".into()],
-                );
                 args.extend_from_slice(&["-b", "base.raw", "-F", "raw"]);
             }
             args.extend_from_slice(&[&file, "1M"]);
             img_ok(img, d, &args);
             io(io_prog, d, "qcow2", &file, &workload());
-            let out = img_ok(QEMU_IMG, d, &["check", &file]);
+            let out = img_ok(qemu, d, &["check", &file]);
             assert!(out.contains("No errors were found"), "{out}");
             tables.push((file.clone(), first_l2_table(&d.join(&file))));
         }
@@ -120,11 +104,11 @@ fn the_same_requests_make_the_same_subcluster_words_as_qemu() {
         for (i, (a, b)) in q.chunks(16).zip(s.chunks(16)).enumerate() {
             assert_eq!(a, b, "L2 entry {i} differs (backing file: {with_backing})");
         }
-        let out = img_ok(QEMU_IMG, d, &["compare", qf, sf]);
+        let out = img_ok(qemu, d, &["compare", qf, sf]);
         assert!(out.contains("Images are identical"), "{out}");
-        // Each tool maps the other's image as it maps its own.
-        let qmap = img_ok(QEMU_IMG, d, &["map", "--output=json", sf]);
-        let smap = img_ok(STRATA_IMG, d, &["map", "--output=json", sf]);
+        // Each tool maps the image Strata wrote as the other does.
+        let qmap = img_ok(qemu, d, &["map", "--output=json", sf]);
+        let smap = img_ok(&strata, d, &["map", "--output=json", sf]);
         assert_eq!(qmap, smap);
     }
 }
@@ -134,9 +118,11 @@ fn images_written_by_one_tool_read_right_with_the_other() {
     let Some(_) = qemu_img() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    img_ok(QEMU_IMG, d, &["create", "-q", "-f", "raw", "ref.raw", "1M"]);
+    let qemu = Path::new(QEMU_IMG);
+    let strata = strata_as_qemu_img(d);
+    raw_image(d, "ref.raw", "1M", None);
     img_ok(
-        QEMU_IMG,
+        qemu,
         d,
         &[
             "create",
@@ -155,22 +141,19 @@ fn images_written_by_one_tool_read_right_with_the_other() {
     let second: Vec<String> = (0..24)
         .map(|i| format!("write -P {} {}k 3k", i + 100, i * 7 + 1))
         .collect();
-    // QEMU writes, Strata writes over it, both write the reference.
-    io("/usr/bin/qemu-io", d, "qcow2", "x.qcow2", &first);
-    io("/usr/bin/qemu-io", d, "raw", "ref.raw", &first);
+    // QEMU writes, Strata writes over it, the reference gets both.
+    io(QEMU_IO, d, "qcow2", "x.qcow2", &first);
+    io(QEMU_IO, d, "raw", "ref.raw", &first);
     io(STRATA_IO, d, "qcow2", "x.qcow2", &second);
-    io("/usr/bin/qemu-io", d, "raw", "ref.raw", &second);
-    for prog in [QEMU_IMG, STRATA_IMG] {
-        let out = img_ok(
-            prog,
-            d,
-            &["compare", "-f", "qcow2", "-F", "raw", "x.qcow2", "ref.raw"],
-        );
-        assert!(out.contains("Images are identical"), "{prog}: {out}");
+    io(QEMU_IO, d, "raw", "ref.raw", &second);
+    for prog in [qemu, strata.as_path()] {
+        let args = ["compare", "-f", "qcow2", "-F", "raw", "x.qcow2", "ref.raw"];
+        let out = img_ok(prog, d, &args);
+        assert!(out.contains("Images are identical"), "{prog:?}: {out}");
     }
-    let out = img_ok(QEMU_IMG, d, &["check", "x.qcow2"]);
+    let out = img_ok(qemu, d, &["check", "x.qcow2"]);
     assert!(out.contains("No errors were found"), "{out}");
-    let info = img_ok(STRATA_IMG, d, &["info", "x.qcow2"]);
+    let info = img_ok(&strata, d, &["info", "x.qcow2"]);
     assert!(info.contains("extended l2: true"), "{info}");
 }
 
@@ -179,73 +162,52 @@ fn writes_in_flight_into_one_clusters_subclusters_lose_nothing() {
     let Some(_) = qemu_img() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    img_ok(
-        QEMU_IMG,
-        d,
-        &["create", "-q", "-f", "raw", "base.raw", "1M"],
-    );
-    io(
-        "/usr/bin/qemu-io",
-        d,
-        "raw",
+    let strata = strata_as_qemu_img(d);
+    raw_image(d, "base.raw", "1M", Some(0xee));
+    raw_image(d, "ref.raw", "1M", Some(0xee));
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
         "base.raw",
-        &["write -P 0xee 0 1M".into()],
-    );
-    img_ok(QEMU_IMG, d, &["create", "-q", "-f", "raw", "ref.raw", "1M"]);
-    io(
-        "/usr/bin/qemu-io",
-        d,
+        "-F",
         "raw",
-        "ref.raw",
-        &["write -P 0xee 0 1M".into()],
-    );
-    img_ok(
-        STRATA_IMG,
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "x.qcow2",
-            "1M",
-        ],
-    );
+        "x.qcow2",
+        "1M",
+    ];
+    img_ok(&strata, d, &args);
     // Every request touches part of one or two subclusters of the first
     // two clusters, many of them the same subclusters, all in flight at
-    // once: the copy-on-write of one must not undo another.
+    // once: the copy-on-write of one must not undo another. None overlap,
+    // so the order they land in does not matter.
     let mut reqs = Vec::new();
     for i in 0..64u64 {
         let off = i * 1900 + 300;
-        let pat = i + 1;
         if i % 7 == 3 {
             reqs.push(format!("aio_write -z {off} 700"));
         } else {
-            reqs.push(format!("aio_write -P {pat} {off} 1100"));
+            reqs.push(format!("aio_write -P {} {off} 1100", i + 1));
         }
     }
     let mut cmds = reqs.clone();
     cmds.push("aio_flush".into());
     io(STRATA_IO, d, "qcow2", "x.qcow2", &cmds);
-    // The reference gets them one by one, in the same order: requests of
-    // one batch that overlap may land in any order, so none here overlap.
     let serial: Vec<String> = reqs
         .iter()
         .map(|r| r.replacen("aio_write", "write", 1))
         .collect();
-    io("/usr/bin/qemu-io", d, "raw", "ref.raw", &serial);
+    io(QEMU_IO, d, "raw", "ref.raw", &serial);
+    let qemu = Path::new(QEMU_IMG);
     let out = img_ok(
-        QEMU_IMG,
+        qemu,
         d,
         &["compare", "-f", "qcow2", "-F", "raw", "x.qcow2", "ref.raw"],
     );
     assert!(out.contains("Images are identical"), "{out}");
-    let out = img_ok(QEMU_IMG, d, &["check", "x.qcow2"]);
+    let out = img_ok(qemu, d, &["check", "x.qcow2"]);
     assert!(out.contains("No errors were found"), "{out}");
 }

@@ -32,6 +32,30 @@ pub fn strata_as_qemu_img(dir: &Path) -> PathBuf {
     link
 }
 
+/// Runs an I/O tool (`qemu-io` or `strata-io`) with `-f fmt`, each of
+/// `cmds` as a `-c`, on `file` in `dir`; its output. Fails the test if the
+/// tool fails or reports a failed command.
+pub fn io(prog: &str, dir: &Path, fmt: &str, file: &str, cmds: &[String]) -> String {
+    let mut a = vec!["-f".to_string(), fmt.to_string()];
+    for c in cmds {
+        a.push("-c".into());
+        a.push(c.clone());
+    }
+    a.push(file.into());
+    let out = Command::new(prog)
+        .args(&a)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{prog} {cmds:?}: {text}"
+    );
+    text
+}
+
 /// Runs `qemu-img args` in `dir` with `prog`'s folder first in PATH, so both
 /// tools see the same argv[0]; stdout, stderr and the exit code.
 pub fn run(prog: &Path, args: &[&str], dir: &Path) -> (String, String, i32) {

@@ -126,6 +126,10 @@ impl Geometry {
 pub enum Mapping {
     /// Not here: the backing file (or zeroes) shows through.
     Unallocated,
+    /// Not here either, but in a cluster that has host bytes for it (an
+    /// unallocated subcluster of an allocated cluster): block status says
+    /// where, as QEMU's does.
+    Reserved(u64),
     /// Reads as zeroes; may keep a preallocated host cluster.
     Zero(Option<u64>),
     /// Data at a host cluster; `copied` when its refcount is one.
@@ -142,6 +146,7 @@ impl Mapping {
     pub fn continued_by(self, len: u64, next: Mapping) -> bool {
         match (self, next) {
             (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. }) => a + len == b,
+            (Mapping::Reserved(a), Mapping::Reserved(b)) => a + len == b,
             (Mapping::Zero(Some(a)), Mapping::Zero(Some(b))) => a + len == b,
             (Mapping::Unallocated, Mapping::Unallocated)
             | (Mapping::Zero(None), Mapping::Zero(None))

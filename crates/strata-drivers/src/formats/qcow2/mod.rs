@@ -428,6 +428,11 @@ impl Driver for Qcow2Driver {
         drop(m);
         Ok(match first.mapping {
             Mapping::Unallocated => BlockStatus::unallocated(total),
+            Mapping::Reserved(_) if self.crypto.is_some() => BlockStatus::unallocated(total),
+            Mapping::Reserved(host) => BlockStatus {
+                host: Some((Arc::clone(self.data()?), host)),
+                ..BlockStatus::unallocated(total)
+            },
             Mapping::Zero(None) => BlockStatus::zero(total),
             // A zero cluster that keeps its host cluster says where it is.
             // Encrypted bytes are not the guest's: no host offset (QEMU).

@@ -37,6 +37,7 @@ impl Qcow2Driver {
                         a == b
                     }
                     (Mapping::Unallocated, _) | (Mapping::Zero(None), _) => true,
+                    (Mapping::Reserved(_), Mapping::Reserved(_)) => true,
                     _ => false,
                 };
                 if same_io && last.mapping.continued_by(last.len, mapping) {
@@ -93,7 +94,7 @@ impl Qcow2Driver {
                 self.read_data(host, e.offset, buf).await
             }
             Mapping::Zero(_) => Ok(zero_fill(buf)),
-            Mapping::Unallocated => self.read_backing(e.offset, buf).await,
+            Mapping::Unallocated | Mapping::Reserved(_) => self.read_backing(e.offset, buf).await,
             Mapping::Compressed(entry) => {
                 let data = self.read_compressed(entry).await?;
                 let mut buf = buf;

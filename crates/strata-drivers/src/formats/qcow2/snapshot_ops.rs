@@ -166,7 +166,7 @@ impl Qcow2Driver {
                         }
                         rc
                     }
-                    Ok(Mapping::Unallocated) | Ok(Mapping::Zero(None)) => 0,
+                    Ok(Mapping::Unallocated | Mapping::Zero(None) | Mapping::Reserved(_)) => 0,
                 };
                 let new = if refcount == 1 {
                     entry | OFLAG_COPIED

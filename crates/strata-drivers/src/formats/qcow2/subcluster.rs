@@ -133,7 +133,8 @@ impl L2Entry {
             },
             ScType::ZeroAlloc => Mapping::Zero(Some(host)),
             ScType::ZeroPlain => Mapping::Zero(None),
-            ScType::UnallocatedPlain | ScType::UnallocatedAlloc => Mapping::Unallocated,
+            ScType::UnallocatedPlain => Mapping::Unallocated,
+            ScType::UnallocatedAlloc => Mapping::Reserved(host),
             ScType::Compressed => Mapping::Compressed(self.entry),
             // Callers turn this into corruption first.
             ScType::Invalid => Mapping::Unallocated,
@@ -299,6 +300,6 @@ mod tests {
         );
         assert_eq!(n, 4 * 2048 - 1024);
         let (m, n) = e.run_at(&g, 8192, 9000).unwrap();
-        assert_eq!((m, n), (Mapping::Unallocated, 808));
+        assert_eq!((m, n), (Mapping::Reserved(0x50000 + 8192), 808));
     }
 }

@@ -98,7 +98,9 @@ impl Qcow2Driver {
         for e in extents {
             let zero = match e.mapping {
                 Mapping::Zero(_) => true,
-                Mapping::Unallocated => self.backing_reads_zero(e.offset, e.offset + e.len).await?,
+                Mapping::Unallocated | Mapping::Reserved(_) => {
+                    self.backing_reads_zero(e.offset, e.offset + e.len).await?
+                }
                 _ => false,
             };
             if !zero {
