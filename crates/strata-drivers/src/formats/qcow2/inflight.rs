@@ -6,7 +6,9 @@
 use super::host_inflight::HostGuard;
 use super::meta::{Mapping, Meta};
 use super::{Extent, Qcow2Driver};
+use async_lock::MutexGuard;
 use std::collections::BTreeSet;
+use strata_block::{Error, Result};
 
 /// Guest clusters being allocated by one write; unmarked (and waiters woken)
 /// when dropped, so a cancelled write cannot leave them marked forever.
@@ -67,6 +69,22 @@ impl Qcow2Driver {
                 _ => None,
             }
         }))
+    }
+
+    /// The metadata lock, taken when no write is allocating any of guest
+    /// clusters `[first, last]` (looked at again under the lock: a write
+    /// may have marked them meanwhile); ENOMEDIUM once the image is corrupt.
+    pub(super) async fn lock_idle(&self, first: u64, last: u64) -> Result<MutexGuard<'_, Meta>> {
+        loop {
+            self.wait_inflight(first, last).await;
+            let m = self.meta.lock().await;
+            if m.corrupt {
+                return Err(Error::errno(libc::ENOMEDIUM));
+            }
+            if !self.allocating(first, last) {
+                return Ok(m);
+            }
+        }
     }
 
     /// Waits until none of the guest clusters `[first, last]` is being allocated.

@@ -151,11 +151,7 @@ impl Qcow2Driver {
             let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
             let stop = table_end.min(end);
             // A write below the old end may still be allocating the first cluster.
-            self.wait_inflight(gc, stop - 1).await;
-            let mut m = self.meta.lock().await;
-            if self.allocating(gc, stop - 1) {
-                continue;
-            }
+            let mut m = self.lock_idle(gc, stop - 1).await?;
             let l2 = self.writable_l2(&mut m, gc).await?;
             let mut fresh: Vec<(u64, L2Entry)> = Vec::new();
             for c in gc..stop {

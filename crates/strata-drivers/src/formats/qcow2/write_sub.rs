@@ -32,122 +32,114 @@ impl Qcow2Driver {
         let len = buf.len() as u64;
         let first = offset >> self.geo.cluster_bits;
         let last = (offset + len - 1) >> self.geo.cluster_bits;
-        loop {
-            self.wait_inflight(first, last).await;
-            let mut m = self.meta.lock().await;
-            if m.corrupt {
-                return Err(Error::errno(libc::ENOMEDIUM));
-            }
-            if self.allocating(first, last) {
-                continue;
-            }
-            let entries = self.entries_for_write(&mut m, first, last).await?;
-            // Kept in place: the cluster is ours alone (QEMU: handle_copied).
-            let keep = |e: &L2Entry| e.has_cluster(&self.geo) && e.entry & OFLAG_COPIED != 0;
-            let head_keep = keep(&entries[0]);
-            let run = entries
-                .iter()
-                .enumerate()
-                .take_while(|(i, e)| {
-                    keep(e) == head_keep
-                        && (!head_keep || e.host() == entries[0].host() + *i as u64 * cs)
-                })
-                .count() as u64;
-            if run < last - first + 1 {
-                let split = ((first + run) << self.geo.cluster_bits) - offset;
-                let (a, b) = buf.split_at(split as usize);
-                drop(m);
-                let a = Box::pin(self.write_in_table_sub(offset, a)).await?;
-                let b = Box::pin(self.write_in_table_sub(offset + split, b)).await?;
-                return Ok(IoBuf::join_all(vec![a, b]));
-            }
-            let head = self.geo.offset_in_cluster(offset);
-            if head_keep {
-                let host = entries[0].host();
-                let Some(span) = self.in_place_span(&entries, head, head + len) else {
-                    // Every subcluster written holds data already: no
-                    // metadata changes, the bytes go straight in.
-                    let at = host + head;
-                    m.check_data_write(&self.file, at, len).await?;
-                    let mapping = Mapping::Normal { host, copied: true };
-                    let _held = self.hold_hosts(
-                        &m,
-                        &[Extent {
-                            offset,
-                            len,
-                            mapping,
-                        }],
-                    );
-                    drop(m);
-                    self.file.debug_event(DebugEvent::WriteAio).await;
-                    return self.write_data(at, offset, buf).await;
-                };
-                m.check_data_write(&self.file, host + span.from, span.to - span.from)
-                    .await?;
-                let _inflight = InflightGuard::new(self, first, last);
+        let mut m = self.lock_idle(first, last).await?;
+        let entries = self.entries_for_write(&mut m, first, last).await?;
+        // Kept in place: the cluster is ours alone (QEMU: handle_copied).
+        let keep = |e: &L2Entry| e.has_cluster(&self.geo) && e.entry & OFLAG_COPIED != 0;
+        let head_keep = keep(&entries[0]);
+        let run = entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                keep(e) == head_keep
+                    && (!head_keep || e.host() == entries[0].host() + *i as u64 * cs)
+            })
+            .count() as u64;
+        if run < last - first + 1 {
+            let split = ((first + run) << self.geo.cluster_bits) - offset;
+            let (a, b) = buf.split_at(split as usize);
+            drop(m);
+            let a = Box::pin(self.write_in_table_sub(offset, a)).await?;
+            let b = Box::pin(self.write_in_table_sub(offset + split, b)).await?;
+            return Ok(IoBuf::join_all(vec![a, b]));
+        }
+        let head = self.geo.offset_in_cluster(offset);
+        if head_keep {
+            let host = entries[0].host();
+            let Some(span) = self.in_place_span(&entries, head, head + len) else {
+                // Every subcluster written holds data already: no
+                // metadata changes, the bytes go straight in.
+                let at = host + head;
+                m.check_data_write(&self.file, at, len).await?;
                 let mapping = Mapping::Normal { host, copied: true };
-                let whole = entries.len() as u64 * cs;
                 let _held = self.hold_hosts(
                     &m,
                     &[Extent {
-                        offset: first << self.geo.cluster_bits,
-                        len: whole,
+                        offset,
+                        len,
                         mapping,
                     }],
                 );
                 drop(m);
-                let (buf, copied) = self
-                    .write_span(offset, buf, host, first, &entries, span)
-                    .await?;
-                let mut m = self.meta.lock().await;
-                if copied {
-                    m.l2_cache.set_depends_on_flush();
-                }
-                self.mark_written(&mut m, first, entries.len(), span)
-                    .await?;
-                return Ok(buf);
-            }
-            // A new host cluster for each (QEMU: handle_alloc).
-            let n = last - first + 1;
-            let l2 = self.writable_l2(&mut m, first).await?;
-            m.mark_dirty_for_lazy_refcounts(&self.file).await?;
-            let host = if self.geo.external_data {
-                first << self.geo.cluster_bits
-            } else {
-                m.alloc_clusters(&self.file, n).await?
+                self.file.debug_event(DebugEvent::WriteAio).await;
+                return self.write_data(at, offset, buf).await;
             };
-            let span = self.new_cluster_span(&entries, head, head + len);
             m.check_data_write(&self.file, host + span.from, span.to - span.from)
                 .await?;
             let _inflight = InflightGuard::new(self, first, last);
-            // The clusters copy-on-write reads from stay theirs meanwhile.
-            let source = |i: usize| Extent {
-                offset: (first + i as u64) << self.geo.cluster_bits,
-                len: cs,
-                mapping: self.cluster_mapping(&entries[i]),
-            };
-            let _cow_src = self.hold_hosts(&m, &[source(0), source(entries.len() - 1)]);
+            let mapping = Mapping::Normal { host, copied: true };
+            let whole = entries.len() as u64 * cs;
+            let _held = self.hold_hosts(
+                &m,
+                &[Extent {
+                    offset: first << self.geo.cluster_bits,
+                    len: whole,
+                    mapping,
+                }],
+            );
             drop(m);
-            let written = self
+            let (buf, copied) = self
                 .write_span(offset, buf, host, first, &entries, span)
-                .await;
+                .await?;
             let mut m = self.meta.lock().await;
-            return match written {
-                Ok((buf, copied)) => {
-                    if copied {
-                        m.l2_cache.set_depends_on_flush();
-                    }
-                    self.link_sub_clusters(&mut m, l2, first, host, entries.len(), span)
-                        .await
-                        .map(|()| buf)
+            if copied {
+                m.l2_cache.set_depends_on_flush();
+            }
+            self.mark_written(&mut m, first, entries.len(), span)
+                .await?;
+            return Ok(buf);
+        }
+        // A new host cluster for each (QEMU: handle_alloc).
+        let n = last - first + 1;
+        let l2 = self.writable_l2(&mut m, first).await?;
+        m.mark_dirty_for_lazy_refcounts(&self.file).await?;
+        let host = if self.geo.external_data {
+            first << self.geo.cluster_bits
+        } else {
+            m.alloc_clusters(&self.file, n).await?
+        };
+        let span = self.new_cluster_span(&entries, head, head + len);
+        m.check_data_write(&self.file, host + span.from, span.to - span.from)
+            .await?;
+        let _inflight = InflightGuard::new(self, first, last);
+        // The clusters copy-on-write reads from stay theirs meanwhile.
+        let source = |i: usize| Extent {
+            offset: (first + i as u64) << self.geo.cluster_bits,
+            len: cs,
+            mapping: self.cluster_mapping(&entries[i]),
+        };
+        let _cow_src = self.hold_hosts(&m, &[source(0), source(entries.len() - 1)]);
+        drop(m);
+        let written = self
+            .write_span(offset, buf, host, first, &entries, span)
+            .await;
+        let mut m = self.meta.lock().await;
+        match written {
+            Ok((buf, copied)) => {
+                if copied {
+                    m.l2_cache.set_depends_on_flush();
                 }
-                Err(e) => {
-                    if !self.geo.external_data {
-                        let _ = m.update_refcounts(&self.file, host, n, -1).await;
-                    }
-                    Err(e)
+                self.link_sub_clusters(&mut m, l2, first, host, entries.len(), span)
+                    .await
+                    .map(|()| buf)
+            }
+            Err(e) => {
+                // Nothing points to the new clusters yet: give them back.
+                if !self.geo.external_data {
+                    let _ = m.update_refcounts(&self.file, host, n, -1).await;
                 }
-            };
+                Err(e)
+            }
         }
     }
 

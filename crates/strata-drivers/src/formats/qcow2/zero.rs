@@ -27,15 +27,7 @@ impl Qcow2Driver {
         while gc < end {
             let table_end = ((gc >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
             let stop = table_end.min(end);
-            self.wait_inflight(gc, stop - 1).await;
-            let mut m = self.meta.lock().await;
-            if m.corrupt {
-                return Err(Error::errno(libc::ENOMEDIUM));
-            }
-            // A write may have marked clusters in flight before we got the lock.
-            if self.allocating(gc, stop - 1) {
-                continue;
-            }
+            let mut m = self.lock_idle(gc, stop - 1).await?;
             // Without a table nothing is allocated: zeroing still records
             // zero clusters, as QEMU does; a discard must only hide a
             // backing file (v3).

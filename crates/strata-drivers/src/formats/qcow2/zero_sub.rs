@@ -11,7 +11,7 @@ use super::meta::Mapping;
 use super::subcluster::{alloc_range, zero_range, ScType};
 use super::zero::Clear;
 use super::Qcow2Driver;
-use strata_block::{Driver, Error, IoBuf, Result, WriteFlags};
+use strata_block::{Driver, IoBuf, Result, WriteFlags};
 
 /// Largest zero buffer written at once when zeroes must be written out
 /// (QEMU's MAX_WRITE_ZEROES_BOUNCE_BUFFER).
@@ -156,40 +156,31 @@ impl Qcow2Driver {
     async fn zero_subclusters(&self, offset: u64, n: u64, only_if_empty: bool) -> Result<bool> {
         let gc = offset >> self.geo.cluster_bits;
         let first = (self.geo.offset_in_cluster(offset) >> self.geo.subcluster_bits) as u32;
-        loop {
-            self.wait_inflight(gc, gc).await;
-            let mut m = self.meta.lock().await;
-            if m.corrupt {
-                return Err(Error::errno(libc::ENOMEDIUM));
-            }
-            if self.allocating(gc, gc) {
-                continue;
-            }
-            let current = m.l2_entry(&self.file, gc).await?;
-            let e = current.map(|c| c.2).unwrap_or_default();
-            if e.compressed() {
+        let mut m = self.lock_idle(gc, gc).await?;
+        let current = m.l2_entry(&self.file, gc).await?;
+        let e = current.map(|c| c.2).unwrap_or_default();
+        if e.compressed() {
+            return Ok(false);
+        }
+        if only_if_empty {
+            let ty = e.sc_type(&self.geo, first);
+            if !matches!(
+                ty,
+                ScType::ZeroPlain
+                    | ScType::ZeroAlloc
+                    | ScType::UnallocatedPlain
+                    | ScType::UnallocatedAlloc
+            ) {
                 return Ok(false);
             }
-            if only_if_empty {
-                let ty = e.sc_type(&self.geo, first);
-                if !matches!(
-                    ty,
-                    ScType::ZeroPlain
-                        | ScType::ZeroAlloc
-                        | ScType::UnallocatedPlain
-                        | ScType::UnallocatedAlloc
-                ) {
-                    return Ok(false);
-                }
-            }
-            let l2 = self.writable_l2(&mut m, gc).await?;
-            let idx = gc & (self.geo.l2_entries() - 1);
-            let last = first + n as u32;
-            let new = (e.bitmap | zero_range(first, last)) & !alloc_range(first, last);
-            if new != e.bitmap {
-                m.l2_set_bitmap(&self.file, l2, idx, new).await?;
-            }
-            return Ok(true);
         }
+        let l2 = self.writable_l2(&mut m, gc).await?;
+        let idx = gc & (self.geo.l2_entries() - 1);
+        let last = first + n as u32;
+        let new = (e.bitmap | zero_range(first, last)) & !alloc_range(first, last);
+        if new != e.bitmap {
+            m.l2_set_bitmap(&self.file, l2, idx, new).await?;
+        }
+        Ok(true)
     }
 }
