@@ -338,6 +338,15 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Bytes of guest writes whose clusters were found or allocated so far
+    /// (formats that allocate; None for others). A single writer that sees
+    /// this grow by a write's length while the write is in flight knows
+    /// that the write's place in the file is decided: a later write can no
+    /// longer be placed before it (convert's in-order writes use this).
+    fn bytes_planned(&self) -> Option<u64> {
+        None
+    }
+
     /// The smallest unit a write allocates without copying on write
     /// around it (QEMU's BlockDriverInfo.subcluster_size): the cluster,
     /// unless the format splits it.

@@ -115,6 +115,8 @@ pub struct Qcow2Driver {
     flushed_epochs: std::sync::Mutex<Option<(u64, u64)>>,
     /// Writes are checked against the snapshots' L2 tables too.
     check_inactive_l2: bool,
+    /// Bytes of guest writes placed so far (see `Driver::bytes_planned`).
+    planned: AtomicU64,
 }
 
 impl Qcow2Driver {
@@ -157,6 +159,12 @@ impl Qcow2Driver {
 }
 
 impl Qcow2Driver {
+    /// Counts `len` bytes of a write whose clusters are found or allocated:
+    /// its data I/O is all that is left.
+    fn note_planned(&self, len: u64) {
+        self.planned.fetch_add(len, Ordering::Release);
+    }
+
     /// Records a completed flush in the caches: what they held at its
     /// start is stable (a later epoch means more was written since).
     fn apply_flushed(&self, m: &mut Meta) {
@@ -576,6 +584,10 @@ impl Driver for Qcow2Driver {
 
     fn subcluster_size(&self) -> Option<u64> {
         Some(self.geo.subcluster_size())
+    }
+
+    fn bytes_planned(&self) -> Option<u64> {
+        Some(self.planned.load(Ordering::Acquire))
     }
 
     fn is_dirty(&self) -> bool {

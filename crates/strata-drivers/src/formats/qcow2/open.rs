@@ -161,6 +161,7 @@ impl DriverClass for Qcow2Class {
             bitmap_dir: Default::default(),
             flushed_epochs: Default::default(),
             check_inactive_l2,
+            planned: AtomicU64::new(0),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.

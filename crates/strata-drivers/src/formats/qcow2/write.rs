@@ -138,6 +138,7 @@ impl Qcow2Driver {
                             mapping: mappings[0],
                         }],
                     );
+                    self.note_planned(len);
                     drop(m);
                     self.file.debug_event(DebugEvent::WriteAio).await;
                     return self.write_data(at, offset, buf).await;
@@ -199,6 +200,7 @@ impl Qcow2Driver {
                 mapping: mappings[i],
             };
             let _cow_src = self.hold_hosts(&m, &[cs_len(0), cs_len(mappings.len() - 1)]);
+            self.note_planned(len);
             drop(m);
             let written = match kept {
                 Some(_) => self.write_kept_run(offset, buf, host, &mappings).await,

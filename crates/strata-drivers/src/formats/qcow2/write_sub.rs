@@ -70,6 +70,7 @@ impl Qcow2Driver {
                         mapping,
                     }],
                 );
+                self.note_planned(len);
                 drop(m);
                 self.file.debug_event(DebugEvent::WriteAio).await;
                 return self.write_data(at, offset, buf).await;
@@ -87,6 +88,7 @@ impl Qcow2Driver {
                     mapping,
                 }],
             );
+            self.note_planned(len);
             drop(m);
             let (buf, copied) = self
                 .write_span(offset, buf, host, first, &entries, span)
@@ -119,6 +121,7 @@ impl Qcow2Driver {
             mapping: self.cluster_mapping(&entries[i]),
         };
         let _cow_src = self.hold_hosts(&m, &[source(0), source(entries.len() - 1)]);
+        self.note_planned(len);
         drop(m);
         let written = self
             .write_span(offset, buf, host, first, &entries, span)

@@ -43,6 +43,15 @@ pub struct Source {
     pub alignment: u64,
 }
 
+/// What one write did at its first poll (see `Convert::write`).
+#[derive(Default)]
+struct Issued {
+    /// Every piece went to the target, each on clusters of its own.
+    together: Cell<bool>,
+    /// Then, if nothing but data needed writing: the bytes of data.
+    data_bytes: Cell<Option<u64>>,
+}
+
 /// A convert job, as img_convert sets it up.
 pub struct Convert {
     pub src: Vec<Source>,
@@ -68,6 +77,9 @@ pub struct Convert {
     /// The target's cluster size in sectors (1 without clusters): writes
     /// that start and end on these share no cluster with another write.
     pub target_cluster_sectors: u64,
+    /// The target's format node, which says how many bytes of writes it
+    /// has placed (`Driver::bytes_planned`).
+    pub target_format: Arc<strata_block::Node>,
     /// Largest data chunk, in sectors.
     pub buf_sectors: u64,
     pub num_coroutines: usize,
@@ -338,16 +350,17 @@ impl Convert {
     }
 
     /// Writes one chunk to the target as its status says (QEMU:
-    /// convert_co_write); gives the data buffer back. `issued` is set, at
-    /// the first poll, when every piece went to the target at once, each
-    /// on clusters of its own: the target then allocates in order.
+    /// convert_co_write); gives the data buffer back. `issued` says, at
+    /// the first poll, whether every piece went to the target at once, each
+    /// on clusters of its own (the target then allocates in order), and how
+    /// many bytes of data they hold.
     async fn write(
         &self,
         sector_num: u64,
         nb: u64,
         buf: Option<IoBuf>,
         status: Status,
-        issued: &Cell<bool>,
+        issued: &Issued,
     ) -> Result<Option<IoBuf>> {
         let buf = match (status, buf) {
             (Status::Data, Some(buf)) => buf,
@@ -396,7 +409,13 @@ impl Convert {
         let together = plan
             .iter()
             .all(|&(_, at, n)| self.on_cluster(at) && self.on_cluster(at + n));
-        issued.set(together);
+        issued.together.set(together);
+        // Only data pieces are placed by the format; a zero write must be
+        // needless (the target reads as zeroes) for the count to tell all.
+        if together && (self.has_zero_init || plan.iter().all(|p| p.0)) {
+            let bytes = plan.iter().filter(|p| p.0).map(|p| p.2 * SECTOR).sum();
+            issued.data_bytes.set(Some(bytes));
+        }
         let mut pieces = Vec::with_capacity(plan.len());
         let mut rest = buf;
         for (data, at, n) in plan {
@@ -504,14 +523,24 @@ impl Convert {
             // (its metadata lock, an L2 table boundary), and a later chunk
             // overtaking it would make the layout differ from qemu-img's.
             // A rate limit keeps QEMU's rule too.
-            let early_turn =
-                self.wr_in_order && self.throttle.is_none() && self.target_cluster_sectors == 1;
+            // A format that allocates may let the next chunk go once this
+            // one's clusters are placed, which it says by the bytes it has
+            // placed: then the next cannot be placed before it, and the
+            // layout is qemu-img's.
+            let early_turn = self.wr_in_order && self.throttle.is_none();
+            let planned = || self.target_format.driver().bytes_planned();
             let mut passed = false;
             if !sh.failed.get() {
-                let issued = Cell::new(false);
+                let issued = Issued::default();
+                let placed_before = planned();
                 let mut w = std::pin::pin!(self.write(sector_num, n, data.take(), status, &issued));
                 let first = futures::poll!(w.as_mut());
-                if early_turn && (issued.get() || first.is_ready()) {
+                let placed = match (placed_before, planned(), issued.data_bytes.get()) {
+                    (Some(a), Some(b), Some(bytes)) => b - a >= bytes,
+                    (None, _, _) => issued.together.get() && self.target_cluster_sectors == 1,
+                    _ => false,
+                };
+                if early_turn && (placed || first.is_ready()) {
                     sh.wr_offs.set(sector_num + n);
                     sh.written.notify_waiters();
                     passed = true;

@@ -810,6 +810,7 @@ fn copy_into(
             .driver()
             .cluster_size()
             .map_or(1, |cs| (cs / SECTOR).max(1)),
+        target_format: target.skip_filters(),
         buf_sectors,
         num_coroutines: a.num_coroutines,
         throttle,
