@@ -147,13 +147,13 @@ impl Node {
         }
     }
 
-    /// The funnel's last step: the highest offset written, the enabled
-    /// dirty bitmaps.
     /// Counts a completed write, so the next flush makes it stable.
     pub(crate) fn note_write(&self) {
         self.write_gen.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The funnel's last step: the write counted for flushes, the highest
+    /// offset written, the enabled dirty bitmaps.
     pub(super) fn write_finish(&self, req: WriteReq) {
         self.note_write();
         if req.kind != WriteKind::Discard && req.len > 0 {

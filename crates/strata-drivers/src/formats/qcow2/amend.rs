@@ -372,30 +372,17 @@ impl Qcow2Driver {
         m.l2_cache.clear();
         let mut tables: Vec<Vec<u64>> = vec![m.l1.clone()];
         for sn in snapshots {
-            // A table QEMU would not read is named before the amend fails.
-            let valid = super::open::validate_table(
-                sn.l1_offset,
-                sn.l1_size as u64,
-                8,
-                super::MAX_L1_BYTES,
-                self.geo.cluster_size,
-                "Snapshot L1 table",
-            );
-            if let Err(e) = valid {
-                strata_block::report::error_report(e.to_string());
-                return Err(Error::errno(e.code()));
+            match self.read_snapshot_l1(sn).await {
+                Ok(l1) => tables.push(l1),
+                // A table QEMU would not read is named before the amend
+                // fails (a read error has no words of its own).
+                Err(e) => {
+                    if e.message().is_some() {
+                        strata_block::report::error_report(e.to_string());
+                    }
+                    return Err(Error::errno(e.code()));
+                }
             }
-            let bytes = self
-                .file
-                .read(sn.l1_offset, IoBuf::zeroed(sn.l1_size as usize * 8))
-                .await?;
-            tables.push(
-                bytes
-                    .as_slice()
-                    .chunks_exact(8)
-                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
-                    .collect(),
-            );
         }
         let total: u64 = tables.iter().map(|t| t.len() as u64).sum();
         let mut visited = 0;

@@ -395,10 +395,22 @@ impl Meta {
         self.set_l2_word(file, l2_off, idx * 16 + 8, val).await
     }
 
-    /// The big-endian word `at` bytes into the L2 table at `l2_off`.
-    async fn l2_word(&mut self, file: &Arc<Node>, l2_off: u64, at: u64) -> Result<u64> {
+    /// The cached slice holding the word `at` bytes into the L2 table at
+    /// `l2_off` (loaded if need be), and where the word is in it.
+    async fn l2_slice_at(
+        &mut self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        at: u64,
+    ) -> Result<(u64, usize)> {
         let (slice, at) = self.l2_cache.slice_of(l2_off, at);
         self.ensure_slice(file, slice, true).await?;
+        Ok((slice, at))
+    }
+
+    /// The big-endian word `at` bytes into the L2 table at `l2_off`.
+    async fn l2_word(&mut self, file: &Arc<Node>, l2_off: u64, at: u64) -> Result<u64> {
+        let (slice, at) = self.l2_slice_at(file, l2_off, at).await?;
         let b = self
             .l2_cache
             .get(slice)
@@ -413,8 +425,7 @@ impl Meta {
         at: u64,
         val: u64,
     ) -> Result<()> {
-        let (slice, at) = self.l2_cache.slice_of(l2_off, at);
-        self.ensure_slice(file, slice, true).await?;
+        let (slice, at) = self.l2_slice_at(file, l2_off, at).await?;
         let b = self
             .l2_cache
             .get_mut(slice)
@@ -709,13 +720,8 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let (snapshots, _) = super::snapshot::read(file, &self.header).await?;
         for sn in snapshots {
-            let entries = sn.l1_size as u64;
-            super::open::validate_table(sn.l1_offset, entries, 8, super::MAX_L1_BYTES, cs, "")?;
-            let l1 = file
-                .read(sn.l1_offset, IoBuf::zeroed(entries as usize * 8))
-                .await?;
-            for e in l1.as_slice().chunks_exact(8) {
-                let l2 = be64_at(e, 0) & OFFSET_MASK;
+            for e in super::snapshot::read_l1(file, &sn, cs).await? {
+                let l2 = e & OFFSET_MASK;
                 if l2 != 0 && off < l2 + cs && l2 < off + len {
                     return Ok(Some(Error::corrupt(
                         "Preventing invalid write on metadata (overlaps with inactive L2 table)",

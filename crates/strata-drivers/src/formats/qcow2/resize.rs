@@ -181,7 +181,12 @@ impl Qcow2Driver {
                 true => from - c0 * cs,
                 false => 0,
             };
-            let head_mapping = self.cluster_mapping(&e0);
+            let mask = self.geo.l2_entries() - 1;
+            // What the first cluster held, for its copy (decoded here, under the lock).
+            let head_mapping = match self.geo.extended_l2 {
+                true => self.cluster_mapping(&e0),
+                false => m.decode(e0.entry, l2, c0 & mask)?,
+            };
             let source = Extent {
                 offset: c0 * cs,
                 len: cs,
@@ -198,10 +203,7 @@ impl Qcow2Driver {
                         let f = if every { 0 } else { self.cow_start(&e0, head) };
                         (f, self.old_sub_content(c0, &e0, f, head).await?)
                     }
-                    false => {
-                        let mp = self.meta.lock().await.decode(e0.entry, l2, c0)?;
-                        (0, self.old_content(c0, mp, 0, head).await?)
-                    }
+                    false => (0, self.old_content(c0, head_mapping, 0, head).await?),
                 };
                 if cow_from < head {
                     self.write_data(host + cow_from, c0 * cs + cow_from, old)
@@ -209,7 +211,6 @@ impl Qcow2Driver {
                 }
             }
             let mut m = self.meta.lock().await;
-            let mask = self.geo.l2_entries() - 1;
             let mut old = Vec::new();
             for (i, &(c, e)) in fresh.iter().enumerate() {
                 old.push(self.cluster_mapping(&e));

@@ -274,6 +274,29 @@ pub const fn max_snapshots() -> u32 {
     MAX_SNAPSHOTS
 }
 
+/// A snapshot's L1 table, checked first as QEMU's qcow2_validate_table
+/// checks it ("Snapshot L1 table too large" or "... offset invalid").
+pub(super) async fn read_l1(
+    file: &Arc<Node>,
+    sn: &Snapshot,
+    cluster_size: u64,
+) -> Result<Vec<u64>> {
+    super::open::validate_table(
+        sn.l1_offset,
+        sn.l1_size as u64,
+        8,
+        super::MAX_L1_BYTES,
+        cluster_size,
+        "Snapshot L1 table",
+    )?;
+    let bytes = sn.l1_size as usize * 8;
+    let b = file.read(sn.l1_offset, IoBuf::zeroed(bytes)).await?;
+    Ok(b.as_slice()
+        .chunks_exact(8)
+        .map(super::open::be64)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,8 @@
 //! worst.
 
 use super::meta::{tables_of, Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED};
-use super::open::{be64, validate_table};
 use super::snapshot::{self, Snapshot};
-use super::{Qcow2Driver, MAX_L1_BYTES};
+use super::Qcow2Driver;
 use strata_block::driver::SnapshotInfo;
 use strata_block::error::strerror;
 use strata_block::{Driver, Error, IoBuf, Preallocation, Result, WriteFlags};
@@ -43,18 +42,8 @@ impl Qcow2Driver {
     }
 
     /// A snapshot's L1 table, checked as QEMU checks it before use.
-    async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
-        validate_table(
-            sn.l1_offset,
-            sn.l1_size as u64,
-            8,
-            MAX_L1_BYTES,
-            self.geo.cluster_size,
-            "Snapshot L1 table",
-        )?;
-        let bytes = sn.l1_size as usize * 8;
-        let b = self.file.read(sn.l1_offset, IoBuf::zeroed(bytes)).await?;
-        Ok(b.as_slice().chunks_exact(8).map(be64).collect())
+    pub(super) async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+        super::snapshot::read_l1(&self.file, sn, self.geo.cluster_size).await
     }
 
     /// Adds `addend` (-1, 0 or 1) to the refcount of every cluster `l1`
