@@ -12,6 +12,31 @@ pub struct Progress {
     current: f32,
     last_print: f32,
     min_skip: f32,
+    /// The last JSON line, so that the same one never goes out twice.
+    last_json: Option<(u64, u64)>,
+}
+
+/// `done` of `total` in percent; nothing to do is all done.
+fn percent(done: u64, total: u64) -> f32 {
+    match total {
+        0 => 100.0,
+        _ => (100.0 * done as f64 / total as f64) as f32,
+    }
+}
+
+/// Parses the value of `--progress=FORMAT`: true for `json`, false for
+/// `human`; anything else is reported and gives the exit code.
+pub fn parse_format(v: &str) -> Result<bool, i32> {
+    match v {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        _ => {
+            strata_block::report::error_report(format!(
+                "Invalid progress format '{v}': expected 'human' or 'json'"
+            ));
+            Err(1)
+        }
+    }
 }
 
 impl Progress {
@@ -24,6 +49,16 @@ impl Progress {
             current: 0.0,
             last_print: 0.0,
             min_skip,
+            last_json: None,
+        }
+    }
+
+    /// The report a subcommand's flags ask for: JSON lines when `json`,
+    /// else the percentage line when `enabled` (`-p` without `-q`).
+    pub fn for_flags(enabled: bool, json: bool, min_skip: f32) -> Progress {
+        match json {
+            true => Progress::new_json(min_skip),
+            false => Progress::new(enabled, min_skip),
         }
     }
 
@@ -39,15 +74,17 @@ impl Progress {
     /// Reports `done` of `total` bytes: the percentage line as qemu-img
     /// prints it, or in JSON mode the bytes themselves.
     pub fn report(&mut self, done: u64, total: u64) {
-        let pct = if total == 0 {
-            100.0
-        } else {
-            (100.0 * done as f64 / total as f64) as f32
-        };
-        if !self.json {
-            return self.print(pct, 0);
+        match self.json {
+            true => self.bytes(done, total),
+            false => self.print(percent(done, total), 0),
         }
-        if self.step(pct) {
+    }
+
+    /// Reports `done` of `total` bytes in JSON mode only, for a subcommand
+    /// whose percentage line counts otherwise (rebase's steps).
+    pub fn bytes(&mut self, done: u64, total: u64) {
+        if self.json && self.step(percent(done, total)) && self.last_json != Some((done, total)) {
+            self.last_json = Some((done, total));
             eprintln!("{{\"done\": {done}, \"total\": {total}}}");
         }
     }

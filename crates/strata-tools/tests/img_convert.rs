@@ -510,6 +510,9 @@ fn progress_is_printed_as_qemu_img_prints_it() {
     f.same_image("o.raw", &["convert", "-p", "top.qcow2", "o.raw"]);
     f.both(&["convert", "-p", "-q", "src.raw", "o.raw"]);
     f.both(&["convert", "-p", "nonexistent", "o.raw"]);
+    // Rebase counts its own steps, amend the format's: the same lines.
+    f.both(&["rebase", "-p", "-b", "", "top.qcow2"]);
+    f.both(&["amend", "-p", "-o", "compat=0.10", "top.qcow2"]);
 }
 
 #[test]
@@ -782,16 +785,7 @@ fn progress_as_json_lines_counts_the_bytes_copied() {
             (v["done"].as_u64().unwrap(), v["total"].as_u64().unwrap())
         })
         .collect();
-    let total = 24 << 20;
-    assert_eq!(lines.first(), Some(&(0, total)), "{err}");
-    assert_eq!(lines.last(), Some(&(total, total)), "{err}");
-    assert!(lines.len() > 10, "{err}");
-    assert!(
-        lines
-            .windows(2)
-            .all(|w| w[0].0 <= w[1].0 && w[1].1 == total),
-        "{err}"
-    );
+    assert!(json_progress(&err, 24 << 20) > 10, "{err}");
     // Any other format name is refused.
     let (_, err, code) = run(
         Some(&bin),
@@ -807,4 +801,89 @@ fn progress_as_json_lines_counts_the_bytes_copied() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("Invalid progress format 'xml'"), "{err}");
+}
+
+/// Checks `--progress=json` lines on stderr: each a JSON object, `done`
+/// never going back, `total` always `total`, from 0 to `total`. Returns
+/// how many lines there were.
+fn json_progress(err: &str, total: u64) -> usize {
+    let lines: Vec<(u64, u64)> = err
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+            (v["done"].as_u64().unwrap(), v["total"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.first(), Some(&(0, total)), "{err}");
+    assert_eq!(lines.last(), Some(&(total, total)), "{err}");
+    assert!(
+        lines.windows(2).all(|w| w[0].0 < w[1].0 && w[1].1 == total),
+        "{err}"
+    );
+    lines.len()
+}
+
+#[test]
+fn progress_as_json_lines_for_commit_rebase_and_amend() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    sh(
+        dir,
+        QEMU_IMG,
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+    );
+    let overlay = || {
+        sh(
+            dir,
+            QEMU_IMG,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        );
+        for w in ["write 0 8M", "write 32M 3M"] {
+            sh(dir, QEMU_IO, &["-c", w, "top.qcow2"]);
+        }
+    };
+    let bin = strata_bin(dir);
+    let strata = |args: &[&str]| {
+        let (out, err, code) = run(Some(&bin), dir, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        (out, err)
+    };
+    // Commit counts the 11 MiB allocated above the base.
+    overlay();
+    let (out, err) = strata(&["commit", "--progress=json", "top.qcow2"]);
+    assert_eq!(out, "Image committed.\n");
+    assert!(json_progress(&err, 11 << 20) > 5, "{err}");
+    // Rebase onto nothing walks the whole disk.
+    overlay();
+    let (out, err) = strata(&["rebase", "--progress=json", "-b", "", "top.qcow2"]);
+    assert_eq!(out, "");
+    assert!(json_progress(&err, 64 << 20) > 5, "{err}");
+    // Amend reports the format's steps (here, downgrading a v3 image).
+    let (_, err) = strata(&["amend", "--progress=json", "-o", "compat=0.10", "top.qcow2"]);
+    json_progress(&err, 1);
+    for sub in [
+        &["commit", "top.qcow2"][..],
+        &["rebase", "-u", "-b", "", "top.qcow2"],
+        &["amend", "-o", "compat=1.1", "top.qcow2"],
+    ] {
+        let mut args = vec![sub[0], "--progress=xml"];
+        args.extend_from_slice(&sub[1..]);
+        let (_, err, code) = run(Some(&bin), dir, &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains("Invalid progress format 'xml'"), "{err}");
+    }
 }

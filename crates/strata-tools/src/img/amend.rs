@@ -21,6 +21,8 @@ const OPTS: &[super::Opt] = &[
     long("object", true),
     long("image-opts", false),
     long("force", false),
+    // Strata's own, as convert's: `--progress=json` for pipelines.
+    long("progress", true),
 ];
 
 pub fn run(ctx: Ctx) -> i32 {
@@ -30,6 +32,7 @@ pub fn run(ctx: Ctx) -> i32 {
     };
     let (mut options, mut fmt, mut cache) = (None, None, None);
     let (mut progress, mut quiet, mut image_opts, mut force) = (false, false, false, false);
+    let mut json = false;
     for (i, v) in p.opts {
         match i {
             0 => {
@@ -47,6 +50,13 @@ pub fn run(ctx: Ctx) -> i32 {
             5 => quiet = true,
             7 => image_opts = true,
             8 => force = true,
+            9 => {
+                progress = true;
+                match crate::progress::parse_format(v.as_deref().unwrap_or("")) {
+                    Ok(j) => json = j,
+                    Err(code) => return code,
+                }
+            }
             _ => {}
         }
     }
@@ -56,7 +66,7 @@ pub fn run(ctx: Ctx) -> i32 {
     if quiet {
         progress = false;
     }
-    let progress = Mutex::new(Progress::new(progress, 1.0));
+    let progress = Mutex::new(Progress::for_flags(progress, json, 1.0));
     let code = amend(
         &ctx,
         &p.operands,
@@ -196,7 +206,7 @@ async fn amend_node(
             progress
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .print(done as f32 * 100.0 / total as f32, 0);
+                .report(done, total);
         }
     };
     status(0, 1);

@@ -29,6 +29,8 @@ const OPTS: &[super::Opt] = &[
     opt('r', None, true),
     long("object", true),
     long("image-opts", false),
+    // Strata's own, as convert's: `--progress=json` for pipelines.
+    long("progress", true),
 ];
 
 /// Largest piece copied at once (QEMU's mirror default buffer is 16 MiB,
@@ -43,6 +45,8 @@ struct Args {
     base: Option<String>,
     drop: bool,
     progress: bool,
+    /// `--progress=json`: bytes as JSON lines on stderr.
+    progress_json: bool,
     quiet: bool,
     rate: u64,
     image_opts: bool,
@@ -75,6 +79,13 @@ pub fn run(ctx: Ctx) -> i32 {
                 Err(code) => return code,
             },
             9 => a.image_opts = true,
+            10 => {
+                a.progress = true;
+                match crate::progress::parse_format(v.as_deref().unwrap_or("")) {
+                    Ok(json) => a.progress_json = json,
+                    Err(code) => return code,
+                }
+            }
             _ => {}
         }
     }
@@ -98,7 +109,7 @@ pub fn run(ctx: Ctx) -> i32 {
     let Ok(node) = ctx.open(filename, a.fmt.as_deref(), a.image_opts, flags.clone(), 1) else {
         return 1;
     };
-    let mut progress = Progress::new(a.progress, 1.0);
+    let mut progress = Progress::for_flags(a.progress, a.progress_json, 1.0);
     progress.print(0.0, 100);
     let ok = ctx.ev.block_on(async {
         // The base must be writable: open the chain again with it so (QEMU
@@ -269,6 +280,7 @@ async fn copy_down(
     let total = allocated_above(node, base, len).await?;
     let started = Instant::now();
     let mut done = 0u64;
+    progress.bytes(0, total);
     let mut offset = 0;
     while offset < len {
         let (st, _) = node
@@ -288,7 +300,7 @@ async fn copy_down(
             }
             done += n;
             if total > 0 {
-                progress.print(done as f32 / total as f32 * 100.0, 0);
+                progress.report(done, total);
             }
             if a.rate > 0 {
                 // The -r limit in bytes per second, as a job's speed.
@@ -302,6 +314,7 @@ async fn copy_down(
     }
     dst.flush().await?;
     progress.print(100.0, 0);
+    progress.bytes(total, total);
     Ok(())
 }
 

@@ -25,6 +25,8 @@ const OPTS: &[super::Opt] = &[
     opt('c', Some("compress"), false),
     long("object", true),
     long("image-opts", false),
+    // Strata's own, as convert's: `--progress=json` for pipelines.
+    long("progress", true),
 ];
 
 /// How much of the image one step compares (QEMU's IO_BUF_SIZE).
@@ -37,6 +39,8 @@ struct Args {
     base: Option<String>,
     unsafe_mode: bool,
     progress: bool,
+    /// `--progress=json`: bytes as JSON lines on stderr.
+    progress_json: bool,
     cache: Option<String>,
     src_cache: Option<String>,
     quiet: bool,
@@ -68,6 +72,13 @@ pub fn run(ctx: Ctx) -> i32 {
             9 => a.force_share = true,
             10 => a.compress = true,
             12 => a.image_opts = true,
+            13 => {
+                a.progress = true;
+                match crate::progress::parse_format(v.as_deref().unwrap_or("")) {
+                    Ok(json) => a.progress_json = json,
+                    Err(code) => return code,
+                }
+            }
             _ => {}
         }
     }
@@ -83,7 +94,7 @@ pub fn run(ctx: Ctx) -> i32 {
             "Must specify backing file (-b) or use unsafe mode (-u)",
         );
     }
-    let mut progress = Progress::new(a.progress, 2.0);
+    let mut progress = Progress::for_flags(a.progress, a.progress_json, 2.0);
     progress.print(0.0, 100);
     let ok = rebase(&ctx, &a, &p.operands[0], &mut progress);
     progress.print(100.0, 0);
@@ -392,6 +403,7 @@ async fn compare_loop(
         )
     };
     let mut offset = 0u64;
+    progress.bytes(0, size);
     while offset < size {
         let mut n = IO_BUF_SIZE.min(size - offset);
         let st = image.block_status(offset, n).await.map_err(meta_err)?;
@@ -464,7 +476,9 @@ async fn compare_loop(
         }
         progress.print(step, 100);
         offset = offset_a + n;
+        progress.bytes(offset, size);
     }
+    progress.bytes(size, size);
     Ok(())
 }
 

@@ -272,16 +272,7 @@ fn parse_args(ctx: &Ctx) -> Result<(Args, Vec<String>), i32> {
             (_, Some("skip-broken-bitmaps")) => a.skip_broken = true,
             (_, Some("progress")) => {
                 a.progress = true;
-                a.progress_json = match v.as_str() {
-                    "json" => true,
-                    "human" => false,
-                    _ => {
-                        error_report(format!(
-                            "Invalid progress format '{v}': expected 'human' or 'json'"
-                        ));
-                        return Err(1);
-                    }
-                };
+                a.progress_json = crate::progress::parse_format(&v)?;
             }
             _ => {}
         }
@@ -424,11 +415,7 @@ pub fn run(ctx: Ctx) -> i32 {
     if a.quiet {
         a.progress = false;
     }
-    let progress = RefCell::new(if a.progress_json {
-        Progress::new_json(1.0)
-    } else {
-        Progress::new(a.progress, 1.0)
-    });
+    let progress = RefCell::new(Progress::for_flags(a.progress, a.progress_json, 1.0));
     progress.borrow_mut().print(0.0, 100);
     let ok = convert(&ctx, &a, &src_names, &out_filename, src_cache, &progress);
     if ok {
