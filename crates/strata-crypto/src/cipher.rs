@@ -6,7 +6,6 @@ use crate::hash::HashAlg;
 use crate::{Error, Result};
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::{Aes128, Aes192, Aes256};
-use xts_mode::Xts128;
 
 /// A cipher algorithm by QEMU's QCryptoCipherAlgo name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,11 +143,61 @@ impl Aes {
     }
 }
 
-/// XTS over one of the AES sizes.
-enum Xts {
-    X128(Xts128<Aes128>),
-    X192(Xts128<Aes192>),
-    X256(Xts128<Aes256>),
+/// XTS (IEEE P1619) for sectors of whole blocks, so without ciphertext
+/// stealing. Each run of blocks goes to AES in one call, where AES-NI and
+/// VAES pipeline them; the xts-mode crate encrypted one block per call,
+/// three times slower here.
+struct Xts {
+    data: Aes,
+    tweak: Aes,
+}
+
+/// Blocks enciphered per call: 16 KiB of tweaks on the stack.
+const XTS_RUN: usize = 1024;
+
+impl Xts {
+    /// Runs `cipher` (the data key's encrypt or decrypt) over the sectors
+    /// of `buf`, each block whitened before and after with its tweak.
+    fn crypt(
+        &self,
+        sector_size: usize,
+        mut ivs: impl Iterator<Item = Block>,
+        buf: &mut [u8],
+        encrypt: bool,
+    ) {
+        let per_sector = sector_size / 16;
+        let mut tweaks = [0u128; XTS_RUN];
+        // Whole sectors per run; a sector larger than a run is cut in runs.
+        let run_blocks = (XTS_RUN / per_sector).max(1) * per_sector.min(XTS_RUN);
+        let mut t = 0u128;
+        for (b, run) in as_blocks(buf).chunks_mut(run_blocks).enumerate() {
+            for (i, tw) in tweaks[..run.len()].iter_mut().enumerate() {
+                if (b * run_blocks + i) % per_sector == 0 {
+                    let mut iv = ivs.next().unwrap_or_default();
+                    self.tweak.encrypt(std::slice::from_mut(&mut iv));
+                    t = u128::from_le_bytes(iv.into());
+                } else {
+                    // Multiplication by x in GF(2^128), little-endian.
+                    t = (t << 1) ^ ((t >> 127) * 0x87);
+                }
+                *tw = t;
+            }
+            whiten(run, &tweaks);
+            match encrypt {
+                true => self.data.encrypt(run),
+                false => self.data.decrypt(run),
+            }
+            whiten(run, &tweaks);
+        }
+    }
+}
+
+/// XORs each block with its tweak.
+fn whiten(blocks: &mut [Block], tweaks: &[u128]) {
+    for (b, t) in blocks.iter_mut().zip(tweaks) {
+        let x = u128::from_le_bytes((*b).into()) ^ t;
+        *b = x.to_le_bytes().into();
+    }
 }
 
 /// The keyed mode.
@@ -202,20 +251,9 @@ impl SectorCipher {
             CipherMode::Cbc => Mode::Cbc(Aes::new(key)?),
             CipherMode::Xts => {
                 let (k1, k2) = key.split_at(key.len() / 2);
-                let err = |_| Error::new("Invalid XTS key");
-                Mode::Xts(Box::new(match alg {
-                    CipherAlg::Aes128 => Xts::X128(Xts128::new(
-                        Aes128::new_from_slice(k1).map_err(err)?,
-                        Aes128::new_from_slice(k2).map_err(err)?,
-                    )),
-                    CipherAlg::Aes192 => Xts::X192(Xts128::new(
-                        Aes192::new_from_slice(k1).map_err(err)?,
-                        Aes192::new_from_slice(k2).map_err(err)?,
-                    )),
-                    CipherAlg::Aes256 => Xts::X256(Xts128::new(
-                        Aes256::new_from_slice(k1).map_err(err)?,
-                        Aes256::new_from_slice(k2).map_err(err)?,
-                    )),
+                Mode::Xts(Box::new(Xts {
+                    data: Aes::new(k1)?,
+                    tweak: Aes::new(k2)?,
                 }))
             }
         };
@@ -248,54 +286,48 @@ impl SectorCipher {
         iv
     }
 
+    /// The IVs of the sectors from `first`.
+    fn ivs(&self, first: u64) -> impl Iterator<Item = Block> + '_ {
+        (first..).map(|s| self.iv(s))
+    }
+
     /// Encrypts `buf` (whole sectors of `sector_size`) in place; its first
     /// sector is number `first_sector`.
     pub fn encrypt(&self, sector_size: usize, first_sector: u64, buf: &mut [u8]) {
-        for (i, sector) in buf.chunks_mut(sector_size).enumerate() {
-            let iv = self.iv(first_sector + i as u64);
-            match &self.mode {
-                Mode::Ecb(c) => c.encrypt(as_blocks(sector)),
-                Mode::Cbc(c) => {
-                    let mut prev = iv;
-                    for b in as_blocks(sector) {
-                        for (x, p) in b.iter_mut().zip(prev.iter()) {
-                            *x ^= p;
-                        }
-                        c.encrypt(std::slice::from_mut(b));
-                        prev = *b;
-                    }
+        let c = match &self.mode {
+            Mode::Xts(x) => return x.crypt(sector_size, self.ivs(first_sector), buf, true),
+            // ECB has no IV: every block at once.
+            Mode::Ecb(c) => return c.encrypt(as_blocks(buf)),
+            Mode::Cbc(c) => c,
+        };
+        for (sector, iv) in buf.chunks_mut(sector_size).zip(self.ivs(first_sector)) {
+            let mut prev = iv;
+            for b in as_blocks(sector) {
+                for (x, p) in b.iter_mut().zip(prev.iter()) {
+                    *x ^= p;
                 }
-                Mode::Xts(x) => match x.as_ref() {
-                    Xts::X128(x) => x.encrypt_sector(sector, iv),
-                    Xts::X192(x) => x.encrypt_sector(sector, iv),
-                    Xts::X256(x) => x.encrypt_sector(sector, iv),
-                },
+                c.encrypt(std::slice::from_mut(b));
+                prev = *b;
             }
         }
     }
 
     /// Decrypts `buf` in place, as `encrypt` made it.
     pub fn decrypt(&self, sector_size: usize, first_sector: u64, buf: &mut [u8]) {
-        for (i, sector) in buf.chunks_mut(sector_size).enumerate() {
-            let iv = self.iv(first_sector + i as u64);
-            match &self.mode {
-                Mode::Ecb(c) => c.decrypt(as_blocks(sector)),
-                Mode::Cbc(c) => {
-                    let blocks = as_blocks(sector);
-                    let cipher_text: Vec<Block> = blocks.to_vec();
-                    c.decrypt(blocks);
-                    for (j, b) in blocks.iter_mut().enumerate() {
-                        let prev = if j == 0 { &iv } else { &cipher_text[j - 1] };
-                        for (x, p) in b.iter_mut().zip(prev.iter()) {
-                            *x ^= p;
-                        }
-                    }
+        let c = match &self.mode {
+            Mode::Xts(x) => return x.crypt(sector_size, self.ivs(first_sector), buf, false),
+            Mode::Ecb(c) => return c.decrypt(as_blocks(buf)),
+            Mode::Cbc(c) => c,
+        };
+        for (sector, iv) in buf.chunks_mut(sector_size).zip(self.ivs(first_sector)) {
+            let blocks = as_blocks(sector);
+            let cipher_text: Vec<Block> = blocks.to_vec();
+            c.decrypt(blocks);
+            for (j, b) in blocks.iter_mut().enumerate() {
+                let prev = if j == 0 { &iv } else { &cipher_text[j - 1] };
+                for (x, p) in b.iter_mut().zip(prev.iter()) {
+                    *x ^= p;
                 }
-                Mode::Xts(x) => match x.as_ref() {
-                    Xts::X128(x) => x.decrypt_sector(sector, iv),
-                    Xts::X192(x) => x.decrypt_sector(sector, iv),
-                    Xts::X256(x) => x.decrypt_sector(sector, iv),
-                },
             }
         }
     }
@@ -333,6 +365,73 @@ mod tests {
             // (except in ECB).
             c.decrypt(512, 9, &mut buf);
             assert_eq!(buf, plain, "{alg:?} {mode:?} {ivgen:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The batched XTS gives what the xts-mode crate gives, sector by
+        /// sector, for every AES size, sector size and first sector.
+        #[test]
+        fn xts_matches_the_reference_crate(
+            key in proptest::collection::vec(proptest::num::u8::ANY, 64),
+            size in 0usize..3,
+            shift in 4u32..17,
+            sectors in 1usize..6,
+            first in proptest::num::u64::ANY,
+            seed in proptest::num::u8::ANY,
+        ) {
+            let alg = [CipherAlg::Aes128, CipherAlg::Aes192, CipherAlg::Aes256][size];
+            let key = &key[..2 * alg.key_len()];
+            let sector_size = 1usize << shift;
+            let first = first % (u64::MAX - 8);
+            let c = SectorCipher::new(alg, CipherMode::Xts, key, IvGenAlg::Plain64, alg, None)
+                .unwrap();
+            let plain: Vec<u8> = (0..sector_size * sectors)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect();
+            let mut ours = plain.clone();
+            c.encrypt(sector_size, first, &mut ours);
+            let (k1, k2) = key.split_at(alg.key_len());
+            let mut theirs = plain.clone();
+            reference_xts(alg, k1, k2, sector_size, first, &mut theirs, true);
+            proptest::prop_assert_eq!(&ours, &theirs);
+            c.decrypt(sector_size, first, &mut ours);
+            proptest::prop_assert_eq!(&ours, &plain);
+            reference_xts(alg, k1, k2, sector_size, first, &mut theirs, false);
+            proptest::prop_assert_eq!(theirs, plain);
+        }
+    }
+
+    /// The xts-mode crate over `buf`, sector by sector, plain64 tweaks.
+    fn reference_xts(
+        alg: CipherAlg,
+        k1: &[u8],
+        k2: &[u8],
+        sector_size: usize,
+        first: u64,
+        buf: &mut [u8],
+        encrypt: bool,
+    ) {
+        macro_rules! run {
+            ($c:ty) => {{
+                let x = xts_mode::Xts128::new(
+                    <$c>::new_from_slice(k1).unwrap(),
+                    <$c>::new_from_slice(k2).unwrap(),
+                );
+                for (i, sector) in buf.chunks_mut(sector_size).enumerate() {
+                    let mut iv = Block::default();
+                    iv[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+                    match encrypt {
+                        true => x.encrypt_sector(sector, iv),
+                        false => x.decrypt_sector(sector, iv),
+                    }
+                }
+            }};
+        }
+        match alg {
+            CipherAlg::Aes128 => run!(Aes128),
+            CipherAlg::Aes192 => run!(Aes192),
+            CipherAlg::Aes256 => run!(Aes256),
         }
     }
 
