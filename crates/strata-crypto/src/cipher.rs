@@ -172,7 +172,7 @@ impl Xts {
         let mut t = 0u128;
         for (b, run) in as_blocks(buf).chunks_mut(run_blocks).enumerate() {
             for (i, tw) in tweaks[..run.len()].iter_mut().enumerate() {
-                if (b * run_blocks + i) % per_sector == 0 {
+                if (b * run_blocks + i).is_multiple_of(per_sector) {
                     let mut iv = ivs.next().unwrap_or_default();
                     self.tweak.encrypt(std::slice::from_mut(&mut iv));
                     t = u128::from_le_bytes(iv.into());
