@@ -223,9 +223,20 @@ fn essiv_cipher(cipher: CipherAlg, hash: HashAlg) -> Result<CipherAlg> {
     if hash.digest_len() == cipher.key_len() {
         return Ok(cipher);
     }
-    CipherAlg::aes_with_key_len(hash.digest_len()).ok_or_else(|| {
+    let family = match cipher.family() {
+        "aes" => "AES",
+        "serpent" => "Serpent",
+        "twofish" => "Twofish",
+        _ => {
+            return Err(Error::new(format!(
+                "Cipher {} not supported with essiv",
+                cipher.name()
+            )))
+        }
+    };
+    CipherAlg::with_key_len(cipher.family(), hash.digest_len()).ok_or_else(|| {
         Error::new(format!(
-            "No AES cipher with key size {} available",
+            "No {family} cipher with key size {} available",
             hash.digest_len()
         ))
     })
@@ -250,11 +261,7 @@ impl Params {
         if cipher_mode == CipherMode::Xts {
             key_bytes /= 2;
         }
-        let cipher_alg = match name.as_str() {
-            "aes" => CipherAlg::aes_with_key_len(key_bytes),
-            _ => None,
-        }
-        .ok_or_else(|| {
+        let cipher_alg = CipherAlg::with_key_len(&name, key_bytes).ok_or_else(|| {
             Error::new(format!(
                 "Algorithm '{name}' with key size {key_bytes} bytes not supported"
             ))
@@ -493,7 +500,7 @@ impl Luks {
             uuid: [0; 40],
             slots: Default::default(),
         };
-        set_cstr(&mut header.cipher_name, "aes");
+        set_cstr(&mut header.cipher_name, opts.cipher_alg.family());
         set_cstr(&mut header.cipher_mode, &mode_spec);
         set_cstr(&mut header.hash_spec, opts.hash_alg.name());
         set_cstr(&mut header.uuid, &uuid_v4()?);

@@ -156,8 +156,19 @@ pub(crate) fn take_luks_create(opts: &mut Opts, prefix: &str) -> Result<CreateOp
         }
     }
     let mut o = CreateOptions::default();
-    if let Some(a) = named(opts, prefix, "cipher-alg", CipherAlg::from_name)? {
-        o.cipher_alg = a;
+    if let Some(v) = take_prefixed(opts, prefix, "cipher-alg")? {
+        o.cipher_alg = match CipherAlg::from_name(&v) {
+            Some(a) => a,
+            // QAPI knows these, QEMU's LUKS cipher maps do not.
+            None if ["des", "3des", "sm4"].contains(&v.as_str()) => {
+                return Err(Error::invalid(format!("Algorithm '{v}' not supported")))
+            }
+            None => {
+                return Err(Error::invalid(format!(
+                    "Parameter '{prefix}cipher-alg' does not accept value '{v}'"
+                )))
+            }
+        };
     }
     if let Some(m) = named(opts, prefix, "cipher-mode", CipherMode::from_name)? {
         o.cipher_mode = m;
