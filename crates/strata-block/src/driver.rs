@@ -120,6 +120,8 @@ pub enum ChildRole {
     Raw,
     /// One of quorum's children (`children.N`).
     Quorum(u32),
+    /// A LUKS header kept apart from the payload (`header`).
+    Header,
 }
 
 impl ChildRole {
@@ -133,6 +135,7 @@ impl ChildRole {
             ChildRole::Test => "test".into(),
             ChildRole::Raw => "raw".into(),
             ChildRole::Quorum(i) => format!("children.{i}"),
+            ChildRole::Header => "header".into(),
         }
     }
     /// The child that carries the parent's data and metadata, the one a

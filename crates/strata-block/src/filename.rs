@@ -20,6 +20,7 @@ const CHILD_KEYS: &[&str] = &[
     "raw",
     "data-file",
     "children",
+    "header",
 ];
 
 /// What a node is called, and what its parents need to name themselves.

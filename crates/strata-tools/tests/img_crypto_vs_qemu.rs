@@ -396,3 +396,80 @@ fn convert_into_a_new_encrypted_image_keeps_the_data() {
         assert!(out.contains("Images are identical"), "{prealloc}: {out}");
     }
 }
+
+#[test]
+fn detached_luks_headers_are_shared_both_ways() {
+    if qemu_img().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // qemu-img 10.0.2 refuses its own detached-header option ("Parameter
+    // 'detached-header' is unexpected") after printing the same line.
+    let a = with_secrets(
+        "create",
+        &[
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            "-o",
+            "detached-header=true",
+            "h.luks",
+        ],
+    );
+    let (q_out, _, q_code) = img(Tool::Qemu, d, &a);
+    assert_ne!(q_code, 0);
+    let s_out = img_ok(Tool::Strata, d, &a);
+    assert_eq!(s_out, q_out);
+    // The payload is a plain file; the header says it starts at its byte 0.
+    std::fs::File::create(d.join("p.raw"))
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let spec = "driver=luks,key-secret=sec0,file.filename=p.raw,header.filename=h.luks";
+    for (writer, reader) in [(Tool::Qemu, Tool::Strata), (Tool::Strata, Tool::Qemu)] {
+        io_ok(writer, d, spec, WRITES);
+        io_ok(reader, d, spec, READS);
+        io_ok(
+            reader,
+            d,
+            spec,
+            &["aio_write -P 0x77 64512 1024", "aio_flush"],
+        );
+        io_ok(writer, d, spec, &["read -P 0x77 64512 1024"]);
+    }
+    // No header bytes in the payload: its first sector is cipher text.
+    let p = std::fs::read(d.join("p.raw")).unwrap();
+    assert_ne!(&p[..4], b"LUKS");
+    // The same info, and a key slot added by Strata opens with QEMU.
+    let info = ["info", "--image-opts", spec];
+    assert_eq!(
+        img(Tool::Strata, d, &with_secrets(info[0], &info[1..])),
+        img(Tool::Qemu, d, &with_secrets(info[0], &info[1..]))
+    );
+    let amend = with_secrets(
+        "amend",
+        &[
+            "-o",
+            "state=active,new-secret=sec1,keyslot=3,iter-time=10",
+            "--image-opts",
+            spec,
+        ],
+    );
+    img_ok(Tool::Strata, d, &amend);
+    let spec1 = "driver=luks,key-secret=sec1,file.filename=p.raw,header.filename=h.luks";
+    io_ok(Tool::Qemu, d, spec1, &["read -P 0x77 64512 1024"]);
+    // Opened as a whole image, the header is refused with QEMU's text.
+    let whole = [
+        "info",
+        "--image-opts",
+        "driver=luks,key-secret=sec0,file.filename=h.luks",
+    ];
+    let q = img(Tool::Qemu, d, &with_secrets(whole[0], &whole[1..]));
+    assert_ne!(q.2, 0);
+    assert_eq!(
+        img(Tool::Strata, d, &with_secrets(whole[0], &whole[1..])),
+        q
+    );
+}

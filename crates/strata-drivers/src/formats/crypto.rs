@@ -214,9 +214,10 @@ pub(crate) async fn open_luks(
     base: u64,
     limit: u64,
     password: Option<&[u8]>,
+    detached: bool,
 ) -> Result<BlockCrypto> {
     let hdr = read_region(file, base, limit, 0, HEADER_LEN).await?;
-    let luks = Luks::open(hdr.as_slice(), false).map_err(crypto_err)?;
+    let luks = Luks::open(hdr.as_slice(), detached).map_err(crypto_err)?;
     let Some(password) = password else {
         return BlockCrypto::luks(luks, None).map_err(crypto_err);
     };

@@ -1,6 +1,8 @@
 //! The `luks` format (QEMU: block/crypto.c): a LUKS1 header and its key
 //! material, then the payload, every 512-byte sector of it encrypted with
-//! the master key and an IV from its sector number within the payload.
+//! the master key and an IV from its sector number within the payload. A
+//! detached header (`header`, `detached-header=on`) lives in a node of its
+//! own, and the payload then starts at the file's first byte.
 
 use super::crypto::{
     amend_luks, crypto_err, open_luks, password, take_luks_amend, take_luks_create, write_region,
@@ -22,6 +24,8 @@ pub struct LuksClass;
 /// An open LUKS image.
 pub struct LuksDriver {
     file: Arc<Node>,
+    /// The detached header's node, if the header is not in `file`.
+    header: Option<Arc<Node>>,
     crypto: BlockCrypto,
     /// Where the payload starts in the file.
     payload: u64,
@@ -37,11 +41,22 @@ impl Driver for LuksDriver {
         self.file.length().saturating_sub(self.payload)
     }
 
+    /// The header first: QEMU lists the child attached last first.
     fn children(&self) -> Vec<Child> {
-        vec![Child {
+        let file = Child {
             role: ChildRole::File,
             node: Arc::clone(&self.file),
-        }]
+        };
+        match &self.header {
+            Some(h) => vec![
+                Child {
+                    role: ChildRole::Header,
+                    node: Arc::clone(h),
+                },
+                file,
+            ],
+            None => vec![file],
+        }
     }
 
     /// Whole sectors only: each is encrypted on its own.
@@ -90,8 +105,15 @@ impl Driver for LuksDriver {
         self.file.truncate(end, exact, prealloc).await
     }
 
+    /// The payload's blocks and a detached header's.
     async fn allocated_size(&self) -> Result<Option<u64>> {
-        self.file.driver().allocated_size().await
+        let file = self.file.driver().allocated_size().await?;
+        match &self.header {
+            Some(h) => Ok(file
+                .zip(h.driver().allocated_size().await?)
+                .map(|(a, b)| a + b)),
+            None => Ok(file),
+        }
     }
 
     fn format_specific(&self) -> Option<FormatSpecific> {
@@ -108,11 +130,20 @@ impl Driver for LuksDriver {
         _status: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
         let o = take_luks_amend(&mut opts, "")?;
-        amend_luks(&self.file, 0, self.payload, &self.crypto, &o, force).await
+        let meta = self.header.as_ref().unwrap_or(&self.file);
+        let limit = match &self.header {
+            Some(h) => h.length(),
+            None => self.payload,
+        };
+        amend_luks(meta, 0, limit, &self.crypto, &o, force).await
     }
 
     async fn close(&self) -> Result<()> {
-        self.file.close().await
+        let r = self.file.close().await;
+        match &self.header {
+            Some(h) => r.and(h.close().await),
+            None => r,
+        }
     }
 }
 
@@ -142,16 +173,19 @@ impl DriverClass for LuksClass {
         Some(super::crypto::LUKS_AMEND_OPTIONS)
     }
 
-    /// The header region, then the payload grown to `size`.
+    /// The header region, then the payload grown to `size`; with
+    /// `detached-header`, a header that says its payload is elsewhere (at
+    /// offset 0 of whatever file it is opened with), the file still grown
+    /// by `size` as QEMU does.
     async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
+        // qemu-img's "no size" for a detached header.
+        if opts.get("size").and_then(|v| v.as_str()) == Some("-1") {
+            opts.remove("size");
+        }
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let key_secret = take_str(&mut opts, "key-secret")?;
-        let luks_opts = take_luks_create(&mut opts, "")?;
-        if take_bool(&mut opts, "detached-header")?.unwrap_or(false) {
-            return Err(Error::unsupported(
-                "Detached LUKS headers are not supported by Strata yet",
-            ));
-        }
+        let mut luks_opts = take_luks_create(&mut opts, "")?;
+        luks_opts.detached = take_bool(&mut opts, "detached-header")?.unwrap_or(false);
         let prealloc = match take_str(&mut opts, "preallocation")?.as_deref() {
             None | Some("off") => Preallocation::Off,
             Some("metadata") => Preallocation::Metadata,
@@ -164,14 +198,13 @@ impl DriverClass for LuksClass {
             }
         };
         let pw = password(key_secret.as_deref(), "")?;
-        let (luks, _master, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
+        let (_luks, _master, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
         ctx.create_file(filename, opts).await?;
         let mut flags = ctx.flags.clone();
         flags.read_only = false;
         let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
         let file = octx.open_file(filename).await?;
-        let payload = luks.payload_offset();
-        let end = payload
+        let end = (region.len() as u64)
             .checked_add(size)
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or_else(|| Error::invalid("The requested file size is too large"))?;
@@ -186,16 +219,15 @@ impl DriverClass for LuksClass {
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
         let key_secret = take_str(opts, "key-secret")?;
-        if take_str(opts, "header")?.is_some() {
-            return Err(Error::unsupported(
-                "Detached LUKS headers are not supported by Strata yet",
-            ));
-        }
+        let header = ctx
+            .open_child(opts, "header", None, ChildRole::Header, true)
+            .await?;
+        let meta = header.as_ref().unwrap_or(&file);
         let pw = match ctx.flags.no_io {
             true => None,
             false => Some(password(key_secret.as_deref(), "")?),
         };
-        let crypto = open_luks(&file, 0, file.length(), pw.as_deref())
+        let crypto = open_luks(meta, 0, meta.length(), pw.as_deref(), header.is_some())
             .await?
             .with_secret(key_secret);
         let payload = crypto
@@ -209,6 +241,7 @@ impl DriverClass for LuksClass {
         }
         Ok(Box::new(LuksDriver {
             file,
+            header,
             crypto,
             payload,
         }))

@@ -317,7 +317,16 @@ pub fn run(ctx: Ctx) -> i32 {
         }
     }
     if get(&set, "size").is_none() {
-        return fail("Image creation needs a size parameter".into());
+        // A detached LUKS header needs none; QEMU shows it as -1.
+        let detached = get(&set, "detached-header").as_deref() == Some("on");
+        match specs.iter().find(|s| s.name == "size") {
+            Some(spec) if fmt == "luks" && detached => set.push(SetOpt {
+                spec: *spec,
+                typed: "-1".into(),
+                value: "-1".into(),
+            }),
+            _ => return fail("Image creation needs a size parameter".into()),
+        }
     }
     if !quiet {
         crate::outln!(

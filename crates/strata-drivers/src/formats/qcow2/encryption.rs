@@ -60,7 +60,7 @@ pub(super) async fn open(
     let Some((offset, length)) = hdr.crypto_header else {
         return Err(Error::invalid("Missing CRYPTO header for crypt method 2"));
     };
-    let c = open_luks(file, offset, length, pw.as_deref()).await?;
+    let c = open_luks(file, offset, length, pw.as_deref(), false).await?;
     Ok(Some(c.with_secret(key_secret)))
 }
 
