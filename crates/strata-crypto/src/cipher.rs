@@ -176,7 +176,7 @@ impl Keyed {
     fn new(alg: CipherAlg, key: &[u8]) -> Result<Keyed> {
         let bad = |_| Error::new(format!("Invalid key length {}", key.len()));
         if key.len() != alg.key_len() {
-            return Err(Error::new(format!("Invalid key length {}", key.len())));
+            return Err(bad(aes::cipher::InvalidLength));
         }
         Ok(match alg {
             CipherAlg::Aes128 => Keyed::Aes128(Aes128::new_from_slice(key).map_err(bad)?),

@@ -56,18 +56,9 @@ impl Progress {
     /// The report a subcommand's flags ask for: JSON lines when `json`,
     /// else the percentage line when `enabled` (`-p` without `-q`).
     pub fn for_flags(enabled: bool, json: bool, min_skip: f32) -> Progress {
-        match json {
-            true => Progress::new_json(min_skip),
-            false => Progress::new(enabled, min_skip),
-        }
-    }
-
-    /// A report of bytes as JSON lines (only [`report`](Self::report)
-    /// prints).
-    pub fn new_json(min_skip: f32) -> Progress {
         Progress {
-            json: true,
-            ..Progress::new(true, min_skip)
+            json,
+            ..Progress::new(enabled || json, min_skip)
         }
     }
 

@@ -178,10 +178,6 @@ impl DriverClass for LuksClass {
     /// offset 0 of whatever file it is opened with), the file still grown
     /// by `size` as QEMU does.
     async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
-        // qemu-img's "no size" for a detached header.
-        if opts.get("size").and_then(|v| v.as_str()) == Some("-1") {
-            opts.remove("size");
-        }
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let key_secret = take_str(&mut opts, "key-secret")?;
         let mut luks_opts = take_luks_create(&mut opts, "")?;
@@ -198,7 +194,7 @@ impl DriverClass for LuksClass {
             }
         };
         let pw = password(key_secret.as_deref(), "")?;
-        let (_luks, _master, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
+        let (_, _, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
         ctx.create_file(filename, opts).await?;
         let mut flags = ctx.flags.clone();
         flags.read_only = false;

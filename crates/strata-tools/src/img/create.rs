@@ -338,6 +338,8 @@ pub fn run(ctx: Ctx) -> i32 {
     if get(&set, "backing_fmt").is_some() && backing.is_none() {
         return fail("Backing format cannot be used without backing file".into());
     }
+    // A detached LUKS header's -1 is only shown: the driver gets no size.
+    set.retain(|s| !(s.spec.name == "size" && s.value == "-1"));
     let mut opts = opts_of(&set);
     // Sizes are rounded up to whole sectors, as QEMU does.
     if let Some(sz) = get(&set, "size").and_then(|s| s.parse::<u64>().ok()) {
