@@ -122,6 +122,8 @@ pub enum ChildRole {
     Quorum(u32),
     /// A LUKS header kept apart from the payload (`header`).
     Header,
+    /// Where blklogwrites records the writes to its `file` (`log`).
+    Log,
 }
 
 impl ChildRole {
@@ -136,6 +138,7 @@ impl ChildRole {
             ChildRole::Raw => "raw".into(),
             ChildRole::Quorum(i) => format!("children.{i}"),
             ChildRole::Header => "header".into(),
+            ChildRole::Log => "log".into(),
         }
     }
     /// The child that carries the parent's data and metadata, the one a

@@ -21,6 +21,7 @@ const CHILD_KEYS: &[&str] = &[
     "data-file",
     "children",
     "header",
+    "log",
 ];
 
 /// What a node is called, and what its parents need to name themselves.

@@ -52,9 +52,13 @@ pub fn default_child_perm(
         ChildRole::Quorum(_) => (perm, shared & (READ | WRITE_UNCHANGED)),
         ChildRole::Image | ChildRole::Raw => (perm, shared),
         ChildRole::File if parent.driver().is_filter() => (perm, shared),
-        ChildRole::File | ChildRole::DataFile | ChildRole::Test | ChildRole::Header => {
+        ChildRole::File
+        | ChildRole::DataFile
+        | ChildRole::Test
+        | ChildRole::Header
+        | ChildRole::Log => {
             let (mut p, mut s) = (perm, shared);
-            if matches!(role, ChildRole::File | ChildRole::Header) {
+            if matches!(role, ChildRole::File | ChildRole::Header | ChildRole::Log) {
                 // Formats read and write their metadata whatever their users do.
                 if !parent.is_read_only() {
                     p |= WRITE | RESIZE;

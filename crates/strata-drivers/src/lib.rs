@@ -23,6 +23,7 @@ pub fn registry() -> Arc<Registry> {
     r.register(Arc::new(formats::qcow2::Qcow2Class));
     r.register(Arc::new(formats::luks::LuksClass));
     r.register(Arc::new(filters::blkdebug::BlkdebugClass));
+    r.register(Arc::new(filters::blklogwrites::BlkLogWritesClass));
     r.register(Arc::new(filters::blkverify::BlkverifyClass));
     r.register(Arc::new(filters::copy_on_read::CopyOnReadClass));
     r.register(Arc::new(filters::compress::CompressClass));

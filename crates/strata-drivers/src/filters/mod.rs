@@ -2,6 +2,7 @@
 //! go (fail them, hold them, check them, copy them).
 
 pub mod blkdebug;
+pub mod blklogwrites;
 pub mod blkverify;
 pub mod compress;
 pub mod copy_on_read;
