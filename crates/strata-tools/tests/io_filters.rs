@@ -1,10 +1,11 @@
-//! The filter drivers (copy-on-read, throttle, blkverify, quorum) through
+//! The filter drivers (copy-on-read, throttle, blkverify, blklogwrites,
+//! quorum) through
 //! strata-io, against qemu-io where QEMU's behaviour is the reference, and
 //! on their own where the effect is what counts (data copied up, time
 //! spent throttled, a corrupted copy repaired).
 
 mod io_support;
-use io_support::{have_oracle, same};
+use io_support::{have_oracle, same, same_files};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -341,6 +342,73 @@ fn blkverify_matches_qemu() {
     }
     for name in ["blkverify:r.raw", "blkverify:r.raw:nosuch"] {
         same(VERIFY, &["-c", "read 0 1", name], None);
+    }
+}
+
+/// A raw image, an empty log, and a log of four entries in 4 KiB sectors.
+const LOGGED: &str = "qemu-img create -f raw img.raw 1M && : > log && : > log4k && \
+    qemu-io --image-opts -c 'write -P 4 0 8k' -c 'write -z 64k 4k' -c 'flush' \
+    driver=raw,file.driver=blklogwrites,file.file.filename=img.raw,\
+file.log.filename=log4k,file.log-sector-size=4096";
+
+/// The log blklogwrites keeps is QEMU's, byte for byte: writes, zero
+/// writes, discards, flushes (only after a write), the superblock update
+/// interval, appending to a log in another sector size, and QEMU's errors.
+#[test]
+fn blklogwrites_logs_as_qemu_does() {
+    if !have_oracle() {
+        return;
+    }
+    let log = |extra: &str| {
+        format!("driver=raw,file.driver=blklogwrites,file.file.filename=img.raw,file.log.filename=log{extra}")
+    };
+    let plain = log("");
+    let workload = [
+        "write -P 1 0 4k",
+        "write -z 8k 12k",
+        "flush",
+        "flush",
+        "write -P 2 1000 100",
+        // Sequential: requests in flight complete, and are logged, in no
+        // fixed order.
+        "write -P 3 128k 64k",
+        "write -P 5 512k 4k",
+        "flush",
+        "discard 64k 64k",
+        "read -P 2 1000 100",
+    ];
+    let mut args = vec!["--image-opts"];
+    for c in &workload {
+        args.extend(["-c", c]);
+    }
+    for opts in [
+        plain.clone(),
+        log(",file.log-super-update-interval=2"),
+        log(",file.log-sector-size=4096"),
+    ] {
+        let mut a = args.clone();
+        a.push(&opts);
+        same_files(LOGGED, &a, None, &["log", "img.raw"]);
+    }
+    // Appending finds the end of a log, whatever its sector size.
+    for name in ["log", "log4k"] {
+        let opts = format!(
+            "driver=raw,file.driver=blklogwrites,file.file.filename=img.raw,file.log.filename={name},file.log-append=on"
+        );
+        let mut a = args.clone();
+        a.push(&opts);
+        same_files(LOGGED, &a, None, &["log", "log4k"]);
+    }
+    // Bad options and a log that is not one.
+    for opts in [
+        log(",file.log-sector-size=1000"),
+        log(",file.log-sector-size=16"),
+        log(",file.log-super-update-interval=0"),
+        log(",file.log-append=on,file.log-sector-size=512"),
+        "driver=raw,file.driver=blklogwrites,file.file.filename=img.raw,file.log.filename=img.raw,file.log-append=on".into(),
+        "driver=raw,file.driver=blklogwrites,file.file.filename=img.raw".into(),
+    ] {
+        same(LOGGED, &["--image-opts", "-c", "read 0 4k", &opts], None);
     }
 }
 

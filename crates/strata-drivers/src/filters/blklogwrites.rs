@@ -372,7 +372,10 @@ impl Driver for BlkLogWritesDriver {
     }
 
     async fn close(&self) -> Result<()> {
-        let f = self.file.get().close().await;
+        // QEMU flushes every node it closes: a write since the last flush
+        // ends the log with a flush entry.
+        let flushed = self.flush().await;
+        let f = flushed.and(self.file.get().close().await);
         let l = self.log.close().await;
         f.and(l)
     }
@@ -417,8 +420,9 @@ impl DriverClass for BlkLogWritesClass {
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
+        // Metadata of the filter: opened as a protocol, never probed.
         let log = ctx
-            .open_child(opts, "log", None, ChildRole::Log, false)
+            .open_child(opts, "log", None, ChildRole::Log, true)
             .await?
             .ok_or_else(|| Error::invalid("A block device must be specified for \"log\""))?;
         let append = take_bool(opts, "log-append")?.unwrap_or(false);

@@ -100,6 +100,11 @@ fn run(bin: &str, dir: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
 /// Runs both tools on fresh copies of the same setup and requires equal
 /// results.
 pub fn same(setup_script: &str, args: &[&str], stdin: Option<&str>) {
+    same_files(setup_script, args, stdin, &[]);
+}
+
+/// As [`same`], and the `files` the runs leave must be equal byte for byte.
+pub fn same_files(setup_script: &str, args: &[&str], stdin: Option<&str>, files: &[&str]) {
     let real_dir = tempfile::tempdir().expect("tempdir");
     let ours_dir = tempfile::tempdir().expect("tempdir");
     setup(real_dir.path(), setup_script);
@@ -112,6 +117,13 @@ pub fn same(setup_script: &str, args: &[&str], stdin: Option<&str>) {
         stdin,
     );
     assert_eq!(ours, real, "strata-io differs from qemu-io for {args:?}");
+    for f in files {
+        let read = |d: &Path| std::fs::read(d.join(f)).unwrap_or_default();
+        assert!(
+            read(ours_dir.path()) == read(real_dir.path()),
+            "{f} differs from qemu-io's after {args:?}"
+        );
+    }
 }
 
 /// Runs `-c` commands on one image opened with `-f fmt`.
