@@ -9,7 +9,7 @@ use super::lock;
 use async_trait::async_trait;
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::engine::{self, Aio, Fd, FileOp, InlineWrites};
@@ -113,6 +113,9 @@ pub struct FileDriver {
     fd: Arc<Fd>,
     /// The name as given, for lock error hints; None when locking is off.
     lock_name: Option<String>,
+    /// The first lock (at open) is still to be taken: it waits out a
+    /// killed user's requests (see `lock::apply_patiently`).
+    first_lock: AtomicBool,
     aio: Aio,
     /// Buffered on io_uring: small writes are copied in on the loop's thread.
     inline_writes: Option<InlineWrites>,
@@ -444,6 +447,9 @@ impl Driver for FileDriver {
 
     fn set_perm(&self, perm: strata_block::Perm, shared: strata_block::Perm) -> Result<()> {
         match &self.lock_name {
+            Some(name) if self.first_lock.swap(false, Ordering::AcqRel) => {
+                lock::apply_patiently(self.fd.raw(), perm, shared, name)
+            }
             Some(name) => lock::apply(self.fd.raw(), perm, shared, name),
             None => Ok(()),
         }
@@ -557,13 +563,14 @@ impl DriverClass for FileClass {
         let perm = strata_block::Perm::WRITE.with(strata_block::Perm::RESIZE);
         let shared = strata_block::Perm(strata_block::Perm::ALL.0 & !strata_block::Perm::RESIZE.0);
         if ctx.flags.locking {
-            lock::apply(fd.raw(), perm, shared, filename)?;
+            lock::apply_patiently(fd.raw(), perm, shared, filename)?;
         }
         let st = fstat(fd.raw())?;
         let is_reg = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         let driver = FileDriver {
             fd: Arc::new(fd),
             lock_name: None,
+            first_lock: AtomicBool::new(false),
             aio: Aio::Threads,
             inline_writes: None,
             length: AtomicU64::new(0),
@@ -642,6 +649,7 @@ impl DriverClass for FileClass {
         Ok(Box::new(FileDriver {
             fd: Arc::new(fd),
             lock_name: locking.then(|| filename.clone()),
+            first_lock: AtomicBool::new(true),
             aio,
             // O_DIRECT writes go to the device: only the ring keeps them async.
             inline_writes: (aio == Aio::IoUring && !direct).then(InlineWrites::default),

@@ -8,6 +8,7 @@
 //! it refuses to share.
 
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 use strata_block::{Error, Perm, Result};
 
 const PERM_BASE: i64 = 100;
@@ -63,6 +64,28 @@ pub fn apply(fd: RawFd, perm: Perm, shared: Perm, filename: &str) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// How long opening waits for a conflicting lock to go. A process killed
+/// with io_uring requests in flight is reaped before the kernel tears its
+/// ring down, and the ring's references keep the file, and its locks, for
+/// a few milliseconds more (up to 8 ms measured). Its writes may land in
+/// that time, so the lock is right to stay; a tool restarted at once waits
+/// for it instead of failing. A real conflict is reported this much later.
+const OPEN_PATIENCE: Duration = Duration::from_millis(200);
+
+/// [`apply`], retried while another user conflicts, for up to
+/// [`OPEN_PATIENCE`]: the first lock an open takes.
+pub fn apply_patiently(fd: RawFd, perm: Perm, shared: Perm, filename: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match apply(fd, perm, shared, filename) {
+            Err(e) if e.code() == libc::EAGAIN && start.elapsed() < OPEN_PATIENCE => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn conflict(what: String, filename: &str) -> Error {
