@@ -25,7 +25,8 @@ pub fn main() -> i32 {
     code
 }
 
-fn run(registry: std::sync::Arc<strata_block::Registry>, argv: &[String]) -> i32 {
+/// Runs strata-io on `argv` (argv[0] first) with `registry`; returns the exit code.
+pub fn run(registry: std::sync::Arc<strata_block::Registry>, argv: &[String]) -> i32 {
     let args = match args::parse(argv) {
         Ok(a) => a,
         Err(code) => return code,
