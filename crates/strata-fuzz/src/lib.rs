@@ -11,8 +11,11 @@ use std::time::Duration;
 use strata_block::options::Opts;
 use strata_block::{EventLoop, IoBuf, Node, OpenCtx, OpenFlags, RepairMode, WriteFlags};
 
+/// A fuzz target: takes any bytes.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as cargo-fuzz and the corpus directories name them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_image", qcow2_image),
     ("options", options),
     ("qmp", qmp),
