@@ -12,6 +12,7 @@ use strata_qmp::Schema;
 /// The branch type of each driver QEMU's schema knows and Strata has.
 const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("blkdebug", "BlockdevOptionsBlkdebug"),
+    ("blklogwrites", "BlockdevOptionsBlklogwrites"),
     ("blkverify", "BlockdevOptionsBlkverify"),
     ("compress", "BlockdevOptionsGenericFormat"),
     ("copy-on-read", "BlockdevOptionsCor"),
@@ -174,6 +175,16 @@ pub fn schema(registry: &Registry) -> Schema {
         .object(
             "BlockdevOptionsBlkverify",
             &[("test", "BlockdevRef"), ("raw", "BlockdevRef")],
+        )
+        .object(
+            "BlockdevOptionsBlklogwrites",
+            &[
+                ("file", "BlockdevRef"),
+                ("log", "BlockdevRef"),
+                ("*log-sector-size", "uint32"),
+                ("*log-append", "bool"),
+                ("*log-super-update-interval", "uint64"),
+            ],
         )
         .enumeration("QuorumReadPattern", &["quorum", "fifo"])
         .object(

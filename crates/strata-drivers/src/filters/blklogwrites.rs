@@ -57,6 +57,20 @@ impl LogSuper {
         }
     }
 
+    /// The magic and version a log must have (QEMU's errors).
+    fn check(&self) -> Result<()> {
+        if self.magic != LOG_MAGIC {
+            return Err(Error::invalid("Invalid log superblock magic"));
+        }
+        if self.version != LOG_VERSION {
+            return Err(Error::invalid(format!(
+                "Unsupported log version {}",
+                self.version
+            )));
+        }
+        Ok(())
+    }
+
     fn encode(&self, sector_size: usize) -> IoBuf {
         let mut buf = IoBuf::zeroed(sector_size);
         let b = buf.as_mut_slice();
@@ -114,15 +128,7 @@ pub fn parse_log(log: &[u8]) -> Result<(LogSuper, Vec<LogRecord>)> {
         return Err(Error::invalid("Log shorter than its superblock"));
     }
     let sb = LogSuper::parse(log);
-    if sb.magic != LOG_MAGIC {
-        return Err(Error::invalid("Invalid log superblock magic"));
-    }
-    if sb.version != LOG_VERSION {
-        return Err(Error::invalid(format!(
-            "Unsupported log version {}",
-            sb.version
-        )));
-    }
+    sb.check()?;
     let ss = u64::from(sb.sector_size);
     if !sector_size_valid(ss) {
         return Err(Error::invalid(format!("Invalid log sector size {ss}")));
@@ -448,15 +454,7 @@ impl DriverClass for BlkLogWritesClass {
                     .map_err(|e| e.context("Could not read log superblock"))?;
                 LogSuper::parse(b.as_slice())
             };
-            if sb.magic != LOG_MAGIC {
-                return Err(Error::invalid("Invalid log superblock magic"));
-            }
-            if sb.version != LOG_VERSION {
-                return Err(Error::invalid(format!(
-                    "Unsupported log version {}",
-                    sb.version
-                )));
-            }
+            sb.check()?;
             let ss = u64::from(sb.sector_size);
             let mut cursor = Cursor {
                 sector: 1,
