@@ -20,6 +20,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("options", options),
     ("qmp", qmp),
     ("nbd_server", nbd_server),
+    ("nbd_client", nbd_client),
     ("io_commands", io_commands),
 ];
 
@@ -190,6 +191,78 @@ pub fn nbd_server(data: &[u8]) {
             let _ = node.close().await;
         });
     });
+}
+
+/// A hostile NBD server: the input is every byte it sends, from the
+/// handshake on, to the `nbd` driver, which opens the export and then
+/// reads, writes, zeroes, trims, flushes and asks block status, as
+/// [`nbd_client_requests`] does. The client must give up, not hang or
+/// allocate what the server claims, within a second once the server
+/// has nothing more to say.
+pub fn nbd_client(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    with_scratch(|ev, dir| {
+        let sock = dir.join("server.sock");
+        let _ = std::fs::remove_file(&sock);
+        ev.block_on(async {
+            let listener = tokio::net::UnixListener::bind(&sock).expect("bind the server socket");
+            // Every connection (the driver may make more than one) gets
+            // the same bytes; what the client sends is read and dropped.
+            let server = async {
+                while let Ok((s, _)) = listener.accept().await {
+                    let (mut r, mut w) = s.into_split();
+                    let say = async {
+                        let _ = w.write_all(data).await;
+                        let _ = w.shutdown().await;
+                    };
+                    let drain = async {
+                        let mut sink = [0u8; 4096];
+                        while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+                    };
+                    futures::join!(say, drain);
+                }
+            };
+            let sock = sock.to_string_lossy();
+            let client = nbd_client_requests(&sock);
+            tokio::select! {
+                _ = server => unreachable!("the listener never fails"),
+                done = tokio::time::timeout(Duration::from_secs(1), client) => {
+                    assert!(done.is_ok(), "the NBD client did not give up within a second");
+                }
+            }
+        });
+    });
+}
+
+/// What the NBD client fuzz target asks of a server at `socket`: open the
+/// export through the `nbd` driver, then one of each request. Its errors
+/// are the point, so they are dropped. Also what `examples/nbd_client_seed`
+/// runs against qemu-nbd to record the target's seeds.
+pub async fn nbd_client_requests(socket: &str) {
+    let json = serde_json::json!({
+        "driver": "nbd",
+        "server": {"type": "unix", "path": socket},
+    });
+    let ctx = OpenCtx::new(strata_drivers::registry(), OpenFlags::default());
+    let Ok(node) = ctx
+        .open_image(Some(&format!("json:{json}")), None, Opts::new())
+        .await
+    else {
+        return;
+    };
+    let len = node.length();
+    let n = len.min(65536);
+    let _ = node.read(0, IoBuf::zeroed(n as usize)).await;
+    let _ = node.block_status(0, len).await;
+    let _ = node
+        .write(0, IoBuf::filled(n as usize, 0x5a), WriteFlags::default())
+        .await;
+    let _ = node.write_zeroes(0, n, WriteFlags::default()).await;
+    let _ = node.discard(0, n).await;
+    let _ = node.flush().await;
+    let tail = len.min(512);
+    let _ = node.read(len - tail, IoBuf::zeroed(tail as usize)).await;
+    let _ = node.close().await;
 }
 
 /// A strata-io command script (one command a line) on a small qcow2 image.
