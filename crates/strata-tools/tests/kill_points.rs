@@ -264,8 +264,13 @@ fn strata_io_killed_mid_workload() {
     if !have_qemu() {
         return;
     }
+    strata_io_kills(0..8);
+}
+
+/// Kills strata-io once per seed; see strata_io_killed_mid_workload.
+fn strata_io_kills(seeds: std::ops::Range<u64>) {
     let mut longest_lock = Duration::ZERO;
-    for seed in 0..8u64 {
+    for seed in seeds {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let (mut rng, reqs) = workload(d, seed);
@@ -395,6 +400,11 @@ fn strata_img_killed_mid_operation() {
     if !have_qemu() {
         return;
     }
+    strata_img_kills(42, 4);
+}
+
+/// Kills each strata-img job `rounds` times at random moments.
+fn strata_img_kills(seed: u64, rounds: usize) {
     let mut longest_lock = Duration::ZERO;
     let setup = |d: &Path| {
         let script = "head -c 24M /dev/urandom > data.raw && truncate -s 48M data.raw && \
@@ -449,7 +459,7 @@ fn strata_img_killed_mid_operation() {
             &["top.qcow2"],
         ),
     ];
-    let mut r = rng(42);
+    let mut r = rng(seed);
     for (cmd, checked, unchanged) in jobs {
         let args: Vec<String> = cmd.split(' ').map(String::from).collect();
         // How long the job takes, unkilled, so kills land inside it.
@@ -464,7 +474,7 @@ fn strata_img_killed_mid_operation() {
             .unwrap();
         assert!(st.success(), "strata-img {cmd} failed");
         let full = t.elapsed().as_millis().max(2) as u64;
-        for _ in 0..4 {
+        for _ in 0..rounds {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
             setup(d);
@@ -536,4 +546,30 @@ fn a_restarted_tool_wins_the_lock_of_a_killed_one() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The long run: STRATA_KILLS kills (default 1000) from seed
+/// STRATA_KILL_SEED, alternating 50 of strata-io with 7 rounds of every
+/// strata-img job (49 kills); prints the count. `scripts/kill-soak`.
+#[test]
+#[ignore]
+fn kill_soak() {
+    if !have_qemu() {
+        return;
+    }
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (seed, want) = (env("STRATA_KILL_SEED", 1000), env("STRATA_KILLS", 1000));
+    let (mut kills, mut s) = (0, seed);
+    while kills < want {
+        strata_io_kills(s..s + 50);
+        strata_img_kills(s, 7);
+        kills += 50 + 7 * 7;
+        s += 50;
+    }
+    println!("kill soak: seeds {seed}..{s}, {kills} kills, every image checked clean");
 }

@@ -385,7 +385,9 @@ impl ReplyReader<'_> {
         } else {
             h.len - 8
         };
-        if n == 0 || offset < p.offset || offset + n > p.offset + p.len {
+        // The server's offset may be anything: no sum of it may wrap.
+        let end = offset.checked_add(n);
+        if n == 0 || offset < p.offset || end.is_none_or(|e| e > p.offset + p.len) {
             return Err(violation("read chunk outside its request"));
         }
         let at = (offset - p.offset) as usize;
