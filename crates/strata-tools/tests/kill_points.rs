@@ -57,6 +57,10 @@ fn qemu_img(dir: &Path, args: &[&str]) -> (i32, String) {
 /// crash_support/check.rs). Retries while the dead process's lock is
 /// still held; returns how long that was.
 fn check_after_kill(dir: &Path, image: &str) -> Duration {
+    // Killed before it made the image (convert's target): nothing to check.
+    if !dir.join(image).exists() {
+        return Duration::ZERO;
+    }
     let start = Instant::now();
     loop {
         let attempt = Instant::now();
