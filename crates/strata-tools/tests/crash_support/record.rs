@@ -193,9 +193,14 @@ async fn run_req(node: &Node, req: Req, op: u32) {
 /// The entry count in the log's superblock (none before the first flush
 /// that had something to log).
 pub fn log_entries(log: &str) -> u64 {
-    let b = std::fs::read(log).unwrap();
-    b.get(16..24)
-        .map_or(0, |n| u64::from_le_bytes(n.try_into().unwrap()))
+    // The count alone: the log grows with every write, and this runs at
+    // every flush.
+    let f = std::fs::File::open(log).unwrap();
+    let mut n = [0u8; 8];
+    match std::os::unix::fs::FileExt::read_exact_at(&f, &mut n, 16) {
+        Ok(()) => u64::from_le_bytes(n),
+        Err(_) => 0,
+    }
 }
 
 /// What the recording knows of the image under the log while the
