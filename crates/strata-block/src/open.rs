@@ -552,7 +552,7 @@ impl OpenCtx {
                 // Only a writer can damage a guessed raw image's first block.
                 if c.name() == "raw" && !self.flags.read_only {
                     // QEMU prints this one without the program name.
-                    eprintln!(
+                    crate::stderr_line!(
                         "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
                     );
                 }

@@ -51,14 +51,33 @@ pub fn exit(code: i32) -> ! {
     std::process::exit(code)
 }
 
+/// Writes `args` and a newline to standard error in one write. Standard
+/// error is unbuffered, so `eprintln!` makes a write per formatted piece:
+/// hundreds for a check of a broken image, and lines that interleave with
+/// another writer's. Use it through [`stderr_line!`](crate::stderr_line).
+pub fn eprint_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut line = args.to_string();
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// `eprintln!` in one write: see [`report::eprint_line`](crate::report::eprint_line).
+#[macro_export]
+macro_rules! stderr_line {
+    ($($arg:tt)*) => {
+        $crate::report::eprint_line(format_args!($($arg)*))
+    };
+}
+
 /// Prints `PROG: msg` to stderr.
 pub fn error_report(msg: impl std::fmt::Display) {
-    eprintln!("{}: {}", prog_name(), msg);
+    eprint_line(format_args!("{}: {}", prog_name(), msg));
 }
 
 /// Prints `PROG: warning: msg` to stderr.
 pub fn warn_report(msg: impl std::fmt::Display) {
-    eprintln!("{}: warning: {}", prog_name(), msg);
+    eprint_line(format_args!("{}: warning: {}", prog_name(), msg));
 }
 
 /// C's `%#x`: `0x1f`, but plain `0` for zero (Rust's `{:#x}` prints `0x0`).

@@ -60,7 +60,7 @@ pub struct Setup {
 /// Reports `msg` for the option given by `loc` as QEMU does
 /// (`PROG: --blockdev ARG: msg`).
 pub fn report_at(loc: &str, kind: &str, msg: &str) {
-    eprintln!("{}: {loc}: {kind}{msg}", strata_block::report::prog_name());
+    strata_block::stderr_line!("{}: {loc}: {kind}{msg}", strata_block::report::prog_name());
 }
 
 impl Setup {

@@ -76,7 +76,7 @@ impl Progress {
     pub fn bytes(&mut self, done: u64, total: u64) {
         if self.json && self.step(percent(done, total)) && self.last_json != Some((done, total)) {
             self.last_json = Some((done, total));
-            eprintln!("{{\"done\": {done}, \"total\": {total}}}");
+            strata_block::stderr_line!("{{\"done\": {done}, \"total\": {total}}}");
         }
     }
 

@@ -34,7 +34,7 @@ fn ret<T>(r: &Result<T>) -> i32 {
 /// Reports a disagreement and ends the process (QEMU: blkverify_err).
 fn fail(is_write: bool, offset: u64, bytes: u64, what: std::fmt::Arguments<'_>) -> ! {
     let kind = if is_write { "write" } else { "read" };
-    eprintln!("blkverify: {kind} offset={offset} bytes={bytes} {what}");
+    strata_block::stderr_line!("blkverify: {kind} offset={offset} bytes={bytes} {what}");
     strata_block::report::exit(1)
 }
 

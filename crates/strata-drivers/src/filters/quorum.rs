@@ -120,7 +120,7 @@ impl QuorumDriver {
                     .zip(other.as_slice())
                     .position(|(a, b)| a != b)
                 {
-                    eprintln!(
+                    strata_block::stderr_line!(
                         "quorum: offset={offset} bytes={len} contents mismatch at offset {}",
                         offset + i as u64
                     );

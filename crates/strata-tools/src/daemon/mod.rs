@@ -125,7 +125,7 @@ pub fn main() -> i32 {
     for item in &parsed.items {
         match item {
             Item::Bad(msg) => {
-                eprintln!("{msg}");
+                strata_block::stderr_line!("{msg}");
                 return 1;
             }
             Item::Opt('h', _) => {

@@ -93,7 +93,7 @@ fn prog_for(cmd: &str) -> String {
 
 /// Prints `Try '<argv0> <cmd> --help' for more info` after a usage error; exit 1.
 pub fn try_help(cmd: &str) -> i32 {
-    eprintln!("Try '{} {cmd} --help' for more info", common::argv0());
+    strata_block::stderr_line!("Try '{} {cmd} --help' for more info", common::argv0());
     1
 }
 
@@ -117,7 +117,7 @@ fn dispatch() -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first().cloned() else {
         error_report("Not enough arguments");
-        eprintln!("Try '{} --help' for more info", common::argv0());
+        strata_block::stderr_line!("Try '{} --help' for more info", common::argv0());
         return 1;
     };
     match cmd.as_str() {
@@ -170,7 +170,7 @@ fn dispatch() -> i32 {
         "bitmap" => bitmap::run(ctx),
         other => {
             error_report(format!("Command not found: {other}"));
-            eprintln!("Try '{} --help' for more info", common::argv0());
+            strata_block::stderr_line!("Try '{} --help' for more info", common::argv0());
             1
         }
     }
@@ -261,7 +261,7 @@ pub fn getopt(cmd: &str, args: &[String], table: &[Opt]) -> Result<Parsed, i32> 
                 }
             }
             Item::Bad(msg) => {
-                eprintln!("{msg}");
+                strata_block::stderr_line!("{msg}");
                 return Err(try_help(cmd));
             }
         }

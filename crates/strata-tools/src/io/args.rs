@@ -236,7 +236,7 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
             Item::Opt(IMAGE_OPTS, _) => args.image_opts = true,
             Item::Opt(_, _) => {}
             Item::Bad(msg) => {
-                eprintln!("{msg}");
+                strata_block::stderr_line!("{msg}");
                 usage();
                 return Err(1);
             }

@@ -87,7 +87,7 @@ pub struct Args {
 }
 
 fn usage_hint() {
-    eprintln!("Try `{} --help' for more information.", common::argv0());
+    strata_block::stderr_line!("Try `{} --help' for more information.", common::argv0());
 }
 
 fn usage() {
@@ -315,7 +315,7 @@ pub fn parse(argv: &[String]) -> Result<Args, i32> {
             }
             Item::Opt(_, _) => {}
             Item::Bad(msg) => {
-                eprintln!("{msg}");
+                strata_block::stderr_line!("{msg}");
                 usage_hint();
                 return Err(1);
             }

@@ -225,7 +225,10 @@ async fn listen(
             let r = server.serve_conn(conn).await;
             if let Err(e) = r {
                 if verbose {
-                    eprintln!("{}: client: {e}", strata_block::report::prog_name());
+                    strata_block::stderr_line!(
+                        "{}: client: {e}",
+                        strata_block::report::prog_name()
+                    );
                 }
             }
             tx.send_modify(|n| *n -= 1);

@@ -27,13 +27,9 @@ pub fn replay(rec: &Recording, cut: usize, rng: &mut Rng) -> (Vec<u8>, usize) {
         pending.swap(i, rng.below(i as u64 + 1) as usize);
     }
     for r in pending {
+        // Header rewrites too: Strata plans them so that a torn one
+        // still leaves the old header or the new one (header_write.rs).
         let keep = rng.chance(1, 4).then(|| rng.next());
-        // The one exception to tearing: a rewrite of the header (one
-        // write at offset 0, as QEMU's qcow2_update_header makes it) is
-        // kept whole. Torn at 512 bytes it can pair the old backing file
-        // name's length with the new name, in QEMU as in Strata; a 4 KiB
-        // sector device writes it whole (docs/reliability.md).
-        let keep = keep.filter(|_| r.entry.sector != 0);
         apply(&mut img, rec, r, keep);
     }
     let guest_flushes = rec

@@ -42,7 +42,7 @@ fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64,
         return;
     }
     if (off + len).saturating_sub(file_len) >= cs {
-        eprintln!(
+        strata_block::stderr_line!(
             "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
         );
         res.corruptions += 1;
@@ -55,8 +55,8 @@ fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64,
         let r = refs.entry(c).or_insert(0);
         if *r == max {
             // QEMU's qcow2_inc_refcounts_imrt: the count stays at the top.
-            eprintln!("ERROR: overflow cluster offset={:#x}", c * cs);
-            eprintln!("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
+            strata_block::stderr_line!("ERROR: overflow cluster offset={:#x}", c * cs);
+            strata_block::stderr_line!("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
             res.corruptions += 1;
             continue;
         }
@@ -104,7 +104,7 @@ async fn calculate(
     let header = m.header.clone();
     if d.geo.external_data && header.nb_snapshots > 0 {
         // A data file holds one version of each cluster: no room for snapshots.
-        eprintln!(
+        strata_block::stderr_line!(
             "ERROR {} snapshots in image with data file",
             header.nb_snapshots
         );
@@ -114,7 +114,7 @@ async fn calculate(
     for sn in snapshots {
         let (id, name) = (&sn.info.id, &sn.info.name);
         if !sn.l1_offset.is_multiple_of(cs) {
-            eprintln!(
+            strata_block::stderr_line!(
                 "ERROR snapshot {id} ({name}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
                 strata_block::report::c_hex(sn.l1_offset)
             );
@@ -122,7 +122,7 @@ async fn calculate(
             continue;
         }
         if sn.l1_size as u64 > (32 << 20) / 8 {
-            eprintln!(
+            strata_block::stderr_line!(
                 "ERROR snapshot {id} ({name}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
                 strata_block::report::c_hex(sn.l1_size as u64)
             );
@@ -171,7 +171,7 @@ async fn calculate(
     for (ti, &rb) in m.reftable.iter().enumerate() {
         let rb = rb & OFFSET_MASK;
         if rb != 0 && rb >= file_len {
-            eprintln!("ERROR refcount block {ti} is outside image");
+            strata_block::stderr_line!("ERROR refcount block {ti} is outside image");
             res.corruptions += 1;
         } else if rb != 0 {
             add(&mut refs, res, cs, file_len, rb, cs);
@@ -227,7 +227,9 @@ async fn walk_l1(
         add(refs, res, cs, file_len, l2, cs);
         l2_tables.push((l1i, e, l2));
         if !l2.is_multiple_of(cs) {
-            eprintln!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
+            strata_block::stderr_line!(
+                "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+            );
             res.corruptions += 1;
             continue;
         }
@@ -245,12 +247,14 @@ async fn walk_l1(
             let entry = e.entry;
             if e.compressed() {
                 if d.geo.external_data {
-                    eprintln!("ERROR compressed cluster {idx} with data file, entry={entry:#x}");
+                    strata_block::stderr_line!(
+                        "ERROR compressed cluster {idx} with data file, entry={entry:#x}"
+                    );
                     res.corruptions += 1;
                     continue;
                 }
                 if e.bitmap != 0 {
-                    eprintln!("ERROR compressed cluster {idx} with non-zero subcluster allocation bitmap, entry={entry:#x}");
+                    strata_block::stderr_line!("ERROR compressed cluster {idx} with non-zero subcluster allocation bitmap, entry={entry:#x}");
                     res.corruptions += 1;
                     continue;
                 }
@@ -271,13 +275,15 @@ async fn walk_l1(
             if !e.has_cluster(&d.geo) {
                 if e.bitmap & ALL_ALLOC != 0 {
                     res.corruptions += 1;
-                    eprintln!("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+                    strata_block::stderr_line!(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                    );
                 }
                 continue;
             }
             if (e.bitmap >> 32) & e.bitmap != 0 {
                 res.corruptions += 1;
-                eprintln!("ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap");
+                strata_block::stderr_line!("ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap");
             }
             if !host.is_multiple_of(cs) {
                 res.corruptions += 1;
@@ -287,10 +293,10 @@ async fn walk_l1(
                     !zero_flag
                 };
                 if contains_data {
-                    eprintln!("ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                    strata_block::stderr_line!("ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted.");
                 } else {
                     let word = if fix_errors { "Repairing" } else { "ERROR" };
-                    eprintln!("{word} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                    strata_block::stderr_line!("{word} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
                     if fix_errors {
                         let at = l2 + (idx * esize) as u64;
                         if fix_entry_by_zero(d, m, e, at, active).await? {
@@ -342,7 +348,7 @@ async fn fix_entry_by_zero(
         WriteKind::Data
     };
     if m.overlap_check(at, bytes.len() as u64, kind).is_err() {
-        eprintln!("ERROR: Overlap check failed");
+        strata_block::stderr_line!("ERROR: Overlap check failed");
         return Ok(false);
     }
     // The cache must not write the old entry back over the fix.
@@ -359,7 +365,7 @@ async fn fix_entry_by_zero(
         Err(e) => Err(e),
     };
     if let Err(err) = written {
-        eprintln!(
+        strata_block::stderr_line!(
             "ERROR: Failed to overwrite L2 table entry: {}",
             strata_block::error::strerror(err.code())
         );
@@ -404,7 +410,7 @@ async fn compare(
         } else {
             "Leaked"
         };
-        eprintln!("{what} cluster {c} refcount={stored} reference={want}");
+        strata_block::stderr_line!("{what} cluster {c} refcount={stored} reference={want}");
         if fixing {
             m.set_refcount(&d.file, c, want).await?;
             if want == 0 {
@@ -444,7 +450,7 @@ async fn read_snapshot_table(
     // Too many snapshots: with repair the rest go before anything else.
     let max = super::snapshot::MAX_SNAPSHOTS;
     if original > max && repair.errors {
-        eprintln!("Discarding {} overhanging snapshots", original - max);
+        strata_block::stderr_line!("Discarding {} overhanging snapshots", original - max);
         header.nb_snapshots = max;
     }
     if let Err(e) = super::open::validate_table(
@@ -458,7 +464,7 @@ async fn read_snapshot_table(
         res.check_errors += 1;
         strata_block::report::error_report(format!("ERROR {}", e.message().unwrap_or_default()));
         if header.nb_snapshots > max {
-            eprintln!(
+            strata_block::stderr_line!(
                 "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
                 header.nb_snapshots - max
             );
@@ -499,7 +505,7 @@ async fn read_snapshot_table(
             if sn.short_extra {
                 errors += 1;
                 let word = if repair.errors { "Repairing" } else { "ERROR" };
-                eprintln!("{word} snapshot table entry {i} is incomplete");
+                strata_block::stderr_line!("{word} snapshot table entry {i} is incomplete");
             }
         }
     }
@@ -530,7 +536,7 @@ async fn fix_snapshot_table(
     }
     if let Err(e) = d.write_snapshot_table(m, &list, table.1).await {
         res.check_errors += 1;
-        eprintln!(
+        strata_block::stderr_line!(
             "ERROR failed to update snapshot table: {}",
             strata_block::error::strerror(e.code())
         );
@@ -557,7 +563,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
     let fixing = repair.leaks || repair.errors;
     if rebuild && repair.errors {
         let old = res.clone();
-        eprintln!("Rebuilding refcount structure");
+        strata_block::stderr_line!("Rebuilding refcount structure");
         rebuild_refcounts(d, m, &mut walk).await?;
         res.corruptions = 0;
         res.leaks = 0;
@@ -580,7 +586,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
             )
             .await?
             {
-                eprintln!("ERROR rebuilt refcount structure is still broken");
+                strata_block::stderr_line!("ERROR rebuilt refcount structure is still broken");
             }
             fresh_leaks = res.leaks;
             res = saved;
@@ -594,7 +600,7 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         res.leaks += fresh_leaks;
     } else if fixing {
         if rebuild {
-            eprintln!("ERROR need to rebuild refcount structures");
+            strata_block::stderr_line!("ERROR need to rebuild refcount structures");
             return Err(Error::errno(libc::EIO));
         }
         if res.leaks > 0 || res.corruptions > 0 {
@@ -637,7 +643,7 @@ async fn check_oflag_copied(
         let rc = m.refcount(&d.file, l2 / cs).await?;
         if (rc == 1) != (e & OFLAG_COPIED != 0) {
             res.corruptions += 1;
-            eprintln!(
+            strata_block::stderr_line!(
                 "{word} OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
             );
             if repair {
@@ -671,7 +677,9 @@ async fn check_oflag_copied(
             };
             if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                 res.corruptions += 1;
-                eprintln!("{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}");
+                strata_block::stderr_line!(
+                    "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
+                );
                 if repair {
                     let fixed = if rc == 1 {
                         entry | OFLAG_COPIED

@@ -95,7 +95,7 @@ pub struct Extension {
 }
 
 /// The parsed header.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
     pub version: u32,
     pub backing_file_offset: u64,
@@ -409,6 +409,13 @@ impl Header {
     /// Serialises the header and its extensions into one cluster-sized buffer
     /// (the backing file name goes after the extensions).
     pub fn serialize(&mut self, cluster_size: usize) -> Result<Vec<u8>> {
+        self.serialize_with(cluster_size, true)
+    }
+
+    /// [`Header::serialize`], the feature name table left out if
+    /// `feature_table` is false: it only names bits for messages, and a
+    /// header without it is short enough to rewrite in one sector.
+    pub fn serialize_with(&mut self, cluster_size: usize, feature_table: bool) -> Result<Vec<u8>> {
         let mut b = vec![0u8; cluster_size];
         let put32 =
             |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
@@ -466,7 +473,7 @@ impl Header {
         // QEMU leaves the feature table out of images with clusters of 4 KiB
         // or less, to keep room for the backing file name; extensions it
         // does not know go after it.
-        if self.version >= 3 && cluster_size > 4096 {
+        if self.version >= 3 && cluster_size > 4096 && feature_table {
             let mut t = Vec::new();
             for (ty, bit, name) in FEATURE_NAMES {
                 let mut e = [0u8; 48];

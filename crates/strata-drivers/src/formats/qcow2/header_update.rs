@@ -2,6 +2,7 @@
 //! the backing file name and format, and emptying the image after a commit.
 
 use super::header::INCOMPAT_DIRTY;
+use super::header_write::{read_cluster0, write_cluster0};
 use super::meta::Meta;
 use super::open::{load_metadata, new_meta};
 use super::zero::Clear;
@@ -10,9 +11,10 @@ use strata_block::{DebugEvent, Driver, Error, IoBuf, Preallocation, Result, Writ
 
 impl Qcow2Driver {
     /// Writes the header held in `m` to cluster 0 (the header, its
-    /// extensions and the backing file name all live there). Everything
-    /// written before is on disk first, so the header never names a state
-    /// the image has not reached; it is on disk itself when this returns.
+    /// extensions and the backing file name all live there), in steps a
+    /// torn write cannot break (`header_write`). Everything written before
+    /// is on disk first, so the header never names a state the image has
+    /// not reached; it is on disk itself when this returns.
     /// If it does not fit, nothing is written and `m` is unchanged (ENOSPC).
     pub(super) async fn write_header(&self, m: &mut Meta) -> Result<()> {
         let cs = self.geo.cluster_size as usize;
@@ -23,10 +25,8 @@ impl Qcow2Driver {
         }
         m.flush(&self.file).await?;
         self.file.flush().await?;
-        self.file
-            .write(0, IoBuf::from_slice(&bytes), WriteFlags::default())
-            .await?;
-        self.file.flush().await?;
+        let old = read_cluster0(&self.file, cs).await?;
+        write_cluster0(&self.file, &old, &bytes).await?;
         m.header = h;
         Ok(())
     }

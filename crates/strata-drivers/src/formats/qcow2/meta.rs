@@ -521,7 +521,7 @@ impl Meta {
             return Error::errno(libc::EIO);
         }
         if fatal {
-            eprintln!("qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed");
+            strata_block::stderr_line!("qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed");
             if self.geo.version >= 3 {
                 self.header.incompatible_features |= super::header::INCOMPAT_CORRUPT;
                 let v = self.header.incompatible_features.to_be_bytes();
@@ -532,7 +532,7 @@ impl Meta {
             }
             self.corrupt = true;
         } else {
-            eprintln!("qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed");
+            strata_block::stderr_line!("qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed");
         }
         self.signaled = true;
         Error::errno(libc::EIO)

@@ -29,6 +29,7 @@ mod data_file;
 mod encryption;
 pub mod header;
 mod header_update;
+mod header_write;
 mod host_inflight;
 mod inflight;
 mod measure;

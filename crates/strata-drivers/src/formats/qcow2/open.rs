@@ -6,6 +6,7 @@ use super::cache_opts::CacheSizes;
 use super::header::{
     Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
+use super::header_write::{read_cluster0, write_cluster0};
 use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use super::{cache, create, data_file, header};
@@ -292,10 +293,10 @@ pub(super) async fn clear_unknown_autoclear(file: &Arc<Node>, hdr: &mut Header) 
         // need_update_header); the bitmaps' clusters leak.
         hdr.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW;
         hdr.stale_bitmaps = false;
-        let bytes = hdr.serialize(1 << hdr.cluster_bits)?;
-        file.write(0, IoBuf::from_slice(&bytes), WriteFlags::default())
-            .await?;
-        return file.flush().await;
+        let cs = 1 << hdr.cluster_bits;
+        let bytes = hdr.serialize(cs)?;
+        let old = read_cluster0(file, cs).await?;
+        return write_cluster0(file, &old, &bytes).await;
     }
     let known = hdr.autoclear_features & (AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS);
     if hdr.version < 3 || known == hdr.autoclear_features {

@@ -94,7 +94,7 @@ pub async fn read_checked(
         if !repair {
             return Err(Error::invalid("Snapshot table too large"));
         }
-        eprintln!("Discarding {} overhanging snapshots", count - MAX_SNAPSHOTS);
+        strata_block::stderr_line!("Discarding {} overhanging snapshots", count - MAX_SNAPSHOTS);
         fixes.reduced += count - MAX_SNAPSHOTS;
         count = MAX_SNAPSHOTS;
     }
@@ -122,7 +122,7 @@ pub async fn read_checked(
                     ),
                 ));
             }
-            eprintln!(
+            strata_block::stderr_line!(
                 "Discarding too much extra metadata in snapshot table entry {i} ({extra_len} > {MAX_EXTRA})"
             );
             fixes.extra_dropped += 1;
@@ -148,7 +148,7 @@ pub async fn read_checked(
                     ),
                 ));
             }
-            eprintln!(
+            strata_block::stderr_line!(
                 "Discarding {} overhanging snapshots (snapshot table is too big)",
                 count - i
             );

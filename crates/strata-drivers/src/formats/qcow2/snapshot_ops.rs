@@ -228,7 +228,7 @@ impl Qcow2Driver {
                 .free_clusters(&self.file, old_off, old_len.div_ceil(cs), true)
                 .await
             {
-                eprintln!("qcow2_free_clusters failed: {}", strerror(e.code()));
+                strata_block::stderr_line!("qcow2_free_clusters failed: {}", strerror(e.code()));
             }
         }
         Ok(())

@@ -18,7 +18,9 @@ pub fn check(src: &Arc<Node>, skip_broken: bool) -> bool {
                 "Cannot copy inconsistent bitmap '{}'",
                 b.name().unwrap_or_default()
             ));
-            eprintln!("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it");
+            strata_block::stderr_line!(
+                "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"
+            );
             return false;
         }
     }

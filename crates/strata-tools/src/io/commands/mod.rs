@@ -358,7 +358,7 @@ impl Ctx<'_> {
     /// glibc's complaint for an unknown option, then the usage line.
     fn bad_option(&self, item: &Item) -> i32 {
         if let Item::Bad(msg) = item {
-            eprintln!("{msg}");
+            strata_block::stderr_line!("{msg}");
         }
         self.cmd.usage();
         -libc::EINVAL
@@ -368,7 +368,7 @@ impl Ctx<'_> {
     /// that ask, so the error is only a safety net.
     fn node(&self) -> Result<Arc<Node>, i32> {
         self.session.node.clone().ok_or_else(|| {
-            eprintln!("no file open, try 'help open'");
+            strata_block::stderr_line!("no file open, try 'help open'");
             -libc::EINVAL
         })
     }
@@ -376,7 +376,7 @@ impl Ctx<'_> {
     /// The user handle of the open image, for the commands that do I/O.
     fn blk(&self) -> Result<Arc<Backend>, i32> {
         self.session.blk.clone().ok_or_else(|| {
-            eprintln!("no file open, try 'help open'");
+            strata_block::stderr_line!("no file open, try 'help open'");
             -libc::EINVAL
         })
     }
@@ -413,30 +413,31 @@ pub async fn run_line(session: &mut Session, line: &str) -> i32 {
         .collect();
     let Some(name) = argv.first() else { return 0 };
     let Some(cmd) = find(name) else {
-        eprintln!("command \"{name}\" not found");
+        strata_block::stderr_line!("command \"{name}\" not found");
         return -libc::EINVAL;
     };
     let have_image = session.node.is_some();
     if matches!(cmd.needs, Needs::Image | Needs::Writable) && !have_image {
-        eprintln!("no file open, try 'help open'");
+        strata_block::stderr_line!("no file open, try 'help open'");
         return -libc::EINVAL;
     }
     let n = argv.len() as i32 - 1;
     if n < cmd.argmin || (cmd.argmax != -1 && n > cmd.argmax) {
         if cmd.argmax == -1 {
-            eprintln!(
+            strata_block::stderr_line!(
                 "bad argument count {n} to {name}, expected at least {} arguments",
                 cmd.argmin
             );
         } else if cmd.argmin == cmd.argmax {
-            eprintln!(
+            strata_block::stderr_line!(
                 "bad argument count {n} to {name}, expected {} arguments",
                 cmd.argmin
             );
         } else {
-            eprintln!(
+            strata_block::stderr_line!(
                 "bad argument count {n} to {name}, expected between {} and {} arguments",
-                cmd.argmin, cmd.argmax
+                cmd.argmin,
+                cmd.argmax
             );
         }
         return -libc::EINVAL;

@@ -123,7 +123,7 @@ pub fn quit(ctx: &mut Ctx<'_>) -> i32 {
 pub async fn reopen(ctx: &mut Ctx<'_>) -> i32 {
     let parsed = ctx.getopt("c:o:rw");
     let Some(old) = ctx.session.opened.clone() else {
-        eprintln!("no file open, try 'help open'");
+        strata_block::stderr_line!("no file open, try 'help open'");
         return -libc::EINVAL;
     };
     let mut req = old.clone();

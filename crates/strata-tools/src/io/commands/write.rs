@@ -129,7 +129,7 @@ fn buffer_from_file(path: &str, len: usize) -> Option<IoBuf> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
+            strata_block::stderr_line!(
                 "{path}: {}",
                 strerror(e.raw_os_error().unwrap_or(libc::EIO))
             );
@@ -144,7 +144,7 @@ fn buffer_from_file(path: &str, len: usize) -> Option<IoBuf> {
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                eprintln!(
+                strata_block::stderr_line!(
                     "{path}: {}",
                     strerror(e.raw_os_error().unwrap_or(libc::EIO))
                 );
@@ -153,7 +153,7 @@ fn buffer_from_file(path: &str, len: usize) -> Option<IoBuf> {
         }
     }
     if got == 0 {
-        eprintln!("{path}: file is empty");
+        strata_block::stderr_line!("{path}: file is empty");
         return None;
     }
     let mut filled = got;
