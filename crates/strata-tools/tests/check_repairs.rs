@@ -64,6 +64,9 @@ enum Expect {
     /// A result qemu-img checks no worse than qemu-img's own repair (where
     /// the texts differ: see docs/reliability.md).
     NoWorse,
+    /// A result qemu-img checks clean, where qemu-img's own repair leaves
+    /// corruption.
+    Better,
 }
 
 type Damage = (&'static str, Expect, fn(&mut Vec<u8>));
@@ -143,6 +146,13 @@ fn damages() -> Vec<Damage> {
             let l = Layout::of(b);
             put64(b, l.l2 + 8 * 6, COPIED | l.reftable);
         }),
+        // What a crash leaves when an L2 entry was written but the data
+        // write that would have grown the file was lost.
+        ("data cluster past the end of the file", Better, |b| {
+            let l = Layout::of(b);
+            let past = b.len() as u64 + 3 * CLUSTER;
+            put64(b, l.l2 + 8 * 3, COPIED | past);
+        }),
         ("L1 entry on the refcount block", NoWorse, |b| {
             let l = Layout::of(b);
             put64(b, l.l1, COPIED | l.refblock);
@@ -195,6 +205,13 @@ fn check_repairs_every_damage_as_qemu_img_does() {
         if badness(qb.2) > badness(qa.2) {
             failures.push(format!(
                 "{name}: after repair qemu-img check exits {} on qemu-img's result, {} on Strata's:\n{}{}",
+                qa.2, qb.2, qb.0, qb.1
+            ));
+            continue;
+        }
+        if expect == Expect::Better && (qa.2 == 0 || qb.2 != 0) {
+            failures.push(format!(
+                "{name}: after repair qemu-img check exits {} on qemu-img's result, {} on Strata's (expected worse, clean):\n{}{}",
                 qa.2, qb.2, qb.0, qb.1
             ));
             continue;

@@ -75,7 +75,13 @@ pub fn check_cut(rec: &Recording, cut: usize, rng: &mut Rng, qemu_img: &str) -> 
     let (img, guest_flushes) = replay(rec, cut, rng);
     let file = path(rec.dir.path(), "cut.qcow2");
     std::fs::write(&file, &img).unwrap();
-    check::check_crashed(qemu_img, &file)?;
+    // STRATA_CRASH_KEEP=DIR keeps a failing cut there, to look at.
+    if let Err(e) = check::check_crashed(qemu_img, &file) {
+        if let Some(dir) = std::env::var_os("STRATA_CRASH_KEEP") {
+            let _ = std::fs::write(std::path::Path::new(&dir).join("cut.qcow2"), &img);
+        }
+        return Err(e);
+    }
     let raw = path(rec.dir.path(), "cut.raw");
     let (code, out) = run(
         qemu_img,

@@ -307,6 +307,20 @@ async fn walk_l1(
                     }
                 }
             }
+            // A data cluster a cluster or more past the end of the file: a
+            // crash kept the L2 entry but lost the write that would have
+            // grown the file (no flush orders them, in QEMU either). It
+            // reads as zeroes; repaired, it says so without pointing past
+            // the end. QEMU reports it and cannot repair it.
+            let past_end = (host + cs).saturating_sub(file_len) >= cs;
+            if fix_errors && past_end && !d.geo.external_data && d.geo.version >= 3 {
+                strata_block::stderr_line!("Repairing offset={host:x}: Data cluster is past the end of the file; L2 entry corrupted.");
+                let at = l2 + (idx * esize) as u64;
+                if fix_entry_by_zero(d, m, e, at, active).await? {
+                    res.corruptions_fixed += 1;
+                    continue;
+                }
+            }
             if active {
                 res.allocated_clusters += 1;
                 if next_contiguous != 0 && host != next_contiguous {
