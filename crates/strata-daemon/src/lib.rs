@@ -57,6 +57,27 @@ pub struct Setup {
     daemonized: bool,
 }
 
+/// One monitor connection to a daemon of its own, from the greeting until
+/// the client goes, then every export ended and every node closed: the
+/// daemon's dispatcher without signals or sockets of its own (the
+/// `qmp_daemon` fuzz target drives it).
+pub async fn serve_connection<R, W>(registry: Arc<Registry>, reader: R, writer: W)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let daemon = Arc::new(Daemon::new(registry));
+    let quit = Arc::new(Notify::new());
+    let qmp = Arc::new(commands::commands(&daemon, &quit));
+    daemon.set_monitor(&qmp);
+    Arc::clone(&qmp)
+        .serve(reader, writer, strata_qmp::MonitorOptions::default())
+        .await;
+    let _stopped = qmp.stop().await;
+    daemon.close_all().await;
+    qmp.flush().await;
+}
+
 /// Reports `msg` for the option given by `loc` as QEMU does
 /// (`PROG: --blockdev ARG: msg`).
 pub fn report_at(loc: &str, kind: &str, msg: &str) {

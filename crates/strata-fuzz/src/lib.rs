@@ -22,7 +22,11 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_server", nbd_server),
     ("nbd_client", nbd_client),
     ("io_commands", io_commands),
+    ("qmp_daemon", qmp_daemon),
 ];
+
+mod qmp_daemon;
+pub use qmp_daemon::qmp_daemon;
 
 /// Per-thread scratch space: an event loop and a directory, made once.
 struct Scratch {
