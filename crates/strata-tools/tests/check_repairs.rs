@@ -105,7 +105,7 @@ fn damages() -> Vec<Damage> {
             let l = Layout::of(b);
             put64(b, l.reftable, 0);
         }),
-        ("refcount table entry unaligned", NoWorse, |b| {
+        ("refcount table entry unaligned", Better, |b| {
             let l = Layout::of(b);
             put64(b, l.reftable, l.refblock + 512);
         }),
@@ -153,7 +153,7 @@ fn damages() -> Vec<Damage> {
             let past = b.len() as u64 + 3 * CLUSTER;
             put64(b, l.l2 + 8 * 3, COPIED | past);
         }),
-        ("L1 entry on the refcount block", NoWorse, |b| {
+        ("L1 entry on the refcount block", Better, |b| {
             let l = Layout::of(b);
             put64(b, l.l1, COPIED | l.refblock);
         }),

@@ -7,6 +7,12 @@
 
 use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::meta::{Mapping, Meta, WriteKind, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+
+/// Reserved bits of table entries (QEMU: REFT_RESERVED_MASK,
+/// L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK).
+const REFT_RESERVED: u64 = 0x1ff;
+const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 use super::subcluster::{L2Entry, ALL_ALLOC, ALL_ZEROES};
 use super::Qcow2Driver;
 use std::collections::BTreeMap;
@@ -71,6 +77,10 @@ struct Walk {
     nb_clusters: u64,
     /// (L1 index, L1 entry, L2 offset) of every L2 table.
     l2_tables: Vec<(usize, u64, u64)>,
+    /// The refcount table itself is broken: only a rebuild helps.
+    rebuild: bool,
+    /// Refcount table indexes whose blocks cannot be read (unaligned).
+    unreadable: std::collections::BTreeSet<u64>,
 }
 
 /// The snapshot table as check read it: entries and length in bytes.
@@ -168,13 +178,35 @@ async fn calculate(
         m.header.refcount_table_offset,
         rt_bytes,
     );
-    for (ti, &rb) in m.reftable.iter().enumerate() {
-        let rb = rb & OFFSET_MASK;
-        if rb != 0 && rb >= file_len {
+    // The refcount blocks, with QEMU's checks (check_refblocks).
+    let mut rebuild = false;
+    let mut unreadable = std::collections::BTreeSet::new();
+    for (ti, &entry) in m.reftable.iter().enumerate() {
+        let rb = entry & OFFSET_MASK;
+        if entry & REFT_RESERVED != 0 {
+            strata_block::stderr_line!("ERROR refcount table entry {ti} has reserved bits set");
+            res.corruptions += 1;
+            rebuild = true;
+        } else if !rb.is_multiple_of(cs) {
+            strata_block::stderr_line!(
+                "ERROR refcount block {ti} is not cluster aligned; refcount table entry corrupted"
+            );
+            res.corruptions += 1;
+            rebuild = true;
+            unreadable.insert(ti as u64);
+        } else if rb != 0 && rb >= file_len {
             strata_block::stderr_line!("ERROR refcount block {ti} is outside image");
             res.corruptions += 1;
         } else if rb != 0 {
             add(&mut refs, res, cs, file_len, rb, cs);
+            // A block that is also other metadata (or data) has its counts
+            // overwritten by the other use.
+            let r = refs.get(&(rb / cs)).copied().unwrap_or(0);
+            if r != 1 {
+                strata_block::stderr_line!("ERROR refcount block {ti} refcount={r}");
+                res.corruptions += 1;
+                rebuild = true;
+            }
         }
     }
     let reached = refs.keys().next_back().map_or(0, |c| c + 1);
@@ -182,6 +214,8 @@ async fn calculate(
         refs,
         nb_clusters: file_len.div_ceil(cs).max(reached),
         l2_tables,
+        rebuild,
+        unreadable,
     })
 }
 
@@ -218,6 +252,13 @@ async fn walk_l1(
         t.entries.len() as u64 * 8,
     );
     for (l1i, &e) in t.entries.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        if e & L1E_RESERVED != 0 {
+            strata_block::stderr_line!("ERROR found L1 entry with reserved bits set: {e:x}");
+            res.corruptions += 1;
+        }
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
@@ -245,6 +286,12 @@ async fn walk_l1(
                 },
             };
             let entry = e.entry;
+            if !e.compressed() && entry & L2E_STD_RESERVED != 0 {
+                strata_block::stderr_line!(
+                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                );
+                res.corruptions += 1;
+            }
             if e.compressed() {
                 if d.geo.external_data {
                     strata_block::stderr_line!(
@@ -313,9 +360,16 @@ async fn walk_l1(
             // reads as zeroes; repaired, it says so without pointing past
             // the end. QEMU reports it and cannot repair it.
             let past_end = (host + cs).saturating_sub(file_len) >= cs;
-            if fix_errors && past_end && !d.geo.external_data && d.geo.version >= 3 {
+            let at = l2 + (idx * esize) as u64;
+            // Only where the entry may be written: an "L2 table" that is
+            // really other metadata is not repaired through its entries.
+            if fix_errors
+                && past_end
+                && !d.geo.external_data
+                && d.geo.version >= 3
+                && entry_writable(m, at, esize, active)
+            {
                 strata_block::stderr_line!("Repairing offset={host:x}: Data cluster is past the end of the file; L2 entry corrupted.");
-                let at = l2 + (idx * esize) as u64;
                 if fix_entry_by_zero(d, m, e, at, active).await? {
                     res.corruptions_fixed += 1;
                     continue;
@@ -337,6 +391,17 @@ async fn walk_l1(
     Ok(())
 }
 
+/// Whether the L2 entry at `at` may be rewritten: it overlaps no metadata
+/// but its own table (an inactive table counts as data here).
+fn entry_writable(m: &Meta, at: u64, len: usize, active: bool) -> bool {
+    let kind = if active {
+        WriteKind::L2
+    } else {
+        WriteKind::Data
+    };
+    m.overlap_check(at, len as u64, kind).is_ok()
+}
+
 /// Rewrites an entry whose unaligned cluster holds no data so that it
 /// reads as zeroes without it (QEMU: fix_l2_entry_by_zero); false if the
 /// write was refused or failed.
@@ -356,12 +421,7 @@ async fn fix_entry_by_zero(
     } else {
         bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
     }
-    let kind = if active {
-        WriteKind::L2
-    } else {
-        WriteKind::Data
-    };
-    if m.overlap_check(at, bytes.len() as u64, kind).is_err() {
+    if !entry_writable(m, at, bytes.len(), active) {
         strata_block::stderr_line!("ERROR: Overlap check failed");
         return Ok(false);
     }
@@ -400,9 +460,19 @@ async fn compare(
     walk: &Walk,
     highest: &mut u64,
 ) -> Result<bool> {
-    let mut rebuild = false;
+    let mut rebuild = walk.rebuild;
     *highest = 0;
     for c in 0..walk.nb_clusters {
+        if walk.unreadable.contains(&(c >> d.geo.rb_bits)) {
+            // Not read at all: reading would mark the image corrupt, and the
+            // rebuild this asks for would then be refused.
+            strata_block::stderr_line!(
+                "Can't get refcount for cluster {c}: {}",
+                strata_block::error::strerror(libc::EIO)
+            );
+            res.check_errors += 1;
+            continue;
+        }
         let stored = m.refcount(&d.file, c).await?;
         let want = walk.refs.get(&c).copied().unwrap_or(0);
         if stored > 0 || want > 0 {
@@ -581,6 +651,9 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
         rebuild_refcounts(d, m, &mut walk).await?;
         res.corruptions = 0;
         res.leaks = 0;
+        // Blocks that could not be read are gone with the old structure
+        // (QEMU keeps counting them, but never gets this far with one).
+        res.check_errors = pre_compare.check_errors;
         walk = calculate(d, m, &mut res, &table, repair.errors).await?;
         let mut fresh_leaks = 0;
         if repair.leaks {
