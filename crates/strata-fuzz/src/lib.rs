@@ -63,6 +63,19 @@ async fn open(path: &str, read_only: bool) -> strata_block::Result<Arc<Node>> {
     ctx.open_image(Some(path), Some("qcow2"), Opts::new()).await
 }
 
+/// Creates the 1 MiB qcow2 image a target starts from at `path`.
+async fn create_scratch_qcow2(path: &str) {
+    let reg = strata_drivers::registry();
+    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
+    let mut o = Opts::new();
+    o.insert("size".into(), "1M".into());
+    reg.format("qcow2")
+        .expect("the qcow2 driver")
+        .create(&ctx, path, o)
+        .await
+        .expect("create the scratch image");
+}
+
 /// A qcow2 image, mutated: opened read-only and walked (block status,
 /// reads, snapshots, info, check), then opened writable and written.
 pub fn qcow2_image(data: &[u8]) {
@@ -293,17 +306,7 @@ pub fn io_commands(data: &[u8]) {
     with_scratch(|ev, dir| {
         let image = dir.join("io.qcow2");
         let path = image.to_string_lossy().into_owned();
-        ev.block_on(async {
-            let reg = strata_drivers::registry();
-            let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
-            let mut o = Opts::new();
-            o.insert("size".into(), "1M".into());
-            reg.format("qcow2")
-                .expect("the qcow2 driver")
-                .create(&ctx, &path, o)
-                .await
-                .expect("create the scratch image");
-        });
+        ev.block_on(create_scratch_qcow2(&path));
         let mut argv = vec!["qemu-io".to_string(), "-f".into(), "qcow2".into()];
         for c in commands {
             argv.extend(["-c".into(), c.to_string()]);

@@ -130,15 +130,7 @@ async fn images(dir: &Path) {
         std::fs::write(&path, bytes).expect("write disk.qcow2");
         return;
     }
-    let reg = strata_drivers::registry();
-    let ctx = strata_block::OpenCtx::new(std::sync::Arc::clone(&reg), Default::default());
-    let mut o = strata_block::options::Opts::new();
-    o.insert("size".into(), "1M".into());
-    reg.format("qcow2")
-        .expect("the qcow2 driver")
-        .create(&ctx, &path.to_string_lossy(), o)
-        .await
-        .expect("create disk.qcow2");
+    crate::create_scratch_qcow2(&path.to_string_lossy()).await;
     let bytes = std::fs::read(&path).expect("read disk.qcow2");
     QCOW2.with(|c| {
         let _ = c.set(bytes);

@@ -40,6 +40,12 @@ impl std::ops::DerefMut for Refs {
     }
 }
 
+/// Whether `[off, off+len)` ends a cluster or more past the end of the
+/// file (the last cluster may be partly beyond it).
+fn past_end(off: u64, len: u64, file_len: u64, cs: u64) -> bool {
+    (off + len).saturating_sub(file_len) >= cs
+}
+
 /// Counts one reference to `[off, off+len)`. A region that ends a cluster
 /// or more past the end of the file is corruption, not a reference (the last
 /// cluster may be partly beyond it).
@@ -47,7 +53,7 @@ fn add(refs: &mut Refs, res: &mut CheckResult, cs: u64, file_len: u64, off: u64,
     if len == 0 {
         return;
     }
-    if (off + len).saturating_sub(file_len) >= cs {
+    if past_end(off, len, file_len, cs) {
         strata_block::stderr_line!(
             "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
         );
@@ -359,12 +365,11 @@ async fn walk_l1(
             // grown the file (no flush orders them, in QEMU either). It
             // reads as zeroes; repaired, it says so without pointing past
             // the end. QEMU reports it and cannot repair it.
-            let past_end = (host + cs).saturating_sub(file_len) >= cs;
             let at = l2 + (idx * esize) as u64;
             // Only where the entry may be written: an "L2 table" that is
             // really other metadata is not repaired through its entries.
             if fix_errors
-                && past_end
+                && past_end(host, cs, file_len, cs)
                 && !d.geo.external_data
                 && d.geo.version >= 3
                 && entry_writable(m, at, esize, active)
