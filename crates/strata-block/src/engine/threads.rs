@@ -8,14 +8,22 @@ use std::sync::Arc;
 
 /// Runs one operation on a pool thread.
 pub async fn run(fd: Arc<Fd>, op: FileOp) -> (Result<usize>, Option<IoBuf>) {
-    let task = move || blocking(&fd, op);
+    off_loop(move || blocking(&fd, op))
+        .await
+        .unwrap_or_else(|e| (Err(e), None))
+}
+
+/// Runs `task` on tokio's blocking pool, so that the event loop goes on
+/// serving every other request meanwhile (a blocking system call, seconds
+/// of key derivation); outside any runtime it just runs here. An error
+/// only if the pool lost the task (it panicked or the runtime is going).
+pub async fn off_loop<T: Send + 'static>(task: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) => match h.spawn_blocking(task).await {
-            Ok(r) => r,
-            Err(_) => (Err(Error::errno(libc::EIO)), None),
-        },
-        // Outside any runtime: just do it here.
-        Err(_) => task(),
+        Ok(h) => h
+            .spawn_blocking(task)
+            .await
+            .map_err(|_| Error::errno(libc::EIO)),
+        Err(_) => Ok(task()),
     }
 }
 

@@ -222,7 +222,12 @@ pub(crate) async fn open_luks(
         return BlockCrypto::luks(luks, None).map_err(crypto_err);
     };
     let materials = read_materials(file, base, limit, &luks).await?;
-    let master = luks.unlock(password, &materials).map_err(crypto_err)?;
+    // Key derivation takes its iter-time (2 s by default) per slot tried:
+    // off the event loop, which serves every other node and monitor.
+    let (password, header) = (password.to_vec(), luks.clone());
+    let master = strata_block::engine::off_loop(move || header.unlock(&password, &materials))
+        .await?
+        .map_err(crypto_err)?;
     BlockCrypto::luks(luks, Some(&master)).map_err(crypto_err)
 }
 

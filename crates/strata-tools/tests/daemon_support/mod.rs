@@ -176,6 +176,24 @@ impl Client {
         self.wr.write_all(s.as_bytes()).unwrap();
     }
 
+    /// True if an answer has arrived and is not read yet (never waits).
+    pub fn pending(&mut self) -> bool {
+        if !self.rd.buffer().is_empty() {
+            return true;
+        }
+        let mut b = 0u8;
+        // SAFETY: one byte into `b`, which outlives the call.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.wr),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0
+    }
+
     pub fn ask(&mut self, s: &str) -> String {
         self.send(s);
         self.line()
