@@ -900,3 +900,60 @@ fn refcount_width_changes_keep_every_cluster_and_check_clean_in_qemu() {
     // A width too small for the snapshot's references: both refuse alike.
     same(dir, &ours, &["amend", "-o", "refcount_bits=2", "a.qcow2"]);
 }
+
+/// A snapshot table of 900 entries (about 72 KB, more than one read
+/// window of the table reader), written by qemu-storage-daemon: listed,
+/// shown and checked as qemu-img does, and one entry from the middle
+/// deleted as qemu-img deletes it.
+#[test]
+fn a_long_snapshot_table_reads_as_qemu_reads_it() {
+    let Some(qi) = qemu_img() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ours = strata_as_qemu_img(dir);
+    let img = dir.join("many.qcow2");
+    let st = Command::new(qi)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut qmp = String::from("{\"execute\":\"qmp_capabilities\"}\n");
+    for i in 0..900 {
+        qmp += &format!(
+            "{{\"execute\":\"blockdev-snapshot-internal-sync\",\"arguments\":{{\"device\":\"d\",\"name\":\"snapshot-{i}\"}}}}\n"
+        );
+    }
+    qmp += "{\"execute\":\"quit\"}\n";
+    let mut qsd = Command::new("/usr/bin/qemu-storage-daemon")
+        .args(["--chardev", "stdio,id=m", "--monitor", "m", "--blockdev"])
+        .arg(format!(
+            "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
+            img.display()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon is needed for this test");
+    std::io::Write::write_all(&mut qsd.stdin.take().unwrap(), qmp.as_bytes()).unwrap();
+    assert!(qsd.wait().unwrap().success());
+    for args in [
+        &["snapshot", "-l", "many.qcow2"][..],
+        &["info", "--output=json", "many.qcow2"],
+        &["check", "many.qcow2"],
+    ] {
+        same(dir, &ours, args);
+    }
+    let (_, _, code) = run(
+        &ours,
+        &["snapshot", "-d", "snapshot-500", "many.qcow2"],
+        dir,
+    );
+    assert_eq!(code, 0);
+    let (list, _, _) = run(Path::new(qi), &["snapshot", "-l", "many.qcow2"], dir);
+    assert_eq!(list.lines().count(), 2 + 899);
+    assert!(!list.contains("snapshot-500 "));
+    let (out, _, code) = run(Path::new(qi), &["check", "many.qcow2"], dir);
+    assert_eq!(code, 0, "{out}");
+}

@@ -71,6 +71,41 @@ pub struct TableRepairs {
     pub extra_dropped: u32,
 }
 
+/// Reads of the snapshot table through a window of [`TableReader::WINDOW`]
+/// bytes: a table of thousands of entries costs a few reads of the file,
+/// not three per entry (QEMU makes three).
+struct TableReader<'a> {
+    file: &'a Arc<Node>,
+    at: u64,
+    window: IoBuf,
+}
+
+impl TableReader<'_> {
+    const WINDOW: u64 = 64 * 1024;
+
+    /// `len` bytes at `off`: from the window, or from a new window there
+    /// (no further than the file's end). Where the window cannot be read,
+    /// the exact read decides, so that errors are the ones it would give.
+    async fn bytes(&mut self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let in_window = off
+            .checked_sub(self.at)
+            .filter(|&d| d + len as u64 <= self.window.len() as u64);
+        if let Some(d) = in_window {
+            return Ok(self.window.as_slice()[d as usize..d as usize + len].to_vec());
+        }
+        let want = (len as u64).max(Self::WINDOW.min(self.file.length().saturating_sub(off)));
+        if want > len as u64 && off.checked_add(want).is_some() {
+            if let Ok(w) = self.file.read(off, IoBuf::zeroed(want as usize)).await {
+                self.at = off;
+                self.window = w;
+                return Ok(self.window.as_slice()[..len].to_vec());
+            }
+        }
+        let b = self.file.read(off, IoBuf::zeroed(len)).await?;
+        Ok(b.as_slice().to_vec())
+    }
+}
+
 /// Reads the snapshot table; sizes come from the file, so each is bounded
 /// before it is used. Returns the entries and the table's length in bytes.
 pub async fn read(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
@@ -104,8 +139,13 @@ pub async fn read_checked(
     let mut end = off;
     let mut table_len = 0u64;
     let mut out = Vec::with_capacity(count as usize);
+    let mut table = TableReader {
+        file,
+        at: 0,
+        window: IoBuf::zeroed(0),
+    };
     for i in 0..count {
-        let fixed = file.read(off, IoBuf::zeroed(FIXED)).await?;
+        let fixed = table.bytes(off, FIXED).await?;
         let b = fixed.as_slice();
         let (id_len, name_len) = (
             u16::from_be_bytes([b[12], b[13]]) as u64,
@@ -129,12 +169,10 @@ pub async fn read_checked(
             kept = MAX_EXTRA;
         }
         let e = kept as usize;
-        let extra = file.read(off + FIXED as u64, IoBuf::zeroed(e)).await?;
+        let extra = table.bytes(off + FIXED as u64, e).await?;
         let x = extra.as_slice();
         let names_at = off + FIXED as u64 + extra_len as u64;
-        let names = file
-            .read(names_at, IoBuf::zeroed((id_len + name_len) as usize))
-            .await?;
+        let names = table.bytes(names_at, (id_len + name_len) as usize).await?;
         let r = names.as_slice();
         table_len = table_len.div_ceil(8) * 8 + FIXED as u64 + kept as u64 + id_len + name_len;
         let entry_end = names_at + id_len + name_len;
