@@ -89,7 +89,7 @@ impl TableReader<'_> {
     async fn bytes(&mut self, off: u64, len: usize) -> Result<Vec<u8>> {
         let in_window = off
             .checked_sub(self.at)
-            .filter(|&d| d + len as u64 <= self.window.len() as u64);
+            .filter(|&d| d.saturating_add(len as u64) <= self.window.len() as u64);
         if let Some(d) = in_window {
             return Ok(self.window.as_slice()[d as usize..d as usize + len].to_vec());
         }
