@@ -434,15 +434,28 @@ impl Qcow2Driver {
         }
     }
 
-    /// Writes one guest cluster compressed (QEMU:
-    /// qcow2_co_pwritev_compressed_task): only into an unallocated cluster;
-    /// data that does not shrink is written the ordinary way.
-    pub(super) async fn write_compressed_cluster(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+    /// One guest cluster compressed, or None where it would not shrink.
+    /// Made on the blocking pool (QEMU: qcow2_co_compress, on its thread
+    /// pool): it holds a core for its time, and the loop serves on.
+    pub(super) async fn compress_cluster(&self, buf: &IoBuf) -> Result<Option<Vec<u8>>> {
         let cs = self.geo.cluster_size as usize;
         let mut data = buf.as_slice().to_vec();
         // The last cluster of an image whose size is not a multiple of it.
         data.resize(cs, 0);
-        let Some(packed) = compress::compress(self.compression, &data, cs - 1) else {
+        let kind = self.compression;
+        strata_block::engine::off_loop(move || compress::compress(kind, &data, cs - 1)).await
+    }
+
+    /// Writes one guest cluster, `buf`, as `packed`, its compressed form
+    /// (QEMU: qcow2_co_pwritev_compressed_task): only into an unallocated
+    /// cluster; data that did not shrink is written the ordinary way.
+    pub(super) async fn write_compressed_cluster(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        packed: Option<Vec<u8>>,
+    ) -> Result<IoBuf> {
+        let Some(packed) = packed else {
             return self.write(offset, buf, WriteFlags::default()).await;
         };
         let plen = packed.len() as u64;
