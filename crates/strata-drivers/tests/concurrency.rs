@@ -257,6 +257,19 @@ impl State {
 
     /// Ends request `id`; a writer's bytes take `value` (by offset) where
     /// they are known, and become known again if nobody overlapped it.
+    /// Ends a write that may have changed any of its bytes: a compressed
+    /// write refused at a later cluster after its first ones landed.
+    fn finish_unknown(&mut self, id: u64) {
+        let i = self
+            .flights
+            .iter()
+            .position(|f| f.id == id)
+            .expect("in flight");
+        let f = self.flights.swap_remove(i);
+        self.ops += 1;
+        self.unknown[f.off as usize..f.end as usize].fill(true);
+    }
+
     fn finish(&mut self, id: u64, value: Option<&dyn Fn(u64) -> u8>) {
         let i = self
             .flights
@@ -299,7 +312,7 @@ enum Op {
     Write { off: u64, len: u64, pattern: u8 },
     Zero { off: u64, len: u64, unmap: bool },
     Discard { off: u64, len: u64 },
-    Compressed { off: u64, pattern: u8 },
+    Compressed { off: u64, len: u64, pattern: u8 },
     Read { off: u64, len: u64 },
     Truncate { to: u64 },
 }
@@ -341,10 +354,15 @@ fn pick(rng: &mut Rng, cs: u64) -> Op {
             let (off, len) = clusters(rng);
             Op::Discard { off, len }
         }
-        60..=65 => Op::Compressed {
-            off: rng.below(SIZE / cs) * cs,
-            pattern: rng.below(256) as u8,
-        },
+        // Up to three clusters: compressed together, placed in order.
+        60..=65 => {
+            let (off, len) = clusters(rng);
+            Op::Compressed {
+                off,
+                len,
+                pattern: rng.below(256) as u8,
+            }
+        }
         66..=98 => {
             let (off, len) = span(rng);
             Op::Read { off, len }
@@ -410,7 +428,7 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
             Op::Write { off, len, .. } | Op::Zero { off, len, .. } | Op::Discard { off, len } => {
                 (off, len, true)
             }
-            Op::Compressed { off, .. } => (off, cs, true),
+            Op::Compressed { off, len, .. } => (off, len, true),
             Op::Read { off, len } => (off, len, false),
             Op::Truncate { .. } => unreachable!("handled above"),
         };
@@ -460,8 +478,8 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
                 }
                 Err(e) => Err(format!("discard {off}+{len}: {e}")),
             },
-            Op::Compressed { off, pattern } => {
-                let buf = compressible(cs as usize, pattern);
+            Op::Compressed { off, len, pattern } => {
+                let buf = compressible(len as usize, pattern);
                 let data = buf.as_slice().to_vec();
                 match node.write_compressed(off, buf).await {
                     Ok(_) => {
@@ -470,9 +488,14 @@ async fn worker(node: &Arc<Node>, st: &RefCell<State>, cs: u64, seed: u64, budge
                         Ok(())
                     }
                     // Only an unallocated cluster takes compressed data,
-                    // and an encrypted image none.
+                    // and an encrypted image none. A refused cluster changes
+                    // nothing, but the clusters before it are written.
                     Err(e) if e.code() == libc::EIO || e.code() == libc::ENOTSUP => {
-                        st.borrow_mut().finish(id, None);
+                        if len > cs {
+                            st.borrow_mut().finish_unknown(id);
+                        } else {
+                            st.borrow_mut().finish(id, None);
+                        }
                         Ok(())
                     }
                     Err(e) => Err(format!("compressed write {off}: {e}")),
