@@ -565,6 +565,13 @@ impl Driver for Qcow2Driver {
         if !offset.is_multiple_of(cs) || unaligned_end {
             return Err(Error::errno(libc::EINVAL));
         }
+        // One cluster (convert's unit) is compressed here: the hop to the
+        // blocking pool cost more than zstd takes (convert -c with zstd went
+        // from 0.51 s to 0.94 s).
+        if len <= cs {
+            let packed = self.compress_here(&buf);
+            return self.write_compressed_cluster(offset, buf, packed).await;
+        }
         // Up to COMPRESS_AHEAD clusters are compressed at once, on as many
         // cores (QEMU runs 8 tasks), and stored one after the other in guest
         // order: the image's layout does not depend on which finished first.

@@ -438,12 +438,23 @@ impl Qcow2Driver {
     /// Made on the blocking pool (QEMU: qcow2_co_compress, on its thread
     /// pool): it holds a core for its time, and the loop serves on.
     pub(super) async fn compress_cluster(&self, buf: &IoBuf) -> Result<Option<Vec<u8>>> {
-        let cs = self.geo.cluster_size as usize;
+        let data = self.whole_cluster(buf);
+        let (kind, max) = (self.compression, data.len() - 1);
+        strata_block::engine::off_loop(move || compress::compress(kind, &data, max)).await
+    }
+
+    /// [`Self::compress_cluster`] on this thread.
+    pub(super) fn compress_here(&self, buf: &IoBuf) -> Option<Vec<u8>> {
+        let data = self.whole_cluster(buf);
+        compress::compress(self.compression, &data, data.len() - 1)
+    }
+
+    /// `buf` padded with zeroes to a whole cluster: the last cluster of an
+    /// image whose size is not a multiple of it.
+    fn whole_cluster(&self, buf: &IoBuf) -> Vec<u8> {
         let mut data = buf.as_slice().to_vec();
-        // The last cluster of an image whose size is not a multiple of it.
-        data.resize(cs, 0);
-        let kind = self.compression;
-        strata_block::engine::off_loop(move || compress::compress(kind, &data, cs - 1)).await
+        data.resize(self.geo.cluster_size as usize, 0);
+        data
     }
 
     /// Writes one guest cluster, `buf`, as `packed`, its compressed form
