@@ -260,24 +260,23 @@ impl State {
     /// Ends a write that may have changed any of its bytes: a compressed
     /// write refused at a later cluster after its first ones landed.
     fn finish_unknown(&mut self, id: u64) {
-        let i = self
-            .flights
-            .iter()
-            .position(|f| f.id == id)
-            .expect("in flight");
-        let f = self.flights.swap_remove(i);
-        self.ops += 1;
+        let f = self.land(id);
         self.unknown[f.off as usize..f.end as usize].fill(true);
     }
 
-    fn finish(&mut self, id: u64, value: Option<&dyn Fn(u64) -> u8>) {
+    /// Takes request `id` out of flight and counts it.
+    fn land(&mut self, id: u64) -> Flight {
         let i = self
             .flights
             .iter()
             .position(|f| f.id == id)
             .expect("in flight");
-        let f = self.flights.swap_remove(i);
         self.ops += 1;
+        self.flights.swap_remove(i)
+    }
+
+    fn finish(&mut self, id: u64, value: Option<&dyn Fn(u64) -> u8>) {
+        let f = self.land(id);
         let Some(value) = value else {
             return;
         };
