@@ -366,6 +366,24 @@ fn compressed_output_as_qemu_img_writes_it() {
         ],
     );
     identical(&d, "c4k.qcow2", "q.qcow2");
+    // Into an image not known to read as zeroes: zero clusters are written
+    // as zeroes, not compressed.
+    let d = f.same_image(
+        "empty.qcow2",
+        &[
+            "convert",
+            "-n",
+            "-c",
+            "-m",
+            "1",
+            "-O",
+            "qcow2",
+            "src.raw",
+            "empty.qcow2",
+        ],
+    );
+    identical(&d, "src.raw", "empty.qcow2");
+    clean(&d, "empty.qcow2");
 }
 
 #[test]

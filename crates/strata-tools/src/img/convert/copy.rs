@@ -66,7 +66,8 @@ pub struct Convert {
     pub wr_in_order: bool,
     /// `-C`: data goes over as it is, without looking for zeroes.
     pub copy_range: bool,
-    /// `-c`: data clusters are written compressed (chunks are clusters).
+    /// `-c`: data clusters are written compressed (chunks are whole
+    /// clusters of the target).
     pub compressed: bool,
     pub salvage: bool,
     pub quiet: bool,
@@ -270,14 +271,15 @@ impl Convert {
         if walk.status == Status::Data {
             n = n.min(self.buf_sectors);
         }
-        // Compressed output is written in whole clusters (the buffer is one
-        // cluster then): a shorter area counts as data, as in QEMU.
+        // Compressed output is written in whole clusters: a shorter area
+        // counts as data, as in QEMU.
         if self.compressed {
-            if n < self.buf_sectors {
-                n = self.buf_sectors.min(self.total_sectors - sector_num);
+            let cluster = self.target_cluster_sectors;
+            if n < cluster {
+                n = cluster.min(self.total_sectors - sector_num);
                 walk.status = Status::Data;
             } else {
-                n = n / self.buf_sectors * self.buf_sectors;
+                n = n / cluster * cluster;
             }
         }
         Ok(n)
@@ -344,6 +346,49 @@ impl Convert {
             .await
     }
 
+    /// Writes whole clusters of data compressed, as qemu-img writes each
+    /// (QEMU: convert_co_write): a zero cluster is no data (unless `-S 0`),
+    /// left alone where the target reads as zeroes and written as zeroes
+    /// elsewhere; each run of other clusters is one compressed write, whose
+    /// clusters the target compresses at once and places in guest order.
+    async fn write_compressed(&self, sector_num: u64, nb: u64, buf: IoBuf) -> Result<IoBuf> {
+        let cluster = self.target_cluster_sectors;
+        let bytes = buf.as_slice();
+        let zero_at = |at: u64| {
+            let start = ((at - sector_num) * SECTOR) as usize;
+            let end = ((at + cluster).min(sector_num + nb) - sector_num) * SECTOR;
+            self.min_sparse != 0 && is_zero(&bytes[start..end as usize])
+        };
+        let mut runs: Vec<(bool, u64, u64)> = Vec::new();
+        let mut at = sector_num;
+        while at < sector_num + nb {
+            let n = cluster.min(sector_num + nb - at);
+            let zero = zero_at(at);
+            match runs.last_mut() {
+                Some(run) if run.0 == zero => run.2 += n,
+                _ => runs.push((zero, at, n)),
+            }
+            at += n;
+        }
+        let mut done = Vec::with_capacity(runs.len() + 1);
+        let mut rest = buf;
+        for (zero, at, n) in runs {
+            let (piece, tail) = rest.split_at((n * SECTOR) as usize);
+            rest = tail;
+            if zero {
+                if !self.has_zero_init {
+                    self.write_zeroes(at, n).await?;
+                }
+                done.push(piece);
+            } else {
+                self.throttle(n * SECTOR).await;
+                done.push(self.target.write_compressed(at * SECTOR, piece).await?);
+            }
+        }
+        done.push(rest);
+        Ok(IoBuf::join_all(done))
+    }
+
     /// True when `sector` starts a target cluster (or is the end of the disk).
     fn on_cluster(&self, sector: u64) -> bool {
         sector.is_multiple_of(self.target_cluster_sectors) || sector >= self.total_sectors
@@ -373,17 +418,7 @@ impl Convert {
             }
         };
         if self.compressed {
-            // Whole clusters, compressed; zero ones stay unallocated where
-            // the target reads as zeroes (QEMU: convert_co_write).
-            if self.has_zero_init && self.min_sparse != 0 && buf.is_zero() {
-                return Ok(Some(buf));
-            }
-            self.throttle(nb * SECTOR).await;
-            let buf = self
-                .target
-                .write_compressed(sector_num * SECTOR, buf)
-                .await?;
-            return Ok(Some(buf));
+            return self.write_compressed(sector_num, nb, buf).await.map(Some);
         }
         // Where pieces start and end on clusters of their own, every piece
         // is issued at the first poll, in order: the target allocates them
@@ -474,11 +509,23 @@ impl Convert {
                 (sector_num, n, status)
             };
             if status == Status::Data || (self.min_sparse == 0 && status == Status::Zero) {
-                sh.allocated_done.set(sh.allocated_done.get() + n);
-                sh.progress.borrow_mut().report(
-                    sh.allocated_done.get() * SECTOR,
-                    sh.allocated_sectors * SECTOR,
-                );
+                // A compressed chunk counts cluster by cluster, as qemu-img's
+                // one-cluster chunks do, so the progress lines are the same.
+                let step = if self.compressed {
+                    self.target_cluster_sectors
+                } else {
+                    n
+                };
+                let mut left = n;
+                while left > 0 {
+                    let s = step.min(left);
+                    sh.allocated_done.set(sh.allocated_done.get() + s);
+                    sh.progress.borrow_mut().report(
+                        sh.allocated_done.get() * SECTOR,
+                        sh.allocated_sectors * SECTOR,
+                    );
+                    left -= s;
+                }
             }
             let mut status = status;
             let mut data = None;

@@ -747,8 +747,13 @@ fn copy_into(
     }
     let limits = target.limits();
     let buf_sectors = match target.driver().cluster_size() {
-        // Compressed output goes cluster by cluster.
-        Some(cs) if a.compressed => (cs / SECTOR).max(1),
+        // Compressed output goes in whole clusters, as many as fill the
+        // usual buffer: the target compresses a write's clusters on every
+        // core, where one cluster a write (qemu-img) keeps to one.
+        Some(cs) if a.compressed => {
+            let cluster = (cs / SECTOR).max(1);
+            cluster * (IO_BUF_SECTORS / cluster).max(1)
+        }
         _ => (limits.discard_alignment as u64 / SECTOR).clamp(IO_BUF_SECTORS, MAX_BUF_SECTORS),
     };
     // Writes aligned to the target's requests avoid read-modify-write.
