@@ -13,6 +13,29 @@ impl Node {
         self.skip_filters().backing().map(|b| b.skip_filters())
     }
 
+    /// The node below this one whose data it shows: a filter's child, a
+    /// format's backing file (QEMU: bdrv_filter_or_cow_bs).
+    pub fn filter_or_cow(&self) -> Option<Arc<Node>> {
+        if self.driver().is_filter() {
+            self.primary_child()
+        } else {
+            self.backing()
+        }
+    }
+
+    /// Whether `other` is this node or below it through filters and backing
+    /// files (QEMU: bdrv_chain_contains).
+    pub fn chain_contains(self: &Arc<Self>, other: &Arc<Node>) -> bool {
+        let mut cur = Some(Arc::clone(self));
+        while let Some(n) = cur {
+            if Arc::ptr_eq(&n, other) {
+                return true;
+            }
+            cur = n.filter_or_cow();
+        }
+        false
+    }
+
     /// The image of this node's backing chain that `name` names (QEMU:
     /// bdrv_find_backing_image): a name as some layer stores it, resolved
     /// against that layer's directory and compared as canonical paths; with

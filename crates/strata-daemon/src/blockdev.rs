@@ -20,7 +20,9 @@ pub struct Daemon {
     /// The NBD server and the block exports.
     pub exports: crate::exports::Exports,
     /// Where events go: the monitor, once it exists.
-    events: std::sync::OnceLock<std::sync::Weak<strata_qmp::Qmp>>,
+    events: Arc<std::sync::OnceLock<std::sync::Weak<strata_qmp::Qmp>>>,
+    /// The block jobs.
+    pub jobs: Arc<strata_jobs::JobList>,
 }
 
 /// Lists become dictionaries keyed `0`, `1`, ... as QEMU's qdict_flatten
@@ -44,13 +46,22 @@ fn lists_to_dicts(v: Value) -> Value {
 impl Daemon {
     /// A daemon with no nodes.
     pub fn new(registry: Arc<Registry>) -> Daemon {
+        let events: Arc<std::sync::OnceLock<std::sync::Weak<strata_qmp::Qmp>>> = Arc::default();
         Daemon {
             registry,
             graph: Graph::new(),
             owned: Mutex::new(Vec::new()),
             iothreads: Mutex::new(Vec::new()),
             exports: Default::default(),
-            events: std::sync::OnceLock::new(),
+            jobs: strata_jobs::JobList::new(Arc::new({
+                let events = Arc::clone(&events);
+                move |event: &str, data: Value| {
+                    if let Some(q) = events.get().and_then(std::sync::Weak::upgrade) {
+                        q.emit(event, Some(data));
+                    }
+                }
+            })),
+            events,
         }
     }
 
@@ -137,8 +148,10 @@ impl Daemon {
     /// were added (QEMU: bdrv_close_all at shutdown): each image is
     /// written back and closed once its last user is gone.
     pub async fn close_all(&self) {
-        // Exports first: they are users of the nodes.
+        // Exports first: they are users of the nodes; then the jobs, as
+        // qemu-storage-daemon cancels them before it closes the nodes.
         self.exports.close_all(self).await;
+        self.jobs.cancel_all().await;
         let nodes: Vec<Arc<Node>> = std::mem::take(&mut *self.owned());
         for n in nodes {
             if let Err(e) = n.close().await {

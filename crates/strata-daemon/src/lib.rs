@@ -11,6 +11,7 @@ mod chardev;
 mod commands;
 mod exports;
 mod graph_ops;
+mod jobs;
 mod monitors;
 mod qemu_opts;
 mod queries;

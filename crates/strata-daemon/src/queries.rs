@@ -117,7 +117,8 @@ async fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
     m.insert("node-name".into(), n.name().into());
     m.insert("ro".into(), n.is_read_only().into());
     m.insert("drv".into(), n.format_name().into());
-    if let Some(b) = n.skip_filters().backing() {
+    // A filter has no backing file of its own (QEMU: bs->backing_file).
+    if let Some(b) = n.backing() {
         m.insert("backing_file".into(), b.filename().into());
     }
     m.insert("backing_file_depth".into(), depth.into());

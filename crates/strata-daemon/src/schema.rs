@@ -390,6 +390,7 @@ pub fn schema(registry: &Registry) -> Schema {
             ],
         );
     exports(&mut s);
+    crate::jobs::schema(&mut s);
     s
 }
 

@@ -28,16 +28,6 @@ pub enum BitmapRef<'a> {
     External { node: &'a str, name: &'a str },
 }
 
-/// The node below `n` whose data it shows: a filter's child, a format's
-/// backing file (QEMU: bdrv_filter_or_cow_bs).
-fn filter_or_cow(n: &Node) -> Option<Arc<Node>> {
-    if n.driver().is_filter() {
-        n.primary_child()
-    } else {
-        n.backing()
-    }
-}
-
 /// Finds the bitmaps an export offers and marks them busy for its life,
 /// with QEMU's checks and words (nbd_export_create): a bitmap still
 /// recording writes cannot back a read-only export of a writable node, as
@@ -59,7 +49,7 @@ pub fn export_bitmaps(
                         hit = Some((n, b));
                         break;
                     }
-                    at = filter_or_cow(&n);
+                    at = n.filter_or_cow();
                 }
                 let Some((owner, bm)) = hit else {
                     return Err(format!("Bitmap '{name}' is not found"));

@@ -1,0 +1,478 @@
+//! The stream job (QEMU: qmp_block_stream, block/stream.c): copies into an
+//! image what it reads from the images below it, down to a base, then
+//! makes the base its backing file, so the images between can go.
+//!
+//! A copy-on-read filter goes over the image while the job runs: the job
+//! reads through it, and so do the image's other users, so whatever anyone
+//! reads is copied up once. The filter's `bottom` keeps data of the base and
+//! below where it is. The image, the filter and every image between are
+//! held by the job (their permissions and op blockers) until it is
+//! dismissed.
+
+use crate::job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
+use crate::list::JobList;
+use crate::state::JobType;
+use async_trait::async_trait;
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use strata_block::driver::Perm;
+use strata_block::report::error_report;
+use strata_block::{
+    drained_async, replace_node, Backend, BlockOp, Blocker, Graph, IoBuf, Node, OpenCtx, OpenFlags,
+    Opts, Registry,
+};
+
+/// The most one step of the job looks at and copies (QEMU: STREAM_CHUNK).
+const STREAM_CHUNK: u64 = 512 << 10;
+
+/// `block-stream`'s arguments, checked against the schema.
+#[derive(Debug, Default)]
+pub struct StreamArgs {
+    pub job_id: Option<String>,
+    pub device: String,
+    pub base: Option<String>,
+    pub base_node: Option<String>,
+    pub backing_file: Option<String>,
+    pub backing_mask_protocol: bool,
+    pub bottom: Option<String>,
+    pub speed: Option<i64>,
+    pub on_error: Option<String>,
+    pub filter_node_name: Option<String>,
+    pub auto_finalize: Option<bool>,
+    pub auto_dismiss: Option<bool>,
+}
+
+/// A node by node name only (QEMU: bdrv_lookup_bs(NULL, name)).
+fn node_named(graph: &Graph, name: &str) -> Result<Arc<Node>, String> {
+    graph
+        .find(name)
+        .ok_or_else(|| format!("Cannot find device='' nor node-name='{name}'"))
+}
+
+/// The image above `base` in `top`'s chain (QEMU: bdrv_find_overlay): the
+/// last image of the chain when `base` is None.
+fn find_overlay(top: &Arc<Node>, base: Option<&Arc<Node>>) -> Option<Arc<Node>> {
+    let base = base.map(|b| b.skip_filters());
+    let mut cur = top.skip_filters();
+    loop {
+        let next = cur.backing_chain_next();
+        match (&next, &base) {
+            (None, None) => return Some(cur),
+            (Some(n), Some(b)) if Arc::ptr_eq(n, b) => return Some(cur),
+            (None, Some(_)) => return None,
+            _ => {}
+        }
+        cur = next?;
+    }
+}
+
+/// Starts a stream job, with QEMU's checks in QEMU's order.
+pub async fn block_stream(
+    list: &Arc<JobList>,
+    graph: &Arc<Graph>,
+    registry: &Arc<Registry>,
+    a: StreamArgs,
+) -> Result<(), String> {
+    if a.base.is_some() && a.base_node.is_some() {
+        return Err("'base' and 'base-node' cannot be specified at the same time".into());
+    }
+    if a.base.is_some() && a.bottom.is_some() {
+        return Err("'base' and 'bottom' cannot be specified at the same time".into());
+    }
+    if a.bottom.is_some() && a.base_node.is_some() {
+        return Err("'bottom' and 'base-node' cannot be specified at the same time".into());
+    }
+    let on_error = match a.on_error.as_deref() {
+        None => OnError::Report,
+        Some(s) => OnError::parse(s).ok_or_else(|| format!("Invalid on-error value '{s}'"))?,
+    };
+    let bs = graph.lookup(&a.device).map_err(|e| e.to_string())?;
+    let mut base = None;
+    if let Some(name) = &a.base {
+        base = Some(
+            bs.find_backing_image(name)
+                .ok_or_else(|| format!("Can't find '{name}' in the backing chain"))?,
+        );
+    }
+    if let Some(name) = &a.base_node {
+        let b = node_named(graph, name)?;
+        if Arc::ptr_eq(&b, &bs) || !bs.chain_contains(&b) {
+            return Err(format!(
+                "Node '{name}' is not a backing image of '{}'",
+                a.device
+            ));
+        }
+        base = Some(b);
+    }
+    let mut bottom = None;
+    if let Some(name) = &a.bottom {
+        let b = node_named(graph, name)?;
+        if b.driver().is_filter() {
+            return Err(format!(
+                "Node '{name}' is a filter, use a non-filter node as 'bottom'"
+            ));
+        }
+        if !bs.chain_contains(&b) {
+            return Err(format!(
+                "Node '{name}' is not in a chain starting from '{}'",
+                a.device
+            ));
+        }
+        bottom = Some(b);
+    }
+    // Nothing between the image and the base may be busy with another job.
+    let end = match &bottom {
+        Some(b) => b.filter_or_cow(),
+        None => base.clone(),
+    };
+    let mut iter = Some(Arc::clone(&bs));
+    while let Some(n) = iter {
+        if end.as_ref().is_some_and(|e| Arc::ptr_eq(e, &n)) {
+            break;
+        }
+        n.check_op(BlockOp::Stream).map_err(|e| e.to_string())?;
+        iter = n.filter_or_cow();
+    }
+    if base.is_none() && a.backing_file.is_some() {
+        return Err("backing file specified, but streaming the entire chain".into());
+    }
+    // QEMU: stream_start.
+    let (base_overlay, above_base) = match bottom {
+        Some(b) => (Arc::clone(&b), b),
+        None => {
+            let overlay = find_overlay(&bs, base.as_ref()).ok_or_else(|| {
+                let base_name = base.as_ref().map_or("", |b| b.name());
+                format!(
+                    "'{base_name}' is not in the backing chain of '{}'",
+                    bs.name()
+                )
+            })?;
+            // Between the overlay and the base there can only be filters.
+            let mut above = Arc::clone(&overlay);
+            let is_base = |n: &Option<Arc<Node>>| match (n, &base) {
+                (Some(n), Some(b)) => Arc::ptr_eq(n, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !is_base(&above.backing()) {
+                if let Some(b) = above.backing() {
+                    above = b;
+                    while !is_base(&above.primary_child()) {
+                        match above.primary_child() {
+                            Some(c) => above = c,
+                            None => break,
+                        }
+                    }
+                }
+            }
+            (overlay, above)
+        }
+    };
+    let filter = insert_filter(
+        graph,
+        registry,
+        &bs,
+        &base_overlay,
+        a.filter_node_name.as_deref(),
+    )
+    .await?;
+    let id = a.job_id.clone().unwrap_or_default();
+    let desc = format!("stream job '{id}'");
+    let stream = Stream {
+        blk: Mutex::new(None),
+        filter: Mutex::new(Some(Arc::clone(&filter))),
+        target: Arc::clone(&bs),
+        base_overlay,
+        above_base: Arc::clone(&above_base),
+        backing_file: a.backing_file.clone(),
+        mask_protocol: a.backing_mask_protocol,
+        on_error,
+        holds: Mutex::new(Vec::new()),
+        blocker: Blocker::new("block device is in use by block job: stream"),
+    };
+    if let Err(e) = list.check_id(&id) {
+        stream.teardown().await;
+        return Err(e);
+    }
+    if let Err(e) = stream.take_holds(&filter, &bs, &above_base, &desc) {
+        stream.teardown().await;
+        return Err(e);
+    }
+    let opts = JobOptions {
+        auto_finalize: a.auto_finalize.unwrap_or(true),
+        auto_dismiss: a.auto_dismiss.unwrap_or(true),
+        speed: 0,
+    };
+    let job = list.create(&id, Box::new(stream), bs.home(), opts)?;
+    if let Err(e) = job.set_speed(a.speed.unwrap_or(0)) {
+        job.early_fail().await;
+        return Err(e);
+    }
+    list.start(&job);
+    job.settle().await;
+    Ok(())
+}
+
+/// Puts a copy-on-read filter over `bs` in the graph (QEMU:
+/// bdrv_insert_node): every user of `bs` reads through it from now on.
+async fn insert_filter(
+    graph: &Arc<Graph>,
+    registry: &Arc<Registry>,
+    bs: &Arc<Node>,
+    base_overlay: &Arc<Node>,
+    node_name: Option<&str>,
+) -> Result<Arc<Node>, String> {
+    let mut opts = Opts::new();
+    opts.insert("driver".into(), "copy-on-read".into());
+    opts.insert("file".into(), bs.name().into());
+    opts.insert("bottom".into(), base_overlay.name().into());
+    if let Some(n) = node_name {
+        opts.insert("node-name".into(), n.into());
+    }
+    opts.insert("read-only".into(), Value::Bool(false));
+    let ctx = OpenCtx::with_graph(
+        Arc::clone(registry),
+        OpenFlags::default(),
+        Arc::clone(graph),
+    );
+    let filter = ctx
+        .open_image(None, None, opts)
+        .await
+        .map_err(|e| format!("Could not create node: {e}"))?;
+    let placed = match strata_block::perm::check_attached(&filter) {
+        Ok(()) => replace_node(bs, &filter).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = placed {
+        let _ = filter.close().await;
+        return Err(e.to_string());
+    }
+    Ok(filter)
+}
+
+/// A running stream job (QEMU: StreamBlockJob).
+struct Stream {
+    /// The job's reads, through the filter, so they copy (QEMU: s->blk).
+    blk: Mutex<Option<Arc<Backend>>>,
+    /// The copy-on-read filter while it is in the graph.
+    filter: Mutex<Option<Arc<Node>>>,
+    /// The image streamed into.
+    target: Arc<Node>,
+    /// The lowest image whose data is copied (QEMU: base_overlay).
+    base_overlay: Arc<Node>,
+    /// The node right above the base (QEMU: above_base).
+    above_base: Arc<Node>,
+    backing_file: Option<String>,
+    mask_protocol: bool,
+    on_error: OnError,
+    /// The job's holds on nodes, each blocked for other jobs, until the
+    /// job is dismissed (QEMU: block_job_add_bdrv).
+    holds: Mutex<Vec<(Arc<Node>, Arc<Backend>)>>,
+    blocker: Arc<Blocker>,
+}
+
+impl Stream {
+    /// Takes the job's handles, as QEMU's stream_start does: the filter
+    /// (main node), a reading handle on it, the image (no writes of others
+    /// to it are refused, only resizing) and every node down to the base
+    /// (no writes, no resizing: the job reads each block of them once).
+    fn take_holds(
+        &self,
+        filter: &Arc<Node>,
+        bs: &Arc<Node>,
+        above_base: &Arc<Node>,
+        desc: &str,
+    ) -> Result<(), String> {
+        let basic = Perm::CONSISTENT_READ.with(Perm::WRITE_UNCHANGED);
+        self.hold(filter, desc, Perm::ALL)?;
+        let blk = Backend::new(filter, desc, Perm::CONSISTENT_READ, basic.with(Perm::WRITE))
+            .map_err(|e| e.to_string())?;
+        *self.blk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(blk));
+        self.hold(bs, desc, basic.with(Perm::WRITE))?;
+        let base = above_base.filter_or_cow();
+        let mut iter = bs.filter_or_cow();
+        while let Some(n) = iter {
+            if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &n)) {
+                break;
+            }
+            self.hold(&n, desc, basic)?;
+            iter = n.filter_or_cow();
+        }
+        Ok(())
+    }
+
+    fn hold(&self, node: &Arc<Node>, desc: &str, shared: Perm) -> Result<(), String> {
+        let b = Backend::new(node, desc, Perm::NONE, shared).map_err(|e| e.to_string())?;
+        node.blockers().block_all(&self.blocker);
+        self.holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Arc::clone(node), Arc::new(b)));
+        Ok(())
+    }
+
+    /// Takes the filter out: its users read the image again (QEMU:
+    /// bdrv_cor_filter_drop).
+    async fn drop_filter(&self) {
+        let filter = self.filter.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = filter {
+            if let Err(e) = f.drop_filter().await {
+                error_report(format!("Failed to drop the copy-on-read filter: {e}"));
+            }
+            let _ = f.close().await;
+        }
+    }
+
+    /// Undoes a job that never started.
+    async fn teardown(&self) {
+        self.drop_filter().await;
+        let blk = self.blk.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(b) = blk {
+            let _ = b.close().await;
+        }
+        self.release_holds().await;
+    }
+
+    async fn release_holds(&self) {
+        let holds = std::mem::take(&mut *self.holds.lock().unwrap_or_else(|e| e.into_inner()));
+        for (node, b) in holds {
+            node.blockers().unblock_all(&self.blocker);
+            let _ = b.close().await;
+        }
+    }
+
+    /// One step: how much from `offset` (at most `want` bytes) the job
+    /// looks at, and whether it must copy it (QEMU: the body of stream_run).
+    async fn step(
+        &self,
+        top: &Arc<Node>,
+        below_base: Option<&Arc<Node>>,
+        offset: u64,
+        want: u64,
+        len: u64,
+    ) -> strata_block::Result<(u64, bool)> {
+        let st = top.block_status(offset, want).await?;
+        if st.allocated {
+            return Ok((st.len, false));
+        }
+        let Some(cow) = top.backing() else {
+            return Ok((st.len, false));
+        };
+        let (above, _) = cow.block_status_above(below_base, offset, st.len).await?;
+        if !above.allocated && above.len == 0 {
+            // The backing files end here.
+            return Ok((len - offset, false));
+        }
+        Ok((above.len, above.allocated))
+    }
+}
+
+#[async_trait]
+impl JobDriver for Stream {
+    fn job_type(&self) -> JobType {
+        JobType::Stream
+    }
+
+    async fn run(&self, job: &Arc<Job>) -> Result<(), JobError> {
+        let top = self.target.skip_filters();
+        if Arc::ptr_eq(&top, &self.base_overlay) {
+            // Nothing to stream.
+            return Ok(());
+        }
+        let Some(blk) = self.blk.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let len = self.target.length();
+        job.progress_set_remaining(len);
+        let below_base = self.base_overlay.filter_or_cow();
+        let mut error = None;
+        let mut offset = 0;
+        while offset < len {
+            // Even without a speed limit the job stops here between
+            // requests, so that a pause or a drain finds it idle.
+            job.ratelimit_sleep().await;
+            if job.is_cancelled() {
+                break;
+            }
+            let want = STREAM_CHUNK.min(len - offset);
+            let mut r = self
+                .step(&top, below_base.as_ref(), offset, want, len)
+                .await;
+            if let Ok((n, true)) = r {
+                // Read through the filter: what is read is copied up.
+                r = blk
+                    .read(offset, IoBuf::zeroed(n as usize))
+                    .await
+                    .map(|_| (n, true));
+            }
+            let (n, copied) = match r {
+                Ok(x) => x,
+                Err(e) => match job.error_action(self.on_error, true, e.code()) {
+                    ErrorAction::Stop => continue,
+                    action => {
+                        error.get_or_insert(JobError::from(e));
+                        if action == ErrorAction::Report {
+                            break;
+                        }
+                        (want, false)
+                    }
+                },
+            };
+            job.progress_update(n);
+            if copied {
+                job.ratelimit_processed(n);
+            }
+            offset += n;
+        }
+        // An ignored error still keeps the backing file.
+        error.map_or(Ok(()), Err)
+    }
+
+    async fn prepare(&self, _job: &Arc<Job>) -> Result<(), JobError> {
+        let top = self.target.skip_filters();
+        let cow = top.backing();
+        // The filter holds the chain: it goes first.
+        self.drop_filter().await;
+        let Some(_) = cow else {
+            return Ok(());
+        };
+        let base = self.above_base.filter_or_cow();
+        let named = base.as_ref().map(|b| {
+            let b = b.skip_filters();
+            let id = self
+                .backing_file
+                .clone()
+                .unwrap_or_else(|| b.filename().to_string());
+            // A protocol node has no node under it.
+            let fmt = if self.mask_protocol && b.children().is_empty() {
+                "raw"
+            } else {
+                b.format_name()
+            };
+            (id, fmt)
+        });
+        let nodes = top.component();
+        let set = drained_async(&nodes, || top.set_backing(base.clone())).await;
+        let changed = match &named {
+            Some((id, fmt)) => top.change_backing_file(Some(id), Some(fmt), false).await,
+            None => top.change_backing_file(None, None, false).await,
+        };
+        if let Err(e) = set {
+            error_report(e.to_string());
+            return Err(JobError::errno(libc::EPERM));
+        }
+        changed.map_err(JobError::from)
+    }
+
+    async fn clean(&self, _job: &Arc<Job>) {
+        self.drop_filter().await;
+        let blk = self.blk.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(b) = blk {
+            let _ = b.close().await;
+        }
+    }
+
+    async fn free(&self) {
+        self.release_holds().await;
+    }
+}

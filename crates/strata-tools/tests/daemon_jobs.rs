@@ -1,0 +1,393 @@
+//! Block jobs over QMP: the same conversations with strata-daemon and
+//! qemu-storage-daemon give the same answers and events, in the same order,
+//! and leave the same images.
+
+mod daemon_support;
+use daemon_support::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One step of a job conversation.
+enum S<'a> {
+    /// Send this, read up to its answer, then that many lines more.
+    Ask(&'a str, usize),
+    /// Poll `query-jobs` (unrecorded) until the text shows: a job's first
+    /// chunk is copied in the background, after the answer that started it.
+    Until(&'a str),
+}
+
+/// Three-image chains `cN-base <- cN-mid <- cN-top`, 4 MiB each: base has
+/// data at [0, 1M) and [3M, 3.5M), mid at [1M, 2M), top at [2M, 2.5M).
+fn chains(side: &Side, n: usize) {
+    for i in 1..=n {
+        let p = |l: &str| format!("c{i}-{l}.qcow2");
+        side.qemu_img(&["create", "-q", "-f", "qcow2", &p("base"), "4M"]);
+        for (l, b) in [("mid", "base"), ("top", "mid")] {
+            side.qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &p(b),
+                "-F",
+                "qcow2",
+                &p(l),
+            ]);
+        }
+        for (l, w) in [
+            ("base", "write -P 0x11 0 1M"),
+            ("base", "write -P 0x11 3M 512k"),
+            ("mid", "write -P 0x22 1M 1M"),
+            ("top", "write -P 0x33 2M 512k"),
+        ] {
+            let out = Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", w, &p(l)])
+                .current_dir(side.dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+    }
+}
+
+/// `--blockdev` arguments naming every node of `n` chains.
+fn nodes(n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        for (l, b) in [("base", None), ("mid", Some("base")), ("top", Some("mid"))] {
+            let backing = b.map_or(String::new(), |b| format!(",backing=c{i}-{b}"));
+            v.push("--blockdev".to_string());
+            v.push(format!(
+                "driver=qcow2,node-name=c{i}-{l},file.driver=file,\
+                 file.filename=$DIR/c{i}-{l}.qcow2{backing}"
+            ));
+        }
+    }
+    v
+}
+
+fn run(side: &Side, n: usize, steps: &[S]) -> Vec<String> {
+    let dir = side.dir.path().display().to_string();
+    let extra: Vec<String> = nodes(n).iter().map(|a| a.replace("$DIR", &dir)).collect();
+    let (d, mut c) = Running::start(side, &extra);
+    let mut out = vec![side.normalize(&c.line())];
+    out.push(c.ask(r#"{"execute": "qmp_capabilities"}"#));
+    for s in steps {
+        match s {
+            S::Ask(send, after) => {
+                out.push(format!("-> {send}"));
+                c.send(send);
+                loop {
+                    let line = c.line();
+                    let answer = line.starts_with("{\"return\"") || line.starts_with("{\"error\"");
+                    out.push(side.normalize(&line));
+                    if answer {
+                        break;
+                    }
+                }
+                for _ in 0..*after {
+                    out.push(side.normalize(&c.line()));
+                }
+            }
+            S::Until(text) => {
+                let start = Instant::now();
+                while !c.ask(r#"{"execute": "query-jobs"}"#).contains(text) {
+                    assert!(start.elapsed() < Duration::from_secs(20), "{text}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    c.send(r#"{"execute": "quit"}"#);
+    while !c.line().starts_with("{\"return\"") {}
+    let (code, err) = d.wait();
+    out.push(format!("exit {code}"));
+    out.push(side.normalize(&err));
+    without_drain_pauses(out)
+}
+
+/// Drops the `paused` then `running` pair that qemu-storage-daemon sends
+/// for every running job whenever the graph changes anywhere (it drains
+/// every node then); Strata's jobs keep running.
+fn without_drain_pauses(lines: Vec<String>) -> Vec<String> {
+    let status = |l: &str, s: &str| l.contains(&format!("\"data\": {{\"status\": \"{s}\""));
+    let mut out: Vec<String> = Vec::new();
+    for l in lines {
+        if status(&l, "running") && out.last().is_some_and(|p| status(p, "paused")) {
+            let paused = out.pop().unwrap_or_default();
+            // The pair names the same job.
+            let id = |x: &str| x.rsplit("\"id\": ").next().map(str::to_string);
+            if id(&paused) != id(&l) {
+                out.push(paused);
+                out.push(l);
+            }
+            continue;
+        }
+        out.push(l);
+    }
+    out
+}
+
+/// Runs `steps` on both daemons and compares the conversations, then the
+/// images each left (their maps and backing files).
+fn same_jobs(n: usize, steps: &[S]) -> Option<(Side, Side)> {
+    let (s, q) = sides()?;
+    chains(&s, n);
+    chains(&q, n);
+    let got = run(&s, n, steps);
+    let want = run(&q, n, steps);
+    assert_same_lines(&got, &want);
+    for i in 1..=n {
+        for l in ["base", "mid", "top"] {
+            let img = format!("c{i}-{l}.qcow2");
+            let args = ["info", "-U", "--output=json", img.as_str()];
+            assert_eq!(s.qemu_img(&args), q.qemu_img(&args), "{img}");
+            let args = ["map", "-U", "--output=json", img.as_str()];
+            assert_eq!(s.qemu_img(&args), q.qemu_img(&args), "{img}");
+            assert_eq!(s.qemu_img(&["check", &img]).1, 0, "{img}");
+        }
+    }
+    Some((s, q))
+}
+
+const FIRST_CHUNK: &str = r#""current-progress": 524288"#;
+
+#[test]
+fn refused_stream_and_job_commands_as_qemu_storage_daemon_refuses_them() {
+    let steps = [
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "x", "device": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"device": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "1bad", "device": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "base": "c1-base.qcow2", "base-node": "c1-base"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "base": "nosuch.qcow2"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-mid", "base-node": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "bottom": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-mid", "bottom": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "backing-file": "x"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "on-error": "bogus"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "filter-node-name": "c1-base"}}"#,
+            0,
+        ),
+        // A negative speed is refused once the job exists: it is created
+        // and gone again.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "e", "device": "c1-top", "speed": -1}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-pause", "arguments": {"id": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-cancel", "arguments": {"id": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-dismiss", "arguments": {"id": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "nosuch", "speed": 0}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-pause", "arguments": {"device": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-cancel", "arguments": {"device": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-finalize", "arguments": {"id": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    same_jobs(1, &steps);
+}
+
+#[test]
+fn a_stream_job_pauses_resumes_refuses_and_completes_as_in_qemu() {
+    let steps = [
+        // speed 1: one chunk, then a wait of hours, so every state holds
+        // still while it is looked at.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(FIRST_CHUNK),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        // Everything it holds is busy for other jobs; its id is taken.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s2", "device": "c1-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s2", "device": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c2-top"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "job-pause", "arguments": {"id": "s1"}}"#, 0),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "job-pause", "arguments": {"id": "s1"}}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-job-cancel", "arguments": {"device": "s1"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "job-resume", "arguments": {"id": "s1"}}"#, 0),
+        S::Ask(r#"{"execute": "job-resume", "arguments": {"id": "s1"}}"#, 0),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "s1"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-complete", "arguments": {"device": "s1"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-dismiss", "arguments": {"id": "s1"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-finalize", "arguments": {"id": "s1"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "s1", "speed": -1}}"#,
+            0,
+        ),
+        // At full speed it runs to the end: the answer, then its events.
+        S::Ask(
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "s1", "speed": 0}}"#,
+            5,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        // Nothing left to stream: the job ends within the command.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s3", "device": "c1-top"}}"#,
+            0,
+        ),
+        // Down to a base that stays, with the name to store for it.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s4", "device": "c2-top", "base-node": "c2-base", "backing-file": "c2-base.qcow2"}}"#,
+            5,
+        ),
+    ];
+    same_jobs(2, &steps);
+}
+
+#[test]
+fn cancel_finalize_and_dismiss_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top", "speed": 1, "filter-node-name": "c1-cor"}}"#,
+            0,
+        ),
+        S::Until(FIRST_CHUNK),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s2", "device": "c1-cor"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "job-cancel", "arguments": {"id": "s1"}}"#, 0),
+        // Paused, then cancelled by force: it runs again to stop.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s3", "device": "c1-top", "speed": 1, "auto-dismiss": false}}"#,
+            0,
+        ),
+        // The first chunk is in the image already: it copies the second.
+        S::Until(r#""current-progress": 1048576"#),
+        S::Ask(
+            r#"{"execute": "block-job-pause", "arguments": {"device": "s3"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-cancel", "arguments": {"device": "s3", "force": true}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "job-cancel", "arguments": {"id": "s3"}}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-job-dismiss", "arguments": {"id": "s3"}}"#,
+            0,
+        ),
+        // Kept pending until finalized, kept concluded until dismissed.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s4", "device": "c2-top", "auto-finalize": false, "auto-dismiss": false}}"#,
+            3,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "job-dismiss", "arguments": {"id": "s4"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-finalize", "arguments": {"id": "s4"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "job-dismiss", "arguments": {"id": "s4"}}"#,
+            0,
+        ),
+        // Cancelled while pending: the data stays, the backing file too.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s5", "device": "c3-top", "auto-finalize": false}}"#,
+            3,
+        ),
+        S::Ask(r#"{"execute": "job-cancel", "arguments": {"id": "s5"}}"#, 0),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    same_jobs(3, &steps);
+}
+
+#[test]
+fn a_running_job_is_cancelled_at_quit() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(FIRST_CHUNK),
+    ];
+    same_jobs(1, &steps);
+}
