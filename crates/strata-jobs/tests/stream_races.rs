@@ -1,0 +1,172 @@
+//! The stream job against a guest that writes while it copies: the copy of
+//! a backing cluster is held at a blkdebug breakpoint on its read of the
+//! old data, and a guest write to the same cluster comes in. Without care
+//! the guest's write lands first and the copy then writes the old data
+//! over it. The copy-up is one serialising request, so the write waits for
+//! it and lands after it.
+
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use strata_block::options::{nest, Opts};
+use strata_block::{Backend, EventLoop, Graph, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
+use strata_jobs::{block_stream, JobList, StreamArgs};
+
+const MIB: u64 = 1 << 20;
+
+async fn create(path: &str, opts: &[(&str, &str)]) {
+    let reg = strata_drivers::registry();
+    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
+    let mut o = Opts::new();
+    for (k, v) in opts {
+        o.insert(k.to_string(), v.to_string().into());
+    }
+    reg.format("qcow2")
+        .unwrap()
+        .create(&ctx, path, o)
+        .await
+        .unwrap();
+}
+
+async fn open(ctx: &OpenCtx, opts: &[(&str, &str)]) -> Arc<Node> {
+    let pairs: Vec<(String, String)> = opts
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let o: Opts = nest(&pairs).unwrap();
+    ctx.open_image(None, None, o).await.unwrap()
+}
+
+/// Asserts that `len` bytes at `off` all hold `byte`.
+async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
+    let got = b.read(off, IoBuf::zeroed(len)).await.unwrap();
+    let bad = got.as_slice().iter().position(|&x| x != byte);
+    assert!(
+        bad.is_none(),
+        "at {off}+{bad:?}: {:#x}, not {byte:#x}",
+        got.as_slice()[bad.unwrap_or(0)]
+    );
+}
+
+/// Polls until `cond` holds (a breakpoint is hit, a job is gone).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn a_guest_write_during_a_copy_up_is_not_overwritten_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2").display().to_string();
+    let top = dir.path().join("top.qcow2").display().to_string();
+    EventLoop::new().unwrap().block_on(async {
+        create(&base, &[("size", "1048576")]).await;
+        create(
+            &top,
+            &[
+                ("size", "1048576"),
+                ("backing_file", base.as_str()),
+                ("backing_fmt", "qcow2"),
+            ],
+        )
+        .await;
+        let graph = Graph::new();
+        let registry = strata_drivers::registry();
+        let ctx = OpenCtx::with_graph(
+            Arc::clone(&registry),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let base_node = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "base"),
+                ("file.driver", "blkdebug"),
+                ("file.image.driver", "file"),
+                ("file.image.filename", &base),
+            ],
+        )
+        .await;
+        base_node
+            .write(0, IoBuf::filled(MIB as usize, 0x11), WriteFlags::default())
+            .await
+            .unwrap();
+        let top_node = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "top"),
+                ("backing", "base"),
+                ("file.driver", "file"),
+                ("file.filename", &top),
+            ],
+        )
+        .await;
+        // The guest: a user of the top image, as an export would be.
+        let guest = Backend::new(
+            &top_node,
+            "guest",
+            Perm::CONSISTENT_READ.with(Perm::WRITE),
+            Perm::ALL,
+        )
+        .unwrap();
+        // The first read of the base is the copy-up of cluster 0.
+        base_node
+            .with_debug_hooks(|h| h.breakpoint("read_aio", "copy"))
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&events);
+        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
+            seen.lock().unwrap().push(format!("{e} {d}"));
+        }));
+        let args = StreamArgs {
+            job_id: Some("s".into()),
+            device: "top".into(),
+            ..StreamArgs::default()
+        };
+        block_stream(&list, &graph, &registry, args).await.unwrap();
+        let hooks = Arc::clone(&base_node);
+        until("the copy to stop at its breakpoint", || {
+            hooks
+                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
+                .unwrap()
+        })
+        .await;
+        // The guest writes into the cluster being copied up.
+        let write = tokio::spawn(async move {
+            guest
+                .write(4096, IoBuf::filled(4096, 0x55), WriteFlags::default())
+                .await
+                .unwrap();
+            guest
+        });
+        // Give it every chance to overtake the copy.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        base_node.with_debug_hooks(|h| h.resume("copy")).unwrap();
+        let guest = write.await.unwrap();
+        until("the job to end", || list.find("s").is_none()).await;
+        let ev = events.lock().unwrap().join("\n");
+        assert!(ev.contains("BLOCK_JOB_COMPLETED"), "{ev}");
+        assert!(!ev.contains("error"), "{ev}");
+        // The guest's write survived the copy; the rest came from the base.
+        holds(&guest, 4096, 4096, 0x55).await;
+        holds(&guest, 0, 4096, 0x11).await;
+        holds(&guest, 8192, MIB as usize - 8192, 0x11).await;
+        // The stream is done: the top stands alone and holds it all.
+        assert!(top_node.backing().is_none());
+        let st = top_node.block_status(0, MIB).await.unwrap();
+        assert!(st.allocated && st.len == MIB, "{st:?}");
+        guest.close().await.unwrap();
+        top_node.close().await.unwrap();
+        base_node.close().await.unwrap();
+    });
+}
