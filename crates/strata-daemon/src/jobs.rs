@@ -79,13 +79,13 @@ enum Verb {
 async fn apply(job: Arc<Job>, verb: Verb) -> Result<Value, QmpError> {
     match verb {
         Verb::Pause => {
-            if job.user_pause()? {
-                job.settle().await;
+            if let Some(since) = job.user_pause()? {
+                job.settle(since).await;
             }
         }
         Verb::Resume => {
-            if job.user_resume()? {
-                job.settle().await;
+            if let Some(since) = job.user_resume()? {
+                job.settle(since).await;
             }
         }
         Verb::Cancel { force } => job.user_cancel(force).await?,
@@ -256,8 +256,8 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
             Box::pin(async move {
                 let job = found?;
-                if job.set_speed(speed)? {
-                    job.settle().await;
+                if let Some(since) = job.set_speed(speed)? {
+                    job.settle(since).await;
                 }
                 Ok(json!({}))
             })

@@ -11,6 +11,7 @@ use crate::list::JobList;
 use crate::ratelimit::RateLimit;
 use crate::state::{JobStatus, JobType, JobVerb};
 use async_trait::async_trait;
+use futures::FutureExt;
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -182,6 +183,10 @@ pub struct Job {
     wake: Notify,
     /// Signalled whenever the job reaches a completed state.
     settled: Notify,
+    /// Held while the job finalizes itself or a verb does (QEMU does it
+    /// all under one lock): a verb that comes meanwhile waits, then sees
+    /// the outcome.
+    finalizing: tokio::sync::Mutex<()>,
 }
 
 impl Job {
@@ -223,6 +228,7 @@ impl Job {
             }),
             wake: Notify::new(),
             settled: Notify::new(),
+            finalizing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -290,12 +296,21 @@ impl Job {
     }
 
     /// Gives up the loop until entered again or, with a deadline, until
-    /// then (QEMU: job_do_yield). Called with the lock released.
-    async fn yield_until(&self, deadline: Option<Instant>) {
+    /// then (QEMU: job_do_yield), if `decide` says so: it runs under the
+    /// same lock as the parking, so that no enter can fall between the
+    /// decision and the park and be lost. False if it did not park.
+    async fn park(
+        &self,
+        deadline: Option<Instant>,
+        decide: impl FnOnce(&mut State) -> bool,
+    ) -> bool {
         let woken = self.wake.notified();
         tokio::pin!(woken);
         {
             let mut st = self.lock();
+            if !decide(&mut st) {
+                return false;
+            }
             st.timer = deadline;
             st.busy = false;
             st.yields += 1;
@@ -319,46 +334,48 @@ impl Job {
                 }
             }
         }
+        true
     }
 
     /// Stops here while a pause is asked for, showing `paused` (or
     /// `standby` when ready) meanwhile (QEMU: job_pause_point).
     pub async fn pause_point(&self) {
-        let before = {
+        let mut before = JobStatus::Running;
+        let parked = self
+            .park(None, |st| {
+                if st.pause_count == 0 || st.force_cancel {
+                    return false;
+                }
+                before = st.status;
+                let to = if before == JobStatus::Ready {
+                    JobStatus::Standby
+                } else {
+                    JobStatus::Paused
+                };
+                self.transition(st, to);
+                st.paused = true;
+                true
+            })
+            .await;
+        if parked {
             let mut st = self.lock();
-            if st.pause_count == 0 || st.force_cancel {
-                return;
-            }
-            let before = st.status;
-            let to = if before == JobStatus::Ready {
-                JobStatus::Standby
-            } else {
-                JobStatus::Paused
-            };
-            self.transition(&mut st, to);
-            st.paused = true;
-            before
-        };
-        self.yield_until(None).await;
-        let mut st = self.lock();
-        st.paused = false;
-        self.transition(&mut st, before);
+            st.paused = false;
+            self.transition(&mut st, before);
+        }
     }
 
     /// Sleeps for `d` unless entered sooner, then stops at a pause point
     /// (QEMU: job_sleep_ns).
     pub async fn sleep(&self, d: Duration) {
-        let pausing = {
-            let st = self.lock();
-            if st.force_cancel {
-                return;
-            }
-            st.pause_count > 0
-        };
-        if !pausing {
-            self.yield_until(Some(Instant::now() + d)).await;
+        let mut cancelled = false;
+        self.park(Some(Instant::now() + d), |st| {
+            cancelled = st.force_cancel;
+            !cancelled && st.pause_count == 0
+        })
+        .await;
+        if !cancelled {
+            self.pause_point().await;
         }
-        self.pause_point().await;
     }
 
     /// Waits as long as the speed limit asks, at least once, so that a
@@ -444,14 +461,16 @@ impl Job {
                 let job = Arc::clone(&job);
                 async move {
                     job.pause_point().await;
-                    job.driver.run(&job).await
+                    // A bug in a job ends it with an error, not a job
+                    // that never concludes.
+                    std::panic::AssertUnwindSafe(job.driver.run(&job))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(Err(JobError::errno(libc::EIO)))
                 }
             };
             let r = match job.home.clone() {
-                Some(h) => h
-                    .run(work)
-                    .await
-                    .unwrap_or(Err(JobError::errno(libc::ECANCELED))),
+                Some(h) => h.run(work).await.unwrap_or(Err(JobError::errno(libc::EIO))),
                 None => work.await,
             };
             {
@@ -462,6 +481,7 @@ impl Job {
                 st.deferred = true;
                 st.busy = true;
             }
+            let _finalizing = job.finalizing.lock().await;
             job.exit().await;
         });
     }
@@ -609,9 +629,9 @@ impl Job {
         self.transition(&mut st, JobStatus::Created);
     }
 
-    /// `job-pause` (QEMU: job_user_pause); true if it woke the work, which
-    /// then pauses at once.
-    pub fn user_pause(&self) -> Result<bool, String> {
+    /// `job-pause` (QEMU: job_user_pause); if it woke the work (which then
+    /// pauses at once), the count to [`Job::settle`] from.
+    pub fn user_pause(&self) -> Result<Option<u64>, String> {
         let mut st = self.lock();
         self.apply_verb(&st, JobVerb::Pause)?;
         if st.user_paused {
@@ -619,15 +639,16 @@ impl Job {
         }
         st.user_paused = true;
         st.pause_count += 1;
-        Ok(!st.paused && self.enter_if(&mut st, |_| true))
+        let since = st.yields;
+        Ok((!st.paused && self.enter_if(&mut st, |_| true)).then_some(since))
     }
 
     pub fn user_paused(&self) -> bool {
         self.lock().user_paused
     }
 
-    /// `job-resume` (QEMU: job_user_resume); true if it woke the work.
-    pub fn user_resume(&self) -> Result<bool, String> {
+    /// `job-resume` (QEMU: job_user_resume); as [`Job::user_pause`].
+    pub fn user_resume(&self) -> Result<Option<u64>, String> {
         let mut st = self.lock();
         if !st.user_paused || st.pause_count == 0 {
             return Err("Can't resume a job that was not paused".into());
@@ -638,12 +659,14 @@ impl Job {
         st.user_paused = false;
         st.pause_count -= 1;
         // Not while a sleep runs: its timer wakes the job.
-        Ok(st.pause_count == 0 && self.enter_if(&mut st, |s| s.timer.is_none()))
+        let since = st.yields;
+        let woke = st.pause_count == 0 && self.enter_if(&mut st, |s| s.timer.is_none());
+        Ok(woke.then_some(since))
     }
 
-    /// `block-job-set-speed` (QEMU: block_job_set_speed); true if it woke
-    /// the work.
-    pub fn set_speed(&self, speed: i64) -> Result<bool, String> {
+    /// `block-job-set-speed` (QEMU: block_job_set_speed); as
+    /// [`Job::user_pause`].
+    pub fn set_speed(&self, speed: i64) -> Result<Option<u64>, String> {
         let mut st = self.lock();
         self.apply_verb(&st, JobVerb::SetSpeed)?;
         if speed < 0 {
@@ -653,10 +676,13 @@ impl Job {
         st.limit.set_speed(speed as u64);
         st.speed = speed as u64;
         if speed != 0 && speed as u64 <= old {
-            return Ok(false);
+            return Ok(None);
         }
         // A sleeping job recomputes its wait at the new speed.
-        Ok(self.enter_if(&mut st, |s| s.timer.is_some()))
+        let since = st.yields;
+        Ok(self
+            .enter_if(&mut st, |s| s.timer.is_some())
+            .then_some(since))
     }
 
     /// `job-complete` (QEMU: job_complete).
@@ -680,6 +706,7 @@ impl Job {
 
     /// `job-finalize` (QEMU: job_finalize).
     pub async fn finalize(self: &Arc<Self>) -> Result<(), String> {
+        let _finalizing = self.finalizing.lock().await;
         {
             let st = self.lock();
             self.apply_verb(&st, JobVerb::Finalize)?;
@@ -690,6 +717,7 @@ impl Job {
 
     /// `job-dismiss` (QEMU: job_dismiss).
     pub async fn dismiss(&self) -> Result<(), String> {
+        let _finalizing = self.finalizing.lock().await;
         {
             let mut st = self.lock();
             self.apply_verb(&st, JobVerb::Dismiss)?;
@@ -704,10 +732,13 @@ impl Job {
     /// answer, as QEMU sends them.
     pub async fn user_cancel(self: &Arc<Self>, force: bool) -> Result<(), String> {
         {
-            let st = self.lock();
-            self.apply_verb(&st, JobVerb::Cancel)?;
+            let _finalizing = self.finalizing.lock().await;
+            {
+                let st = self.lock();
+                self.apply_verb(&st, JobVerb::Cancel)?;
+            }
+            self.cancel(force).await;
         }
-        self.cancel(force).await;
         self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
             .await;
         Ok(())
@@ -717,12 +748,19 @@ impl Job {
     /// the loop again, or until the job is concluded, before the command is
     /// answered: QEMU enters the job's coroutine within the command, so the
     /// events of that stretch come before the answer.
-    pub async fn settle(&self) {
-        let since = self.lock().yields;
+    /// `since` is the count of yields when the command woke the work.
+    pub async fn settle(&self, since: u64) {
         self.wait_until(|st| {
-            st.yields != since || matches!(st.status, JobStatus::Concluded | JobStatus::Null)
+            st.yields != since
+                || matches!(st.status, JobStatus::Concluded | JobStatus::Null)
+                || (st.status == JobStatus::Pending && !st.auto_finalize)
         })
         .await;
+    }
+
+    /// How many times the work has given up the loop so far.
+    pub fn yields(&self) -> u64 {
+        self.lock().yields
     }
 
     /// Waits until the job's state satisfies `done`.
@@ -796,7 +834,10 @@ impl Job {
     /// Cancels and waits until the job is concluded (QEMU:
     /// job_cancel_sync, at shutdown).
     pub async fn cancel_sync(self: &Arc<Self>) {
-        self.cancel(true).await;
+        {
+            let _finalizing = self.finalizing.lock().await;
+            self.cancel(true).await;
+        }
         self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
             .await;
     }

@@ -136,6 +136,22 @@ pub async fn block_stream(
     if base.is_none() && a.backing_file.is_some() {
         return Err("backing file specified, but streaming the entire chain".into());
     }
+    // The job works on the image under any filters over it; a filter
+    // between it and the base would hide the data below it from the copy.
+    let bs = bs.skip_filters();
+    let mut iter = bs.filter_or_cow();
+    while let Some(n) = iter {
+        if end.as_ref().is_some_and(|e| Arc::ptr_eq(e, &n)) {
+            break;
+        }
+        if n.driver().is_filter() {
+            return Err(format!(
+                "Cannot stream through the filter node '{}'",
+                n.name()
+            ));
+        }
+        iter = n.filter_or_cow();
+    }
     // QEMU: stream_start.
     let (base_overlay, above_base) = match bottom {
         Some(b) => (Arc::clone(&b), b),
@@ -178,7 +194,7 @@ pub async fn block_stream(
     .await?;
     let id = a.job_id.clone().unwrap_or_default();
     let desc = format!("stream job '{id}'");
-    let stream = Stream {
+    let stream = Arc::new(StreamState {
         blk: Mutex::new(None),
         filter: Mutex::new(Some(Arc::clone(&filter))),
         target: Arc::clone(&bs),
@@ -189,27 +205,30 @@ pub async fn block_stream(
         on_error,
         holds: Mutex::new(Vec::new()),
         blocker: Blocker::new("block device is in use by block job: stream"),
-    };
-    if let Err(e) = list.check_id(&id) {
-        stream.teardown().await;
-        return Err(e);
-    }
-    if let Err(e) = stream.take_holds(&filter, &bs, &above_base, &desc) {
-        stream.teardown().await;
-        return Err(e);
-    }
+    });
     let opts = JobOptions {
         auto_finalize: a.auto_finalize.unwrap_or(true),
         auto_dismiss: a.auto_dismiss.unwrap_or(true),
         speed: 0,
     };
-    let job = list.create(&id, Box::new(stream), bs.home(), opts)?;
-    if let Err(e) = job.set_speed(a.speed.unwrap_or(0)) {
+    let job = match list.create(&id, Box::new(Stream(Arc::clone(&stream))), bs.home(), opts) {
+        Ok(job) => job,
+        Err(e) => {
+            stream.teardown().await;
+            return Err(e);
+        }
+    };
+    // From here on a failure shows the job created and gone (QEMU:
+    // job_early_fail), its holds given back by its clean and free.
+    let held = job
+        .set_speed(a.speed.unwrap_or(0))
+        .and_then(|_| stream.take_holds(&filter, &bs, &above_base, &desc));
+    if let Err(e) = held {
         job.early_fail().await;
         return Err(e);
     }
     list.start(&job);
-    job.settle().await;
+    job.settle(0).await;
     Ok(())
 }
 
@@ -250,8 +269,12 @@ async fn insert_filter(
     Ok(filter)
 }
 
+/// The stream job's driver: its state, shared with the command that sets
+/// it up.
+struct Stream(Arc<StreamState>);
+
 /// A running stream job (QEMU: StreamBlockJob).
-struct Stream {
+struct StreamState {
     /// The job's reads, through the filter, so they copy (QEMU: s->blk).
     blk: Mutex<Option<Arc<Backend>>>,
     /// The copy-on-read filter while it is in the graph.
@@ -271,7 +294,7 @@ struct Stream {
     blocker: Arc<Blocker>,
 }
 
-impl Stream {
+impl StreamState {
     /// Takes the job's handles, as QEMU's stream_start does: the filter
     /// (main node), a reading handle on it, the image (no writes of others
     /// to it are refused, only resizing) and every node down to the base
@@ -359,7 +382,7 @@ impl Stream {
             return Ok((st.len, false));
         };
         let (above, _) = cow.block_status_above(below_base, offset, st.len).await?;
-        if !above.allocated && above.len == 0 {
+        if above.len == 0 {
             // The backing files end here.
             return Ok((len - offset, false));
         }
@@ -373,6 +396,24 @@ impl JobDriver for Stream {
         JobType::Stream
     }
 
+    async fn run(&self, job: &Arc<Job>) -> Result<(), JobError> {
+        self.0.run(job).await
+    }
+
+    async fn prepare(&self, _job: &Arc<Job>) -> Result<(), JobError> {
+        self.0.prepare().await
+    }
+
+    async fn clean(&self, _job: &Arc<Job>) {
+        self.0.clean().await;
+    }
+
+    async fn free(&self) {
+        self.0.release_holds().await;
+    }
+}
+
+impl StreamState {
     async fn run(&self, job: &Arc<Job>) -> Result<(), JobError> {
         let top = self.target.skip_filters();
         if Arc::ptr_eq(&top, &self.base_overlay) {
@@ -406,6 +447,11 @@ impl JobDriver for Stream {
                     .map(|_| (n, true));
             }
             let (n, copied) = match r {
+                // No progress would loop for ever.
+                Ok((0, _)) => {
+                    error.get_or_insert(JobError::errno(libc::EIO));
+                    break;
+                }
                 Ok(x) => x,
                 Err(e) => match job.error_action(self.on_error, true, e.code()) {
                     ErrorAction::Stop => continue,
@@ -428,7 +474,7 @@ impl JobDriver for Stream {
         error.map_or(Ok(()), Err)
     }
 
-    async fn prepare(&self, _job: &Arc<Job>) -> Result<(), JobError> {
+    async fn prepare(&self) -> Result<(), JobError> {
         let top = self.target.skip_filters();
         let cow = top.backing();
         // The filter holds the chain: it goes first.
@@ -464,15 +510,11 @@ impl JobDriver for Stream {
         changed.map_err(JobError::from)
     }
 
-    async fn clean(&self, _job: &Arc<Job>) {
+    async fn clean(&self) {
         self.drop_filter().await;
         let blk = self.blk.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(b) = blk {
             let _ = b.close().await;
         }
-    }
-
-    async fn free(&self) {
-        self.release_holds().await;
     }
 }

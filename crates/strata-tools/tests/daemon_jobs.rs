@@ -132,9 +132,16 @@ fn without_drain_pauses(lines: Vec<String>) -> Vec<String> {
 /// Runs `steps` on both daemons and compares the conversations, then the
 /// images each left (their maps and backing files).
 fn same_jobs(n: usize, steps: &[S]) -> Option<(Side, Side)> {
+    same_jobs_with(n, |_| {}, steps)
+}
+
+/// As [`same_jobs`], with `setup` run on each side after the chains are made.
+fn same_jobs_with(n: usize, setup: impl Fn(&Side), steps: &[S]) -> Option<(Side, Side)> {
     let (s, q) = sides()?;
     chains(&s, n);
     chains(&q, n);
+    setup(&s);
+    setup(&q);
     let got = run(&s, n, steps);
     let want = run(&q, n, steps);
     assert_same_lines(&got, &want);
@@ -314,6 +321,15 @@ fn a_stream_job_pauses_resumes_refuses_and_completes_as_in_qemu() {
             r#"{"execute": "block-stream", "arguments": {"job-id": "s3", "device": "c1-top"}}"#,
             0,
         ),
+        // Nothing to stream and kept pending: it still answers, pending.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s5", "device": "c1-top", "auto-finalize": false}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "job-finalize", "arguments": {"id": "s5"}}"#,
+            0,
+        ),
         // Down to a base that stays, with the name to store for it.
         S::Ask(
             r#"{"execute": "block-stream", "arguments": {"job-id": "s4", "device": "c2-top", "base-node": "c2-base", "backing-file": "c2-base.qcow2"}}"#,
@@ -398,4 +414,19 @@ fn a_running_job_is_cancelled_at_quit() {
         S::Until(FIRST_CHUNK),
     ];
     same_jobs(1, &steps);
+}
+
+#[test]
+fn a_top_larger_than_its_backing_files_streams_to_its_end() {
+    let grow = |side: &Side| {
+        assert_eq!(side.qemu_img(&["resize", "-q", "c1-top.qcow2", "8M"]).1, 0);
+    };
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top"}}"#,
+            5,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    same_jobs_with(1, grow, &steps);
 }
