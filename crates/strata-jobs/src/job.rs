@@ -727,9 +727,9 @@ impl Job {
         Ok(())
     }
 
-    /// `job-cancel` and `block-job-cancel` (QEMU: job_user_cancel). Returns
-    /// once the job is concluded, so that its events come before the
-    /// answer, as QEMU sends them.
+    /// `job-cancel` and `block-job-cancel` (QEMU: job_user_cancel). A job
+    /// that was waiting ends before the answer, so its events come first,
+    /// as QEMU sends them; one busy in its I/O ends at its next stop.
     pub async fn user_cancel(self: &Arc<Self>, force: bool) -> Result<(), String> {
         {
             let _finalizing = self.finalizing.lock().await;
@@ -737,7 +737,9 @@ impl Job {
                 let st = self.lock();
                 self.apply_verb(&st, JobVerb::Cancel)?;
             }
-            self.cancel(force).await;
+            if !self.cancel(force).await {
+                return Ok(());
+            }
         }
         self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
             .await;
@@ -780,13 +782,15 @@ impl Job {
         }
     }
 
-    /// QEMU: job_cancel.
-    async fn cancel(self: &Arc<Self>, force: bool) {
+    /// QEMU: job_cancel. False if the job was busy and goes on to its next
+    /// stop before it ends.
+    async fn cancel(self: &Arc<Self>, force: bool) -> bool {
         enum Next {
             Nothing,
             Complete,
             Abort,
             Release,
+            Later,
         }
         let next = {
             let mut st = self.lock();
@@ -818,17 +822,24 @@ impl Job {
                         Next::Nothing
                     }
                 } else {
-                    let _ = self.enter_if(&mut st, |_| true);
-                    Next::Nothing
+                    // Busy in its I/O, it sees the cancel at its next
+                    // stop, after the answer, as in QEMU.
+                    if self.enter_if(&mut st, |_| true) {
+                        Next::Nothing
+                    } else {
+                        Next::Later
+                    }
                 }
             }
         };
         match next {
             Next::Nothing => {}
+            Next::Later => return false,
             Next::Release => self.release().await,
             Next::Complete => self.completed().await,
             Next::Abort => self.finalize_single().await,
         }
+        true
     }
 
     /// Cancels and waits until the job is concluded (QEMU:
@@ -836,7 +847,7 @@ impl Job {
     pub async fn cancel_sync(self: &Arc<Self>) {
         {
             let _finalizing = self.finalizing.lock().await;
-            self.cancel(true).await;
+            let _ = self.cancel(true).await;
         }
         self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
             .await;
