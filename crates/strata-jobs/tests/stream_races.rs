@@ -170,3 +170,95 @@ fn a_guest_write_during_a_copy_up_is_not_overwritten_by_it() {
         base_node.close().await.unwrap();
     });
 }
+
+/// A job whose image lives in an I/O thread runs there, while the verbs
+/// come from the main loop: every pause, resume and speed change must
+/// reach it (none lost between its decision to wait and its wait), and
+/// every answer must come (none waiting for a stop that already passed).
+#[test]
+fn verbs_from_the_main_loop_reach_a_job_in_an_io_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2").display().to_string();
+    let top = dir.path().join("top.qcow2").display().to_string();
+    let io = strata_block::IoThread::new("io0").unwrap();
+    EventLoop::new().unwrap().block_on(async {
+        create(&base, &[("size", "4194304")]).await;
+        create(
+            &top,
+            &[
+                ("size", "4194304"),
+                ("backing_file", base.as_str()),
+                ("backing_fmt", "qcow2"),
+            ],
+        )
+        .await;
+        let graph = Graph::new();
+        let registry = strata_drivers::registry();
+        let ctx = OpenCtx::with_graph(
+            Arc::clone(&registry),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let base_node = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "base"),
+                ("file.driver", "file"),
+                ("file.filename", &base),
+            ],
+        )
+        .await;
+        base_node
+            .write(
+                0,
+                IoBuf::filled(4 * MIB as usize, 0x11),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        let top_node = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "top"),
+                ("backing", "base"),
+                ("file.driver", "file"),
+                ("file.filename", &top),
+            ],
+        )
+        .await;
+        top_node.move_to(Some(io.handle().clone())).await;
+        let list = JobList::new(Arc::new(|_: &str, _: Value| {}));
+        let args = StreamArgs {
+            job_id: Some("s".into()),
+            device: "top".into(),
+            // One step, then a wait of hours: every stop is a sleep.
+            speed: Some(1),
+            ..StreamArgs::default()
+        };
+        block_stream(&list, &graph, &registry, args).await.unwrap();
+        let job = list.find("s").unwrap();
+        for _ in 0..1000 {
+            if let Some(since) = job.user_pause().unwrap() {
+                job.settle(since).await;
+            }
+            assert_eq!(job.status(), strata_jobs::JobStatus::Paused);
+            if let Some(since) = job.user_resume().unwrap() {
+                job.settle(since).await;
+            }
+            if let Some(since) = job.set_speed(1).unwrap() {
+                job.settle(since).await;
+            }
+        }
+        // Full speed: it runs to its end in the I/O thread.
+        if let Some(since) = job.set_speed(0).unwrap() {
+            job.settle(since).await;
+        }
+        until("the job to end", || list.find("s").is_none()).await;
+        assert!(top_node.backing().is_none());
+        top_node.move_to(None).await;
+        top_node.close().await.unwrap();
+        base_node.close().await.unwrap();
+    });
+}
