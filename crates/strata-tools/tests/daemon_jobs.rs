@@ -51,17 +51,24 @@ fn chains(side: &Side, n: usize) {
     }
 }
 
-/// `--blockdev` arguments naming every node of `n` chains.
-fn nodes(n: usize) -> Vec<String> {
+/// `--blockdev` arguments naming every node of `n` chains; a base with a
+/// blkdebug rule file `cN-base.cfg` in the folder is opened through it.
+fn nodes(side: &Side, n: usize) -> Vec<String> {
     let mut v = Vec::new();
     for i in 1..=n {
         for (l, b) in [("base", None), ("mid", Some("base")), ("top", Some("mid"))] {
             let backing = b.map_or(String::new(), |b| format!(",backing=c{i}-{b}"));
+            let cfg = format!("c{i}-{l}.cfg");
+            let file = if side.dir.path().join(&cfg).exists() {
+                format!(
+                    "file.driver=blkdebug,file.config=$DIR/{cfg},\
+                     file.image.driver=file,file.image.filename=$DIR/c{i}-{l}.qcow2"
+                )
+            } else {
+                format!("file.driver=file,file.filename=$DIR/c{i}-{l}.qcow2")
+            };
             v.push("--blockdev".to_string());
-            v.push(format!(
-                "driver=qcow2,node-name=c{i}-{l},file.driver=file,\
-                 file.filename=$DIR/c{i}-{l}.qcow2{backing}"
-            ));
+            v.push(format!("driver=qcow2,node-name=c{i}-{l},{file}{backing}"));
         }
     }
     v
@@ -69,7 +76,10 @@ fn nodes(n: usize) -> Vec<String> {
 
 fn run(side: &Side, n: usize, steps: &[S]) -> Vec<String> {
     let dir = side.dir.path().display().to_string();
-    let extra: Vec<String> = nodes(n).iter().map(|a| a.replace("$DIR", &dir)).collect();
+    let extra: Vec<String> = nodes(side, n)
+        .iter()
+        .map(|a| a.replace("$DIR", &dir))
+        .collect();
     let (d, mut c) = Running::start(side, &extra);
     let mut out = vec![side.normalize(&c.line())];
     out.push(c.ask(r#"{"execute": "qmp_capabilities"}"#));
@@ -131,12 +141,13 @@ fn without_drain_pauses(lines: Vec<String>) -> Vec<String> {
 
 /// Runs `steps` on both daemons and compares the conversations, then the
 /// images each left (their maps and backing files).
-fn same_jobs(n: usize, steps: &[S]) -> Option<(Side, Side)> {
+fn same_jobs(n: usize, steps: &[S]) -> Option<Vec<String>> {
     same_jobs_with(n, |_| {}, steps)
 }
 
-/// As [`same_jobs`], with `setup` run on each side after the chains are made.
-fn same_jobs_with(n: usize, setup: impl Fn(&Side), steps: &[S]) -> Option<(Side, Side)> {
+/// As [`same_jobs`], with `setup` run on each side after the chains are
+/// made; returns Strata's side of the conversation.
+fn same_jobs_with(n: usize, setup: impl Fn(&Side), steps: &[S]) -> Option<Vec<String>> {
     let (s, q) = sides()?;
     chains(&s, n);
     chains(&q, n);
@@ -163,7 +174,7 @@ fn same_jobs_with(n: usize, setup: impl Fn(&Side), steps: &[S]) -> Option<(Side,
             assert_eq!(s.qemu_img(&["check", &img]).1, 0, "{img}");
         }
     }
-    Some((s, q))
+    Some(got)
 }
 
 const FIRST_CHUNK: &str = r#""current-progress": 524288"#;
@@ -429,4 +440,61 @@ fn a_top_larger_than_its_backing_files_streams_to_its_end() {
         S::Ask(r#"{"execute": "query-jobs"}"#, 0),
     ];
     same_jobs_with(1, grow, &steps);
+}
+
+/// Read errors from the base, by blkdebug, under each `on-error` policy:
+/// `stop` pauses the job until it is resumed (the failing read is tried
+/// again), `report` ends it with the error, `ignore` copies on and ends it
+/// with the error, keeping the backing file.
+#[test]
+fn read_errors_as_each_on_error_policy_says() {
+    let inject = |side: &Side| {
+        // The base's first data cluster, where its file holds it.
+        let (map, _) = side.qemu_img(&["map", "--output=json", "c1-base.qcow2"]);
+        let at = map
+            .split("\"offset\": ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("a data cluster in the base");
+        for (i, once) in [(1, "on"), (2, "off"), (3, "off")] {
+            let rule = format!(
+                "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n\
+                 sector = \"{}\"\nonce = \"{once}\"\n",
+                at / 512
+            );
+            std::fs::write(side.dir.path().join(format!("c{i}-base.cfg")), rule).unwrap();
+        }
+    };
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top", "on-error": "stop"}}"#,
+            2,
+        ),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-job-resume", "arguments": {"device": "s1"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s2", "device": "c2-top"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s3", "device": "c3-top", "on-error": "ignore"}}"#,
+            5,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    let Some(got) = same_jobs_with(3, inject, &steps) else {
+        return;
+    };
+    let said = got.join("\n");
+    for action in ["stop", "report", "ignore"] {
+        assert!(
+            said.contains(&format!("\"action\": \"{action}\"")),
+            "{said}"
+        );
+    }
+    assert!(said.contains("\"io-status\": \"failed\""), "{said}");
 }
