@@ -59,55 +59,81 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A graph of two images in `dir`, `base` (all 0x11) under `top` (empty),
+/// `size` bytes each; the base's file through blkdebug if `debug_base`.
+struct Chain {
+    graph: Arc<Graph>,
+    registry: Arc<strata_block::Registry>,
+    base: Arc<Node>,
+    top: Arc<Node>,
+}
+
+async fn chain(dir: &std::path::Path, size: u64, debug_base: bool) -> Chain {
+    let base = dir.join("base.qcow2").display().to_string();
+    let top = dir.join("top.qcow2").display().to_string();
+    let size_s = size.to_string();
+    create(&base, &[("size", size_s.as_str())]).await;
+    create(
+        &top,
+        &[
+            ("size", size_s.as_str()),
+            ("backing_file", base.as_str()),
+            ("backing_fmt", "qcow2"),
+        ],
+    )
+    .await;
+    let graph = Graph::new();
+    let registry = strata_drivers::registry();
+    let ctx = OpenCtx::with_graph(
+        Arc::clone(&registry),
+        OpenFlags::default(),
+        Arc::clone(&graph),
+    );
+    let file: &[(&str, &str)] = if debug_base {
+        &[
+            ("file.driver", "blkdebug"),
+            ("file.image.driver", "file"),
+            ("file.image.filename", &base),
+        ]
+    } else {
+        &[("file.driver", "file"), ("file.filename", &base)]
+    };
+    let mut opts = vec![("driver", "qcow2"), ("node-name", "base")];
+    opts.extend_from_slice(file);
+    let base_node = open(&ctx, &opts).await;
+    base_node
+        .write(0, IoBuf::filled(size as usize, 0x11), WriteFlags::default())
+        .await
+        .unwrap();
+    let top_node = open(
+        &ctx,
+        &[
+            ("driver", "qcow2"),
+            ("node-name", "top"),
+            ("backing", "base"),
+            ("file.driver", "file"),
+            ("file.filename", &top),
+        ],
+    )
+    .await;
+    Chain {
+        graph,
+        registry,
+        base: base_node,
+        top: top_node,
+    }
+}
+
 #[test]
 fn a_guest_write_during_a_copy_up_is_not_overwritten_by_it() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2").display().to_string();
-    let top = dir.path().join("top.qcow2").display().to_string();
     EventLoop::new().unwrap().block_on(async {
-        create(&base, &[("size", "1048576")]).await;
-        create(
-            &top,
-            &[
-                ("size", "1048576"),
-                ("backing_file", base.as_str()),
-                ("backing_fmt", "qcow2"),
-            ],
-        )
-        .await;
-        let graph = Graph::new();
-        let registry = strata_drivers::registry();
-        let ctx = OpenCtx::with_graph(
-            Arc::clone(&registry),
-            OpenFlags::default(),
-            Arc::clone(&graph),
-        );
-        let base_node = open(
-            &ctx,
-            &[
-                ("driver", "qcow2"),
-                ("node-name", "base"),
-                ("file.driver", "blkdebug"),
-                ("file.image.driver", "file"),
-                ("file.image.filename", &base),
-            ],
-        )
-        .await;
-        base_node
-            .write(0, IoBuf::filled(MIB as usize, 0x11), WriteFlags::default())
-            .await
-            .unwrap();
-        let top_node = open(
-            &ctx,
-            &[
-                ("driver", "qcow2"),
-                ("node-name", "top"),
-                ("backing", "base"),
-                ("file.driver", "file"),
-                ("file.filename", &top),
-            ],
-        )
-        .await;
+        let Chain {
+            graph,
+            registry,
+            base: base_node,
+            top: top_node,
+        } = chain(dir.path(), MIB, true).await;
         // The guest: a user of the top image, as an export would be.
         let guest = Backend::new(
             &top_node,
@@ -178,56 +204,14 @@ fn a_guest_write_during_a_copy_up_is_not_overwritten_by_it() {
 #[test]
 fn verbs_from_the_main_loop_reach_a_job_in_an_io_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2").display().to_string();
-    let top = dir.path().join("top.qcow2").display().to_string();
     let io = strata_block::IoThread::new("io0").unwrap();
     EventLoop::new().unwrap().block_on(async {
-        create(&base, &[("size", "4194304")]).await;
-        create(
-            &top,
-            &[
-                ("size", "4194304"),
-                ("backing_file", base.as_str()),
-                ("backing_fmt", "qcow2"),
-            ],
-        )
-        .await;
-        let graph = Graph::new();
-        let registry = strata_drivers::registry();
-        let ctx = OpenCtx::with_graph(
-            Arc::clone(&registry),
-            OpenFlags::default(),
-            Arc::clone(&graph),
-        );
-        let base_node = open(
-            &ctx,
-            &[
-                ("driver", "qcow2"),
-                ("node-name", "base"),
-                ("file.driver", "file"),
-                ("file.filename", &base),
-            ],
-        )
-        .await;
-        base_node
-            .write(
-                0,
-                IoBuf::filled(4 * MIB as usize, 0x11),
-                WriteFlags::default(),
-            )
-            .await
-            .unwrap();
-        let top_node = open(
-            &ctx,
-            &[
-                ("driver", "qcow2"),
-                ("node-name", "top"),
-                ("backing", "base"),
-                ("file.driver", "file"),
-                ("file.filename", &top),
-            ],
-        )
-        .await;
+        let Chain {
+            graph,
+            registry,
+            base: base_node,
+            top: top_node,
+        } = chain(dir.path(), 4 * MIB, false).await;
         top_node.move_to(Some(io.handle().clone())).await;
         let list = JobList::new(Arc::new(|_: &str, _: Value| {}));
         let args = StreamArgs {
