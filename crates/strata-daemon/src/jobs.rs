@@ -42,6 +42,31 @@ pub(crate) fn schema(s: &mut Schema) {
     .object(
         "q_obj_block-job-set-speed_arg",
         &[("device", "str"), ("speed", "int")],
+    )
+    .enumeration(
+        "JobType",
+        &[
+            "commit",
+            "stream",
+            "mirror",
+            "backup",
+            "create",
+            "amend",
+            "snapshot-load",
+            "snapshot-save",
+            "snapshot-delete",
+        ],
+    )
+    .enumeration("MirrorCopyMode", &["background", "write-blocking"])
+    .object(
+        "BlockJobChangeOptionsMirror",
+        &[("copy-mode", "MirrorCopyMode")],
+    )
+    .union(
+        "BlockJobChangeOptions",
+        &[("id", "str"), ("type", "JobType")],
+        "type",
+        &[("mirror", "BlockJobChangeOptionsMirror")],
     );
 }
 
@@ -244,6 +269,18 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
                     )));
                 }
                 apply(job, Verb::Cancel { force }).await
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "block-job-change",
+        Some("BlockJobChangeOptions"),
+        Arc::new(move |a| {
+            let found = block_job(&d, arg(&a, "id"));
+            Box::pin(async move {
+                found?.change()?;
+                Ok(json!({}))
             })
         }),
     );

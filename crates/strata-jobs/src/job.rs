@@ -700,6 +700,14 @@ impl Job {
         }
     }
 
+    /// `block-job-change` (QEMU: block_job_change): no job kind built so
+    /// far has options to change (mirror's copy mode will).
+    pub fn change(&self) -> Result<(), String> {
+        let st = self.lock();
+        self.apply_verb(&st, JobVerb::Change)?;
+        Err("Job type does not support change".into())
+    }
+
     fn cannot_complete(&self) -> String {
         format!("The active block job '{}' cannot be completed", self.id)
     }

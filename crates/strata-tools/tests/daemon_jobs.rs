@@ -310,6 +310,18 @@ fn a_stream_job_pauses_resumes_refuses_and_completes_as_in_qemu() {
             0,
         ),
         S::Ask(
+            r#"{"execute": "block-job-change", "arguments": {"id": "s1", "type": "stream"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-change", "arguments": {"id": "s1", "type": "mirror", "copy-mode": "write-blocking"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-change", "arguments": {"id": "nosuch", "type": "stream"}}"#,
+            0,
+        ),
+        S::Ask(
             r#"{"execute": "job-dismiss", "arguments": {"id": "s1"}}"#,
             0,
         ),
