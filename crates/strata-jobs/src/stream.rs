@@ -348,11 +348,7 @@ impl StreamState {
 
     /// Undoes a job that never started.
     async fn teardown(&self) {
-        self.drop_filter().await;
-        let blk = self.blk.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(b) = blk {
-            let _ = b.close().await;
-        }
+        self.clean().await;
         self.release_holds().await;
     }
 
