@@ -603,6 +603,15 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Switches the driver between read-only and read-write in place
+    /// (QEMU: bdrv_reopen_prepare/commit for the read-only flag), drained.
+    /// Going read-write, the node's own children are already writable;
+    /// going read-only, everything cached has been written back first.
+    /// Drivers that keep no state of their own need nothing.
+    async fn reopen_read_only(&self, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes back everything cached and releases the image; called once.
     async fn close(&self) -> Result<()> {
         self.flush().await

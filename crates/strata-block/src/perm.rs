@@ -243,3 +243,10 @@ pub fn is_read_consistently(node: &Node) -> bool {
         .0
         .contains(Perm::CONSISTENT_READ)
 }
+
+/// True when some user of `node` may write to it: it cannot become
+/// read-only under them.
+pub fn has_writer(node: &Node) -> bool {
+    let (perm, _) = cumulative(node, &Extra::default());
+    perm.contains(Perm::WRITE) || perm.contains(Perm::WRITE_UNCHANGED)
+}

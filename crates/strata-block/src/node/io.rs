@@ -518,7 +518,7 @@ impl Node {
     /// Makes completed writes stable (a no-op with `cache=unsafe`, and on a
     /// read-only node, which has none: QEMU's bdrv_co_flush skips both).
     pub async fn flush(&self) -> Result<()> {
-        if self.no_flush || self.read_only {
+        if self.no_flush || self.is_read_only() {
             return Ok(());
         }
         self.pass_gate().await;

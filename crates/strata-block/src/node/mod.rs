@@ -22,6 +22,7 @@ mod edges;
 mod funnel;
 mod io;
 mod limits_cell;
+mod reopen;
 mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
@@ -37,7 +38,8 @@ pub struct Node {
     filename: String,
     identity: crate::filename::Identity,
     driver: Box<dyn Driver>,
-    read_only: bool,
+    /// Changes only in a reopen (QEMU: bdrv_reopen_set_read_only).
+    read_only: AtomicBool,
     writeback: AtomicBool,
     no_flush: bool,
     direct: bool,
@@ -110,7 +112,7 @@ impl Node {
             filename: identity.filename(),
             identity,
             driver,
-            read_only: opts.read_only,
+            read_only: AtomicBool::new(opts.read_only),
             writeback: AtomicBool::new(opts.cache.writeback),
             no_flush: opts.cache.no_flush,
             direct: opts.cache.direct,
@@ -209,7 +211,7 @@ impl Node {
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
     }
     /// The limits requests to this node obey.
     pub fn limits(&self) -> Limits {
@@ -393,7 +395,7 @@ impl Node {
 
     fn check_writable(&self) -> Result<()> {
         // An inactive node's image belongs to another process.
-        if self.read_only || !self.is_active() {
+        if self.is_read_only() || !self.is_active() {
             return err(libc::EPERM);
         }
         Ok(())
@@ -410,7 +412,7 @@ impl Node {
         if dec != Ok(1) || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if self.is_active() && !self.read_only {
+        if self.is_active() && !self.is_read_only() {
             self.store_bitmaps().await;
         }
         let r = self.driver.close().await;

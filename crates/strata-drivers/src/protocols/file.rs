@@ -131,7 +131,14 @@ pub struct FileDriver {
     /// Opened writable without `cache.no-flush`: closing makes the writes
     /// stable (QEMU's bdrv_close flushes, which `cache=unsafe` and
     /// read-only nodes skip).
-    flush_on_close: bool,
+    flush_on_close: AtomicBool,
+    /// How to open the file again in another mode: its name, the flags
+    /// besides the access mode, and whether flushes are skipped.
+    path: String,
+    extra_flags: i32,
+    no_flush: bool,
+    /// The permissions the image lock holds, taken again after a reopen.
+    taken: std::sync::Mutex<Option<(strata_block::Perm, strata_block::Perm)>>,
 }
 
 fn cstr(path: &str) -> Result<CString> {
@@ -446,6 +453,7 @@ impl Driver for FileDriver {
     }
 
     fn set_perm(&self, perm: strata_block::Perm, shared: strata_block::Perm) -> Result<()> {
+        *self.taken.lock().unwrap_or_else(|p| p.into_inner()) = Some((perm, shared));
         match &self.lock_name {
             Some(name) if self.first_lock.swap(false, Ordering::AcqRel) => {
                 lock::apply_patiently(self.fd.raw(), perm, shared, name)
@@ -463,8 +471,45 @@ impl Driver for FileDriver {
         Ok(())
     }
 
+    async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
+        // A new open file description in the new mode takes the place of
+        // the old one under the same descriptor number, so requests keep
+        // naming it; the image locks move with it.
+        let mode = if read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        let new = open_fd(&self.path, mode | self.extra_flags, 0, "open")?;
+        let taken = *self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
+            lock::apply(
+                self.fd.raw(),
+                strata_block::Perm::NONE,
+                strata_block::Perm::ALL,
+                name,
+            )?;
+            if let Err(e) = lock::apply(new.raw(), perm, shared, name) {
+                let _ = lock::apply(self.fd.raw(), perm, shared, name);
+                return Err(e);
+            }
+        }
+        // SAFETY: both descriptors are open and owned; dup3 closes the old
+        // description in the same step.
+        if unsafe { libc::dup3(new.raw(), self.fd.raw(), libc::O_CLOEXEC) } < 0 {
+            if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
+                let _ = lock::apply(self.fd.raw(), perm, shared, name);
+            }
+            return Err(Error::from(std::io::Error::last_os_error())
+                .context(format!("Could not reopen '{}'", self.path)));
+        }
+        self.flush_on_close
+            .store(!read_only && !self.no_flush, Ordering::Release);
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
-        let r = if self.flush_on_close {
+        let r = if self.flush_on_close.load(Ordering::Acquire) {
             self.flush().await
         } else {
             Ok(())
@@ -579,7 +624,11 @@ impl DriverClass for FileClass {
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable: false,
-            flush_on_close: true,
+            flush_on_close: AtomicBool::new(true),
+            path: filename.to_string(),
+            extra_flags: 0,
+            no_flush: false,
+            taken: Default::default(),
         };
         if is_reg {
             driver.truncate(0, true, Preallocation::Off).await?;
@@ -620,6 +669,7 @@ impl DriverClass for FileClass {
             // A drive without a disc must still open.
             flags |= libc::O_NONBLOCK;
         }
+        let extra_flags = flags & !libc::O_ACCMODE;
         let fd = open_fd(&filename, flags, 0, "open")?;
         let st = fstat(fd.raw())?;
         let kind = st.st_mode & libc::S_IFMT;
@@ -659,7 +709,11 @@ impl DriverClass for FileClass {
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable,
-            flush_on_close: !ctx.flags.read_only && !ctx.flags.cache.no_flush,
+            flush_on_close: AtomicBool::new(!ctx.flags.read_only && !ctx.flags.cache.no_flush),
+            path: filename,
+            extra_flags,
+            no_flush: ctx.flags.cache.no_flush,
+            taken: Default::default(),
         }))
     }
 }

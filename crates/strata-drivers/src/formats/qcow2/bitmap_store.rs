@@ -182,7 +182,7 @@ impl Qcow2Driver {
             }
             b.set_inconsistent(in_use);
         }
-        if result.is_ok() && needs_update && !self.read_only {
+        if result.is_ok() && needs_update && !self.read_only() {
             result = self
                 .rewrite_directory_in_place(&mut m, &dir)
                 .await
@@ -194,7 +194,7 @@ impl Qcow2Driver {
             }
             return Err(e);
         }
-        if self.read_only {
+        if self.read_only() {
             for b in &created {
                 b.set_readonly(true);
             }
@@ -203,6 +203,48 @@ impl Qcow2Driver {
             self.set_shown_directory(dir);
         }
         Ok(())
+    }
+
+    /// After a reopen read-write (QEMU: qcow2_reopen_bitmaps_rw): the
+    /// bitmaps loaded read-only are marked in use on disk and take writes.
+    pub(super) async fn reopen_bitmaps_rw(&self) -> Result<()> {
+        let Some(bms) = self.node_bitmaps() else {
+            return Ok(());
+        };
+        let mut m = self.meta.lock().await;
+        let mut dir = self.read_directory(&m).await?;
+        let mut reopened = Vec::new();
+        for e in dir.iter_mut() {
+            let Some(b) = bms.find(&e.name) else {
+                continue;
+            };
+            if e.flags & FLAG_IN_USE != 0 || !b.is_readonly() {
+                continue;
+            }
+            e.flags |= FLAG_IN_USE;
+            reopened.push(b);
+        }
+        if reopened.is_empty() {
+            return Ok(());
+        }
+        self.rewrite_directory_in_place(&mut m, &dir)
+            .await
+            .map_err(|e| with_errno(e, "Can't update bitmap directory"))?;
+        for b in &reopened {
+            b.set_readonly(false);
+        }
+        self.set_shown_directory(dir);
+        Ok(())
+    }
+
+    /// After the bitmaps were stored for a reopen read-only (QEMU:
+    /// qcow2_reopen_bitmaps_ro): the persistent ones take no more writes.
+    pub(super) fn bitmaps_read_only(&self) {
+        if let Some(bms) = self.node_bitmaps() {
+            for b in bms.list().iter().filter(|b| b.is_persistent()) {
+                b.set_readonly(true);
+            }
+        }
     }
 
     /// Rewrites the directory where it is, same size (only flags change),
@@ -447,7 +489,7 @@ impl Qcow2Driver {
         if todo.is_empty() {
             return Ok(());
         }
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::invalid("No write access"));
         }
         let mut written = Vec::new();

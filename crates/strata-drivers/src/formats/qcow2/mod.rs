@@ -100,7 +100,8 @@ pub struct Qcow2Driver {
     /// Host clusters with guest I/O in flight (shared with `meta`'s allocator).
     host_busy: Arc<HostInflight>,
     alloc_done: Notify,
-    read_only: bool,
+    /// Changes only in a reopen, drained.
+    read_only: std::sync::atomic::AtomicBool,
     /// The image's version (2 or 3): amend changes it while open.
     version: std::sync::atomic::AtomicU32,
     /// What the metadata caches may hold (the cache options).
@@ -125,6 +126,40 @@ pub struct Qcow2Driver {
 }
 
 impl Qcow2Driver {
+    fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// As QEMU's bdrv_close and qcow2_inactivate: a flush whose result is
+    /// ignored, then each cache written back and the file flushed, with a
+    /// message for each that fails. False when a cache could not be
+    /// written back; otherwise the image is marked clean.
+    async fn write_back(&self) -> Result<bool> {
+        let _ = self.flush().await;
+        let mut m = self.meta.lock().await;
+        let l2 = m.flush_l2_cache(&self.file).await;
+        if let Err(e) = &l2 {
+            error_report(format!(
+                "Failed to flush the L2 table cache: {}",
+                strerror(e.code())
+            ));
+        }
+        let rb = m.flush_refcount_cache(&self.file).await;
+        if let Err(e) = &rb {
+            error_report(format!(
+                "Failed to flush the refcount block cache: {}",
+                strerror(e.code())
+            ));
+        }
+        // Everything is written back: the refcounts are consistent again.
+        if l2.is_ok() && rb.is_ok() && !m.corrupt {
+            m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+                .await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// True for version 3 images (zero clusters, feature bits).
     fn v3(&self) -> bool {
         self.version.load(Ordering::Acquire) >= 3
@@ -284,7 +319,7 @@ impl Driver for Qcow2Driver {
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, _flags: WriteFlags) -> Result<IoBuf> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::errno(libc::EPERM));
         }
         // One piece per L2 table; the pieces come back and join again.
@@ -819,11 +854,10 @@ impl Driver for Qcow2Driver {
 
     async fn invalidate_cache(&self) -> Result<()> {
         // Another process owned the image: everything cached may be stale.
-        let (mut hdr, geo, l1, reftable) =
-            load_metadata(&self.file, self.read_only, false)
-                .await
-                .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
-        if !self.read_only {
+        let (mut hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only(), false)
+            .await
+            .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
+        if !self.read_only() {
             clear_unknown_autoclear(&self.file, &mut hdr).await?;
         }
         // This driver keeps the geometry in its own fields; QEMU would pick
@@ -849,12 +883,12 @@ impl Driver for Qcow2Driver {
             &hdr,
             l1,
             reftable,
-            self.read_only,
+            self.read_only(),
             &self.host_busy,
             self.cache_sizes,
         );
         self.meta.lock().await.check_inactive_l2 = self.check_inactive_l2;
-        if dirty && !self.read_only {
+        if dirty && !self.read_only() {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {
                 leaks: true,
@@ -866,35 +900,45 @@ impl Driver for Qcow2Driver {
         Ok(())
     }
 
+    async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
+        if read_only {
+            // As QEMU's qcow2_reopen_prepare: everything cached written
+            // back and the image marked clean, then no more writes.
+            if !self.write_back().await? {
+                return Err(Error::errno(libc::EIO));
+            }
+            self.read_only.store(true, Ordering::Release);
+            let mut m = self.meta.lock().await;
+            m.writable = false;
+            m.lazy_refcounts = false;
+            drop(m);
+            self.bitmaps_read_only();
+            return Ok(());
+        }
+        // Read-write: the metadata is read again as a writable open reads
+        // it (a dirty image repaired, unknown autoclear bits cleared), and
+        // the loaded bitmaps are marked in use on disk.
+        self.read_only.store(false, Ordering::Release);
+        let reloaded = match self.invalidate_cache().await {
+            Ok(()) => self.reopen_bitmaps_rw().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = reloaded {
+            self.read_only.store(true, Ordering::Release);
+            let mut m = self.meta.lock().await;
+            m.writable = false;
+            m.lazy_refcounts = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         // An image found corrupt is cut off: nothing more is written to it
         // (QEMU drops the driver of the node).
         let corrupt = self.meta.lock().await.corrupt;
-        if !self.read_only && !corrupt {
-            // As QEMU's bdrv_close and qcow2_inactivate: a flush whose result
-            // is ignored, then each cache written back and the file flushed,
-            // with a message for each that fails.
-            let _ = self.flush().await;
-            let mut m = self.meta.lock().await;
-            let l2 = m.flush_l2_cache(&self.file).await;
-            if let Err(e) = &l2 {
-                error_report(format!(
-                    "Failed to flush the L2 table cache: {}",
-                    strerror(e.code())
-                ));
-            }
-            let rb = m.flush_refcount_cache(&self.file).await;
-            if let Err(e) = &rb {
-                error_report(format!(
-                    "Failed to flush the refcount block cache: {}",
-                    strerror(e.code())
-                ));
-            }
-            // Everything is written back: the refcounts are consistent again.
-            if l2.is_ok() && rb.is_ok() && !m.corrupt {
-                m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
-                    .await?;
-            }
+        if !self.read_only() && !corrupt {
+            self.write_back().await?;
         }
         if let Some(b) = self.backing() {
             b.close().await?;

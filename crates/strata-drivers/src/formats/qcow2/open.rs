@@ -153,7 +153,7 @@ impl DriverClass for Qcow2Class {
             inflight: std::sync::Mutex::new(BTreeSet::new()),
             host_busy,
             alloc_done: Notify::new(),
-            read_only,
+            read_only: std::sync::atomic::AtomicBool::new(read_only),
             version: std::sync::atomic::AtomicU32::new(geo.version),
             cache_sizes,
             crypto,

@@ -367,7 +367,7 @@ impl Qcow2Driver {
         id: Option<&str>,
         name: Option<&str>,
     ) -> Result<()> {
-        if !self.read_only {
+        if !self.read_only() {
             return Err(Error::invalid("Device is not readonly"));
         }
         let mut m = self.meta.lock().await;

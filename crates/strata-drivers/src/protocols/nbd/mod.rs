@@ -48,6 +48,16 @@ impl Driver for NbdDriver {
         "nbd"
     }
 
+    async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
+        if !read_only && self.has(FLAG_READ_ONLY) {
+            return Err(Error::msg(
+                libc::EACCES,
+                "Can't reopen read-only NBD mount as read/write",
+            ));
+        }
+        Ok(())
+    }
+
     fn length(&self) -> u64 {
         self.client.info.size
     }

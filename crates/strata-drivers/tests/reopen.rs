@@ -1,0 +1,123 @@
+//! Reopening a node read-write and back in place, as a job does to the
+//! image it writes into: the file descriptor, the image lock, the qcow2
+//! metadata and its persistent bitmaps all follow, and QEMU's tools find
+//! the image as they would after their own reopen.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use strata_block::options::Opts;
+use strata_block::{Backend, EventLoop, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
+
+fn tempdir(name: &str) -> String {
+    let d = std::env::temp_dir().join(format!("strata-reopen-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.to_string_lossy().into_owned()
+}
+
+fn qemu(tool: &str, args: &[&str]) -> Option<String> {
+    let t = common::qemu_tool(tool)?;
+    let (code, out) = common::run(&t, args);
+    assert_eq!(code, 0, "{tool} {args:?}: {out}");
+    Some(out)
+}
+
+async fn open_read_only(path: &str) -> Arc<Node> {
+    let flags = OpenFlags {
+        read_only: true,
+        ..OpenFlags::default()
+    };
+    OpenCtx::new(strata_drivers::registry(), flags)
+        .open_image(Some(path), Some("qcow2"), Opts::new())
+        .await
+        .unwrap()
+}
+
+/// Whether some process holds the image lock that a writer takes (QEMU's
+/// byte 100 + the WRITE bit).
+fn write_lock_held(path: &str) -> bool {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: an all-zero flock is valid; fcntl fills it in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = 101;
+    fl.l_len = 1;
+    // SAFETY: fl lives across the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0);
+    fl.l_type != libc::F_UNLCK as i16
+}
+
+fn bitmap_flags(path: &str) -> String {
+    let info = qemu("qemu-img", &["info", "-U", "--output=json", path]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["format-specific"]["data"]["bitmaps"][0]["flags"].to_string()
+}
+
+#[test]
+fn a_read_only_qcow2_becomes_writable_and_read_only_again() {
+    let dir = tempdir("rw");
+    let img = format!("{dir}/t.qcow2");
+    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]).is_none() {
+        return;
+    }
+    qemu("qemu-io", &["-c", "write -P 1 0 64k", &img]);
+    qemu("qemu-img", &["bitmap", "--add", &img, "b0"]);
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let node = open_read_only(&img).await;
+        assert!(!write_lock_held(&img));
+        let e = node
+            .write(0, IoBuf::filled(4096, 9), WriteFlags::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), libc::EPERM);
+
+        node.reopen_read_only(false).await.unwrap();
+        assert!(!node.is_read_only());
+        assert!(write_lock_held(&img), "a writable image holds the lock");
+        assert_eq!(bitmap_flags(&img), r#"["in-use","auto"]"#);
+        node.write(1 << 20, IoBuf::filled(65536, 2), WriteFlags::default())
+            .await
+            .unwrap();
+        let b0 = node.bitmaps().find("b0").unwrap();
+        assert_eq!(b0.count(), 65536, "the bitmap saw the write");
+
+        node.reopen_read_only(true).await.unwrap();
+        assert!(node.is_read_only());
+        assert!(!write_lock_held(&img), "the lock went with the mode");
+        // Written back, marked clean, the bitmap stored and no longer in use.
+        qemu("qemu-img", &["check", "-U", &img]);
+        assert_eq!(bitmap_flags(&img), r#"["auto"]"#);
+        qemu("qemu-io", &["-U", "-r", "-c", "read -P 2 1M 64k", &img]);
+        qemu("qemu-io", &["-U", "-r", "-c", "read -P 1 0 64k", &img]);
+        node.close().await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_node_with_a_writer_stays_writable() {
+    let dir = tempdir("writer");
+    let img = format!("{dir}/t.qcow2");
+    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]).is_none() {
+        return;
+    }
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let node = common::open(&img, Some("qcow2")).await;
+        let user = Backend::new(&node, "writer", Perm::WRITE, Perm::ALL).unwrap();
+        let e = node.reopen_read_only(true).await.unwrap_err();
+        assert!(
+            e.to_string().contains("cannot support read-write users"),
+            "{e}"
+        );
+        assert!(!node.is_read_only());
+        user.close().await.unwrap();
+        node.reopen_read_only(true).await.unwrap();
+        node.close().await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
