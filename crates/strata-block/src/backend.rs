@@ -25,6 +25,9 @@ pub struct Backend {
 /// errors and to move it to another node.
 pub(crate) struct BackendLink {
     desc: String,
+    /// For a job's hold on a node, the name of the hold (QEMU: the job's
+    /// child, `main node`, `base`); None for a user of the disk.
+    job_role: Option<String>,
     perm: Perm,
     shared: Perm,
     root: RwLock<Arc<Node>>,
@@ -34,10 +37,14 @@ impl BackendLink {
     pub(crate) fn user(&self) -> User {
         User {
             desc: self.desc.clone(),
-            role: "root".into(),
+            role: self.job_role.clone().unwrap_or_else(|| "root".into()),
             perm: self.perm,
             shared: self.shared,
         }
+    }
+    /// A job's hold rather than a user of the disk.
+    pub(crate) fn is_job(&self) -> bool {
+        self.job_role.is_some()
     }
     pub(crate) fn root(&self) -> Arc<Node> {
         Arc::clone(&self.root.read().unwrap_or_else(|p| p.into_inner()))
@@ -54,8 +61,31 @@ impl Backend {
     /// Fails, with nothing changed, when another user does not share what
     /// this one takes or takes what it does not share.
     pub fn new(node: &Arc<Node>, desc: &str, perm: Perm, shared: Perm) -> Result<Backend> {
+        Backend::with_role(node, desc, None, perm, shared)
+    }
+
+    /// A block job's hold on `node`, named `role` (QEMU:
+    /// block_job_add_bdrv): a node so held is no root of the graph.
+    pub fn job_hold(
+        node: &Arc<Node>,
+        desc: &str,
+        role: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Backend> {
+        Backend::with_role(node, desc, Some(role.to_string()), perm, shared)
+    }
+
+    fn with_role(
+        node: &Arc<Node>,
+        desc: &str,
+        job_role: Option<String>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Backend> {
         let link = Arc::new(BackendLink {
             desc: desc.to_string(),
+            job_role,
             perm,
             shared,
             root: RwLock::new(Arc::clone(node)),

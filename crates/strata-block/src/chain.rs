@@ -23,6 +23,24 @@ impl Node {
         }
     }
 
+    /// The image right above `base` in this node's chain, past filters
+    /// (QEMU: bdrv_find_overlay); with `base` None, the last image of the
+    /// chain. None when `base` is not in the chain.
+    pub fn find_overlay(self: &Arc<Self>, base: Option<&Arc<Node>>) -> Option<Arc<Node>> {
+        let base = base.map(|b| b.skip_filters());
+        let mut cur = self.skip_filters();
+        loop {
+            let next = cur.backing_chain_next();
+            match (&next, &base) {
+                (None, None) => return Some(cur),
+                (Some(n), Some(b)) if Arc::ptr_eq(n, b) => return Some(cur),
+                (None, Some(_)) => return None,
+                _ => {}
+            }
+            cur = next?;
+        }
+    }
+
     /// Whether `other` is this node or below it through filters and backing
     /// files (QEMU: bdrv_chain_contains).
     pub fn chain_contains(self: &Arc<Self>, other: &Arc<Node>) -> bool {
@@ -89,6 +107,45 @@ impl Node {
             return err(libc::EPERM);
         }
         self.driver().change_backing_file(file, format).await
+    }
+
+    /// The format an overlay records for this node as its backing file
+    /// (QEMU: bdrv_backing_update_filename): with `mask_protocol`, a
+    /// protocol node is recorded as raw.
+    pub fn format_for_overlay(&self, mask_protocol: bool) -> &str {
+        if mask_protocol && self.identity().protocol {
+            "raw"
+        } else {
+            self.format_name()
+        }
+    }
+
+    /// Stores `file` as this image's backing file name, reopening the image
+    /// read-write for that while if it is read-only (QEMU:
+    /// bdrv_backing_update_filename).
+    pub async fn update_backing_name(
+        self: &Arc<Self>,
+        file: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
+        let read_only = self.is_read_only();
+        if read_only {
+            self.reopen_read_only(false).await?;
+        }
+        let r = self
+            .change_backing_file(file, format, false)
+            .await
+            .map_err(|e| {
+                let why = crate::error::strerror(e.code());
+                Error::msg(
+                    e.code(),
+                    format!("Could not update backing file link: {why}"),
+                )
+            });
+        if read_only {
+            let _ = self.reopen_read_only(true).await;
+        }
+        r
     }
 
     /// Empties this layer (QEMU: bdrv_make_empty): what it held is gone and

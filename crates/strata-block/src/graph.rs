@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, Weak};
 /// The nodes opened in one process or daemon.
 #[derive(Default)]
 pub struct Graph {
-    nodes: Mutex<Vec<Weak<Node>>>,
+    /// In the order their names were given (see [`Graph::ticket`]).
+    nodes: Mutex<Vec<(u64, Weak<Node>)>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl Graph {
@@ -22,22 +24,34 @@ impl Graph {
         Arc::new(Graph::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Node>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Weak<Node>)>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a freshly opened node.
-    pub fn add(&self, node: &Arc<Node>) {
-        let mut nodes = self.lock();
-        nodes.retain(|w| w.strong_count() > 0);
-        nodes.push(Arc::downgrade(node));
+    /// A node's place in the graph's order, taken when QEMU would name it
+    /// (bdrv_open_common): a format after its file, before its backing file.
+    pub fn ticket(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every open node, in the order they were opened.
+    /// Adds a freshly opened node, last.
+    pub fn add(&self, node: &Arc<Node>) {
+        self.add_at(node, self.ticket());
+    }
+
+    /// Adds a freshly opened node at the place `ticket` holds.
+    pub fn add_at(&self, node: &Arc<Node>, ticket: u64) {
+        let mut nodes = self.lock();
+        nodes.retain(|(_, w)| w.strong_count() > 0);
+        let at = nodes.partition_point(|(t, _)| *t < ticket);
+        nodes.insert(at, (ticket, Arc::downgrade(node)));
+    }
+
+    /// Every open node, in the order they were named.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.lock()
             .iter()
-            .filter_map(Weak::upgrade)
+            .filter_map(|(_, w)| w.upgrade())
             .filter(|n| !n.is_closed())
             .collect()
     }

@@ -345,6 +345,7 @@ impl OpenCtx {
         } else {
             crate::filename::BackingSource::Implicit
         };
+        let ticket = ctx.graph.ticket();
         let drv = match class.open(&open_ctx, &mut opts).await {
             Ok(d) => d,
             Err(e) => {
@@ -358,7 +359,8 @@ impl OpenCtx {
             return Err(e);
         }
         let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name, backing);
-        let node = ctx.new_node(&node_name, identity, drv, node_opts);
+        let node = Node::new(&node_name, identity, drv, node_opts);
+        ctx.graph.add_at(&node, ticket);
         if let Err(e) = node.load_bitmaps().await {
             let _ = node.close().await;
             return Err(e);

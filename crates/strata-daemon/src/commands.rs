@@ -48,6 +48,11 @@ pub(crate) fn daemon_command<F, Fut>(
 /// Every command of the daemon's monitor; `quit` is notified by `quit`.
 pub(crate) fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     let mut qmp = Qmp::new(version_info(), schema::schema(&daemon.registry));
+    let jobs = Arc::clone(&daemon.jobs);
+    qmp.set_gate(Arc::new(move || {
+        let jobs = Arc::clone(&jobs);
+        Box::pin(async move { jobs.quiesce().await })
+    }));
     daemon_command(
         &mut qmp,
         daemon,

@@ -5,7 +5,7 @@ use crate::blockdev::Daemon;
 use crate::commands::daemon_command;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use strata_jobs::{block_stream, Job, StreamArgs};
+use strata_jobs::{block_commit, block_stream, CommitArgs, Job, Refused, StreamArgs};
 use strata_qmp::error::ErrorClass;
 use strata_qmp::schema::Schema;
 use strata_qmp::{Qmp, QmpError};
@@ -26,6 +26,24 @@ pub(crate) fn schema(s: &mut Schema) {
             ("*backing-file", "str"),
             ("*backing-mask-protocol", "bool"),
             ("*bottom", "str"),
+            ("*speed", "int"),
+            ("*on-error", "BlockdevOnError"),
+            ("*filter-node-name", "str"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+        ],
+    )
+    .object(
+        "q_obj_block-commit_arg",
+        &[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("*base-node", "str"),
+            ("*base", "str"),
+            ("*top-node", "str"),
+            ("*top", "str"),
+            ("*backing-file", "str"),
+            ("*backing-mask-protocol", "bool"),
             ("*speed", "int"),
             ("*on-error", "BlockdevOnError"),
             ("*filter-node-name", "str"),
@@ -173,6 +191,43 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             };
             block_stream(&d.jobs, &d.graph, &d.registry, args).await
         },
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "block-commit",
+        Some("q_obj_block-commit_arg"),
+        Arc::new(move |a| {
+            let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            let b = |k: &str| a.get(k).and_then(Value::as_bool);
+            let args = CommitArgs {
+                job_id: s("job-id"),
+                device: s("device").unwrap_or_default(),
+                base_node: s("base-node"),
+                base: s("base"),
+                top_node: s("top-node"),
+                top: s("top"),
+                backing_file: s("backing-file"),
+                backing_mask_protocol: b("backing-mask-protocol").unwrap_or(false),
+                speed: a.get("speed").and_then(Value::as_i64),
+                on_error: s("on-error"),
+                filter_node_name: s("filter-node-name"),
+                auto_finalize: b("auto-finalize"),
+                auto_dismiss: b("auto-dismiss"),
+            };
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                block_commit(&d.jobs, &d.graph, args)
+                    .await
+                    .map_err(|r| match r {
+                        Refused::Generic(m) => QmpError::generic(m),
+                        Refused::DeviceNotFound(m) => QmpError {
+                            class: ErrorClass::DeviceNotFound,
+                            desc: m,
+                        },
+                    })?;
+                Ok(json!({}))
+            })
+        }),
     );
     let d = Arc::clone(daemon);
     qmp.add_command(

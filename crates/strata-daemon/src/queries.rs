@@ -118,7 +118,7 @@ async fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
     m.insert("ro".into(), n.is_read_only().into());
     m.insert("drv".into(), n.format_name().into());
     // A filter has no backing file of its own (QEMU: bs->backing_file).
-    if let Some(b) = n.backing() {
+    if let Some(b) = n.backing().filter(|_| !n.driver().is_filter()) {
         m.insert("backing_file".into(), b.filename().into());
     }
     m.insert("backing_file_depth".into(), depth.into());

@@ -4,13 +4,48 @@
 //! only through the core's user handles and op blockers; the daemon wires
 //! the list to QMP.
 
+pub mod commit;
+mod commit_top;
+mod holds;
 pub mod job;
 pub mod list;
 pub mod ratelimit;
 pub mod state;
 pub mod stream;
 
+pub use commit::{block_commit, CommitArgs};
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 pub use list::{EventSink, JobList};
 pub use state::{JobStatus, JobType, JobVerb};
 pub use stream::{block_stream, StreamArgs};
+
+/// Why a job command was refused: QEMU's error class and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    Generic(String),
+    /// The `device` argument names nothing (libvirt probes for this class).
+    DeviceNotFound(String),
+}
+
+impl From<String> for Refused {
+    fn from(s: String) -> Refused {
+        Refused::Generic(s)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(s: &str) -> Refused {
+        Refused::Generic(s.to_string())
+    }
+}
+
+/// A node by node name only, as `base-node`, `top-node` and `bottom` name
+/// one (QEMU: bdrv_lookup_bs(NULL, name)).
+fn node_named(
+    graph: &strata_block::Graph,
+    name: &str,
+) -> Result<std::sync::Arc<strata_block::Node>, String> {
+    graph
+        .find(name)
+        .ok_or_else(|| format!("Cannot find device='' nor node-name='{name}'"))
+}

@@ -15,6 +15,22 @@ pub struct JobList {
     /// Newest first, as QEMU lists them.
     jobs: Mutex<Vec<Arc<Job>>>,
     sink: EventSink,
+    /// Jobs whose work has returned and whose completion runs now, without
+    /// waiting for any command (see [`JobList::quiesce`]).
+    finishing: std::sync::atomic::AtomicUsize,
+    finished: tokio::sync::Notify,
+}
+
+/// Counts one job as finishing while it lives.
+pub(crate) struct Finishing(Arc<JobList>);
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.finishing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.finished.notify_waiters();
+        }
+    }
 }
 
 impl JobList {
@@ -22,6 +38,8 @@ impl JobList {
         Arc::new(JobList {
             jobs: Mutex::new(Vec::new()),
             sink,
+            finishing: Default::default(),
+            finished: tokio::sync::Notify::new(),
         })
     }
 
@@ -68,6 +86,30 @@ impl JobList {
             return Err(format!("Job ID '{id}' already in use"));
         }
         Ok(())
+    }
+
+    /// Marks a job as finishing until the guard goes.
+    pub(crate) fn finishing(self: &Arc<Self>) -> Finishing {
+        self.finishing
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Finishing(Arc::clone(self))
+    }
+
+    /// Waits until no job is in the middle of completing by itself. QEMU
+    /// completes a job in one go on the main loop, where its monitor runs:
+    /// a command sent after a job's last event sees the job's nodes let go.
+    /// The daemon waits here before each command for the same guarantee.
+    pub async fn quiesce(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let done = self.finished.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.finishing.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
     }
 
     pub fn start(&self, job: &Arc<Job>) {

@@ -9,8 +9,10 @@
 //! held by the job (their permissions and op blockers) until it is
 //! dismissed.
 
+use crate::holds::Holds;
 use crate::job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 use crate::list::JobList;
+use crate::node_named;
 use crate::state::JobType;
 use async_trait::async_trait;
 use serde_json::Value;
@@ -18,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use strata_block::driver::Perm;
 use strata_block::report::error_report;
 use strata_block::{
-    drained_async, replace_node, Backend, BlockOp, Blocker, Graph, IoBuf, Node, OpenCtx, OpenFlags,
-    Opts, Registry,
+    drained_async, replace_node, Backend, BlockOp, Graph, IoBuf, Node, OpenCtx, OpenFlags, Opts,
+    Registry,
 };
 
 /// The most one step of the job looks at and copies (QEMU: STREAM_CHUNK).
@@ -40,30 +42,6 @@ pub struct StreamArgs {
     pub filter_node_name: Option<String>,
     pub auto_finalize: Option<bool>,
     pub auto_dismiss: Option<bool>,
-}
-
-/// A node by node name only (QEMU: bdrv_lookup_bs(NULL, name)).
-fn node_named(graph: &Graph, name: &str) -> Result<Arc<Node>, String> {
-    graph
-        .find(name)
-        .ok_or_else(|| format!("Cannot find device='' nor node-name='{name}'"))
-}
-
-/// The image above `base` in `top`'s chain (QEMU: bdrv_find_overlay): the
-/// last image of the chain when `base` is None.
-fn find_overlay(top: &Arc<Node>, base: Option<&Arc<Node>>) -> Option<Arc<Node>> {
-    let base = base.map(|b| b.skip_filters());
-    let mut cur = top.skip_filters();
-    loop {
-        let next = cur.backing_chain_next();
-        match (&next, &base) {
-            (None, None) => return Some(cur),
-            (Some(n), Some(b)) if Arc::ptr_eq(n, b) => return Some(cur),
-            (None, Some(_)) => return None,
-            _ => {}
-        }
-        cur = next?;
-    }
 }
 
 /// Starts a stream job, with QEMU's checks in QEMU's order.
@@ -156,7 +134,7 @@ pub async fn block_stream(
     let (base_overlay, above_base) = match bottom {
         Some(b) => (Arc::clone(&b), b),
         None => {
-            let overlay = find_overlay(&bs, base.as_ref()).ok_or_else(|| {
+            let overlay = bs.find_overlay(base.as_ref()).ok_or_else(|| {
                 let base_name = base.as_ref().map_or("", |b| b.name());
                 format!(
                     "'{base_name}' is not in the backing chain of '{}'",
@@ -184,14 +162,30 @@ pub async fn block_stream(
             (overlay, above)
         }
     };
-    let filter = insert_filter(
+    // The image is written to: made writable for the job if it is not.
+    let bs_read_only = bs.is_read_only();
+    if bs_read_only {
+        bs.reopen_read_only(false)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let filter = match insert_filter(
         graph,
         registry,
         &bs,
         &base_overlay,
         a.filter_node_name.as_deref(),
     )
-    .await?;
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            if bs_read_only {
+                let _ = bs.reopen_read_only(true).await;
+            }
+            return Err(e);
+        }
+    };
     let id = a.job_id.clone().unwrap_or_default();
     let desc = format!("stream job '{id}'");
     let stream = Arc::new(StreamState {
@@ -203,8 +197,8 @@ pub async fn block_stream(
         backing_file: a.backing_file.clone(),
         mask_protocol: a.backing_mask_protocol,
         on_error,
-        holds: Mutex::new(Vec::new()),
-        blocker: Blocker::new("block device is in use by block job: stream"),
+        bs_read_only,
+        holds: Holds::new("stream"),
     });
     let opts = JobOptions {
         auto_finalize: a.auto_finalize.unwrap_or(true),
@@ -288,10 +282,10 @@ struct StreamState {
     backing_file: Option<String>,
     mask_protocol: bool,
     on_error: OnError,
-    /// The job's holds on nodes, each blocked for other jobs, until the
-    /// job is dismissed (QEMU: block_job_add_bdrv).
-    holds: Mutex<Vec<(Arc<Node>, Arc<Backend>)>>,
-    blocker: Arc<Blocker>,
+    /// The image was reopened read-write for the job: read-only again after.
+    bs_read_only: bool,
+    /// The job's holds on nodes, until the job is dismissed.
+    holds: Holds,
 }
 
 impl StreamState {
@@ -307,30 +301,23 @@ impl StreamState {
         desc: &str,
     ) -> Result<(), String> {
         let basic = Perm::CONSISTENT_READ.with(Perm::WRITE_UNCHANGED);
-        self.hold(filter, desc, Perm::ALL)?;
+        self.holds
+            .hold(filter, desc, "main node", Perm::NONE, Perm::ALL)?;
         let blk = Backend::new(filter, desc, Perm::CONSISTENT_READ, basic.with(Perm::WRITE))
             .map_err(|e| e.to_string())?;
         *self.blk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(blk));
-        self.hold(bs, desc, basic.with(Perm::WRITE))?;
+        self.holds
+            .hold(bs, desc, "active node", Perm::NONE, basic.with(Perm::WRITE))?;
         let base = above_base.filter_or_cow();
         let mut iter = bs.filter_or_cow();
         while let Some(n) = iter {
             if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &n)) {
                 break;
             }
-            self.hold(&n, desc, basic)?;
+            self.holds
+                .hold(&n, desc, "intermediate node", Perm::NONE, basic)?;
             iter = n.filter_or_cow();
         }
-        Ok(())
-    }
-
-    fn hold(&self, node: &Arc<Node>, desc: &str, shared: Perm) -> Result<(), String> {
-        let b = Backend::new(node, desc, Perm::NONE, shared).map_err(|e| e.to_string())?;
-        node.blockers().block_all(&self.blocker);
-        self.holds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((Arc::clone(node), Arc::new(b)));
         Ok(())
     }
 
@@ -349,15 +336,7 @@ impl StreamState {
     /// Undoes a job that never started.
     async fn teardown(&self) {
         self.clean().await;
-        self.release_holds().await;
-    }
-
-    async fn release_holds(&self) {
-        let holds = std::mem::take(&mut *self.holds.lock().unwrap_or_else(|e| e.into_inner()));
-        for (node, b) in holds {
-            node.blockers().unblock_all(&self.blocker);
-            let _ = b.close().await;
-        }
+        self.holds.release().await;
     }
 
     /// One step: how much from `offset` (at most `want` bytes) the job
@@ -405,7 +384,7 @@ impl JobDriver for Stream {
     }
 
     async fn free(&self) {
-        self.0.release_holds().await;
+        self.0.holds.release().await;
     }
 }
 
@@ -485,13 +464,7 @@ impl StreamState {
                 .backing_file
                 .clone()
                 .unwrap_or_else(|| b.filename().to_string());
-            // A protocol node has no node under it.
-            let fmt = if self.mask_protocol && b.children().is_empty() {
-                "raw"
-            } else {
-                b.format_name()
-            };
-            (id, fmt)
+            (id, b.format_for_overlay(self.mask_protocol).to_string())
         });
         let nodes = top.component();
         let set = drained_async(&nodes, || top.set_backing(base.clone())).await;
@@ -511,6 +484,10 @@ impl StreamState {
         let blk = self.blk.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(b) = blk {
             let _ = b.close().await;
+        }
+        if self.bs_read_only {
+            // Its write permissions are gone with the handle above.
+            let _ = self.target.reopen_read_only(true).await;
         }
     }
 }

@@ -13,5 +13,5 @@ pub mod schema;
 pub mod visit;
 
 pub use error::{ErrorClass, QmpError};
-pub use monitor::{Handler, MonitorOptions, Qmp};
+pub use monitor::{Gate, Handler, MonitorOptions, Qmp};
 pub use schema::Schema;

@@ -14,6 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a command does with its checked arguments.
+/// What a command waits for before it runs.
+pub type Gate = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
 pub type Handler = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, QmpError>> + Send + Sync>;
 
 /// The capabilities a monitor can offer (QEMU: QMPCapability).
@@ -71,6 +74,8 @@ pub struct Qmp {
     next_client: AtomicU64,
     /// Held while a command runs: commands never interleave.
     busy: tokio::sync::Mutex<()>,
+    /// Awaited before each command runs (see [`Qmp::set_gate`]).
+    gate: Option<Gate>,
     /// Connections whose client left but whose last answers are still
     /// being written; `flush` waits for them too.
     closing: AtomicU64,
@@ -113,9 +118,17 @@ impl Qmp {
             clients: Mutex::new(Vec::new()),
             next_client: AtomicU64::new(1),
             busy: tokio::sync::Mutex::new(()),
+            gate: None,
             closing: AtomicU64::new(0),
             closed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Makes every command wait for `gate` first: the server's background
+    /// work that QEMU does in one go on its main loop finishes before the
+    /// next command looks.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
     }
 
     /// Adds a command whose arguments are of object type `args` (None: it
@@ -387,6 +400,9 @@ impl Qmp {
             .cloned()
             .unwrap_or_else(|| Value::Object(Map::new()));
         let args = crate::visit::visit(&self.schema, &cmd.args, args, false)?;
+        if let Some(gate) = &self.gate {
+            gate().await;
+        }
         let _busy = self.busy.lock().await;
         match &cmd.action {
             Action::Capabilities => self.capabilities(session, &args),

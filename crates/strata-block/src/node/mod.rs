@@ -28,7 +28,7 @@ mod replace;
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
 pub use drain::{drained, drained_async};
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
-pub use replace::replace_node;
+pub use replace::{drop_intermediate, replace_node};
 
 static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 
@@ -245,12 +245,17 @@ impl Node {
             .map(|c| c.node)
     }
     /// The child that carries this node's data and metadata (QEMU:
-    /// bdrv_primary_bs): `file` of a format, the filtered child of a filter.
+    /// bdrv_primary_bs): `file` of a format, the filtered child of a filter
+    /// (the backing child of a filter that has no other, as commit's).
     pub fn primary_child(&self) -> Option<Arc<Node>> {
-        self.children()
-            .into_iter()
-            .find(|c| c.role.is_primary())
-            .map(|c| c.node)
+        let children = self.children();
+        let primary = children.iter().find(|c| c.role.is_primary());
+        let filtered = || {
+            children
+                .iter()
+                .find(|c| self.driver.is_filter() && c.role == ChildRole::Backing)
+        };
+        primary.or_else(filtered).map(|c| Arc::clone(&c.node))
     }
     /// The first node at or below this one, down the primary children, of
     /// which `pred` holds.

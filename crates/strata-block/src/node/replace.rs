@@ -10,6 +10,7 @@ use crate::backend::BackendLink;
 use crate::driver::{Child, ChildRole};
 use crate::error::{Error, Result};
 use crate::perm::User;
+use crate::report::error_report;
 use std::sync::{Arc, Weak};
 
 impl Node {
@@ -37,6 +38,12 @@ impl Node {
     /// The user handles on this node, as permission users.
     pub fn backend_users(&self) -> Vec<User> {
         self.backend_links().iter().map(|b| b.user()).collect()
+    }
+
+    /// True when nothing but users of the disk use this node: no parent
+    /// node, no job's hold (QEMU: bdrv_is_root_node).
+    pub fn is_root(&self) -> bool {
+        self.lock_parents().is_empty() && !self.backend_links().iter().any(|b| b.is_job())
     }
 
     /// How many user handles use this node as their root.
@@ -81,6 +88,62 @@ impl Node {
     }
 }
 
+/// The parents of `from` that can move to `to`: not closed, not below `to`.
+fn movable_parents(from: &Arc<Node>, to: &Arc<Node>) -> Vec<(Arc<Node>, ChildRole)> {
+    from.parents()
+        .into_iter()
+        .filter_map(|l| Some((l.parent.upgrade()?, l.role)))
+        .filter(|(p, _)| !p.is_closed() && !to.reaches(p))
+        .collect()
+}
+
+/// Makes every parent and user of `top` use `base`, below it in its chain,
+/// so the nodes between drop out (QEMU: bdrv_drop_intermediate, at the end
+/// of a commit); each image that now has `base` as its backing file stores
+/// `backing_file` (default: base's name) as its name. Unlike QEMU, the
+/// names are written before the graph changes: when one cannot be written,
+/// the graph stays as it was and the names written so far are put back,
+/// so the images and the graph never disagree.
+pub async fn drop_intermediate(
+    top: &Arc<Node>,
+    base: &Arc<Node>,
+    backing_file: Option<&str>,
+    mask_protocol: bool,
+) -> Result<()> {
+    if Arc::ptr_eq(top, base) || !top.chain_contains(base) {
+        return Err(Error::errno(libc::EIO));
+    }
+    let name = backing_file.map_or_else(|| base.filename().to_string(), str::to_string);
+    let format = base.format_for_overlay(mask_protocol).to_string();
+    let moved = movable_parents(top, base);
+    crate::perm::check_moved(top, base, &moved, true)?;
+    let mut written: Vec<(Arc<Node>, Option<(String, Option<String>)>)> = Vec::new();
+    let put_back = |written: Vec<(Arc<Node>, Option<(String, Option<String>)>)>| async move {
+        for (o, old) in written.into_iter().rev() {
+            let (file, fmt) = old.map_or((None, None), |(f, fmt)| (Some(f), fmt));
+            let _ = o.update_backing_name(file.as_deref(), fmt.as_deref()).await;
+        }
+    };
+    for (o, role) in &moved {
+        if *role != ChildRole::Backing {
+            continue;
+        }
+        let old = o.driver.backing_file();
+        if let Err(e) = o.update_backing_name(Some(&name), Some(&format)).await {
+            error_report(e.to_string());
+            put_back(written).await;
+            return Err(e);
+        }
+        written.push((Arc::clone(o), old));
+    }
+    if let Err(e) = replace_node(top, base).await {
+        error_report(e.to_string());
+        put_back(written).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Puts `to` in the place of `from` under every parent of `from` and every
 /// user handle on it (QEMU: bdrv_replace_node). Edges from `to` itself, or
 /// from nodes below it, stay (so a filter opened over `from` can be put in
@@ -90,12 +153,7 @@ pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
     if Arc::ptr_eq(from, to) {
         return Ok(());
     }
-    let moved: Vec<(Arc<Node>, ChildRole)> = from
-        .parents()
-        .into_iter()
-        .filter_map(|l| Some((l.parent.upgrade()?, l.role)))
-        .filter(|(p, _)| !p.is_closed() && !to.reaches(p))
-        .collect();
+    let moved = movable_parents(from, to);
     for (p, role) in &moved {
         if !p.driver.can_replace_child(*role) {
             return Err(Error::unsupported(format!(

@@ -475,6 +475,8 @@ impl Job {
                 Some(h) => h.run(work).await.unwrap_or(Err(JobError::errno(libc::EIO))),
                 None => work.await,
             };
+            // Commands wait while the job completes by itself.
+            let _finishing = job.list.upgrade().map(|l| l.finishing());
             {
                 let mut st = job.lock();
                 if let Err(e) = r {

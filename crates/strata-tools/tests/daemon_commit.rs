@@ -1,0 +1,154 @@
+//! The commit job over QMP: the same conversations with strata-daemon and
+//! qemu-storage-daemon give the same answers and events, and leave the
+//! same images (data, backing file names, maps).
+
+mod daemon_support;
+mod jobs_support;
+use jobs_support::*;
+
+/// Where a commit of `cN-mid` waits at speed 1: past [0, 1M), which only
+/// the base holds, and the first chunk it copied.
+const FIRST_COPY: &str = r#""current-progress": 1572864"#;
+
+#[test]
+fn refused_commits_as_qemu_storage_daemon_refuses_them() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top": "c1-mid.qcow2", "top-node": "c1-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c2-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top": "nosuch.qcow2"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "base": "nosuch.qcow2"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "base-node": "c1-base", "base": "c1-base.qcow2"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "base-node": "c2-base"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-base"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "backing-file": "x"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"device": "c1-top", "top-node": "c1-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "on-error": "bogus"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "filter-node-name": "c1-base"}}"#,
+            0,
+        ),
+        // A negative speed is refused once the job exists: it is created
+        // and gone again, and the graph is as it was.
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k", "device": "c1-top", "top-node": "c1-mid", "speed": -1}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    same_jobs(2, &steps);
+}
+
+#[test]
+fn an_intermediate_commit_runs_pauses_and_completes_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k1", "device": "c1-top", "top-node": "c1-mid", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(FIRST_COPY),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        // The images it works on are busy for other jobs.
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k2", "device": "c1-top", "top-node": "c1-mid"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "k2", "device": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "job-pause", "arguments": {"id": "k1"}}"#, 0),
+        S::Ask(r#"{"execute": "job-resume", "arguments": {"id": "k1"}}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-job-complete", "arguments": {"device": "k1"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "k1", "speed": 0}}"#,
+            5,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+        // With the name the overlay is to store for its new backing file.
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k3", "device": "c2-top", "top-node": "c2-mid", "base-node": "c2-base", "backing-file": "c2-base.qcow2"}}"#,
+            5,
+        ),
+        // Kept pending, then cancelled: the chain is as it was.
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k4", "device": "c3-top", "top-node": "c3-mid", "auto-finalize": false}}"#,
+            3,
+        ),
+        S::Ask(r#"{"execute": "job-cancel", "arguments": {"id": "k4"}}"#, 0),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    same_jobs(3, &steps);
+}
+
+/// A disk opened in one go has read-only backing files: the job makes the
+/// base writable while it runs, and read-only again after.
+#[test]
+fn a_commit_into_a_read_only_base_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k1", "device": "c1-top", "top-node": "c1-mid", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(FIRST_COPY),
+        S::Ask(
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "k1", "speed": 0}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k2", "device": "c2-top", "top-node": "c2-mid", "base-node": "c2-base", "backing-file": "c2-base.qcow2"}}"#,
+            5,
+        ),
+        // Streaming into a read-only image makes it writable for a while too.
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s3", "device": "c3-mid"}}"#,
+            5,
+        ),
+    ];
+    same_jobs_opened(3, disks, |_| {}, &steps);
+}

@@ -1,0 +1,216 @@
+//! The job conversations the daemon tests share: three-image chains made
+//! the same on both sides, the daemons started on them, the steps sent to
+//! both, and the conversations and images compared.
+#![allow(dead_code)]
+
+use crate::daemon_support::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One step of a job conversation.
+pub enum S<'a> {
+    /// Send this, read up to its answer, then that many lines more.
+    Ask(&'a str, usize),
+    /// Poll `query-jobs` (unrecorded) until the text shows: a job's first
+    /// chunk is copied in the background, after the answer that started it.
+    Until(&'a str),
+}
+
+/// Three-image chains `cN-base <- cN-mid <- cN-top`, 4 MiB each: base has
+/// data at [0, 1M) and [3M, 3.5M), mid at [1M, 2M), top at [2M, 2.5M).
+pub fn chains(side: &Side, n: usize) {
+    for i in 1..=n {
+        let p = |l: &str| format!("c{i}-{l}.qcow2");
+        side.qemu_img(&["create", "-q", "-f", "qcow2", &p("base"), "4M"]);
+        for (l, b) in [("mid", "base"), ("top", "mid")] {
+            side.qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &p(b),
+                "-F",
+                "qcow2",
+                &p(l),
+            ]);
+        }
+        for (l, w) in [
+            ("base", "write -P 0x11 0 1M"),
+            ("base", "write -P 0x11 3M 512k"),
+            ("mid", "write -P 0x22 1M 1M"),
+            ("top", "write -P 0x33 2M 512k"),
+        ] {
+            let out = Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", w, &p(l)])
+                .current_dir(side.dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+    }
+}
+
+/// `--blockdev` arguments naming every node of `n` chains; a base with a
+/// blkdebug rule file `cN-base.cfg` in the folder is opened through it.
+pub fn nodes(side: &Side, n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        for (l, b) in [("base", None), ("mid", Some("base")), ("top", Some("mid"))] {
+            let backing = b.map_or(String::new(), |b| format!(",backing=c{i}-{b}"));
+            let cfg = format!("c{i}-{l}.cfg");
+            let file = if side.dir.path().join(&cfg).exists() {
+                format!(
+                    "file.driver=blkdebug,file.config=$DIR/{cfg},\
+                     file.image.driver=file,file.image.filename=$DIR/c{i}-{l}.qcow2"
+                )
+            } else {
+                format!("file.driver=file,file.filename=$DIR/c{i}-{l}.qcow2")
+            };
+            v.push("--blockdev".to_string());
+            v.push(format!("driver=qcow2,node-name=c{i}-{l},{file}{backing}"));
+        }
+    }
+    v
+}
+
+/// `--blockdev` arguments opening each chain in one go, as a guest's disk
+/// is opened: the backing files are nested options, so read-only.
+pub fn disks(_side: &Side, n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.push("--blockdev".to_string());
+        let mut opts = String::new();
+        for (prefix, l) in [
+            ("", "top"),
+            ("backing.", "mid"),
+            ("backing.backing.", "base"),
+        ] {
+            opts += &format!(
+                "{prefix}driver=qcow2,{prefix}node-name=c{i}-{l},{prefix}file.driver=file,\
+                 {prefix}file.filename=$DIR/c{i}-{l}.qcow2,"
+            );
+        }
+        v.push(opts.trim_end_matches(',').to_string());
+    }
+    v
+}
+
+pub fn run(side: &Side, open: Open, n: usize, steps: &[S]) -> Vec<String> {
+    let dir = side.dir.path().display().to_string();
+    let extra: Vec<String> = open(side, n)
+        .iter()
+        .map(|a| a.replace("$DIR", &dir))
+        .collect();
+    let (d, mut c) = Running::start(side, &extra);
+    let mut out = vec![side.normalize(&c.line())];
+    out.push(c.ask(r#"{"execute": "qmp_capabilities"}"#));
+    for s in steps {
+        match s {
+            S::Ask(send, after) => {
+                out.push(format!("-> {send}"));
+                c.send(send);
+                loop {
+                    let line = c.line();
+                    let answer = line.starts_with("{\"return\"") || line.starts_with("{\"error\"");
+                    out.push(side.normalize(&line));
+                    if answer {
+                        break;
+                    }
+                }
+                for _ in 0..*after {
+                    out.push(side.normalize(&c.line()));
+                }
+            }
+            S::Until(text) => {
+                let start = Instant::now();
+                while !c.ask(r#"{"execute": "query-jobs"}"#).contains(text) {
+                    assert!(start.elapsed() < Duration::from_secs(20), "{text}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    c.send(r#"{"execute": "quit"}"#);
+    while !c.line().starts_with("{\"return\"") {}
+    let (code, err) = d.wait();
+    out.push(format!("exit {code}"));
+    out.push(side.normalize(&err));
+    without_drain_pauses(out)
+}
+
+/// Drops the `paused` then `running` pair that qemu-storage-daemon sends
+/// for every running job whenever the graph changes anywhere (it drains
+/// every node then); Strata's jobs keep running.
+pub fn without_drain_pauses(lines: Vec<String>) -> Vec<String> {
+    let status = |l: &str, s: &str| l.contains(&format!("\"data\": {{\"status\": \"{s}\""));
+    let mut out: Vec<String> = Vec::new();
+    for l in lines {
+        if status(&l, "running") && out.last().is_some_and(|p| status(p, "paused")) {
+            let paused = out.pop().unwrap_or_default();
+            // The pair names the same job.
+            let id = |x: &str| x.rsplit("\"id\": ").next().map(str::to_string);
+            if id(&paused) != id(&l) {
+                out.push(paused);
+                out.push(l);
+            }
+            continue;
+        }
+        out.push(l);
+    }
+    out
+}
+
+/// Runs `steps` on both daemons and compares the conversations, then the
+/// images each left (their maps and backing files).
+pub fn same_jobs(n: usize, steps: &[S]) -> Option<Vec<String>> {
+    same_jobs_with(n, |_| {}, steps)
+}
+
+/// How a conversation's daemons open the chains: [`nodes`] or
+/// [`disks`].
+pub type Open = fn(&Side, usize) -> Vec<String>;
+
+/// As [`same_jobs`], with `setup` run on each side after the chains are
+/// made; returns Strata's side of the conversation.
+pub fn same_jobs_with(n: usize, setup: impl Fn(&Side), steps: &[S]) -> Option<Vec<String>> {
+    same_jobs_opened(n, nodes, setup, steps)
+}
+
+/// As [`same_jobs_with`], with the chains opened by `open`.
+pub fn same_jobs_opened(
+    n: usize,
+    open: Open,
+    setup: impl Fn(&Side),
+    steps: &[S],
+) -> Option<Vec<String>> {
+    let (s, q) = sides()?;
+    chains(&s, n);
+    chains(&q, n);
+    setup(&s);
+    setup(&q);
+    let got = run(&s, open, n, steps);
+    let want = run(&q, open, n, steps);
+    assert_same_lines(&got, &want);
+    for i in 1..=n {
+        for l in ["base", "mid", "top"] {
+            let img = format!("c{i}-{l}.qcow2");
+            // Blocks on disk are the filesystem's business.
+            let info = |side: &Side| {
+                let (out, code) = side.qemu_img(&["info", "-U", "--output=json", &img]);
+                let kept: Vec<&str> = out
+                    .lines()
+                    .filter(|l| !l.contains("\"actual-size\""))
+                    .collect();
+                (kept.join("\n"), code)
+            };
+            assert_eq!(info(&s), info(&q), "{img}");
+            let args = ["map", "-U", "--output=json", img.as_str()];
+            assert_eq!(s.qemu_img(&args), q.qemu_img(&args), "{img}");
+            assert_eq!(s.qemu_img(&["check", &img]).1, 0, "{img}");
+        }
+    }
+    Some(got)
+}
+
+pub const FIRST_CHUNK: &str = r#""current-progress": 524288"#;
