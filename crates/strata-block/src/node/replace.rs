@@ -97,6 +97,10 @@ fn movable_parents(from: &Arc<Node>, to: &Arc<Node>) -> Vec<(Arc<Node>, ChildRol
         .collect()
 }
 
+/// An image whose backing file name was rewritten, with the name and
+/// format it stored before.
+type Renamed = (Arc<Node>, Option<(String, Option<String>)>);
+
 /// Makes every parent and user of `top` use `base`, below it in its chain,
 /// so the nodes between drop out (QEMU: bdrv_drop_intermediate, at the end
 /// of a commit); each image that now has `base` as its backing file stores
@@ -117,8 +121,8 @@ pub async fn drop_intermediate(
     let format = base.format_for_overlay(mask_protocol).to_string();
     let moved = movable_parents(top, base);
     crate::perm::check_moved(top, base, &moved, true)?;
-    let mut written: Vec<(Arc<Node>, Option<(String, Option<String>)>)> = Vec::new();
-    let put_back = |written: Vec<(Arc<Node>, Option<(String, Option<String>)>)>| async move {
+    let mut written: Vec<Renamed> = Vec::new();
+    let put_back = |written: Vec<Renamed>| async move {
         for (o, old) in written.into_iter().rev() {
             let (file, fmt) = old.map_or((None, None), |(f, fmt)| (Some(f), fmt));
             let _ = o.update_backing_name(file.as_deref(), fmt.as_deref()).await;
