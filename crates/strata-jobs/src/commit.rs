@@ -17,6 +17,7 @@ use crate::node_named;
 use crate::state::JobType;
 use crate::Refused;
 use async_trait::async_trait;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use strata_block::driver::{Perm, Preallocation};
 use strata_block::{
@@ -165,7 +166,7 @@ async fn commit_start(
         base_blk: Mutex::new(None),
         base: Arc::clone(&base),
         base_overlay: Mutex::new(None),
-        base_read_only: Mutex::new(false),
+        base_read_only: AtomicBool::new(false),
         backing_file: a.backing_file.clone(),
         mask_protocol: a.backing_mask_protocol,
         on_error,
@@ -214,14 +215,14 @@ struct CommitState {
     /// The lowest image whose data is copied.
     base_overlay: Mutex<Option<Arc<Node>>>,
     /// The base was opened read-only and is reopened so for the job.
-    base_read_only: Mutex<bool>,
+    base_read_only: AtomicBool,
     backing_file: Option<String>,
     mask_protocol: bool,
     on_error: OnError,
     holds: Holds,
 }
 
-fn take<T: Clone>(m: &Mutex<Option<T>>) -> Option<T> {
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
     m.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
@@ -257,10 +258,7 @@ impl CommitState {
             base.reopen_read_only(false)
                 .await
                 .map_err(|e| e.to_string())?;
-            *self
-                .base_read_only
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = true;
+            self.base_read_only.store(true, Ordering::Release);
         }
         let filter = commit_top::insert(graph, top, filter_name).await?;
         put(&self.commit_top, filter);
@@ -323,13 +321,7 @@ impl CommitState {
     }
 
     async fn restore_base_mode(&self) {
-        let was = std::mem::take(
-            &mut *self
-                .base_read_only
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        if was {
+        if self.base_read_only.swap(false, Ordering::AcqRel) {
             let _ = self.base.reopen_read_only(true).await;
         }
     }
