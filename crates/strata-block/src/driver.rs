@@ -370,6 +370,12 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// Zero writes may deallocate instead of writing (QEMU: BDRV_REQ_MAY_UNMAP
+    /// in supported_zero_flags); a mirror zeroes its target that way.
+    fn zeroes_may_unmap(&self) -> bool {
+        false
+    }
+
     /// True when a newly made image of this node reads as zeroes, so a
     /// copy may skip zero ranges (QEMU: bdrv_has_zero_init).
     fn has_zero_init(&self) -> bool {

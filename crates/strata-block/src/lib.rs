@@ -44,8 +44,8 @@ pub use error::{Error, Result};
 pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
 pub use node::{
-    drained, drained_async, drop_intermediate, replace_node, BeforeWrite, CacheMode, DetectZeroes,
-    Node, NodeOptions, ThresholdExceeded, WriteKind, WriteReq,
+    drain_begin, drained, drained_async, drop_intermediate, replace_node, BeforeWrite, CacheMode,
+    DetectZeroes, DrainGuard, Node, NodeOptions, ThresholdExceeded, WriteKind, WriteReq,
 };
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;

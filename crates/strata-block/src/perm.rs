@@ -229,7 +229,7 @@ pub fn check_moved(
         .map(|(p, role)| edge_user(p, *role, &extra))
         .collect();
     if backends {
-        add.extend(from.backend_users());
+        add.extend(from.movable_backend_users());
     }
     extra.users = add.into_iter().map(|u| (&**to, u)).collect();
     check_users(to, &users_with(to, &extra))?;

@@ -104,11 +104,13 @@ impl Daemon {
             c.entry("no-flush").or_insert(Value::Bool(false));
         }
         opts.entry("read-only").or_insert(Value::Bool(false));
-        let ctx = OpenCtx::with_graph(
-            Arc::clone(&self.registry),
-            OpenFlags::default(),
-            Arc::clone(&self.graph),
-        );
+        // Unlike the tools' opens, blockdev-add ignores discards unless
+        // told (no BDRV_O_UNMAP); protocol children still pass them on.
+        let flags = OpenFlags {
+            unmap: false,
+            ..OpenFlags::default()
+        };
+        let ctx = OpenCtx::with_graph(Arc::clone(&self.registry), flags, Arc::clone(&self.graph));
         let node = ctx
             .open_image(None, None, opts)
             .await

@@ -5,7 +5,9 @@ use crate::blockdev::Daemon;
 use crate::commands::daemon_command;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use strata_jobs::{block_commit, block_stream, CommitArgs, Job, Refused, StreamArgs};
+use strata_jobs::{
+    block_commit, block_stream, blockdev_mirror, CommitArgs, Job, MirrorArgs, Refused, StreamArgs,
+};
 use strata_qmp::error::ErrorClass;
 use strata_qmp::schema::Schema;
 use strata_qmp::{Qmp, QmpError};
@@ -51,6 +53,29 @@ pub(crate) fn schema(s: &mut Schema) {
             ("*auto-dismiss", "bool"),
         ],
     )
+    .enumeration(
+        "MirrorSyncMode",
+        &["top", "full", "none", "incremental", "bitmap"],
+    )
+    .object(
+        "q_obj_blockdev-mirror_arg",
+        &[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("target", "str"),
+            ("*replaces", "str"),
+            ("sync", "MirrorSyncMode"),
+            ("*speed", "int"),
+            ("*granularity", "uint32"),
+            ("*buf-size", "int"),
+            ("*on-source-error", "BlockdevOnError"),
+            ("*on-target-error", "BlockdevOnError"),
+            ("*filter-node-name", "str"),
+            ("*copy-mode", "MirrorCopyMode"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+        ],
+    )
     .object("q_obj_job-id_arg", &[("id", "str")])
     .object("q_obj_block-job-device_arg", &[("device", "str")])
     .object(
@@ -86,6 +111,17 @@ pub(crate) fn schema(s: &mut Schema) {
         "type",
         &[("mirror", "BlockJobChangeOptionsMirror")],
     );
+}
+
+/// A refused job command as QMP answers it.
+fn refused(r: Refused) -> QmpError {
+    match r {
+        Refused::Generic(m) => QmpError::generic(m),
+        Refused::DeviceNotFound(m) => QmpError {
+            class: ErrorClass::DeviceNotFound,
+            desc: m,
+        },
+    }
 }
 
 /// A job of the `job-*` commands (QEMU: find_job_locked).
@@ -218,13 +254,39 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             Box::pin(async move {
                 block_commit(&d.jobs, &d.graph, args)
                     .await
-                    .map_err(|r| match r {
-                        Refused::Generic(m) => QmpError::generic(m),
-                        Refused::DeviceNotFound(m) => QmpError {
-                            class: ErrorClass::DeviceNotFound,
-                            desc: m,
-                        },
-                    })?;
+                    .map_err(refused)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "blockdev-mirror",
+        Some("q_obj_blockdev-mirror_arg"),
+        Arc::new(move |a| {
+            let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            let b = |k: &str| a.get(k).and_then(Value::as_bool);
+            let args = MirrorArgs {
+                job_id: s("job-id"),
+                device: s("device").unwrap_or_default(),
+                target: s("target").unwrap_or_default(),
+                replaces: s("replaces"),
+                sync: s("sync").unwrap_or_default(),
+                speed: a.get("speed").and_then(Value::as_i64),
+                granularity: a.get("granularity").and_then(Value::as_u64),
+                buf_size: a.get("buf-size").and_then(Value::as_i64),
+                on_source_error: s("on-source-error"),
+                on_target_error: s("on-target-error"),
+                filter_node_name: s("filter-node-name"),
+                copy_mode: s("copy-mode"),
+                auto_finalize: b("auto-finalize"),
+                auto_dismiss: b("auto-dismiss"),
+            };
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                blockdev_mirror(&d.jobs, &d.graph, args)
+                    .await
+                    .map_err(refused)?;
                 Ok(json!({}))
             })
         }),
@@ -334,7 +396,7 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         Arc::new(move |a| {
             let found = block_job(&d, arg(&a, "id"));
             Box::pin(async move {
-                found?.change()?;
+                found?.change(&a)?;
                 Ok(json!({}))
             })
         }),

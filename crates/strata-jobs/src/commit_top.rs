@@ -7,10 +7,7 @@
 use async_trait::async_trait;
 use std::sync::Arc;
 use strata_block::driver::{Child, ChildCell, ChildRole, Driver, Limits, Perm};
-use strata_block::filename::Identity;
-use strata_block::{
-    replace_node, BlockStatus, Error, Graph, IoBuf, Node, NodeOptions, Result, WriteFlags,
-};
+use strata_block::{BlockStatus, Error, Graph, IoBuf, Node, Result, WriteFlags};
 
 struct CommitTop {
     top: ChildCell,
@@ -95,46 +92,16 @@ impl Driver for CommitTop {
     }
 }
 
-/// Puts a commit_top node over `top` (QEMU: bdrv_append): every parent and
-/// user of `top` uses it instead. Named `name`, or automatically.
+/// Puts a commit_top node over `top`: every parent and user of `top` uses
+/// it instead. Named `name`, or automatically.
 pub(crate) async fn insert(
     graph: &Arc<Graph>,
     top: &Arc<Node>,
     name: Option<&str>,
 ) -> std::result::Result<Arc<Node>, String> {
-    if let Some(n) = name {
-        graph.check_new_name(n).map_err(|e| e.to_string())?;
-    }
-    // QEMU names it after the image below (bdrv_commit_top_refresh_filename).
-    let identity = Identity {
-        exact: top.filename().to_string(),
-        ..Identity::default()
-    };
-    top.add_ref();
-    let node = Node::new(
-        name.unwrap_or_default(),
-        identity,
-        Box::new(CommitTop {
-            top: ChildCell::new(Arc::clone(top)),
-        }),
-        // QEMU opens it with no flags: read-only, though it is written
-        // through by no one.
-        NodeOptions {
-            read_only: true,
-            ..NodeOptions::default()
-        },
-    );
-    graph.add(&node);
-    if let Some(home) = top.home() {
-        node.move_to(Some(home)).await;
-    }
-    let placed = match strata_block::perm::check_attached(&node) {
-        Ok(()) => replace_node(top, &node).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = placed {
-        let _ = node.close().await;
-        return Err(e.to_string());
-    }
-    Ok(node)
+    let driver = Box::new(CommitTop {
+        top: ChildCell::new(Arc::clone(top)),
+    });
+    // QEMU opens it with no flags: read-only, though no one writes through it.
+    crate::filter_node::insert_filter(graph, top, name, driver, true).await
 }

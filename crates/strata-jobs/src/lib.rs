@@ -6,9 +6,11 @@
 
 pub mod commit;
 mod commit_top;
+mod filter_node;
 mod holds;
 pub mod job;
 pub mod list;
+pub mod mirror;
 pub mod ratelimit;
 pub mod state;
 pub mod stream;
@@ -16,6 +18,7 @@ pub mod stream;
 pub use commit::{block_commit, CommitArgs};
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 pub use list::{EventSink, JobList};
+pub use mirror::{blockdev_mirror, MirrorArgs};
 pub use state::{JobStatus, JobType, JobVerb};
 pub use stream::{block_stream, StreamArgs};
 

@@ -72,6 +72,34 @@ pub async fn drained_async<R, F: std::future::Future<Output = R>>(
     nodes: &[Arc<Node>],
     f: impl FnOnce() -> F,
 ) -> R {
+    let _section = drain_begin(nodes).await;
+    f().await
+}
+
+/// A drained section that lasts until this is dropped (QEMU: a
+/// bdrv_drained_begin whose end comes later, as a mirror job holds its
+/// source drained from its last check until the graph has changed).
+pub struct DrainGuard {
+    tops: Vec<Arc<Node>>,
+    used: Vec<Arc<Node>>,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        for n in &self.tops {
+            n.gate.fetch_sub(1, Ordering::AcqRel);
+            n.gate_open.notify_waiters();
+        }
+        for n in &self.used {
+            n.user_gate.fetch_sub(1, Ordering::AcqRel);
+            n.gate_open.notify_waiters();
+        }
+    }
+}
+
+/// Begins a drained section over `nodes` (see [`drained`]); it ends when
+/// the guard goes, also if the caller is dropped mid-drain.
+pub async fn drain_begin(nodes: &[Arc<Node>]) -> DrainGuard {
     let tops: Vec<Arc<Node>> = nodes
         .iter()
         .filter(|n| n.lock_parents().is_empty())
@@ -85,29 +113,15 @@ pub async fn drained_async<R, F: std::future::Future<Output = R>>(
         .filter(|n| !n.lock_parents().is_empty())
         .cloned()
         .collect();
-    struct Reopen(Vec<Arc<Node>>, Vec<Arc<Node>>);
-    impl Drop for Reopen {
-        fn drop(&mut self) {
-            for n in &self.0 {
-                n.gate.fetch_sub(1, Ordering::AcqRel);
-                n.gate_open.notify_waiters();
-            }
-            for n in &self.1 {
-                n.user_gate.fetch_sub(1, Ordering::AcqRel);
-                n.gate_open.notify_waiters();
-            }
-        }
-    }
     for n in &used {
         n.user_gate.fetch_add(1, Ordering::AcqRel);
     }
     for n in &tops {
         n.gate.fetch_add(1, Ordering::AcqRel);
     }
-    // Reopens the gates even if the caller drops this future mid-drain.
-    let _reopen = Reopen(tops, used);
+    let guard = DrainGuard { tops, used };
     for n in nodes {
         n.tracker.wait_idle().await;
     }
-    f().await
+    guard
 }

@@ -26,7 +26,7 @@ mod reopen;
 mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
-pub use drain::{drained, drained_async};
+pub use drain::{drain_begin, drained, drained_async, DrainGuard};
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
 pub use replace::{drop_intermediate, replace_node};
 
@@ -208,6 +208,12 @@ impl Node {
     /// What the node does with writes of zeroes.
     pub fn detect_zeroes(&self) -> DetectZeroes {
         self.detect_zeroes
+    }
+
+    /// Zero writes with unmap deallocate here (QEMU:
+    /// bdrv_can_write_zeroes_with_unmap): `discard=unmap` and a driver that can.
+    pub fn can_write_zeroes_with_unmap(&self) -> bool {
+        self.unmap && self.driver.zeroes_may_unmap()
     }
 
     pub fn is_read_only(&self) -> bool {

@@ -40,6 +40,20 @@ impl Node {
         self.backend_links().iter().map(|b| b.user()).collect()
     }
 
+    /// The user handles a swap moves to the new node: all but the jobs'
+    /// holds, which stay with the node they hold (QEMU: child_job's
+    /// stay_at_node).
+    fn movable_backends(&self) -> Vec<Arc<BackendLink>> {
+        let mut v = self.backend_links();
+        v.retain(|b| !b.is_job());
+        v
+    }
+
+    /// The users [`replace_node`] would move, as permission users.
+    pub(crate) fn movable_backend_users(&self) -> Vec<User> {
+        self.movable_backends().iter().map(|b| b.user()).collect()
+    }
+
     /// True when nothing but users of the disk use this node: no parent
     /// node, no job's hold (QEMU: bdrv_is_root_node).
     pub fn is_root(&self) -> bool {
@@ -169,7 +183,7 @@ pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
         }
     }
     crate::perm::check_moved(from, to, &moved, true)?;
-    let backends = from.backend_links();
+    let backends = from.movable_backends();
     let mut nodes = from.component();
     for n in to.component() {
         if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {

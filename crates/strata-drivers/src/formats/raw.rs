@@ -41,6 +41,10 @@ impl Driver for RawDriver {
             .unwrap_or_else(|| self.file.get().length().saturating_sub(self.offset))
     }
 
+    fn zeroes_may_unmap(&self) -> bool {
+        self.file.get().driver().zeroes_may_unmap()
+    }
+
     /// QEMU's raw answers get_info with its file's answer.
     fn has_info(&self) -> bool {
         self.file.get().driver().has_info()

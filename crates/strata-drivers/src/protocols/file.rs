@@ -299,6 +299,10 @@ impl Driver for FileDriver {
         self.name == "file"
     }
 
+    fn zeroes_may_unmap(&self) -> bool {
+        true
+    }
+
     fn growable(&self) -> bool {
         !self.block_device
     }

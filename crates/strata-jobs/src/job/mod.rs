@@ -77,6 +77,26 @@ pub trait JobDriver: Send + Sync {
     /// Called when the job leaves the job list (QEMU: block_job_free):
     /// drops the holds on nodes that the job keeps until it is dismissed.
     async fn free(&self) {}
+
+    /// A cancel was asked for; returns whether it forces the job to stop
+    /// now (QEMU: JobDriver.cancel). Jobs without a soft cancel always force.
+    fn cancel(&self, _job: &Arc<Job>, _force: bool) -> bool {
+        true
+    }
+
+    /// The work is about to stop at a pause point: requests it has in
+    /// flight end first (QEMU: JobDriver.pause).
+    async fn pause(&self, _job: &Arc<Job>) {}
+
+    /// `block-job-change` with these arguments: None if this kind of job has
+    /// nothing to change.
+    fn change(&self, _job: &Arc<Job>, _args: &Value) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// What `query-block-jobs` shows of this kind of job beyond the common
+    /// fields (QEMU: BlockJobDriver.query).
+    fn query(&self, _info: &mut Map<String, Value>) {}
 }
 
 /// How a block job answers an I/O error (QEMU: BlockdevOnError).
@@ -341,7 +361,10 @@ impl Job {
 
     /// Stops here while a pause is asked for, showing `paused` (or
     /// `standby` when ready) meanwhile (QEMU: job_pause_point).
-    pub async fn pause_point(&self) {
+    pub async fn pause_point(self: &Arc<Self>) {
+        if self.pause_asked() {
+            self.driver.pause(self).await;
+        }
         let mut before = JobStatus::Running;
         let parked = self
             .park(None, |st| {
@@ -366,11 +389,28 @@ impl Job {
         }
     }
 
+    /// Whether the work should stop at its next pause point (QEMU:
+    /// job_should_pause).
+    fn pause_asked(&self) -> bool {
+        let st = self.lock();
+        st.pause_count > 0 && !st.force_cancel
+    }
+
     /// Sleeps for `d` unless entered sooner, then stops at a pause point
     /// (QEMU: job_sleep_ns).
-    pub async fn sleep(&self, d: Duration) {
+    pub async fn sleep(self: &Arc<Self>, d: Duration) {
+        self.sleep_until(Some(Instant::now() + d)).await;
+    }
+
+    /// Waits until entered (a verb, a cancel), then stops at a pause point
+    /// (QEMU: job_yield).
+    pub async fn wait_entered(self: &Arc<Self>) {
+        self.sleep_until(None).await;
+    }
+
+    async fn sleep_until(self: &Arc<Self>, deadline: Option<Instant>) {
         let mut cancelled = false;
-        self.park(Some(Instant::now() + d), |st| {
+        self.park(deadline, |st| {
             cancelled = st.force_cancel;
             !cancelled && st.pause_count == 0
         })
@@ -383,7 +423,7 @@ impl Job {
     /// Waits as long as the speed limit asks, at least once, so that a
     /// drain or a pause finds the job between requests (QEMU:
     /// block_job_ratelimit_sleep).
-    pub async fn ratelimit_sleep(&self) {
+    pub async fn ratelimit_sleep(self: &Arc<Self>) {
         loop {
             let d = self.lock().limit.delay(0, Instant::now());
             self.sleep(d).await;
@@ -401,6 +441,43 @@ impl Job {
     /// Whether the work should stop (QEMU: job_is_cancelled).
     pub fn is_cancelled(&self) -> bool {
         self.lock().force_cancel
+    }
+
+    /// Whether a cancel was asked for, soft or forced (QEMU:
+    /// job_cancel_requested): a ready mirror then ends without pivoting.
+    pub fn cancel_requested(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    /// The work has caught up and waits for `job-complete` (QEMU:
+    /// job_transition_to_ready, with BLOCK_JOB_READY).
+    pub fn transition_to_ready(&self) {
+        let mut st = self.lock();
+        self.transition(&mut st, JobStatus::Ready);
+        self.emit(
+            "BLOCK_JOB_READY",
+            json!({"type": self.kind.as_str(), "device": self.id,
+                   "len": st.total, "offset": st.current, "speed": st.speed}),
+        );
+    }
+
+    /// Wakes the work unless it is paused, so it sees what a verb changed
+    /// (QEMU: job_enter_cond when !job->paused).
+    pub fn enter_unless_paused(&self) {
+        let mut st = self.lock();
+        if !st.paused {
+            self.enter_if(&mut st, |_| true);
+        }
+    }
+
+    /// The block job's I/O status is `ok` (no error has stopped it).
+    pub fn iostatus_ok(&self) -> bool {
+        self.lock().iostatus == "ok"
+    }
+
+    /// Counts `n` more bytes to do (QEMU: job_progress_increase_remaining).
+    pub fn progress_increase_remaining(&self, n: u64) {
+        self.lock().total += n;
     }
 
     pub fn progress_set_remaining(&self, remaining: u64) {

@@ -79,12 +79,15 @@ impl Job {
         }
     }
 
-    /// `block-job-change` (QEMU: block_job_change): no job kind built so
-    /// far has options to change (mirror's copy mode will).
-    pub fn change(&self) -> Result<(), String> {
-        let st = self.lock();
-        self.apply_verb(&st, JobVerb::Change)?;
-        Err("Job type does not support change".into())
+    /// `block-job-change` (QEMU: block_job_change).
+    pub fn change(self: &Arc<Self>, args: &Value) -> Result<(), String> {
+        {
+            let st = self.lock();
+            self.apply_verb(&st, JobVerb::Change)?;
+        }
+        self.driver
+            .change(self, args)
+            .unwrap_or_else(|| Err("Job type does not support change".into()))
     }
 
     fn cannot_complete(&self) -> String {
@@ -128,8 +131,13 @@ impl Job {
                 return Ok(());
             }
         }
-        self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
-            .await;
+        // A soft cancel ends a job as a success: it may then wait to be
+        // finalized.
+        self.wait_until(|st| {
+            matches!(st.status, JobStatus::Concluded | JobStatus::Null)
+                || (st.status == JobStatus::Pending && !st.auto_finalize)
+        })
+        .await;
         Ok(())
     }
 
@@ -185,10 +193,11 @@ impl Job {
                 self.do_dismiss(&mut st);
                 Next::Release
             } else {
-                // No job kind has a soft cancel yet: every cancel forces
-                // (QEMU: a driver without .cancel).
-                let _ = force;
-                let force = true;
+                // The driver says whether this cancel forces (QEMU:
+                // job_cancel_async); it looks at the state, so unlocked.
+                drop(st);
+                let force = self.driver.cancel(self, force);
+                st = self.lock();
                 if st.user_paused {
                     st.iostatus = "ok";
                     st.user_paused = false;
@@ -274,6 +283,8 @@ impl Job {
         if let Some(e) = &st.ret {
             m.insert("error".into(), e.text().into());
         }
+        drop(st);
+        self.driver.query(&mut m);
         Value::Object(m)
     }
 }

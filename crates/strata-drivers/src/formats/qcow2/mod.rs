@@ -674,6 +674,10 @@ impl Driver for Qcow2Driver {
         self.crypto.is_some()
     }
 
+    fn zeroes_may_unmap(&self) -> bool {
+        self.v3()
+    }
+
     /// QEMU's qcow2_has_zero_init: an image without L2 tables reads as
     /// zeroes; a preallocated one only if its data is not encrypted and
     /// the data file itself reads as zeroes.
