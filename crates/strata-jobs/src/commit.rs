@@ -131,11 +131,7 @@ pub async fn block_commit(
             }
             .into());
         }
-        return Err(format!(
-            "Committing the active layer '{}' needs an active commit, which this build does not run yet",
-            top.name()
-        )
-        .into());
+        return commit_active_start(list, graph, a, top, base, on_error).await;
     }
     let overlay = bs
         .find_overlay(Some(&top))
@@ -144,6 +140,54 @@ pub async fn block_commit(
         .check_op(BlockOp::CommitTarget)
         .map_err(|e| e.to_string())?;
     commit_start(list, graph, a, bs, top, base, on_error).await
+}
+
+/// Commits an image that has a writer, the disk's active layer as a rule
+/// (QEMU: commit_active_start): a mirror from `top` into `base` that
+/// reports READY and, on `job-complete`, puts `base` in `top`'s place.
+async fn commit_active_start(
+    list: &Arc<JobList>,
+    graph: &Arc<Graph>,
+    a: CommitArgs,
+    top: Arc<Node>,
+    base: Arc<Node>,
+    on_error: OnError,
+) -> Result<(), Refused> {
+    let base_ro = base.is_read_only();
+    if base_ro {
+        base.reopen_read_only(false)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let start = crate::mirror::Start {
+        job_id: a.job_id.clone().unwrap_or_default(),
+        kind: JobType::Commit,
+        bs: top,
+        target: Arc::clone(&base),
+        replaces: None,
+        speed: a.speed.unwrap_or(0),
+        granularity: 0,
+        buf_size: 0,
+        zero_target: false,
+        on_source_error: on_error,
+        on_target_error: on_error,
+        unmap: true,
+        none_mode: false,
+        base: Some(Arc::clone(&base)),
+        filter_node_name: a.filter_node_name.clone(),
+        copy_mode: crate::mirror::BACKGROUND,
+        base_ro,
+        opts: JobOptions {
+            auto_finalize: a.auto_finalize.unwrap_or(true),
+            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+            speed: 0,
+        },
+    };
+    let r = crate::mirror::mirror_start_job(list, graph, start).await;
+    if r.is_err() && base_ro {
+        let _ = base.reopen_read_only(true).await;
+    }
+    r
 }
 
 /// QEMU: commit_start.

@@ -52,3 +52,139 @@ fn a_full_mirror_gets_ready_and_pivots_as_in_qemu() {
     ];
     same_jobs_and_images(1, with_targets, targets, &steps, &["c1-tgt.qcow2"]);
 }
+
+#[test]
+fn refused_mirrors_as_qemu_storage_daemon_refuses_them() {
+    let m = |args: &'static str| S::Ask(args, 0);
+    let steps = [
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "nosuch", "target": "t1", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-mid", "target": "t1", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "nosuch", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "granularity": 256}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "granularity": 3000}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "incremental"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "buf-size": -1}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "c1-top", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "c1-mid", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "replaces": "nosuch"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "replaces": "c1-mid"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"device": "c1-top", "target": "t1", "sync": "full"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "speed": -1}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "t1", "sync": "full", "filter-node-name": "c1-base"}}"#,
+        ),
+        m(r#"{"execute": "query-jobs"}"#),
+        // A job that cannot be completed or changed yet.
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "c2-top", "target": "t2", "sync": "full", "speed": 1}}"#,
+        ),
+        m(r#"{"execute": "job-complete", "arguments": {"id": "m"}}"#),
+        m(
+            r#"{"execute": "block-job-change", "arguments": {"id": "m", "type": "mirror", "copy-mode": "background"}}"#,
+        ),
+        m(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m2", "device": "c2-top", "target": "t1", "sync": "full"}}"#,
+        ),
+        m(r#"{"execute": "block-job-cancel", "arguments": {"device": "m"}}"#),
+        m(r#"{"execute": "query-jobs"}"#),
+    ];
+    same_jobs_and_images(2, with_targets, targets, &steps, &[]);
+}
+
+/// Cancelled once READY, a mirror ends as a success and leaves the target
+/// a copy; the source stays in place. Top sync copies only the top image.
+#[test]
+fn a_mirror_cancelled_when_ready_completes_without_pivoting_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m1", "device": "c1-top", "target": "t1", "sync": "top"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "block-job-cancel", "arguments": {"device": "m1"}}"#,
+            5,
+        ),
+        // Write-blocking from the start, and a change to it when ready.
+        S::Ask(
+            r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m2", "device": "c2-top", "target": "t2", "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": false}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "block-job-change", "arguments": {"id": "m2", "type": "mirror", "copy-mode": "background"}}"#,
+            0,
+        ),
+        S::Ask(r#"{"execute": "job-cancel", "arguments": {"id": "m2"}}"#, 3),
+        S::Ask(
+            r#"{"execute": "job-dismiss", "arguments": {"id": "m2"}}"#,
+            0,
+        ),
+    ];
+    same_jobs_and_images(
+        2,
+        with_targets,
+        targets,
+        &steps,
+        &["c1-tgt.qcow2", "c2-tgt.qcow2"],
+    );
+}
+
+/// Committing the active layer runs as a mirror into the base: READY, then
+/// `job-complete` makes the base the disk.
+#[test]
+fn an_active_commit_gets_ready_and_pivots_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k1", "device": "c1-top"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(r#"{"execute": "query-block-jobs"}"#, 0),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "k1"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k2", "device": "c2-top", "base-node": "c2-mid", "auto-finalize": false}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "k2"}}"#,
+            3,
+        ),
+        S::Ask(
+            r#"{"execute": "job-finalize", "arguments": {"id": "k2"}}"#,
+            0,
+        ),
+    ];
+    same_jobs_and_images(2, with_targets, targets, &steps, &[]);
+}

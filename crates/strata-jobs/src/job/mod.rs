@@ -84,6 +84,13 @@ pub trait JobDriver: Send + Sync {
         true
     }
 
+    /// Whether a cancel is answered only once the job has ended. QEMU's
+    /// mirror drains its source on the way out, which yields to the
+    /// monitor: its cancel is answered first, its events follow.
+    fn cancel_waits(&self) -> bool {
+        true
+    }
+
     /// The work is about to stop at a pause point: requests it has in
     /// flight end first (QEMU: JobDriver.pause).
     async fn pause(&self, _job: &Arc<Job>) {}

@@ -127,7 +127,7 @@ impl Job {
                 let st = self.lock();
                 self.apply_verb(&st, JobVerb::Cancel)?;
             }
-            if !self.cancel(force).await {
+            if !self.cancel(force).await || !self.driver.cancel_waits() {
                 return Ok(());
             }
         }

@@ -22,7 +22,8 @@ use crate::list::JobList;
 use crate::state::JobType;
 use crate::Refused;
 use async_trait::async_trait;
-use ops::{copy_mode_name, Ops, BACKGROUND, WRITE_BLOCKING};
+pub(crate) use ops::BACKGROUND;
+use ops::{copy_mode_name, Ops, WRITE_BLOCKING};
 use serde_json::{Map, Value};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -529,6 +530,10 @@ impl JobDriver for Mirror {
 
     fn complete(&self, job: &Arc<Job>) -> Option<Result<(), String>> {
         Some(self.0.complete(job))
+    }
+
+    fn cancel_waits(&self) -> bool {
+        false
     }
 
     fn cancel(&self, job: &Arc<Job>, force: bool) -> bool {
