@@ -1,0 +1,202 @@
+//! The mirror job against a guest that writes while it copies. A copy of
+//! granule 0 has read the old data and is held at a blkdebug breakpoint on
+//! its write to the target; the guest then writes into granule 0.
+//!
+//! - In background mode the guest's write marks the granule dirty, and the
+//!   job copies it again. That second copy must not overtake the first, or
+//!   the first lands last with the old data.
+//! - In write-blocking mode the guest's write goes to the target itself,
+//!   and nothing marks the granule again: the guest's target write must
+//!   wait for the copy in flight, or the copy's old data lands over it for
+//!   good.
+//!
+//! Either way, after the pivot the disk must read the guest's data.
+
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use strata_block::options::{nest, Opts};
+use strata_block::{Backend, EventLoop, Graph, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
+use strata_jobs::{blockdev_mirror, JobList, MirrorArgs};
+
+const MIB: u64 = 1 << 20;
+const GRANULE: u64 = 65536;
+
+async fn create(path: &str, size: u64) {
+    let reg = strata_drivers::registry();
+    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
+    let mut o = Opts::new();
+    o.insert("size".into(), size.to_string().into());
+    reg.format("qcow2")
+        .unwrap()
+        .create(&ctx, path, o)
+        .await
+        .unwrap();
+}
+
+async fn open(ctx: &OpenCtx, opts: &[(&str, &str)]) -> Arc<Node> {
+    let pairs: Vec<(String, String)> = opts
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let o: Opts = nest(&pairs).unwrap();
+    ctx.open_image(None, None, o).await.unwrap()
+}
+
+/// Asserts that `len` bytes at `off` all hold `byte`.
+async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
+    let got = b.read(off, IoBuf::zeroed(len)).await.unwrap();
+    let bad = got.as_slice().iter().position(|&x| x != byte);
+    assert!(
+        bad.is_none(),
+        "at {off}+{bad:?}: {:#x}, not {byte:#x}",
+        got.as_slice()[bad.unwrap_or(0)]
+    );
+}
+
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn a_guest_write_into_a_granule_being_copied_lands_last(copy_mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    EventLoop::new().unwrap().block_on(async {
+        let src = dir.path().join("src.qcow2").display().to_string();
+        // A raw target: no cluster allocation in it orders writes.
+        let tgt = dir.path().join("tgt.raw").display().to_string();
+        create(&src, MIB).await;
+        std::fs::File::create(&tgt).unwrap().set_len(MIB).unwrap();
+        let graph = Graph::new();
+        let registry = strata_drivers::registry();
+        let ctx = OpenCtx::with_graph(
+            Arc::clone(&registry),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let source = open(
+            &ctx,
+            &[
+                ("driver", "qcow2"),
+                ("node-name", "src"),
+                ("file.driver", "file"),
+                ("file.filename", &src),
+            ],
+        )
+        .await;
+        // Data in granule 0 only: the rest is copied as zeroes, which takes
+        // no buffer, so the job has room to copy granule 0 again at once.
+        source
+            .write(
+                0,
+                IoBuf::filled(GRANULE as usize, 0x11),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        let target = open(
+            &ctx,
+            &[
+                ("driver", "raw"),
+                ("node-name", "tgt"),
+                ("file.driver", "blkdebug"),
+                ("file.image.driver", "file"),
+                ("file.image.filename", &tgt),
+            ],
+        )
+        .await;
+        // The guest, as an export would use the disk.
+        let guest = Backend::new(
+            &source,
+            "guest",
+            Perm::CONSISTENT_READ.with(Perm::WRITE),
+            Perm::ALL,
+        )
+        .unwrap();
+        // The first write to the target belongs to the copy of granule 0.
+        target
+            .with_debug_hooks(|h| h.breakpoint("write_aio", "copy"))
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&events);
+        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
+            seen.lock().unwrap().push(format!("{e} {d}"));
+        }));
+        let args = MirrorArgs {
+            job_id: Some("m".into()),
+            device: "src".into(),
+            target: "tgt".into(),
+            sync: "full".into(),
+            granularity: Some(GRANULE),
+            buf_size: Some(2 * GRANULE as i64),
+            copy_mode: Some(copy_mode.into()),
+            ..MirrorArgs::default()
+        };
+        blockdev_mirror(&list, &graph, args).await.unwrap();
+        let hooks = Arc::clone(&target);
+        until("the copy to stop at its breakpoint", || {
+            hooks
+                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
+                .unwrap()
+        })
+        .await;
+        let write = tokio::spawn(async move {
+            guest
+                .write(4096, IoBuf::filled(4096, 0x55), WriteFlags::default())
+                .await
+                .unwrap();
+            guest
+        });
+        // Give the guest's write, and any copy it causes, every chance to
+        // overtake the copy that is held: past a slice of the job's time,
+        // after which it looks at the bitmap again without waiting for
+        // the copy in flight.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if copy_mode == "write-blocking" {
+            assert!(!write.is_finished(), "the guest's write did not wait");
+        }
+        target.with_debug_hooks(|h| h.resume("copy")).unwrap();
+        let guest = write.await.unwrap();
+        let job = Arc::clone(&list.find("m").unwrap());
+        let seen = Arc::clone(&events);
+        until("READY", || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.contains("BLOCK_JOB_READY"))
+        })
+        .await;
+        job.complete().unwrap();
+        until("the job to end", || list.find("m").is_none()).await;
+        let ev = events.lock().unwrap().join("\n");
+        assert!(ev.contains("BLOCK_JOB_COMPLETED"), "{ev}");
+        assert!(!ev.contains("error"), "{ev}");
+        // The guest now uses the target, which holds its write.
+        assert!(Arc::ptr_eq(&guest.node(), &target));
+        holds(&guest, 0, 4096, 0x11).await;
+        holds(&guest, 4096, 4096, 0x55).await;
+        holds(&guest, 8192, (GRANULE - 8192) as usize, 0x11).await;
+        holds(&guest, GRANULE, (MIB - GRANULE) as usize, 0).await;
+        guest.close().await.unwrap();
+        target.close().await.unwrap();
+        source.close().await.unwrap();
+    });
+}
+
+#[test]
+fn background_copies_of_one_granule_land_in_order() {
+    a_guest_write_into_a_granule_being_copied_lands_last("background");
+}
+
+#[test]
+fn a_write_blocking_guest_write_waits_for_the_copy_in_flight() {
+    a_guest_write_into_a_granule_being_copied_lands_last("write-blocking");
+}
