@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 pub enum S<'a> {
     /// Send this, read up to its answer, then that many lines more.
     Ask(&'a str, usize),
-    /// Poll `query-jobs` (unrecorded) until the text shows: a job's first
-    /// chunk is copied in the background, after the answer that started it.
+    /// Poll `query-jobs` (unrecorded, with the events meanwhile) until its
+    /// answer shows the text: a job's first chunk is copied in the
+    /// background, after the answer that started it.
     Until(&'a str),
 }
 
@@ -124,7 +125,18 @@ pub fn run(side: &Side, open: Open, n: usize, steps: &[S]) -> Vec<String> {
             }
             S::Until(text) => {
                 let start = Instant::now();
-                while !c.ask(r#"{"execute": "query-jobs"}"#).contains(text) {
+                // Events that come while polling are dropped: when they
+                // come is the daemon's timing, not its behaviour.
+                let mut poll = || {
+                    c.send(r#"{"execute": "query-jobs"}"#);
+                    loop {
+                        let l = c.line();
+                        if l.starts_with("{\"return\"") || l.starts_with("{\"error\"") {
+                            return l;
+                        }
+                    }
+                };
+                while !poll().contains(text) {
                     assert!(start.elapsed() < Duration::from_secs(20), "{text}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -188,7 +200,8 @@ pub fn same_jobs_opened(
 }
 
 /// As [`same_jobs_opened`], comparing the images `extra` (a job's
-/// targets) too.
+/// targets, or chain images a job writes with copies in flight) by
+/// content, not by where their clusters landed.
 pub fn same_jobs_and_images(
     n: usize,
     open: Open,
@@ -207,7 +220,10 @@ pub fn same_jobs_and_images(
     let mut images: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
     for i in 1..=n {
         for l in ["base", "mid", "top"] {
-            images.push(format!("c{i}-{l}.qcow2"));
+            let img = format!("c{i}-{l}.qcow2");
+            if !images.contains(&img) {
+                images.push(img);
+            }
         }
     }
     for img in images {
