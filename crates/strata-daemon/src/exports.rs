@@ -37,11 +37,19 @@ enum Kind {
 /// One block export.
 struct Entry {
     id: String,
-    node: Arc<Node>,
     kind: Kind,
 }
 
 impl Entry {
+    /// The node the export serves now: a swap (a snapshot, a mirror's
+    /// pivot) moves its handle to another node.
+    fn root(&self) -> Arc<Node> {
+        match &self.kind {
+            Kind::Nbd(export) => export.blk.node(),
+            Kind::Fuse(export) => export.backend().node(),
+        }
+    }
+
     fn type_name(&self) -> &'static str {
         match self.kind {
             Kind::Nbd(_) => "nbd",
@@ -251,7 +259,6 @@ impl Exports {
             0,
             Entry {
                 id,
-                node,
                 kind: Kind::Nbd(export),
             },
         );
@@ -295,7 +302,6 @@ impl Exports {
             0,
             Entry {
                 id,
-                node,
                 kind: Kind::Fuse(export),
             },
         );
@@ -396,7 +402,7 @@ impl Exports {
                 .iter()
                 .map(|e| {
                     json!({
-                        "node-name": e.node.name(),
+                        "node-name": e.root().name(),
                         "shutting-down": false,
                         "type": e.type_name(),
                         "id": e.id,
@@ -408,7 +414,7 @@ impl Exports {
 
     /// True while some export holds `node` (it cannot be deleted then).
     pub fn exports_node(&self, node: &Arc<Node>) -> bool {
-        self.list().iter().any(|e| Arc::ptr_eq(&e.node, node))
+        self.list().iter().any(|e| Arc::ptr_eq(&e.root(), node))
     }
 
     /// At shutdown: every export ends, then the server.

@@ -321,6 +321,18 @@ pub fn schema(registry: &Registry) -> Schema {
             &[("*node-name", "str"), ("active", "bool")],
         )
         .object("BlockdevSnapshot", &[("node", "str"), ("overlay", "str")])
+        .enumeration("NewImageMode", &["existing", "absolute-paths"])
+        .object(
+            "BlockdevSnapshotSync",
+            &[
+                ("*device", "str"),
+                ("*node-name", "str"),
+                ("snapshot-file", "str"),
+                ("*snapshot-node-name", "str"),
+                ("*format", "str"),
+                ("*mode", "NewImageMode"),
+            ],
+        )
         .alternate("StrOrNull", &["str", "null"])
         .object(
             "q_obj_x-blockdev-set-iothread_arg",

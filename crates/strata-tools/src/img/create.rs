@@ -4,9 +4,12 @@
 use super::{getopt, usage_error, Ctx};
 use super::{long, opt};
 use std::sync::Arc;
+pub(super) use strata_block::create_opts::{
+    merged_options, opts_of, print_opts, set_option, SetOpt,
+};
 use strata_block::options::{parse_keyval, parse_size, OptSpec, OptType, Opts};
 use strata_block::report::error_report;
-use strata_block::{DriverClass, Error, OpenCtx, OpenFlags, Registry};
+use strata_block::{Error, OpenCtx, OpenFlags, Registry};
 
 const OPTS: &[super::Opt] = &[
     opt('F', None, true),
@@ -19,43 +22,12 @@ const OPTS: &[super::Opt] = &[
     long("object", true),
 ];
 
-/// A creation option as the user set it: text as typed and value to pass on.
-pub(super) struct SetOpt {
-    pub(super) spec: OptSpec,
-    typed: String,
-    pub(super) value: String,
-}
-
-/// The options set, as a driver's create or measure takes them.
-pub(super) fn opts_of(set: &[SetOpt]) -> Opts {
-    let mut opts = Opts::new();
-    for s in set {
-        opts.insert(s.spec.name.to_string(), s.value.clone().into());
-    }
-    opts
-}
-
 /// QEMU's has_help_option: an option list that asks for `help` or `?`.
 pub(super) fn has_help_option(list: &str) -> bool {
     parse_keyval(list, None)
         .unwrap_or_default()
         .iter()
         .any(|(k, _)| k == "help" || k == "?")
-}
-
-/// The options of `fmt` followed by those of its protocol, without repeats.
-pub fn merged_options(fmt: &dyn DriverClass, proto: Option<&dyn DriverClass>) -> Vec<OptSpec> {
-    let mut v: Vec<OptSpec> = fmt.create_options().to_vec();
-    if let Some(p) = proto {
-        if p.name() != fmt.name() {
-            for o in p.create_options() {
-                if !v.iter().any(|x| x.name == o.name) {
-                    v.push(*o);
-                }
-            }
-        }
-    }
-    v
 }
 
 fn type_name(t: OptType) -> &'static str {
@@ -89,70 +61,6 @@ pub fn print_help(caption: &str, specs: &[OptSpec], trailer: bool) {
         crate::outln!("The protocol level may support further options.");
         crate::outln!("Specify the target filename to include those options.");
     }
-}
-
-const SIZE_HELP: &str = "\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
-
-/// Checks and records `key=value` against the option list.
-pub(super) fn set_option(
-    set: &mut Vec<SetOpt>,
-    specs: &[OptSpec],
-    key: &str,
-    val: &str,
-) -> Result<(), String> {
-    let Some(spec) = specs.iter().find(|s| s.name == key) else {
-        return Err(format!("Invalid parameter '{key}'"));
-    };
-    let value = match spec.ty {
-        OptType::Size => parse_size(val, 1)
-            .map_err(|_| {
-                format!("Parameter '{key}' expects a non-negative number below 2^64{SIZE_HELP}")
-            })?
-            .to_string(),
-        // As qemu_strtou64, a minus sign wraps: "-1" is 2^64 - 1.
-        OptType::Number => match val.strip_prefix('-') {
-            Some(n) => n.parse::<u64>().map(u64::wrapping_neg),
-            None => val.parse::<u64>(),
-        }
-        .map_err(|_| format!("Parameter '{key}' expects a number"))?
-        .to_string(),
-        OptType::Bool => match val {
-            "on" | "yes" | "true" | "y" => "on".to_string(),
-            "off" | "no" | "false" | "n" => "off".to_string(),
-            _ => return Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-        },
-        OptType::Str => val.to_string(),
-    };
-    set.retain(|s| s.spec.name != key);
-    set.push(SetOpt {
-        spec: *spec,
-        typed: val.to_string(),
-        value,
-    });
-    Ok(())
-}
-
-/// The `Formatting` line's option list: every option set or defaulted, in list order.
-fn print_opts(specs: &[OptSpec], set: &[SetOpt]) -> String {
-    let mut parts = Vec::new();
-    for spec in specs {
-        match set.iter().find(|s| s.spec.name == spec.name) {
-            Some(s) => {
-                let shown = match spec.ty {
-                    OptType::Size | OptType::Number => s.value.clone(),
-                    OptType::Bool => s.typed.clone(),
-                    OptType::Str => s.typed.replace(',', ",,"),
-                };
-                parts.push(format!("{}={shown}", spec.name));
-            }
-            None => {
-                if let Some(d) = spec.default {
-                    parts.push(format!("{}={d}", spec.name));
-                }
-            }
-        }
-    }
-    parts.join(" ")
 }
 
 pub fn run(ctx: Ctx) -> i32 {
