@@ -6,7 +6,8 @@ use crate::commands::daemon_command;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use strata_jobs::{
-    block_commit, block_stream, blockdev_mirror, CommitArgs, Job, MirrorArgs, Refused, StreamArgs,
+    block_commit, block_stream, blockdev_mirror, drive_mirror, CommitArgs, DriveMirrorArgs, Job,
+    MirrorArgs, Refused, StreamArgs,
 };
 use strata_qmp::error::ErrorClass;
 use strata_qmp::schema::Schema;
@@ -76,6 +77,28 @@ pub(crate) fn schema(s: &mut Schema) {
             ("*auto-dismiss", "bool"),
         ],
     )
+    .object(
+        "DriveMirror",
+        &[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("target", "str"),
+            ("*format", "str"),
+            ("*node-name", "str"),
+            ("*replaces", "str"),
+            ("sync", "MirrorSyncMode"),
+            ("*mode", "NewImageMode"),
+            ("*speed", "int"),
+            ("*granularity", "uint32"),
+            ("*buf-size", "int"),
+            ("*on-source-error", "BlockdevOnError"),
+            ("*on-target-error", "BlockdevOnError"),
+            ("*unmap", "bool"),
+            ("*copy-mode", "MirrorCopyMode"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+        ],
+    )
     .object("q_obj_job-id_arg", &[("id", "str")])
     .object("q_obj_block-job-device_arg", &[("device", "str")])
     .object(
@@ -111,6 +134,28 @@ pub(crate) fn schema(s: &mut Schema) {
         "type",
         &[("mirror", "BlockJobChangeOptionsMirror")],
     );
+}
+
+/// The arguments both mirror commands share.
+fn mirror_args(a: &Value) -> MirrorArgs {
+    let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+    let b = |k: &str| a.get(k).and_then(Value::as_bool);
+    MirrorArgs {
+        job_id: s("job-id"),
+        device: s("device").unwrap_or_default(),
+        target: s("target").unwrap_or_default(),
+        replaces: s("replaces"),
+        sync: s("sync").unwrap_or_default(),
+        speed: a.get("speed").and_then(Value::as_i64),
+        granularity: a.get("granularity").and_then(Value::as_u64),
+        buf_size: a.get("buf-size").and_then(Value::as_i64),
+        on_source_error: s("on-source-error"),
+        on_target_error: s("on-target-error"),
+        filter_node_name: s("filter-node-name"),
+        copy_mode: s("copy-mode"),
+        auto_finalize: b("auto-finalize"),
+        auto_dismiss: b("auto-dismiss"),
+    }
 }
 
 /// A refused job command as QMP answers it.
@@ -261,27 +306,32 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
     );
     let d = Arc::clone(daemon);
     qmp.add_command(
+        "drive-mirror",
+        Some("DriveMirror"),
+        Arc::new(move |a| {
+            let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            let args = DriveMirrorArgs {
+                common: mirror_args(&a),
+                format: s("format"),
+                node_name: s("node-name"),
+                mode: s("mode"),
+                unmap: a.get("unmap").and_then(Value::as_bool),
+            };
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                drive_mirror(&d.jobs, &d.graph, &d.registry, args)
+                    .await
+                    .map_err(refused)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
         "blockdev-mirror",
         Some("q_obj_blockdev-mirror_arg"),
         Arc::new(move |a| {
-            let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
-            let b = |k: &str| a.get(k).and_then(Value::as_bool);
-            let args = MirrorArgs {
-                job_id: s("job-id"),
-                device: s("device").unwrap_or_default(),
-                target: s("target").unwrap_or_default(),
-                replaces: s("replaces"),
-                sync: s("sync").unwrap_or_default(),
-                speed: a.get("speed").and_then(Value::as_i64),
-                granularity: a.get("granularity").and_then(Value::as_u64),
-                buf_size: a.get("buf-size").and_then(Value::as_i64),
-                on_source_error: s("on-source-error"),
-                on_target_error: s("on-target-error"),
-                filter_node_name: s("filter-node-name"),
-                copy_mode: s("copy-mode"),
-                auto_finalize: b("auto-finalize"),
-                auto_dismiss: b("auto-dismiss"),
-            };
+            let args = mirror_args(&a);
             let d = Arc::clone(&d);
             Box::pin(async move {
                 blockdev_mirror(&d.jobs, &d.graph, args)

@@ -177,6 +177,8 @@ async fn commit_active_start(
         filter_node_name: a.filter_node_name.clone(),
         copy_mode: crate::mirror::BACKGROUND,
         base_ro,
+        backing_mode: crate::mirror::BackingMode::Leave,
+        registry: None,
         opts: JobOptions {
             auto_finalize: a.auto_finalize.unwrap_or(true),
             auto_dismiss: a.auto_dismiss.unwrap_or(true),

@@ -18,7 +18,7 @@ pub mod stream;
 pub use commit::{block_commit, CommitArgs};
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 pub use list::{EventSink, JobList};
-pub use mirror::{blockdev_mirror, MirrorArgs};
+pub use mirror::{blockdev_mirror, drive_mirror, DriveMirrorArgs, MirrorArgs};
 pub use state::{JobStatus, JobType, JobVerb};
 pub use stream::{block_stream, StreamArgs};
 

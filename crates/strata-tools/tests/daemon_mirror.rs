@@ -299,3 +299,90 @@ fn guest_writes_during_a_mirror_all_reach_the_target() {
         assert_eq!(code, 0, "{out}");
     }
 }
+
+/// `drive-mirror` creates its target: without a backing file for `full`,
+/// over the source's backing file for `top`; or mirrors onto an existing
+/// image, which opens the backing file its header names at the end.
+#[test]
+fn drive_mirror_creates_its_target_as_in_qemu() {
+    let steps = [
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m", "device": "c1-mid", "target": "d.qcow2", "sync": "full"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "d.qcow2", "sync": "full", "replaces": "c1-top"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m", "device": "c1-top", "target": "d.qcow2", "sync": "full", "format": "nosuch"}}"#,
+            0,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m1", "device": "c1-top", "target": "d1.qcow2", "sync": "full", "node-name": "d1"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "m1"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m2", "device": "c2-top", "target": "d2.qcow2", "sync": "top", "node-name": "d2"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "m2"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m3", "device": "c3-top", "target": "c3-tgt.qcow2", "sync": "top", "mode": "existing", "node-name": "d3"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "m3"}}"#,
+            5,
+        ),
+        S::Ask(
+            r#"{"execute": "drive-mirror", "arguments": {"job-id": "m4", "device": "c4-top", "target": "c4-tgt.qcow2", "sync": "top", "mode": "existing", "node-name": "d4"}}"#,
+            0,
+        ),
+        S::Until(READY),
+        S::Ask(
+            r#"{"execute": "job-complete", "arguments": {"id": "m4"}}"#,
+            5,
+        ),
+        S::Ask(r#"{"execute": "query-jobs"}"#, 0),
+    ];
+    // c3's target names c3-mid as its backing file: the daemon has that
+    // image open for writing, so the job fails at the end, in both. c4's
+    // names a copy of c4-mid that no one has open: it is opened.
+    let setup = |side: &Side| {
+        targets(side);
+        let create = |b: &str, img: &str| {
+            side.qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", img]);
+        };
+        create("c3-mid.qcow2", "c3-tgt.qcow2");
+        side.qemu_img(&["convert", "-O", "qcow2", "c4-mid.qcow2", "e4.qcow2"]);
+        create("e4.qcow2", "c4-tgt.qcow2");
+    };
+    let made = ["d1.qcow2", "d2.qcow2", "c3-tgt.qcow2", "c4-tgt.qcow2"];
+    let Some(got) = same_jobs_and_images(4, nodes, setup, &steps, &made) else {
+        return;
+    };
+    let ended = |id: &str| {
+        got.iter()
+            .find(|l| l.contains("BLOCK_JOB_COMPLETED") && l.contains(&format!("\"{id}\"")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for id in ["m1", "m2", "m4"] {
+        assert!(
+            !ended(id).is_empty() && !ended(id).contains("error"),
+            "{id}"
+        );
+    }
+    assert!(ended("m3").contains("Invalid argument"));
+}

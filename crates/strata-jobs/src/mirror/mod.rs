@@ -11,9 +11,12 @@
 //! graph has changed, the job keeps the source drained, so no write can
 //! fall between "in sync" and the switch.
 
+mod drive;
 mod ops;
 mod run;
 mod top;
+
+pub use drive::{drive_mirror, DriveMirrorArgs};
 
 use crate::filter_node::insert_filter;
 use crate::holds::Holds;
@@ -105,6 +108,28 @@ fn default_granularity(target: &Node) -> u64 {
     }
 }
 
+/// How the target gets its backing file at the end (QEMU:
+/// BlockMirrorBackingMode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackingMode {
+    /// blockdev-mirror: the target's backing is the user's business.
+    Leave,
+    /// drive-mirror made the target: it gets the source's backing node.
+    Source,
+    /// drive-mirror onto an existing image: it opens the backing file its
+    /// header names.
+    Open,
+}
+
+/// What the two mirror commands set differently.
+pub(crate) struct Extra {
+    pub(crate) backing_mode: BackingMode,
+    pub(crate) zero_target: bool,
+    pub(crate) unmap: bool,
+    /// To open an existing target's backing file.
+    pub(crate) registry: Option<Arc<strata_block::Registry>>,
+}
+
 /// `blockdev-mirror`, with QEMU's checks in QEMU's order.
 pub async fn blockdev_mirror(
     list: &Arc<JobList>,
@@ -113,8 +138,26 @@ pub async fn blockdev_mirror(
 ) -> Result<(), Refused> {
     let bs = root_bs(graph, &a.device)?;
     let target = graph.lookup(&a.target).map_err(|e| e.to_string())?;
+    let extra = Extra {
+        backing_mode: BackingMode::Leave,
+        zero_target: a.sync == "full",
+        unmap: true,
+        registry: None,
+    };
+    mirror_common(list, graph, a, bs, target, extra).await
+}
+
+/// The checks both mirror commands make, then the job (QEMU:
+/// blockdev_mirror_common and mirror_start).
+pub(crate) async fn mirror_common(
+    list: &Arc<JobList>,
+    graph: &Arc<Graph>,
+    a: MirrorArgs,
+    bs: Arc<Node>,
+    target: Arc<Node>,
+    extra: Extra,
+) -> Result<(), Refused> {
     let mut sync = a.sync.as_str();
-    let zero_target = sync == "full";
     let on_source_error = on_error(a.on_source_error.as_deref())?;
     let on_target_error = on_error(a.on_target_error.as_deref())?;
     let granularity = a.granularity.unwrap_or(0);
@@ -165,11 +208,13 @@ pub async fn blockdev_mirror(
         speed: a.speed.unwrap_or(0),
         granularity,
         buf_size: a.buf_size.unwrap_or(0),
-        zero_target,
+        zero_target: extra.zero_target,
         on_source_error,
         on_target_error,
-        unmap: true,
+        unmap: extra.unmap,
         none_mode: sync == "none",
+        backing_mode: extra.backing_mode,
+        registry: extra.registry,
         base,
         filter_node_name: a.filter_node_name.clone(),
         copy_mode,
@@ -205,6 +250,8 @@ pub(crate) struct Start {
     /// job fails.
     pub(crate) base_ro: bool,
     pub(crate) opts: JobOptions,
+    pub(crate) backing_mode: BackingMode,
+    pub(crate) registry: Option<Arc<strata_block::Registry>>,
 }
 
 /// Starts a mirror or active commit job (QEMU: mirror_start_job).
@@ -252,6 +299,8 @@ pub(crate) async fn mirror_start_job(
         prepared: Default::default(),
         drain: Mutex::new(None),
         none_mode: s.none_mode,
+        backing_mode: s.backing_mode,
+        registry: s.registry.clone(),
         zero_target: s.zero_target,
         base: s.base.clone(),
         base_ro: s.base_ro,
@@ -312,6 +361,8 @@ pub(crate) struct MirrorState {
     /// The source kept drained from the last check to the graph change.
     drain: Mutex<Option<DrainGuard>>,
     none_mode: bool,
+    backing_mode: BackingMode,
+    registry: Option<Arc<strata_block::Registry>>,
     zero_target: bool,
     base: Option<Arc<Node>>,
     base_ro: bool,
@@ -396,6 +447,64 @@ impl MirrorState {
         let _ = self.top.close().await;
     }
 
+    /// Gives a drive-mirror target its backing file (QEMU: the backing
+    /// modes of mirror_exit_common).
+    /// On failure, the errno the job fails with and the message reported.
+    async fn attach_target_backing(&self, src: Option<&Arc<Node>>) -> Result<(), (i32, String)> {
+        let target = self.target_node.skip_filters();
+        match self.backing_mode {
+            BackingMode::Leave => Ok(()),
+            BackingMode::Source => {
+                let want = if self.none_mode {
+                    src.cloned()
+                } else {
+                    self.base.clone()
+                };
+                let same = match (target.backing(), &want) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(&a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same {
+                    return Ok(());
+                }
+                target
+                    .set_backing(want)
+                    .await
+                    .map_err(|e| (libc::EPERM, e.to_string()))
+            }
+            BackingMode::Open => {
+                let (Some((name, fmt)), Some(reg)) =
+                    (target.driver().backing_file(), &self.registry)
+                else {
+                    return Ok(());
+                };
+                let ctx = strata_block::OpenCtx::with_graph(
+                    Arc::clone(reg),
+                    strata_block::OpenFlags::default(),
+                    Arc::clone(&self.graph),
+                );
+                // QEMU: bdrv_open_backing_file, which fails with EINVAL.
+                let failed = |e: strata_block::Error| {
+                    (libc::EINVAL, format!("Could not open backing file: {e}"))
+                };
+                let node = ctx
+                    .open_backing(
+                        &target,
+                        Some(&name),
+                        fmt.as_deref(),
+                        strata_block::Opts::new(),
+                    )
+                    .await
+                    .map_err(failed)?;
+                let r = target.set_backing(Some(Arc::clone(&node))).await;
+                // The target holds it now.
+                let _ = node.close().await;
+                r.map_err(failed)
+            }
+        }
+    }
+
     fn ops(&self) -> Option<Arc<Ops>> {
         lock(&self.ops).clone()
     }
@@ -457,6 +566,12 @@ impl MirrorState {
         self.link.set_ops(None);
         self.link.stop.store(true, Ordering::Release);
         let src = self.top.backing();
+        if !abort {
+            if let Err((errno, e)) = self.attach_target_backing(src.as_ref()).await {
+                error_report(e);
+                ret = Err(JobError::errno(errno));
+            }
+        }
         if !abort && self.should_complete.load(Ordering::Acquire) {
             let to_replace = lock(&self.to_replace).clone().or_else(|| src.clone());
             if let Some(to_replace) = to_replace {

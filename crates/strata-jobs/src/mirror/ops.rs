@@ -403,6 +403,10 @@ impl Ops {
         job.pause_point().await;
         let (mut nb, pseudo) = {
             let mut st = self.lock();
+            // A guest write may have claimed it while the job was paused.
+            if st.claims.iter().any(|c| c.start <= first && first < c.end) {
+                return;
+            }
             let mut nb = 1u64;
             while nb * g < self.buf_size {
                 let next = offset + nb * g;

@@ -69,7 +69,9 @@ impl MirrorTop {
             (Method::Zero, _) => source.write_zeroes(offset, len, flags).await.map(|_| None),
             _ => source.discard(offset, len).await.map(|_| None),
         };
-        if copy.is_none() {
+        // A write that failed may have landed in part: the target must get
+        // the range again (QEMU marks only in background mode).
+        if copy.is_none() || r.is_err() {
             if let Some(o) = &ops {
                 o.mark_dirty(offset, len);
             }
