@@ -554,7 +554,7 @@ impl MirrorState {
         let mut ret = Ok(());
         let drained = lock(&self.drain).is_some();
         if !drained {
-            let guard = strata_block::drain_begin(&self.top.component()).await;
+            let guard = strata_block::drain_begin(std::slice::from_ref(&self.top)).await;
             *lock(&self.drain) = Some(guard);
         }
         // The job's writer on the target goes before the target takes the
@@ -686,6 +686,9 @@ impl MirrorState {
                 "The active block job '{}' cannot be completed",
                 job.id()
             ));
+        }
+        if self.should_complete.load(Ordering::Acquire) {
+            return Ok(());
         }
         if let Some(name) = &self.replaces {
             let graph_node = self

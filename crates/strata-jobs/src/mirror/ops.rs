@@ -223,16 +223,26 @@ impl Ops {
         }
     }
 
-    /// Waits until no claim overlaps `[start, end)` or the job failed, then
-    /// claims it if `claim` (QEMU: mirror_wait_on_conflicts).
-    async fn wait_clear(&self, start: u64, end: u64, claim: bool) -> Option<u64> {
+    /// Waits until no claim but `except` overlaps `[start, end)`, or the
+    /// job failed, then claims the range if `claim` (QEMU:
+    /// mirror_wait_on_conflicts). Check and claim happen under one lock.
+    async fn wait_clear(
+        &self,
+        start: u64,
+        end: u64,
+        except: Option<u64>,
+        claim: bool,
+    ) -> Option<u64> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
                 let mut st = self.lock();
-                let busy = st.claims.iter().any(|c| c.start < end && start < c.end);
+                let busy = st
+                    .claims
+                    .iter()
+                    .any(|c| Some(c.id) != except && c.start < end && start < c.end);
                 if !busy || st.ret.is_some() {
                     return claim.then(|| Self::claim_locked(&mut st, start, end));
                 }
@@ -285,7 +295,9 @@ impl Ops {
     pub(crate) async fn active_write_prepare(&self, offset: u64, len: u64) -> u64 {
         self.lock().active_writes += 1;
         let (start, end) = self.granules(offset, len);
-        self.wait_clear(start, end, true).await.unwrap_or(u64::MAX)
+        self.wait_clear(start, end, None, true)
+            .await
+            .unwrap_or(u64::MAX)
     }
 
     /// QEMU: active_write_settle.
@@ -341,7 +353,9 @@ impl Ops {
                 if off == offset && n == len {
                     match self.target.write(off, buf, flags).await {
                         Ok(b) => (Ok(()), Some(b)),
-                        Err(e) => (Err(e), None),
+                        // The guest's buffer went with the failed write; its
+                        // own write succeeded and gets one of its size back.
+                        Err(e) => (Err(e), Some(IoBuf::zeroed(len as usize))),
                     }
                 } else {
                     let skip = (off - offset) as usize;
@@ -370,9 +384,7 @@ impl Ops {
                 self.fail(false, &e);
             }
         }
-        // A failed write may have lost the guest's buffer with it; the
-        // caller's own write succeeded and needs none back.
-        Some(buf.unwrap_or_else(|| IoBuf::zeroed(0)))
+        Some(buf.unwrap_or_else(|| IoBuf::zeroed(len as usize)))
     }
 
     // ---- the background copy ----
@@ -399,7 +411,7 @@ impl Ops {
             return;
         };
         let first = offset / g;
-        self.wait_clear(first, first + 1, false).await;
+        self.wait_clear(first, first + 1, None, false).await;
         job.pause_point().await;
         let (mut nb, pseudo) = {
             let mut st = self.lock();
@@ -455,7 +467,7 @@ impl Ops {
                 break;
             }
             let io = io.min(self.len - offset);
-            let handled = self.perform(offset, io, method).await;
+            let handled = self.perform(offset, io, method, Some(pseudo)).await;
             let acct = if method != Method::Copy && write_zeroes_ok {
                 0
             } else {
@@ -483,7 +495,15 @@ impl Ops {
 
     /// Starts one copy of `[offset, offset+len)` as a task of its own and
     /// returns how many bytes from `offset` it covers (QEMU: mirror_perform).
-    pub(crate) async fn perform(self: &Arc<Self>, offset: u64, len: u64, method: Method) -> u64 {
+    /// `pseudo` is the claim of the iteration that asks, which the copy may
+    /// overlap.
+    pub(crate) async fn perform(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        method: Method,
+        pseudo: Option<u64>,
+    ) -> u64 {
         let g = self.granularity;
         let (mut off, mut bytes, mut handled) = (offset, len, len);
         if method == Method::Copy {
@@ -491,10 +511,20 @@ impl Ops {
             handled = bytes;
             if let Some(c) = self.cow_cluster {
                 let start = off / c * c;
-                let end = (off + bytes).next_multiple_of(c).min(self.len);
+                let mut end = (off + bytes).next_multiple_of(c).min(self.len);
+                // Never more than the buffer holds (make_ops keeps it at
+                // least one cluster).
+                if end - start > self.buf_size {
+                    end = start + (self.buf_size / c * c).max(c);
+                }
                 handled = end - off;
                 off = start;
                 bytes = end - start;
+                // The widened ends may hold someone else's claim (a guest
+                // write in write-blocking mode): wait for it, as for any
+                // claim, but not for this iteration's own.
+                let (s0, e0) = self.granules(off, bytes);
+                self.wait_clear(s0, e0, pseudo, false).await;
             }
             let need = bytes.div_ceil(g);
             while self.free_buffer_granules() < need {

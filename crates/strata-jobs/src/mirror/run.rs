@@ -23,7 +23,7 @@ pub(super) async fn mirror_run(s: &MirrorState, job: &Arc<Job>) -> Result<(), Jo
     }
     let drained = super::lock(&s.drain).is_some();
     if !drained {
-        let guard = drain_begin(&s.top.component()).await;
+        let guard = drain_begin(std::slice::from_ref(&s.top)).await;
         *super::lock(&s.drain) = Some(guard);
     }
     r
@@ -127,8 +127,10 @@ async fn run_inner(s: &MirrorState, job: &Arc<Job>) -> Result<(), JobError> {
         }
         if cnt == 0 && should_complete {
             // No guest write may come between this check and the switch:
-            // the source stays drained until the job has changed the graph.
-            let guard = drain_begin(&s.top.component()).await;
+            // the filter, which every user of the source goes through, stays
+            // drained until the job has changed the graph. Only it: a target
+            // that shares nodes with the source must still take the flush.
+            let guard = drain_begin(std::slice::from_ref(&s.top)).await;
             if ops.dirty_count() > 0 || !flush_target(&ops, job).await {
                 drop(guard);
                 continue;
@@ -187,7 +189,7 @@ async fn dirty_init(
                 ops.wait_for_slot().await;
                 continue;
             }
-            ops.perform(offset, bytes, Method::Zero).await;
+            ops.perform(offset, bytes, Method::Zero, None).await;
             offset += bytes;
         }
         ops.wait_for_all_io().await;
