@@ -106,7 +106,11 @@ impl Node {
         if self.is_read_only() {
             return err(libc::EPERM);
         }
-        self.driver().change_backing_file(file, format).await
+        self.driver().change_backing_file(file, format).await?;
+        // The name stored is the one the image would open by itself now.
+        self.naming().set_auto_backing(file.unwrap_or_default());
+        self.refresh_identity();
+        Ok(())
     }
 
     /// The format an overlay records for this node as its backing file

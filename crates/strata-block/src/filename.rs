@@ -2,14 +2,17 @@
 //! from a plain file name keeps it; a node whose options matter beyond its
 //! file name (blkdebug rules, a raw offset, quorum) is named `json:{...}`
 //! with the options that would open it again, as QEMU prints them. Parents
-//! build their names from their children's.
+//! build their names from their children's, and work them out again when
+//! the graph changes under them (a snapshot's overlay goes from
+//! `json:{"backing": null, ...}` to its file name once it has its backing
+//! file).
 
 use crate::driver::{ChildRole, Driver, DriverClass};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::options::Opts;
 use serde_json::{Map, Value};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Option keys that hold children, never part of a node's own options.
 const CHILD_KEYS: &[&str] = &[
@@ -25,7 +28,7 @@ const CHILD_KEYS: &[&str] = &[
 ];
 
 /// What a node is called, and what its parents need to name themselves.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Identity {
     /// A plain name that opens the same node again, or empty.
     pub exact: String,
@@ -94,31 +97,115 @@ pub enum BackingSource {
     NoIo,
 }
 
-/// True when the node's backing file is not the one its image would open
-/// by itself (QEMU: bdrv_backing_overridden): a backing file the image does
-/// not name, one named another way, or one suppressed.
-fn backing_overridden(
-    driver: &dyn Driver,
-    child: Option<&Arc<Node>>,
-    source: BackingSource,
-) -> bool {
-    let header = driver.backing_file().map(|(n, _)| n).unwrap_or_default();
-    match (source, child) {
-        (BackingSource::NoIo, _) | (BackingSource::Implicit, Some(_)) => false,
-        (BackingSource::Explicit, Some(c)) => header != c.filename(),
-        (_, None) => !header.is_empty(),
+/// How a node works its name out again whenever its children change (QEMU
+/// refreshes names at every query: bdrv_refresh_filename).
+pub enum Naming {
+    /// As it was opened.
+    Opened {
+        class: Arc<dyn DriverClass>,
+        /// Its own options as given (see [`own_options`]).
+        own: Opts,
+        /// The file name it was opened by.
+        exact: String,
+        /// The backing file name the image would open by itself, which a
+        /// backing file of another name overrides (QEMU:
+        /// auto_backing_file); None when no data is read, so that nothing
+        /// counts as overridden.
+        auto_backing: Mutex<Option<String>>,
+    },
+    /// A job's filter, named as the node below it (QEMU:
+    /// bdrv_mirror_top_refresh_filename).
+    AsChild,
+}
+
+impl Naming {
+    /// The naming of a node just opened by `class` with `own` options from
+    /// the file name `exact`; `backing` says how its backing file came.
+    pub fn opened(
+        class: Arc<dyn DriverClass>,
+        driver: &dyn Driver,
+        own: Opts,
+        exact: &str,
+        backing: BackingSource,
+    ) -> Naming {
+        let header = driver.backing_file().map(|(n, _)| n).unwrap_or_default();
+        let child = driver
+            .children()
+            .into_iter()
+            .find(|c| c.role == ChildRole::Backing);
+        let auto_backing = match (backing, child) {
+            (BackingSource::NoIo, _) => None,
+            // The image's own backing file, by the name it opened under.
+            (BackingSource::Implicit, Some(c)) => Some(c.node.filename()),
+            _ => Some(header),
+        };
+        Naming::Opened {
+            class,
+            own,
+            exact: exact.to_string(),
+            auto_backing: Mutex::new(auto_backing),
+        }
+    }
+
+    /// Records the backing file name the image stores now (QEMU:
+    /// bdrv_change_backing_file sets auto_backing_file).
+    pub fn set_auto_backing(&self, name: &str) {
+        if let Naming::Opened { auto_backing, .. } = self {
+            let mut a = auto_backing.lock().unwrap_or_else(|p| p.into_inner());
+            if a.is_some() {
+                *a = Some(name.to_string());
+            }
+        }
+    }
+
+    /// The node's identity with the children its driver has now.
+    pub fn identity(&self, driver: &dyn Driver) -> Identity {
+        match self {
+            Naming::Opened {
+                class,
+                own,
+                exact,
+                auto_backing,
+            } => {
+                let auto = auto_backing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                refresh(&**class, driver, own, exact, auto.as_deref())
+            }
+            Naming::AsChild => Identity {
+                exact: driver
+                    .children()
+                    .iter()
+                    .find(|c| c.role.is_primary())
+                    .map(|c| c.node.filename())
+                    .unwrap_or_default(),
+                ..Identity::default()
+            },
+        }
     }
 }
 
-/// Works out the identity of a node just opened: `own` are its own options
-/// as given (see [`own_options`]), `exact` the file name it was opened by,
-/// `backing` how its backing file was chosen.
-pub fn refresh(
+/// True when the node's backing file is not the one its image would open
+/// by itself (QEMU: bdrv_backing_overridden): a backing file of another
+/// name than `auto`, or one suppressed.
+fn backing_overridden(child: Option<&Arc<Node>>, auto: Option<&str>) -> bool {
+    match (auto, child) {
+        (None, _) => false,
+        (Some(auto), Some(c)) => auto != c.filename(),
+        (Some(auto), None) => !auto.is_empty(),
+    }
+}
+
+/// Works out the identity of a node: `own` are its own options as given
+/// (see [`own_options`]), `exact` the file name it was opened by, `auto`
+/// the backing file name its image would open by itself.
+fn refresh(
     class: &dyn DriverClass,
     driver: &dyn Driver,
     own: &Opts,
     exact: &str,
-    backing: BackingSource,
+    auto: Option<&str>,
 ) -> Identity {
     let mut full = Map::new();
     for key in ["driver", "filename"] {
@@ -144,7 +231,7 @@ pub fn refresh(
     }
     let children = driver.children();
     let backing_child = children.iter().find(|c| c.role == ChildRole::Backing);
-    let overridden = backing_overridden(driver, backing_child.map(|c| &c.node), backing);
+    let overridden = backing_overridden(backing_child.map(|c| &c.node), auto);
     generate_json |= overridden;
     let mut quorum = Vec::new();
     for c in &children {
@@ -169,7 +256,7 @@ pub fn refresh(
     let primary = children.iter().find(|c| c.role.is_primary());
     let named: Vec<(ChildRole, Identity)> = children
         .iter()
-        .map(|c| (c.role, c.node.identity().clone()))
+        .map(|c| (c.role, (*c.node.identity()).clone()))
         .collect();
     let exact = if let Some(custom) = class.exact_filename(&full, &named) {
         custom

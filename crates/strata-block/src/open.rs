@@ -358,8 +358,8 @@ impl OpenCtx {
             let _ = drv.close().await;
             return Err(e);
         }
-        let identity = crate::filename::refresh(&*class, &*drv, &own, &display_name, backing);
-        let node = Node::new(&node_name, identity, drv, node_opts);
+        let naming = crate::filename::Naming::opened(class, &*drv, own, &display_name, backing);
+        let node = Node::new(&node_name, naming, drv, node_opts);
         ctx.graph.add_at(&node, ticket);
         if let Err(e) = node.load_bitmaps().await {
             let _ = node.close().await;
@@ -380,11 +380,11 @@ impl OpenCtx {
     fn new_node(
         &self,
         name: &str,
-        identity: crate::filename::Identity,
+        naming: crate::filename::Naming,
         drv: Box<dyn crate::driver::Driver>,
         opts: NodeOptions,
     ) -> Arc<Node> {
-        let node = Node::new(name, identity, drv, opts);
+        let node = Node::new(name, naming, drv, opts);
         self.graph.add(&node);
         node
     }
@@ -470,14 +470,14 @@ impl OpenCtx {
             let _ = drv.close().await;
             return Err(e);
         }
-        let identity = crate::filename::refresh(
-            &*class,
+        let naming = crate::filename::Naming::opened(
+            class,
             &*drv,
-            &own,
+            own,
             &exact,
             crate::filename::BackingSource::Implicit,
         );
-        Ok(self.new_node(node_name, identity, drv, node_opts))
+        Ok(self.new_node(node_name, naming, drv, node_opts))
     }
 
     /// Opens the protocol node a file name names, its prefix choosing the

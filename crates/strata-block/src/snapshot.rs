@@ -64,6 +64,30 @@ pub async fn goto(node: &Arc<Node>, id_or_name: &str) -> Result<()> {
         .map_err(|e| e.context("Failed to load snapshot"))
 }
 
+/// True when the node, or the child it falls back to, keeps internal
+/// snapshots (QEMU: bdrv_can_snapshot).
+pub fn can_snapshot(node: &Arc<Node>) -> bool {
+    keeper(node).is_some()
+}
+
+/// The first snapshot matching both `id` and `name` where both are given,
+/// else the one given (QEMU: bdrv_snapshot_find_by_id_and_name, whose
+/// error this is when the image lists none).
+pub async fn find_by_id_and_name(
+    node: &Arc<Node>,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<Option<SnapshotInfo>> {
+    let list = list(node)
+        .await
+        .map_err(|e| e.context("Failed to get a snapshot list"))?;
+    Ok(list.into_iter().find(|s| {
+        id.is_none_or(|id| s.id == id)
+            && name.is_none_or(|n| s.name == n)
+            && (id.is_some() || name.is_some())
+    }))
+}
+
 /// The first snapshot with this name (QEMU: bdrv_snapshot_find, which
 /// looks at names only; qemu-img snapshot -d finds by it).
 pub async fn find(node: &Arc<Node>, name: &str) -> Result<Option<SnapshotInfo>> {

@@ -91,6 +91,8 @@ pub(crate) fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     export_commands(&mut qmp, daemon);
     queries::register(&mut qmp, daemon);
     bitmaps::register(&mut qmp, daemon);
+    crate::snapshots::register(&mut qmp, daemon);
+    crate::transaction::register(&mut qmp, daemon);
     crate::jobs::register(&mut qmp, daemon);
     qmp.add_control_commands();
     let q = Arc::clone(quit);

@@ -1,15 +1,13 @@
 //! QMP commands that change how the graph runs rather than what is in it:
 //! activation (the migration hand-off), I/O threads and moving nodes between
-//! them, and external snapshots (QEMU: qmp_blockdev_set_active,
-//! iothread objects, qmp_x_blockdev_set_iothread, qmp_blockdev_snapshot).
+//! them (QEMU: qmp_blockdev_set_active, iothread objects,
+//! qmp_x_blockdev_set_iothread).
 
 use crate::blockdev::Daemon;
 use crate::commands::daemon_command;
 use serde_json::Value;
 use std::sync::Arc;
-use strata_block::{
-    graph::id_wellformed, poll::PollParams, BlockOp, IoThread, Node, OpenCtx, OpenFlags,
-};
+use strata_block::{graph::id_wellformed, poll::PollParams, IoThread, Node};
 use strata_qmp::Qmp;
 
 impl Daemon {
@@ -124,119 +122,6 @@ impl Daemon {
         n.move_to(to).await;
         Ok(())
     }
-
-    /// `blockdev-snapshot`: `overlay`, an image without a backing file,
-    /// goes on top of `node`, which becomes its backing file (QEMU:
-    /// external_snapshot_action, then bdrv_append), with QEMU's checks in
-    /// QEMU's order.
-    pub async fn blockdev_snapshot(&self, node: &str, overlay: &str) -> Result<(), String> {
-        let lookup = |name: &str| self.graph.lookup(name).map_err(|e| e.to_string());
-        let old = lookup(node)?;
-        Self::snapshot_prepare(&old, node).await?;
-        let new = lookup(overlay)?;
-        Self::snapshot_append(&old, &new).await
-    }
-
-    /// What an external snapshot checks and does to the image it goes on
-    /// (QEMU: the start of external_snapshot_action).
-    async fn snapshot_prepare(old: &Arc<Node>, name: &str) -> Result<(), String> {
-        old.check_op(BlockOp::ExternalSnapshot)
-            .map_err(|e| e.to_string())?;
-        if !old.is_read_only() && old.is_active() {
-            old.flush()
-                .await
-                .map_err(|e| format!("Write to node '{name}' failed: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Puts `new` over `old` after QEMU's checks on the overlay.
-    async fn snapshot_append(old: &Arc<Node>, new: &Arc<Node>) -> Result<(), String> {
-        // A user reading the overlay would see its data change under it.
-        if strata_block::perm::is_read_consistently(new) {
-            return Err("The overlay is already in use".into());
-        }
-        if new.driver().is_filter() {
-            return Err("Filters cannot be used as overlays".into());
-        }
-        if new.backing().is_some() {
-            return Err("The overlay already has a backing image".into());
-        }
-        if !new.driver().supports_backing() {
-            return Err("The overlay does not support backing images".into());
-        }
-        if !old.is_active() && new.is_active() {
-            new.inactivate().await.map_err(|e| e.to_string())?;
-        }
-        // The overlay takes `node`'s place under its parents and users.
-        new.append_over(old).await.map_err(|e| e.to_string())?;
-        // The old image is a backing file now: read-only if it can be
-        // (QEMU: external_snapshot_commit, which ignores a failure).
-        if !old.copy_on_read() && !old.is_read_only() {
-            let _ = old.reopen_read_only(true).await;
-        }
-        Ok(())
-    }
-
-    /// `blockdev-snapshot-sync`: creates `snapshot-file` (unless `mode` is
-    /// `existing`) with the node's image as its backing file, opens it and
-    /// puts it over the node (QEMU: external_snapshot_action). The new
-    /// node belongs to the node's parents and users, not to the monitor.
-    pub async fn blockdev_snapshot_sync(&self, a: &Value) -> Result<(), String> {
-        let s = |k: &str| a.get(k).and_then(Value::as_str);
-        let (device, node_name) = (s("device"), s("node-name"));
-        let old = node_name.and_then(|n| self.graph.find(n)).ok_or_else(|| {
-            format!(
-                "Cannot find device='{}' nor node-name='{}'",
-                device.unwrap_or_default(),
-                node_name.unwrap_or_default()
-            )
-        })?;
-        let name = old.name().to_string();
-        Self::snapshot_prepare(&old, &name).await?;
-        let format = s("format").unwrap_or("qcow2");
-        let new_name = s("snapshot-node-name");
-        if node_name.is_some() && new_name.is_none() {
-            return Err("New overlay node-name missing".into());
-        }
-        if new_name.is_some_and(|n| self.graph.find(n).is_some()) {
-            return Err("New overlay node-name already in use".into());
-        }
-        let file = s("snapshot-file").unwrap_or_default();
-        if s("mode") != Some("existing") {
-            let req = strata_block::img_create::ImgCreate {
-                filename: file,
-                format,
-                backing: Some(old.filename()),
-                backing_format: Some(old.format_name()),
-                size: old.length(),
-                no_backing: true,
-                quiet: false,
-            };
-            strata_block::img_create::img_create(&self.registry, req)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let flags = OpenFlags {
-            read_only: old.is_read_only(),
-            no_backing: true,
-            unmap: false,
-            ..OpenFlags::default()
-        };
-        let ctx = OpenCtx::with_graph(Arc::clone(&self.registry), flags, Arc::clone(&self.graph));
-        let mut opts = strata_block::options::Opts::new();
-        if let Some(n) = new_name {
-            opts.insert("node-name".into(), n.into());
-        }
-        let new = ctx
-            .open_image(Some(file), Some(format), opts)
-            .await
-            .map_err(|e| e.to_string())?;
-        let r = Self::snapshot_append(&old, &new).await;
-        // The opener's reference goes: the parents hold the overlay now.
-        let _ = new.close().await;
-        r
-    }
 }
 
 /// Adds the commands of this module to `qmp`.
@@ -274,23 +159,6 @@ pub fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
         "q_obj_x-blockdev-set-iothread_arg",
         move |d, a| async move {
             d.set_iothread(&arg(&a, "node-name"), a["iothread"].as_str())
-                .await
-        },
-    );
-    daemon_command(
-        qmp,
-        daemon,
-        "blockdev-snapshot-sync",
-        "BlockdevSnapshotSync",
-        move |d, a| async move { d.blockdev_snapshot_sync(&a).await },
-    );
-    daemon_command(
-        qmp,
-        daemon,
-        "blockdev-snapshot",
-        "BlockdevSnapshot",
-        move |d, a| async move {
-            d.blockdev_snapshot(&arg(&a, "node"), &arg(&a, "overlay"))
                 .await
         },
     );

@@ -17,6 +17,8 @@ mod qemu_opts;
 mod queries;
 mod resize;
 pub mod schema;
+mod snapshots;
+mod transaction;
 
 pub use blockdev::Daemon;
 

@@ -403,6 +403,8 @@ pub fn schema(registry: &Registry) -> Schema {
         );
     exports(&mut s);
     crate::jobs::schema(&mut s);
+    crate::snapshots::schema(&mut s);
+    crate::transaction::schema(&mut s);
     s
 }
 

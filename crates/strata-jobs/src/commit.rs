@@ -83,7 +83,7 @@ pub async fn block_commit(
             }
             Some(t)
         }
-        (None, Some(name)) if bs.filename() != name => bs.find_backing_image(name),
+        (None, Some(name)) if bs.filename() != *name => bs.find_backing_image(name),
         _ => Some(Arc::clone(&bs)),
     };
     let Some(top) = top else {

@@ -4,7 +4,7 @@
 //! it while the job runs.
 
 use std::sync::Arc;
-use strata_block::filename::Identity;
+use strata_block::filename::Naming;
 use strata_block::{replace_node, Driver, Graph, Node, NodeOptions};
 
 /// Puts a node driven by `driver`, whose child is `below`, in the place of
@@ -21,15 +21,11 @@ pub(crate) async fn insert_filter(
     if let Some(n) = name {
         graph.check_new_name(n).map_err(|e| e.to_string())?;
     }
-    let identity = Identity {
-        exact: below.filename().to_string(),
-        ..Identity::default()
-    };
     // The driver's child cell holds `below`: that edge is a reference.
     below.add_ref();
     let node = Node::new(
         name.unwrap_or_default(),
-        identity,
+        Naming::AsChild,
         driver,
         NodeOptions {
             read_only,

@@ -153,6 +153,11 @@ impl DirtyBitmap {
     pub fn snapshot(&self) -> HBitmap {
         self.lock().clone()
     }
+    /// Puts back bits taken by [`DirtyBitmap::snapshot`] (QEMU:
+    /// bdrv_restore_dirty_bitmap, a transaction's undo of clear or merge).
+    pub fn restore(&self, bits: HBitmap) {
+        *self.lock() = bits;
+    }
     /// Every dirty range, in order.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
         self.lock().dirty_ranges().collect()

@@ -297,6 +297,18 @@ impl HBitmap {
         out
     }
 
+    /// The bits in whole little-endian words, at least one, as QEMU keeps
+    /// them in memory (what x-debug-block-dirty-bitmap-sha256 hashes).
+    pub fn words(&self) -> Vec<u8> {
+        let n = self.bits().div_ceil(64).max(1) as usize;
+        let mut out: Vec<u8> = self.levels[0]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        out.resize(n * 8, 0);
+        out
+    }
+
     /// Sets the bits from bytes made by [`serialize`](Self::serialize).
     pub fn deserialize(&mut self, bytes: &[u8]) -> Result<(), String> {
         if bytes.len() != self.serialization_size() {

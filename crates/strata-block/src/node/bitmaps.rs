@@ -65,13 +65,21 @@ impl Node {
     /// block-dirty-bitmap-remove: refused while busy or read-only; a
     /// persistent bitmap leaves the image first.
     pub async fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let b = self.detach_bitmap(name).await?;
+        self.bitmaps.release(&b);
+        Ok(())
+    }
+
+    /// The first half of [`Node::remove_bitmap`], for a transaction that
+    /// may still put the bitmap back (QEMU: block_dirty_bitmap_remove with
+    /// release false): checked, and out of the image, but not yet released.
+    pub async fn detach_bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
         let b = self.bitmaps.lookup(name)?;
         b.check(crate::bitmap::Check::Remove)?;
         if b.is_persistent() {
             self.driver.remove_persistent_bitmap(name).await?;
         }
-        self.bitmaps.release(&b);
-        Ok(())
+        Ok(b)
     }
 
     /// Loads the image's persistent bitmaps into the node (at open).

@@ -93,6 +93,7 @@ impl Node {
             });
         }
         self.refresh_limits();
+        self.refresh_identity();
         match old {
             Some(o) => o.close().await,
             None => Ok(()),

@@ -522,6 +522,20 @@ impl Node {
             return Ok(());
         }
         self.pass_gate().await;
+        self.flush_now().await
+    }
+
+    /// [`Node::flush`] by the owner of a drained section over this node,
+    /// which passes the gate holding every other request back (QEMU: the
+    /// main loop's bdrv_flush between bdrv_drained_begin and _end).
+    pub async fn flush_drained(&self, _section: &super::DrainGuard) -> Result<()> {
+        if self.no_flush || self.is_read_only() {
+            return Ok(());
+        }
+        self.flush_now().await
+    }
+
+    async fn flush_now(&self) -> Result<()> {
         // Tracked so that a drained section waits for it; it overlaps nothing.
         let _req = self.tracker.begin(0, 0, false).await;
         let mut flushed = self.flush_order.lock().await;

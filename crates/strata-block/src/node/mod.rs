@@ -35,8 +35,10 @@ static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 /// A node of the block graph: a driver instance with its request path.
 pub struct Node {
     name: String,
-    filename: String,
-    identity: crate::filename::Identity,
+    naming: crate::filename::Naming,
+    /// What the node is called now: worked out again whenever its
+    /// children change (see [`Node::refresh_identity`]).
+    identity: Mutex<Arc<crate::filename::Identity>>,
     driver: Box<dyn Driver>,
     /// Changes only in a reopen (QEMU: bdrv_reopen_set_read_only).
     read_only: AtomicBool,
@@ -93,7 +95,7 @@ impl Node {
     /// Wraps an open driver in a node. `name` empty gives an automatic one.
     pub fn new(
         name: &str,
-        identity: crate::filename::Identity,
+        naming: crate::filename::Naming,
         driver: Box<dyn Driver>,
         opts: NodeOptions,
     ) -> Arc<Node> {
@@ -109,8 +111,8 @@ impl Node {
         let backing_blocker = Blocker::new(format!("node is used as backing hd of '{name}'"));
         let node = Arc::new(Node {
             name,
-            filename: identity.filename(),
-            identity,
+            identity: Mutex::new(Arc::new(naming.identity(&*driver))),
+            naming,
             driver,
             read_only: AtomicBool::new(opts.read_only),
             writeback: AtomicBool::new(opts.cache.writeback),
@@ -184,12 +186,34 @@ impl Node {
     }
     /// The node's name as QEMU shows it: the file name it was opened with,
     /// or `json:{...}` when its options say more than a file name can.
-    pub fn filename(&self) -> &str {
-        &self.filename
+    pub fn filename(&self) -> String {
+        self.identity().filename()
     }
     /// What the node's parents need to name themselves.
-    pub fn identity(&self) -> &crate::filename::Identity {
-        &self.identity
+    pub fn identity(&self) -> Arc<crate::filename::Identity> {
+        Arc::clone(&self.identity.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    /// How the node works its name out.
+    pub fn naming(&self) -> &crate::filename::Naming {
+        &self.naming
+    }
+    /// Works the node's name out again after its children changed, and
+    /// then its parents' (QEMU: bdrv_refresh_filename, which runs at every
+    /// query).
+    pub fn refresh_identity(&self) {
+        let new = self.naming.identity(&*self.driver);
+        {
+            let mut cur = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+            if **cur == new {
+                return;
+            }
+            *cur = Arc::new(new);
+        }
+        for link in self.parents() {
+            if let Some(p) = link.parent.upgrade() {
+                p.refresh_identity();
+            }
+        }
     }
     /// The driver instance.
     pub fn driver(&self) -> &dyn Driver {

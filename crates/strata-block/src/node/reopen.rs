@@ -3,8 +3,9 @@
 //! (commit's base, stream's top), and undoes when it is done.
 //!
 //! The node's own children follow it (the file under a format, as QEMU's
-//! children that inherit their options); children others use too, and
-//! backing files, keep their mode. It all happens in one drained section:
+//! children that inherit their options); children others hold too (a
+//! user, another parent, the monitor that added them), and backing files,
+//! keep their mode. It all happens in one drained section:
 //! a protocol swaps its file descriptor, a format reloads its metadata.
 
 use super::{drained_async, Node};
@@ -72,11 +73,14 @@ impl Node {
     }
 
     /// This node and, depth first, the children that follow it: those
-    /// that only it uses, in another mode than the one wanted.
+    /// opened with it, that only it holds (QEMU: children that inherit
+    /// from it; a node added on its own, by blockdev-add, keeps its mode),
+    /// in another mode than the one wanted.
     fn collect_reopen_set(self: &Arc<Self>, read_only: bool, set: &mut Vec<Arc<Node>>) {
         set.push(Arc::clone(self));
         for c in self.children() {
-            let own = c.node.parents().len() == 1 && c.node.backend_count() == 0;
+            // The one reference is this node's edge.
+            let own = c.node.ref_count() == 1;
             if c.role != ChildRole::Backing && own && c.node.is_read_only() != read_only {
                 c.node.collect_reopen_set(read_only, set);
             }

@@ -212,6 +212,7 @@ pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
     .await?;
     for (p, _) in &moved {
         p.refresh_limits();
+        p.refresh_identity();
     }
     // The references the moved edges and handles held on `from` go.
     for _ in 0..swapped {

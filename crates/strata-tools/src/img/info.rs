@@ -243,7 +243,7 @@ pub fn run(ctx: Ctx) -> i32 {
             if let Some((bf, bfmt)) = node.driver().backing_file() {
                 let full = node
                     .full_backing_filename(&bf)
-                    .unwrap_or_else(|_| path_combine(node.filename(), &bf));
+                    .unwrap_or_else(|_| path_combine(&node.filename(), &bf));
                 next = Some((full, bfmt, false));
             }
         }
