@@ -6,8 +6,8 @@ use crate::commands::daemon_command;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use strata_jobs::{
-    block_commit, block_stream, blockdev_mirror, drive_mirror, CommitArgs, DriveMirrorArgs, Job,
-    MirrorArgs, Refused, StreamArgs,
+    block_commit, block_stream, blockdev_backup, blockdev_mirror, drive_mirror, BackupArgs,
+    CommitArgs, DriveMirrorArgs, Job, MirrorArgs, Refused, StreamArgs,
 };
 use strata_qmp::error::ErrorClass;
 use strata_qmp::schema::Schema;
@@ -99,6 +99,25 @@ pub(crate) fn schema(s: &mut Schema) {
             ("*auto-dismiss", "bool"),
         ],
     )
+    .enumeration("BitmapSyncMode", &["on-success", "never", "always"])
+    .object(
+        "BlockdevBackup",
+        &[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("sync", "MirrorSyncMode"),
+            ("*speed", "int"),
+            ("*bitmap", "str"),
+            ("*bitmap-mode", "BitmapSyncMode"),
+            ("*compress", "bool"),
+            ("*on-source-error", "BlockdevOnError"),
+            ("*on-target-error", "BlockdevOnError"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+            ("*filter-node-name", "str"),
+            ("target", "str"),
+        ],
+    )
     .object("q_obj_job-id_arg", &[("id", "str")])
     .object("q_obj_block-job-device_arg", &[("device", "str")])
     .object(
@@ -137,6 +156,26 @@ pub(crate) fn schema(s: &mut Schema) {
 }
 
 /// The arguments both mirror commands share.
+fn backup_args(a: &Value) -> BackupArgs {
+    let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+    let b = |k: &str| a.get(k).and_then(Value::as_bool);
+    BackupArgs {
+        job_id: s("job-id"),
+        device: s("device").unwrap_or_default(),
+        target: s("target").unwrap_or_default(),
+        sync: s("sync").unwrap_or_default(),
+        speed: a.get("speed").and_then(Value::as_i64),
+        bitmap: s("bitmap"),
+        bitmap_mode: s("bitmap-mode"),
+        compress: b("compress").unwrap_or(false),
+        on_source_error: s("on-source-error"),
+        on_target_error: s("on-target-error"),
+        auto_finalize: b("auto-finalize"),
+        auto_dismiss: b("auto-dismiss"),
+        filter_node_name: s("filter-node-name"),
+    }
+}
+
 fn mirror_args(a: &Value) -> MirrorArgs {
     let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
     let b = |k: &str| a.get(k).and_then(Value::as_bool);
@@ -337,6 +376,20 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
                 blockdev_mirror(&d.jobs, &d.graph, args)
                     .await
                     .map_err(refused)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "blockdev-backup",
+        Some("BlockdevBackup"),
+        Arc::new(move |a| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                blockdev_backup(&d.jobs, &d.graph, backup_args(&a))
+                    .await
+                    .map_err(QmpError::generic)?;
                 Ok(json!({}))
             })
         }),

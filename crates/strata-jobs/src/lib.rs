@@ -4,6 +4,7 @@
 //! only through the core's user handles and op blockers; the daemon wires
 //! the list to QMP.
 
+pub mod backup;
 pub mod commit;
 mod commit_top;
 mod filter_node;
@@ -15,6 +16,7 @@ pub mod ratelimit;
 pub mod state;
 pub mod stream;
 
+pub use backup::{blockdev_backup, BackupArgs};
 pub use commit::{block_commit, CommitArgs};
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 pub use list::{EventSink, JobList};

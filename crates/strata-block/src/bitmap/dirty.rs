@@ -20,6 +20,9 @@ pub struct DirtyBitmap {
     readonly: AtomicBool,
     persistent: AtomicBool,
     inconsistent: AtomicBool,
+    /// Frozen while a successor that records stands in for it: shown as
+    /// recording (QEMU: bdrv_dirty_bitmap_recording).
+    successor_records: AtomicBool,
 }
 
 /// What `query-block` shows of a bitmap (QEMU: BlockDirtyInfo).
@@ -185,7 +188,7 @@ impl DirtyBitmap {
             name: self.name.clone(),
             count: b.count(),
             granularity: b.granularity(),
-            recording: self.is_enabled(),
+            recording: self.is_enabled() || self.successor_records.load(Ordering::Acquire),
             busy: self.is_busy(),
             persistent: self.persistent.load(Ordering::Acquire),
             inconsistent: self.inconsistent.load(Ordering::Acquire),
@@ -251,11 +254,21 @@ impl DirtyBitmaps {
             readonly: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
+            successor_records: AtomicBool::new(false),
         });
         list.push(Arc::clone(&b));
         self.recount(&list);
         self.size.fetch_max(size, Ordering::AcqRel);
         Ok(b)
+    }
+
+    /// Takes in a bitmap made elsewhere (an operation's own, made before
+    /// the node it belongs to existed).
+    pub fn adopt(&self, bitmap: &Arc<DirtyBitmap>) {
+        let mut list = self.lock();
+        list.push(Arc::clone(bitmap));
+        self.recount(&list);
+        self.size.fetch_max(bitmap.size(), Ordering::AcqRel);
     }
 
     /// The bitmap called `name`.
@@ -346,6 +359,62 @@ impl DirtyBitmaps {
         let b = self.create(name, bits.granularity(), bits.size())?;
         *b.lock() = bits;
         Ok(b)
+    }
+
+    /// A new anonymous bitmap that records in `parent`'s place while an
+    /// operation (a backup) works from `parent`'s bits: it records if
+    /// `parent` did, and `parent` stops and is busy (QEMU:
+    /// bdrv_dirty_bitmap_create_successor).
+    pub fn create_successor(&self, parent: &DirtyBitmap) -> Result<Arc<DirtyBitmap>> {
+        if parent.is_busy() {
+            return Err(Error::invalid(format!(
+                "Bitmap '{}' is currently in use by another operation and cannot be used",
+                parent.shown_name()
+            )));
+        }
+        let size = parent.size();
+        let child = self.create(None, parent.granularity(), size)?;
+        let list = self.lock();
+        child.set_enabled(parent.is_enabled());
+        parent
+            .successor_records
+            .store(parent.is_enabled(), Ordering::Release);
+        parent.set_enabled(false);
+        parent.set_busy(true);
+        self.recount(&list);
+        Ok(child)
+    }
+
+    /// The operation succeeded: `parent` keeps only what its successor
+    /// recorded, and takes the successor's place in the list (QEMU:
+    /// bdrv_dirty_bitmap_abdicate, where the successor takes the name).
+    pub fn abdicate(&self, parent: &Arc<DirtyBitmap>, successor: &Arc<DirtyBitmap>) {
+        let bits = successor.snapshot();
+        let mut list = self.lock();
+        parent.restore(bits);
+        parent.set_enabled(successor.is_enabled());
+        parent.successor_records.store(false, Ordering::Release);
+        parent.set_busy(false);
+        list.retain(|b| !Arc::ptr_eq(b, parent));
+        match list.iter().position(|b| Arc::ptr_eq(b, successor)) {
+            Some(at) => list[at] = Arc::clone(parent),
+            None => list.push(Arc::clone(parent)),
+        }
+        self.recount(&list);
+    }
+
+    /// The operation failed: `parent` gets what its successor recorded on
+    /// top of its own bits, and records again if the successor did (QEMU:
+    /// bdrv_reclaim_dirty_bitmap).
+    pub fn reclaim(&self, parent: &Arc<DirtyBitmap>, successor: &Arc<DirtyBitmap>) {
+        let bits = successor.snapshot();
+        let mut list = self.lock();
+        let _ = parent.lock().merge_from(&bits);
+        parent.set_enabled(successor.is_enabled());
+        parent.successor_records.store(false, Ordering::Release);
+        parent.set_busy(false);
+        list.retain(|b| !Arc::ptr_eq(b, successor));
+        self.recount(&list);
     }
 
     /// Marks `[offset, offset+len)` dirty in every enabled bitmap (the

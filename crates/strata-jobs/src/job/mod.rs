@@ -445,6 +445,11 @@ impl Job {
         self.lock().limit.delay(n, Instant::now());
     }
 
+    /// Whether the speed limit asks to wait before anything more.
+    pub fn ratelimit_exceeded(&self) -> bool {
+        !self.lock().limit.delay(0, Instant::now()).is_zero()
+    }
+
     /// Whether the work should stop (QEMU: job_is_cancelled).
     pub fn is_cancelled(&self) -> bool {
         self.lock().force_cancel

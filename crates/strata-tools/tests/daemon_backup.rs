@@ -1,0 +1,301 @@
+//! The backup job over QMP: the same conversations with strata-daemon and
+//! qemu-storage-daemon give the same answers, events and bitmaps, and
+//! leave targets that hold the same disk; a guest writing during a backup
+//! never changes what the target gets.
+
+mod daemon_support;
+mod jobs_support;
+use daemon_support::*;
+use jobs_support::*;
+
+/// 4 MiB qcow2 targets `cN-tgt.qcow2` and `cN-tg2.qcow2` beside each
+/// chain, and an 8 MiB one of the wrong size.
+fn targets(side: &Side) {
+    for (name, size) in [
+        ("c1-tgt", "4M"),
+        ("c1-tg2", "4M"),
+        ("c1-tg3", "4M"),
+        ("big", "8M"),
+    ] {
+        side.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &format!("{name}.qcow2"),
+            size,
+        ]);
+    }
+}
+
+/// The chain's nodes and a node for each target.
+fn with_targets(side: &Side, n: usize) -> Vec<String> {
+    let mut v = nodes(side, n);
+    for (node, file) in [
+        ("t1", "c1-tgt"),
+        ("t2", "c1-tg2"),
+        ("t3", "c1-tg3"),
+        ("big", "big"),
+    ] {
+        v.push("--blockdev".into());
+        v.push(format!(
+            "driver=qcow2,node-name={node},file.driver=file,file.filename=$DIR/{file}.qcow2"
+        ));
+    }
+    v
+}
+
+fn a(s: &'static str) -> S<'static> {
+    S::Ask(s, 0)
+}
+
+const NODES: &str = r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#;
+
+#[test]
+fn refused_backups_as_qemu_storage_daemon_refuses_them() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "c1-top", "sync": "full"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "big", "sync": "full"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "nosuch", "target": "t1", "sync": "full"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "nosuch", "sync": "full"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "bitmap"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "incremental", "bitmap": "x", "bitmap-mode": "never"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "bitmap": "x"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "bitmap-mode": "never"}}"#,
+        ),
+        a(r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "c1-top", "name": "x"}}"#),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "bitmap": "x"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "none", "bitmap": "x", "bitmap-mode": "always"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "top", "bitmap": "x", "bitmap-mode": "never"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "on-source-error": "enospc"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "speed": -1}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "t1", "sync": "none"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-mid", "target": "t2", "sync": "full"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t2", "sync": "none", "filter-node-name": "c1-mid"}}"#,
+        ),
+        a(r#"{"execute": "query-block-jobs"}"#),
+        a(NODES),
+        // Answered once the job is gone.
+        a(r#"{"execute": "job-cancel", "arguments": {"id": "b1"}}"#),
+        a(NODES),
+    ];
+    same_jobs_and_images(1, with_targets, targets, &steps, &[]);
+}
+
+#[test]
+fn backups_and_their_bitmaps_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "c1-top", "name": "x", "persistent": true}}"#,
+        ),
+        // A full backup that keeps its bitmap for the next incremental
+        // one, waiting to be finalized.
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "t1", "sync": "full", "bitmap": "x", "bitmap-mode": "on-success", "auto-finalize": false, "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "pending""#),
+        a(NODES),
+        S::Ask(
+            r#"{"execute": "job-finalize", "arguments": {"id": "b1"}}"#,
+            0,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b1"}}"#),
+        a(NODES),
+        // The top image's own clusters, compressed.
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t2", "sync": "top", "compress": true, "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b2"}}"#),
+        // The image's own bitmap, with x merged in, drives a bitmap backup.
+        a(
+            r#"{"execute": "block-dirty-bitmap-merge", "arguments": {"node": "c1-top", "target": "y", "bitmaps": ["x"]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b3", "device": "c1-top", "target": "t3", "sync": "bitmap", "bitmap": "y", "bitmap-mode": "always", "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b3"}}"#),
+        a(NODES),
+    ];
+    // A persistent bitmap `y`, disabled, that marks a guest write.
+    let setup = |side: &Side| {
+        targets(side);
+        side.qemu_img(&["bitmap", "--add", "c1-top.qcow2", "y"]);
+        let out = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x55 512k 64k",
+                "c1-top.qcow2",
+            ])
+            .current_dir(side.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        side.qemu_img(&["bitmap", "--disable", "c1-top.qcow2", "y"]);
+    };
+    same_jobs_and_images(
+        1,
+        with_targets,
+        setup,
+        &steps,
+        &["c1-tgt.qcow2", "c1-tg2.qcow2", "c1-tg3.qcow2"],
+    );
+}
+
+/// Sends `cmd` and reads up to its answer, skipping events.
+fn answer(c: &mut Client, cmd: &str) -> String {
+    c.send(cmd);
+    loop {
+        let l = c.line();
+        if l.starts_with("{\"return\"") || l.starts_with("{\"error\"") {
+            return l;
+        }
+    }
+}
+
+/// Reads lines until one contains `text`.
+fn wait_for(c: &mut Client, text: &str) {
+    while !c.line().contains(text) {}
+}
+
+/// A guest writes over NBD while a slow full backup runs, and while a
+/// `none` backup (fleecing) holds the point in time: the full backup's
+/// target is the disk as it was when the job started, and the `none`
+/// target holds the old data of exactly what the guest overwrote. Run on
+/// both daemons.
+#[test]
+fn guest_writes_during_a_backup_never_reach_the_target() {
+    let Some((s, q)) = sides() else {
+        return;
+    };
+    for side in [&s, &q] {
+        chains(side, 1);
+        targets(side);
+        // The disk as it is before the job: what the target must hold.
+        side.qemu_img(&["convert", "-O", "raw", "c1-top.qcow2", "before.raw"]);
+        let dir = side.dir.path().display().to_string();
+        let extra: Vec<String> = with_targets(side, 1)
+            .iter()
+            .map(|a| a.replace("$DIR", &dir))
+            .collect();
+        let (d, mut c) = Running::start(side, &extra);
+        c.line();
+        answer(&mut c, r#"{"execute": "qmp_capabilities"}"#);
+        let sock = side.path("nbd.sock");
+        let start = format!(
+            r#"{{"execute": "nbd-server-start", "arguments": {{"addr": {{"type": "unix", "data": {{"path": "{sock}"}}}}}}}}"#
+        );
+        assert!(answer(&mut c, &start).contains("return"));
+        let export = r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#;
+        assert!(answer(&mut c, export).contains("return"));
+        let uri = format!("nbd+unix:///c1-top?socket={sock}");
+        let io = |cmds: &[&str]| {
+            let mut args = vec!["-f", "raw"];
+            for cmd in cmds {
+                args.push("-c");
+                args.push(cmd);
+            }
+            args.push(&uri);
+            let out = std::process::Command::new("qemu-io")
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        };
+        // Hardly any speed: the job copies its first piece and waits.
+        let backup = r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "t1", "sync": "full", "speed": 1}}"#;
+        assert!(answer(&mut c, backup).contains("return"));
+        let fleece = r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t2", "sync": "none"}}"#;
+        assert!(answer(&mut c, fleece).contains("return"));
+        io(&[
+            "write -P 0x41 64k 64k",
+            "write -P 0x42 3000k 4k",
+            "write -P 0x43 4000 1000",
+            "write -z 1M 128k",
+            "discard 2M 64k",
+            "write -P 0x44 2040k 16k",
+        ]);
+        let fast =
+            r#"{"execute": "block-job-set-speed", "arguments": {"device": "b1", "speed": 0}}"#;
+        assert!(answer(&mut c, fast).contains("return"));
+        wait_for(&mut c, r#""status": "null", "id": "b1""#);
+        io(&["write -P 0x45 0 4k"]);
+        // Answered once the job is gone.
+        let stop = r#"{"execute": "job-cancel", "arguments": {"id": "b2"}}"#;
+        assert!(answer(&mut c, stop).contains("return"));
+        answer(&mut c, r#"{"execute": "quit"}"#);
+        d.wait();
+        let (out, code) = side.qemu_img(&["compare", "-U", "before.raw", "c1-tgt.qcow2"]);
+        assert_eq!(code, 0, "{}: {out}", side.prog.display());
+        // The fleecing target has the old data where the guest wrote, and
+        // nothing else.
+        let (map, _) = side.qemu_img(&["map", "-U", "--output=json", "c1-tg2.qcow2"]);
+        for (off, len) in [
+            (0u64, 64u64 << 10),
+            (64 << 10, 64 << 10),
+            (1 << 20, 128 << 10),
+            (2 << 20, 64 << 10),
+            (1984 << 10, 128 << 10),
+            (2944 << 10, 64 << 10),
+        ] {
+            let read = format!("read -v {off} {len}");
+            let got = std::process::Command::new("qemu-io")
+                .args(["-U", "-f", "qcow2", "-c", &read, "c1-tg2.qcow2"])
+                .current_dir(side.dir.path())
+                .output()
+                .unwrap();
+            let want = std::process::Command::new("qemu-io")
+                .args(["-U", "-f", "raw", "-c", &read, "before.raw"])
+                .current_dir(side.dir.path())
+                .output()
+                .unwrap();
+            let body = |o: &std::process::Output| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| !l.contains("ops/sec"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(body(&got), body(&want), "{off}: {map}");
+        }
+        let (out, code) = side.qemu_img(&["check", "c1-tg2.qcow2"]);
+        assert_eq!(code, 0, "{out}");
+    }
+}
