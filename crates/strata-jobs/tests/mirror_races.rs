@@ -12,57 +12,15 @@
 //!
 //! Either way, after the pivot the disk must read the guest's data.
 
+mod races_support;
+use races_support::*;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use strata_block::options::{nest, Opts};
-use strata_block::{Backend, EventLoop, Graph, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
+use strata_block::{Backend, EventLoop, Graph, IoBuf, OpenCtx, OpenFlags, Perm, WriteFlags};
 use strata_jobs::{blockdev_mirror, JobList, MirrorArgs};
 
-const MIB: u64 = 1 << 20;
 const GRANULE: u64 = 65536;
-
-async fn create(path: &str, size: u64) {
-    let reg = strata_drivers::registry();
-    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
-    let mut o = Opts::new();
-    o.insert("size".into(), size.to_string().into());
-    reg.format("qcow2")
-        .unwrap()
-        .create(&ctx, path, o)
-        .await
-        .unwrap();
-}
-
-async fn open(ctx: &OpenCtx, opts: &[(&str, &str)]) -> Arc<Node> {
-    let pairs: Vec<(String, String)> = opts
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let o: Opts = nest(&pairs).unwrap();
-    ctx.open_image(None, None, o).await.unwrap()
-}
-
-/// Asserts that `len` bytes at `off` all hold `byte`.
-async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
-    let got = b.read(off, IoBuf::zeroed(len)).await.unwrap();
-    let bad = got.as_slice().iter().position(|&x| x != byte);
-    assert!(
-        bad.is_none(),
-        "at {off}+{bad:?}: {:#x}, not {byte:#x}",
-        got.as_slice()[bad.unwrap_or(0)]
-    );
-}
-
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..2000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 fn a_guest_write_into_a_granule_being_copied_lands_last(copy_mode: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +28,7 @@ fn a_guest_write_into_a_granule_being_copied_lands_last(copy_mode: &str) {
         let src = dir.path().join("src.qcow2").display().to_string();
         // A raw target: no cluster allocation in it orders writes.
         let tgt = dir.path().join("tgt.raw").display().to_string();
-        create(&src, MIB).await;
+        create(&src, &[("size", "1048576")]).await;
         std::fs::File::create(&tgt).unwrap().set_len(MIB).unwrap();
         let graph = Graph::new();
         let registry = strata_drivers::registry();

@@ -5,59 +5,13 @@
 //! over it. The copy-up is one serialising request, so the write waits for
 //! it and lands after it.
 
+mod races_support;
+use races_support::*;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use strata_block::options::{nest, Opts};
 use strata_block::{Backend, EventLoop, Graph, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
 use strata_jobs::{block_stream, JobList, StreamArgs};
-
-const MIB: u64 = 1 << 20;
-
-async fn create(path: &str, opts: &[(&str, &str)]) {
-    let reg = strata_drivers::registry();
-    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
-    let mut o = Opts::new();
-    for (k, v) in opts {
-        o.insert(k.to_string(), v.to_string().into());
-    }
-    reg.format("qcow2")
-        .unwrap()
-        .create(&ctx, path, o)
-        .await
-        .unwrap();
-}
-
-async fn open(ctx: &OpenCtx, opts: &[(&str, &str)]) -> Arc<Node> {
-    let pairs: Vec<(String, String)> = opts
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let o: Opts = nest(&pairs).unwrap();
-    ctx.open_image(None, None, o).await.unwrap()
-}
-
-/// Asserts that `len` bytes at `off` all hold `byte`.
-async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
-    let got = b.read(off, IoBuf::zeroed(len)).await.unwrap();
-    let bad = got.as_slice().iter().position(|&x| x != byte);
-    assert!(
-        bad.is_none(),
-        "at {off}+{bad:?}: {:#x}, not {byte:#x}",
-        got.as_slice()[bad.unwrap_or(0)]
-    );
-}
-
-/// Polls until `cond` holds (a breakpoint is hit, a job is gone).
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..2000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 /// A graph of two images in `dir`, `base` (all 0x11) under `top` (empty),
 /// `size` bytes each; the base's file through blkdebug if `debug_base`.

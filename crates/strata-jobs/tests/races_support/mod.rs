@@ -1,0 +1,58 @@
+//! What the job race tests share: qcow2 images made and opened by
+//! options, a check of what a disk holds, and a wait for a condition
+//! (a breakpoint hit, a job gone).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+use strata_block::options::{nest, Opts};
+use strata_block::{Backend, IoBuf, Node, OpenCtx, OpenFlags};
+
+pub const MIB: u64 = 1 << 20;
+
+/// Creates a qcow2 image at `path` with these create options.
+pub async fn create(path: &str, opts: &[(&str, &str)]) {
+    let reg = strata_drivers::registry();
+    let ctx = OpenCtx::new(Arc::clone(&reg), OpenFlags::default());
+    let mut o = Opts::new();
+    for (k, v) in opts {
+        o.insert(k.to_string(), v.to_string().into());
+    }
+    reg.format("qcow2")
+        .unwrap()
+        .create(&ctx, path, o)
+        .await
+        .unwrap();
+}
+
+/// Opens a node from dotted options.
+pub async fn open(ctx: &OpenCtx, opts: &[(&str, &str)]) -> Arc<Node> {
+    let pairs: Vec<(String, String)> = opts
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let o: Opts = nest(&pairs).unwrap();
+    ctx.open_image(None, None, o).await.unwrap()
+}
+
+/// Asserts that `len` bytes at `off` all hold `byte`.
+pub async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
+    let got = b.read(off, IoBuf::zeroed(len)).await.unwrap();
+    let bad = got.as_slice().iter().position(|&x| x != byte);
+    assert!(
+        bad.is_none(),
+        "at {off}+{bad:?}: {:#x}, not {byte:#x}",
+        got.as_slice()[bad.unwrap_or(0)]
+    );
+}
+
+/// Polls until `cond` holds (a breakpoint is hit, a job is gone).
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
