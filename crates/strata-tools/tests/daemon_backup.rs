@@ -179,22 +179,6 @@ fn backups_and_their_bitmaps_as_in_qemu() {
     );
 }
 
-/// Sends `cmd` and reads up to its answer, skipping events.
-fn answer(c: &mut Client, cmd: &str) -> String {
-    c.send(cmd);
-    loop {
-        let l = c.line();
-        if l.starts_with("{\"return\"") || l.starts_with("{\"error\"") {
-            return l;
-        }
-    }
-}
-
-/// Reads lines until one contains `text`.
-fn wait_for(c: &mut Client, text: &str) {
-    while !c.line().contains(text) {}
-}
-
 /// A guest writes over NBD while a slow full backup runs, and while a
 /// `none` backup (fleecing) holds the point in time: the full backup's
 /// target is the disk as it was when the job started, and the `none`
@@ -210,53 +194,28 @@ fn guest_writes_during_a_backup_never_reach_the_target() {
         targets(side);
         // The disk as it is before the job: what the target must hold.
         side.qemu_img(&["convert", "-O", "raw", "c1-top.qcow2", "before.raw"]);
-        let dir = side.dir.path().display().to_string();
-        let extra: Vec<String> = with_targets(side, 1)
-            .iter()
-            .map(|a| a.replace("$DIR", &dir))
-            .collect();
-        let (d, mut c) = Running::start(side, &extra);
-        c.line();
-        answer(&mut c, r#"{"execute": "qmp_capabilities"}"#);
-        let sock = side.path("nbd.sock");
-        let start = format!(
-            r#"{{"execute": "nbd-server-start", "arguments": {{"addr": {{"type": "unix", "data": {{"path": "{sock}"}}}}}}}}"#
-        );
-        assert!(answer(&mut c, &start).contains("return"));
-        let export = r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#;
-        assert!(answer(&mut c, export).contains("return"));
-        let uri = format!("nbd+unix:///c1-top?socket={sock}");
-        let io = |cmds: &[&str]| {
-            let mut args = vec!["-f", "raw"];
-            for cmd in cmds {
-                args.push("-c");
-                args.push(cmd);
-            }
-            args.push(&uri);
-            let out = std::process::Command::new("qemu-io")
-                .args(&args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-        };
+        let (d, mut c, uri) = start_exported(side, &with_targets(side, 1));
         // Hardly any speed: the job copies its first piece and waits.
         let backup = r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "t1", "sync": "full", "speed": 1}}"#;
         assert!(answer(&mut c, backup).contains("return"));
         let fleece = r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t2", "sync": "none"}}"#;
         assert!(answer(&mut c, fleece).contains("return"));
-        io(&[
-            "write -P 0x41 64k 64k",
-            "write -P 0x42 3000k 4k",
-            "write -P 0x43 4000 1000",
-            "write -z 1M 128k",
-            "discard 2M 64k",
-            "write -P 0x44 2040k 16k",
-        ]);
+        guest_io(
+            &uri,
+            &[
+                "write -P 0x41 64k 64k",
+                "write -P 0x42 3000k 4k",
+                "write -P 0x43 4000 1000",
+                "write -z 1M 128k",
+                "discard 2M 64k",
+                "write -P 0x44 2040k 16k",
+            ],
+        );
         let fast =
             r#"{"execute": "block-job-set-speed", "arguments": {"device": "b1", "speed": 0}}"#;
         assert!(answer(&mut c, fast).contains("return"));
         wait_for(&mut c, r#""status": "null", "id": "b1""#);
-        io(&["write -P 0x45 0 4k"]);
+        guest_io(&uri, &["write -P 0x45 0 4k"]);
         // Answered once the job is gone.
         let stop = r#"{"execute": "job-cancel", "arguments": {"id": "b2"}}"#;
         assert!(answer(&mut c, stop).contains("return"));

@@ -198,22 +198,6 @@ fn an_active_commit_gets_ready_and_pivots_as_in_qemu() {
     same_jobs_and_images(2, with_targets, targets, &steps, &written);
 }
 
-/// Sends `cmd` and reads up to its answer, skipping events.
-fn answer(c: &mut Client, cmd: &str) -> String {
-    c.send(cmd);
-    loop {
-        let l = c.line();
-        if l.starts_with("{\"return\"") || l.starts_with("{\"error\"") {
-            return l;
-        }
-    }
-}
-
-/// Reads lines until one contains `text`.
-fn wait_for(c: &mut Client, text: &str) {
-    while !c.line().contains(text) {}
-}
-
 /// A guest writes to the disk over NBD while a mirror runs: before the
 /// copy reaches it, once READY (background copy), and after a switch to
 /// write-blocking, some writes not aligned to the granularity. After the
@@ -227,60 +211,38 @@ fn guest_writes_during_a_mirror_all_reach_the_target() {
     for side in [&s, &q] {
         chains(side, 1);
         targets(side);
-        let dir = side.dir.path().display().to_string();
-        let extra: Vec<String> = with_targets(side, 1)
-            .iter()
-            .map(|a| a.replace("$DIR", &dir))
-            .collect();
-        let (d, mut c) = Running::start(side, &extra);
-        c.line();
-        answer(&mut c, r#"{"execute": "qmp_capabilities"}"#);
-        let sock = side.path("nbd.sock");
-        let start = format!(
-            r#"{{"execute": "nbd-server-start", "arguments": {{"addr": {{"type": "unix", "data": {{"path": "{sock}"}}}}}}}}"#
-        );
-        assert!(answer(&mut c, &start).contains("return"));
-        let export = r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#;
-        assert!(answer(&mut c, export).contains("return"));
+        let (d, mut c, uri) = start_exported(side, &with_targets(side, 1));
         // One granule a step, and hardly any speed: the copy waits.
         let mirror = r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m1", "device": "c1-top", "target": "t1", "sync": "full", "granularity": 65536, "buf-size": 65536, "speed": 1}}"#;
         assert!(answer(&mut c, mirror).contains("return"));
-        let uri = format!("nbd+unix:///c1-top?socket={sock}");
-        let io = |cmds: &[&str]| {
-            let mut args = vec!["-f", "raw"];
-            for cmd in cmds {
-                args.push("-c");
-                args.push(cmd);
-            }
-            args.push(&uri);
-            let out = std::process::Command::new("qemu-io")
-                .args(&args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-        };
-        io(&[
-            "write -P 0x41 64k 64k",
-            "write -P 0x42 3000k 4k",
-            "write -P 0x43 4000 1000",
-        ]);
+        guest_io(
+            &uri,
+            &[
+                "write -P 0x41 64k 64k",
+                "write -P 0x42 3000k 4k",
+                "write -P 0x43 4000 1000",
+            ],
+        );
         let fast =
             r#"{"execute": "block-job-set-speed", "arguments": {"device": "m1", "speed": 0}}"#;
         assert!(answer(&mut c, fast).contains("return"));
         wait_for(&mut c, "BLOCK_JOB_READY");
-        io(&["write -P 0x44 1M 128k", "write -P 0x45 200k 3k"]);
+        guest_io(&uri, &["write -P 0x44 1M 128k", "write -P 0x45 200k 3k"]);
         let change = r#"{"execute": "block-job-change", "arguments": {"id": "m1", "type": "mirror", "copy-mode": "write-blocking"}}"#;
         assert!(answer(&mut c, change).contains("return"));
-        io(&[
-            "write -P 0x46 2M 4k",
-            "write -P 0x47 100000 5000",
-            "write -z 3M 64k",
-        ]);
+        guest_io(
+            &uri,
+            &[
+                "write -P 0x46 2M 4k",
+                "write -P 0x47 100000 5000",
+                "write -z 3M 64k",
+            ],
+        );
         let done = r#"{"execute": "job-complete", "arguments": {"id": "m1"}}"#;
         assert!(answer(&mut c, done).contains("return"));
         wait_for(&mut c, r#""status": "null""#);
         // The export now serves the target: a write lands there only.
-        io(&["write -P 0x48 512k 4k"]);
+        guest_io(&uri, &["write -P 0x48 512k 4k"]);
         answer(&mut c, r#"{"execute": "quit"}"#);
         d.wait();
         let (out, code) = side.qemu_img(&["compare", "-U", "c1-top.qcow2", "c1-tgt.qcow2"]);

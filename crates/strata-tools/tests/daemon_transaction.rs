@@ -6,7 +6,6 @@
 
 mod daemon_support;
 mod jobs_support;
-use daemon_support::*;
 use jobs_support::*;
 
 fn a(s: &'static str) -> S<'static> {

@@ -17,6 +17,9 @@ pub(crate) const DEFAULT_CLUSTER: u64 = 64 << 10;
 /// The most one copy reads at once (QEMU: BLOCK_COPY_MAX_BUFFER).
 const MAX_BUFFER: u64 = 1 << 20;
 
+/// Told how many bytes a copy moved.
+type Progress = Box<dyn Fn(u64) + Send + Sync>;
+
 /// A failed copy, and whether reading the source failed (else writing the
 /// target).
 pub(crate) struct CopyError {
@@ -41,7 +44,7 @@ pub(crate) struct BlockCopy {
     skip_unallocated: AtomicBool,
     compress: bool,
     /// Told how many bytes each copy moved (the job's progress).
-    progress: Mutex<Option<Box<dyn Fn(u64) + Send + Sync>>>,
+    progress: Mutex<Option<Progress>>,
 }
 
 impl BlockCopy {
@@ -83,11 +86,11 @@ impl BlockCopy {
         &self.dirty
     }
 
-    pub(crate) fn set_progress(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+    pub(crate) fn set_progress(&self, f: Progress) {
         *self.lock_progress() = Some(f);
     }
 
-    fn lock_progress(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Fn(u64) + Send + Sync>>> {
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, Option<Progress>> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -253,3 +253,50 @@ pub fn same_jobs_and_images(
 }
 
 pub const FIRST_CHUNK: &str = r#""current-progress": 524288"#;
+
+/// Sends `cmd` and reads up to its answer, skipping events.
+pub fn answer(c: &mut Client, cmd: &str) -> String {
+    c.send(cmd);
+    loop {
+        let l = c.line();
+        if l.starts_with("{\"return\"") || l.starts_with("{\"error\"") {
+            return l;
+        }
+    }
+}
+
+/// Reads lines until one contains `text`.
+pub fn wait_for(c: &mut Client, text: &str) {
+    while !c.line().contains(text) {}
+}
+
+/// Starts the daemon of `side` with `args` (`$DIR` replaced) and exports
+/// `c1-top` writable over NBD, as a guest's disk: the daemon, its monitor
+/// (capabilities negotiated) and the export's URI.
+pub fn start_exported(side: &Side, args: &[String]) -> (Running, Client, String) {
+    let dir = side.dir.path().display().to_string();
+    let extra: Vec<String> = args.iter().map(|a| a.replace("$DIR", &dir)).collect();
+    let (d, mut c) = Running::start(side, &extra);
+    c.line();
+    answer(&mut c, r#"{"execute": "qmp_capabilities"}"#);
+    let sock = side.path("nbd.sock");
+    let start = format!(
+        r#"{{"execute": "nbd-server-start", "arguments": {{"addr": {{"type": "unix", "data": {{"path": "{sock}"}}}}}}}}"#
+    );
+    assert!(answer(&mut c, &start).contains("return"));
+    let export = r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#;
+    assert!(answer(&mut c, export).contains("return"));
+    (d, c, format!("nbd+unix:///c1-top?socket={sock}"))
+}
+
+/// Runs qemu-io commands, as a guest, on the disk at an NBD URI.
+pub fn guest_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for cmd in cmds {
+        args.push("-c");
+        args.push(cmd);
+    }
+    args.push(uri);
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
