@@ -156,7 +156,7 @@ pub(crate) fn schema(s: &mut Schema) {
 }
 
 /// The arguments both mirror commands share.
-fn backup_args(a: &Value) -> BackupArgs {
+pub(crate) fn backup_args(a: &Value) -> BackupArgs {
     let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
     let b = |k: &str| a.get(k).and_then(Value::as_bool);
     BackupArgs {

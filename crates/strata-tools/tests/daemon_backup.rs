@@ -179,6 +179,34 @@ fn backups_and_their_bitmaps_as_in_qemu() {
     );
 }
 
+/// The incremental backup flow: a bitmap and a full backup started
+/// together, in one transaction, or neither; a backup in a transaction
+/// that fails is cancelled before it ran.
+#[test]
+fn backups_in_transactions_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "c1-top", "name": "x"}}, {"type": "blockdev-backup", "data": {"job-id": "j1", "device": "c1-top", "target": "t1", "sync": "full"}}, {"type": "abort", "data": {}}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "c1-top", "name": "x"}}, {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "c1-top", "target": "t1", "sync": "full", "auto-dismiss": false}}]}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "j2"}}"#),
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "blockdev-backup", "data": {"job-id": "j4", "device": "c1-top", "target": "t2", "sync": "incremental", "bitmap": "x"}}, {"type": "blockdev-backup", "data": {"job-id": "j4", "device": "c1-mid", "target": "t3", "sync": "full"}}]}}"#,
+        ),
+        // Only backups may complete as a group.
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "blockdev-backup", "data": {"job-id": "j5", "device": "c1-top", "target": "t2", "sync": "full"}}, {"type": "abort", "data": {}}], "properties": {"completion-mode": "grouped"}}}"#,
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(1, with_targets, targets, &steps, &["c1-tgt.qcow2"]);
+}
+
 /// A guest writes over NBD while a slow full backup runs, and while a
 /// `none` backup (fleecing) holds the point in time: the full backup's
 /// target is the disk as it was when the job started, and the `none`

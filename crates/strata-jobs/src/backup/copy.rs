@@ -155,7 +155,8 @@ impl BlockCopy {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            match self.claim(start, end, MAX_BUFFER) {
+            // At least one whole cluster, whatever the target's size.
+            match self.claim(start, end, MAX_BUFFER.max(self.cluster)) {
                 Claim::Done => return Ok(()),
                 Claim::Wait => released.await,
                 Claim::Got(s, e) => {

@@ -74,13 +74,27 @@ fn on_error(v: Option<&str>) -> Result<OnError, String> {
     }
 }
 
-/// Starts a backup job, with QEMU's checks in QEMU's order
-/// (blockdev_backup_action, do_backup_common, backup_job_create).
+/// Starts a backup job (QEMU: qmp_blockdev_backup).
 pub async fn blockdev_backup(
     list: &Arc<JobList>,
     graph: &Arc<Graph>,
     a: BackupArgs,
 ) -> Result<(), String> {
+    let job = backup_prepare(list, graph, a).await?;
+    list.start(&job);
+    job.settle(0).await;
+    Ok(())
+}
+
+/// Creates a backup job, with its filter in place, without starting it:
+/// QEMU's checks in QEMU's order (blockdev_backup_action,
+/// do_backup_common, backup_job_create). A transaction starts it when all
+/// its actions went through, and cancels it otherwise.
+pub async fn backup_prepare(
+    list: &Arc<JobList>,
+    graph: &Arc<Graph>,
+    a: BackupArgs,
+) -> Result<Arc<Job>, String> {
     let bs = graph.lookup(&a.device).map_err(|e| e.to_string())?;
     let target = graph.lookup(&a.target).map_err(|e| e.to_string())?;
     let drained = strata_block::drain_begin(std::slice::from_ref(&bs)).await;
@@ -233,9 +247,7 @@ pub async fn blockdev_backup(
     // The filter is in place: the guest's writes may go on, and so may
     // the job's reads below it.
     drop(drained);
-    list.start(&job);
-    job.settle(0).await;
-    Ok(())
+    Ok(job)
 }
 
 /// Puts the copy-before-write filter over the source, with the copy
@@ -386,7 +398,8 @@ impl BackupState {
             }
             let mut batch = Vec::new();
             while batch.len() < WORKERS && !job.ratelimit_exceeded() {
-                let Some((s, l)) = self.copy.dirty().next_dirty_area(pos, end, CHUNK) else {
+                let chunk = CHUNK.max(self.copy.cluster_size());
+                let Some((s, l)) = self.copy.dirty().next_dirty_area(pos, end, chunk) else {
                     pos = end;
                     break;
                 };
