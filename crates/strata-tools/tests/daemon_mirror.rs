@@ -111,7 +111,12 @@ fn refused_mirrors_as_qemu_storage_daemon_refuses_them() {
         m(
             r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m2", "device": "c2-top", "target": "t1", "sync": "full"}}"#,
         ),
-        m(r#"{"execute": "block-job-cancel", "arguments": {"device": "m"}}"#),
+        // Answered first, as QEMU answers a mirror's cancel; the job's four
+        // last events follow (how soon is the scheduler's business).
+        S::Ask(
+            r#"{"execute": "block-job-cancel", "arguments": {"device": "m"}}"#,
+            4,
+        ),
         m(r#"{"execute": "query-jobs"}"#),
     ];
     same_jobs_and_images(2, with_targets, targets, &steps, &[]);
