@@ -389,9 +389,10 @@ impl DirtyBitmaps {
     /// recorded, and takes the successor's place in the list (QEMU:
     /// bdrv_dirty_bitmap_abdicate, where the successor takes the name).
     pub fn abdicate(&self, parent: &Arc<DirtyBitmap>, successor: &Arc<DirtyBitmap>) {
-        let bits = successor.snapshot();
+        // Under the list lock, which writes mark under: none is lost
+        // between taking the successor's bits and its release.
         let mut list = self.lock();
-        parent.restore(bits);
+        parent.restore(successor.snapshot());
         parent.set_enabled(successor.is_enabled());
         parent.successor_records.store(false, Ordering::Release);
         parent.set_busy(false);
@@ -407,8 +408,8 @@ impl DirtyBitmaps {
     /// top of its own bits, and records again if the successor did (QEMU:
     /// bdrv_reclaim_dirty_bitmap).
     pub fn reclaim(&self, parent: &Arc<DirtyBitmap>, successor: &Arc<DirtyBitmap>) {
-        let bits = successor.snapshot();
         let mut list = self.lock();
+        let bits = successor.snapshot();
         let _ = parent.lock().merge_from(&bits);
         parent.set_enabled(successor.is_enabled());
         parent.successor_records.store(false, Ordering::Release);
