@@ -124,6 +124,8 @@ pub enum ChildRole {
     Header,
     /// Where blklogwrites records the writes to its `file` (`log`).
     Log,
+    /// Where copy-before-write copies old data to (`target`).
+    Target,
 }
 
 impl ChildRole {
@@ -139,6 +141,7 @@ impl ChildRole {
             ChildRole::Quorum(i) => format!("children.{i}"),
             ChildRole::Header => "header".into(),
             ChildRole::Log => "log".into(),
+            ChildRole::Target => "target".into(),
         }
     }
     /// The child that carries the parent's data and metadata, the one a
@@ -149,7 +152,10 @@ impl ChildRole {
     /// True for children that hold only guest data, which are format-probed
     /// when their parent is not a format (QEMU: BDRV_CHILD_DATA alone).
     pub fn is_pure_data(self) -> bool {
-        matches!(self, ChildRole::Test | ChildRole::Quorum(_))
+        matches!(
+            self,
+            ChildRole::Test | ChildRole::Quorum(_) | ChildRole::Target
+        )
     }
 }
 

@@ -50,7 +50,7 @@ pub fn default_child_perm(
         }
         // Children of a quorum must stay alike: no one else writes or resizes.
         ChildRole::Quorum(_) => (perm, shared & (READ | WRITE_UNCHANGED)),
-        ChildRole::Image | ChildRole::Raw => (perm, shared),
+        ChildRole::Image | ChildRole::Raw | ChildRole::Target => (perm, shared),
         ChildRole::File if parent.driver().is_filter() => (perm, shared),
         ChildRole::File
         | ChildRole::DataFile

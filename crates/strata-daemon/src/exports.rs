@@ -214,7 +214,9 @@ impl Exports {
             return Err(format!("NBD server already has export named '{name}'"));
         }
         let (perm, shared) = strata_nbd::export_perms(writable);
-        let blk = Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?;
+        // An export is an unnamed block device to QEMU's permission errors.
+        let blk = Backend::new(&node, "an unnamed block device", perm, shared)
+            .map_err(|e| e.to_string())?;
         let refs: Vec<BitmapRef<'_>> = args
             .get("bitmaps")
             .and_then(Value::as_array)
@@ -288,7 +290,10 @@ impl Exports {
             },
         };
         let (perm, shared) = FuseExport::perms(writable, growable);
-        let blk = Arc::new(Backend::new(&node, &id, perm, shared).map_err(|e| e.to_string())?);
+        let blk = Arc::new(
+            Backend::new(&node, "an unnamed block device", perm, shared)
+                .map_err(|e| e.to_string())?,
+        );
         let export = match FuseExport::start(opts, Arc::clone(&blk)) {
             Ok(e) => e,
             Err(e) => {

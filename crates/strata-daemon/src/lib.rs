@@ -30,6 +30,13 @@ use strata_qmp::Qmp;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Notify;
 
+/// Every driver: the protocols, formats and filters of strata-drivers, and
+/// the filters the jobs bring (copy-before-write, snapshot-access). QEMU's
+/// tools all have every driver, so every Strata tool uses this registry.
+pub fn registry() -> Arc<Registry> {
+    strata_drivers::registry_with(strata_jobs::backup::fleecing::driver_classes())
+}
+
 /// One option of the command line that builds the daemon, in the order
 /// given; the argument is the option's value.
 pub enum DaemonArg<'a> {

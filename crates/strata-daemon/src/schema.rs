@@ -15,6 +15,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("blklogwrites", "BlockdevOptionsBlklogwrites"),
     ("blkverify", "BlockdevOptionsBlkverify"),
     ("compress", "BlockdevOptionsGenericFormat"),
+    ("copy-before-write", "BlockdevOptionsCbw"),
     ("copy-on-read", "BlockdevOptionsCor"),
     ("file", "BlockdevOptionsFile"),
     ("nbd", "BlockdevOptionsNbd"),
@@ -26,6 +27,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("qcow2", "BlockdevOptionsQcow2"),
     ("quorum", "BlockdevOptionsQuorum"),
     ("raw", "BlockdevOptionsRaw"),
+    ("snapshot-access", "BlockdevOptionsGenericFormat"),
     ("throttle", "BlockdevOptionsThrottle"),
 ];
 
@@ -162,6 +164,18 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("file", "BlockdevRef"),
                 ("*offset", "int"),
                 ("*size", "int"),
+            ],
+        )
+        .enumeration("OnCbwError", &["break-guest-write", "break-snapshot"])
+        .object(
+            "BlockdevOptionsCbw",
+            &[
+                ("file", "BlockdevRef"),
+                ("target", "BlockdevRef"),
+                ("*bitmap", "BlockDirtyBitmap"),
+                ("*on-cbw-error", "OnCbwError"),
+                ("*cbw-timeout", "uint32"),
+                ("*min-cluster-size", "size"),
             ],
         )
         .object(
@@ -545,7 +559,7 @@ mod tests {
 
     #[test]
     fn every_driver_can_be_added_and_every_type_is_declared() {
-        let reg = strata_drivers::registry();
+        let reg = crate::registry();
         assert_eq!(drivers_without_schema(&reg), Vec::<&str>::new());
         assert_eq!(schema(&reg).undefined(), Vec::<String>::new());
     }

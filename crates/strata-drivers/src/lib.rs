@@ -11,6 +11,12 @@ use strata_block::Registry;
 /// Every driver of this crate, registered; qcow2 before raw so that probing
 /// sees the real formats first.
 pub fn registry() -> Arc<Registry> {
+    registry_with(Vec::new())
+}
+
+/// Every driver of this crate and `extra` after them (drivers of the
+/// layers above, such as the jobs' filters).
+pub fn registry_with(extra: Vec<Arc<dyn strata_block::DriverClass>>) -> Arc<Registry> {
     let mut r = Registry::default();
     r.register(Arc::new(protocols::file::FileClass::FILE));
     r.register(Arc::new(protocols::file::FileClass::HOST_DEVICE));
@@ -30,5 +36,8 @@ pub fn registry() -> Arc<Registry> {
     r.register(Arc::new(filters::throttle::ThrottleClass));
     r.register(Arc::new(filters::quorum::QuorumClass));
     r.register(Arc::new(formats::raw::RawClass));
+    for c in extra {
+        r.register(c);
+    }
     Arc::new(r)
 }

@@ -141,7 +141,7 @@ pub fn options(data: &[u8]) {
 /// against the daemon's schema as a command's arguments would be.
 pub fn qmp(data: &[u8]) {
     thread_local! {
-        static SCHEMA: strata_qmp::Schema = strata_daemon::schema::schema(&strata_drivers::registry());
+        static SCHEMA: strata_qmp::Schema = strata_daemon::schema::schema(&strata_daemon::registry());
     }
     let mut stream = strata_qmp::json::JsonStream::default();
     for msg in stream.feed(data).into_iter().flatten() {

@@ -39,7 +39,7 @@ pub fn qmp_daemon(data: &[u8]) {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (client, served) = tokio::io::duplex(1 << 16);
             let (r, w) = tokio::io::split(served);
-            let server = strata_daemon::serve_connection(strata_drivers::registry(), r, w);
+            let server = strata_daemon::serve_connection(strata_daemon::registry(), r, w);
             let client_side = async move {
                 let (mut r, mut w) = tokio::io::split(client);
                 let writer = async {

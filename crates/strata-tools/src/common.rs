@@ -11,7 +11,7 @@ pub fn init() -> Arc<Registry> {
     strata_block::report::set_prog_name(&argv0);
     strata_block::report::set_stdout_hook(crate::stdout::write_fmt);
     strata_block::report::set_flush_hook(crate::stdout::flush);
-    strata_drivers::registry()
+    strata_daemon::registry()
 }
 
 /// The full argv[0], as QEMU's usage hints print it.

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use strata_block::{Backend, DirtyBitmap, Error, IoBuf, Node, WriteFlags};
+use strata_block::{DirtyBitmap, Error, IoBuf, Node, WriteFlags};
 use tokio::sync::Notify;
 
 /// The smallest cluster a copy works in (QEMU:
@@ -30,7 +30,8 @@ pub(crate) struct CopyError {
 /// The copy state (QEMU: BlockCopyState).
 pub(crate) struct BlockCopy {
     source: Arc<Node>,
-    target: Arc<Backend>,
+    /// The target, written through the filter's `target` edge.
+    target: Arc<Node>,
     cluster: u64,
     len: u64,
     /// Clusters not yet in the target: an anonymous, disabled bitmap of
@@ -52,7 +53,7 @@ impl BlockCopy {
     /// everything is to be copied.
     pub(crate) fn new(
         source: &Arc<Node>,
-        target: Arc<Backend>,
+        target: Arc<Node>,
         cluster: u64,
         compress: bool,
     ) -> Result<Arc<BlockCopy>, String> {
@@ -98,9 +99,20 @@ impl BlockCopy {
         self.skip_unallocated.store(on, Ordering::Release);
     }
 
-    /// Lets the state go: its handle on the target closes.
-    pub(crate) async fn close(&self) {
-        let _ = self.target.close().await;
+    /// Starts from the clusters `bitmap` marks instead of all of them
+    /// (QEMU: block_copy_state_new with a bitmap).
+    pub(crate) fn start_from(&self, bitmap: &DirtyBitmap) {
+        self.dirty.clear();
+        for (off, len) in bitmap.dirty_ranges() {
+            self.dirty.set(off, len);
+        }
+    }
+
+    /// Drops clusters from the copy: no one will read them from the target
+    /// (QEMU: block_copy_reset).
+    pub(crate) fn reset(&self, offset: u64, len: u64) {
+        let _claims = self.lock_claims();
+        self.dirty.reset(offset, len);
     }
 
     fn lock_claims(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {

@@ -14,6 +14,7 @@
 
 mod cbw;
 mod copy;
+pub mod fleecing;
 
 use crate::filter_node::insert_filter;
 use crate::holds::Holds;
@@ -21,11 +22,11 @@ use crate::job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 use crate::list::JobList;
 use crate::state::JobType;
 use async_trait::async_trait;
-use cbw::CopyBeforeWrite;
-use copy::{BlockCopy, DEFAULT_CLUSTER};
-use std::sync::{Arc, Mutex, Weak};
-use strata_block::driver::{ChildCell, Perm};
-use strata_block::{Backend, BlockOp, DirtyBitmap, Graph, Node};
+use cbw::{CopyBeforeWrite, OnCbwError};
+use copy::BlockCopy;
+use std::sync::{Arc, Weak};
+use strata_block::driver::Perm;
+use strata_block::{BlockOp, DirtyBitmap, Graph, Node};
 
 /// Copies the job runs at once (QEMU runs up to 64 block-copy tasks).
 const WORKERS: usize = 16;
@@ -199,7 +200,7 @@ pub async fn backup_prepare(
     }
     let id = a.job_id.clone().unwrap_or_default();
     let desc = format!("backup job '{id}'");
-    let started = start(list, graph, &bs, &target, &a, &desc).await;
+    let started = start(graph, &bs, &target, &a).await;
     let (cbw_node, copy) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -253,44 +254,50 @@ pub async fn backup_prepare(
 /// Puts the copy-before-write filter over the source, with the copy
 /// state it shares with the job (QEMU: bdrv_cbw_append).
 async fn start(
-    _list: &Arc<JobList>,
     graph: &Arc<Graph>,
     bs: &Arc<Node>,
     target: &Arc<Node>,
     a: &BackupArgs,
-    desc: &str,
 ) -> Result<(Arc<Node>, Arc<BlockCopy>), String> {
     if let Some(n) = &a.filter_node_name {
         graph
             .check_new_name(n)
             .map_err(|e| format!("Could not create node: {e}"))?;
     }
-    // Whole clusters of the target, at least 64 KiB (QEMU:
-    // block_copy_calculate_cluster_size).
-    let cluster = target
-        .driver()
-        .cluster_size()
-        .unwrap_or(0)
-        .max(DEFAULT_CLUSTER);
-    // The job writes the target; others may do anything but resize it.
-    let blk = Backend::new(target, desc, Perm::WRITE, Perm::ALL.without(Perm::RESIZE))
-        .map_err(|e| e.to_string())?;
-    let copy = BlockCopy::new(bs, Arc::new(blk), cluster, a.compress)?;
-    let driver = Box::new(CopyBeforeWrite {
-        source: ChildCell::new(Arc::clone(bs)),
-        copy: Mutex::new(Some(Arc::clone(&copy))),
-        done: Mutex::new(None),
-        stopped: Default::default(),
+    // Whole clusters of the target, at least 64 KiB.
+    let cluster = fleecing::copy_cluster(target, 0)?;
+    // The filter's target edge is a reference on the target.
+    target.add_ref();
+    let copy = BlockCopy::new(bs, Arc::clone(target), cluster, a.compress);
+    let driver = copy.and_then(|copy| {
+        CopyBeforeWrite::new(
+            Arc::clone(bs),
+            Arc::clone(target),
+            Arc::clone(&copy),
+            OnCbwError::BreakGuestWrite,
+            None,
+        )
+        .map(|d| (copy, d))
+        .map_err(|e| e.to_string())
     });
-    let node = match insert_filter(graph, bs, a.filter_node_name.as_deref(), driver, false).await {
-        Ok(node) => node,
+    let (copy, driver) = match driver {
+        Ok(x) => x,
         Err(e) => {
-            copy.close().await;
+            let _ = target.close().await;
             return Err(e);
         }
     };
+    // insert_filter takes its own reference on the source for the edge.
+    let node = insert_filter(
+        graph,
+        bs,
+        a.filter_node_name.as_deref(),
+        Box::new(driver),
+        false,
+    )
+    .await?;
     if let Some(d) = cbw_driver(&node) {
-        d.add_bitmaps(&node, &copy)?;
+        d.adopt_bitmaps(node.bitmaps());
     }
     Ok((node, copy))
 }
@@ -330,16 +337,12 @@ impl BackupState {
 
     /// The bits the copy starts from (QEMU: backup_init_bcs_bitmap).
     fn init_bitmap(&self, job: &Arc<Job>) {
-        let dirty = self.copy.dirty();
         if let (Sync::Bitmap, Some((b, _))) = (self.sync, &self.frozen) {
-            dirty.clear();
-            for (off, len) in b.dirty_ranges() {
-                dirty.set(off, len);
-            }
+            self.copy.start_from(b);
         } else if self.sync == Sync::Top {
             self.copy.set_skip_unallocated(true);
         }
-        job.progress_set_remaining(dirty.count());
+        job.progress_set_remaining(self.copy.dirty().count());
     }
 
     /// Gives the sync bitmap back as the mode and the outcome say (QEMU:
@@ -380,7 +383,6 @@ impl BackupState {
             ));
         }
         let _ = self.cbw.close().await;
-        self.copy.close().await;
     }
 
     /// Copies what is left, in batches that all end before the next pause
