@@ -100,23 +100,14 @@ pub(crate) fn schema(s: &mut Schema) {
         ],
     )
     .enumeration("BitmapSyncMode", &["on-success", "never", "always"])
+    .object("BlockdevBackup", &backup_fields(&[("target", "str")]))
     .object(
-        "BlockdevBackup",
-        &[
-            ("*job-id", "str"),
-            ("device", "str"),
-            ("sync", "MirrorSyncMode"),
-            ("*speed", "int"),
-            ("*bitmap", "str"),
-            ("*bitmap-mode", "BitmapSyncMode"),
-            ("*compress", "bool"),
-            ("*on-source-error", "BlockdevOnError"),
-            ("*on-target-error", "BlockdevOnError"),
-            ("*auto-finalize", "bool"),
-            ("*auto-dismiss", "bool"),
-            ("*filter-node-name", "str"),
+        "DriveBackup",
+        &backup_fields(&[
             ("target", "str"),
-        ],
+            ("*format", "str"),
+            ("*mode", "NewImageMode"),
+        ]),
     )
     .object("q_obj_job-id_arg", &[("id", "str")])
     .object("q_obj_block-job-device_arg", &[("device", "str")])
@@ -155,7 +146,27 @@ pub(crate) fn schema(s: &mut Schema) {
     );
 }
 
-/// The arguments both mirror commands share.
+/// QEMU's BackupCommon, then the fields of one backup command.
+fn backup_fields(own: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
+        ("*job-id", "str"),
+        ("device", "str"),
+        ("sync", "MirrorSyncMode"),
+        ("*speed", "int"),
+        ("*bitmap", "str"),
+        ("*bitmap-mode", "BitmapSyncMode"),
+        ("*compress", "bool"),
+        ("*on-source-error", "BlockdevOnError"),
+        ("*on-target-error", "BlockdevOnError"),
+        ("*auto-finalize", "bool"),
+        ("*auto-dismiss", "bool"),
+        ("*filter-node-name", "str"),
+    ];
+    v.extend_from_slice(own);
+    v
+}
+
+/// The arguments both backup commands share.
 pub(crate) fn backup_args(a: &Value) -> BackupArgs {
     let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
     let b = |k: &str| a.get(k).and_then(Value::as_bool);
@@ -173,6 +184,16 @@ pub(crate) fn backup_args(a: &Value) -> BackupArgs {
         auto_finalize: b("auto-finalize"),
         auto_dismiss: b("auto-dismiss"),
         filter_node_name: s("filter-node-name"),
+    }
+}
+
+/// `drive-backup`'s arguments.
+pub(crate) fn drive_backup_args(a: &Value) -> strata_jobs::DriveBackupArgs {
+    let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+    strata_jobs::DriveBackupArgs {
+        common: backup_args(a),
+        format: s("format"),
+        mode: s("mode"),
     }
 }
 
@@ -388,6 +409,20 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             let d = Arc::clone(&d);
             Box::pin(async move {
                 blockdev_backup(&d.jobs, &d.graph, backup_args(&a))
+                    .await
+                    .map_err(QmpError::generic)?;
+                Ok(json!({}))
+            })
+        }),
+    );
+    let d = Arc::clone(daemon);
+    qmp.add_command(
+        "drive-backup",
+        Some("DriveBackup"),
+        Arc::new(move |a| {
+            let d = Arc::clone(&d);
+            Box::pin(async move {
+                strata_jobs::drive_backup(&d.jobs, &d.graph, &d.registry, drive_backup_args(&a))
                     .await
                     .map_err(QmpError::generic)?;
                 Ok(json!({}))

@@ -123,6 +123,13 @@ async fn action(d: &Daemon, kind: &str, data: &Value, tran: &mut Tran) -> Result
             tran.add(Pending::Backup(Arc::clone(&d.jobs), job));
             Ok(())
         }
+        "drive-backup" => {
+            let args = crate::jobs::drive_backup_args(data);
+            let job =
+                strata_jobs::drive_backup_prepare(&d.jobs, &d.graph, &d.registry, args).await?;
+            tran.add(Pending::Backup(Arc::clone(&d.jobs), job));
+            Ok(())
+        }
         _ => crate::bitmaps::action(d, kind, data, tran).await,
     }
 }
@@ -164,7 +171,10 @@ async fn transaction(d: &Daemon, a: &Value) -> Result<(), String> {
     if mode != "individual" {
         // Only backups complete as a group; Strata's jobs have no group
         // yet, so it refuses what it cannot keep.
-        if let Some((kind, _)) = actions.iter().find(|(k, _)| k != "blockdev-backup") {
+        if let Some((kind, _)) = actions
+            .iter()
+            .find(|(k, _)| k != "blockdev-backup" && k != "drive-backup")
+        {
             return Err(format!(
                 "Action '{kind}' does not support transaction property completion-mode = {mode}"
             ));
@@ -201,6 +211,7 @@ pub(crate) fn schema(s: &mut strata_qmp::Schema) {
         ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
         ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
         ("blockdev-backup", "BlockdevBackupWrapper"),
+        ("drive-backup", "DriveBackupWrapper"),
         ("blockdev-snapshot", "BlockdevSnapshotWrapper"),
         (
             "blockdev-snapshot-internal-sync",
@@ -218,6 +229,7 @@ pub(crate) fn schema(s: &mut strata_qmp::Schema) {
         ("BlockDirtyBitmapWrapper", "BlockDirtyBitmap"),
         ("BlockDirtyBitmapMergeWrapper", "BlockDirtyBitmapMerge"),
         ("BlockdevBackupWrapper", "BlockdevBackup"),
+        ("DriveBackupWrapper", "DriveBackup"),
         ("BlockdevSnapshotWrapper", "BlockdevSnapshot"),
         (
             "BlockdevSnapshotInternalWrapper",

@@ -16,7 +16,10 @@ pub mod ratelimit;
 pub mod state;
 pub mod stream;
 
-pub use backup::{backup_prepare, blockdev_backup, BackupArgs};
+pub use backup::{
+    backup_prepare, blockdev_backup, drive_backup, drive_backup_prepare, BackupArgs,
+    DriveBackupArgs,
+};
 pub use commit::{block_commit, CommitArgs};
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 pub use list::{EventSink, JobList};

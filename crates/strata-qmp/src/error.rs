@@ -44,9 +44,15 @@ pub struct QmpError {
 impl QmpError {
     /// A GenericError.
     pub fn generic(desc: impl Into<String>) -> QmpError {
+        let mut desc = desc.into();
+        // The image-lock hint is QEMU's error_append_hint, which the
+        // command line prints and QMP never sends.
+        if let Some(i) = desc.find("\nIs another process using the image [") {
+            desc.truncate(i);
+        }
         QmpError {
             class: ErrorClass::GenericError,
-            desc: desc.into(),
+            desc,
         }
     }
 

@@ -286,3 +286,57 @@ fn guest_writes_during_a_backup_never_reach_the_target() {
         assert_eq!(code, 0, "{out}");
     }
 }
+
+#[test]
+fn drive_backups_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "x", "device": "nope", "target": "n.qcow2", "sync": "full"}}"#,
+        ),
+        // A new image in the source's format, then one over the source's
+        // backing file (whose lock the open daemon holds, as in QEMU).
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "full.qcow2", "sync": "full", "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b1"}}"#),
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "top.qcow2", "sync": "top"}}"#,
+        ),
+        // No backing file: top is a full backup; raw on request.
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b3", "device": "c1-base", "target": "raw.img", "sync": "top", "format": "raw", "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b3"}}"#),
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b4", "device": "c1-top", "target": "c1-tgt.qcow2", "sync": "full", "mode": "existing"}}"#,
+        ),
+        // Fleecing: the new image goes over the source itself.
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b5", "device": "c1-top", "target": "none.qcow2", "sync": "none", "filter-node-name": "f5"}}"#,
+        ),
+        a(NODES),
+        a(r#"{"execute": "job-cancel", "arguments": {"id": "b5"}}"#),
+        a(
+            r#"{"execute": "drive-backup", "arguments": {"job-id": "b6", "device": "c1-top", "target": "bm.qcow2", "sync": "bitmap"}}"#,
+        ),
+        // In a transaction: undone by an abort, or started with a bitmap.
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "drive-backup", "data": {"job-id": "t1", "device": "c1-top", "target": "t1.qcow2", "sync": "full"}}, {"type": "abort", "data": {}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "transaction", "arguments": {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "c1-top", "name": "bm"}}, {"type": "drive-backup", "data": {"job-id": "t2", "device": "c1-top", "target": "t2.qcow2", "sync": "full", "auto-dismiss": false}}]}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "t2"}}"#),
+        a(NODES),
+    ];
+    same_jobs_and_images(
+        1,
+        with_targets,
+        targets,
+        &steps,
+        &["full.qcow2", "none.qcow2", "t2.qcow2"],
+    );
+}

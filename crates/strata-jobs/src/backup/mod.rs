@@ -14,7 +14,10 @@
 
 mod cbw;
 mod copy;
+mod drive;
 pub mod fleecing;
+
+pub use drive::{drive_backup, drive_backup_prepare, DriveBackupArgs};
 
 use crate::filter_node::insert_filter;
 use crate::holds::Holds;
@@ -98,6 +101,18 @@ pub async fn backup_prepare(
 ) -> Result<Arc<Job>, String> {
     let bs = graph.lookup(&a.device).map_err(|e| e.to_string())?;
     let target = graph.lookup(&a.target).map_err(|e| e.to_string())?;
+    prepare_on(list, graph, a, bs, target).await
+}
+
+/// The checks and set-up both backup commands share, once the target is
+/// a node (QEMU: do_backup_common, backup_job_create).
+async fn prepare_on(
+    list: &Arc<JobList>,
+    graph: &Arc<Graph>,
+    a: BackupArgs,
+    bs: Arc<Node>,
+    target: Arc<Node>,
+) -> Result<Arc<Job>, String> {
     let drained = strata_block::drain_begin(std::slice::from_ref(&bs)).await;
     let mut sync = match a.sync.as_str() {
         "full" => Sync::Full,
