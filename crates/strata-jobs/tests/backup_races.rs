@@ -33,27 +33,7 @@ fn a_guest_write_waits_for_the_copy_of_its_cluster(sync: &str) {
             OpenFlags::default(),
             Arc::clone(&graph),
         );
-        let source = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "src"),
-                ("file.driver", "blkdebug"),
-                ("file.image.driver", "file"),
-                ("file.image.filename", &src),
-            ],
-        )
-        .await;
-        let target = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "tgt"),
-                ("file.driver", "file"),
-                ("file.filename", &tgt),
-            ],
-        )
-        .await;
+        let (source, target) = source_and_target(&ctx, &src, &tgt).await;
         // The guest, as an export would use the disk.
         let guest = Backend::new(
             &source,

@@ -29,27 +29,7 @@ fn a_guest_write_waits_for_a_snapshot_read_of_its_cluster() {
         let registry =
             strata_drivers::registry_with(strata_jobs::backup::fleecing::driver_classes());
         let ctx = OpenCtx::with_graph(registry, OpenFlags::default(), Arc::clone(&graph));
-        let source = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "src"),
-                ("file.driver", "blkdebug"),
-                ("file.image.driver", "file"),
-                ("file.image.filename", &src),
-            ],
-        )
-        .await;
-        let target = open(
-            &ctx,
-            &[
-                ("driver", "raw"),
-                ("node-name", "tgt"),
-                ("file.driver", "file"),
-                ("file.filename", &tgt),
-            ],
-        )
-        .await;
+        let (source, target) = source_and_target(&ctx, &src, &tgt).await;
         let cbw = open(
             &ctx,
             &[

@@ -56,3 +56,30 @@ pub async fn until(what: &str, cond: impl Fn() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The raw disks of a backup race, in `ctx`: the source `src` (over
+/// blkdebug, so a test can hold its reads) and the target `tgt`.
+pub async fn source_and_target(ctx: &OpenCtx, src: &str, tgt: &str) -> (Arc<Node>, Arc<Node>) {
+    let source = open(
+        ctx,
+        &[
+            ("driver", "raw"),
+            ("node-name", "src"),
+            ("file.driver", "blkdebug"),
+            ("file.image.driver", "file"),
+            ("file.image.filename", src),
+        ],
+    )
+    .await;
+    let target = open(
+        ctx,
+        &[
+            ("driver", "raw"),
+            ("node-name", "tgt"),
+            ("file.driver", "file"),
+            ("file.filename", tgt),
+        ],
+    )
+    .await;
+    (source, target)
+}
