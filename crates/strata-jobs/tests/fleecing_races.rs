@@ -4,7 +4,8 @@
 //! copy-before-write filter. The write must wait for the read: had it
 //! reached the source first, the held read would return the guest's data
 //! and the point in time would be broken. After the write, the point in
-//! time is read from the target and still holds the old data.
+//! time is read from the target and still holds the old data. A read the
+//! tool gives up half way must not hold the write for ever.
 
 mod races_support;
 use races_support::*;
@@ -15,8 +16,10 @@ use strata_block::{Backend, EventLoop, Graph, IoBuf, OpenCtx, OpenFlags, Perm, W
 
 const CLUSTER: usize = 65536;
 
-#[test]
-fn a_guest_write_waits_for_a_snapshot_read_of_its_cluster() {
+/// The race, with a tool that reads to the end or gives up half way (an
+/// NBD client gone): either way the guest's write goes through once the
+/// read is over, and the point in time stays in the target.
+fn a_snapshot_read_holds_a_guest_write(tool_gives_up: bool) {
     let dir = tempfile::tempdir().unwrap();
     EventLoop::new().unwrap().block_on(async {
         let src = dir.path().join("src.raw").display().to_string();
@@ -84,13 +87,24 @@ fn a_guest_write_waits_for_a_snapshot_read_of_its_cluster() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!write.is_finished(), "the guest's write did not wait");
-        source.with_debug_hooks(|h| h.resume("snap")).unwrap();
-        let got = read.await.unwrap();
-        assert!(
-            got.as_slice().iter().all(|&b| b == 0x11),
-            "the snapshot read saw the guest's write"
-        );
-        write.await.unwrap();
+        if tool_gives_up {
+            read.abort();
+            let _ = read.await;
+            tokio::time::timeout(Duration::from_secs(10), write)
+                .await
+                .expect("the guest's write waits for a read no one makes any more")
+                .unwrap();
+            // The abandoned request itself may go on now.
+            let _ = source.with_debug_hooks(|h| h.resume("snap"));
+        } else {
+            source.with_debug_hooks(|h| h.resume("snap")).unwrap();
+            let got = read.await.unwrap();
+            assert!(
+                got.as_slice().iter().all(|&b| b == 0x11),
+                "the snapshot read saw the guest's write"
+            );
+            write.await.unwrap();
+        }
         // Now the cluster is copied: the snapshot reads it from the target.
         holds(&tool, 0, CLUSTER, 0x11).await;
         holds(&guest, 4096, 4096, 0x55).await;
@@ -103,4 +117,14 @@ fn a_guest_write_waits_for_a_snapshot_read_of_its_cluster() {
             n.close().await.unwrap();
         }
     });
+}
+
+#[test]
+fn a_guest_write_waits_for_a_snapshot_read_of_its_cluster() {
+    a_snapshot_read_holds_a_guest_write(false);
+}
+
+#[test]
+fn a_snapshot_read_given_up_half_way_releases_the_guest_write() {
+    a_snapshot_read_holds_a_guest_write(true);
 }

@@ -63,11 +63,24 @@ pub(crate) struct CopyBeforeWrite {
 }
 
 /// Where a snapshot read of a range goes (QEMU: cbw_snapshot_read_lock).
-struct SnapshotRead {
+/// Dropped, it thaws its range, so a reader that gives up half way (an
+/// NBD client gone) never leaves a guest write waiting.
+struct SnapshotRead<'a> {
+    cbw: &'a CopyBeforeWrite,
     node: Arc<Node>,
     len: u64,
     /// The frozen range to thaw afterwards (reads of the source).
     frozen: Option<u64>,
+}
+
+impl Drop for SnapshotRead<'_> {
+    /// QEMU: cbw_snapshot_read_unlock.
+    fn drop(&mut self) {
+        if let Some(id) = self.frozen {
+            self.cbw.lock_state().frozen.retain(|&(i, _, _)| i != id);
+            self.cbw.thawed.notify_waiters();
+        }
+    }
 }
 
 impl CopyBeforeWrite {
@@ -179,7 +192,7 @@ impl CopyBeforeWrite {
 
     /// Where a snapshot read at `offset` goes, and for how long; None when
     /// the range may not be read (QEMU: cbw_snapshot_read_lock).
-    fn snapshot_read_lock(&self, offset: u64, len: u64) -> Option<SnapshotRead> {
+    fn snapshot_read_lock(&self, offset: u64, len: u64) -> Option<SnapshotRead<'_>> {
         let mut st = self.lock_state();
         if st.error.is_some() || self.access.next_clean(offset, offset + len).is_some() {
             return None;
@@ -195,6 +208,7 @@ impl CopyBeforeWrite {
         let len = run_end.unwrap_or(offset + len) - offset;
         if done {
             return Some(SnapshotRead {
+                cbw: self,
                 node: self.target.get(),
                 len,
                 frozen: None,
@@ -204,17 +218,11 @@ impl CopyBeforeWrite {
         st.next_id += 1;
         st.frozen.push((id, offset, offset + len));
         Some(SnapshotRead {
+            cbw: self,
             node: self.source.get(),
             len,
             frozen: Some(id),
         })
-    }
-
-    fn snapshot_read_unlock(&self, r: &SnapshotRead) {
-        if let Some(id) = r.frozen {
-            self.lock_state().frozen.retain(|&(i, _, _)| i != id);
-            self.thawed.notify_waiters();
-        }
     }
 
     /// Reads the disk as it was when the filter went in (QEMU:
@@ -227,12 +235,12 @@ impl CopyBeforeWrite {
             let r = self
                 .snapshot_read_lock(at, total - done)
                 .ok_or_else(|| Error::errno(libc::EACCES))?;
-            let part = r.node.read(at, IoBuf::zeroed(r.len as usize)).await;
-            self.snapshot_read_unlock(&r);
+            let n = r.len;
+            let part = r.node.read(at, IoBuf::zeroed(n as usize)).await;
+            drop(r);
             let part = part?;
-            buf.as_mut_slice()[done as usize..(done + r.len) as usize]
-                .copy_from_slice(part.as_slice());
-            done += r.len;
+            buf.as_mut_slice()[done as usize..(done + n) as usize].copy_from_slice(part.as_slice());
+            done += n;
         }
         Ok(buf)
     }
@@ -245,9 +253,10 @@ impl CopyBeforeWrite {
             .snapshot_read_lock(offset, len)
             .ok_or_else(|| Error::errno(libc::EACCES))?;
         let st = r.node.block_status(offset, r.len).await;
-        self.snapshot_read_unlock(&r);
+        let copied = r.frozen.is_none();
+        drop(r);
         let mut st = st?;
-        if r.frozen.is_none() {
+        if copied {
             // Copied data is this snapshot's own, whatever the target's
             // backing file holds.
             st.allocated = true;

@@ -172,8 +172,15 @@ impl BlockCopy {
                 Claim::Done => return Ok(()),
                 Claim::Wait => released.await,
                 Claim::Got(s, e) => {
+                    let mut claimed = Claimed {
+                        copy: self,
+                        start: s,
+                        end: e,
+                        copied: false,
+                    };
                     let r = self.copy_claimed(s, e).await;
-                    self.release(s, e, r.is_err());
+                    claimed.copied = r.is_ok();
+                    drop(claimed);
                     r?;
                 }
             }
@@ -286,4 +293,20 @@ enum Claim {
     Done,
     Wait,
     Got(u64, u64),
+}
+
+/// A claimed run being copied. Dropped, the claim goes, and the run is
+/// still to copy unless the copy went through: a copy whose caller gives
+/// up half way never leaves others waiting for its clusters.
+struct Claimed<'a> {
+    copy: &'a BlockCopy,
+    start: u64,
+    end: u64,
+    copied: bool,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.copy.release(self.start, self.end, !self.copied);
+    }
 }
