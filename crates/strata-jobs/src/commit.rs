@@ -9,6 +9,7 @@
 //! `base` starts changing). The base is made writable for the job if it
 //! was opened read-only, and read-only again after.
 
+use crate::chunks::{copy_chunks, Failed};
 use crate::commit_top;
 use crate::holds::Holds;
 use crate::job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
@@ -386,48 +387,38 @@ impl CommitState {
             base.truncate(len, false, Preallocation::Off).await?;
         }
         let top_node = top.node();
-        let mut offset = 0;
-        while offset < len {
-            // Even without a speed limit the job stops here between
-            // requests, so that a pause or a drain finds it idle.
-            job.ratelimit_sleep().await;
-            if job.is_cancelled() {
-                break;
-            }
-            let want = COMMIT_CHUNK.min(len - offset);
-            let mut source = true;
-            let mut r = top_node
-                .block_status_above(below.as_ref(), offset, want)
-                .await
-                .map(|(st, _)| (st.len, st.allocated));
-            if let Ok((n, true)) = r {
-                r = match top.read(offset, IoBuf::zeroed(n as usize)).await {
-                    Ok(buf) => {
-                        source = false;
-                        base.write(offset, buf, WriteFlags::default())
-                            .await
-                            .map(|_| (n, true))
-                    }
-                    Err(e) => Err(e),
-                };
-            }
-            let (n, copied) = match r {
-                // No progress would loop for ever.
-                Ok((0, _)) => return Err(JobError::errno(libc::EIO)),
-                Ok(x) => x,
-                Err(e) => match job.error_action(self.on_error, source, e.code()) {
-                    ErrorAction::Report => return Err(e.into()),
-                    // Tried again (QEMU does the same for ignore).
-                    _ => continue,
-                },
-            };
-            job.progress_update(n);
-            if copied {
-                job.ratelimit_processed(n);
-            }
-            offset += n;
-        }
-        Ok(())
+        let on_error = self.on_error;
+        copy_chunks(
+            job,
+            len,
+            COMMIT_CHUNK,
+            |offset, want| {
+                let (top_node, below) = (&top_node, below.as_ref());
+                Box::pin(async move {
+                    let (st, _) = top_node.block_status_above(below, offset, want).await?;
+                    Ok((st.len, st.allocated))
+                })
+            },
+            |offset, n| {
+                let (top, base) = (&top, &base);
+                Box::pin(async move {
+                    let buf = top
+                        .read(offset, IoBuf::zeroed(n as usize))
+                        .await
+                        .map_err(|e| (true, e))?;
+                    base.write(offset, buf, WriteFlags::default())
+                        .await
+                        .map_err(|e| (false, e))?;
+                    Ok(())
+                })
+            },
+            |is_read, e| match job.error_action(on_error, is_read, e.code()) {
+                ErrorAction::Report => Failed::Fail(e.into()),
+                // Tried again (QEMU does the same for ignore).
+                _ => Failed::Retry,
+            },
+        )
+        .await
     }
 
     async fn prepare(&self) -> Result<(), JobError> {

@@ -5,6 +5,7 @@
 //! the list to QMP.
 
 pub mod backup;
+mod chunks;
 pub mod commit;
 mod commit_top;
 mod filter_node;

@@ -9,6 +9,7 @@
 //! held by the job (their permissions and op blockers) until it is
 //! dismissed.
 
+use crate::chunks::{copy_chunks, Failed};
 use crate::holds::Holds;
 use crate::job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
 use crate::list::JobList;
@@ -401,52 +402,30 @@ impl StreamState {
         let len = self.target.length();
         job.progress_set_remaining(len);
         let below_base = self.base_overlay.filter_or_cow();
-        let mut error = None;
-        let mut offset = 0;
-        while offset < len {
-            // Even without a speed limit the job stops here between
-            // requests, so that a pause or a drain finds it idle.
-            job.ratelimit_sleep().await;
-            if job.is_cancelled() {
-                break;
-            }
-            let want = STREAM_CHUNK.min(len - offset);
-            let mut r = self
-                .step(&top, below_base.as_ref(), offset, want, len)
-                .await;
-            if let Ok((n, true)) = r {
-                // Read through the filter: what is read is copied up.
-                r = blk
-                    .read(offset, IoBuf::zeroed(n as usize))
-                    .await
-                    .map(|_| (n, true));
-            }
-            let (n, copied) = match r {
-                // No progress would loop for ever.
-                Ok((0, _)) => {
-                    error.get_or_insert(JobError::errno(libc::EIO));
-                    break;
-                }
-                Ok(x) => x,
-                Err(e) => match job.error_action(self.on_error, true, e.code()) {
-                    ErrorAction::Stop => continue,
-                    action => {
-                        error.get_or_insert(JobError::from(e));
-                        if action == ErrorAction::Report {
-                            break;
-                        }
-                        (want, false)
-                    }
-                },
-            };
-            job.progress_update(n);
-            if copied {
-                job.ratelimit_processed(n);
-            }
-            offset += n;
-        }
-        // An ignored error still keeps the backing file.
-        error.map_or(Ok(()), Err)
+        let on_error = self.on_error;
+        // An ignored error still keeps the backing file: it is returned.
+        copy_chunks(
+            job,
+            len,
+            STREAM_CHUNK,
+            |offset, want| Box::pin(self.step(&top, below_base.as_ref(), offset, want, len)),
+            |offset, n| {
+                let blk = &blk;
+                Box::pin(async move {
+                    // Read through the filter: what is read is copied up.
+                    blk.read(offset, IoBuf::zeroed(n as usize))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| (true, e))
+                })
+            },
+            |is_read, e| match job.error_action(on_error, is_read, e.code()) {
+                ErrorAction::Stop => Failed::Retry,
+                ErrorAction::Report => Failed::Fail(e.into()),
+                ErrorAction::Ignore => Failed::Skip(e.into()),
+            },
+        )
+        .await
     }
 
     async fn prepare(&self) -> Result<(), JobError> {

@@ -350,9 +350,18 @@ impl Job {
         match deadline {
             None => woken.await,
             Some(at) => {
+                // The timer wheel rounds up to its next millisecond tick: a
+                // zero sleep between copies would cost a millisecond each.
+                let timer = async {
+                    if at <= Instant::now() {
+                        tokio::task::yield_now().await
+                    } else {
+                        tokio::time::sleep_until(at.into()).await
+                    }
+                };
                 tokio::select! {
                     _ = &mut woken => {}
-                    _ = tokio::time::sleep_until(at.into()) => {
+                    _ = timer => {
                         // The timer enters the job unless someone did.
                         let mut st = self.lock();
                         if !st.busy {
@@ -369,7 +378,7 @@ impl Job {
     /// Stops here while a pause is asked for, showing `paused` (or
     /// `standby` when ready) meanwhile (QEMU: job_pause_point).
     pub async fn pause_point(self: &Arc<Self>) {
-        if self.pause_asked() {
+        if self.should_pause() {
             self.driver.pause(self).await;
         }
         let mut before = JobStatus::Running;
@@ -398,9 +407,17 @@ impl Job {
 
     /// Whether the work should stop at its next pause point (QEMU:
     /// job_should_pause).
-    fn pause_asked(&self) -> bool {
+    pub fn should_pause(&self) -> bool {
         let st = self.lock();
         st.pause_count > 0 && !st.force_cancel
+    }
+
+    /// Counts a wait for requests in flight as giving up the loop, as a
+    /// QEMU coroutine yields at every request: a command that woke the work
+    /// is answered from here on (see [`Job::settle`]).
+    pub fn yield_for_io(&self) {
+        self.lock().yields += 1;
+        self.settled.notify_waiters();
     }
 
     /// Sleeps for `d` unless entered sooner, then stops at a pause point
