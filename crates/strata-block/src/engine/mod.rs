@@ -9,7 +9,7 @@ mod threads;
 mod uring;
 
 pub use inline::InlineWrites;
-pub use threads::{off_loop, run as on_pool};
+pub use threads::off_loop;
 pub use uring::{current_ring, on_ring_thread, Ring};
 
 use crate::buf::IoBuf;
