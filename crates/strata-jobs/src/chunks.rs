@@ -12,8 +12,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use std::sync::Arc;
 use strata_block::Error;
 
-/// Chunk copies in flight at most.
-const DEPTH: usize = 4;
+/// Chunk copies in flight at most: two overlap a read with a write; four
+/// copied no faster and took a third of the guest's writes during a
+/// commit (`scripts/bench-jobs`).
+const DEPTH: usize = 2;
 
 /// What a failed step does to the job, as its error policy decides.
 pub enum Failed {
