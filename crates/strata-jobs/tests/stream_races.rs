@@ -208,3 +208,83 @@ fn verbs_from_the_main_loop_reach_a_job_in_an_io_thread() {
         base_node.close().await.unwrap();
     });
 }
+
+/// With two copy-ups in flight, the guest writes into the one held at its
+/// read of the base while the other finishes: the held one must still
+/// serialise the write, and the chunk beside it must not be disturbed.
+#[test]
+fn a_guest_write_into_the_second_copy_in_flight_survives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    EventLoop::new().unwrap().block_on(async {
+        let size = 3 * CHUNK;
+        let Chain {
+            graph,
+            registry,
+            base: base_node,
+            top: top_node,
+        } = chain(dir.path(), size, true).await;
+        let guest = Backend::new(
+            &top_node,
+            "guest",
+            Perm::CONSISTENT_READ.with(Perm::WRITE),
+            Perm::ALL,
+        )
+        .unwrap();
+        base_node
+            .with_debug_hooks(|h| h.breakpoint("read_aio", "first"))
+            .unwrap();
+        let list = JobList::new(Arc::new(|_: &str, _: Value| {}));
+        let args = StreamArgs {
+            job_id: Some("s".into()),
+            device: "top".into(),
+            ..StreamArgs::default()
+        };
+        block_stream(&list, &graph, &registry, args).await.unwrap();
+        let suspended = |tag: &'static str| {
+            let hooks = Arc::clone(&base_node);
+            move || hooks.with_debug_hooks(|h| Ok(h.is_suspended(tag))).unwrap()
+        };
+        until("the first copy at its breakpoint", suspended("first")).await;
+        // The next read of the base is the second chunk's, sent beside the
+        // third once the first has succeeded.
+        base_node
+            .with_debug_hooks(|h| h.breakpoint("read_aio", "second"))
+            .unwrap();
+        base_node.with_debug_hooks(|h| h.resume("first")).unwrap();
+        until("the second copy at its breakpoint", suspended("second")).await;
+        let job = list.find("s").unwrap();
+        let progress = || job.info()["current-progress"].as_u64().unwrap();
+        until("the third chunk to be copied meanwhile", || {
+            progress() == 2 * CHUNK
+        })
+        .await;
+        let write = tokio::spawn(async move {
+            guest
+                .write(
+                    CHUNK + 4096,
+                    IoBuf::filled(4096, 0x55),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+            guest
+        });
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        base_node.with_debug_hooks(|h| h.resume("second")).unwrap();
+        let guest = write.await.unwrap();
+        until("the job to end", || list.find("s").is_none()).await;
+        holds(&guest, CHUNK + 4096, 4096, 0x55).await;
+        holds(&guest, 0, (CHUNK + 4096) as usize, 0x11).await;
+        holds(&guest, CHUNK + 8192, (size - CHUNK - 8192) as usize, 0x11).await;
+        assert!(top_node.backing().is_none());
+        guest.close().await.unwrap();
+        top_node.close().await.unwrap();
+        base_node.close().await.unwrap();
+    });
+}
+
+/// The stream job's step (QEMU: STREAM_CHUNK).
+const CHUNK: u64 = 512 << 10;
