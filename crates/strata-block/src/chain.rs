@@ -23,6 +23,20 @@ impl Node {
         }
     }
 
+    /// The node whose driver answers QEMU's get_info for this one: a filter
+    /// without an answer of its own gives its child's (QEMU:
+    /// bdrv_co_get_info); None when nothing answers.
+    pub fn info_node(self: &Arc<Self>) -> Option<Arc<Node>> {
+        let d = self.driver();
+        if d.has_info() {
+            Some(Arc::clone(self))
+        } else if d.is_filter() {
+            self.primary_child()?.info_node()
+        } else {
+            None
+        }
+    }
+
     /// The image right above `base` in this node's chain, past filters
     /// (QEMU: bdrv_find_overlay); with `base` None, the last image of the
     /// chain. None when `base` is not in the chain.

@@ -49,14 +49,15 @@ async fn node_info(node: &Arc<Node>) -> Map<String, Value> {
     m.insert("filename".into(), node.filename().into());
     m.insert("format".into(), node.format_name().into());
     // Only drivers that answer get_info say whether they are dirty.
-    if d.has_info() {
-        m.insert("dirty-flag".into(), d.is_dirty().into());
+    let info = node.info_node();
+    if let Some(i) = &info {
+        m.insert("dirty-flag".into(), i.driver().is_dirty().into());
     }
     if let Ok(Some(a)) = d.allocated_size().await {
         m.insert("actual-size".into(), a.into());
     }
     m.insert("virtual-size".into(), node.length().into());
-    if let Some(cs) = d.cluster_size() {
+    if let Some(cs) = info.and_then(|i| i.driver().cluster_size()) {
         m.insert("cluster-size".into(), cs.into());
     }
     if d.encrypted() {

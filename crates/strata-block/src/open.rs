@@ -376,19 +376,6 @@ impl OpenCtx {
         Ok(node)
     }
 
-    /// Wraps an open driver in a node of this context's graph.
-    fn new_node(
-        &self,
-        name: &str,
-        naming: crate::filename::Naming,
-        drv: Box<dyn crate::driver::Driver>,
-        opts: NodeOptions,
-    ) -> Arc<Node> {
-        let node = Node::new(name, naming, drv, opts);
-        self.graph.add(&node);
-        node
-    }
-
     /// The options every node takes (QEMU: bdrv_open_common): read-only and
     /// cache are already applied to the flags.
     fn take_node_options(&self, opts: &mut Opts) -> Result<NodeOptions> {
@@ -465,6 +452,9 @@ impl OpenCtx {
         let mut own = own;
         own.insert("driver".into(), class.name().into());
         self.protocol = true;
+        // Named before its driver opens the children it has (blkdebug's
+        // image), as QEMU names it in bdrv_open_common.
+        let ticket = self.graph.ticket();
         let drv = class.open(&self, &mut opts).await?;
         if let Err(e) = crate::options::reject_unknown(&opts, class.name()) {
             let _ = drv.close().await;
@@ -477,7 +467,9 @@ impl OpenCtx {
             &exact,
             crate::filename::BackingSource::Implicit,
         );
-        Ok(self.new_node(node_name, naming, drv, node_opts))
+        let node = Node::new(node_name, naming, drv, node_opts);
+        self.graph.add_at(&node, ticket);
+        Ok(node)
     }
 
     /// Opens the protocol node a file name names, its prefix choosing the

@@ -59,7 +59,8 @@ impl Node {
         Ok(st)
     }
 
-    /// Block status through the backing chain down to (not including) `base`:
+    /// Block status through the backing chain and its filters down to (not
+    /// including) `base`:
     /// the status of the first layer that has the range allocated, and its
     /// depth; where no layer has, the bottom layer's status.
     pub async fn block_status_above(
@@ -77,7 +78,9 @@ impl Node {
                 return Ok((st, depth));
             }
             len = st.len;
-            match node.backing() {
+            // A filter in the chain (a backup's copy-before-write over a
+            // backing file) is a layer to pass through, as in QEMU.
+            match node.filter_or_cow() {
                 Some(b)
                     if base.is_none_or(|base| !Arc::ptr_eq(base, &b)) && offset < b.length() =>
                 {
