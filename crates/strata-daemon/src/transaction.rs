@@ -9,6 +9,7 @@ use crate::snapshots::{External, Internal};
 use serde_json::Value;
 use std::sync::Arc;
 use strata_block::{DirtyBitmap, HBitmap, Node};
+use strata_jobs::JobTxn;
 use strata_qmp::Qmp;
 
 /// What an action that went through leaves for the end of its transaction
@@ -110,8 +111,14 @@ impl Tran {
     }
 }
 
-/// Does one action's first phase.
-async fn action(d: &Daemon, kind: &str, data: &Value, tran: &mut Tran) -> Result<(), String> {
+/// Does one action's first phase; a backup joins `group` if there is one.
+async fn action(
+    d: &Daemon,
+    kind: &str,
+    data: &Value,
+    tran: &mut Tran,
+    group: Option<&Arc<JobTxn>>,
+) -> Result<(), String> {
     match kind {
         "abort" => Err("Transaction aborted using Abort action".into()),
         "blockdev-snapshot" => d.external_snapshot(false, data, tran).await,
@@ -120,6 +127,7 @@ async fn action(d: &Daemon, kind: &str, data: &Value, tran: &mut Tran) -> Result
         "blockdev-backup" => {
             let args = crate::jobs::backup_args(data);
             let job = strata_jobs::backup_prepare(&d.jobs, &d.graph, args).await?;
+            group.inspect(|g| g.join(&job));
             tran.add(Pending::Backup(Arc::clone(&d.jobs), job));
             Ok(())
         }
@@ -127,6 +135,7 @@ async fn action(d: &Daemon, kind: &str, data: &Value, tran: &mut Tran) -> Result
             let args = crate::jobs::drive_backup_args(data);
             let job =
                 strata_jobs::drive_backup_prepare(&d.jobs, &d.graph, &d.registry, args).await?;
+            group.inspect(|g| g.join(&job));
             tran.add(Pending::Backup(Arc::clone(&d.jobs), job));
             Ok(())
         }
@@ -134,11 +143,16 @@ async fn action(d: &Daemon, kind: &str, data: &Value, tran: &mut Tran) -> Result
     }
 }
 
-/// Runs the actions, all or none (QEMU: qmp_transaction).
-pub(crate) async fn run(d: &Daemon, actions: &[(String, Value)]) -> Result<(), String> {
+/// Runs the actions, all or none (QEMU: qmp_transaction); the jobs they
+/// start complete as one `group` if there is one.
+async fn run_grouped(
+    d: &Daemon,
+    actions: &[(String, Value)],
+    group: Option<&Arc<JobTxn>>,
+) -> Result<(), String> {
     let mut tran = Tran::default();
     for (kind, data) in actions {
-        if let Err(e) = action(d, kind, data, &mut tran).await {
+        if let Err(e) = action(d, kind, data, &mut tran, group).await {
             tran.abort().await;
             return Err(e);
         }
@@ -150,7 +164,7 @@ pub(crate) async fn run(d: &Daemon, actions: &[(String, Value)]) -> Result<(), S
 /// A command that is also a transaction action, run as a transaction of
 /// one, as QEMU runs it (blockdev_do_action).
 pub(crate) async fn run_one(d: &Daemon, kind: &str, data: &Value) -> Result<(), String> {
-    run(d, &[(kind.to_string(), data.clone())]).await
+    run_grouped(d, &[(kind.to_string(), data.clone())], None).await
 }
 
 /// The `transaction` command: `actions` of `{type, data}`, and
@@ -168,9 +182,9 @@ async fn transaction(d: &Daemon, a: &Value) -> Result<(), String> {
     let mode = a["properties"]["completion-mode"]
         .as_str()
         .unwrap_or("individual");
+    let mut group = None;
     if mode != "individual" {
-        // Only backups complete as a group; Strata's jobs have no group
-        // yet, so it refuses what it cannot keep.
+        // Only backups complete as a group.
         if let Some((kind, _)) = actions
             .iter()
             .find(|(k, _)| k != "blockdev-backup" && k != "drive-backup")
@@ -179,13 +193,9 @@ async fn transaction(d: &Daemon, a: &Value) -> Result<(), String> {
                 "Action '{kind}' does not support transaction property completion-mode = {mode}"
             ));
         }
-        if !actions.is_empty() {
-            return Err(format!(
-                "Strata does not support transaction property completion-mode = {mode} yet"
-            ));
-        }
+        group = Some(JobTxn::new());
     }
-    run(d, &actions).await
+    run_grouped(d, &actions, group.as_ref()).await
 }
 
 /// Adds `transaction` to `qmp`.

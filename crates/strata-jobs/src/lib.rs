@@ -22,7 +22,7 @@ pub use backup::{
     DriveBackupArgs,
 };
 pub use commit::{block_commit, CommitArgs};
-pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, OnError};
+pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, JobTxn, OnError};
 pub use list::{EventSink, JobList};
 pub use mirror::{blockdev_mirror, drive_mirror, DriveMirrorArgs, MirrorArgs};
 pub use state::{JobStatus, JobType, JobVerb};

@@ -72,6 +72,7 @@ impl JobList {
     ) -> Result<Arc<Job>, String> {
         self.check_id(id)?;
         let job = Arc::new(Job::new(id, driver, Arc::downgrade(self), home, opts));
+        job.txn().add(&job);
         job.created();
         self.jobs_locked().insert(0, Arc::clone(&job));
         Ok(job)

@@ -8,43 +8,6 @@ mod jobs_support;
 use daemon_support::*;
 use jobs_support::*;
 
-/// 4 MiB qcow2 targets `cN-tgt.qcow2` and `cN-tg2.qcow2` beside each
-/// chain, and an 8 MiB one of the wrong size.
-fn targets(side: &Side) {
-    for (name, size) in [
-        ("c1-tgt", "4M"),
-        ("c1-tg2", "4M"),
-        ("c1-tg3", "4M"),
-        ("big", "8M"),
-    ] {
-        side.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &format!("{name}.qcow2"),
-            size,
-        ]);
-    }
-}
-
-/// The chain's nodes and a node for each target.
-fn with_targets(side: &Side, n: usize) -> Vec<String> {
-    let mut v = nodes(side, n);
-    for (node, file) in [
-        ("t1", "c1-tgt"),
-        ("t2", "c1-tg2"),
-        ("t3", "c1-tg3"),
-        ("big", "big"),
-    ] {
-        v.push("--blockdev".into());
-        v.push(format!(
-            "driver=qcow2,node-name={node},file.driver=file,file.filename=$DIR/{file}.qcow2"
-        ));
-    }
-    v
-}
-
 fn a(s: &'static str) -> S<'static> {
     S::Ask(s, 0)
 }

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use strata_block::error::strerror;
 use strata_block::LoopHandle;
 
+mod txn;
 mod verbs;
 use tokio::sync::Notify;
+pub use txn::JobTxn;
 
 /// Why a job's work failed: an errno and, where there is one, a message
 /// (QEMU: job->ret and job->err); without a message QMP shows strerror.
@@ -212,10 +214,9 @@ pub struct Job {
     wake: Notify,
     /// Signalled whenever the job reaches a completed state.
     settled: Notify,
-    /// Held while the job finalizes itself or a verb does (QEMU does it
-    /// all under one lock): a verb that comes meanwhile waits, then sees
-    /// the outcome.
-    finalizing: tokio::sync::Mutex<()>,
+    /// The group it completes with; it holds the lock a job finalizes
+    /// under.
+    txn: Mutex<Arc<JobTxn>>,
 }
 
 impl Job {
@@ -257,7 +258,7 @@ impl Job {
             }),
             wake: Notify::new(),
             settled: Notify::new(),
-            finalizing: tokio::sync::Mutex::new(()),
+            txn: Mutex::new(JobTxn::new()),
         }
     }
 
@@ -591,7 +592,9 @@ impl Job {
                 st.deferred = true;
                 st.busy = true;
             }
-            let _finalizing = job.finalizing.lock().await;
+            // A group being aborted waits for this.
+            job.settled.notify_waiters();
+            let _finalizing = job.lock_finalizing().await;
             job.exit().await;
         });
     }
@@ -628,38 +631,10 @@ impl Job {
             st.ret.is_some()
         };
         if failed {
-            self.finalize_single().await;
-            return;
+            self.txn_abort().await;
+        } else {
+            self.txn_success().await;
         }
-        // One job is a transaction of its own: on to pending at once.
-        let finalize = {
-            let mut st = self.lock();
-            self.transition(&mut st, JobStatus::Waiting);
-            self.transition(&mut st, JobStatus::Pending);
-            if !st.auto_finalize && self.kind.is_block_job() {
-                self.emit(
-                    "BLOCK_JOB_PENDING",
-                    json!({"type": self.kind.as_str(), "id": self.id}),
-                );
-            }
-            st.auto_finalize
-        };
-        if finalize {
-            self.do_finalize().await;
-        }
-    }
-
-    /// Prepares, then commits or aborts (QEMU: job_do_finalize).
-    async fn do_finalize(self: &Arc<Self>) {
-        let ok = self.lock().ret.is_none();
-        if ok {
-            if let Err(e) = self.driver.prepare(self).await {
-                let mut st = self.lock();
-                st.ret = Some(e);
-                self.update_rc(&mut st);
-            }
-        }
-        self.finalize_single().await;
     }
 
     /// Commit or abort, clean, the final event, `concluded`, and `null`
@@ -694,6 +669,7 @@ impl Job {
                     self.emit("BLOCK_JOB_COMPLETED", Value::Object(data));
                 }
             }
+            self.txn().remove(self);
             self.transition(&mut st, JobStatus::Concluded);
             let gone = st.auto_dismiss || !st.started;
             if gone {
@@ -717,6 +693,7 @@ impl Job {
 
     /// Takes a dismissed job out of the list and lets go of its nodes.
     async fn release(&self) {
+        self.txn().remove(self);
         if let Some(list) = self.list.upgrade() {
             list.remove(self);
         }

@@ -96,7 +96,7 @@ impl Job {
 
     /// `job-finalize` (QEMU: job_finalize).
     pub async fn finalize(self: &Arc<Self>) -> Result<(), String> {
-        let _finalizing = self.finalizing.lock().await;
+        let _finalizing = self.lock_finalizing().await;
         {
             let st = self.lock();
             self.apply_verb(&st, JobVerb::Finalize)?;
@@ -107,7 +107,7 @@ impl Job {
 
     /// `job-dismiss` (QEMU: job_dismiss).
     pub async fn dismiss(&self) -> Result<(), String> {
-        let _finalizing = self.finalizing.lock().await;
+        let _finalizing = self.lock_finalizing().await;
         {
             let mut st = self.lock();
             self.apply_verb(&st, JobVerb::Dismiss)?;
@@ -122,7 +122,7 @@ impl Job {
     /// as QEMU sends them; one busy in its I/O ends at its next stop.
     pub async fn user_cancel(self: &Arc<Self>, force: bool) -> Result<(), String> {
         {
-            let _finalizing = self.finalizing.lock().await;
+            let _finalizing = self.lock_finalizing().await;
             {
                 let st = self.lock();
                 self.apply_verb(&st, JobVerb::Cancel)?;
@@ -149,7 +149,10 @@ impl Job {
     pub async fn settle(&self, since: u64) {
         self.wait_until(|st| {
             st.yields != since
-                || matches!(st.status, JobStatus::Concluded | JobStatus::Null)
+                || matches!(
+                    st.status,
+                    JobStatus::Waiting | JobStatus::Concluded | JobStatus::Null
+                )
                 || (st.status == JobStatus::Pending && !st.auto_finalize)
         })
         .await;
@@ -165,7 +168,7 @@ impl Job {
         self.wait_until(|st| done(st.status)).await;
     }
 
-    async fn wait_until(&self, done: impl Fn(&State) -> bool) {
+    pub(super) async fn wait_until(&self, done: impl Fn(&State) -> bool) {
         loop {
             let settled = self.settled.notified();
             tokio::pin!(settled);
@@ -193,25 +196,15 @@ impl Job {
                 self.do_dismiss(&mut st);
                 Next::Release
             } else {
-                // The driver says whether this cancel forces (QEMU:
-                // job_cancel_async); it looks at the state, so unlocked.
                 drop(st);
-                let force = self.driver.cancel(self, force);
+                self.cancel_async(force);
                 st = self.lock();
-                if st.user_paused {
-                    st.iostatus = "ok";
-                    st.user_paused = false;
-                    st.pause_count -= 1;
-                }
-                if force || !st.deferred {
-                    st.cancelled = true;
-                    st.force_cancel |= force;
-                }
                 if !st.started {
                     Next::Complete
                 } else if st.deferred {
-                    // Waiting to be finalized: abort now. Still on its way out
-                    // of the work: its exit sees the cancel.
+                    // Waiting to be finalized: abort it and its group now.
+                    // Still on its way out of the work: its exit sees the
+                    // cancel.
                     if st.force_cancel && st.status.is_completed() {
                         Next::Abort
                     } else {
@@ -233,16 +226,34 @@ impl Job {
             Next::Later => return false,
             Next::Release => self.release().await,
             Next::Complete => self.completed().await,
-            Next::Abort => self.finalize_single().await,
+            Next::Abort => self.txn_abort().await,
         }
         true
+    }
+
+    /// Asks the job to stop, without waking it (QEMU: job_cancel_async).
+    pub(super) fn cancel_async(self: &Arc<Self>, force: bool) {
+        // The driver says whether this cancel forces; it looks at the
+        // state, so unlocked.
+        let force = self.driver.cancel(self, force);
+        let mut st = self.lock();
+        if st.user_paused {
+            st.iostatus = "ok";
+            st.user_paused = false;
+            st.pause_count -= 1;
+        }
+        // A soft cancel of a job whose work is over changes nothing.
+        if force || !st.deferred {
+            st.cancelled = true;
+            st.force_cancel |= force;
+        }
     }
 
     /// Cancels and waits until the job is concluded (QEMU:
     /// job_cancel_sync, at shutdown).
     pub async fn cancel_sync(self: &Arc<Self>) {
         {
-            let _finalizing = self.finalizing.lock().await;
+            let _finalizing = self.lock_finalizing().await;
             let _ = self.cancel(true).await;
         }
         self.wait_for(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))

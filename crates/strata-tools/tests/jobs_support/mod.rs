@@ -153,24 +153,29 @@ pub fn run(side: &Side, open: Open, n: usize, steps: &[S]) -> Vec<String> {
 
 /// Drops the `paused` then `running` pair that qemu-storage-daemon sends
 /// for every running job whenever the graph changes anywhere (it drains
-/// every node then); Strata's jobs keep running.
+/// every node then); Strata's jobs keep running. Two jobs started together
+/// interleave their pairs; a command in between makes a pair the user's.
 pub fn without_drain_pauses(lines: Vec<String>) -> Vec<String> {
-    let status = |l: &str, s: &str| l.contains(&format!("\"data\": {{\"status\": \"{s}\""));
-    let mut out: Vec<String> = Vec::new();
+    let change = |l: &str, s: &str| -> Option<String> {
+        let status = format!("\"data\": {{\"status\": \"{s}\", \"id\": ");
+        let id = l.split(&status).nth(1)?;
+        id.split('}').next().map(str::to_string)
+    };
+    let mut out: Vec<Option<String>> = Vec::new();
+    // Where each job's last `paused` is, while no command has come since.
+    let mut paused: std::collections::HashMap<String, usize> = Default::default();
     for l in lines {
-        if status(&l, "running") && out.last().is_some_and(|p| status(p, "paused")) {
-            let paused = out.pop().unwrap_or_default();
-            // The pair names the same job.
-            let id = |x: &str| x.rsplit("\"id\": ").next().map(str::to_string);
-            if id(&paused) != id(&l) {
-                out.push(paused);
-                out.push(l);
-            }
+        if l.starts_with("-> ") {
+            paused.clear();
+        } else if let Some(id) = change(&l, "paused") {
+            paused.insert(id, out.len());
+        } else if let Some(at) = change(&l, "running").and_then(|id| paused.remove(&id)) {
+            out[at] = None;
             continue;
         }
-        out.push(l);
+        out.push(Some(l));
     }
-    out
+    out.into_iter().flatten().collect()
 }
 
 /// Runs `steps` on both daemons and compares the conversations, then the
@@ -250,6 +255,50 @@ pub fn same_jobs_and_images(
         assert_eq!(s.qemu_img(&["check", &img]).1, 0, "{img}");
     }
     Some(got)
+}
+
+/// 4 MiB qcow2 targets `cN-tgt.qcow2` and `cN-tg2.qcow2` beside each
+/// chain, and an 8 MiB one of the wrong size.
+pub fn targets(side: &Side) {
+    for (name, size) in [
+        ("c1-tgt", "4M"),
+        ("c1-tg2", "4M"),
+        ("c1-tg3", "4M"),
+        ("big", "8M"),
+    ] {
+        side.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &format!("{name}.qcow2"),
+            size,
+        ]);
+    }
+}
+
+/// The chain's nodes and a node for each target; a target with a
+/// blkdebug rule file `NAME.cfg` beside it is opened through it.
+pub fn with_targets(side: &Side, n: usize) -> Vec<String> {
+    let mut v = nodes(side, n);
+    for (node, file) in [
+        ("t1", "c1-tgt"),
+        ("t2", "c1-tg2"),
+        ("t3", "c1-tg3"),
+        ("big", "big"),
+    ] {
+        let proto = if side.dir.path().join(format!("{file}.cfg")).exists() {
+            format!(
+                "file.driver=blkdebug,file.config=$DIR/{file}.cfg,\
+                 file.image.driver=file,file.image.filename=$DIR/{file}.qcow2"
+            )
+        } else {
+            format!("file.driver=file,file.filename=$DIR/{file}.qcow2")
+        };
+        v.push("--blockdev".into());
+        v.push(format!("driver=qcow2,node-name={node},{proto}"));
+    }
+    v
 }
 
 pub const FIRST_CHUNK: &str = r#""current-progress": 524288"#;
