@@ -761,6 +761,21 @@ pub trait DriverClass: Send + Sync {
     /// Creates an image at `filename` with the options given (including `size`).
     async fn create(&self, ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()>;
 
+    /// Whether `blockdev-create` makes images of this driver (QEMU:
+    /// has_bdrv_co_create).
+    fn can_blockdev_create(&self) -> bool {
+        false
+    }
+
+    /// `blockdev-create` (QEMU: bdrv_co_create): an image made from the
+    /// QAPI options of this driver (BlockdevCreateOptions without
+    /// `driver`); a format's `file` names or defines a node of `ctx`'s graph.
+    async fn blockdev_create(&self, _ctx: &OpenCtx, _opts: Opts) -> Result<()> {
+        Err(Error::unsupported(
+            "Driver does not support blockdev-create",
+        ))
+    }
+
     /// How large an image of this format would be, made with `opts` (its
     /// `size`) or holding what `input` holds (QEMU: bdrv_measure).
     async fn measure(&self, _opts: Opts, _input: Option<&Arc<Node>>) -> Result<Measure> {

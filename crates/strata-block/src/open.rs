@@ -376,6 +376,16 @@ impl OpenCtx {
         Ok(node)
     }
 
+    /// A node named, or defined by its options (QEMU:
+    /// bdrv_co_open_blockdev_ref), with a reference taken: `close` lets go.
+    pub async fn open_blockdev_ref(&self, r: Value) -> Result<Arc<Node>> {
+        match r {
+            Value::String(name) => self.reference(&name),
+            Value::Object(o) => self.open_image(None, None, o).await,
+            _ => Err(Error::invalid("Invalid block device reference")),
+        }
+    }
+
     /// The options every node takes (QEMU: bdrv_open_common): read-only and
     /// cache are already applied to the flags.
     fn take_node_options(&self, opts: &mut Opts) -> Result<NodeOptions> {

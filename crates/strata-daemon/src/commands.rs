@@ -94,6 +94,7 @@ pub(crate) fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     crate::snapshots::register(&mut qmp, daemon);
     crate::transaction::register(&mut qmp, daemon);
     crate::jobs::register(&mut qmp, daemon);
+    crate::create::register(&mut qmp, daemon);
     qmp.add_control_commands();
     let q = Arc::clone(quit);
     let d = Arc::clone(daemon);

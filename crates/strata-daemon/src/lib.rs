@@ -9,6 +9,7 @@ mod bitmaps;
 mod blockdev;
 mod chardev;
 mod commands;
+mod create;
 mod exports;
 mod graph_ops;
 mod jobs;

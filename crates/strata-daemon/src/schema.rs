@@ -417,6 +417,7 @@ pub fn schema(registry: &Registry) -> Schema {
         );
     exports(&mut s);
     crate::jobs::schema(&mut s);
+    crate::create::schema(&mut s);
     crate::snapshots::schema(&mut s);
     crate::transaction::schema(&mut s);
     s

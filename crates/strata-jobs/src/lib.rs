@@ -8,6 +8,7 @@ pub mod backup;
 mod chunks;
 pub mod commit;
 mod commit_top;
+mod create;
 mod filter_node;
 mod holds;
 pub mod job;
@@ -22,6 +23,7 @@ pub use backup::{
     DriveBackupArgs,
 };
 pub use commit::{block_commit, CommitArgs};
+pub use create::blockdev_create;
 pub use job::{ErrorAction, Job, JobDriver, JobError, JobOptions, JobTxn, OnError};
 pub use list::{EventSink, JobList};
 pub use mirror::{blockdev_mirror, drive_mirror, DriveMirrorArgs, MirrorArgs};

@@ -589,6 +589,20 @@ impl DriverClass for FileClass {
         CREATE_OPTIONS
     }
 
+    fn can_blockdev_create(&self) -> bool {
+        self.name == "file"
+    }
+
+    /// BlockdevCreateOptionsFile: the same options, named as in QAPI.
+    async fn blockdev_create(&self, ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
+        let filename = take_str(&mut opts, "filename")?.unwrap_or_default();
+        let opts = opts
+            .into_iter()
+            .map(|(k, v)| (k.replace('-', "_"), v))
+            .collect();
+        self.create(ctx, &filename, opts).await
+    }
+
     async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let prealloc = match take_str(&mut opts, "preallocation")? {

@@ -7,10 +7,11 @@ use super::header::{
     INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
 };
 use crate::formats::crypto::{password, take_luks_create, take_prefixed};
+use serde_json::Value;
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
-use strata_block::{Error, IoBuf, OpenCtx, Result, WriteFlags};
+use strata_block::{Backend, Error, IoBuf, Node, OpenCtx, Perm, Result, WriteFlags};
 use strata_crypto::luks::CreateOptions;
 
 /// The creation options, in the order QEMU prints them on the `Formatting` line.
@@ -151,6 +152,70 @@ const V3_HINT: &str = "(use version=v3 or greater)";
 
 /// Creates a qcow2 image at `filename` from creation options.
 pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
+    // Options for the protocol file.
+    let mut file_opts = Opts::new();
+    for key in ["nocow", "extent_size_hint"] {
+        if let Some(v) = opts.remove(key) {
+            file_opts.insert(key.into(), v);
+        }
+    }
+    let layout = layout(opts)?;
+    let data_file = layout.data_file.clone();
+    ctx.create_file(filename, file_opts.clone()).await?;
+    // The data file is made after the image (as QEMU does).
+    if let Some(d) = &data_file {
+        if let Err(e) = ctx.create_file(d, file_opts).await {
+            remove_created(filename, None);
+            return Err(e);
+        }
+    }
+    let made = format(ctx, Place::Path(filename), layout).await;
+    if made.is_err() {
+        // A half-made image is no image: both files go (QEMU deletes them).
+        remove_created(filename, data_file.as_deref());
+    }
+    made
+}
+
+/// `blockdev-create` of qcow2 (QEMU: qcow2_co_create): the image is
+/// written into the open node `file`, its data into `data`, with creation
+/// options under qemu-img's names.
+pub async fn create_on(
+    ctx: &OpenCtx,
+    file: &Arc<Node>,
+    data: Option<&Arc<Node>>,
+    mut opts: Opts,
+) -> Result<()> {
+    // The header names the data file as its node does (QEMU: filename).
+    if let Some(d) = data {
+        opts.insert("data_file".into(), d.filename().into());
+    }
+    format(ctx, Place::Nodes(file, data), layout(opts)?).await
+}
+
+/// BlockdevCreateOptionsQcow2 under qemu-img's option names.
+pub fn from_qapi(qapi: Opts) -> Opts {
+    let mut opts = Opts::new();
+    for (k, v) in qapi {
+        if k == "encrypt" {
+            if let Value::Object(e) = v {
+                for (ek, ev) in e {
+                    opts.insert(format!("encrypt.{ek}"), ev);
+                }
+            }
+            continue;
+        }
+        let name = match k.as_str() {
+            "version" => "compat".to_string(),
+            _ => k.replace('-', "_"),
+        };
+        opts.insert(name, v);
+    }
+    opts
+}
+
+/// The creation options checked, in QEMU's order, into what to write.
+fn layout(mut opts: Opts) -> Result<Layout> {
     let size = take_size(&mut opts, "size")?.unwrap_or(0);
     let version = take_version(&mut opts)?;
     let cluster_size = take_cluster_size(&mut opts)?;
@@ -223,23 +288,8 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
     }
 
-    // The protocol file: empty, then the fixed metadata clusters.
-    let mut file_opts = Opts::new();
-    for key in ["nocow", "extent_size_hint"] {
-        if let Some(v) = opts.remove(key) {
-            file_opts.insert(key.into(), v);
-        }
-    }
     strata_block::options::reject_unknown(&opts, "qcow2")?;
-    ctx.create_file(filename, file_opts.clone()).await?;
-    // The data file is made after the image (as QEMU does).
-    if let Some(d) = &data_file {
-        if let Err(e) = ctx.create_file(d, file_opts).await {
-            remove_created(filename, None);
-            return Err(e);
-        }
-    }
-    let layout = Layout {
+    Ok(Layout {
         version,
         cluster_size,
         refcount_bits,
@@ -247,19 +297,20 @@ pub async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()>
         compression,
         backing_file,
         backing_fmt,
-        data_file: data_file.clone(),
+        data_file,
         data_file_raw,
         size,
         prealloc,
         encryption,
         extended_l2,
-    };
-    let made = format(ctx, filename, layout).await;
-    if made.is_err() {
-        // A half-made image is no image: both files go (QEMU deletes them).
-        remove_created(filename, data_file.as_deref());
-    }
-    made
+    })
+}
+
+/// Where a new image goes: a file by name (qemu-img create), or open
+/// nodes (blockdev-create), its own and its data file's.
+enum Place<'a> {
+    Path(&'a str),
+    Nodes(&'a Arc<Node>, Option<&'a Arc<Node>>),
 }
 
 /// How a new image is encrypted: qcow's AES (with its password) or LUKS.
@@ -373,9 +424,9 @@ struct Layout {
     extended_l2: bool,
 }
 
-/// Writes the first clusters of a new image into the empty `filename`,
-/// then opens it and grows it to its size.
-async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
+/// Writes the first clusters of a new image into its empty file, then
+/// opens it and grows it to its size.
+async fn format(ctx: &OpenCtx, place: Place<'_>, l: Layout) -> Result<()> {
     let Layout {
         version,
         cluster_size,
@@ -452,23 +503,50 @@ async fn format(ctx: &OpenCtx, filename: &str, l: Layout) -> Result<()> {
     let mut flags = ctx.flags.clone();
     flags.read_only = false;
     flags.no_backing = true;
-    let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
-    let file = octx.open_file(filename).await?;
-    file.write(0, IoBuf::from_slice(&first), WriteFlags::default())
-        .await?;
-    file.flush().await?;
-    drop(file);
-
-    // Open it as qcow2 and grow it to its size: that makes the L1 table.
     let mut qo = Opts::new();
     qo.insert("driver".into(), "qcow2".into());
-    qo.insert("filename".into(), filename.into());
-    if let Some(d) = &data_file {
-        qo.insert(
-            "data-file".into(),
-            serde_json::json!({ "driver": "file", "filename": d }),
-        );
-    }
+    let octx = match place {
+        Place::Path(filename) => {
+            let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
+            let file = octx.open_file(filename).await?;
+            file.write(0, IoBuf::from_slice(&first), WriteFlags::default())
+                .await?;
+            file.flush().await?;
+            drop(file);
+            qo.insert("filename".into(), filename.into());
+            if let Some(d) = &data_file {
+                qo.insert(
+                    "data-file".into(),
+                    serde_json::json!({ "driver": "file", "filename": d }),
+                );
+            }
+            octx
+        }
+        Place::Nodes(file, data) => {
+            // As QEMU's create: a user that writes and resizes, sharing all.
+            let blk = Backend::new(
+                file,
+                "an unnamed block device",
+                Perm::WRITE.with(Perm::RESIZE),
+                Perm::ALL,
+            )?;
+            let w = blk
+                .write(0, IoBuf::from_slice(&first), WriteFlags::default())
+                .await;
+            let w = match w {
+                Ok(_) => blk.flush().await,
+                Err(e) => Err(e),
+            };
+            blk.close().await?;
+            w?;
+            qo.insert("file".into(), file.name().into());
+            if let Some(d) = data {
+                qo.insert("data-file".into(), d.name().into());
+            }
+            OpenCtx::with_graph(Arc::clone(&ctx.registry), flags, Arc::clone(&ctx.graph))
+        }
+    };
+    // Open it as qcow2 and grow it to its size: that makes the L1 table.
     let node = octx.open_image(None, None, qo).await?;
     if size > 0 {
         // Not exact, as QEMU's create: the file may already be longer.

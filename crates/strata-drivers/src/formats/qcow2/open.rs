@@ -82,6 +82,31 @@ impl DriverClass for Qcow2Class {
         create::create(ctx, filename, opts).await
     }
 
+    fn can_blockdev_create(&self) -> bool {
+        true
+    }
+
+    async fn blockdev_create(&self, ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
+        let file = opts.remove("file").unwrap_or_default();
+        let file = ctx.open_blockdev_ref(file).await?;
+        let data = match opts.remove("data-file") {
+            None => None,
+            Some(r) => match ctx.open_blockdev_ref(r).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let _ = file.close().await;
+                    return Err(e);
+                }
+            },
+        };
+        let r = create::create_on(ctx, &file, data.as_ref(), create::from_qapi(opts)).await;
+        if let Some(d) = data {
+            let _ = d.close().await;
+        }
+        let _ = file.close().await;
+        r
+    }
+
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
         let backing_opts = opts.remove("backing");

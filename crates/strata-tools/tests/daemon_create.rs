@@ -1,0 +1,117 @@
+//! `blockdev-create` over QMP: the same conversations with strata-daemon
+//! and qemu-storage-daemon give the same answers and events (a `create`
+//! job, dismissed by its user), and make the same images.
+
+mod daemon_support;
+mod jobs_support;
+use daemon_support::*;
+use jobs_support::*;
+
+/// Creates, then dismisses; the job's three events follow the answer.
+fn made(cmd: &'static str) -> S<'static> {
+    S::Ask(cmd, 3)
+}
+
+/// A create that fails: `aborting`, then `concluded`.
+fn failed(cmd: &'static str) -> S<'static> {
+    S::Ask(cmd, 2)
+}
+
+fn a(s: &'static str) -> S<'static> {
+    S::Ask(s, 0)
+}
+
+/// The chain's nodes and a secret for an encrypted image.
+fn with_secret(side: &Side, n: usize) -> Vec<String> {
+    let mut v = nodes(side, n);
+    v.push("--object".into());
+    v.push("secret,id=sec0,data=123456".into());
+    v
+}
+
+#[test]
+fn images_made_over_qmp_as_qemu_makes_them() {
+    let steps = [
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c1", "options": {"driver": "file", "filename": "a.qcow2", "size": 0}}}"#,
+        ),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "c1"}}"#),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f", "filename": "a.qcow2"}}"#,
+        ),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c2", "options": {"driver": "qcow2", "file": "f", "size": 67108864, "lazy-refcounts": true, "backing-file": "c1-base.qcow2", "backing-fmt": "qcow2"}}}"#,
+        ),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "c2"}}"#),
+        // A v2 image on a file defined in place, with small clusters.
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c3", "options": {"driver": "file", "filename": "b.qcow2", "size": 0}}}"#,
+        ),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c4", "options": {"driver": "qcow2", "file": {"driver": "file", "filename": "b.qcow2"}, "size": 1048576, "version": "v2", "cluster-size": 4096}}}"#,
+        ),
+        // An external data file, raw.
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c5", "options": {"driver": "file", "filename": "c.qcow2", "size": 0}}}"#,
+        ),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c6", "options": {"driver": "file", "filename": "c.data", "size": 0}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "fc", "filename": "c.qcow2"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "fd", "filename": "c.data"}}"#,
+        ),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c7", "options": {"driver": "qcow2", "file": "fc", "data-file": "fd", "data-file-raw": true, "size": 1048576}}}"#,
+        ),
+        // Encrypted with LUKS (its header is random: not compared).
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c8", "options": {"driver": "file", "filename": "d.qcow2", "size": 0}}}"#,
+        ),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c9", "options": {"driver": "qcow2", "file": {"driver": "file", "filename": "d.qcow2"}, "size": 1048576, "encrypt": {"format": "luks", "key-secret": "sec0", "iter-time": 10}}}}"#,
+        ),
+        a(r#"{"execute": "query-jobs"}"#),
+        // Refused before a job exists.
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "x", "options": {"driver": "raw", "file": "f", "size": 1048576}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "x", "options": {"driver": "null-co"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c1", "options": {"driver": "qcow2", "file": "f"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c3", "options": {"driver": "qcow2", "file": "f", "size": 1048576}}}"#,
+        ),
+        // Jobs that fail: no such node, a bad size, a node in use.
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e1", "options": {"driver": "qcow2", "file": "nope", "size": 1048576}}}"#,
+        ),
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e2", "options": {"driver": "qcow2", "file": "f", "size": 1000}}}"#,
+        ),
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e3", "options": {"driver": "qcow2", "file": "f", "size": 1048576, "version": "v2", "lazy-refcounts": true}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q", "file": "f"}}"#,
+        ),
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e4", "options": {"driver": "qcow2", "file": "f", "size": 1048576}}}"#,
+        ),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#),
+    ];
+    same_jobs_and_images(
+        1,
+        with_secret,
+        |_| {},
+        &steps,
+        &["a.qcow2", "b.qcow2", "c.qcow2"],
+    );
+}
