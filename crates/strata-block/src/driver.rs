@@ -426,6 +426,25 @@ pub trait Driver: Send + Sync {
         err(libc::ENOTSUP)
     }
 
+    /// Whether `x-blockdev-amend` can change this image (QEMU: a driver
+    /// with bdrv_co_amend).
+    fn can_blockdev_amend(&self) -> bool {
+        false
+    }
+
+    /// The checks of `x-blockdev-amend` that need no I/O: a job that fails
+    /// them ends before its command is answered, as QEMU's.
+    fn blockdev_amend_check(&self, _opts: &crate::options::Opts) -> Result<()> {
+        Ok(())
+    }
+
+    /// `x-blockdev-amend` (QEMU: bdrv_co_amend): the QAPI options of this
+    /// driver (BlockdevAmendOptions without `driver`), applied while the
+    /// image is open.
+    async fn blockdev_amend(&self, _opts: crate::options::Opts, _force: bool) -> Result<()> {
+        err(libc::ENOTSUP)
+    }
+
     /// The internal snapshots, for `info`.
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(Vec::new())

@@ -1,5 +1,6 @@
-//! `blockdev-create` (QEMU: block/create.c and the BlockdevCreateOptions
-//! of qapi/block-core.json): images made over QMP, by a job.
+//! `blockdev-create` and `x-blockdev-amend` (QEMU: block/create.c,
+//! block/amend.c and their options in qapi/block-core.json): images made
+//! and changed over QMP, each by a job.
 
 use crate::blockdev::Daemon;
 use serde_json::Value;
@@ -28,6 +29,21 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             };
             let ctx = OpenCtx::with_graph(Arc::clone(&d.registry), flags, Arc::clone(&d.graph));
             strata_jobs::blockdev_create(&d.jobs, ctx, &id, options)
+        },
+    );
+    crate::commands::daemon_command(
+        qmp,
+        daemon,
+        "x-blockdev-amend",
+        "q_obj_x-blockdev-amend_arg",
+        |d, a| async move {
+            let id = a["job-id"].as_str().unwrap_or_default();
+            let node = a["node-name"].as_str().unwrap_or_default();
+            let Value::Object(options) = a["options"].clone() else {
+                return Err("Parameter 'options' is missing".into());
+            };
+            let force = a["force"].as_bool().unwrap_or(false);
+            strata_jobs::x_blockdev_amend(&d.jobs, &d.graph, id, node, options, force).await
         },
     );
 }
@@ -102,5 +118,45 @@ pub(crate) fn schema(s: &mut Schema) {
         .object(
             "q_obj_blockdev-create_arg",
             &[("job-id", "str"), ("options", "BlockdevCreateOptions")],
+        )
+        .enumeration("QCryptoBlockLUKSKeyslotState", &["active", "inactive"])
+        .object(
+            "QCryptoBlockAmendOptionsLUKS",
+            &[
+                ("state", "QCryptoBlockLUKSKeyslotState"),
+                ("*new-secret", "str"),
+                ("*old-secret", "str"),
+                ("*keyslot", "int"),
+                ("*iter-time", "int"),
+                ("*secret", "str"),
+            ],
+        )
+        .union(
+            "QCryptoBlockAmendOptions",
+            &[("format", "QCryptoBlockFormat")],
+            "format",
+            &[("luks", "QCryptoBlockAmendOptionsLUKS")],
+        )
+        .object(
+            "BlockdevAmendOptionsQcow2",
+            &[("*encrypt", "QCryptoBlockAmendOptions")],
+        )
+        .union(
+            "BlockdevAmendOptions",
+            &[("driver", "BlockdevDriver")],
+            "driver",
+            &[
+                ("luks", "QCryptoBlockAmendOptionsLUKS"),
+                ("qcow2", "BlockdevAmendOptionsQcow2"),
+            ],
+        )
+        .object(
+            "q_obj_x-blockdev-amend_arg",
+            &[
+                ("job-id", "str"),
+                ("node-name", "str"),
+                ("options", "BlockdevAmendOptions"),
+                ("*force", "bool"),
+            ],
         );
 }

@@ -4,6 +4,7 @@
 //! only through the core's user handles and op blockers; the daemon wires
 //! the list to QMP.
 
+mod amend;
 pub mod backup;
 mod chunks;
 pub mod commit;
@@ -18,6 +19,7 @@ pub mod ratelimit;
 pub mod state;
 pub mod stream;
 
+pub use amend::x_blockdev_amend;
 pub use backup::{
     backup_prepare, blockdev_backup, drive_backup, drive_backup_prepare, BackupArgs,
     DriveBackupArgs,

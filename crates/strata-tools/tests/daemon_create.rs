@@ -1,6 +1,7 @@
-//! `blockdev-create` over QMP: the same conversations with strata-daemon
-//! and qemu-storage-daemon give the same answers and events (a `create`
-//! job, dismissed by its user), and make the same images.
+//! `blockdev-create` and `x-blockdev-amend` over QMP: the same
+//! conversations with strata-daemon and qemu-storage-daemon give the same
+//! answers and events (a `create` or `amend` job, dismissed by its user),
+//! and make the same images; an amended image opens with its new key.
 
 mod daemon_support;
 mod jobs_support;
@@ -114,4 +115,105 @@ fn images_made_over_qmp_as_qemu_makes_them() {
         &steps,
         &["a.qcow2", "b.qcow2", "c.qcow2"],
     );
+}
+
+/// An encrypted image `enc.qcow2` (LUKS, key `sec0`) beside the chain.
+fn encrypted(side: &Side) {
+    let (out, code) = side.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "enc.qcow2",
+        "1M",
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The chain, the encrypted image as node `e` with two secrets, and a
+/// bare file node.
+fn with_encrypted(side: &Side, n: usize) -> Vec<String> {
+    let mut v = with_secret(side, n);
+    for a in [
+        "--object",
+        "secret,id=sec1,data=abcdef",
+        "--blockdev",
+        "driver=qcow2,node-name=e,encrypt.format=luks,encrypt.key-secret=sec0,file.driver=file,file.filename=$DIR/enc.qcow2",
+        "--blockdev",
+        "driver=file,node-name=fx,filename=$DIR/c1-top.qcow2,locking=off",
+    ] {
+        v.push(a.into());
+    }
+    v
+}
+
+const ADD_KEY: &str = r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "a1", "node-name": "e", "options": {"driver": "qcow2", "encrypt": {"format": "luks", "state": "active", "new-secret": "sec1", "iter-time": 10}}}}"#;
+const DROP_OLD_KEY: &str = r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "a2", "node-name": "e", "options": {"driver": "qcow2", "encrypt": {"format": "luks", "state": "inactive", "old-secret": "sec0"}}}}"#;
+
+#[test]
+fn key_slots_amended_over_qmp_as_qemu_amends_them() {
+    let steps = [
+        made(ADD_KEY),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "a1"}}"#),
+        // Refused before a job exists.
+        a(
+            r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "x", "node-name": "nope", "options": {"driver": "qcow2"}}}"#,
+        ),
+        a(
+            r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "x", "node-name": "e", "options": {"driver": "luks", "state": "active"}}}"#,
+        ),
+        a(
+            r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "x", "node-name": "fx", "options": {"driver": "file"}}}"#,
+        ),
+        // A job that fails at once, before its answer: nothing to amend on
+        // a clear image.
+        a(
+            r#"{"execute": "x-blockdev-amend", "arguments": {"job-id": "a3", "node-name": "c1-top", "options": {"driver": "qcow2", "encrypt": {"format": "luks", "state": "active", "new-secret": "sec1"}}}}"#,
+        ),
+        made(DROP_OLD_KEY),
+        a(r#"{"execute": "query-jobs"}"#),
+    ];
+    same_jobs_and_images(1, with_encrypted, encrypted, &steps, &[]);
+}
+
+/// After the amends, the image opens with the new key only.
+#[test]
+fn an_amended_image_opens_with_its_new_key() {
+    let Some((s, _)) = sides() else {
+        return;
+    };
+    chains(&s, 1);
+    encrypted(&s);
+    run(&s, with_encrypted, 1, &[made(ADD_KEY), made(DROP_OLD_KEY)]);
+    let io = |secret: &str| {
+        std::process::Command::new("qemu-io")
+            .args([
+                "--object",
+                secret,
+                "--image-opts",
+                "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=k",
+                "-c",
+                "read 0 4k",
+            ])
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap()
+    };
+    let new = io("secret,id=k,data=abcdef");
+    assert!(new.status.success(), "{new:?}");
+    let old = io("secret,id=k,data=123456");
+    assert!(!old.status.success(), "the old key still opens it: {old:?}");
+    let (out, code) = s.qemu_img(&[
+        "check",
+        "--object",
+        "secret,id=k,data=abcdef",
+        "--image-opts",
+        "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=k",
+    ]);
+    assert_eq!(code, 0, "{out}");
 }

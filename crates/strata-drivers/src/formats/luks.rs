@@ -138,6 +138,16 @@ impl Driver for LuksDriver {
         amend_luks(meta, 0, limit, &self.crypto, &o, force).await
     }
 
+    fn can_blockdev_amend(&self) -> bool {
+        true
+    }
+
+    /// QCryptoBlockAmendOptionsLUKS: the key slot options, named as in
+    /// `amend` (QEMU: block_crypto_co_amend_luks).
+    async fn blockdev_amend(&self, opts: Opts, force: bool) -> Result<()> {
+        self.amend(opts, force, &|_, _| {}).await
+    }
+
     async fn close(&self) -> Result<()> {
         let r = self.file.close().await;
         match &self.header {

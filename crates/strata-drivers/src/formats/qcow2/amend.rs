@@ -92,6 +92,43 @@ struct Wanted {
 }
 
 impl Qcow2Driver {
+    /// Whether `x-blockdev-amend` can apply `opts` here (QEMU's checks in
+    /// qcow2_co_amend, made before any I/O): only the key slots of a
+    /// LUKS-encrypted image change.
+    pub(super) fn amend_qapi_check(&self, opts: &Opts) -> Result<()> {
+        let Some(enc) = opts.get("encrypt") else {
+            return Ok(());
+        };
+        let Some(crypto) = &self.crypto else {
+            return Err(Error::unsupported("image is not encrypted, can't amend"));
+        };
+        if enc.get("format").and_then(|f| f.as_str()) != Some("luks") {
+            return Err(Error::unsupported(
+                "Amend can't be used to change the qcow2 encryption format",
+            ));
+        }
+        if !crypto.is_luks() {
+            return Err(Error::unsupported(
+                "Only LUKS encryption options can be amended for qcow2 with blockdev-amend",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `x-blockdev-amend` (QEMU: qcow2_co_amend), once checked.
+    pub(super) async fn amend_qapi(&self, mut opts: Opts, force: bool) -> Result<()> {
+        self.amend_qapi_check(&opts)?;
+        let Some(serde_json::Value::Object(enc)) = opts.remove("encrypt") else {
+            return Ok(());
+        };
+        let keys = enc
+            .into_iter()
+            .filter(|(k, _)| k != "format")
+            .map(|(k, v)| (format!("encrypt.{k}"), v))
+            .collect();
+        self.amend_image(keys, force, &|_, _| {}).await
+    }
+
     pub(super) async fn amend_image(
         &self,
         mut opts: Opts,

@@ -823,6 +823,18 @@ impl Driver for Qcow2Driver {
         self.amend_image(opts, force, status).await
     }
 
+    fn can_blockdev_amend(&self) -> bool {
+        true
+    }
+
+    fn blockdev_amend_check(&self, opts: &strata_block::Opts) -> Result<()> {
+        self.amend_qapi_check(opts)
+    }
+
+    async fn blockdev_amend(&self, opts: strata_block::Opts, force: bool) -> Result<()> {
+        self.amend_qapi(opts, force).await
+    }
+
     async fn change_backing_file(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
         self.set_backing_file_name(file, format).await
     }
