@@ -30,10 +30,7 @@ impl JobDriver for Amend {
         let checked = self.node.driver().blockdev_amend_check(&opts);
         if let Err(e) = checked {
             job.progress_update(1);
-            return Err(JobError {
-                errno: e.code(),
-                msg: Some(e.to_string()),
-            });
+            return Err(JobError::reported(e));
         }
         // The command is answered from here, as QEMU's once its I/O starts.
         job.yield_for_io();
@@ -42,10 +39,7 @@ impl JobDriver for Amend {
         let r = self.node.driver().blockdev_amend(opts, self.force).await;
         drop(drained);
         job.progress_update(1);
-        r.map_err(|e| JobError {
-            errno: e.code(),
-            msg: Some(e.to_string()),
-        })
+        r.map_err(JobError::reported)
     }
 }
 

@@ -29,10 +29,7 @@ impl JobDriver for Create {
         let opts = std::mem::take(&mut *self.opts.lock().unwrap_or_else(|e| e.into_inner()));
         let r = self.class.blockdev_create(&self.ctx, opts).await;
         job.progress_update(1);
-        r.map_err(|e| JobError {
-            errno: e.code(),
-            msg: Some(e.to_string()),
-        })
+        r.map_err(JobError::reported)
     }
 }
 

@@ -9,11 +9,10 @@
 mod races_support;
 use races_support::*;
 
-use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use strata_block::{Backend, EventLoop, Graph, IoBuf, OpenCtx, OpenFlags, Perm, WriteFlags};
-use strata_jobs::{blockdev_backup, BackupArgs, JobList};
+use strata_jobs::{blockdev_backup, BackupArgs};
 
 const CLUSTER: u64 = 65536;
 
@@ -42,11 +41,7 @@ fn a_guest_write_waits_for_the_copy_of_its_cluster(sync: &str) {
             Perm::ALL,
         )
         .unwrap();
-        let events = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = Arc::clone(&events);
-        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
-            seen.lock().unwrap().push(format!("{e} {d}"));
-        }));
+        let (list, events) = recording_list();
         // The first read of the source is the first copy: the job's own
         // (full), or that of a first guest write (none).
         source
@@ -71,13 +66,7 @@ fn a_guest_write_waits_for_the_copy_of_its_cluster(sync: &str) {
         } else {
             None
         };
-        let hooks = Arc::clone(&source);
-        until("the copy to stop at its breakpoint", || {
-            hooks
-                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
-                .unwrap()
-        })
-        .await;
+        until_suspended("the copy to stop at its breakpoint", &source, "copy").await;
         let g = Arc::clone(&guest);
         let write = tokio::spawn(async move {
             g.write(4096, IoBuf::filled(4096, 0x55), WriteFlags::default())

@@ -69,12 +69,11 @@ fn a_snapshot_read_holds_a_guest_write(tool_gives_up: bool) {
             .unwrap();
         let t = Arc::clone(&tool);
         let read = tokio::spawn(async move { t.read(0, IoBuf::zeroed(CLUSTER)).await.unwrap() });
-        let hooks = Arc::clone(&source);
-        until("the snapshot read to stop at its breakpoint", || {
-            hooks
-                .with_debug_hooks(|h| Ok(h.is_suspended("snap")))
-                .unwrap()
-        })
+        until_suspended(
+            "the snapshot read to stop at its breakpoint",
+            &source,
+            "snap",
+        )
         .await;
         let g = Arc::clone(&guest);
         let write = tokio::spawn(async move {

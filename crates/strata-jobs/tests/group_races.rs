@@ -7,11 +7,10 @@
 mod races_support;
 use races_support::*;
 
-use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use strata_block::{EventLoop, Graph, OpenCtx, OpenFlags};
-use strata_jobs::{backup_prepare, BackupArgs, JobList, JobTxn};
+use strata_jobs::{backup_prepare, BackupArgs, JobTxn};
 
 #[test]
 fn a_failed_backup_aborts_its_group_only_after_the_others_copies_end() {
@@ -54,11 +53,7 @@ fn a_failed_backup_aborts_its_group_only_after_the_others_copies_end() {
             ],
         )
         .await;
-        let events = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = Arc::clone(&events);
-        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
-            seen.lock().unwrap().push(format!("{e} {d}"));
-        }));
+        let (list, events) = recording_list();
         source
             .with_debug_hooks(|h| h.breakpoint("read_aio", "copy"))
             .unwrap();
@@ -79,13 +74,7 @@ fn a_failed_backup_aborts_its_group_only_after_the_others_copies_end() {
         for job in &jobs {
             list.start(job);
         }
-        let hooks = Arc::clone(&source);
-        until("b1's copy to stop at its breakpoint", || {
-            hooks
-                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
-                .unwrap()
-        })
-        .await;
+        until_suspended("b1's copy to stop at its breakpoint", &source, "copy").await;
         let said = |what: &str| events.lock().unwrap().iter().any(|e| e.contains(what));
         let aborting = |e: &String, id: &str| e.contains("\"aborting\"") && e.contains(id);
         until("b2 to fail", || {

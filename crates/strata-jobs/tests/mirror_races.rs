@@ -14,11 +14,10 @@
 
 mod races_support;
 use races_support::*;
-use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use strata_block::{Backend, EventLoop, Graph, IoBuf, OpenCtx, OpenFlags, Perm, WriteFlags};
-use strata_jobs::{blockdev_mirror, JobList, MirrorArgs};
+use strata_jobs::{blockdev_mirror, MirrorArgs};
 
 const GRANULE: u64 = 65536;
 
@@ -80,11 +79,7 @@ fn a_guest_write_into_a_granule_being_copied_lands_last(copy_mode: &str) {
         target
             .with_debug_hooks(|h| h.breakpoint("write_aio", "copy"))
             .unwrap();
-        let events = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = Arc::clone(&events);
-        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
-            seen.lock().unwrap().push(format!("{e} {d}"));
-        }));
+        let (list, events) = recording_list();
         let args = MirrorArgs {
             job_id: Some("m".into()),
             device: "src".into(),
@@ -96,13 +91,7 @@ fn a_guest_write_into_a_granule_being_copied_lands_last(copy_mode: &str) {
             ..MirrorArgs::default()
         };
         blockdev_mirror(&list, &graph, args).await.unwrap();
-        let hooks = Arc::clone(&target);
-        until("the copy to stop at its breakpoint", || {
-            hooks
-                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
-                .unwrap()
-        })
-        .await;
+        until_suspended("the copy to stop at its breakpoint", &target, "copy").await;
         let write = tokio::spawn(async move {
             guest
                 .write(4096, IoBuf::filled(4096, 0x55), WriteFlags::default())

@@ -8,7 +8,7 @@
 mod races_support;
 use races_support::*;
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use strata_block::{Backend, EventLoop, Graph, IoBuf, Node, OpenCtx, OpenFlags, Perm, WriteFlags};
 use strata_jobs::{block_stream, JobList, JobStatus, StreamArgs};
@@ -100,24 +100,14 @@ fn a_guest_write_during_a_copy_up_is_not_overwritten_by_it() {
         base_node
             .with_debug_hooks(|h| h.breakpoint("read_aio", "copy"))
             .unwrap();
-        let events = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = Arc::clone(&events);
-        let list = JobList::new(Arc::new(move |e: &str, d: Value| {
-            seen.lock().unwrap().push(format!("{e} {d}"));
-        }));
+        let (list, events) = recording_list();
         let args = StreamArgs {
             job_id: Some("s".into()),
             device: "top".into(),
             ..StreamArgs::default()
         };
         block_stream(&list, &graph, &registry, args).await.unwrap();
-        let hooks = Arc::clone(&base_node);
-        until("the copy to stop at its breakpoint", || {
-            hooks
-                .with_debug_hooks(|h| Ok(h.is_suspended("copy")))
-                .unwrap()
-        })
-        .await;
+        until_suspended("the copy to stop at its breakpoint", &base_node, "copy").await;
         // The guest writes into the cluster being copied up.
         let write = tokio::spawn(async move {
             guest

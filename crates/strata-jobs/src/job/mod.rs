@@ -36,6 +36,14 @@ impl JobError {
         JobError { errno, msg: None }
     }
 
+    /// An error with its message, as the job reports it.
+    pub fn reported(e: strata_block::Error) -> JobError {
+        JobError {
+            errno: e.code(),
+            msg: Some(e.to_string()),
+        }
+    }
+
     /// The text QMP shows.
     pub fn text(&self) -> String {
         self.msg.clone().unwrap_or_else(|| strerror(self.errno))

@@ -3,7 +3,7 @@
 //! (a breakpoint hit, a job gone).
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use strata_block::options::{nest, Opts};
 use strata_block::{Backend, IoBuf, Node, OpenCtx, OpenFlags};
@@ -44,6 +44,24 @@ pub async fn holds(b: &Backend, off: u64, len: usize, byte: u8) {
         "at {off}+{bad:?}: {:#x}, not {byte:#x}",
         got.as_slice()[bad.unwrap_or(0)]
     );
+}
+
+/// A job list that keeps its events, each as `EVENT {data}`.
+pub fn recording_list() -> (Arc<strata_jobs::JobList>, Arc<Mutex<Vec<String>>>) {
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&events);
+    let list = strata_jobs::JobList::new(Arc::new(move |e: &str, d: serde_json::Value| {
+        seen.lock().unwrap().push(format!("{e} {d}"));
+    }));
+    (list, events)
+}
+
+/// Waits until a request of `node` stops at the blkdebug breakpoint `tag`.
+pub async fn until_suspended(what: &str, node: &Arc<Node>, tag: &str) {
+    until(what, || {
+        node.with_debug_hooks(|h| Ok(h.is_suspended(tag))).unwrap()
+    })
+    .await;
 }
 
 /// Polls until `cond` holds (a breakpoint is hit, a job is gone).
