@@ -104,14 +104,8 @@ impl Daemon {
             c.entry("no-flush").or_insert(Value::Bool(false));
         }
         opts.entry("read-only").or_insert(Value::Bool(false));
-        // Unlike the tools' opens, blockdev-add ignores discards unless
-        // told (no BDRV_O_UNMAP); protocol children still pass them on.
-        let flags = OpenFlags {
-            unmap: false,
-            ..OpenFlags::default()
-        };
-        let ctx = OpenCtx::with_graph(Arc::clone(&self.registry), flags, Arc::clone(&self.graph));
-        let node = ctx
+        let node = self
+            .blockdev_ctx()
             .open_image(None, None, opts)
             .await
             .map_err(|e| e.to_string())?;
@@ -122,6 +116,18 @@ impl Daemon {
         }
         self.owned().push(node);
         Ok(())
+    }
+
+    /// How the monitor opens nodes in the daemon's graph (blockdev-add,
+    /// blockdev-create's files): unlike the tools' opens, discards are
+    /// ignored unless asked for (no BDRV_O_UNMAP); protocol children still
+    /// pass them on.
+    pub(crate) fn blockdev_ctx(&self) -> OpenCtx {
+        let flags = OpenFlags {
+            unmap: false,
+            ..OpenFlags::default()
+        };
+        OpenCtx::with_graph(Arc::clone(&self.registry), flags, Arc::clone(&self.graph))
     }
 
     /// Drops the monitor's reference to a node it added, with QEMU's

@@ -5,7 +5,6 @@
 use crate::blockdev::Daemon;
 use serde_json::Value;
 use std::sync::Arc;
-use strata_block::{OpenCtx, OpenFlags};
 use strata_qmp::schema::Schema;
 use strata_qmp::Qmp;
 
@@ -21,14 +20,8 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
             let Value::Object(options) = a["options"].clone() else {
                 return Err("Parameter 'options' is missing".into());
             };
-            // The files are the graph's nodes, written as the daemon opens
-            // them (blockdev-add's flags).
-            let flags = OpenFlags {
-                unmap: false,
-                ..OpenFlags::default()
-            };
-            let ctx = OpenCtx::with_graph(Arc::clone(&d.registry), flags, Arc::clone(&d.graph));
-            strata_jobs::blockdev_create(&d.jobs, ctx, &id, options)
+            // The files are the graph's nodes, opened as blockdev-add opens.
+            strata_jobs::blockdev_create(&d.jobs, d.blockdev_ctx(), &id, options)
         },
     );
     crate::commands::daemon_command(
