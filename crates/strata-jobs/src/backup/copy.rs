@@ -178,6 +178,7 @@ impl BlockCopy {
                         end: e,
                         copied: false,
                     };
+                    let e = self.shrink_to_first_run(&mut claimed).await;
                     let r = self.copy_claimed(s, e).await;
                     claimed.copied = r.is_ok();
                     drop(claimed);
@@ -185,6 +186,38 @@ impl BlockCopy {
                 }
             }
         }
+    }
+
+    /// Gives back the part of a claim past its first run of data or of
+    /// zeroes (QEMU: block_copy_task_shrink), so a guest write there need
+    /// not wait for a slow read before it: others may claim it at once.
+    /// Returns where the claim ends now.
+    async fn shrink_to_first_run(&self, claimed: &mut Claimed<'_>) -> u64 {
+        let (start, end) = (claimed.start, claimed.end);
+        if self.compress || self.skip_unallocated.load(Ordering::Acquire) {
+            return end;
+        }
+        // Errors are the copy's to report; it asks again.
+        let Ok((st, _)) = self
+            .source
+            .block_status_above(None, start, end - start)
+            .await
+        else {
+            return end;
+        };
+        let stop = (start + st.len).next_multiple_of(self.cluster);
+        if stop >= end.min(self.len) {
+            return end;
+        }
+        let mut claims = self.lock_claims();
+        if let Some(c) = claims.iter_mut().find(|c| **c == (start, end)) {
+            c.1 = stop;
+        }
+        self.dirty.set(stop, end - stop);
+        claimed.end = stop;
+        drop(claims);
+        self.released.notify_waiters();
+        stop
     }
 
     /// Copies one claimed run: data as data, zeroes as zeroes (QEMU:
