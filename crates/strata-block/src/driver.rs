@@ -643,6 +643,14 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// The driver's own options a reopen takes anew: they may change or be
+    /// left out (QEMU: the options bdrv_reopen_prepare consumes, and
+    /// mutable_opts); every other option must keep its value. A name
+    /// covers its dotted sub-options.
+    fn reopen_takes(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Writes back everything cached and releases the image; called once.
     async fn close(&self) -> Result<()> {
         self.flush().await

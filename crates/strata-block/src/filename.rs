@@ -103,8 +103,9 @@ pub enum Naming {
     /// As it was opened.
     Opened {
         class: Arc<dyn DriverClass>,
-        /// Its own options as given (see [`own_options`]).
-        own: Opts,
+        /// Its own options as given (see [`own_options`]); a reopen
+        /// replaces them (QEMU: bs->options).
+        own: Mutex<Opts>,
         /// The file name it was opened by.
         exact: String,
         /// The backing file name the image would open by itself, which a
@@ -141,7 +142,7 @@ impl Naming {
         };
         Naming::Opened {
             class,
-            own,
+            own: Mutex::new(own),
             exact: exact.to_string(),
             auto_backing: Mutex::new(auto_backing),
         }
@@ -158,6 +159,24 @@ impl Naming {
         }
     }
 
+    /// The node's own options (see [`own_options`]); None for a job's
+    /// filter, which has none.
+    pub fn own_options(&self) -> Option<Opts> {
+        match self {
+            Naming::Opened { own, .. } => {
+                Some(own.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            }
+            Naming::AsChild => None,
+        }
+    }
+
+    /// Records the options a reopen gave the node.
+    pub fn set_own_options(&self, opts: Opts) {
+        if let Naming::Opened { own, .. } = self {
+            *own.lock().unwrap_or_else(|p| p.into_inner()) = opts;
+        }
+    }
+
     /// The node's identity with the children its driver has now.
     pub fn identity(&self, driver: &dyn Driver) -> Identity {
         match self {
@@ -171,7 +190,8 @@ impl Naming {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                refresh(&**class, driver, own, exact, auto.as_deref())
+                let own = own.lock().unwrap_or_else(|p| p.into_inner());
+                refresh(&**class, driver, &own, exact, auto.as_deref())
             }
             Naming::AsChild => Identity {
                 exact: driver

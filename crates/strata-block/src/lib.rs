@@ -27,6 +27,7 @@ pub mod options;
 pub mod perm;
 pub mod poll;
 pub mod qjson;
+pub mod reopen;
 pub mod report;
 pub mod snapshot;
 pub mod status;

@@ -118,6 +118,24 @@ impl Daemon {
         Ok(())
     }
 
+    /// Reopens nodes with new options, all or nothing (QEMU:
+    /// qmp_blockdev_reopen); the options are checked `BlockdevOptions`.
+    pub async fn blockdev_reopen(&self, options: Value) -> Result<(), String> {
+        let Value::Array(list) = options else {
+            return Err("Invalid parameter type for 'options', expected: array".into());
+        };
+        let list = list
+            .into_iter()
+            .map(|o| match lists_to_dicts(o) {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            })
+            .collect();
+        strata_block::reopen::reopen_multiple(&self.graph, list)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// How the monitor opens nodes in the daemon's graph (blockdev-add,
     /// blockdev-create's files): unlike the tools' opens, discards are
     /// ignored unless asked for (no BDRV_O_UNMAP); protocol children still

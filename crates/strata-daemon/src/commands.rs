@@ -80,6 +80,13 @@ pub(crate) fn commands(daemon: &Arc<Daemon>, quit: &Arc<Notify>) -> Qmp {
     daemon_command(
         &mut qmp,
         daemon,
+        "blockdev-reopen",
+        "q_obj_blockdev-reopen_arg",
+        |d, args| async move { d.blockdev_reopen(args["options"].clone()).await },
+    );
+    daemon_command(
+        &mut qmp,
+        daemon,
         "blockdev-del",
         "q_obj_blockdev-del_arg",
         |d, args| async move {

@@ -331,6 +331,10 @@ pub fn schema(registry: &Registry) -> Schema {
         )
         .object("q_obj_blockdev-del_arg", &[("node-name", "str")])
         .object(
+            "q_obj_blockdev-reopen_arg",
+            &[("options", "[BlockdevOptions]")],
+        )
+        .object(
             "q_obj_blockdev-set-active_arg",
             &[("*node-name", "str"), ("active", "bool")],
         )

@@ -92,7 +92,7 @@ impl Node {
 
     /// Stores the persistent bitmaps in the image; a failure is reported
     /// and the bitmaps are lost, as QEMU's qcow2_inactivate reports it.
-    pub(super) async fn store_bitmaps(&self) {
+    pub(crate) async fn store_bitmaps(&self) {
         if let Err(e) = self.driver.store_bitmaps().await {
             error_report(format!(
                 "Lost persistent bitmaps during inactivation of node '{}': {e}",

@@ -49,15 +49,16 @@ impl Default for CacheMode {
 /// What a node does with writes of buffers that are all zeroes
 /// (`detect-zeroes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum DetectZeroes {
     /// Write them as they are.
     #[default]
-    Off,
+    Off = 0,
     /// Turn them into write-zeroes requests.
-    On,
+    On = 1,
     /// Turn them into write-zeroes requests that may deallocate, when the
     /// node passes discards on.
-    Unmap,
+    Unmap = 2,
 }
 
 impl DetectZeroes {
@@ -67,6 +68,14 @@ impl DetectZeroes {
             DetectZeroes::Off => "off",
             DetectZeroes::On => "on",
             DetectZeroes::Unmap => "unmap",
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> DetectZeroes {
+        match v {
+            1 => DetectZeroes::On,
+            2 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
         }
     }
 

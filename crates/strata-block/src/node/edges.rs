@@ -49,7 +49,7 @@ impl Node {
     }
 
     /// True when `target` is this node or lies anywhere below it.
-    pub(super) fn reaches(&self, target: &Node) -> bool {
+    pub(crate) fn reaches(&self, target: &Node) -> bool {
         std::ptr::eq(self, target) || self.children().iter().any(|c| c.node.reaches(target))
     }
 

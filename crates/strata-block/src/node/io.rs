@@ -202,7 +202,7 @@ impl Node {
         flags: WriteFlags,
         l: &Limits,
     ) -> Result<IoBuf> {
-        if self.detect_zeroes != DetectZeroes::Off && crate::buf::is_zero(buf.as_slice()) {
+        if self.detect_zeroes() != DetectZeroes::Off && crate::buf::is_zero(buf.as_slice()) {
             // Boxed: the rare path's state stays out of every write's future.
             if Box::pin(self.write_detected_zeroes(offset, buf.len() as u64, flags)).await? {
                 return Ok(buf);
@@ -225,7 +225,7 @@ impl Node {
         flags: WriteFlags,
     ) -> Result<bool> {
         let zflags = WriteFlags {
-            may_unmap: self.detect_zeroes == DetectZeroes::Unmap && self.unmap,
+            may_unmap: self.detect_zeroes() == DetectZeroes::Unmap && self.unmap(),
             ..flags
         };
         self.debug_event(DebugEvent::PwritevZero).await;
@@ -420,7 +420,7 @@ impl Node {
         self.pass_gate().await;
         self.check_writable()?;
         self.check_request(offset, len)?;
-        if len == 0 || !self.unmap {
+        if len == 0 || !self.unmap() {
             return Ok(());
         }
         let _req = self.tracker.begin(offset, offset + len, false).await;
@@ -518,7 +518,7 @@ impl Node {
     /// Makes completed writes stable (a no-op with `cache=unsafe`, and on a
     /// read-only node, which has none: QEMU's bdrv_co_flush skips both).
     pub async fn flush(&self) -> Result<()> {
-        if self.no_flush || self.is_read_only() {
+        if self.no_flush() || self.is_read_only() {
             return Ok(());
         }
         self.pass_gate().await;
@@ -529,7 +529,7 @@ impl Node {
     /// which passes the gate holding every other request back (QEMU: the
     /// main loop's bdrv_flush between bdrv_drained_begin and _end).
     pub async fn flush_drained(&self, _section: &super::DrainGuard) -> Result<()> {
-        if self.no_flush || self.is_read_only() {
+        if self.no_flush() || self.is_read_only() {
             return Ok(());
         }
         self.flush_now().await

@@ -28,7 +28,7 @@ mod replace;
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
 pub use drain::{drain_begin, drained, drained_async, DrainGuard};
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
-pub use replace::{drop_intermediate, replace_node};
+pub use replace::{drop_intermediate, replace_child_edge, replace_node};
 
 static NEXT_AUTO_NAME: AtomicU64 = AtomicU64::new(0);
 
@@ -43,10 +43,11 @@ pub struct Node {
     /// Changes only in a reopen (QEMU: bdrv_reopen_set_read_only).
     read_only: AtomicBool,
     writeback: AtomicBool,
-    no_flush: bool,
+    /// These three change only in a reopen, drained (see `crate::reopen`).
+    no_flush: AtomicBool,
     direct: bool,
-    unmap: bool,
-    detect_zeroes: DetectZeroes,
+    unmap: AtomicBool,
+    detect_zeroes: std::sync::atomic::AtomicU8,
     copy_on_read: bool,
     /// Recomputed whenever the children change (QEMU: bdrv_refresh_limits).
     limits: limits_cell::LimitsCell,
@@ -116,10 +117,10 @@ impl Node {
             driver,
             read_only: AtomicBool::new(opts.read_only),
             writeback: AtomicBool::new(opts.cache.writeback),
-            no_flush: opts.cache.no_flush,
+            no_flush: AtomicBool::new(opts.cache.no_flush),
             direct: opts.cache.direct,
-            unmap: opts.unmap,
-            detect_zeroes: opts.detect_zeroes,
+            unmap: AtomicBool::new(opts.unmap),
+            detect_zeroes: std::sync::atomic::AtomicU8::new(opts.detect_zeroes as u8),
             copy_on_read: opts.copy_on_read,
             limits: limits_cell::LimitsCell::new(limits),
             tracker: Tracker::default(),
@@ -226,18 +227,36 @@ impl Node {
     /// True when writes are refused.
     /// `cache.direct` and `cache.no-flush`, as the node was opened.
     pub fn cache_mode(&self) -> (bool, bool) {
-        (self.direct, self.no_flush)
+        (self.direct, self.no_flush())
+    }
+
+    fn no_flush(&self) -> bool {
+        self.no_flush.load(Ordering::Relaxed)
+    }
+
+    /// Discards are passed on (`discard=unmap`).
+    pub fn unmap(&self) -> bool {
+        self.unmap.load(Ordering::Relaxed)
     }
 
     /// What the node does with writes of zeroes.
     pub fn detect_zeroes(&self) -> DetectZeroes {
-        self.detect_zeroes
+        DetectZeroes::from_u8(self.detect_zeroes.load(Ordering::Relaxed))
+    }
+
+    /// Sets the options every node takes that a reopen may change
+    /// (`discard`, `detect-zeroes`, `cache.no-flush`); the caller has
+    /// drained the node.
+    pub(crate) fn set_common_options(&self, unmap: bool, dz: DetectZeroes, no_flush: bool) {
+        self.unmap.store(unmap, Ordering::Relaxed);
+        self.detect_zeroes.store(dz as u8, Ordering::Relaxed);
+        self.no_flush.store(no_flush, Ordering::Relaxed);
     }
 
     /// Zero writes with unmap deallocate here (QEMU:
     /// bdrv_can_write_zeroes_with_unmap): `discard=unmap` and a driver that can.
     pub fn can_write_zeroes_with_unmap(&self) -> bool {
-        self.unmap && self.driver.zeroes_may_unmap()
+        self.unmap() && self.driver.zeroes_may_unmap()
     }
 
     pub fn is_read_only(&self) -> bool {

@@ -89,7 +89,7 @@ impl Node {
 
     /// Switches this node alone: its driver, its flag, and the image lock
     /// of its metadata child.
-    async fn switch_mode(self: &Arc<Self>, read_only: bool) -> Result<()> {
+    pub(crate) async fn switch_mode(self: &Arc<Self>, read_only: bool) -> Result<()> {
         if read_only {
             // The driver's own flush: the node's would wait at the drain.
             self.driver.flush().await?;

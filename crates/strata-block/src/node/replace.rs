@@ -171,7 +171,28 @@ pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
     if Arc::ptr_eq(from, to) {
         return Ok(());
     }
-    let moved = movable_parents(from, to);
+    swap_edges(from, to, movable_parents(from, to), true).await
+}
+
+/// Puts `to` in the place of `from` as `parent`'s child in `role` alone
+/// (QEMU: bdrv_set_file_or_backing_noperm for a reopen's new `file`).
+pub async fn replace_child_edge(
+    parent: &Arc<Node>,
+    role: ChildRole,
+    from: &Arc<Node>,
+    to: &Arc<Node>,
+) -> Result<()> {
+    swap_edges(from, to, vec![(Arc::clone(parent), role)], false).await
+}
+
+/// Moves the edges `moved` (parents of `from`, with their roles), and the
+/// user handles of `from` when `backends`, to `to`.
+async fn swap_edges(
+    from: &Arc<Node>,
+    to: &Arc<Node>,
+    moved: Vec<(Arc<Node>, ChildRole)>,
+    with_backends: bool,
+) -> Result<()> {
     for (p, role) in &moved {
         if !p.driver.can_replace_child(*role) {
             return Err(Error::unsupported(format!(
@@ -182,8 +203,12 @@ pub async fn replace_node(from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
             )));
         }
     }
-    crate::perm::check_moved(from, to, &moved, true)?;
-    let backends = from.movable_backends();
+    crate::perm::check_moved(from, to, &moved, with_backends)?;
+    let backends = if with_backends {
+        from.movable_backends()
+    } else {
+        Vec::new()
+    };
     let mut nodes = from.component();
     for n in to.component() {
         if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {

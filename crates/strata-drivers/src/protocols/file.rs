@@ -475,6 +475,11 @@ impl Driver for FileDriver {
         Ok(())
     }
 
+    fn reopen_takes(&self) -> &'static [&'static str] {
+        // Page cache hints, as QEMU's file-posix: no effect on data.
+        &["x-check-cache-dropped", "drop-cache"]
+    }
+
     async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
         // A new open file description in the new mode takes the place of
         // the old one under the same descriptor number, so requests keep

@@ -916,6 +916,25 @@ impl Driver for Qcow2Driver {
         Ok(())
     }
 
+    fn reopen_takes(&self) -> &'static [&'static str] {
+        // QEMU's qcow2 takes all its runtime options anew. Strata checks
+        // them at open; in a reopen they keep the values they had, which
+        // changes no data: they tune caches, checks and discards.
+        &[
+            "lazy-refcounts",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+            "overlap-check",
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+            "cache-clean-interval",
+        ]
+    }
+
     async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
         if read_only {
             // As QEMU's qcow2_reopen_prepare: everything cached written

@@ -1,0 +1,465 @@
+//! Reopening open nodes with a new set of options, all or nothing (QEMU:
+//! qmp_blockdev_reopen, bdrv_reopen_multiple, bdrv_reopen_prepare).
+//!
+//! Each node given is queued with the children that are its own (opened
+//! with it, held by it alone), which take their options from the parent's
+//! (`file: {...}`), or keep theirs when the parent names them. Every entry
+//! is checked before anything changes, in QEMU's order, so the first error
+//! is QEMU's: the options every node takes, the options that may not be left
+//! out, the backing file, the file, then every other option, which must keep
+//! its value. Then, with the nodes drained, the children change (each swap
+//! checked for permissions), the nodes switch between read-only and
+//! read-write, and the options every node takes get their new values; a
+//! failure undoes what was done, newest first.
+
+use crate::driver::ChildRole;
+use crate::error::{Error, Result};
+use crate::filename::own_options;
+use crate::graph::Graph;
+use crate::node::{drained_async, replace_child_edge, DetectZeroes, Node};
+use crate::options::Opts;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The options every node takes, which the reopen itself handles: they may
+/// be left out (QEMU: bdrv_reset_options_allowed's common options).
+const COMMON: &[&str] = &[
+    "node-name",
+    "discard",
+    "cache.direct",
+    "cache.no-flush",
+    "read-only",
+    "auto-read-only",
+    "detect-zeroes",
+];
+
+/// A node and the options it is reopened with (QEMU: BlockReopenQueueEntry).
+struct Queued {
+    node: Arc<Node>,
+    opts: Opts,
+    /// What the parent passes down when the options do not say: read-only,
+    /// cache.direct, cache.no-flush (QEMU: inherit_options).
+    inherited: Option<(bool, bool, bool)>,
+}
+
+/// What a child edge becomes.
+enum NewChild {
+    Keep,
+    To(Option<Arc<Node>>),
+}
+
+/// One node's reopen, checked (QEMU: BDRVReopenState).
+struct Prepared {
+    node: Arc<Node>,
+    own: Opts,
+    read_only: bool,
+    unmap: bool,
+    detect_zeroes: DetectZeroes,
+    no_flush: bool,
+    backing: NewChild,
+    file: NewChild,
+}
+
+/// Reopens each node named by the `node-name` of an entry of `list` with
+/// the entry's options (already checked against `BlockdevOptions`).
+pub async fn reopen_multiple(graph: &Graph, list: Vec<Opts>) -> Result<()> {
+    let mut queue = Vec::new();
+    for opts in list {
+        let Some(name) = opts.get("node-name").and_then(Value::as_str) else {
+            return Err(Error::invalid("node-name not specified"));
+        };
+        let node = graph.find_node(name)?;
+        enqueue(&mut queue, node, opts, None);
+    }
+    let mut prepared = Vec::new();
+    for q in queue {
+        prepared.push(prepare(graph, q)?);
+    }
+    commit(prepared).await
+}
+
+/// The role's option key (`file`, `backing`, `data-file`).
+fn key(role: ChildRole) -> String {
+    role.name()
+}
+
+/// A child that belongs to its parent alone: its options come from the
+/// parent's (QEMU: inherits_from).
+fn is_own(child: &Node) -> bool {
+    child.ref_count() == 1
+}
+
+/// Queues `node` with `opts`, then its own children (QEMU:
+/// bdrv_reopen_queue_child): a child given as options takes them, a child
+/// named as it is keeps its own, and a child left out is reopened with none.
+fn enqueue(
+    queue: &mut Vec<Queued>,
+    node: Arc<Node>,
+    mut opts: Opts,
+    inherited: Option<(bool, bool, bool)>,
+) {
+    if queue.iter().any(|q| Arc::ptr_eq(&q.node, &node)) {
+        return;
+    }
+    let flag = |o: &Opts, k: &str, dflt: bool| o.get(k).and_then(Value::as_bool).unwrap_or(dflt);
+    let parent = inherited.unwrap_or_default();
+    let cache = opts.get("cache").cloned().unwrap_or_default();
+    let passed = (
+        flag(&opts, "read-only", parent.0),
+        flag(
+            cache.as_object().unwrap_or(&Opts::new()),
+            "direct",
+            parent.1,
+        ),
+        flag(
+            cache.as_object().unwrap_or(&Opts::new()),
+            "no-flush",
+            parent.2,
+        ),
+    );
+    let mut children = Vec::new();
+    for c in node.children() {
+        if !is_own(&c.node) {
+            continue;
+        }
+        let child_opts = match opts.get(&key(c.role)) {
+            Some(Value::Object(o)) => {
+                let o = o.clone();
+                opts.remove(&key(c.role));
+                o
+            }
+            Some(Value::String(s)) if s == c.node.name() => {
+                let mut old = c.node.naming().own_options().unwrap_or_default();
+                old.remove("read-only");
+                old
+            }
+            Some(_) => continue,
+            None => Opts::new(),
+        };
+        // Backing files are read-only unless their options say otherwise.
+        let pass = match c.role {
+            ChildRole::Backing => (true, passed.1, passed.2),
+            _ => passed,
+        };
+        children.push((Arc::clone(&c.node), child_opts, pass));
+    }
+    queue.push(Queued {
+        node,
+        opts,
+        inherited,
+    });
+    for (child, o, pass) in children {
+        enqueue(queue, child, o, Some(pass));
+    }
+}
+
+/// Checks one entry in QEMU's order and works out what it changes.
+fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
+    let node = q.node;
+    let old = node.naming().own_options().unwrap_or_default();
+    let mut opts = q.opts;
+    let backing_v = opts.remove("backing");
+    let file_v = opts.remove("file");
+    // Children of other roles may only be named as they are.
+    for c in node.children() {
+        if matches!(c.role, ChildRole::Backing | ChildRole::File) {
+            continue;
+        }
+        match opts.remove(&key(c.role)) {
+            None => {}
+            Some(Value::String(s)) if s == c.node.name() => {}
+            Some(_) => {
+                return Err(Error::invalid(format!(
+                    "Cannot change the option '{}'",
+                    key(c.role)
+                )))
+            }
+        }
+    }
+    let given = own_options(&opts);
+    let mut new = given.clone();
+    let (ro_dflt, direct_dflt, no_flush_dflt) = q.inherited.unwrap_or_default();
+    let read_only = take_bool(&mut new, "read-only")?.unwrap_or(ro_dflt);
+    let _ = new.remove("auto-read-only");
+    let unmap = match new.remove("discard") {
+        None => node.unmap(),
+        Some(Value::String(s)) => match s.as_str() {
+            "ignore" | "off" => false,
+            "unmap" | "on" => true,
+            _ => return Err(Error::invalid("Invalid discard option")),
+        },
+        Some(_) => return Err(Error::invalid("Invalid discard option")),
+    };
+    let detect_zeroes = match new.remove("detect-zeroes") {
+        None => DetectZeroes::Off,
+        Some(v) => DetectZeroes::parse(v.as_str().unwrap_or_default())?,
+    };
+    if detect_zeroes == DetectZeroes::Unmap && !unmap {
+        return Err(Error::invalid(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
+    let direct = take_bool(&mut new, "cache.direct")?.unwrap_or(direct_dflt);
+    let no_flush = take_bool(&mut new, "cache.no-flush")?.unwrap_or(no_flush_dflt);
+    if let Some(n) = new.remove("node-name") {
+        if n.as_str() != Some(node.name()) {
+            return Err(cannot_change("node-name"));
+        }
+    }
+    if !node.is_active() {
+        return Err(Error::invalid(format!(
+            "Node '{}' is inactive: it cannot be reopened",
+            node.name()
+        )));
+    }
+    // Options set before may be left out only where they can go back to
+    // their defaults.
+    let takes = node.driver().reopen_takes();
+    let taken = |k: &str| {
+        takes
+            .iter()
+            .any(|t| k == *t || k.starts_with(&format!("{t}.")))
+    };
+    for k in old.keys() {
+        if !given.contains_key(k) && !COMMON.contains(&k.as_str()) && !taken(k) {
+            return Err(Error::invalid(format!(
+                "Option '{k}' cannot be reset to its default value"
+            )));
+        }
+    }
+    new.retain(|k, _| !taken(k));
+    let drv = node.driver();
+    if drv.supports_backing()
+        && backing_v.is_none()
+        && (node.backing().is_some() || drv.backing_file().is_some())
+    {
+        return Err(Error::invalid(format!(
+            "backing is missing for '{}'",
+            node.name()
+        )));
+    }
+    let backing = new_child(graph, &node, ChildRole::Backing, backing_v)?;
+    let file = new_child(graph, &node, ChildRole::File, file_v)?;
+    // Everything else must stay as it is.
+    for (k, v) in &new {
+        if old.get(k) != Some(v) {
+            return Err(cannot_change(k));
+        }
+    }
+    if direct != node.cache_mode().0 {
+        // Strata cannot yet reopen a file with or without O_DIRECT in place.
+        return Err(cannot_change("cache.direct"));
+    }
+    Ok(Prepared {
+        node,
+        own: given,
+        read_only,
+        unmap,
+        detect_zeroes,
+        no_flush,
+        backing,
+        file,
+    })
+}
+
+fn cannot_change(k: &str) -> Error {
+    Error::invalid(format!("Cannot change the option '{k}'"))
+}
+
+fn take_bool(o: &mut Opts, k: &str) -> Result<Option<bool>> {
+    match o.remove(k) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(Value::String(s)) if s == "on" || s == "true" => Ok(Some(true)),
+        Some(Value::String(s)) if s == "off" || s == "false" => Ok(Some(false)),
+        Some(_) => Err(Error::invalid(format!(
+            "Invalid parameter type for '{k}', expected: boolean"
+        ))),
+    }
+}
+
+/// What the `backing` or `file` option makes of that child (QEMU:
+/// bdrv_reopen_parse_file_or_backing): options or the current child keep
+/// it, another node's name replaces it, null drops a backing file.
+fn new_child(
+    graph: &Graph,
+    node: &Arc<Node>,
+    role: ChildRole,
+    v: Option<Value>,
+) -> Result<NewChild> {
+    let old = node.child(role);
+    let new = match v {
+        None => return Ok(NewChild::Keep),
+        Some(Value::Object(o)) => {
+            return match &old {
+                Some(c) if is_own(c) => Ok(NewChild::Keep),
+                // Options for a child that is not the node's own.
+                _ => Err(cannot_change(&match o.keys().next() {
+                    Some(k) => format!("{}.{k}", key(role)),
+                    None => key(role),
+                })),
+            };
+        }
+        Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            let n = graph.find(&s).ok_or_else(|| {
+                Error::invalid(format!("Cannot find device='' nor node-name='{s}'"))
+            })?;
+            if n.reaches(node) {
+                return Err(Error::invalid(format!(
+                    "Making '{s}' a {} child of '{}' would create a cycle",
+                    key(role),
+                    node.name()
+                )));
+            }
+            Some(n)
+        }
+        Some(_) => return Err(cannot_change(&key(role))),
+    };
+    let same = match (&old, &new) {
+        (Some(o), Some(n)) => Arc::ptr_eq(o, n),
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return Ok(NewChild::Keep);
+    }
+    if old
+        .as_ref()
+        .is_some_and(|o| o.naming().own_options().is_none())
+    {
+        return Err(Error::invalid(format!(
+            "Cannot replace implicit {} child of {}",
+            key(role),
+            node.name()
+        )));
+    }
+    if role == ChildRole::File && new.is_none() {
+        return Err(cannot_change("file"));
+    }
+    Ok(NewChild::To(new))
+}
+
+/// A change made, and how to undo it.
+enum Done {
+    Backing(Arc<Node>, Option<Arc<Node>>),
+    File(Arc<Node>, Arc<Node>, Arc<Node>),
+    Mode(Arc<Node>, bool),
+}
+
+/// Makes every change, drained, undoing them all when one fails.
+async fn commit(prepared: Vec<Prepared>) -> Result<()> {
+    let mut nodes: Vec<Arc<Node>> = Vec::new();
+    for p in &prepared {
+        let mut more = p.node.component();
+        for c in [&p.backing, &p.file] {
+            if let NewChild::To(Some(n)) = c {
+                more.extend(n.component());
+            }
+        }
+        for n in more {
+            if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {
+                nodes.push(n);
+            }
+        }
+    }
+    // Persistent bitmaps are stored while the image is still writable.
+    for p in &prepared {
+        if p.read_only && !p.node.is_read_only() {
+            p.node.store_bitmaps().await;
+        }
+    }
+    let mut done: Vec<Done> = Vec::new();
+    let r = drained_async(&nodes, || apply(&prepared, &mut done)).await;
+    if let Err(e) = r {
+        drained_async(&nodes, || undo(&mut done)).await;
+        return Err(e);
+    }
+    for d in done {
+        // The references held for an undo go; an old child no one else
+        // uses closes here.
+        match d {
+            Done::Backing(_, Some(old)) | Done::File(_, old, _) => {
+                let _ = old.close().await;
+            }
+            _ => {}
+        }
+    }
+    for p in prepared {
+        p.node
+            .set_common_options(p.unmap, p.detect_zeroes, p.no_flush);
+        p.node.naming().set_own_options(p.own);
+        p.node.refresh_identity();
+    }
+    Ok(())
+}
+
+async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
+    for p in prepared {
+        if let NewChild::To(new) = &p.backing {
+            let old = p.node.backing();
+            if let Some(o) = &old {
+                o.add_ref();
+            }
+            done.push(Done::Backing(Arc::clone(&p.node), old));
+            p.node.set_backing(new.clone()).await?;
+            crate::perm::check_attached(&p.node)?;
+        }
+        if let NewChild::To(Some(new)) = &p.file {
+            let Some(old) = p.node.child(ChildRole::File) else {
+                continue;
+            };
+            crate::perm::check_moved(&old, new, &[(Arc::clone(&p.node), ChildRole::File)], false)?;
+            old.add_ref();
+            if let Err(e) = replace_child_edge(&p.node, ChildRole::File, &old, new).await {
+                let _ = old.close().await;
+                return Err(e);
+            }
+            done.push(Done::File(Arc::clone(&p.node), old, Arc::clone(new)));
+        }
+    }
+    // Parents go read-only before their children, and children go
+    // read-write before their parents.
+    for p in prepared
+        .iter()
+        .filter(|p| p.read_only && !p.node.is_read_only())
+    {
+        if crate::perm::has_writer(&p.node) {
+            return Err(Error::invalid(format!(
+                "Read-only block node '{}' cannot support read-write users",
+                p.node.name()
+            )));
+        }
+        p.node.switch_mode(true).await?;
+        done.push(Done::Mode(Arc::clone(&p.node), true));
+    }
+    for p in prepared
+        .iter()
+        .rev()
+        .filter(|p| !p.read_only && p.node.is_read_only())
+    {
+        p.node.switch_mode(false).await?;
+        done.push(Done::Mode(Arc::clone(&p.node), false));
+    }
+    Ok(())
+}
+
+async fn undo(done: &mut Vec<Done>) {
+    while let Some(d) = done.pop() {
+        match d {
+            Done::Mode(n, ro) => {
+                let _ = n.switch_mode(!ro).await;
+            }
+            Done::Backing(n, old) => {
+                let _ = n.set_backing(old.clone()).await;
+                if let Some(o) = old {
+                    let _ = o.close().await;
+                }
+            }
+            Done::File(n, old, new) => {
+                let _ = replace_child_edge(&n, ChildRole::File, &new, &old).await;
+                let _ = old.close().await;
+            }
+        }
+    }
+}

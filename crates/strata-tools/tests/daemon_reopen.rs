@@ -1,0 +1,118 @@
+//! `blockdev-reopen` over QMP: the same conversations with strata-daemon
+//! and qemu-storage-daemon give the same answers and leave the same graph
+//! (what the daemon shows of every node): read-only and back, a new
+//! backing file or none, zero detection and discards, and every refusal,
+//! each in QEMU's order; a list of nodes changes all together or not at all.
+
+mod daemon_support;
+mod jobs_support;
+use jobs_support::*;
+
+fn a(s: &'static str) -> S<'static> {
+    S::Ask(s, 0)
+}
+
+const NODES: &str = r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#;
+
+/// Each image of one chain a node of its own, its file named relative to
+/// the daemon's folder so the steps can give the same options again.
+fn named_nodes(_side: &daemon_support::Side, _n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for (l, b) in [("base", None), ("mid", Some("base")), ("top", Some("mid"))] {
+        let backing = b.map_or(String::new(), |b| format!(",backing=c1-{b}"));
+        v.push("--blockdev".to_string());
+        v.push(format!(
+            "driver=qcow2,node-name=c1-{l},file.driver=file,file.filename=c1-{l}.qcow2{backing}"
+        ));
+    }
+    v
+}
+
+#[test]
+fn nodes_reopened_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}"#,
+        ),
+        // Refusals, in the order QEMU checks.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "file": "x"}]}}"#,
+        ),
+        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2"}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "nosuch", "file": "x"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "c1-top", "file": "x"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-top.qcow2", "locking": "off"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-top.qcow2", "node-name": "f"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "nosuch", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-base", "backing": "c1-top", "file": {"driver": "file", "filename": "c1-base.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "detect-zeroes": "unmap", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "discard": "sometimes", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        // Read-only, with its file, and back.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "read-only": true, "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "c1-top", "writable": true}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "read-only": true, "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        // Zero detection and discards; runtime options of the format.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "detect-zeroes": "unmap", "discard": "unmap", "lazy-refcounts": true, "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        // A list fails as a whole: the first node stays read-write.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "backing": "c1-base", "read-only": true, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}, {"driver": "qcow2", "node-name": "c1-top", "backing": "nosuch", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        // A new backing file, then none; the base stays for its own node.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-base", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": null, "file": {"driver": "file", "filename": "c1-top.qcow2"}}, {"driver": "qcow2", "node-name": "c1-mid", "backing": "c1-base", "read-only": true, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-base", "read-only": true, "file": {"driver": "file", "filename": "c1-base.qcow2"}}]}}"#,
+        ),
+        a(r#"{"execute": "blockdev-del", "arguments": {"node-name": "c1-base"}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(1, named_nodes, |_| {}, &steps, &[]);
+}
