@@ -40,6 +40,9 @@ struct Queued {
     /// What the parent passes down when the options do not say: read-only,
     /// cache.direct, cache.no-flush (QEMU: inherit_options).
     inherited: Option<(bool, bool, bool)>,
+    /// The node keeps its options (named as it is by its parent): leaving
+    /// its backing file out is no error then.
+    keep_old: bool,
 }
 
 /// What a child edge becomes.
@@ -69,7 +72,7 @@ pub async fn reopen_multiple(graph: &Graph, list: Vec<Opts>) -> Result<()> {
             return Err(Error::invalid("node-name not specified"));
         };
         let node = graph.find_node(name)?;
-        enqueue(&mut queue, node, opts, None);
+        enqueue(&mut queue, node, opts, None, false);
     }
     let mut prepared = Vec::new();
     for q in queue {
@@ -91,12 +94,14 @@ fn is_own(child: &Node) -> bool {
 
 /// Queues `node` with `opts`, then its own children (QEMU:
 /// bdrv_reopen_queue_child): a child given as options takes them, a child
-/// named as it is keeps its own, and a child left out is reopened with none.
+/// named as it is keeps its own, and so do those below it (`keep_old`);
+/// any other child left out is reopened with none.
 fn enqueue(
     queue: &mut Vec<Queued>,
     node: Arc<Node>,
-    mut opts: Opts,
+    opts: Opts,
     inherited: Option<(bool, bool, bool)>,
+    keep_old: bool,
 ) {
     if queue.iter().any(|q| Arc::ptr_eq(&q.node, &node)) {
         return;
@@ -122,34 +127,30 @@ fn enqueue(
         if !is_own(&c.node) {
             continue;
         }
-        let child_opts = match opts.get(&key(c.role)) {
-            Some(Value::Object(o)) => {
-                let o = o.clone();
-                opts.remove(&key(c.role));
-                o
-            }
-            Some(Value::String(s)) if s == c.node.name() => {
-                let mut old = c.node.naming().own_options().unwrap_or_default();
-                old.remove("read-only");
-                old
-            }
+        // What it was given stays, read-only included when it was given.
+        let old = || c.node.naming().own_options().unwrap_or_default();
+        let (child_opts, keep) = match opts.get(&key(c.role)) {
+            Some(Value::Object(o)) => (o.clone(), false),
+            Some(Value::String(s)) if s == c.node.name() => (old(), true),
             Some(_) => continue,
-            None => Opts::new(),
+            None if keep_old => (old(), true),
+            None => (Opts::new(), false),
         };
         // Backing files are read-only unless their options say otherwise.
         let pass = match c.role {
             ChildRole::Backing => (true, passed.1, passed.2),
             _ => passed,
         };
-        children.push((Arc::clone(&c.node), child_opts, pass));
+        children.push((Arc::clone(&c.node), child_opts, pass, keep));
     }
     queue.push(Queued {
         node,
         opts,
         inherited,
+        keep_old,
     });
-    for (child, o, pass) in children {
-        enqueue(queue, child, o, Some(pass));
+    for (child, o, pass, keep) in children {
+        enqueue(queue, child, o, Some(pass), keep);
     }
 }
 
@@ -168,6 +169,7 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
         match opts.remove(&key(c.role)) {
             None => {}
             Some(Value::String(s)) if s == c.node.name() => {}
+            Some(Value::Object(_)) if is_own(&c.node) => {}
             Some(_) => {
                 return Err(Error::invalid(format!(
                     "Cannot change the option '{}'",
@@ -230,6 +232,7 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
     new.retain(|k, _| !taken(k));
     let drv = node.driver();
     if drv.supports_backing()
+        && !q.keep_old
         && backing_v.is_none()
         && (node.backing().is_some() || drv.backing_file().is_some())
     {

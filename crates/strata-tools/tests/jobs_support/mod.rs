@@ -110,7 +110,7 @@ pub fn run(side: &Side, open: Open, n: usize, steps: &[S]) -> Vec<String> {
         match s {
             S::Ask(send, after) => {
                 out.push(format!("-> {send}"));
-                c.send(send);
+                c.send(&send.replace("$DIR", &dir));
                 loop {
                     let line = c.line();
                     let answer = line.starts_with("{\"return\"") || line.starts_with("{\"error\"");
