@@ -121,3 +121,134 @@ fn a_node_with_a_writer_stays_writable() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A new backing file while the guest reads through the old one
+/// (blockdev-reopen): a read held at a blkdebug breakpoint in the old
+/// backing file holds the swap back, and returns the old data; a read that
+/// comes while the swap waits is held at the drain and returns the new
+/// data. No read ever sees half a swap.
+#[test]
+fn a_backing_file_swap_waits_for_reads_in_flight() {
+    let dir = tempdir("swap");
+    let p = |n: &str| format!("{dir}/{n}");
+    if qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &p("b1.qcow2"), "1M"],
+    )
+    .is_none()
+    {
+        return;
+    }
+    qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &p("b2.qcow2"), "1M"],
+    );
+    qemu("qemu-io", &["-c", "write -P 0x11 0 64k", &p("b1.qcow2")]);
+    qemu("qemu-io", &["-c", "write -P 0x22 0 64k", &p("b2.qcow2")]);
+    let b1 = p("b1.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &b1,
+            "-F",
+            "qcow2",
+            &p("top.qcow2"),
+        ],
+    );
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let graph = strata_block::Graph::new();
+        let ctx = OpenCtx::with_graph(
+            strata_drivers::registry(),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let open = |pairs: Vec<(&str, String)>| {
+            let pairs: Vec<(String, String)> =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let o = strata_block::options::nest(&pairs).unwrap();
+            let ctx = ctx.clone();
+            async move { ctx.open_image(None, None, o).await.unwrap() }
+        };
+        let b1 = open(vec![
+            ("driver", "qcow2".into()),
+            ("node-name", "b1".into()),
+            ("read-only", "on".into()),
+            ("file.driver", "blkdebug".into()),
+            ("file.image.driver", "file".into()),
+            ("file.image.filename", p("b1.qcow2")),
+        ])
+        .await;
+        let b2 = open(vec![
+            ("driver", "qcow2".into()),
+            ("node-name", "b2".into()),
+            ("read-only", "on".into()),
+            ("file.driver", "file".into()),
+            ("file.filename", p("b2.qcow2")),
+        ])
+        .await;
+        let top = open(vec![
+            ("driver", "qcow2".into()),
+            ("node-name", "top".into()),
+            ("file.driver", "file".into()),
+            ("file.filename", p("top.qcow2")),
+            ("backing", "b1".into()),
+        ])
+        .await;
+        let guest =
+            Arc::new(Backend::new(&top, "guest", Perm::CONSISTENT_READ, Perm::ALL).unwrap());
+        b1.with_debug_hooks(|h| h.breakpoint("read_aio", "r"))
+            .unwrap();
+        let g = Arc::clone(&guest);
+        let held = tokio::spawn(async move { g.read(0, IoBuf::zeroed(4096)).await.unwrap() });
+        for _ in 0..2000 {
+            if b1.with_debug_hooks(|h| Ok(h.is_suspended("r"))).unwrap() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(b1.with_debug_hooks(|h| Ok(h.is_suspended("r"))).unwrap());
+        let opts: Opts = serde_json::from_value(serde_json::json!({
+            "driver": "qcow2", "node-name": "top", "backing": "b2",
+            "file": {"driver": "file", "filename": p("top.qcow2")}
+        }))
+        .unwrap();
+        let gr = Arc::clone(&graph);
+        let swap =
+            tokio::spawn(
+                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!swap.is_finished(), "the swap did not wait for the read");
+        let g = Arc::clone(&guest);
+        let late = tokio::spawn(async move { g.read(0, IoBuf::zeroed(4096)).await.unwrap() });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!late.is_finished(), "a read went by the drain");
+        b1.with_debug_hooks(|h| h.resume("r")).unwrap();
+        let old = held.await.unwrap();
+        assert!(
+            old.as_slice().iter().all(|&b| b == 0x11),
+            "the held read saw the swap"
+        );
+        swap.await.unwrap().unwrap();
+        let new = late.await.unwrap();
+        assert!(
+            new.as_slice().iter().all(|&b| b == 0x22),
+            "the late read missed the swap"
+        );
+        assert_eq!(
+            top.backing().map(|n| n.name().to_string()),
+            Some("b2".into())
+        );
+        Arc::into_inner(guest).unwrap().close().await.unwrap();
+        for n in [top, b1, b2] {
+            n.close().await.unwrap();
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -124,17 +124,29 @@ fn nodes_reopened_as_in_qemu() {
 fn a_chain_opened_in_one_go_reopened_as_in_qemu() {
     let steps = [
         // The middle image read-write by its own name, and back.
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "read-only": false, "backing": "c1-base", "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "read-only": false, "backing": "c1-base", "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}}]}}"#,
+        ),
         a(NODES),
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "read-only": true, "backing": "c1-base", "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "read-only": true, "backing": "c1-base", "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}}]}}"#,
+        ),
         // Through the top's options: read-write, then named as it is.
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": {"driver": "qcow2", "node-name": "c1-mid", "read-only": false, "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}, "backing": "c1-base"}}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": {"driver": "qcow2", "node-name": "c1-mid", "read-only": false, "file": {"driver": "file", "filename": "$DIR/c1-mid.qcow2"}, "backing": "c1-base"}}]}}"#,
+        ),
         a(NODES),
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "read-only": true, "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": "c1-mid"}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "read-only": true, "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": "c1-mid"}]}}"#,
+        ),
         a(NODES),
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": {"driver": "qcow2", "node-name": "c1-mid", "file": {"driver": "file", "filename": "$DIR/c1-base.qcow2"}, "backing": "c1-base"}}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": {"driver": "qcow2", "node-name": "c1-mid", "file": {"driver": "file", "filename": "$DIR/c1-base.qcow2"}, "backing": "c1-base"}}]}}"#,
+        ),
         // Without its backing file, the chain below closes.
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": null}]}}"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "file": {"driver": "file", "filename": "$DIR/c1-top.qcow2"}, "backing": null}]}}"#,
+        ),
         a(NODES),
     ];
     same_jobs_and_images(1, disks, |_| {}, &steps, &[]);
