@@ -48,7 +48,8 @@ pub use event_loop::{EventLoop, IoThread, LoopHandle};
 pub use graph::Graph;
 pub use node::{
     drain_begin, drained, drained_async, drop_intermediate, replace_node, BeforeWrite, CacheMode,
-    DetectZeroes, DrainGuard, Node, NodeOptions, ThresholdExceeded, WriteKind, WriteReq,
+    DetectZeroes, DrainGuard, FrozenChain, Node, NodeOptions, ThresholdExceeded, WriteKind,
+    WriteReq,
 };
 pub use open::{OpenCtx, OpenFlags, Registry};
 pub use options::Opts;

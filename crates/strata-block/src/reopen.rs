@@ -340,6 +340,7 @@ fn new_child(
     if role == ChildRole::File && new.is_none() {
         return Err(cannot_change("file"));
     }
+    node.check_unfrozen(role)?;
     Ok(NewChild::To(new))
 }
 

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use strata_block::driver::{Perm, Preallocation};
 use strata_block::{
-    drop_intermediate, replace_node, Backend, BlockOp, Graph, IoBuf, Node, WriteFlags,
+    drop_intermediate, replace_node, Backend, BlockOp, FrozenChain, Graph, IoBuf, Node, WriteFlags,
 };
 
 /// The most one step of the job looks at and copies (QEMU:
@@ -209,6 +209,7 @@ async fn commit_start(
     let id = a.job_id.clone().unwrap_or_default();
     let state = Arc::new(CommitState {
         commit_top: Mutex::new(None),
+        frozen: Mutex::new(None),
         top: Mutex::new(None),
         base_blk: Mutex::new(None),
         base: Arc::clone(&base),
@@ -254,6 +255,8 @@ struct Commit(Arc<CommitState>);
 struct CommitState {
     /// The filter over `top` while it is in the graph.
     commit_top: Mutex<Option<Arc<Node>>>,
+    /// The links from the filter down to the base, held in place.
+    frozen: Mutex<Option<FrozenChain>>,
     /// The job's reads (QEMU: s->top).
     top: Mutex<Option<Arc<Backend>>>,
     /// The job's writes (QEMU: s->base), until prepare.
@@ -308,6 +311,9 @@ impl CommitState {
             self.base_read_only.store(true, Ordering::Release);
         }
         let filter = commit_top::insert(graph, top, filter_name).await?;
+        // The links down to the base stay until the job ends (QEMU:
+        // commit_start's freeze).
+        put(&self.frozen, filter.freeze_chain(Some(base)));
         put(&self.commit_top, filter);
         let overlay = top
             .find_overlay(Some(base))
@@ -355,6 +361,7 @@ impl CommitState {
     /// Takes the commit_top node out, if it is still in the graph: the
     /// image above reads `top` again (QEMU: commit_abort's replace).
     async fn remove_filter(&self) {
+        drop(take(&self.frozen));
         if let Some(f) = take(&self.commit_top) {
             if let Some(top) = f.backing() {
                 if let Err(e) = replace_node(&f, &top).await {
@@ -430,6 +437,7 @@ impl CommitState {
         let Some(filter) = get(&self.commit_top) else {
             return Err(JobError::errno(libc::EIO));
         };
+        drop(take(&self.frozen));
         drop_intermediate(
             &filter,
             &self.base,

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use strata_block::driver::Perm;
 use strata_block::report::error_report;
 use strata_block::{
-    drained_async, replace_node, Backend, BlockOp, Graph, IoBuf, Node, OpenCtx, OpenFlags, Opts,
-    Registry,
+    drained_async, replace_node, Backend, BlockOp, FrozenChain, Graph, IoBuf, Node, OpenCtx,
+    OpenFlags, Opts, Registry,
 };
 
 /// The most one step of the job looks at and copies (QEMU: STREAM_CHUNK).
@@ -189,9 +189,13 @@ pub async fn block_stream(
     };
     let id = a.job_id.clone().unwrap_or_default();
     let desc = format!("stream job '{id}'");
+    // The filter holds the chain down to the lowest image copied in place
+    // (QEMU: the copy-on-read filter's bottom freeze).
+    let frozen = filter.freeze_chain(Some(&base_overlay));
     let stream = Arc::new(StreamState {
         blk: Mutex::new(None),
         filter: Mutex::new(Some(Arc::clone(&filter))),
+        frozen: Mutex::new(Some(frozen)),
         target: Arc::clone(&bs),
         base_overlay,
         above_base: Arc::clone(&above_base),
@@ -274,6 +278,8 @@ struct StreamState {
     blk: Mutex<Option<Arc<Backend>>>,
     /// The copy-on-read filter while it is in the graph.
     filter: Mutex<Option<Arc<Node>>>,
+    /// The links the filter holds in place, while it is in the graph.
+    frozen: Mutex<Option<FrozenChain>>,
     /// The image streamed into.
     target: Arc<Node>,
     /// The lowest image whose data is copied (QEMU: base_overlay).
@@ -325,6 +331,7 @@ impl StreamState {
     /// Takes the filter out: its users read the image again (QEMU:
     /// bdrv_cor_filter_drop).
     async fn drop_filter(&self) {
+        drop(self.frozen.lock().unwrap_or_else(|e| e.into_inner()).take());
         let filter = self.filter.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(f) = filter {
             if let Err(e) = f.drop_filter().await {

@@ -151,3 +151,45 @@ fn a_chain_opened_in_one_go_reopened_as_in_qemu() {
     ];
     same_jobs_and_images(1, disks, |_| {}, &steps, &[]);
 }
+
+/// While a commit or a stream works through a chain, the links it works
+/// through are frozen: a reopen that would move them is refused, with
+/// QEMU's words, and so is one that would replace the job's own filter.
+/// Once the job is gone, the same reopen goes through.
+#[test]
+fn links_a_job_works_through_stay_until_it_ends() {
+    let no_jobs = S::Until(r#""return": []"#);
+    let steps = [
+        S::Ask(
+            r#"{"execute": "block-commit", "arguments": {"job-id": "k1", "device": "c1-top", "top-node": "c1-mid", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(r#""current-progress": 1572864"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "backing": null, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-base", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(r#"{"execute": "job-cancel", "arguments": {"id": "k1"}}"#),
+        no_jobs,
+        S::Ask(
+            r#"{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1-top", "speed": 1}}"#,
+            0,
+        ),
+        S::Until(FIRST_CHUNK),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "backing": null, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-base", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(r#"{"execute": "job-cancel", "arguments": {"id": "s1"}}"#),
+        S::Until(r#""return": []"#),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "backing": null, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(1, named_nodes, |_| {}, &steps, &[]);
+}

@@ -19,6 +19,7 @@ mod block_status;
 mod common_opts;
 mod drain;
 mod edges;
+mod freeze;
 mod funnel;
 mod io;
 mod limits_cell;
@@ -27,6 +28,7 @@ mod replace;
 
 pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
 pub use drain::{drain_begin, drained, drained_async, DrainGuard};
+pub use freeze::FrozenChain;
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
 pub use replace::{drop_intermediate, replace_child_edge, replace_node};
 
@@ -90,6 +92,8 @@ pub struct Node {
     active: AtomicBool,
     /// What the node's parents asked for on it, taken again on activation.
     perm: Mutex<Option<(Perm, Perm)>>,
+    /// Jobs holding its backing or filter link in place (see `freeze`).
+    frozen: AtomicUsize,
 }
 
 impl Node {
@@ -144,6 +148,7 @@ impl Node {
             gate_open: Notify::new(),
             active: AtomicBool::new(!opts.inactive),
             perm: Mutex::new(None),
+            frozen: AtomicUsize::new(0),
         });
         node.attach_children();
         node

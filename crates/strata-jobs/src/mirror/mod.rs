@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use strata_block::driver::{ChildCell, ChildRole, Perm};
 use strata_block::report::error_report;
-use strata_block::{replace_node, Backend, BlockOp, Blocker, DrainGuard, Graph, Node};
+use strata_block::{replace_node, Backend, BlockOp, Blocker, DrainGuard, FrozenChain, Graph, Node};
 use top::{MirrorTop, TopLink};
 
 /// The default copy buffer (QEMU: DEFAULT_MIRROR_BUF_SIZE).
@@ -298,6 +298,7 @@ pub(crate) async fn mirror_start_job(
         should_complete: Default::default(),
         prepared: Default::default(),
         drain: Mutex::new(None),
+        frozen: Mutex::new(None),
         none_mode: s.none_mode,
         backing_mode: s.backing_mode,
         registry: s.registry.clone(),
@@ -360,6 +361,9 @@ pub(crate) struct MirrorState {
     prepared: std::sync::atomic::AtomicBool,
     /// The source kept drained from the last check to the graph change.
     drain: Mutex<Option<DrainGuard>>,
+    /// An active commit's links from its filter down to the base, held in
+    /// place until the job ends (QEMU: mirror_start_job's freeze).
+    frozen: Mutex<Option<FrozenChain>>,
     none_mode: bool,
     backing_mode: BackingMode,
     registry: Option<Arc<strata_block::Registry>>,
@@ -406,6 +410,7 @@ impl MirrorState {
         self.holds
             .hold(target, desc, "target", Perm::NONE, Perm::ALL)?;
         if is_commit {
+            *lock(&self.frozen) = Some(self.top.freeze_chain(Some(target)));
             // Every image between disappears at the end: no job may use them.
             let filtered_target = bs.find_overlay(Some(target)).and_then(|o| o.backing());
             let mut shared = Perm::WRITE_UNCHANGED.with(Perm::WRITE);
@@ -437,6 +442,7 @@ impl MirrorState {
 
     /// Takes the mirror_top node out: its users use the source again.
     async fn remove_top(&self) {
+        drop(lock(&self.frozen).take());
         self.link.set_ops(None);
         self.link.stop.store(true, Ordering::Release);
         if let Some(below) = self.top.backing() {
@@ -551,6 +557,7 @@ impl MirrorState {
         if self.prepared.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        drop(lock(&self.frozen).take());
         let mut ret = Ok(());
         let drained = lock(&self.drain).is_some();
         if !drained {
