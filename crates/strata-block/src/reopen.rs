@@ -86,6 +86,17 @@ fn key(role: ChildRole) -> String {
     role.name()
 }
 
+/// The option of a child's key, nested as the options are (`children.0`
+/// is `children` then `0`).
+fn child_value<'a>(opts: &'a Opts, key: &str) -> Option<&'a Value> {
+    let mut parts = key.split('.');
+    let mut v = opts.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_object()?.get(p)?;
+    }
+    Some(v)
+}
+
 /// A child that belongs to its parent alone: its options come from the
 /// parent's (QEMU: inherits_from).
 fn is_own(child: &Node) -> bool {
@@ -129,7 +140,7 @@ fn enqueue(
         }
         // What it was given stays, read-only included when it was given.
         let old = || c.node.naming().own_options().unwrap_or_default();
-        let (child_opts, keep) = match opts.get(&key(c.role)) {
+        let (child_opts, keep) = match child_value(&opts, &key(c.role)) {
             Some(Value::Object(o)) => (o.clone(), false),
             Some(Value::String(s)) if s == c.node.name() => (old(), true),
             Some(_) => continue,
