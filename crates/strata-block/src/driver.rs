@@ -643,6 +643,12 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// False for drivers QEMU cannot reopen (no bdrv_reopen_prepare:
+    /// quorum, the job filters, ...): `blockdev-reopen` refuses them.
+    fn reopen_supported(&self) -> bool {
+        true
+    }
+
     /// The driver's own options a reopen takes anew: they may change or be
     /// left out (QEMU: the options bdrv_reopen_prepare consumes, and
     /// mutable_opts); every other option must keep its value. A name

@@ -225,6 +225,13 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
             node.name()
         )));
     }
+    if !node.driver().reopen_supported() {
+        return Err(Error::invalid(format!(
+            "Block format '{}' used by node '{}' does not support reopening files",
+            node.format_name(),
+            node.name()
+        )));
+    }
     // Options set before may be left out only where they can go back to
     // their defaults.
     let takes = node.driver().reopen_takes();

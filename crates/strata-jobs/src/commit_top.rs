@@ -15,6 +15,10 @@ struct CommitTop {
 
 #[async_trait]
 impl Driver for CommitTop {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "commit_top"
     }

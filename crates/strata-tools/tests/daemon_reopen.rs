@@ -193,3 +193,22 @@ fn links_a_job_works_through_stay_until_it_ends() {
     ];
     same_jobs_and_images(1, named_nodes, |_| {}, &steps, &[]);
 }
+
+/// Drivers that QEMU cannot reopen are refused by name: quorum, and the
+/// copy-on-read filter.
+#[test]
+fn drivers_without_reopen_refused_as_in_qemu() {
+    let steps = [
+        a(r#"{"execute": "blockdev-add", "arguments": {"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}]}}"#),
+        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}], "read-only": true}]}}"#),
+        a(r#"{"execute": "blockdev-add", "arguments": {"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}}"#),
+        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}]}}"#),
+        a(NODES),
+    ];
+    let setup = |side: &daemon_support::Side| {
+        for f in ["q1.raw", "q2.raw"] {
+            std::fs::write(side.path(f), vec![0u8; 1 << 20]).unwrap();
+        }
+    };
+    same_jobs_and_images(1, named_nodes, setup, &steps, &[]);
+}

@@ -272,6 +272,10 @@ impl BlkLogWritesDriver {
 
 #[async_trait]
 impl Driver for BlkLogWritesDriver {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "blklogwrites"
     }

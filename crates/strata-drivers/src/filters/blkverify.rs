@@ -40,6 +40,10 @@ fn fail(is_write: bool, offset: u64, bytes: u64, what: std::fmt::Arguments<'_>) 
 
 #[async_trait]
 impl Driver for BlkverifyDriver {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "blkverify"
     }

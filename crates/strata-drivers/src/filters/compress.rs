@@ -18,6 +18,10 @@ struct CompressDriver {
 
 #[async_trait]
 impl Driver for CompressDriver {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "compress"
     }

@@ -59,6 +59,10 @@ impl CorDriver {
 
 #[async_trait]
 impl Driver for CorDriver {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "copy-on-read"
     }

@@ -162,6 +162,10 @@ impl QuorumDriver {
 
 #[async_trait]
 impl Driver for QuorumDriver {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "quorum"
     }

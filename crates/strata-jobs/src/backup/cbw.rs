@@ -286,6 +286,10 @@ impl CopyBeforeWrite {
 
 #[async_trait]
 impl Driver for CopyBeforeWrite {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "copy-before-write"
     }

@@ -172,6 +172,10 @@ fn snapshot_api(node: &Node) -> Result<&CopyBeforeWrite> {
 
 #[async_trait]
 impl Driver for SnapshotAccess {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "snapshot-access"
     }

@@ -89,6 +89,10 @@ impl MirrorTop {
 
 #[async_trait]
 impl Driver for MirrorTop {
+    fn reopen_supported(&self) -> bool {
+        false
+    }
+
     fn format_name(&self) -> &'static str {
         "mirror_top"
     }
