@@ -199,10 +199,18 @@ fn links_a_job_works_through_stay_until_it_ends() {
 #[test]
 fn drivers_without_reopen_refused_as_in_qemu() {
     let steps = [
-        a(r#"{"execute": "blockdev-add", "arguments": {"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}]}}"#),
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}], "read-only": true}]}}"#),
-        a(r#"{"execute": "blockdev-add", "arguments": {"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}}"#),
-        a(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}]}}"#),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [{"driver": "file", "filename": "q1.raw"}, {"driver": "file", "filename": "q2.raw"}], "read-only": true}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "copy-on-read", "node-name": "cor", "file": "c1-top"}]}}"#,
+        ),
         a(NODES),
     ];
     let setup = |side: &daemon_support::Side| {

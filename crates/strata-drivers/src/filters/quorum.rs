@@ -162,6 +162,11 @@ impl QuorumDriver {
 
 #[async_trait]
 impl Driver for QuorumDriver {
+    fn has_info(&self) -> bool {
+        // QEMU's quorum answers no get_info: no dirty flag in its info.
+        false
+    }
+
     fn reopen_supported(&self) -> bool {
         false
     }
