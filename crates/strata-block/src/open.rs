@@ -389,22 +389,16 @@ impl OpenCtx {
     /// The options every node takes (QEMU: bdrv_open_common): read-only and
     /// cache are already applied to the flags.
     fn take_node_options(&self, opts: &mut Opts) -> Result<NodeOptions> {
-        let unmap = match take_str(opts, "discard")?.as_deref() {
+        let unmap = match take_str(opts, "discard")? {
             None => self.flags.unmap,
-            Some("ignore" | "off") => false,
-            Some("unmap" | "on") => true,
-            Some(_) => return Err(Error::invalid("Invalid discard option")),
+            Some(d) => crate::node::parse_discard(&d)?,
         };
         let detect_zeroes = match take_str(opts, "detect-zeroes")? {
             None => DetectZeroes::Off,
             Some(v) => DetectZeroes::parse(&v)
                 .map_err(|_| Error::invalid(format!("invalid parameter value: {v}")))?,
         };
-        if detect_zeroes == DetectZeroes::Unmap && !unmap {
-            return Err(Error::invalid(
-                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-            ));
-        }
+        crate::node::check_detect_zeroes(detect_zeroes, unmap)?;
         // Accepted on every node; Strata never needs them to decide anything
         // (auto-read-only: a read-write open that fails is not retried).
         let _ = take_bool(opts, "auto-read-only")?;

@@ -16,8 +16,10 @@ use crate::driver::ChildRole;
 use crate::error::{Error, Result};
 use crate::filename::own_options;
 use crate::graph::Graph;
-use crate::node::{drained_async, replace_child_edge, DetectZeroes, Node};
-use crate::options::Opts;
+use crate::node::{
+    check_detect_zeroes, drained_async, parse_discard, replace_child_edge, DetectZeroes, Node,
+};
+use crate::options::{take_bool, Opts};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -81,12 +83,7 @@ pub async fn reopen_multiple(graph: &Graph, list: Vec<Opts>) -> Result<()> {
     commit(prepared).await
 }
 
-/// The role's option key (`file`, `backing`, `data-file`).
-fn key(role: ChildRole) -> String {
-    role.name()
-}
-
-/// The option of a child's key, nested as the options are (`children.0`
+/// The option at a dotted key, nested as the options are (`children.0`
 /// is `children` then `0`).
 fn child_value<'a>(opts: &'a Opts, key: &str) -> Option<&'a Value> {
     let mut parts = key.split('.');
@@ -117,21 +114,16 @@ fn enqueue(
     if queue.iter().any(|q| Arc::ptr_eq(&q.node, &node)) {
         return;
     }
-    let flag = |o: &Opts, k: &str, dflt: bool| o.get(k).and_then(Value::as_bool).unwrap_or(dflt);
+    let flag = |k: &str, dflt: bool| {
+        child_value(&opts, k)
+            .and_then(Value::as_bool)
+            .unwrap_or(dflt)
+    };
     let parent = inherited.unwrap_or_default();
-    let cache = opts.get("cache").cloned().unwrap_or_default();
     let passed = (
-        flag(&opts, "read-only", parent.0),
-        flag(
-            cache.as_object().unwrap_or(&Opts::new()),
-            "direct",
-            parent.1,
-        ),
-        flag(
-            cache.as_object().unwrap_or(&Opts::new()),
-            "no-flush",
-            parent.2,
-        ),
+        flag("read-only", parent.0),
+        flag("cache.direct", parent.1),
+        flag("cache.no-flush", parent.2),
     );
     let mut children = Vec::new();
     for c in node.children() {
@@ -140,7 +132,7 @@ fn enqueue(
         }
         // What it was given stays, read-only included when it was given.
         let old = || c.node.naming().own_options().unwrap_or_default();
-        let (child_opts, keep) = match child_value(&opts, &key(c.role)) {
+        let (child_opts, keep) = match child_value(&opts, &c.role.name()) {
             Some(Value::Object(o)) => (o.clone(), false),
             Some(Value::String(s)) if s == c.node.name() => (old(), true),
             Some(_) => continue,
@@ -177,14 +169,14 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
         if matches!(c.role, ChildRole::Backing | ChildRole::File) {
             continue;
         }
-        match opts.remove(&key(c.role)) {
+        match opts.remove(&c.role.name()) {
             None => {}
             Some(Value::String(s)) if s == c.node.name() => {}
             Some(Value::Object(_)) if is_own(&c.node) => {}
             Some(_) => {
                 return Err(Error::invalid(format!(
                     "Cannot change the option '{}'",
-                    key(c.role)
+                    c.role.name()
                 )))
             }
         }
@@ -196,22 +188,13 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
     let _ = new.remove("auto-read-only");
     let unmap = match new.remove("discard") {
         None => node.unmap(),
-        Some(Value::String(s)) => match s.as_str() {
-            "ignore" | "off" => false,
-            "unmap" | "on" => true,
-            _ => return Err(Error::invalid("Invalid discard option")),
-        },
-        Some(_) => return Err(Error::invalid("Invalid discard option")),
+        Some(v) => parse_discard(v.as_str().unwrap_or_default())?,
     };
     let detect_zeroes = match new.remove("detect-zeroes") {
         None => DetectZeroes::Off,
         Some(v) => DetectZeroes::parse(v.as_str().unwrap_or_default())?,
     };
-    if detect_zeroes == DetectZeroes::Unmap && !unmap {
-        return Err(Error::invalid(
-            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-        ));
-    }
+    check_detect_zeroes(detect_zeroes, unmap)?;
     let direct = take_bool(&mut new, "cache.direct")?.unwrap_or(direct_dflt);
     let no_flush = take_bool(&mut new, "cache.no-flush")?.unwrap_or(no_flush_dflt);
     if let Some(n) = new.remove("node-name") {
@@ -287,18 +270,6 @@ fn cannot_change(k: &str) -> Error {
     Error::invalid(format!("Cannot change the option '{k}'"))
 }
 
-fn take_bool(o: &mut Opts, k: &str) -> Result<Option<bool>> {
-    match o.remove(k) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(Value::String(s)) if s == "on" || s == "true" => Ok(Some(true)),
-        Some(Value::String(s)) if s == "off" || s == "false" => Ok(Some(false)),
-        Some(_) => Err(Error::invalid(format!(
-            "Invalid parameter type for '{k}', expected: boolean"
-        ))),
-    }
-}
-
 /// What the `backing` or `file` option makes of that child (QEMU:
 /// bdrv_reopen_parse_file_or_backing): options or the current child keep
 /// it, another node's name replaces it, null drops a backing file.
@@ -316,8 +287,8 @@ fn new_child(
                 Some(c) if is_own(c) => Ok(NewChild::Keep),
                 // Options for a child that is not the node's own.
                 _ => Err(cannot_change(&match o.keys().next() {
-                    Some(k) => format!("{}.{k}", key(role)),
-                    None => key(role),
+                    Some(k) => format!("{}.{k}", role.name()),
+                    None => role.name(),
                 })),
             };
         }
@@ -329,13 +300,13 @@ fn new_child(
             if n.reaches(node) {
                 return Err(Error::invalid(format!(
                     "Making '{s}' a {} child of '{}' would create a cycle",
-                    key(role),
+                    role.name(),
                     node.name()
                 )));
             }
             Some(n)
         }
-        Some(_) => return Err(cannot_change(&key(role))),
+        Some(_) => return Err(cannot_change(&role.name())),
     };
     let same = match (&old, &new) {
         (Some(o), Some(n)) => Arc::ptr_eq(o, n),
@@ -351,7 +322,7 @@ fn new_child(
     {
         return Err(Error::invalid(format!(
             "Cannot replace implicit {} child of {}",
-            key(role),
+            role.name(),
             node.name()
         )));
     }

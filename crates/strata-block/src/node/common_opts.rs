@@ -92,6 +92,27 @@ impl DetectZeroes {
     }
 }
 
+/// Parses `discard` (QEMU: bdrv_parse_discard_flags): true passes
+/// discards on.
+pub fn parse_discard(s: &str) -> Result<bool> {
+    match s {
+        "ignore" | "off" => Ok(false),
+        "unmap" | "on" => Ok(true),
+        _ => Err(Error::invalid("Invalid discard option")),
+    }
+}
+
+/// `detect-zeroes=unmap` needs discards passed on (QEMU:
+/// bdrv_parse_detect_zeroes).
+pub fn check_detect_zeroes(dz: DetectZeroes, unmap: bool) -> Result<()> {
+    if dz == DetectZeroes::Unmap && !unmap {
+        return Err(Error::invalid(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
+    Ok(())
+}
+
 /// The options every node takes, whatever its driver (QEMU: the common
 /// runtime options of bdrv_open_common).
 #[derive(Clone, Copy, Debug, Default)]

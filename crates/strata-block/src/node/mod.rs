@@ -26,7 +26,7 @@ mod limits_cell;
 mod reopen;
 mod replace;
 
-pub use common_opts::{CacheMode, DetectZeroes, NodeOptions};
+pub use common_opts::{check_detect_zeroes, parse_discard, CacheMode, DetectZeroes, NodeOptions};
 pub use drain::{drain_begin, drained, drained_async, DrainGuard};
 pub use freeze::FrozenChain;
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
