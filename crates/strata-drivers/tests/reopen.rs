@@ -252,3 +252,101 @@ fn a_backing_file_swap_waits_for_reads_in_flight() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `detect-zeroes` turned on while a guest write of zeroes is held at a
+/// blkdebug breakpoint in the image's file: the reopen waits for the write,
+/// which was issued before it and so lands as data; a write of zeroes that
+/// comes while the reopen waits is held at the drain and then becomes a
+/// zero cluster, as the new setting says.
+#[test]
+fn detect_zeroes_changes_only_between_writes() {
+    let dir = tempdir("zeroes");
+    let img = format!("{dir}/top.qcow2");
+    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]).is_none() {
+        return;
+    }
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let graph = strata_block::Graph::new();
+        let ctx = OpenCtx::with_graph(
+            strata_drivers::registry(),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let opts: Opts = serde_json::from_value(serde_json::json!({
+            "driver": "qcow2", "node-name": "top",
+            "file": {"driver": "blkdebug", "node-name": "dbg",
+                     "image": {"driver": "file", "filename": img}}
+        }))
+        .unwrap();
+        let top = ctx.open_image(None, None, opts).await.unwrap();
+        let guest = Arc::new(Backend::new(&top, "guest", Perm::WRITE, Perm::ALL).unwrap());
+        top.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
+            .unwrap();
+        let suspended = || top.with_debug_hooks(|h| Ok(h.is_suspended("w"))).unwrap();
+        let g = Arc::clone(&guest);
+        let held = tokio::spawn(async move {
+            g.write(0, IoBuf::zeroed(65536), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        for _ in 0..2000 {
+            if suspended() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(suspended(), "the write did not reach its data write");
+        let opts: Opts = serde_json::from_value(serde_json::json!({
+            "driver": "qcow2", "node-name": "top", "detect-zeroes": "on", "file": "dbg"
+        }))
+        .unwrap();
+        let gr = Arc::clone(&graph);
+        let reopen =
+            tokio::spawn(
+                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !reopen.is_finished(),
+            "the reopen did not wait for the write"
+        );
+        assert_eq!(top.detect_zeroes(), strata_block::DetectZeroes::Off);
+        let g = Arc::clone(&guest);
+        let late = tokio::spawn(async move {
+            g.write(256 << 10, IoBuf::zeroed(65536), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!late.is_finished(), "a write went by the drain");
+        top.with_debug_hooks(|h| h.resume("w")).unwrap();
+        held.await.unwrap();
+        reopen.await.unwrap().unwrap();
+        late.await.unwrap();
+        assert_eq!(top.detect_zeroes(), strata_block::DetectZeroes::On);
+        Arc::into_inner(guest).unwrap().close().await.unwrap();
+        top.close().await.unwrap();
+    });
+    let map = qemu("qemu-img", &["map", "--output=json", &img]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let at = |off: u64| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["start"].as_u64().unwrap() <= off
+                    && off < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap()
+            })
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(at(0)["data"], true, "the held write became zeroes: {map}");
+    assert_eq!(
+        at(256 << 10)["data"],
+        false,
+        "the late write was data: {map}"
+    );
+    assert_eq!(at(256 << 10)["zero"], true, "{map}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
