@@ -121,7 +121,8 @@ type Renamed = (Arc<Node>, Option<(String, Option<String>)>);
 /// `backing_file` (default: base's name) as its name. Unlike QEMU, the
 /// names are written before the graph changes: when one cannot be written,
 /// the graph stays as it was and the names written so far are put back,
-/// so the images and the graph never disagree.
+/// so the images and the graph never disagree. Base is flushed before the
+/// first name is written.
 pub async fn drop_intermediate(
     top: &Arc<Node>,
     base: &Arc<Node>,
@@ -135,6 +136,10 @@ pub async fn drop_intermediate(
     let format = base.format_for_overlay(mask_protocol).to_string();
     let moved = movable_parents(top, base);
     crate::perm::check_moved(top, base, &moved, true)?;
+    // An overlay that names base must find there what a commit copied in:
+    // base is on disk before the first header says so (QEMU writes the
+    // header first, and a crash or kill then loses the commit's data).
+    base.flush().await?;
     let mut written: Vec<Renamed> = Vec::new();
     let put_back = |written: Vec<Renamed>| async move {
         for (o, old) in written.into_iter().rev() {

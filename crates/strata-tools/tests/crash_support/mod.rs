@@ -8,6 +8,7 @@
 
 pub mod check;
 pub mod cuts;
+pub mod kill;
 pub mod record;
 pub mod tool_ops;
 
