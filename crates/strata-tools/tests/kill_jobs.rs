@@ -3,8 +3,9 @@
 //! whose top a guest writes through an NBD export during the paced runs. After
 //! the kill every image checks clean (leaks allowed); the top reads as
 //! the chain read before plus every guest write qemu-io reported done
-//! (writethrough, so each was flushed); and the images whose view the job
-//! does not change read as before.
+//! (writethrough, so each was flushed); the images whose view the job
+//! does not change read as before; and after `job-complete` has pivoted a
+//! mirror or an active commit, the target reads as the disk.
 
 mod crash_support;
 mod daemon_support;
@@ -13,7 +14,7 @@ mod jobs_support;
 use crash_support::kill::{check_after_kill, guest_data, QEMU_IMG};
 use crash_support::Rng;
 use daemon_support::{strata, Client, Running, Side};
-use jobs_support::{answer, guest_io, nodes, start_exported};
+use jobs_support::{answer, guest_io, nodes, start_exported, wait_for};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,42 +23,66 @@ const MIB: u64 = 1 << 20;
 /// The disk's size: large enough that an unpaced job takes a while.
 const SIZE: u64 = 64 * MIB;
 
-/// A job and what it may change: (name, its QMP command with `SPEED`
-/// for its arguments' speed, whether mid's and base's own views hold).
-type Job = (&'static str, &'static str, bool, bool);
+/// A job and what it may change.
+struct Job {
+    name: &'static str,
+    /// Its QMP command, `SPEED` standing for the speed argument.
+    command: &'static str,
+    /// Whether mid's own view and base's stay as they were.
+    mid_holds: bool,
+    base_holds: bool,
+    /// The image that is the guest's disk once `job-complete` pivots.
+    pivots_to: Option<&'static str>,
+}
 
 const JOBS: &[Job] = &[
-    (
-        "stream",
-        r#"{"execute": "block-stream", "arguments": {"job-id": "j", "device": "c1-top"SPEED}}"#,
-        true,
-        true,
-    ),
-    (
-        "commit",
-        r#"{"execute": "block-commit", "arguments": {"job-id": "j", "device": "c1-top", "top-node": "c1-mid", "base-node": "c1-base"SPEED}}"#,
-        true,
-        false,
-    ),
-    (
-        "active commit",
-        r#"{"execute": "block-commit", "arguments": {"job-id": "j", "device": "c1-top"SPEED}}"#,
-        false,
-        false,
-    ),
-    (
-        "mirror",
-        r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "j", "device": "c1-top", "target": "t", "sync": "full"SPEED}}"#,
-        true,
-        true,
-    ),
-    (
-        "backup",
-        r#"{"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "c1-top", "target": "t", "sync": "full"SPEED}}"#,
-        true,
-        true,
-    ),
+    Job {
+        name: "stream",
+        command: r#"{"execute": "block-stream", "arguments": {"job-id": "j", "device": "c1-top"SPEED}}"#,
+        mid_holds: true,
+        base_holds: true,
+        pivots_to: None,
+    },
+    Job {
+        name: "commit",
+        command: r#"{"execute": "block-commit", "arguments": {"job-id": "j", "device": "c1-top", "top-node": "c1-mid", "base-node": "c1-base"SPEED}}"#,
+        mid_holds: true,
+        base_holds: false,
+        pivots_to: None,
+    },
+    Job {
+        name: "active commit",
+        command: r#"{"execute": "block-commit", "arguments": {"job-id": "j", "device": "c1-top"SPEED}}"#,
+        mid_holds: false,
+        base_holds: false,
+        pivots_to: Some("c1-base.qcow2"),
+    },
+    Job {
+        name: "mirror",
+        command: r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "j", "device": "c1-top", "target": "t", "sync": "full"SPEED}}"#,
+        mid_holds: true,
+        base_holds: true,
+        pivots_to: Some("target.qcow2"),
+    },
+    Job {
+        name: "backup",
+        command: r#"{"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "c1-top", "target": "t", "sync": "full"SPEED}}"#,
+        mid_holds: true,
+        base_holds: true,
+        pivots_to: None,
+    },
 ];
+
+/// When a kill comes.
+#[derive(Clone, Copy)]
+enum When {
+    /// At a random moment up to this long into the job.
+    Within(Duration),
+    /// As soon as the job has ended or is ready.
+    AtEnd,
+    /// As soon as `job-complete` has pivoted to the job's target.
+    AfterPivot,
+}
 
 fn have_qemu() -> bool {
     daemon_support::qsd().is_some() && Path::new(QEMU_IMG).exists()
@@ -101,7 +126,7 @@ fn command(job: &Job, speed: u64) -> String {
     } else {
         format!(r#", "speed": {speed}"#)
     };
-    job.1.replace("SPEED", &speed)
+    job.command.replace("SPEED", &speed)
 }
 
 /// How long the job takes unkilled, from its start to its end or READY.
@@ -110,7 +135,7 @@ fn duration(job: &Job, speed: u64) -> Duration {
     let (_d, mut c, _) = start(&side);
     let t = Instant::now();
     let ans = answer(&mut c, &command(job, speed));
-    assert!(ans.contains("return"), "{}: {ans}", job.0);
+    assert!(ans.contains("return"), "{}: {ans}", job.name);
     wait_for_end(&mut c, job);
     t.elapsed()
 }
@@ -120,7 +145,7 @@ fn wait_for_end(c: &mut Client, job: &Job) {
     loop {
         let l = c.line();
         if l.contains("BLOCK_JOB_COMPLETED") || l.contains("BLOCK_JOB_READY") {
-            assert!(!l.contains("\"error\""), "{}: {l}", job.0);
+            assert!(!l.contains("\"error\""), "{}: {l}", job.name);
             return;
         }
     }
@@ -147,10 +172,9 @@ fn guest_writes(rng: &mut Rng) -> Vec<(String, u64, u64, u8)> {
         .collect()
 }
 
-/// One kill of `job` at `speed`, at a random moment up to `window` into
-/// it, or (None) as soon as it ends or is ready. A paced job has the guest's writes done first; they take a tenth
-/// of its time or so.
-fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
+/// One kill of `job` at `speed`. A paced job has the guest's writes
+/// done first; they take a tenth of its time or so.
+fn kill_once(job: &Job, speed: u64, when: When, rng: &mut Rng) {
     let side = side();
     let d = side.dir.path();
     let (daemon, mut c, uri) = start(&side);
@@ -160,7 +184,7 @@ fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
         .collect();
     let ans = answer(&mut c, &command(job, speed));
     let t = Instant::now();
-    assert!(ans.contains("return"), "{}: {ans}", job.0);
+    assert!(ans.contains("return"), "{}: {ans}", job.name);
     // An unpaced job would be over before the guest's writes are.
     let writes = if speed == 0 {
         vec![]
@@ -171,13 +195,22 @@ fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
     if !cmds.is_empty() {
         guest_io(&uri, &cmds);
     }
-    match window {
-        Some(window) => {
+    match when {
+        When::Within(window) => {
             let at = Duration::from_millis(rng.below(window.as_millis() as u64 + 1));
             std::thread::sleep(at.saturating_sub(t.elapsed()));
         }
-        // Right after the job said it was done: what it did must be on disk.
-        None => wait_for_end(&mut c, job),
+        // What the job said it did must be on disk.
+        When::AtEnd => wait_for_end(&mut c, job),
+        When::AfterPivot => {
+            wait_for_end(&mut c, job);
+            let ans = answer(
+                &mut c,
+                r#"{"execute": "job-complete", "arguments": {"id": "j"}}"#,
+            );
+            assert!(ans.contains("return"), "{}: {ans}", job.name);
+            wait_for(&mut c, "BLOCK_JOB_COMPLETED");
+        }
     }
     let after = t.elapsed();
     daemon.signal(libc::SIGKILL);
@@ -185,7 +218,7 @@ fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
 
     let what = format!(
         "{} at speed {speed}, {} guest writes, killed {after:?} into the job",
-        job.0,
+        job.name,
         writes.len()
     );
     for image in [
@@ -204,14 +237,19 @@ fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
         guest_data(d, "c1-top.qcow2") == want,
         "{what}: the top does not read as the chain plus the guest's writes"
     );
-    let (_, _, mid_holds, base_holds) = *job;
-    if mid_holds {
+    if let (When::AfterPivot, Some(image)) = (when, job.pivots_to) {
+        assert!(
+            guest_data(d, image) == want,
+            "{what}: {image}, the guest's disk now, does not read as the chain plus the guest's writes"
+        );
+    }
+    if job.mid_holds {
         assert!(
             guest_data(d, "c1-mid.qcow2") == before[1],
             "{what}: mid's view changed"
         );
     }
-    if base_holds {
+    if job.base_holds {
         assert!(
             guest_data(d, "c1-base.qcow2") == before[2],
             "{what}: base changed"
@@ -220,8 +258,8 @@ fn kill_once(job: &Job, speed: u64, window: Option<Duration>, rng: &mut Rng) {
 }
 
 /// Kills every job `rounds` times from `seed`, unpaced and at 64 MiB/s by
-/// turns, and once more at each speed right after it ends; returns the
-/// number of kills.
+/// turns, once more at each speed right after it ends, and once after a
+/// pivot; returns the number of kills.
 fn job_kills(seed: u64, rounds: u64) -> u64 {
     let mut rng = Rng(seed);
     let mut kills = 0;
@@ -229,11 +267,15 @@ fn job_kills(seed: u64, rounds: u64) -> u64 {
         for speed in [0, 64 * MIB] {
             let full = duration(job, speed);
             for _ in 0..rounds.div_ceil(2) {
-                kill_once(job, speed, Some(full), &mut rng);
+                kill_once(job, speed, When::Within(full), &mut rng);
                 kills += 1;
             }
-            kill_once(job, speed, None, &mut rng);
+            kill_once(job, speed, When::AtEnd, &mut rng);
             kills += 1;
+            if job.pivots_to.is_some() {
+                kill_once(job, speed, When::AfterPivot, &mut rng);
+                kills += 1;
+            }
         }
     }
     kills
