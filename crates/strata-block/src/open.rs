@@ -19,7 +19,11 @@ pub struct Registry {
 impl Registry {
     /// Adds a driver.
     pub fn register(&mut self, class: Arc<dyn DriverClass>) {
-        self.classes.push(class);
+        // A class of the same name gives way, in its place.
+        match self.classes.iter().position(|c| c.name() == class.name()) {
+            Some(i) => self.classes[i] = class,
+            None => self.classes.push(class),
+        }
     }
     /// The driver called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn DriverClass>> {

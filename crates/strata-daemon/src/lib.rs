@@ -35,7 +35,15 @@ use tokio::sync::Notify;
 /// the filters the jobs bring (copy-before-write, snapshot-access). QEMU's
 /// tools all have every driver, so every Strata tool uses this registry.
 pub fn registry() -> Arc<Registry> {
-    strata_drivers::registry_with(strata_jobs::backup::fleecing::driver_classes())
+    registry_with(Vec::new())
+}
+
+/// The daemon's registry with more driver classes: an embedder's own, or
+/// a test's recording filter.
+pub fn registry_with(mut extra: Vec<Arc<dyn strata_block::DriverClass>>) -> Arc<Registry> {
+    let mut classes = strata_jobs::backup::fleecing::driver_classes();
+    classes.append(&mut extra);
+    strata_drivers::registry_with(classes)
 }
 
 /// One option of the command line that builds the daemon, in the order

@@ -83,6 +83,10 @@ impl BlockCopy {
     }
 
     /// The bitmap of what is left to copy.
+    pub(crate) fn target(&self) -> &Arc<Node> {
+        &self.target
+    }
+
     pub(crate) fn dirty(&self) -> &Arc<DirtyBitmap> {
         &self.dirty
     }

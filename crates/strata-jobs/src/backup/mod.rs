@@ -476,7 +476,34 @@ impl BackupState {
             }
             return Ok(());
         }
-        self.copy_all(job).await
+        self.copy_all(job).await?;
+        if job.is_cancelled() {
+            return Ok(());
+        }
+        self.flush_target(job).await
+    }
+
+    /// A backup that reports its end is on disk. QEMU's is not until the
+    /// target is closed, and a crash before that loses the copy that
+    /// BLOCK_JOB_COMPLETED announced. A failed flush is a target error.
+    async fn flush_target(&self, job: &Arc<Job>) -> Result<(), JobError> {
+        loop {
+            // By node: the job's own handle may wait at a drained section's gate.
+            let Err(e) = self.copy.target().flush().await else {
+                return Ok(());
+            };
+            match job.error_action(self.on_target_error, false, e.code()) {
+                ErrorAction::Report => return Err(JobError::from(e)),
+                ErrorAction::Ignore => return Ok(()),
+                // Paused; tried again once resumed, unless cancelled.
+                _ => {
+                    job.pause_point().await;
+                    if job.is_cancelled() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod check;
 pub mod cuts;
 pub mod kill;
 pub mod record;
+pub mod recorder;
 pub mod tool_ops;
 
 use std::path::Path;
