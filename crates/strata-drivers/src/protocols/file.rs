@@ -242,6 +242,16 @@ fn dio_align(fd: RawFd) -> Option<(u32, u32)> {
     (off > 0 && mem > 0).then(|| (off, mem.max(512)))
 }
 
+/// Whether `fd` is a file on tmpfs, whose reads io_uring cannot do
+/// without a kernel worker.
+fn on_tmpfs(fd: i32) -> bool {
+    // SAFETY: an all-zero statfs is valid; fstatfs fills it in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: st lives across the call.
+    let r = unsafe { libc::fstatfs(fd, &mut st) };
+    r == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
 impl FileDriver {
     async fn op(&self, op: FileOp) -> (Result<usize>, Option<IoBuf>) {
         if let Some(w) = self.inline_writes.as_ref().filter(|w| w.takes(&op)) {
@@ -719,13 +729,20 @@ impl DriverClass for FileClass {
             (limits.request_alignment, limits.memory_alignment) =
                 probe_alignment(fd.raw(), block_device);
         }
+        let tmpfs = on_tmpfs(fd.raw());
         Ok(Box::new(FileDriver {
             fd: Arc::new(fd),
             lock_name: locking.then(|| filename.clone()),
             first_lock: AtomicBool::new(true),
             aio,
             // O_DIRECT writes go to the device: only the ring keeps them async.
-            inline_writes: (aio == Aio::IoUring && !direct).then(InlineWrites::default),
+            inline_writes: (aio == Aio::IoUring && !direct).then(|| {
+                if tmpfs {
+                    InlineWrites::with_reads()
+                } else {
+                    InlineWrites::default()
+                }
+            }),
             length: AtomicU64::new(length),
             limits,
             block_device: self.device,
