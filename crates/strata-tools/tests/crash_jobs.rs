@@ -6,12 +6,14 @@
 //! completed on any of their files, in order. A crash at log entry `p`
 //! leaves each image with everything up to its own last flush before `p`,
 //! and a random part of what came after (reordered, some writes torn), as
-//! crash_points.rs cuts one image. Every cut must leave every image clean
-//! (leaks allowed), the top reading as the chain did before, the images
+//! crash_points.rs cuts one image. A guest writes to the top through an
+//! NBD export during the job. Every cut must leave every image clean
+//! (leaks allowed), the top reading as the chain did before with every
+//! guest write qemu-io had reported (writethrough), the images
 //! whose view the job does not change reading as before, and, once a
 //! mirror, an active commit (both after `job-complete`) or a backup has
-//! reported its end, its target reading as the disk: a job that has said
-//! it is done is on disk.
+//! reported its end, its target reading as the disk (for a backup, as it
+//! was when the backup began): a job that has said it is done is on disk.
 
 mod crash_support;
 
@@ -36,6 +38,9 @@ struct Job {
     pivots: bool,
     /// The image that holds the disk once the job has reported its end.
     holds_disk: Option<&'static str>,
+    /// That image holds the disk as it was when the job started (backup),
+    /// not as the guest left it.
+    point_in_time: bool,
 }
 
 const JOBS: &[Job] = &[
@@ -46,6 +51,7 @@ const JOBS: &[Job] = &[
         base_holds: true,
         pivots: false,
         holds_disk: None,
+        point_in_time: false,
     },
     Job {
         name: "commit",
@@ -54,6 +60,7 @@ const JOBS: &[Job] = &[
         base_holds: false,
         pivots: false,
         holds_disk: None,
+        point_in_time: false,
     },
     Job {
         name: "active commit",
@@ -62,6 +69,7 @@ const JOBS: &[Job] = &[
         base_holds: false,
         pivots: true,
         holds_disk: Some("c1-base"),
+        point_in_time: false,
     },
     Job {
         name: "mirror",
@@ -70,6 +78,7 @@ const JOBS: &[Job] = &[
         base_holds: true,
         pivots: true,
         holds_disk: Some("target"),
+        point_in_time: false,
     },
     Job {
         name: "backup",
@@ -77,8 +86,8 @@ const JOBS: &[Job] = &[
         mid_holds: true,
         base_holds: true,
         pivots: false,
-        // The point in time: the disk as it was, since nothing writes it.
         holds_disk: Some("target"),
+        point_in_time: true,
     },
 ];
 
@@ -90,6 +99,10 @@ struct Recorded {
     views: Vec<Vec<u8>>,
     log: Vec<Entry>,
     ended_at: usize,
+    /// The guest's writes (offset, length, byte), in order, and the log's
+    /// length when qemu-io reported each (writethrough: then stable).
+    writes: Vec<(usize, usize, u8)>,
+    stable_at: Vec<usize>,
 }
 
 fn have_qemu() -> bool {
@@ -147,8 +160,54 @@ async fn until<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<
     }
 }
 
-/// Runs `job` on fresh images, recorded, to its end; then every node closes.
-fn record(job: &Job) -> Recorded {
+/// The job's pace: slow enough that the guest's writes land during it.
+const SPEED: &str = r#""job-id": "j", "speed": 4194304"#;
+
+/// Random guest writes of 512 bytes to 256 KiB: (offset, length, byte).
+fn guest_writes(rng: &mut Rng) -> Vec<(usize, usize, u8)> {
+    (0..16)
+        .map(|i| {
+            let len = (1 + rng.below(512)) as usize * 512;
+            let off = rng.below((8 << 20) as u64 - len as u64) as usize / 512 * 512;
+            (off, len, 0x40 + i as u8)
+        })
+        .collect()
+}
+
+/// qemu-io writing `writes` to the NBD export at `uri`, writethrough (each
+/// write FUA), line-buffered: the log's length as each write is reported.
+fn guest(uri: String, writes: Vec<(usize, usize, u8)>, log: Log) -> Vec<usize> {
+    let mut args = vec![
+        "-oL".to_string(),
+        "qemu-io".into(),
+        "-f".into(),
+        "raw".into(),
+    ];
+    for (off, len, v) in &writes {
+        args.extend(["-c".into(), format!("write -P {v} {off} {len}")]);
+    }
+    args.push(uri);
+    let mut child = Command::new("stdbuf")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start qemu-io");
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+        if line.starts_with("wrote ") {
+            seen.push(log.lock().unwrap().len());
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(seen.len(), writes.len(), "qemu-io failed writes");
+    seen
+}
+
+/// Runs `job` on fresh images, recorded, to its end, while a guest writes
+/// to the top through an NBD export; then every node closes.
+fn record(job: &Job, rng: &mut Rng) -> Recorded {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     images(d);
@@ -165,6 +224,8 @@ fn record(job: &Job) -> Recorded {
         log: Arc::clone(&log),
     })]);
     let ended_at = Arc::new(Mutex::new(0));
+    let writes = guest_writes(rng);
+    let stable_at = Arc::new(Mutex::new(Vec::new()));
     let ev = strata_block::EventLoop::new().unwrap();
     ev.block_on(async {
         let (client, served) = tokio::io::duplex(1 << 16);
@@ -193,10 +254,29 @@ fn record(job: &Job) -> Recorded {
                 let ans = ask(&mut lines, &mut w, &cmd.to_string()).await;
                 assert!(ans.contains("return"), "{ans}");
             }
-            let ans = ask(&mut lines, &mut w, job.command).await;
+            let sock = d.join("nbd.sock");
+            let start = serde_json::json!({"execute": "nbd-server-start", "arguments":
+                {"addr": {"type": "unix", "data": {"path": sock}}}});
+            let ans = ask(&mut lines, &mut w, &start.to_string()).await;
+            assert!(ans.contains("return"), "{ans}");
+            let export = r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "c1-top", "writable": true}}"#;
+            let ans = ask(&mut lines, &mut w, export).await;
+            assert!(ans.contains("return"), "{ans}");
+            let cmd = job.command.replacen(r#""job-id": "j""#, SPEED, 1);
+            let ans = ask(&mut lines, &mut w, &cmd).await;
             assert!(ans.contains("return"), "{}: {ans}", job.name);
+            let uri = format!("nbd+unix:///c1-top?socket={}", sock.display());
+            let (writes, log2) = (writes.clone(), Arc::clone(&log));
+            let writer = std::thread::spawn(move || guest(uri, writes, log2));
             if job.pivots {
                 until(&mut lines, "BLOCK_JOB_READY").await;
+            }
+            // The guest is done before a pivot moves its disk.
+            while !writer.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            *stable_at.lock().unwrap() = writer.join().unwrap();
+            if job.pivots {
                 let complete = r#"{"execute": "job-complete", "arguments": {"id": "j"}}"#;
                 let ans = ask(&mut lines, &mut w, complete).await;
                 assert!(ans.contains("return"), "{ans}");
@@ -212,12 +292,15 @@ fn record(job: &Job) -> Recorded {
     });
     let log = log.lock().unwrap().clone();
     let ended_at = *ended_at.lock().unwrap();
+    let stable_at = stable_at.lock().unwrap().clone();
     Recorded {
         dir,
         files,
         views,
         log,
         ended_at,
+        writes,
+        stable_at,
     }
 }
 
@@ -282,6 +365,37 @@ fn replay(rec: &Recorded, cut: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Whether `got` is `initial` with the first `stable` writes, and perhaps
+/// any part of the later ones.
+fn fits(
+    got: &[u8],
+    initial: &[u8],
+    writes: &[(usize, usize, u8)],
+    stable: usize,
+) -> Result<(), String> {
+    let mut model = initial.to_vec();
+    for &(off, len, v) in &writes[..stable] {
+        model[off..off + len].fill(v);
+    }
+    if got.len() != model.len() {
+        return Err(format!("{} bytes, not {}", got.len(), model.len()));
+    }
+    let later = &writes[stable..];
+    match (0..got.len()).find(|&i| {
+        got[i] != model[i]
+            && !later
+                .iter()
+                .any(|&(o, l, v)| (o..o + l).contains(&i) && got[i] == v)
+    }) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "byte {i} reads {:#x} ({stable} of {} writes stable)",
+            got[i],
+            writes.len()
+        )),
+    }
+}
+
 /// Checks the crash at log entry `cut`; an error says what is wrong.
 fn check_cut(job: &Job, rec: &Recorded, cut: usize, rng: &mut Rng) -> Result<(), String> {
     let files = replay(rec, cut, rng);
@@ -297,21 +411,23 @@ fn check_cut(job: &Job, rec: &Recorded, cut: usize, rng: &mut Rng) -> Result<(),
     }
     let view = |name: &str| guest_data(&d, &format!("{name}.qcow2"));
     let was = |name: &str| &rec.views[IMAGES.iter().position(|i| *i == name).unwrap()];
-    if view("c1-top") != *was("c1-top") {
-        return Err("the top does not read as the chain did".into());
-    }
+    // The guest's writes reported before the cut are stable; later ones
+    // may have landed, whole or in part.
+    let stable = rec.stable_at.iter().take_while(|&&at| at <= cut).count();
+    fits(&view("c1-top"), was("c1-top"), &rec.writes, stable)
+        .map_err(|e| format!("the top does not read as the chain and the guest's writes: {e}"))?;
     if job.mid_holds && view("c1-mid") != *was("c1-mid") {
         return Err("mid's view changed".into());
     }
     if job.base_holds && view("c1-base") != *was("c1-base") {
         return Err("base changed".into());
     }
-    if let Some(to) = job.holds_disk {
-        if cut >= rec.ended_at && view(to) != *was("c1-top") {
-            return Err(format!(
-                "{to} does not read as the disk, though the job had reported its end"
-            ));
-        }
+    if let Some(to) = job.holds_disk.filter(|_| cut >= rec.ended_at) {
+        // Every guest write was reported before the job's end.
+        let writes: &[_] = if job.point_in_time { &[] } else { &rec.writes };
+        fits(&view(to), was("c1-top"), writes, writes.len()).map_err(|e| {
+            format!("{to} does not read as the disk, though the job had reported its end: {e}")
+        })?;
     }
     Ok(())
 }
@@ -323,7 +439,7 @@ fn job_cuts(seed: u64, cuts: usize) -> usize {
     let mut rng = Rng(seed);
     let mut checked = 0;
     for job in JOBS {
-        let rec = record(job);
+        let rec = record(job, &mut rng);
         let len = rec.log.len();
         let mut at: Vec<usize> = (0..cuts)
             .map(|_| rng.below(len as u64 + 1) as usize)
