@@ -20,7 +20,7 @@ mod crash_support;
 use crash_support::check::check_crashed;
 use crash_support::kill::{guest_data, QEMU_IMG};
 use crash_support::recorder::{Entry, Log, Op, RecorderClass};
-use crash_support::{Rng, SECTOR};
+use crash_support::{env_u64, Rng, SECTOR};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -476,13 +476,10 @@ fn job_crash_soak() {
     if !have_qemu() {
         return;
     }
-    let env = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let (seed, want) = (env("STRATA_CRASH_SEED", 1000), env("STRATA_JOB_CUTS", 1000));
+    let (seed, want) = (
+        env_u64("STRATA_CRASH_SEED", 1000),
+        env_u64("STRATA_JOB_CUTS", 1000),
+    );
     let (mut done, mut s) = (0, seed);
     while (done as u64) < want {
         done += job_cuts(s, 50);

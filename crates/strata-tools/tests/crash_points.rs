@@ -19,7 +19,7 @@ mod crash_support;
 
 use crash_support::cuts::check_cut;
 use crash_support::record::{record, Extra, Workload};
-use crash_support::{qemu_tool, Rng};
+use crash_support::{env_u64, qemu_tool, Rng};
 use strata_drivers::filters::blklogwrites::LOG_FLUSH;
 
 const WORKLOADS: &[Workload] = &[
@@ -260,14 +260,8 @@ fn crash_points_rebase() {
 #[test]
 #[ignore]
 fn soak() {
-    let seed: u64 = std::env::var("STRATA_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let secs: u64 = std::env::var("STRATA_CRASH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seed = env_u64("STRATA_CRASH_SEED", 1);
+    let secs = env_u64("STRATA_CRASH_SECS", 60);
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     // STRATA_CRASH_ONLY=name,name: those workloads alone.
     let only = std::env::var("STRATA_CRASH_ONLY").unwrap_or_default();

@@ -12,7 +12,7 @@ mod daemon_support;
 mod jobs_support;
 
 use crash_support::kill::{check_after_kill, guest_data, QEMU_IMG};
-use crash_support::Rng;
+use crash_support::{env_u64, Rng};
 use daemon_support::{strata, Client, Running, Side};
 use jobs_support::{answer, guest_io, nodes, start_exported, wait_for};
 use std::path::Path;
@@ -297,13 +297,10 @@ fn job_kill_soak() {
     if !have_qemu() {
         return;
     }
-    let env = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let (seed, want) = (env("STRATA_KILL_SEED", 1000), env("STRATA_JOB_KILLS", 100));
+    let (seed, want) = (
+        env_u64("STRATA_KILL_SEED", 1000),
+        env_u64("STRATA_JOB_KILLS", 100),
+    );
     let (mut kills, mut s) = (0, seed);
     while kills < want {
         kills += job_kills(s, 10);

@@ -10,6 +10,7 @@
 
 mod crash_support;
 
+use crash_support::env_u64;
 use crash_support::kill::{check_after_kill, guest_data, qemu_img, QEMU_IMG};
 use proptest::prelude::RngExt;
 use proptest::test_runner::{RngAlgorithm, TestRng};
@@ -533,13 +534,10 @@ fn kill_soak() {
     if !have_qemu() {
         return;
     }
-    let env = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let (seed, want) = (env("STRATA_KILL_SEED", 1000), env("STRATA_KILLS", 1000));
+    let (seed, want) = (
+        env_u64("STRATA_KILL_SEED", 1000),
+        env_u64("STRATA_KILLS", 1000),
+    );
     let (mut kills, mut s) = (0, seed);
     while kills < want {
         strata_io_kills(s..s + 50);

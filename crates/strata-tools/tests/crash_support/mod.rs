@@ -31,6 +31,14 @@ pub fn qemu_tool(name: &str) -> Option<String> {
     None
 }
 
+/// A soak's setting: the number in environment variable `key`, or `default`.
+pub fn env_u64(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Runs a command; its exit code (-1 for a signal) and stdout + stderr.
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(cmd)
