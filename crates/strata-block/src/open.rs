@@ -19,8 +19,12 @@ pub struct Registry {
 impl Registry {
     /// Adds a driver.
     pub fn register(&mut self, class: Arc<dyn DriverClass>) {
-        // A class of the same name gives way, in its place.
-        match self.classes.iter().position(|c| c.name() == class.name()) {
+        // A class of the same name and protocol prefix gives way, in its
+        // place (nbd is one name with three prefixes: nbd, nbd+tcp, nbd+unix).
+        let same = |c: &Arc<dyn DriverClass>| {
+            c.name() == class.name() && c.protocol_name() == class.protocol_name()
+        };
+        match self.classes.iter().position(same) {
             Some(i) => self.classes[i] = class,
             None => self.classes.push(class),
         }
