@@ -348,16 +348,7 @@ fn replay(rec: &Recorded, cut: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
             for e in &mine[..stable] {
                 apply(&mut img, e, None);
             }
-            let mut pending: Vec<&Entry> = mine[stable..]
-                .iter()
-                .copied()
-                .filter(|_| rng.chance(1, 2))
-                .collect();
-            for i in (1..pending.len()).rev() {
-                pending.swap(i, rng.below(i as u64 + 1) as usize);
-            }
-            for e in pending {
-                let torn = rng.chance(1, 4).then(|| rng.next());
+            for (e, torn) in rng.crash_subset(&mine[stable..]) {
                 apply(&mut img, e, torn);
             }
             img

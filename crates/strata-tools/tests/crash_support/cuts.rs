@@ -19,17 +19,10 @@ pub fn replay(rec: &Recording, cut: usize, rng: &mut Rng) -> (Vec<u8>, usize) {
     for r in &rec.records[..stable] {
         apply(&mut img, rec, r, None);
     }
-    let mut pending: Vec<&LogRecord> = rec.records[stable..cut]
-        .iter()
-        .filter(|_| rng.chance(1, 2))
-        .collect();
-    for i in (1..pending.len()).rev() {
-        pending.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    for r in pending {
-        // Header rewrites too: Strata plans them so that a torn one
-        // still leaves the old header or the new one (header_write.rs).
-        let keep = rng.chance(1, 4).then(|| rng.next());
+    let pending: Vec<&LogRecord> = rec.records[stable..cut].iter().collect();
+    // Header rewrites are torn too: Strata plans them so that a torn one
+    // still leaves the old header or the new one (header_write.rs).
+    for (r, keep) in rng.crash_subset(&pending) {
         apply(&mut img, rec, r, keep);
     }
     let guest_flushes = rec

@@ -71,6 +71,22 @@ impl Rng {
     pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
     }
+    /// What a crash may keep of the entries after the last flush: a random
+    /// half, in a random order, a quarter of them torn (the bits of the
+    /// sectors each keeps).
+    pub fn crash_subset<T: Copy>(&mut self, entries: &[T]) -> Vec<(T, Option<u64>)> {
+        let mut kept: Vec<T> = entries
+            .iter()
+            .copied()
+            .filter(|_| self.chance(1, 2))
+            .collect();
+        for i in (1..kept.len()).rev() {
+            kept.swap(i, self.below(i as u64 + 1) as usize);
+        }
+        kept.into_iter()
+            .map(|e| (e, self.chance(1, 4).then(|| self.next())))
+            .collect()
+    }
 }
 
 /// What a guest sector holds.
