@@ -643,6 +643,14 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Switches O_DIRECT (`cache.direct`) in place, drained (QEMU:
+    /// file-posix's raw_reconfigure_getfd); the node asks for the limits
+    /// again afterwards. Drivers with no file of their own need nothing:
+    /// the option reaches their files as their children's.
+    async fn reopen_direct(&self, _direct: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// False for drivers QEMU cannot reopen (no bdrv_reopen_prepare:
     /// quorum, the job filters, ...): `blockdev-reopen` refuses them.
     fn reopen_supported(&self) -> bool {
@@ -798,6 +806,13 @@ pub trait DriverClass: Send + Sync {
     /// has_bdrv_co_create).
     fn can_blockdev_create(&self) -> bool {
         false
+    }
+
+    /// The checks of `blockdev-create` made before any node is opened: a
+    /// job that fails them ends before its command is answered, as QEMU's
+    /// (whose create yields first where it opens a node).
+    fn blockdev_create_check(&self, _opts: &Opts) -> Result<()> {
+        Ok(())
     }
 
     /// `blockdev-create` (QEMU: bdrv_co_create): an image made from the

@@ -204,11 +204,17 @@ pub fn check_attached(node: &Arc<Node>) -> Result<()> {
 /// Can `user` start using `node`, and do the permissions this passes down
 /// agree with the other users of the nodes below?
 pub fn check_new_user(node: &Arc<Node>, user: User) -> Result<()> {
+    let takes_write = user.perm.0 & (WRITE | WRITE_UNCHANGED) != 0;
     let extra = Extra {
         users: vec![(&**node, user)],
         leaving: Vec::new(),
     };
     check_users(node, &users_with(node, &extra))?;
+    // Write permissions never work on read-only nodes (QEMU:
+    // bdrv_node_refresh_perm), after the conflicts as QEMU checks them.
+    if takes_write && node.is_read_only() {
+        return Err(Error::msg(libc::EPERM, "Block node is read-only"));
+    }
     check_below(node, &extra)
 }
 

@@ -8,9 +8,10 @@
 //! is QEMU's: the options every node takes, the options that may not be left
 //! out, the backing file, the file, then every other option, which must keep
 //! its value. Then, with the nodes drained, the children change (each swap
-//! checked for permissions), the nodes switch between read-only and
-//! read-write, and the options every node takes get their new values; a
-//! failure undoes what was done, newest first.
+//! checked for permissions), files switch O_DIRECT on or off, the nodes
+//! switch between read-only and read-write, and the options every node
+//! takes get their new values; a failure undoes what was done, newest
+//! first.
 
 use crate::driver::ChildRole;
 use crate::error::{Error, Result};
@@ -61,6 +62,7 @@ struct Prepared {
     unmap: bool,
     detect_zeroes: DetectZeroes,
     no_flush: bool,
+    direct: bool,
     backing: NewChild,
     file: NewChild,
 }
@@ -250,10 +252,6 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
             return Err(cannot_change(k));
         }
     }
-    if direct != node.cache_mode().0 {
-        // Strata cannot yet reopen a file with or without O_DIRECT in place.
-        return Err(cannot_change("cache.direct"));
-    }
     Ok(Prepared {
         node,
         own: given,
@@ -261,6 +259,7 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
         unmap,
         detect_zeroes,
         no_flush,
+        direct,
         backing,
         file,
     })
@@ -338,6 +337,7 @@ enum Done {
     Backing(Arc<Node>, Option<Arc<Node>>),
     File(Arc<Node>, Arc<Node>, Arc<Node>),
     Mode(Arc<Node>, bool),
+    Direct(Arc<Node>, bool),
 }
 
 /// Makes every change, drained, undoing them all when one fails.
@@ -411,6 +411,14 @@ async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
             done.push(Done::File(Arc::clone(&p.node), old, Arc::clone(new)));
         }
     }
+    // O_DIRECT on or off, each file in place.
+    for p in prepared
+        .iter()
+        .filter(|p| p.direct != p.node.cache_mode().0)
+    {
+        p.node.switch_direct(p.direct).await?;
+        done.push(Done::Direct(Arc::clone(&p.node), p.direct));
+    }
     // Parents go read-only before their children, and children go
     // read-write before their parents.
     for p in prepared
@@ -442,6 +450,9 @@ async fn undo(done: &mut Vec<Done>) {
         match d {
             Done::Mode(n, ro) => {
                 let _ = n.switch_mode(!ro).await;
+            }
+            Done::Direct(n, direct) => {
+                let _ = n.switch_direct(!direct).await;
             }
             Done::Backing(n, old) => {
                 let _ = n.set_backing(old.clone()).await;

@@ -21,7 +21,7 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
                 return Err("Parameter 'options' is missing".into());
             };
             // The files are the graph's nodes, opened as blockdev-add opens.
-            strata_jobs::blockdev_create(&d.jobs, d.blockdev_ctx(), &id, options)
+            strata_jobs::blockdev_create(&d.jobs, d.blockdev_ctx(), &id, options).await
         },
     );
     crate::commands::daemon_command(
@@ -41,6 +41,18 @@ pub(crate) fn register(qmp: &mut Qmp, daemon: &Arc<Daemon>) {
     );
 }
 
+/// QCryptoBlockCreateOptionsLUKS, its base's `key-secret` first: the
+/// LUKS fields of qcow2's `encrypt` and of a `luks` image.
+const LUKS_CREATE: &[(&str, &str)] = &[
+    ("*key-secret", "str"),
+    ("*cipher-alg", "QCryptoCipherAlgo"),
+    ("*cipher-mode", "QCryptoCipherMode"),
+    ("*ivgen-alg", "QCryptoIVGenAlgo"),
+    ("*ivgen-hash-alg", "QCryptoHashAlgo"),
+    ("*hash-alg", "QCryptoHashAlgo"),
+    ("*iter-time", "int"),
+];
+
 /// The QAPI types of `blockdev-create`, with the drivers that create;
 /// every other driver has an empty branch, as in QEMU.
 pub(crate) fn schema(s: &mut Schema) {
@@ -58,18 +70,52 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("*extent-size-hint", "size"),
             ],
         )
-        .object(
-            "QCryptoBlockCreateOptionsLUKS",
+        .enumeration(
+            "QCryptoCipherAlgo",
             &[
-                ("*key-secret", "str"),
-                ("*cipher-alg", "str"),
-                ("*cipher-mode", "str"),
-                ("*ivgen-alg", "str"),
-                ("*ivgen-hash-alg", "str"),
-                ("*hash-alg", "str"),
-                ("*iter-time", "int"),
-                ("*detached-header", "bool"),
+                "aes-128",
+                "aes-192",
+                "aes-256",
+                "des",
+                "3des",
+                "cast5-128",
+                "serpent-128",
+                "serpent-192",
+                "serpent-256",
+                "twofish-128",
+                "twofish-192",
+                "twofish-256",
+                "sm4",
             ],
+        )
+        .enumeration("QCryptoCipherMode", &["ecb", "cbc", "xts", "ctr"])
+        .enumeration("QCryptoIVGenAlgo", &["plain", "plain64", "essiv"])
+        .enumeration(
+            "QCryptoHashAlgo",
+            &[
+                "md5",
+                "sha1",
+                "sha224",
+                "sha256",
+                "sha384",
+                "sha512",
+                "ripemd160",
+                "sm3",
+            ],
+        )
+        .object("QCryptoBlockCreateOptionsLUKS", LUKS_CREATE)
+        .object(
+            "BlockdevCreateOptionsLUKS",
+            &[
+                LUKS_CREATE,
+                &[
+                    ("*file", "BlockdevRef"),
+                    ("*header", "BlockdevRef"),
+                    ("size", "size"),
+                    ("*preallocation", "PreallocMode"),
+                ],
+            ]
+            .concat(),
         )
         .union(
             "QCryptoBlockCreateOptions",
@@ -105,6 +151,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "driver",
             &[
                 ("file", "BlockdevCreateOptionsFile"),
+                ("luks", "BlockdevCreateOptionsLUKS"),
                 ("qcow2", "BlockdevCreateOptionsQcow2"),
             ],
         )

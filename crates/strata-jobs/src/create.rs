@@ -27,6 +27,14 @@ impl JobDriver for Create {
     async fn run(&self, job: &Arc<Job>) -> Result<(), JobError> {
         job.progress_set_remaining(1);
         let opts = std::mem::take(&mut *self.opts.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Err(e) = self.class.blockdev_create_check(&opts) {
+            job.progress_update(1);
+            return Err(JobError::reported(e));
+        }
+        // The command is answered from here, as QEMU's once a node opens;
+        // the loop runs the command on before the create's work.
+        job.yield_for_io();
+        tokio::task::yield_now().await;
         let r = self.class.blockdev_create(&self.ctx, opts).await;
         job.progress_update(1);
         r.map_err(JobError::reported)
@@ -36,7 +44,7 @@ impl JobDriver for Create {
 /// Starts a `blockdev-create` job: the driver named by `options` makes the
 /// image, nodes of `ctx`'s graph serving as its files. QEMU's checks, in
 /// QEMU's order, come first.
-pub fn blockdev_create(
+pub async fn blockdev_create(
     list: &Arc<JobList>,
     ctx: OpenCtx,
     job_id: &str,
@@ -65,8 +73,7 @@ pub fn blockdev_create(
         speed: 0,
     };
     let job = list.create(job_id, Box::new(create), None, opts)?;
-    // Its work runs once the monitor has answered, as QEMU's coroutine
-    // runs from the main loop: events after the answer.
     list.start(&job);
+    job.settle(0).await;
     Ok(())
 }

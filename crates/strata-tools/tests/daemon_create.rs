@@ -217,3 +217,118 @@ fn an_amended_image_opens_with_its_new_key() {
     ]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// `luks` images over QMP: in a file, with a detached header (its payload
+/// node only grown), a header alone, with every cipher option; and the
+/// creates QEMU refuses. The headers are random, so the images are
+/// compared by size and payload offset, and read back by QEMU.
+#[test]
+fn luks_images_made_over_qmp_as_qemu_makes_them() {
+    let Some((s, q)) = sides() else {
+        return;
+    };
+    chains(&s, 1);
+    chains(&q, 1);
+    let file = |id: &'static str, name: &'static str| -> S<'static> {
+        made(Box::leak(
+            format!(
+                r#"{{"execute": "blockdev-create", "arguments": {{"job-id": "{id}", "options": {{"driver": "file", "filename": "{name}", "size": 0}}}}}}"#
+            )
+            .into_boxed_str(),
+        ))
+    };
+    let steps = [
+        file("f1", "l.luks"),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c1", "options": {"driver": "luks", "file": {"driver": "file", "filename": "l.luks"}, "size": 1048576, "key-secret": "sec0", "iter-time": 10}}}"#,
+        ),
+        file("f2", "h.luks"),
+        file("f3", "p.raw"),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c2", "options": {"driver": "luks", "header": {"driver": "file", "filename": "h.luks"}, "file": {"driver": "file", "filename": "p.raw"}, "size": 2097152, "preallocation": "falloc", "key-secret": "sec0", "iter-time": 10}}}"#,
+        ),
+        file("f4", "h2.luks"),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c3", "options": {"driver": "luks", "header": {"driver": "file", "filename": "h2.luks"}, "size": 1048576, "key-secret": "sec0", "iter-time": 10}}}"#,
+        ),
+        file("f5", "o.luks"),
+        made(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "c4", "options": {"driver": "luks", "file": {"driver": "file", "filename": "o.luks"}, "size": 1048576, "preallocation": "full", "key-secret": "sec0", "iter-time": 10, "cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha256", "hash-alg": "sha1"}}}"#,
+        ),
+        a(r#"{"execute": "query-jobs"}"#),
+        // Refused by the schema.
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "x", "options": {"driver": "luks", "file": "nope", "size": 1048576, "cipher-alg": "rot13"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "x", "options": {"driver": "luks", "file": "nope"}}}"#,
+        ),
+        // Jobs that fail before their answer, opening nothing: nowhere to
+        // write, preallocation without a payload.
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e1", "options": {"driver": "luks", "size": 1048576, "key-secret": "sec0"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e2", "options": {"driver": "luks", "header": "nope", "size": 1048576, "preallocation": "falloc", "key-secret": "sec0"}}}"#,
+        ),
+        // Jobs that fail later: no secret, a read-only node.
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e3", "options": {"driver": "luks", "file": {"driver": "file", "filename": "o.luks"}, "size": 1048576}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "fl", "filename": "l.luks", "read-only": true}}"#,
+        ),
+        failed(
+            r#"{"execute": "blockdev-create", "arguments": {"job-id": "e4", "options": {"driver": "luks", "file": "fl", "size": 1048576, "key-secret": "sec0", "iter-time": 10}}}"#,
+        ),
+        a(r#"{"execute": "query-jobs"}"#),
+    ];
+    assert_same_lines(
+        &run(&s, with_secret, 1, &steps),
+        &run(&q, with_secret, 1, &steps),
+    );
+    let len = |side: &Side, f: &str| std::fs::metadata(side.dir.path().join(f)).unwrap().len();
+    let offset = |side: &Side, spec: &str| {
+        let (out, code) = side.qemu_img(&[
+            "info",
+            "--object",
+            "secret,id=k,data=123456",
+            "--image-opts",
+            spec,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        out.lines()
+            .filter(|l| l.contains("virtual size") || l.contains("payload offset"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let specs = [
+        "driver=luks,key-secret=k,file.filename=l.luks",
+        "driver=luks,key-secret=k,file.filename=p.raw,header.filename=h.luks",
+        "driver=luks,key-secret=k,file.filename=o.luks",
+        // A header made alone, over the other header's payload.
+        "driver=luks,key-secret=k,file.filename=p.raw,header.filename=h2.luks",
+    ];
+    for f in ["l.luks", "h.luks", "p.raw", "h2.luks", "o.luks"] {
+        assert_eq!(len(&s, f), len(&q, f), "{f}");
+    }
+    for spec in specs {
+        assert_eq!(offset(&s, spec), offset(&q, spec), "{spec}");
+        // What Strata made, QEMU writes and reads back.
+        let io = std::process::Command::new("qemu-io")
+            .args([
+                "--object",
+                "secret,id=k,data=123456",
+                "--image-opts",
+                spec,
+                "-c",
+                "write -P 0x5a 512 4096",
+                "-c",
+                "read -P 0x5a 512 4096",
+            ])
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        assert!(io.status.success(), "{spec}: {io:?}");
+    }
+}

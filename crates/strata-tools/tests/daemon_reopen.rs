@@ -220,3 +220,112 @@ fn drivers_without_reopen_refused_as_in_qemu() {
     };
     same_jobs_and_images(1, named_nodes, setup, &steps, &[]);
 }
+
+/// `cache.direct` switched on and off in place, with the file that
+/// inherits it, as QEMU reopens its files with and without O_DIRECT; a
+/// file given its own value keeps it.
+#[test]
+fn cache_direct_switched_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "cache": {"direct": true}, "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "cache": {"direct": true}, "file": {"driver": "file", "filename": "c1-top.qcow2", "cache": {"direct": false}}}]}}"#,
+        ),
+        a(NODES),
+        // Back, with a read-only switch in the same reopen.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-mid", "backing": "c1-base", "read-only": true, "cache": {"direct": true}, "file": {"driver": "file", "filename": "c1-mid.qcow2"}}, {"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "file": {"driver": "file", "filename": "c1-top.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+        // A list that fails leaves O_DIRECT as it was.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "cache": {"direct": true}, "file": {"driver": "file", "filename": "c1-top.qcow2"}}, {"driver": "qcow2", "node-name": "c1-mid", "backing": "nosuch", "file": {"driver": "file", "filename": "c1-mid.qcow2"}}]}}"#,
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(1, named_nodes, |_| {}, &steps, &[]);
+}
+
+/// The file's open flags, as the kernel shows them for the daemon's
+/// descriptor of `name`.
+fn open_flags(pid: u32, name: &str) -> u32 {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().ends_with(name) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+        return u32::from_str_radix(flags.trim(), 8).unwrap();
+    }
+    panic!("{name} is not open");
+}
+
+/// While a guest writes through an export, O_DIRECT goes on and off: the
+/// kernel's flags follow, unaligned writes are made whole blocks for
+/// O_DIRECT, and every write reads back in QEMU afterwards.
+#[test]
+fn a_guest_writes_on_across_cache_direct_switches() {
+    let Some((s, _)) = daemon_support::sides() else {
+        return;
+    };
+    chains(&s, 1);
+    let (d, mut c, uri) = start_exported(&s, &named_nodes(&s, 1));
+    let pid = d.child.id();
+    let reopen = |c: &mut daemon_support::Client, direct: bool| {
+        let cmd = format!(
+            r#"{{"execute": "blockdev-reopen", "arguments": {{"options": [{{"driver": "qcow2", "node-name": "c1-top", "backing": "c1-mid", "cache": {{"direct": {direct}}}, "file": {{"driver": "file", "filename": "c1-top.qcow2"}}}}]}}}}"#
+        );
+        let r = answer(c, &cmd);
+        assert!(r.contains("return"), "{r}");
+    };
+    let direct = |pid| open_flags(pid, "c1-top.qcow2") & libc::O_DIRECT as u32 != 0;
+    guest_io(&uri, &["write -P 0x11 0 64k"]);
+    assert!(!direct(pid));
+    reopen(&mut c, true);
+    assert!(direct(pid));
+    guest_io(
+        &uri,
+        &[
+            "write -P 0x22 1000 3000",
+            "write -P 0x33 1m 4k",
+            "read -P 0x11 0 1000",
+        ],
+    );
+    reopen(&mut c, false);
+    assert!(!direct(pid));
+    guest_io(&uri, &["write -P 0x44 70001 77", "read -P 0x22 1000 3000"]);
+    answer(&mut c, r#"{"execute": "quit"}"#);
+    let (code, err) = d.wait();
+    assert_eq!(code, 0, "{err}");
+    let io = std::process::Command::new("qemu-io")
+        .args([
+            "-c",
+            "read -P 0x11 0 1000",
+            "-c",
+            "read -P 0x22 1000 3000",
+            "-c",
+            "read -P 0x11 4000 61536",
+            "-c",
+            "read -P 0x44 70001 77",
+            "-c",
+            "read -P 0x33 1m 4k",
+            "c1-top.qcow2",
+        ])
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&io.stdout);
+    assert!(io.status.success() && !out.contains("fail"), "{out}");
+    assert_eq!(s.qemu_img(&["check", "c1-top.qcow2"]).1, 0);
+}

@@ -45,9 +45,9 @@ pub struct Node {
     /// Changes only in a reopen (QEMU: bdrv_reopen_set_read_only).
     read_only: AtomicBool,
     writeback: AtomicBool,
-    /// These three change only in a reopen, drained (see `crate::reopen`).
+    /// These four change only in a reopen, drained (see `crate::reopen`).
     no_flush: AtomicBool,
-    direct: bool,
+    direct: AtomicBool,
     unmap: AtomicBool,
     detect_zeroes: std::sync::atomic::AtomicU8,
     copy_on_read: bool,
@@ -122,7 +122,7 @@ impl Node {
             read_only: AtomicBool::new(opts.read_only),
             writeback: AtomicBool::new(opts.cache.writeback),
             no_flush: AtomicBool::new(opts.cache.no_flush),
-            direct: opts.cache.direct,
+            direct: AtomicBool::new(opts.cache.direct),
             unmap: AtomicBool::new(opts.unmap),
             detect_zeroes: std::sync::atomic::AtomicU8::new(opts.detect_zeroes as u8),
             copy_on_read: opts.copy_on_read,
@@ -230,9 +230,10 @@ impl Node {
         self.driver.format_name()
     }
     /// True when writes are refused.
-    /// `cache.direct` and `cache.no-flush`, as the node was opened.
+    /// `cache.direct` and `cache.no-flush`, as the node was opened or
+    /// last reopened.
     pub fn cache_mode(&self) -> (bool, bool) {
-        (self.direct, self.no_flush())
+        (self.direct.load(Ordering::Relaxed), self.no_flush())
     }
 
     fn no_flush(&self) -> bool {

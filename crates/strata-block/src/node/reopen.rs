@@ -117,6 +117,16 @@ impl Node {
         Ok(())
     }
 
+    /// Switches O_DIRECT for this node alone (its driver, its flag), then
+    /// asks it and its parents for their limits again: the alignment
+    /// O_DIRECT needs, or none. The node is drained.
+    pub(crate) async fn switch_direct(self: &Arc<Self>, direct: bool) -> Result<()> {
+        self.driver.reopen_direct(direct).await?;
+        self.direct.store(direct, Ordering::Relaxed);
+        self.refresh_limits();
+        Ok(())
+    }
+
     /// What the node's users last took and shared on its storage.
     fn taken_perm(&self) -> Option<(Perm, Perm)> {
         *self.perm.lock().unwrap_or_else(|p| p.into_inner())

@@ -5,15 +5,15 @@
 //! own, and the payload then starts at the file's first byte.
 
 use super::crypto::{
-    amend_luks, crypto_err, open_luks, password, take_luks_amend, take_luks_create, write_region,
+    amend_luks, crypto_err, open_luks, password, take_luks_amend, take_luks_create,
 };
 use async_trait::async_trait;
 use std::sync::Arc;
 use strata_block::driver::{FormatSpecific, Preallocation};
 use strata_block::options::{take_bool, take_size, take_str, OptSpec, Opts};
 use strata_block::{
-    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Result,
-    WriteFlags,
+    Backend, BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Perm,
+    Result, WriteFlags,
 };
 use strata_crypto::luks::{Luks, SECTOR_SIZE};
 use strata_crypto::BlockCrypto;
@@ -184,9 +184,9 @@ impl DriverClass for LuksClass {
     }
 
     /// The header region, then the payload grown to `size`; with
-    /// `detached-header`, a header that says its payload is elsewhere (at
-    /// offset 0 of whatever file it is opened with), the file still grown
-    /// by `size` as QEMU does.
+    /// `detached-header`, a header alone that says its payload is elsewhere
+    /// (at offset 0 of whatever file it is opened with), as QEMU's
+    /// block_crypto_co_create_generic makes it.
     async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let key_secret = take_str(&mut opts, "key-secret")?;
@@ -203,23 +203,89 @@ impl DriverClass for LuksClass {
                 )))
             }
         };
-        let pw = password(key_secret.as_deref(), "")?;
-        let (_, _, region) = Luks::create(&luks_opts, &pw).map_err(crypto_err)?;
+        // No file is made for a secret that is not there.
+        password(key_secret.as_deref(), "")?;
         ctx.create_file(filename, opts).await?;
         let mut flags = ctx.flags.clone();
         flags.read_only = false;
         let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
         let file = octx.open_file(filename).await?;
-        let end = (region.len() as u64)
-            .checked_add(size)
-            .filter(|&e| e <= i64::MAX as u64)
-            .ok_or_else(|| Error::invalid("The requested file size is too large"))?;
-        file.truncate(end, false, prealloc)
-            .await
-            .map_err(|e| e.context("Could not resize image"))?;
-        write_region(&file, 0, vec![(0, region)]).await?;
-        file.flush().await?;
-        file.close().await
+        let size = if luks_opts.detached { 0 } else { size };
+        let r = format_on(&file, size, &luks_opts, key_secret.as_deref(), prealloc).await;
+        let r = match r {
+            Ok(()) => file.flush().await,
+            Err(e) => Err(e),
+        };
+        let c = file.close().await;
+        r.and(c)
+    }
+
+    fn can_blockdev_create(&self) -> bool {
+        true
+    }
+
+    /// BlockdevCreateOptionsLUKS (QEMU: block_crypto_co_create_luks): the
+    /// header into `file`, or into `header` alone (detached), the payload
+    /// node then only grown to `size`.
+    fn blockdev_create_check(&self, opts: &Opts) -> Result<()> {
+        let (file, header) = (opts.get("file"), opts.get("header"));
+        if header.is_none() && file.is_none() {
+            return Err(Error::invalid(
+                "Either the parameter 'header' or 'file' must be specified",
+            ));
+        }
+        let prealloc = opts.get("preallocation").and_then(|p| p.as_str());
+        if prealloc.is_some_and(|p| p != "off") && file.is_none() {
+            return Err(Error::invalid(
+                "Parameter 'preallocation' requires 'file' to be specified for formatting LUKS disk",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn blockdev_create(&self, ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
+        self.blockdev_create_check(&opts)?;
+        let file = opts.remove("file");
+        let header = opts.remove("header");
+        let size = take_size(&mut opts, "size")?.unwrap_or(0);
+        let prealloc = match take_str(&mut opts, "preallocation")? {
+            Some(p) => Preallocation::parse(&p)?,
+            None => Preallocation::Off,
+        };
+        let key_secret = take_str(&mut opts, "key-secret")?;
+        let mut luks_opts = take_luks_create(&mut opts, "")?;
+        luks_opts.detached = header.is_some();
+        let Some(header) = header else {
+            let file = ctx.open_blockdev_ref(file.unwrap_or_default()).await?;
+            let r = format_on(&file, size, &luks_opts, key_secret.as_deref(), prealloc).await;
+            let _ = file.close().await;
+            return r;
+        };
+        let hdr = ctx.open_blockdev_ref(header).await?;
+        let r = format_on(
+            &hdr,
+            0,
+            &luks_opts,
+            key_secret.as_deref(),
+            Preallocation::Off,
+        )
+        .await;
+        let _ = hdr.close().await;
+        r?;
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let file = ctx.open_blockdev_ref(file).await?;
+        let r = match user_of(&file) {
+            Ok(blk) => {
+                let r = blk.truncate(size, true, prealloc).await;
+                let _ = blk.close().await;
+                r.map_err(too_large)
+            }
+            Err(e) => Err(e),
+        };
+        let _ = file.close().await;
+        r
     }
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
@@ -252,4 +318,58 @@ impl DriverClass for LuksClass {
             payload,
         }))
     }
+}
+
+/// A creating user of `node`: it writes and resizes, sharing everything
+/// (QEMU's blk_co_new_with_bs in block/crypto.c's create).
+fn user_of(node: &Arc<Node>) -> Result<Backend> {
+    Backend::new(
+        node,
+        "an unnamed block device",
+        Perm::WRITE.with(Perm::RESIZE),
+        Perm::ALL,
+    )
+}
+
+/// QEMU's message for a size past what a file can hold.
+fn too_large(e: Error) -> Error {
+    match e.code() {
+        libc::EFBIG => Error::invalid("The requested file size is too large"),
+        _ => e,
+    }
+}
+
+/// Formats the open node `node` as LUKS: grown to the header plus `size`
+/// (QEMU: block_crypto_create_init_func, `metadata` meaning nothing here),
+/// then the header region written at its start.
+async fn format_on(
+    node: &Arc<Node>,
+    size: u64,
+    luks_opts: &strata_crypto::luks::CreateOptions,
+    key_secret: Option<&str>,
+    prealloc: Preallocation,
+) -> Result<()> {
+    let blk = user_of(node)?;
+    let r = async {
+        let pw = password(key_secret, "")?;
+        let (_, _, region) = Luks::create(luks_opts, &pw).map_err(crypto_err)?;
+        let end = (region.len() as u64)
+            .checked_add(size)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::invalid("The requested file size is too large"))?;
+        let prealloc = match prealloc {
+            Preallocation::Metadata => Preallocation::Off,
+            p => p,
+        };
+        blk.truncate(end, false, prealloc)
+            .await
+            .map_err(too_large)?;
+        blk.write(0, IoBuf::from_slice(&region), WriteFlags::default())
+            .await
+            .map_err(|e| e.context("Could not write encryption header"))?;
+        Ok(())
+    }
+    .await;
+    let c = blk.close().await;
+    r.and(c)
 }

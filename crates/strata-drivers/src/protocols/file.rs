@@ -117,10 +117,14 @@ pub struct FileDriver {
     /// killed user's requests (see `lock::apply_patiently`).
     first_lock: AtomicBool,
     aio: Aio,
-    /// Buffered on io_uring: small writes are copied in on the loop's thread.
+    /// On io_uring: small buffered writes are copied in on the loop's
+    /// thread (never while `direct`).
     inline_writes: Option<InlineWrites>,
     length: AtomicU64,
-    limits: Limits,
+    /// O_DIRECT alignment while `direct`; set again by a reopen.
+    limits: std::sync::Mutex<Limits>,
+    /// Opened with O_DIRECT (`cache.direct`); a reopen may switch it.
+    direct: AtomicBool,
     block_device: bool,
     discard_stats: DiscardStats,
     /// The driver's name (file, host_device, host_cdrom).
@@ -135,7 +139,7 @@ pub struct FileDriver {
     /// How to open the file again in another mode: its name, the flags
     /// besides the access mode, and whether flushes are skipped.
     path: String,
-    extra_flags: i32,
+    extra_flags: std::sync::atomic::AtomicI32,
     no_flush: bool,
     /// The permissions the image lock holds, taken again after a reopen.
     taken: std::sync::Mutex<Option<(strata_block::Perm, strata_block::Perm)>>,
@@ -253,8 +257,40 @@ fn on_tmpfs(fd: i32) -> bool {
 }
 
 impl FileDriver {
+    /// Opens the file again with `mode | extra` and puts the new open file
+    /// description under the same descriptor number, so requests keep
+    /// naming it; the image locks move with it (QEMU:
+    /// raw_reconfigure_getfd). The node is drained.
+    fn reopen_as(&self, mode: i32, extra: i32) -> Result<()> {
+        let new = open_fd(&self.path, mode | extra, 0, "open")?;
+        let taken = *self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
+            lock::apply(
+                self.fd.raw(),
+                strata_block::Perm::NONE,
+                strata_block::Perm::ALL,
+                name,
+            )?;
+            if let Err(e) = lock::apply(new.raw(), perm, shared, name) {
+                let _ = lock::apply(self.fd.raw(), perm, shared, name);
+                return Err(e);
+            }
+        }
+        // SAFETY: both descriptors are open and owned; dup3 closes the old
+        // description in the same step.
+        if unsafe { libc::dup3(new.raw(), self.fd.raw(), libc::O_CLOEXEC) } < 0 {
+            if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
+                let _ = lock::apply(self.fd.raw(), perm, shared, name);
+            }
+            return Err(Error::from(std::io::Error::last_os_error())
+                .context(format!("Could not reopen '{}'", self.path)));
+        }
+        Ok(())
+    }
+
     async fn op(&self, op: FileOp) -> (Result<usize>, Option<IoBuf>) {
-        if let Some(w) = self.inline_writes.as_ref().filter(|w| w.takes(&op)) {
+        let inline = self.inline_writes.as_ref();
+        if let Some(w) = inline.filter(|w| !self.direct.load(Ordering::Relaxed) && w.takes(&op)) {
             return w.run(&self.fd, op);
         }
         engine::submit(self.aio, &self.fd, op).await
@@ -301,7 +337,7 @@ impl Driver for FileDriver {
     }
 
     fn limits(&self) -> Limits {
-        self.limits
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A new regular file reads as zeroes; a device keeps what it held.
@@ -424,7 +460,7 @@ impl Driver for FileDriver {
                 let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(offset + len);
                 // A data extent ending in a partial block at the end of the
                 // file counts the whole block (QEMU's raw_co_block_status).
-                let align = u64::from(self.limits.request_alignment.max(1));
+                let align = u64::from(self.limits().request_alignment.max(1));
                 let n = (hole.max(offset + 1) - offset).div_ceil(align) * align;
                 Ok(here(BlockStatus::data(n.min(len))))
             }
@@ -491,39 +527,37 @@ impl Driver for FileDriver {
     }
 
     async fn reopen_read_only(&self, read_only: bool) -> Result<()> {
-        // A new open file description in the new mode takes the place of
-        // the old one under the same descriptor number, so requests keep
-        // naming it; the image locks move with it.
         let mode = if read_only {
             libc::O_RDONLY
         } else {
             libc::O_RDWR
         };
-        let new = open_fd(&self.path, mode | self.extra_flags, 0, "open")?;
-        let taken = *self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
-            lock::apply(
-                self.fd.raw(),
-                strata_block::Perm::NONE,
-                strata_block::Perm::ALL,
-                name,
-            )?;
-            if let Err(e) = lock::apply(new.raw(), perm, shared, name) {
-                let _ = lock::apply(self.fd.raw(), perm, shared, name);
-                return Err(e);
-            }
-        }
-        // SAFETY: both descriptors are open and owned; dup3 closes the old
-        // description in the same step.
-        if unsafe { libc::dup3(new.raw(), self.fd.raw(), libc::O_CLOEXEC) } < 0 {
-            if let (Some(name), Some((perm, shared))) = (&self.lock_name, taken) {
-                let _ = lock::apply(self.fd.raw(), perm, shared, name);
-            }
-            return Err(Error::from(std::io::Error::last_os_error())
-                .context(format!("Could not reopen '{}'", self.path)));
-        }
+        self.reopen_as(mode, self.extra_flags.load(Ordering::Acquire))?;
         self.flush_on_close
             .store(!read_only && !self.no_flush, Ordering::Release);
+        Ok(())
+    }
+
+    async fn reopen_direct(&self, direct: bool) -> Result<()> {
+        if direct == self.direct.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // SAFETY: F_GETFL has no memory arguments.
+        let mode = unsafe { libc::fcntl(self.fd.raw(), libc::F_GETFL) } & libc::O_ACCMODE;
+        let extra = match direct {
+            true => self.extra_flags.load(Ordering::Acquire) | libc::O_DIRECT,
+            false => self.extra_flags.load(Ordering::Acquire) & !libc::O_DIRECT,
+        };
+        self.reopen_as(mode, extra)?;
+        self.extra_flags.store(extra, Ordering::Release);
+        let mut limits = Limits::default();
+        if direct {
+            let kind = fstat(self.fd.raw())?.st_mode & libc::S_IFMT;
+            (limits.request_alignment, limits.memory_alignment) =
+                probe_alignment(self.fd.raw(), kind == libc::S_IFBLK);
+        }
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+        self.direct.store(direct, Ordering::Release);
         Ok(())
     }
 
@@ -652,14 +686,15 @@ impl DriverClass for FileClass {
             aio: Aio::Threads,
             inline_writes: None,
             length: AtomicU64::new(0),
-            limits: Limits::default(),
+            limits: Default::default(),
+            direct: AtomicBool::new(false),
             block_device: !is_reg,
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable: false,
             flush_on_close: AtomicBool::new(true),
             path: filename.to_string(),
-            extra_flags: 0,
+            extra_flags: Default::default(),
             no_flush: false,
             taken: Default::default(),
         };
@@ -735,8 +770,9 @@ impl DriverClass for FileClass {
             lock_name: locking.then(|| filename.clone()),
             first_lock: AtomicBool::new(true),
             aio,
-            // O_DIRECT writes go to the device: only the ring keeps them async.
-            inline_writes: (aio == Aio::IoUring && !direct).then(|| {
+            // O_DIRECT writes go to the device: only the ring keeps them
+            // async, so inline writes wait for a reopen without it.
+            inline_writes: (aio == Aio::IoUring).then(|| {
                 if tmpfs {
                     InlineWrites::with_reads()
                 } else {
@@ -744,14 +780,15 @@ impl DriverClass for FileClass {
                 }
             }),
             length: AtomicU64::new(length),
-            limits,
+            limits: std::sync::Mutex::new(limits),
+            direct: AtomicBool::new(direct),
             block_device: self.device,
             discard_stats: DiscardStats::default(),
             name: self.name,
             removable,
             flush_on_close: AtomicBool::new(!ctx.flags.read_only && !ctx.flags.cache.no_flush),
             path: filename,
-            extra_flags,
+            extra_flags: extra_flags.into(),
             no_flush: ctx.flags.cache.no_flush,
             taken: Default::default(),
         }))
