@@ -224,9 +224,7 @@ impl DriverClass for LuksClass {
         true
     }
 
-    /// BlockdevCreateOptionsLUKS (QEMU: block_crypto_co_create_luks): the
-    /// header into `file`, or into `header` alone (detached), the payload
-    /// node then only grown to `size`.
+    /// Somewhere to write, and preallocation only where there is a payload.
     fn blockdev_create_check(&self, opts: &Opts) -> Result<()> {
         let (file, header) = (opts.get("file"), opts.get("header"));
         if header.is_none() && file.is_none() {
@@ -243,6 +241,9 @@ impl DriverClass for LuksClass {
         Ok(())
     }
 
+    /// BlockdevCreateOptionsLUKS (QEMU: block_crypto_co_create_luks): the
+    /// header into `file`, or into `header` alone (detached), the payload
+    /// node then only grown to `size`.
     async fn blockdev_create(&self, ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
         self.blockdev_create_check(&opts)?;
         let file = opts.remove("file");

@@ -543,18 +543,23 @@ impl Driver for FileDriver {
             return Ok(());
         }
         // SAFETY: F_GETFL has no memory arguments.
-        let mode = unsafe { libc::fcntl(self.fd.raw(), libc::F_GETFL) } & libc::O_ACCMODE;
+        let fl = unsafe { libc::fcntl(self.fd.raw(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mode = fl & libc::O_ACCMODE;
         let extra = match direct {
             true => self.extra_flags.load(Ordering::Acquire) | libc::O_DIRECT,
             false => self.extra_flags.load(Ordering::Acquire) & !libc::O_DIRECT,
         };
+        // Asked first: after the swap nothing may fail.
+        let block_device = fstat(self.fd.raw())?.st_mode & libc::S_IFMT == libc::S_IFBLK;
         self.reopen_as(mode, extra)?;
         self.extra_flags.store(extra, Ordering::Release);
         let mut limits = Limits::default();
         if direct {
-            let kind = fstat(self.fd.raw())?.st_mode & libc::S_IFMT;
             (limits.request_alignment, limits.memory_alignment) =
-                probe_alignment(self.fd.raw(), kind == libc::S_IFBLK);
+                probe_alignment(self.fd.raw(), block_device);
         }
         *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         self.direct.store(direct, Ordering::Release);
