@@ -665,6 +665,20 @@ pub trait Driver: Send + Sync {
         &[]
     }
 
+    /// Checks the options of a reopen that `reopen_takes` names (one left
+    /// out goes back to its default) as the driver's open checks them,
+    /// changing nothing (QEMU: the driver's bdrv_reopen_prepare).
+    fn reopen_check(&self, _opts: &Opts) -> Result<()> {
+        Ok(())
+    }
+
+    /// Puts the options `reopen_check` passed in force, drained (QEMU: the
+    /// driver's bdrv_reopen_commit, with what its prepare writes); on an
+    /// error the old ones stay in force.
+    async fn reopen_options(&self, _opts: &Opts) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes back everything cached and releases the image; called once.
     async fn close(&self) -> Result<()> {
         self.flush().await

@@ -63,6 +63,9 @@ struct Prepared {
     detect_zeroes: DetectZeroes,
     no_flush: bool,
     direct: bool,
+    /// The driver's own options (`reopen_takes`), new and as they were.
+    driver_opts: Opts,
+    old_driver_opts: Opts,
     backing: NewChild,
     file: NewChild,
 }
@@ -105,7 +108,9 @@ fn is_own(child: &Node) -> bool {
 /// Queues `node` with `opts`, then its own children (QEMU:
 /// bdrv_reopen_queue_child): a child given as options takes them, a child
 /// named as it is keeps its own, and so do those below it (`keep_old`);
-/// any other child left out is reopened with none.
+/// any other child left out is reopened with none. A node queued already
+/// keeps its place, and what it was given before fills in what `opts`
+/// leaves out.
 fn enqueue(
     queue: &mut Vec<Queued>,
     node: Arc<Node>,
@@ -113,9 +118,11 @@ fn enqueue(
     inherited: Option<(bool, bool, bool)>,
     keep_old: bool,
 ) {
-    if queue.iter().any(|q| Arc::ptr_eq(&q.node, &node)) {
-        return;
-    }
+    let at = queue.iter().position(|q| Arc::ptr_eq(&q.node, &node));
+    let opts = match at {
+        Some(i) => joined(opts, &queue[i].opts),
+        None => opts,
+    };
     let flag = |k: &str, dflt: bool| {
         child_value(&opts, k)
             .and_then(Value::as_bool)
@@ -148,15 +155,36 @@ fn enqueue(
         };
         children.push((Arc::clone(&c.node), child_opts, pass, keep));
     }
-    queue.push(Queued {
+    let entry = Queued {
         node,
         opts,
         inherited,
         keep_old,
-    });
+    };
+    match at {
+        Some(i) => queue[i] = entry,
+        None => queue.push(entry),
+    }
     for (child, o, pass, keep) in children {
         enqueue(queue, child, o, Some(pass), keep);
     }
+}
+
+/// `new` with what `old` has and `new` leaves out, key by key down the
+/// nested options (QEMU: bdrv_join_options on the flattened dictionaries).
+fn joined(mut new: Opts, old: &Opts) -> Opts {
+    for (k, v) in old {
+        match (new.get_mut(k), v) {
+            (None, _) => {
+                new.insert(k.clone(), v.clone());
+            }
+            (Some(Value::Object(n)), Value::Object(o)) => {
+                *n = joined(std::mem::take(n), o);
+            }
+            _ => {}
+        }
+    }
+    new
 }
 
 /// Checks one entry in QEMU's order and works out what it changes.
@@ -232,6 +260,14 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
             )));
         }
     }
+    let driver_only = |o: &Opts| -> Opts {
+        o.iter()
+            .filter(|(k, _)| taken(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let driver_opts = driver_only(&new);
+    node.driver().reopen_check(&driver_opts)?;
     new.retain(|k, _| !taken(k));
     let drv = node.driver();
     if drv.supports_backing()
@@ -260,6 +296,8 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
         detect_zeroes,
         no_flush,
         direct,
+        driver_opts,
+        old_driver_opts: driver_only(&old),
         backing,
         file,
     })
@@ -338,6 +376,8 @@ enum Done {
     File(Arc<Node>, Arc<Node>, Arc<Node>),
     Mode(Arc<Node>, bool),
     Direct(Arc<Node>, bool),
+    /// The driver's options as they were.
+    Options(Arc<Node>, Opts),
 }
 
 /// Makes every change, drained, undoing them all when one fails.
@@ -419,9 +459,11 @@ async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
         p.node.switch_direct(p.direct).await?;
         done.push(Done::Direct(Arc::clone(&p.node), p.direct));
     }
-    // Parents go read-only before their children, and children go
-    // read-write before their parents.
-    for p in prepared
+    // Parents go read-only before their children (so the first node
+    // refused is the topmost, as in QEMU), and children go read-write
+    // before their parents.
+    let order = parents_first(prepared);
+    for p in order
         .iter()
         .filter(|p| p.read_only && !p.node.is_read_only())
     {
@@ -434,7 +476,7 @@ async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
         p.node.switch_mode(true).await?;
         done.push(Done::Mode(Arc::clone(&p.node), true));
     }
-    for p in prepared
+    for p in order
         .iter()
         .rev()
         .filter(|p| !p.read_only && p.node.is_read_only())
@@ -442,7 +484,36 @@ async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
         p.node.switch_mode(false).await?;
         done.push(Done::Mode(Arc::clone(&p.node), false));
     }
+    // The driver's own options last, for the mode the node now has.
+    for p in prepared {
+        p.node.driver().reopen_options(&p.driver_opts).await?;
+        p.node.refresh_limits();
+        done.push(Done::Options(
+            Arc::clone(&p.node),
+            p.old_driver_opts.clone(),
+        ));
+    }
     Ok(())
+}
+
+/// The entries with every node before the nodes below it, otherwise in
+/// the queue's order (QEMU: bdrv_topological_dfs).
+fn parents_first(prepared: &[Prepared]) -> Vec<&Prepared> {
+    let mut left: Vec<&Prepared> = prepared.iter().collect();
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // One no other entry left is above; there is one, as the graph has
+        // no cycles.
+        let i = (0..left.len())
+            .find(|&i| {
+                !left.iter().enumerate().any(|(j, q)| {
+                    j != i && !Arc::ptr_eq(&q.node, &left[i].node) && q.node.reaches(&left[i].node)
+                })
+            })
+            .unwrap_or(0);
+        out.push(left.remove(i));
+    }
+    out
 }
 
 async fn undo(done: &mut Vec<Done>) {
@@ -453,6 +524,10 @@ async fn undo(done: &mut Vec<Done>) {
             }
             Done::Direct(n, direct) => {
                 let _ = n.switch_direct(!direct).await;
+            }
+            Done::Options(n, old) => {
+                let _ = n.driver().reopen_options(&old).await;
+                n.refresh_limits();
             }
             Done::Backing(n, old) => {
                 let _ = n.set_backing(old.clone()).await;

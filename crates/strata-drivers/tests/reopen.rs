@@ -350,3 +350,123 @@ fn detect_zeroes_changes_only_between_writes() {
     assert_eq!(at(256 << 10)["zero"], true, "{map}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whether this process's descriptor of `path` has O_DIRECT, as the kernel
+/// shows it.
+fn opened_direct(path: &str) -> bool {
+    for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let e = e.unwrap();
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.to_string_lossy() != path {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+        return u32::from_str_radix(flags.trim(), 8).unwrap() & libc::O_DIRECT as u32 != 0;
+    }
+    panic!("{path} is not open");
+}
+
+/// A raw disk's window moved and O_DIRECT switched on in one reopen while
+/// a guest write is held at a blkdebug breakpoint in the file: the reopen
+/// waits for the write, which lands where the old window said; an
+/// unaligned write that comes while the reopen waits is held at the drain,
+/// then lands where the new window says, made whole blocks for O_DIRECT.
+#[test]
+fn a_window_move_and_o_direct_wait_for_writes_in_flight() {
+    let dir = tempdir("window");
+    let img = format!("{dir}/disk.raw");
+    if qemu("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]).is_none() {
+        return;
+    }
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let graph = strata_block::Graph::new();
+        let ctx = OpenCtx::with_graph(
+            strata_drivers::registry(),
+            OpenFlags::default(),
+            Arc::clone(&graph),
+        );
+        let opts: Opts = serde_json::from_value(serde_json::json!({
+            "driver": "raw", "node-name": "disk",
+            "file": {"driver": "blkdebug", "node-name": "dbg",
+                     "image": {"driver": "file", "filename": img}}
+        }))
+        .unwrap();
+        let disk = ctx.open_image(None, None, opts).await.unwrap();
+        let guest = Arc::new(Backend::new(&disk, "guest", Perm::WRITE, Perm::ALL).unwrap());
+        disk.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
+            .unwrap();
+        let suspended = || disk.with_debug_hooks(|h| Ok(h.is_suspended("w"))).unwrap();
+        let g = Arc::clone(&guest);
+        let held = tokio::spawn(async move {
+            g.write(0, IoBuf::from_slice(&[0x11; 4096]), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        for _ in 0..2000 {
+            if suspended() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(suspended(), "the write did not reach its file");
+        let opts: Opts = serde_json::from_value(serde_json::json!({
+            "driver": "raw", "node-name": "disk", "offset": 65536,
+            "cache": {"direct": true}, "file": "dbg"
+        }))
+        .unwrap();
+        let gr = Arc::clone(&graph);
+        let reopen =
+            tokio::spawn(
+                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !reopen.is_finished(),
+            "the reopen did not wait for the write"
+        );
+        assert!(!opened_direct(&img));
+        let g = Arc::clone(&guest);
+        let late = tokio::spawn(async move {
+            g.write(3, IoBuf::from_slice(&[0x22; 1000]), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!late.is_finished(), "a write went by the drain");
+        disk.with_debug_hooks(|h| h.resume("w")).unwrap();
+        held.await.unwrap();
+        reopen.await.unwrap().unwrap();
+        late.await.unwrap();
+        assert!(opened_direct(&img), "O_DIRECT is not on");
+        assert_eq!(disk.length(), (1 << 20) - 65536);
+        Arc::into_inner(guest).unwrap().close().await.unwrap();
+        disk.close().await.unwrap();
+    });
+    let out = qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 4096",
+            "-c",
+            "read -P 0 4096 61443",
+            "-c",
+            "read -P 0x22 65539 1000",
+            "-c",
+            "read -P 0 66539 4096",
+            &img,
+        ],
+    )
+    .unwrap();
+    assert!(!out.contains("fail"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,6 +2,7 @@
 //! of it (`offset`, `size`).
 
 use async_trait::async_trait;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_size, OptSpec};
@@ -25,9 +26,53 @@ pub struct RawDriver {
     /// sector into another format's header (a guest could otherwise make
     /// the host open, say, a backing file of its choice next time).
     guard_first_sector: Option<Arc<Registry>>,
-    offset: u64,
-    /// Fixed size when `size` was given; else the file's length minus `offset`.
-    size: Option<u64>,
+    /// Where the disk starts in the file; a reopen moves it, drained.
+    offset: AtomicU64,
+    /// Fixed size when `size` was given (else `WHOLE`: the file's length
+    /// minus `offset`); a reopen changes it, drained.
+    size: AtomicU64,
+    /// Opened as the whole file: raw is then a filter of it, and stays one
+    /// for its permissions when a reopen gives it a window (QEMU fixes the
+    /// child's role at open).
+    filter: bool,
+}
+
+/// `size` when the disk is the rest of the file.
+const WHOLE: u64 = u64::MAX;
+
+/// The window the `offset` and `size` options cut from a file of `flen`
+/// bytes, checked as QEMU's raw_apply_options checks it at open and reopen.
+fn window_of(opts: &mut Opts, flen: u64) -> Result<(u64, Option<u64>)> {
+    let offset = take_size(opts, "offset")?.unwrap_or(0);
+    let size = take_size(opts, "size")?;
+    if offset > flen {
+        return Err(Error::invalid(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({flen})"
+        )));
+    }
+    if let Some(size) = size {
+        if flen - offset < size {
+            return Err(Error::invalid(format!(
+                "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({flen})"
+            )));
+        }
+        if size % SECTOR != 0 {
+            return Err(Error::invalid(format!(
+                "Specified size is not multiple of {SECTOR}"
+            )));
+        }
+    }
+    Ok((offset, size))
+}
+
+impl RawDriver {
+    fn offset(&self) -> u64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+
+    fn fixed_size(&self) -> Option<u64> {
+        Some(self.size.load(Ordering::Relaxed)).filter(|&s| s != WHOLE)
+    }
 }
 
 #[async_trait]
@@ -37,8 +82,8 @@ impl Driver for RawDriver {
     }
 
     fn length(&self) -> u64 {
-        self.size
-            .unwrap_or_else(|| self.file.get().length().saturating_sub(self.offset))
+        self.fixed_size()
+            .unwrap_or_else(|| self.file.get().length().saturating_sub(self.offset()))
     }
 
     fn zeroes_may_unmap(&self) -> bool {
@@ -62,7 +107,7 @@ impl Driver for RawDriver {
     }
 
     fn child_perm(&self, _node: &Node, _role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
-        if self.offset == 0 && self.size.is_none() {
+        if self.filter {
             // The whole file: raw is a filter of it.
             return (perm, shared);
         }
@@ -82,7 +127,7 @@ impl Driver for RawDriver {
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.file.get().debug_event(DebugEvent::ReadAio).await;
-        self.file.get().read(self.offset + offset, buf).await
+        self.file.get().read(self.offset() + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
@@ -92,7 +137,7 @@ impl Driver for RawDriver {
                 let mut sector = self
                     .file
                     .get()
-                    .read(self.offset, IoBuf::zeroed(SECTOR as usize))
+                    .read(self.offset(), IoBuf::zeroed(SECTOR as usize))
                     .await?;
                 let n = (SECTOR - offset).min(buf.len() as u64) as usize;
                 sector.as_mut_slice()[offset as usize..offset as usize + n]
@@ -105,19 +150,19 @@ impl Driver for RawDriver {
         self.file.get().debug_event(DebugEvent::WriteAio).await;
         self.file
             .get()
-            .write(self.offset + offset, buf, flags)
+            .write(self.offset() + offset, buf, flags)
             .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.file
             .get()
-            .write_zeroes(self.offset + offset, len, flags)
+            .write_zeroes(self.offset() + offset, len, flags)
             .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.file.get().discard(self.offset + offset, len).await
+        self.file.get().discard(self.offset() + offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -127,17 +172,17 @@ impl Driver for RawDriver {
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         Ok(BlockStatus {
             raw: true,
-            ..BlockStatus::data_at(len, self.file.get(), self.offset + offset)
+            ..BlockStatus::data_at(len, self.file.get(), self.offset() + offset)
         })
     }
 
     async fn truncate(&self, size: u64, exact: bool, prealloc: Preallocation) -> Result<()> {
         // As QEMU: a fixed size stays fixed; an offset moves the file's end.
-        if self.size.is_some() {
+        if self.fixed_size().is_some() {
             return Err(Error::unsupported("Cannot resize fixed-size raw disks"));
         }
         let end = size
-            .checked_add(self.offset)
+            .checked_add(self.offset())
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or_else(|| Error::invalid("Disk size too large for the chosen offset"))?;
         self.file.get().truncate(end, exact, prealloc).await
@@ -145,6 +190,21 @@ impl Driver for RawDriver {
 
     async fn allocated_size(&self) -> Result<Option<u64>> {
         self.file.get().driver().allocated_size().await
+    }
+
+    fn reopen_takes(&self) -> &'static [&'static str] {
+        &["offset", "size"]
+    }
+
+    fn reopen_check(&self, opts: &Opts) -> Result<()> {
+        window_of(&mut opts.clone(), self.file.get().length()).map(|_| ())
+    }
+
+    async fn reopen_options(&self, opts: &Opts) -> Result<()> {
+        let (offset, size) = window_of(&mut opts.clone(), self.file.get().length())?;
+        self.offset.store(offset, Ordering::Relaxed);
+        self.size.store(size.unwrap_or(WHOLE), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
@@ -192,24 +252,14 @@ impl DriverClass for RawClass {
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
-        let offset = take_size(opts, "offset")?.unwrap_or(0);
-        let size = take_size(opts, "size")?;
-        let flen = file.length();
-        if offset
-            .checked_add(size.unwrap_or(0))
-            .is_none_or(|end| end > flen)
-        {
-            return Err(Error::invalid(format!(
-                "The sum of offset ({offset}) and size ({}) has to be smaller or equal to the  actual size of the containing file ({flen})",
-                size.unwrap_or(0)
-            )));
-        }
+        let (offset, size) = window_of(opts, file.length())?;
         let guard_first_sector = ctx.probed().then(|| Arc::clone(&ctx.registry));
         Ok(Box::new(RawDriver {
             file: ChildCell::new(file),
             guard_first_sector,
-            offset,
-            size,
+            offset: AtomicU64::new(offset),
+            size: AtomicU64::new(size.unwrap_or(WHOLE)),
+            filter: offset == 0 && size.is_none(),
         }))
     }
 }

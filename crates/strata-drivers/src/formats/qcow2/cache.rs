@@ -115,6 +115,23 @@ impl TableCache {
         );
     }
 
+    /// Holds at most `capacity` slices from now on: the least recently used
+    /// clean ones go now, dirty ones as loads make room (a reopen with new
+    /// cache sizes, after the caches were written back).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(4);
+        let clean: Vec<u64> = self
+            .lru
+            .values()
+            .filter(|o| !self.dirty.contains(o))
+            .copied()
+            .collect();
+        let over = self.slices.len().saturating_sub(self.capacity);
+        for off in clean.into_iter().take(over) {
+            self.remove(off);
+        }
+    }
+
     /// Drops a slice (clean, or written back already).
     pub fn remove(&mut self, off: u64) {
         if let Some(s) = self.slices.remove(&off) {

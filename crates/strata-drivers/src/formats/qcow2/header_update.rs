@@ -140,9 +140,8 @@ impl Qcow2Driver {
                 reftable,
                 false,
                 &self.host_busy,
-                self.cache_sizes,
+                &self.runtime(),
             );
-            m.check_inactive_l2 = self.check_inactive_l2;
             let first = m.alloc_clusters(f, 3 + l1_clusters).await?;
             if first != 0 {
                 return Err(Error::corrupt("First cluster in emptied image is in use"));

@@ -40,6 +40,7 @@ mod read;
 mod refcount;
 mod refcount_order;
 mod resize;
+mod runtime_opts;
 mod snapshot;
 mod snapshot_ops;
 mod subcluster;
@@ -67,7 +68,7 @@ use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMod
 use strata_block::error::strerror;
 use strata_block::report::error_report;
 use strata_block::{
-    BlockStatus, Child, ChildRole, DebugEvent, Driver, Error, IoBuf, Node, Result, WriteFlags,
+    BlockStatus, Child, ChildRole, DebugEvent, Driver, Error, IoBuf, Node, Opts, Result, WriteFlags,
 };
 use tokio::sync::Notify;
 
@@ -104,8 +105,9 @@ pub struct Qcow2Driver {
     read_only: std::sync::atomic::AtomicBool,
     /// The image's version (2 or 3): amend changes it while open.
     version: std::sync::atomic::AtomicU32,
-    /// What the metadata caches may hold (the cache options).
-    cache_sizes: cache_opts::CacheSizes,
+    /// The runtime options in force (cache sizes, lazy refcounts, overlap
+    /// checks); a reopen changes them, drained.
+    runtime: std::sync::Mutex<runtime_opts::RuntimeOpts>,
     /// The image's encryption (LUKS or legacy AES), if any.
     crypto: Option<strata_crypto::BlockCrypto>,
     /// Whether clusters were allocated ahead of their data (decided once,
@@ -119,8 +121,6 @@ pub struct Qcow2Driver {
     /// The cache epochs of the last completed flush not yet recorded in
     /// the caches (see `flush`).
     flushed_epochs: std::sync::Mutex<Option<(u64, u64)>>,
-    /// Writes are checked against the snapshots' L2 tables too.
-    check_inactive_l2: bool,
     /// Bytes of guest writes placed so far (see `Driver::bytes_planned`).
     planned: AtomicU64,
 }
@@ -128,6 +128,10 @@ pub struct Qcow2Driver {
 impl Qcow2Driver {
     fn read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
+    }
+
+    fn runtime(&self) -> runtime_opts::RuntimeOpts {
+        *self.runtime.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// As QEMU's bdrv_close and qcow2_inactivate: a flush whose result is
@@ -901,9 +905,8 @@ impl Driver for Qcow2Driver {
             reftable,
             self.read_only(),
             &self.host_busy,
-            self.cache_sizes,
+            &self.runtime(),
         );
-        self.meta.lock().await.check_inactive_l2 = self.check_inactive_l2;
         if dirty && !self.read_only() {
             // As at open: refcounts may lag behind (lazy refcounts).
             self.check(RepairMode {
@@ -917,9 +920,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn reopen_takes(&self) -> &'static [&'static str] {
-        // QEMU's qcow2 takes all its runtime options anew. Strata checks
-        // them at open; in a reopen they keep the values they had, which
-        // changes no data: they tune caches, checks and discards.
+        // QEMU's qcow2 takes all its runtime options anew.
         &[
             "lazy-refcounts",
             "pass-discard-request",
@@ -933,6 +934,15 @@ impl Driver for Qcow2Driver {
             "refcount-cache-size",
             "cache-clean-interval",
         ]
+    }
+
+    fn reopen_check(&self, opts: &Opts) -> Result<()> {
+        self.runtime_of(opts).map(|_| ())
+    }
+
+    async fn reopen_options(&self, opts: &Opts) -> Result<()> {
+        let rt = self.runtime_of(opts)?;
+        self.apply_runtime(rt).await
     }
 
     async fn reopen_read_only(&self, read_only: bool) -> Result<()> {

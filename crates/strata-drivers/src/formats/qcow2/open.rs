@@ -2,22 +2,22 @@
 //! extensions checked, tables validated and loaded, unknown autoclear bits
 //! cleared on a read-write open; and the driver class that registers it.
 
-use super::cache_opts::CacheSizes;
 use super::header::{
     Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use super::header_write::{read_cluster0, write_cluster0};
 use super::host_inflight::HostInflight;
 use super::meta::{Geometry, Meta, MAX_REFTABLE_BYTES, OFFSET_MASK};
+use super::runtime_opts::{cache_slices, RuntimeOpts};
 use super::{cache, create, data_file, header};
-use super::{Qcow2Class, Qcow2Driver, MAX_L1_BYTES, MAX_L2_CACHE_BYTES};
+use super::{Qcow2Class, Qcow2Driver, MAX_L1_BYTES};
 use async_lock::Mutex;
 use async_trait::async_trait;
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use strata_block::driver::RepairMode;
-use strata_block::options::{take_bool, take_str, OptSpec, Opts};
+use strata_block::options::{OptSpec, Opts};
 use strata_block::{
     DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags, Perm, Result,
     WriteFlags,
@@ -110,16 +110,10 @@ impl DriverClass for Qcow2Class {
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let file = ctx.file()?;
         let backing_opts = opts.remove("backing");
-        let check_inactive_l2 = take_overlap_check(opts)?;
-        let lazy = take_bool(opts, "lazy-refcounts")?;
-        let _ = take_str(opts, "pass-discard-request")?;
-        let _ = take_str(opts, "pass-discard-other")?;
-        let _ = take_str(opts, "discard-no-unref")?;
-        let _ = take_str(opts, "cache-clean-interval")?;
         let read_only = ctx.flags.read_only;
 
         let (mut hdr, geo, l1, reftable) = load_metadata(&file, read_only, ctx.flags.check).await?;
-        let cache_sizes = CacheSizes::take(opts, geo.cluster_size, geo.l2_entry_size(), hdr.size)?;
+        let runtime = RuntimeOpts::take(opts, &geo, hdr.size)?;
         if hdr.stale_bitmaps {
             super::bitmaps::warn_stale(hdr.version);
         }
@@ -153,18 +147,7 @@ impl DriverClass for Qcow2Class {
         };
 
         let host_busy = Arc::new(HostInflight::new());
-        let mut meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy, cache_sizes);
-        meta.check_inactive_l2 = check_inactive_l2;
-        if let Some(on) = lazy {
-            // The runtime option beats the image's own setting (QEMU's
-            // lazy-refcounts).
-            if on && geo.version < 3 {
-                return Err(Error::invalid(
-                    "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-                ));
-            }
-            meta.lazy_refcounts = on && !read_only;
-        }
+        let meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy, &runtime);
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
             file,
@@ -180,13 +163,12 @@ impl DriverClass for Qcow2Class {
             alloc_done: Notify::new(),
             read_only: std::sync::atomic::AtomicBool::new(read_only),
             version: std::sync::atomic::AtomicU32::new(geo.version),
-            cache_sizes,
+            runtime: std::sync::Mutex::new(runtime),
             crypto,
             metadata_prealloc: tokio::sync::OnceCell::new(),
             node_bitmaps: Default::default(),
             bitmap_dir: Default::default(),
             flushed_epochs: Default::default(),
-            check_inactive_l2,
             planned: AtomicU64::new(0),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
@@ -347,14 +329,9 @@ pub(super) fn new_meta(
     reftable: Vec<u64>,
     read_only: bool,
     busy: &Arc<HostInflight>,
-    sizes: CacheSizes,
+    runtime: &RuntimeOpts,
 ) -> Meta {
-    let cs = geo.cluster_size;
-    let slice = cs.min(4096) as usize;
-    let l2_need = geo.l1_size_for(hdr.size).max(1) * cs;
-    let l2_bytes = l2_need.min(MAX_L2_CACHE_BYTES).min(sizes.l2_bytes);
-    let l2_slices = (l2_bytes / slice as u64).max(16) as usize;
-    let rb_slices = (sizes.refcount_bytes / slice as u64).max(16) as usize;
+    let (slice, l2_slices, rb_slices) = cache_slices(&geo, hdr.size, runtime.cache_sizes);
     let l2_tables = super::meta::tables_of(&l1);
     let refblocks = reftable
         .iter()
@@ -374,48 +351,11 @@ pub(super) fn new_meta(
         corrupt: false,
         signaled: false,
         writable: !read_only,
-        lazy_refcounts: !read_only
-            && geo.version >= 3
-            && hdr.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0,
+        // The runtime option beats the image's own setting.
+        lazy_refcounts: !read_only && runtime.lazy_refcounts(&geo, hdr.compatible_features),
         header: hdr.clone(),
         busy: Arc::clone(busy),
-        check_inactive_l2: false,
-    }
-}
-
-/// The `overlap-check` options (QEMU's template and per-area switches):
-/// whether writes are checked against the snapshots' L2 tables too, which
-/// only the `all` template and `overlap-check.inactive-l2=on` ask for (it
-/// reads every snapshot's L1 table on each metadata write). The other
-/// areas are always checked.
-fn take_overlap_check(opts: &mut Opts) -> Result<bool> {
-    let template = |t: &str| {
-        match t {
-        "all" => Ok(true),
-        "none" | "constant" | "cached" => Ok(false),
-        v => Err(Error::invalid(format!(
-            "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-        ))),
-    }
-    };
-    let Some(v) = opts.remove("overlap-check") else {
-        return Ok(false);
-    };
-    match v {
-        serde_json::Value::String(s) => template(&s),
-        serde_json::Value::Object(mut m) => {
-            let mut on = match strata_block::options::take_str(&mut m, "template")? {
-                Some(t) => template(&t)?,
-                None => false,
-            };
-            if let Some(b) = take_bool(&mut m, "inactive-l2")? {
-                on = b;
-            }
-            Ok(on)
-        }
-        _ => Err(Error::invalid(
-            "Invalid parameter type for 'overlap-check', expected: string",
-        )),
+        check_inactive_l2: runtime.check_inactive_l2,
     }
 }
 

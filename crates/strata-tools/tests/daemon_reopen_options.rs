@@ -1,0 +1,205 @@
+//! `blockdev-reopen` of a driver's own options, against
+//! qemu-storage-daemon: raw's window (`offset`, `size`) moved under an
+//! export, qcow2's runtime options (caches, lazy refcounts, overlap
+//! checks) checked and put in force, and a node listed twice in one
+//! reopen, whose later entry is filled in from the earlier one.
+
+mod daemon_support;
+mod jobs_support;
+use jobs_support::*;
+
+fn a(s: &'static str) -> S<'static> {
+    S::Ask(s, 0)
+}
+
+const NODES: &str = r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#;
+
+/// No chains: each test adds its own nodes.
+fn none(_side: &daemon_support::Side, _n: usize) -> Vec<String> {
+    Vec::new()
+}
+
+/// A 2 MiB raw image: 0xa0 in its first half, 0xa1 in its second.
+fn raw_image(side: &daemon_support::Side) {
+    side.qemu_img(&["create", "-q", "-f", "raw", "r.img", "2M"]);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa0 0 1M",
+            "-c",
+            "write -P 0xa1 1M 1M",
+            "r.img",
+        ])
+        .current_dir(side.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn raw_window_moved_under_an_export_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "hd0", "file": {"driver": "file", "filename": "r.img", "node-name": "hd0-file"}}}"#,
+        ),
+        a(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "hd0", "writable": true}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'read -P 0xa0 0 1M' 'nbd+unix:///hd0?socket=nbd.sock'"),
+        // The disk starts 1 MiB into the file.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 1048576, "file": "hd0-file"}]}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'read -P 0xa1 0 1M' 'nbd+unix:///hd0?socket=nbd.sock'"),
+        a(NODES),
+        // Windows that do not fit, refused in QEMU's order.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 3145728, "file": "hd0-file"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 1048576, "size": 1048577, "file": "hd0-file"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 1048576, "size": 1048575, "file": "hd0-file"}]}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'read -P 0xa1 0 1M' 'nbd+unix:///hd0?socket=nbd.sock'"),
+        // A fixed size: the sector after it is out of the disk.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 512, "size": 1048576, "file": "hd0-file"}]}}"#,
+        ),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0xa0 0 1047552' -c 'read -P 0xa1 1047552 512' -c 'write -P 0xa2 1047552 512' 'nbd+unix:///hd0?socket=nbd.sock'",
+        ),
+        a(NODES),
+        // Left out, the window goes back to the whole file.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "file": "hd0-file"}]}}"#,
+        ),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0xa0 0 1M' -c 'read -P 0xa2 1048576 512' 'nbd+unix:///hd0?socket=nbd.sock'",
+        ),
+        // Listed twice, the later entry wins where it says something and
+        // the earlier one fills in the rest.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "file": "hd0-file"}, {"driver": "raw", "node-name": "hd0", "offset": 1048576, "file": "hd0-file"}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 512, "file": "hd0-file"}, {"driver": "raw", "node-name": "hd0", "file": "hd0-file"}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 0, "file": "hd0-file"}, {"driver": "raw", "node-name": "hd0", "read-only": true, "file": "hd0-file"}]}}"#,
+        ),
+        a(NODES),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "hd0-file", "filename": "r.img", "read-only": true}, {"driver": "raw", "node-name": "hd0", "file": "hd0-file", "read-only": true}]}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'read -P 0xa1 0 512' 'nbd+unix:///hd0?socket=nbd.sock'"),
+    ];
+    same_jobs_and_images(0, none, raw_image, &steps, &["r.img"]);
+}
+
+/// A 4 MiB qcow2 image `t.qcow2`, and `old.qcow2` in the 0.10 format.
+fn qcow2_images(side: &daemon_support::Side) {
+    side.qemu_img(&["create", "-q", "-f", "qcow2", "t.qcow2", "4M"]);
+    side.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "old.qcow2",
+        "4M",
+    ]);
+}
+
+/// Whether the image's header has its dirty bit set, as qemu-img sees it.
+const DIRTY: &str = "qemu-img info -U --output=json t.qcow2 | grep dirty-flag";
+
+#[test]
+fn qcow2_runtime_options_reopened_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": "t.qcow2"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "old", "file": {"driver": "file", "filename": "old.qcow2"}}}"#,
+        ),
+        // Caches: refused as QEMU refuses them, then new sizes.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "l2-cache-entry-size": 131072, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "l2-cache-size": 1048576, "cache-size": 524288, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "l2-cache-size": 4194304, "refcount-cache-size": 4194304, "l2-cache-entry-size": 32768, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "pass-discard-request": true, "overlap-check": "all", "cache-clean-interval": 0, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "overlap-check": {"template": "none", "inactive-l2": true}, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        // What a 0.10 image cannot do.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "old", "lazy-refcounts": true, "file": {"driver": "file", "filename": "old.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "old", "discard-no-unref": true, "file": {"driver": "file", "filename": "old.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "old", "lazy-refcounts": false, "discard-no-unref": false, "file": {"driver": "file", "filename": "old.qcow2"}}]}}"#,
+        ),
+        // Lazy refcounts on: a write leaves the image dirty; off again,
+        // it is made clean.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "lazy-refcounts": true, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "top", "writable": true}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'write -P 0x5a 64k 64k' 'nbd+unix:///top?socket=nbd.sock'"),
+        S::Run(DIRTY),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        S::Run(DIRTY),
+        // Listed twice: the first entry's lazy refcounts hold.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "lazy-refcounts": true, "file": {"driver": "file", "filename": "t.qcow2"}}, {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'write -P 0x5b 256k 64k' 'nbd+unix:///top?socket=nbd.sock'"),
+        S::Run(DIRTY),
+        // A list that fails changes nothing: the image stays dirty.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "lazy-refcounts": false, "file": {"driver": "file", "filename": "t.qcow2"}}, {"driver": "qcow2", "node-name": "top", "overlap-check": "bogus", "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        S::Run(DIRTY),
+        // (Here QEMU's qcow2 makes the image clean while it prepares the
+        // first entry, before the second fails; Strata changes nothing
+        // until every entry has passed, so the dirty bit is not compared.)
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "lazy-refcounts": false, "file": {"driver": "file", "filename": "t.qcow2"}}, {"driver": "qcow2", "node-name": "old", "lazy-refcounts": true, "file": {"driver": "file", "filename": "old.qcow2"}}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "lazy-refcounts": false, "file": {"driver": "file", "filename": "t.qcow2"}}]}}"#,
+        ),
+        S::Run(DIRTY),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0x5a 64k 64k' -c 'read -P 0x5b 256k 64k' 'nbd+unix:///top?socket=nbd.sock'",
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(0, none, qcow2_images, &steps, &["t.qcow2", "old.qcow2"]);
+}
