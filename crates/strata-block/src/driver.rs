@@ -679,6 +679,21 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Writes back everything it caches of its `file` child, so that a
+    /// reopen may put another node in that place; drained. (QEMU's qcow2
+    /// keeps its caches through the swap; Strata reads the image again
+    /// from the new node, see `reload_file`.)
+    async fn release_file(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Reads again what it caches of its image, from the node now in its
+    /// `file` place; drained, after `release_file` and the swap (or its
+    /// undo).
+    async fn reload_file(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes back everything cached and releases the image; called once.
     async fn close(&self) -> Result<()> {
         self.flush().await

@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::filename::own_options;
 use crate::graph::Graph;
 use crate::node::{
-    check_detect_zeroes, drained_async, parse_discard, replace_child_edge, DetectZeroes, Node,
+    check_detect_zeroes, drained_async_adopting, parse_discard, replace_child_edge, DetectZeroes,
+    Node,
 };
 use crate::options::{take_bool, Opts};
 use serde_json::Value;
@@ -403,9 +404,17 @@ async fn commit(prepared: Vec<Prepared>) -> Result<()> {
         }
     }
     let mut done: Vec<Done> = Vec::new();
-    let r = drained_async(&nodes, || apply(&prepared, &mut done)).await;
+    // A qcow2 image is read again from its new file (or its old one, on an
+    // undo) inside the section.
+    let mut files = Vec::new();
+    for p in &prepared {
+        if let (NewChild::To(Some(n)), Some(old)) = (&p.file, p.node.child(ChildRole::File)) {
+            files.extend([Arc::clone(n), old]);
+        }
+    }
+    let r = drained_async_adopting(&nodes, &files, || apply(&prepared, &mut done)).await;
     if let Err(e) = r {
-        drained_async(&nodes, || undo(&mut done)).await;
+        drained_async_adopting(&nodes, &files, || undo(&mut done)).await;
         return Err(e);
     }
     for d in done {
@@ -443,12 +452,17 @@ async fn apply(prepared: &[Prepared], done: &mut Vec<Done>) -> Result<()> {
                 continue;
             };
             crate::perm::check_moved(&old, new, &[(Arc::clone(&p.node), ChildRole::File)], false)?;
+            // What the driver caches of its image goes to the old file, and
+            // is read again from the new one.
+            p.node.driver().release_file().await?;
             old.add_ref();
             if let Err(e) = replace_child_edge(&p.node, ChildRole::File, &old, new).await {
                 let _ = old.close().await;
+                let _ = p.node.driver().reload_file().await;
                 return Err(e);
             }
             done.push(Done::File(Arc::clone(&p.node), old, Arc::clone(new)));
+            p.node.driver().reload_file().await?;
         }
     }
     // O_DIRECT on or off, each file in place.
@@ -536,7 +550,9 @@ async fn undo(done: &mut Vec<Done>) {
                 }
             }
             Done::File(n, old, new) => {
+                let _ = n.driver().release_file().await;
                 let _ = replace_child_edge(&n, ChildRole::File, &new, &old).await;
+                let _ = n.driver().reload_file().await;
                 let _ = old.close().await;
             }
         }

@@ -97,6 +97,12 @@ fn raw_window_moved_under_an_export_as_in_qemu() {
             r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 0, "file": "hd0-file"}, {"driver": "raw", "node-name": "hd0", "read-only": true, "file": "hd0-file"}]}}"#,
         ),
         a(NODES),
+        // O_DIRECT goes on, then the switch to read-only is refused: the
+        // file goes back to the page cache.
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "hd0", "offset": 1048576, "cache": {"direct": true}, "read-only": true, "file": "hd0-file"}]}}"#,
+        ),
+        a(NODES),
         a(
             r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "hd0-file", "filename": "r.img", "read-only": true}, {"driver": "raw", "node-name": "hd0", "file": "hd0-file", "read-only": true}]}}"#,
         ),
@@ -202,4 +208,84 @@ fn qcow2_runtime_options_reopened_as_in_qemu() {
         a(NODES),
     ];
     same_jobs_and_images(0, none, qcow2_images, &steps, &["t.qcow2", "old.qcow2"]);
+}
+
+/// Two 4 MiB qcow2 images laid out alike: `t.qcow2` holds 0x11 in its
+/// first 64 KiB, `t2.qcow2` 0x22.
+fn two_images(side: &daemon_support::Side) {
+    for (img, p) in [("t.qcow2", "0x11"), ("t2.qcow2", "0x22")] {
+        side.qemu_img(&["create", "-q", "-f", "qcow2", img, "4M"]);
+        let w = format!("write -P {p} 0 64k");
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &w, img])
+            .current_dir(side.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+}
+
+/// qcow2's `file` replaced while a guest uses the disk through an export:
+/// a filter put between the image and its file and taken out again, then
+/// another image's file. Strata
+/// writes back what it caches before each swap and reads the image again
+/// after it (QEMU keeps its caches, which this conversation cannot tell).
+#[test]
+fn qcow2_file_replaced_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "t-file", "filename": "t.qcow2"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "top", "file": "t-file"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "t2-file", "filename": "t2.qcow2"}}"#,
+        ),
+        a(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "top", "writable": true}}"#,
+        ),
+        S::Run("qemu-io -f raw -c 'write -P 0x33 1M 64k' 'nbd+unix:///top?socket=nbd.sock'"),
+        // A filter in, a write through it, and out again. (QEMU's filter
+        // keeps the file's length from when it was added: reads past it
+        // come back as zeroes, so it is added after the file has grown.)
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "dbg", "image": "t-file"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "dbg"}]}}"#,
+        ),
+        a(NODES),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0x33 1M 64k' -c 'write -P 0x44 2M 64k' 'nbd+unix:///top?socket=nbd.sock'",
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "t-file"}]}}"#,
+        ),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0x11 0 64k' -c 'read -P 0x33 1M 64k' -c 'read -P 0x44 2M 64k' 'nbd+unix:///top?socket=nbd.sock'",
+        ),
+        // Another image's file. (While another node writes to it, both
+        // refuse the swap, but QEMU names the two users the other way
+        // round: the new parent comes first in its list.)
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "nosuch"}]}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "t2-file"}]}}"#,
+        ),
+        a(NODES),
+        S::Run("qemu-io -f raw -c 'read -P 0x22 0 64k' 'nbd+unix:///top?socket=nbd.sock'"),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "t-file"}]}}"#,
+        ),
+        S::Run(
+            "qemu-io -f raw -c 'read -P 0x11 0 64k' -c 'read -P 0x44 2M 64k' 'nbd+unix:///top?socket=nbd.sock'",
+        ),
+        a(NODES),
+    ];
+    same_jobs_and_images(0, none, two_images, &steps, &["t.qcow2", "t2.qcow2"]);
 }

@@ -76,6 +76,18 @@ pub async fn drained_async<R, F: std::future::Future<Output = R>>(
     f().await
 }
 
+/// [`drained_async`] for work that gives the nodes `adopting` a parent (a
+/// new child edge) and then does I/O through it: see
+/// [`drain_begin_adopting`].
+pub async fn drained_async_adopting<R, F: std::future::Future<Output = R>>(
+    nodes: &[Arc<Node>],
+    adopting: &[Arc<Node>],
+    f: impl FnOnce() -> F,
+) -> R {
+    let _section = drain_begin_adopting(nodes, adopting).await;
+    f().await
+}
+
 /// A drained section that lasts until this is dropped (QEMU: a
 /// bdrv_drained_begin whose end comes later, as a mirror job holds its
 /// source drained from its last check until the graph has changed).
@@ -100,19 +112,21 @@ impl Drop for DrainGuard {
 /// Begins a drained section over `nodes` (see [`drained`]); it ends when
 /// the guard goes, also if the caller is dropped mid-drain.
 pub async fn drain_begin(nodes: &[Arc<Node>]) -> DrainGuard {
-    let tops: Vec<Arc<Node>> = nodes
-        .iter()
-        .filter(|n| n.lock_parents().is_empty())
-        .cloned()
-        .collect();
+    drain_begin_adopting(nodes, &[]).await
+}
+
+/// As [`drain_begin`], for a section in which the nodes `adopting` get a
+/// parent (a reopen's new `file`, or the old one back on an undo): they
+/// hold back only their users, as nodes with parents do, so that the new
+/// parent's requests (its image read again from the new file) go on.
+pub async fn drain_begin_adopting(nodes: &[Arc<Node>], adopting: &[Arc<Node>]) -> DrainGuard {
+    let has_parent =
+        |n: &Arc<Node>| !n.lock_parents().is_empty() || adopting.iter().any(|a| Arc::ptr_eq(a, n));
+    let tops: Vec<Arc<Node>> = nodes.iter().filter(|n| !has_parent(n)).cloned().collect();
     // User handles on nodes that also have parents wait at their own gate:
     // the parents' requests to such a node must go on, or the drain would
     // wait for itself.
-    let used: Vec<Arc<Node>> = nodes
-        .iter()
-        .filter(|n| !n.lock_parents().is_empty())
-        .cloned()
-        .collect();
+    let used: Vec<Arc<Node>> = nodes.iter().filter(|n| has_parent(n)).cloned().collect();
     for n in &used {
         n.user_gate.fetch_add(1, Ordering::AcqRel);
     }

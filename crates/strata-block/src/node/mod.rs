@@ -27,7 +27,9 @@ mod reopen;
 mod replace;
 
 pub use common_opts::{check_detect_zeroes, parse_discard, CacheMode, DetectZeroes, NodeOptions};
-pub use drain::{drain_begin, drained, drained_async, DrainGuard};
+pub use drain::{
+    drain_begin, drain_begin_adopting, drained, drained_async, drained_async_adopting, DrainGuard,
+};
 pub use freeze::FrozenChain;
 pub use funnel::{BeforeWrite, ThresholdExceeded, ThresholdHook, WriteKind, WriteReq};
 pub use replace::{drop_intermediate, replace_child_edge, replace_node};

@@ -200,7 +200,7 @@ impl Qcow2Driver {
             &self.crypto,
             self.meta.lock().await.header.crypto_header,
         ) {
-            amend_luks(&self.file, off, len, c, o, force).await?;
+            amend_luks(&self.file.get(), off, len, c, o, force).await?;
         }
         Ok(())
     }
@@ -286,7 +286,7 @@ impl Qcow2Driver {
         } else {
             // Clean first: the refcounts on disk must be right before
             // nothing allows them to lag any more.
-            m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+            m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, false)
                 .await
                 .map_err(|e| e.context("Failed to make the image clean"))?;
             m.header.compatible_features &= !COMPAT_LAZY_REFCOUNTS;
@@ -304,7 +304,7 @@ impl Qcow2Driver {
     async fn upgrade(&self, status: &(dyn Fn(u64, u64) + Send + Sync)) -> Result<()> {
         status(0, 2);
         let mut m = self.meta.lock().await;
-        let (list, old_len) = super::snapshot::read(&self.file, &m.header).await?;
+        let (list, old_len) = super::snapshot::read(&self.file.get(), &m.header).await?;
         if list.iter().any(|s| s.short_extra) {
             self.write_snapshot_table(&mut m, &list, old_len)
                 .await
@@ -334,7 +334,7 @@ impl Qcow2Driver {
                 "Cannot downgrade an image with a data file",
             ));
         }
-        let (list, _) = super::snapshot::read(&self.file, &m.header).await?;
+        let (list, _) = super::snapshot::read(&self.file.get(), &m.header).await?;
         let size = self.length();
         if list
             .iter()
@@ -345,7 +345,7 @@ impl Qcow2Driver {
             ));
         }
         if m.header.incompatible_features & INCOMPAT_DIRTY != 0 {
-            m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+            m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, false)
                 .await
                 .map_err(|e| e.context("Failed to make the image clean"))?;
         }
@@ -385,7 +385,7 @@ impl Qcow2Driver {
         let clusters = self.length().div_ceil(self.geo.cluster_size);
         for gc in 0..clusters {
             if matches!(
-                m.mapping(&self.file, gc).await?,
+                m.mapping(&self.file.get(), gc).await?,
                 super::meta::Mapping::Compressed(_)
             ) {
                 return Ok(true);
@@ -405,7 +405,7 @@ impl Qcow2Driver {
         snapshots: &[super::snapshot::Snapshot],
         status: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
-        m.flush_l2_cache(&self.file).await?;
+        m.flush_l2_cache(&self.file.get()).await?;
         m.l2_cache.clear();
         let mut tables: Vec<Vec<u64>> = vec![m.l1.clone()];
         for sn in snapshots {
@@ -435,17 +435,17 @@ impl Qcow2Driver {
         }
         // Tables were changed on disk, around the cache: read them afresh.
         m.l2_cache.clear();
-        m.flush(&self.file).await
+        m.flush(&self.file.get()).await
     }
 
     async fn expand_in_table(&self, m: &mut Meta, l2: u64) -> Result<()> {
         let cs = self.geo.cluster_size;
         if !l2.is_multiple_of(cs) {
             let e = Error::corrupt(format!("L2 table offset {l2:#x} unaligned (L1 index)"));
-            return Err(m.signal_corruption(&self.file, e).await);
+            return Err(m.signal_corruption(&self.file.get(), e).await);
         }
-        let l2_refcount = m.refcount(&self.file, l2 / cs).await?;
-        let mut table = self.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
+        let l2_refcount = m.refcount(&self.file.get(), l2 / cs).await?;
+        let mut table = self.file.get().read(l2, IoBuf::zeroed(cs as usize)).await?;
         let has_backing = self.backing().is_some();
         let mut dirty = false;
         for j in 0..(cs as usize / 8) {
@@ -459,15 +459,16 @@ impl Qcow2Driver {
                 0
             } else {
                 if host == 0 {
-                    host = m.alloc_clusters(&self.file, 1).await?;
+                    host = m.alloc_clusters(&self.file.get(), 1).await?;
                     if l2_refcount > 1 {
                         // A shared table: the cluster is shared as widely.
-                        m.update_refcounts(&self.file, host, 1, l2_refcount as i64 - 1)
+                        m.update_refcounts(&self.file.get(), host, 1, l2_refcount as i64 - 1)
                             .await?;
                     }
                 }
-                m.check_metadata_write(&self.file, host, cs).await?;
+                m.check_metadata_write(&self.file.get(), host, cs).await?;
                 self.file
+                    .get()
                     .write_zeroes(host, cs, WriteFlags::default())
                     .await?;
                 if l2_refcount == 1 {
@@ -482,9 +483,12 @@ impl Qcow2Driver {
         if dirty {
             // The zeroes and their refcounts are stable before the table
             // points to them.
-            m.flush_refcounts(&self.file).await?;
-            self.file.flush().await?;
-            self.file.write(l2, table, WriteFlags::default()).await?;
+            m.flush_refcounts(&self.file.get()).await?;
+            self.file.get().flush().await?;
+            self.file
+                .get()
+                .write(l2, table, WriteFlags::default())
+                .await?;
         }
         Ok(())
     }

@@ -57,6 +57,7 @@ impl Qcow2Driver {
         }
         let dir = self
             .file
+            .get()
             .read(ext.dir_offset, IoBuf::zeroed(ext.dir_size as usize))
             .await
             .map_err(|e| with_errno(e, "Failed to read bitmap directory"))?;
@@ -72,6 +73,7 @@ impl Qcow2Driver {
     async fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>> {
         let b = self
             .file
+            .get()
             .read(e.table_offset, IoBuf::zeroed(e.table_size as usize * 8))
             .await?;
         let t: Vec<u64> = b
@@ -119,6 +121,7 @@ impl Qcow2Driver {
             if data != 0 {
                 let c = self
                     .file
+                    .get()
                     .read(data, IoBuf::zeroed(len))
                     .await
                     .map_err(failed)?;
@@ -262,6 +265,7 @@ impl Qcow2Driver {
         m.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         self.write_header(m).await?;
         self.file
+            .get()
             .write(
                 ext.dir_offset,
                 IoBuf::from_slice(&bytes),
@@ -287,11 +291,12 @@ impl Qcow2Driver {
             }
             let bytes = serialize_directory(dir, cs, self.length())?;
             let len = bytes.len() as u64;
-            let off = m.alloc_clusters(&self.file, len.div_ceil(cs)).await?;
+            let off = m.alloc_clusters(&self.file.get(), len.div_ceil(cs)).await?;
             new = Some((off, len));
-            let written = match m.check_metadata_write(&self.file, off, len).await {
+            let written = match m.check_metadata_write(&self.file.get(), off, len).await {
                 Ok(()) => self
                     .file
+                    .get()
                     .write(off, IoBuf::from_slice(&bytes), WriteFlags::default())
                     .await
                     .map(drop),
@@ -299,7 +304,7 @@ impl Qcow2Driver {
             };
             if let Err(e) = written {
                 let _ = m
-                    .free_clusters(&self.file, off, len.div_ceil(cs), false)
+                    .free_clusters(&self.file.get(), off, len.div_ceil(cs), false)
                     .await;
                 return Err(e);
             }
@@ -314,14 +319,19 @@ impl Qcow2Driver {
             m.header = old_header;
             if let Some((off, len)) = new {
                 let _ = m
-                    .free_clusters(&self.file, off, len.div_ceil(cs), false)
+                    .free_clusters(&self.file.get(), off, len.div_ceil(cs), false)
                     .await;
             }
             return Err(e);
         }
         if let Some(old) = old_header.bitmaps {
-            m.free_clusters(&self.file, old.dir_offset, old.dir_size.div_ceil(cs), false)
-                .await?;
+            m.free_clusters(
+                &self.file.get(),
+                old.dir_offset,
+                old.dir_size.div_ceil(cs),
+                false,
+            )
+            .await?;
         }
         self.set_shown_directory(dir.to_vec());
         Ok(())
@@ -341,11 +351,11 @@ impl Qcow2Driver {
         for entry in table {
             let data = entry & ENTRY_OFFSET_MASK;
             if data != 0 {
-                m.free_clusters(&self.file, data, 1, true).await?;
+                m.free_clusters(&self.file.get(), data, 1, true).await?;
             }
         }
         m.free_clusters(
-            &self.file,
+            &self.file.get(),
             offset,
             (u64::from(size) * 8).div_ceil(cs),
             false,
@@ -378,7 +388,7 @@ impl Qcow2Driver {
             if chunk.iter().all(|&x| x == 0) {
                 continue;
             }
-            let off = match m.alloc_clusters(&self.file, 1).await {
+            let off = match m.alloc_clusters(&self.file.get(), 1).await {
                 Ok(off) => off,
                 Err(e) => {
                     result = Err(alloc_failed(e));
@@ -396,7 +406,10 @@ impl Qcow2Driver {
         let table_bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         let tb_len = table_bytes.len() as u64;
         if result.is_ok() {
-            match m.alloc_clusters(&self.file, tb_len.div_ceil(cs)).await {
+            match m
+                .alloc_clusters(&self.file.get(), tb_len.div_ceil(cs))
+                .await
+            {
                 Ok(off) => match self
                     .write_metadata(m, off, IoBuf::from_slice(&table_bytes))
                     .await
@@ -404,7 +417,7 @@ impl Qcow2Driver {
                     Ok(()) => return Ok((off, tb_size as u32)),
                     Err(e) => {
                         let _ = m
-                            .free_clusters(&self.file, off, tb_len.div_ceil(cs), false)
+                            .free_clusters(&self.file.get(), off, tb_len.div_ceil(cs), false)
                             .await;
                         result = Err(write_failed(e));
                     }
@@ -413,17 +426,20 @@ impl Qcow2Driver {
             }
         }
         for off in table.into_iter().filter(|&o| o != 0) {
-            let _ = m.free_clusters(&self.file, off, 1, true).await;
+            let _ = m.free_clusters(&self.file.get(), off, 1, true).await;
         }
         result.map(|()| (0, 0))
     }
 
     /// A write of new metadata, checked against the existing metadata.
     async fn write_metadata(&self, m: &mut Meta, off: u64, buf: IoBuf) -> Result<()> {
-        m.check_metadata_write(&self.file, off, buf.len() as u64)
+        m.check_metadata_write(&self.file.get(), off, buf.len() as u64)
             .await
             .map_err(|e| with_errno(e, "Qcow2 overlap check failed"))?;
-        self.file.write(off, buf, WriteFlags::default()).await?;
+        self.file
+            .get()
+            .write(off, buf, WriteFlags::default())
+            .await?;
         Ok(())
     }
 
@@ -634,6 +650,7 @@ impl Qcow2Driver {
             regions.push((e.table_offset, u64::from(e.table_size) * 8));
             let Ok(b) = self
                 .file
+                .get()
                 .read(e.table_offset, IoBuf::zeroed(e.table_size as usize * 8))
                 .await
             else {

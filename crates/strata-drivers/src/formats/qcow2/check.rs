@@ -105,7 +105,7 @@ async fn calculate(
         map: BTreeMap::new(),
         max: m.geo.refcount_max(),
     };
-    let file_len = d.file.driver().length();
+    let file_len = d.file.get().driver().length();
     add(&mut refs, res, cs, file_len, 0, cs);
     let l1 = m.l1.clone();
     let l1_offset = m.header.l1_table_offset;
@@ -147,6 +147,7 @@ async fn calculate(
         }
         let bytes = d
             .file
+            .get()
             .read(sn.l1_offset, IoBuf::zeroed(sn.l1_size as usize * 8))
             .await?;
         let table: Vec<u64> = bytes.as_slice().chunks_exact(8).map(be64).collect();
@@ -247,7 +248,7 @@ async fn walk_l1(
     l2_tables: &mut Vec<(usize, u64, u64)>,
 ) -> Result<()> {
     let cs = d.geo.cluster_size;
-    let file_len = d.file.driver().length();
+    let file_len = d.file.get().driver().length();
     let active = t.active;
     add(
         refs,
@@ -280,7 +281,7 @@ async fn walk_l1(
             res.corruptions += 1;
             continue;
         }
-        let table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
+        let table = d.file.get().read(l2, IoBuf::zeroed(cs as usize)).await?;
         let esize = d.geo.l2_entry_size() as usize;
         for (idx, c) in table.as_slice().chunks_exact(esize).enumerate() {
             let e = L2Entry {
@@ -437,10 +438,11 @@ async fn fix_entry_by_zero(
     );
     let written = d
         .file
+        .get()
         .write(at, IoBuf::from_slice(&bytes), WriteFlags::default())
         .await;
     let written = match written {
-        Ok(_) => d.file.flush().await,
+        Ok(_) => d.file.get().flush().await,
         Err(e) => Err(e),
     };
     if let Err(err) = written {
@@ -478,7 +480,7 @@ async fn compare(
             res.check_errors += 1;
             continue;
         }
-        let stored = m.refcount(&d.file, c).await?;
+        let stored = m.refcount(&d.file.get(), c).await?;
         let want = walk.refs.get(&c).copied().unwrap_or(0);
         if stored > 0 || want > 0 {
             *highest = c;
@@ -501,10 +503,11 @@ async fn compare(
         };
         strata_block::stderr_line!("{what} cluster {c} refcount={stored} reference={want}");
         if fixing {
-            m.set_refcount(&d.file, c, want).await?;
+            m.set_refcount(&d.file.get(), c, want).await?;
             if want == 0 {
                 // A repaired leak is discarded, as QEMU's repair does.
                 d.file
+                    .get()
                     .discard(c * d.geo.cluster_size, d.geo.cluster_size)
                     .await?;
             }
@@ -561,7 +564,7 @@ async fn read_snapshot_table(
         return Err(Error::errno(e.code()));
     }
     let (list, len, mut fixes) =
-        match super::snapshot::read_checked(&d.file, &header, repair.errors).await {
+        match super::snapshot::read_checked(&d.file.get(), &header, repair.errors).await {
             Ok(t) => t,
             Err(e) => {
                 strata_block::report::error_report(format!(
@@ -575,6 +578,7 @@ async fn read_snapshot_table(
     if fixes.reduced > 0 {
         let n = original - fixes.reduced;
         d.file
+            .get()
             .write(
                 60,
                 IoBuf::from_slice(&n.to_be_bytes()),
@@ -584,7 +588,7 @@ async fn read_snapshot_table(
             .map_err(|e| {
                 e.context("ERROR failed to update the snapshot count in the image header")
             })?;
-        d.file.flush().await?;
+        d.file.get().flush().await?;
         m.header.nb_snapshots = n;
         res.corruptions_fixed += fixes.reduced as u64;
     }
@@ -638,7 +642,7 @@ async fn fix_snapshot_table(
 /// Runs the check (and repair) on an open image.
 pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<CheckResult> {
     // Check what is on disk, not what the cache holds.
-    m.flush(&d.file).await?;
+    m.flush(&d.file.get()).await?;
     let cs = d.geo.cluster_size;
     let mut res = CheckResult {
         total_clusters: d.length().div_ceil(cs),
@@ -702,11 +706,11 @@ pub async fn check(d: &Qcow2Driver, m: &mut Meta, repair: RepairMode) -> Result<
     }
     check_oflag_copied(d, m, &mut res, repair, &walk).await?;
     fix_snapshot_table(d, m, &mut res, repair, &table, snapshot_errors).await?;
-    m.flush(&d.file).await?;
-    d.file.flush().await?;
+    m.flush(&d.file.get()).await?;
+    d.file.get().flush().await?;
     if fixing && res.check_errors == 0 && res.corruptions == 0 {
         // Repaired: neither dirty nor corrupt any more.
-        m.set_incompatible(&d.file, INCOMPAT_DIRTY | INCOMPAT_CORRUPT, false)
+        m.set_incompatible(&d.file.get(), INCOMPAT_DIRTY | INCOMPAT_CORRUPT, false)
             .await?;
     }
     res.image_end_offset = (highest + 1) * cs;
@@ -732,7 +736,7 @@ async fn check_oflag_copied(
     };
     let word = if repair { "Repairing" } else { "ERROR" };
     for &(l1i, e, l2) in &walk.l2_tables {
-        let rc = m.refcount(&d.file, l2 / cs).await?;
+        let rc = m.refcount(&d.file.get(), l2 / cs).await?;
         if (rc == 1) != (e & OFLAG_COPIED != 0) {
             res.corruptions += 1;
             strata_block::stderr_line!(
@@ -744,7 +748,7 @@ async fn check_oflag_copied(
                 } else {
                     e & !OFLAG_COPIED
                 };
-                m.write_l1_entry(&d.file, l1i).await?;
+                m.write_l1_entry(&d.file.get(), l1i).await?;
                 res.corruptions -= 1;
                 res.corruptions_fixed += 1;
             }
@@ -752,7 +756,7 @@ async fn check_oflag_copied(
         if !l2.is_multiple_of(cs) {
             continue;
         }
-        let mut table = d.file.read(l2, IoBuf::zeroed(cs as usize)).await?;
+        let mut table = d.file.get().read(l2, IoBuf::zeroed(cs as usize)).await?;
         let mut dirty = 0;
         let esize = d.geo.l2_entry_size() as usize;
         for idx in 0..cs as usize / esize {
@@ -765,7 +769,7 @@ async fn check_oflag_copied(
             let rc = if d.geo.external_data {
                 1
             } else {
-                m.refcount(&d.file, host / cs).await?
+                m.refcount(&d.file.get(), host / cs).await?
             };
             if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                 res.corruptions += 1;
@@ -785,8 +789,8 @@ async fn check_oflag_copied(
             }
         }
         if dirty > 0 {
-            m.check_write(&d.file, l2, cs, WriteKind::L2).await?;
-            d.file.write(l2, table, WriteFlags::default()).await?;
+            m.check_write(&d.file.get(), l2, cs, WriteKind::L2).await?;
+            d.file.get().write(l2, table, WriteFlags::default()).await?;
             m.l2_cache.remove_table(l2, cs);
             res.corruptions -= dirty;
             res.corruptions_fixed += dirty;
@@ -869,8 +873,10 @@ async fn write_refblocks(
                 super::refcount::put_refcount(&mut block, (bit / 8) as usize, bit, order, v);
             }
         }
-        m.check_write(&d.file, rb, cs, WriteKind::Refblock).await?;
+        m.check_write(&d.file.get(), rb, cs, WriteKind::Refblock)
+            .await?;
         d.file
+            .get()
             .write(rb, IoBuf::from_slice(&block), WriteFlags::default())
             .await?;
         c = start + (1 << rb_bits);
@@ -900,16 +906,18 @@ async fn rebuild_refcounts(d: &Qcow2Driver, m: &mut Meta, walk: &mut Walk) -> Re
     };
     let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
     d.file
+        .get()
         .write(offset, IoBuf::from_slice(&bytes), WriteFlags::default())
         .await?;
-    d.file.flush().await?;
+    d.file.get().flush().await?;
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&offset.to_be_bytes());
     hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
     d.file
+        .get()
         .write(48, IoBuf::from_slice(&hdr), WriteFlags::default())
         .await?;
-    d.file.flush().await?;
+    d.file.get().flush().await?;
     m.header.refcount_table_offset = offset;
     m.header.refcount_table_clusters = clusters as u32;
     m.refblocks = table.iter().copied().filter(|&o| o != 0).collect();

@@ -123,7 +123,7 @@ impl Qcow2Driver {
             let l2 = self.writable_l2(&mut m, gc).await?;
             let mut fresh = Vec::new();
             for c in gc..stop {
-                let mp = m.mapping(&self.file, c).await?;
+                let mp = m.mapping(&self.file.get(), c).await?;
                 if !matches!(mp, Mapping::Normal { copied: true, .. }) {
                     fresh.push((c, mp));
                 }
@@ -144,7 +144,7 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             let mask = self.geo.l2_entries() - 1;
             for (c, _) in fresh {
-                m.l2_set(&self.file, l2, c & mask, (c * cs) | OFLAG_COPIED)
+                m.l2_set(&self.file.get(), l2, c & mask, (c * cs) | OFLAG_COPIED)
                     .await?;
             }
             drop(m);
@@ -157,6 +157,6 @@ impl Qcow2Driver {
             };
             data.truncate(to, false, mode).await?;
         }
-        self.meta.lock().await.flush(&self.file).await
+        self.meta.lock().await.flush(&self.file.get()).await
     }
 }

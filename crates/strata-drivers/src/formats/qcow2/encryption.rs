@@ -114,16 +114,17 @@ impl Qcow2Driver {
                 let len = region.len() as u64;
                 let cs = self.geo.cluster_size;
                 let n = len.div_ceil(cs);
-                let off = m.alloc_clusters(&self.file, n).await.map_err(|e| {
+                let off = m.alloc_clusters(&self.file.get(), n).await.map_err(|e| {
                     e.context(format!(
                         "Cannot allocate cluster for LUKS header size {len}"
                     ))
                 })?;
-                m.check_metadata_write(&self.file, off, n * cs).await?;
+                m.check_metadata_write(&self.file.get(), off, n * cs)
+                    .await?;
                 // The whole clusters are zeroed so that no byte is left to chance.
                 let mut bytes = region;
                 bytes.resize((n * cs) as usize, 0);
-                write_region(&self.file, off, vec![(0, bytes)]).await?;
+                write_region(&self.file.get(), off, vec![(0, bytes)]).await?;
                 (CRYPT_LUKS, Some((off, len)))
             }
         };

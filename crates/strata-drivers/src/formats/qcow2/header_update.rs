@@ -23,10 +23,10 @@ impl Qcow2Driver {
         if let Some(d) = self.external() {
             d.flush().await?;
         }
-        m.flush(&self.file).await?;
-        self.file.flush().await?;
-        let old = read_cluster0(&self.file, cs).await?;
-        write_cluster0(&self.file, &old, &bytes).await?;
+        m.flush(&self.file.get()).await?;
+        self.file.get().flush().await?;
+        let old = read_cluster0(&self.file.get(), cs).await?;
+        write_cluster0(&self.file.get(), &old, &bytes).await?;
         m.header = h;
         Ok(())
     }
@@ -97,10 +97,11 @@ impl Qcow2Driver {
         if m.corrupt {
             return Err(Error::errno(libc::ENOMEDIUM));
         }
-        m.flush(&self.file).await?;
-        m.set_incompatible(&self.file, INCOMPAT_DIRTY, true).await?;
+        m.flush(&self.file.get()).await?;
+        m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, true)
+            .await?;
         let broken = async {
-            let f = &self.file;
+            let f = &self.file.get();
             f.debug_event(DebugEvent::L1Update).await;
             f.write_zeroes(
                 m.header.l1_table_offset,
@@ -153,10 +154,11 @@ impl Qcow2Driver {
             m.corrupt = true;
             return Err(e);
         }
-        m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+        m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, false)
             .await?;
         drop(m);
         self.file
+            .get()
             .truncate((3 + l1_clusters) * cs, false, Preallocation::Off)
             .await
     }

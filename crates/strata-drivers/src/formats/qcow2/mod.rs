@@ -68,7 +68,8 @@ use strata_block::driver::{CheckResult, FormatSpecific, Preallocation, RepairMod
 use strata_block::error::strerror;
 use strata_block::report::error_report;
 use strata_block::{
-    BlockStatus, Child, ChildRole, DebugEvent, Driver, Error, IoBuf, Node, Opts, Result, WriteFlags,
+    BlockStatus, Child, ChildCell, ChildRole, DebugEvent, Driver, Error, IoBuf, Node, Opts, Result,
+    WriteFlags,
 };
 use tokio::sync::Notify;
 
@@ -85,7 +86,9 @@ const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// An open qcow2 image.
 pub struct Qcow2Driver {
-    file: Arc<Node>,
+    /// The image file; a reopen may put another node holding the same
+    /// image in its place (a filter, a copy), drained.
+    file: ChildCell,
     /// Where guest data lives (the image file unless there is a data file).
     data: DataFile,
     /// The data file must read as the disk by itself (data_file_raw).
@@ -123,6 +126,10 @@ pub struct Qcow2Driver {
     flushed_epochs: std::sync::Mutex<Option<(u64, u64)>>,
     /// Bytes of guest writes placed so far (see `Driver::bytes_planned`).
     planned: AtomicU64,
+    /// Everything cached was written back for a reopen that puts another
+    /// node in the file's place: until the metadata is read again, the
+    /// file may be replaced.
+    file_released: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2Driver {
@@ -141,14 +148,14 @@ impl Qcow2Driver {
     async fn write_back(&self) -> Result<bool> {
         let _ = self.flush().await;
         let mut m = self.meta.lock().await;
-        let l2 = m.flush_l2_cache(&self.file).await;
+        let l2 = m.flush_l2_cache(&self.file.get()).await;
         if let Err(e) = &l2 {
             error_report(format!(
                 "Failed to flush the L2 table cache: {}",
                 strerror(e.code())
             ));
         }
-        let rb = m.flush_refcount_cache(&self.file).await;
+        let rb = m.flush_refcount_cache(&self.file.get()).await;
         if let Err(e) = &rb {
             error_report(format!(
                 "Failed to flush the refcount block cache: {}",
@@ -157,7 +164,7 @@ impl Qcow2Driver {
         }
         // Everything is written back: the refcounts are consistent again.
         if l2.is_ok() && rb.is_ok() && !m.corrupt {
-            m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+            m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, false)
                 .await?;
             return Ok(true);
         }
@@ -178,10 +185,10 @@ impl Qcow2Driver {
     }
 
     /// The node guest data is read from and written to.
-    fn data(&self) -> Result<&Arc<Node>> {
+    fn data(&self) -> Result<Arc<Node>> {
         match &self.data {
-            DataFile::Internal => Ok(&self.file),
-            DataFile::External(n) => Ok(n),
+            DataFile::Internal => Ok(self.file.get()),
+            DataFile::External(n) => Ok(Arc::clone(n)),
             // Opened for metadata only (`info`): there is no data to reach.
             DataFile::Unopened => Err(Error::errno(libc::ENOMEDIUM)),
         }
@@ -229,17 +236,17 @@ impl Qcow2Driver {
         self.metadata_prealloc
             .get_or_try_init(|| async {
                 let cs = self.geo.cluster_size;
-                let real = match self.file.driver().allocated_size().await? {
+                let real = match self.file.get().driver().allocated_size().await? {
                     Some(a) => a / cs,
                     None => return Ok(false),
                 };
                 let threshold = (real * 10 / 9).max(real + 2);
-                let end = self.file.length().div_ceil(cs);
+                let end = self.file.get().length().div_ceil(cs);
                 let mut m = self.meta.lock().await;
                 let mut count = 0;
                 let mut i = 0;
                 while i < end && count < threshold {
-                    count += (m.refcount(&self.file, i).await? != 0) as u64;
+                    count += (m.refcount(&self.file.get(), i).await? != 0) as u64;
                     i += 1;
                 }
                 Ok(count >= threshold)
@@ -271,7 +278,7 @@ impl Driver for Qcow2Driver {
     fn children(&self) -> Vec<Child> {
         let mut c = vec![Child {
             role: ChildRole::File,
-            node: Arc::clone(&self.file),
+            node: Arc::clone(&self.file.get()),
         }];
         if let Some(b) = self.backing() {
             c.push(Child {
@@ -429,11 +436,11 @@ impl Driver for Qcow2Driver {
         let epochs = {
             let mut m = self.meta.lock().await;
             self.apply_flushed(&mut m);
-            m.flush(&self.file).await?;
+            m.flush(&self.file.get()).await?;
             (m.l2_cache.epoch(), m.rb_cache.epoch())
         };
         // The fsync itself runs without the lock: requests go on meanwhile.
-        self.file.flush().await?;
+        self.file.get().flush().await?;
         // The flush is done now. Recording it needs the lock, but waiting
         // for it here would let requests that came later finish first:
         // when it is busy, the next flush records this one.
@@ -482,7 +489,7 @@ impl Driver for Qcow2Driver {
             Mapping::Unallocated => BlockStatus::unallocated(total),
             Mapping::Reserved(_) if self.crypto.is_some() => BlockStatus::unallocated(total),
             Mapping::Reserved(host) => BlockStatus {
-                host: Some((Arc::clone(self.data()?), host)),
+                host: Some((self.data()?, host)),
                 ..BlockStatus::unallocated(total)
             },
             Mapping::Zero(None) => BlockStatus::zero(total),
@@ -495,14 +502,14 @@ impl Driver for Qcow2Driver {
                 }
             }
             Mapping::Zero(Some(host)) => BlockStatus {
-                host: Some((Arc::clone(self.data()?), host)),
+                host: Some((self.data()?, host)),
                 ..BlockStatus::zero(total)
             },
             // Preallocated clusters may hold nothing yet: the file says
             // whether they read as zeroes (QEMU's BDRV_BLOCK_RECURSE).
             Mapping::Normal { host, .. } => BlockStatus {
                 recurse: self.metadata_preallocated().await?,
-                ..BlockStatus::data_at(total, Arc::clone(self.data()?), host)
+                ..BlockStatus::data_at(total, self.data()?, host)
             },
             Mapping::Compressed(_) => BlockStatus {
                 compressed: true,
@@ -544,7 +551,7 @@ impl Driver for Qcow2Driver {
                 d.truncate(size, exact, Preallocation::Off).await?;
             }
         }
-        m.write_disk_size(&self.file, size).await?;
+        m.write_disk_size(&self.file.get(), size).await?;
         drop(m);
         // The new area must read as zeroes, not as a longer backing file's
         // data (QEMU: BDRV_REQ_ZERO_WRITE on a truncate).
@@ -567,7 +574,7 @@ impl Driver for Qcow2Driver {
     async fn allocated_size(&self) -> Result<Option<u64>> {
         // What the image takes is its file plus its data file (QEMU sums
         // the children that hold data or metadata).
-        let mut total = self.file.driver().allocated_size().await?;
+        let mut total = self.file.get().driver().allocated_size().await?;
         if let Some(d) = self.external() {
             total = match (total, d.driver().allocated_size().await?) {
                 (Some(a), Some(b)) => Some(a + b),
@@ -596,8 +603,11 @@ impl Driver for Qcow2Driver {
         if len == 0 {
             // The end of a series: the file ends on a whole sector, so that
             // sector-based readers see all of the last compressed cluster.
-            let end = self.file.length();
-            self.file.truncate(end, false, Preallocation::Off).await?;
+            let end = self.file.get().length();
+            self.file
+                .get()
+                .truncate(end, false, Preallocation::Off)
+                .await?;
             return Ok(buf);
         }
         let unaligned_end = !len.is_multiple_of(cs) && offset + len != self.length();
@@ -628,13 +638,13 @@ impl Driver for Qcow2Driver {
     }
 
     async fn save_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.file.debug_event(DebugEvent::VmstateSave).await;
+        self.file.get().debug_event(DebugEvent::VmstateSave).await;
         self.write(self.vm_state_offset() + pos, buf, WriteFlags::default())
             .await
     }
 
     async fn load_vmstate(&self, pos: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.file.debug_event(DebugEvent::VmstateLoad).await;
+        self.file.get().debug_event(DebugEvent::VmstateLoad).await;
         self.read(self.vm_state_offset() + pos, buf).await
     }
 
@@ -790,7 +800,7 @@ impl Driver for Qcow2Driver {
 
     async fn snapshots(&self) -> Result<Vec<strata_block::driver::SnapshotInfo>> {
         let h = self.meta.lock().await.header.clone();
-        Ok(snapshot::read(&self.file, &h)
+        Ok(snapshot::read(&self.file.get(), &h)
             .await?
             .0
             .into_iter()
@@ -858,27 +868,46 @@ impl Driver for Qcow2Driver {
     }
 
     fn can_replace_child(&self, role: ChildRole) -> bool {
-        // The file and data file hold metadata the driver has cached.
+        // The file and data file hold metadata the driver has cached: the
+        // file may go only once that was written back (release_file).
         role == ChildRole::Backing
+            || (role == ChildRole::File && self.file_released.load(Ordering::Acquire))
     }
 
     fn replace_child(&self, role: ChildRole, node: Arc<Node>) -> Result<()> {
-        if role != ChildRole::Backing {
+        if !self.can_replace_child(role) {
             return Err(Error::unsupported(format!(
                 "qcow2 cannot replace its '{}' child while open",
                 role.name()
             )));
         }
+        if role == ChildRole::File {
+            self.file.set(node);
+            return Ok(());
+        }
         self.set_backing(Some(node))
+    }
+
+    async fn release_file(&self) -> Result<()> {
+        if !self.read_only() && !self.write_back().await? {
+            return Err(Error::errno(libc::EIO));
+        }
+        self.file_released.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn reload_file(&self) -> Result<()> {
+        self.file_released.store(false, Ordering::Release);
+        self.invalidate_cache().await
     }
 
     async fn invalidate_cache(&self) -> Result<()> {
         // Another process owned the image: everything cached may be stale.
-        let (mut hdr, geo, l1, reftable) = load_metadata(&self.file, self.read_only(), false)
+        let (mut hdr, geo, l1, reftable) = load_metadata(&self.file.get(), self.read_only(), false)
             .await
             .map_err(|e| e.context("Could not reopen qcow2 layer"))?;
         if !self.read_only() {
-            clear_unknown_autoclear(&self.file, &mut hdr).await?;
+            clear_unknown_autoclear(&self.file.get(), &mut hdr).await?;
         }
         // This driver keeps the geometry in its own fields; QEMU would pick
         // up a new one, but only amend or a new image changes it.
@@ -991,6 +1020,6 @@ impl Driver for Qcow2Driver {
         if let Some(d) = self.external() {
             d.close().await?;
         }
-        self.file.close().await
+        self.file.get().close().await
     }
 }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use strata_block::driver::RepairMode;
 use strata_block::options::{OptSpec, Opts};
 use strata_block::{
-    DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags, Perm, Result,
-    WriteFlags,
+    ChildCell, DebugEvent, Driver, DriverClass, Error, IoBuf, Measure, Node, OpenCtx, OpenFlags,
+    Perm, Result, WriteFlags,
 };
 use tokio::sync::Notify;
 
@@ -150,7 +150,7 @@ impl DriverClass for Qcow2Class {
         let meta = new_meta(geo, &hdr, l1, reftable, read_only, &host_busy, &runtime);
         let dirty = hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         let driver = Qcow2Driver {
-            file,
+            file: ChildCell::new(file),
             data,
             data_raw: external && data_file::is_raw(&hdr),
             backing: std::sync::RwLock::new(backing),
@@ -170,6 +170,7 @@ impl DriverClass for Qcow2Class {
             bitmap_dir: Default::default(),
             flushed_epochs: Default::default(),
             planned: AtomicU64::new(0),
+            file_released: Default::default(),
         };
         if dirty && !read_only && !ctx.flags.check && !ctx.flags.inactive {
             // Refcounts may lag behind (lazy refcounts): repair before use.

@@ -60,7 +60,7 @@ impl Qcow2Driver {
     /// shorter where the subclusters of the cluster change type.
     pub(super) async fn extent_at(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Extent> {
         if self.geo.extended_l2 {
-            let (mapping, len) = m.sub_mapping(&self.file, offset, len).await?;
+            let (mapping, len) = m.sub_mapping(&self.file.get(), offset, len).await?;
             return Ok(Extent {
                 offset,
                 len,
@@ -69,7 +69,7 @@ impl Qcow2Driver {
         }
         let in_cluster = self.geo.offset_in_cluster(offset);
         let mapping = match m
-            .mapping(&self.file, offset >> self.geo.cluster_bits)
+            .mapping(&self.file.get(), offset >> self.geo.cluster_bits)
             .await?
         {
             Mapping::Normal { host, copied } => Mapping::Normal {
@@ -90,7 +90,7 @@ impl Qcow2Driver {
     pub(super) async fn read_extent(&self, e: Extent, buf: IoBuf) -> Result<IoBuf> {
         match e.mapping {
             Mapping::Normal { host, .. } => {
-                self.file.debug_event(DebugEvent::ReadAio).await;
+                self.file.get().debug_event(DebugEvent::ReadAio).await;
                 self.read_data(host, e.offset, buf).await
             }
             Mapping::Zero(_) => Ok(zero_fill(buf)),
@@ -111,7 +111,10 @@ impl Qcow2Driver {
         let Some(b) = self.backing() else {
             return Ok(zero_fill(buf));
         };
-        self.file.debug_event(DebugEvent::ReadBackingAio).await;
+        self.file
+            .get()
+            .debug_event(DebugEvent::ReadBackingAio)
+            .await;
         let blen = b.length();
         if offset >= blen {
             return Ok(zero_fill(buf));
@@ -128,14 +131,21 @@ impl Qcow2Driver {
     /// The decompressed cluster a compressed L2 entry points to.
     pub(super) async fn read_compressed(&self, entry: u64) -> Result<Vec<u8>> {
         let (host, span) = self.geo.compressed_extent(entry);
-        let len = span.min(self.file.length().saturating_sub(host));
+        let len = span.min(self.file.get().length().saturating_sub(host));
         if len == 0 {
             return Err(Error::corrupt(format!(
                 "Compressed cluster at {host:#x} lies beyond the end of the image"
             )));
         }
-        self.file.debug_event(DebugEvent::ReadCompressed).await;
-        let src = self.file.read(host, IoBuf::zeroed(len as usize)).await?;
+        self.file
+            .get()
+            .debug_event(DebugEvent::ReadCompressed)
+            .await;
+        let src = self
+            .file
+            .get()
+            .read(host, IoBuf::zeroed(len as usize))
+            .await?;
         let mut out = vec![0u8; self.geo.cluster_size as usize];
         compress::decompress(self.compression, src.as_slice(), &mut out)?;
         Ok(out)

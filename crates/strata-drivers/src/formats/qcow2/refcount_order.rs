@@ -76,7 +76,7 @@ impl Qcow2Driver {
                 let refcount = if rb == 0 {
                     0
                 } else {
-                    m.refcount(&self.file, ti as u64 * old_entries + i)
+                    m.refcount(&self.file.get(), ti as u64 * old_entries + i)
                         .await
                         .map_err(|e| failed(e, "Failed to retrieve refblock"))?
                 };
@@ -128,7 +128,7 @@ impl Qcow2Driver {
                 }
                 if !empty && table[ti] == 0 {
                     table[ti] = m
-                        .alloc_clusters(&self.file, 1)
+                        .alloc_clusters(&self.file.get(), 1)
                         .await
                         .map_err(|e| failed(e, "Failed to allocate refblock"))?;
                     return Ok(true);
@@ -137,10 +137,11 @@ impl Qcow2Driver {
             }
             Step::Write => {
                 if let Some(&off) = table.get(ti).filter(|&&o| o != 0) {
-                    m.check_metadata_write(&self.file, off, cs)
+                    m.check_metadata_write(&self.file.get(), off, cs)
                         .await
                         .map_err(|e| failed(e, "Overlap check failed"))?;
                     self.file
+                        .get()
                         .write(off, IoBuf::from_slice(block), WriteFlags::default())
                         .await
                         .map_err(|e| failed(e, "Failed to write refblock"))?;
@@ -172,12 +173,12 @@ impl Qcow2Driver {
                     break;
                 }
                 if table_off != 0 {
-                    m.free_clusters(&self.file, table_off, table_allocated, false)
+                    m.free_clusters(&self.file.get(), table_off, table_allocated, false)
                         .await?;
                 }
                 let clusters = (table.len() as u64 * 8).div_ceil(cs);
                 table_off = m
-                    .alloc_clusters(&self.file, clusters)
+                    .alloc_clusters(&self.file.get(), clusters)
                     .await
                     .map_err(|e| failed(e, "Failed to allocate the new reftable"))?;
                 table_allocated = clusters;
@@ -185,14 +186,15 @@ impl Qcow2Driver {
             self.walk_refcounts_into(m, &mut table, order, Step::Write, walk, walk + 1, status)
                 .await?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            m.check_metadata_write(&self.file, table_off, bytes.len() as u64)
+            m.check_metadata_write(&self.file.get(), table_off, bytes.len() as u64)
                 .await
                 .map_err(|e| failed(e, "Overlap check failed"))?;
             self.file
+                .get()
                 .write(table_off, IoBuf::from_slice(&bytes), WriteFlags::default())
                 .await
                 .map_err(|e| failed(e, "Failed to write the new reftable"))?;
-            m.flush_refcount_cache(&self.file)
+            m.flush_refcount_cache(&self.file.get())
                 .await
                 .map_err(|e| failed(e, "Failed to flush the refblock cache"))?;
             Ok::<(), Error>(())
@@ -201,11 +203,11 @@ impl Qcow2Driver {
         if let Err(e) = result {
             // The new structure is dropped; the old one still counts.
             for &off in table.iter().filter(|&&o| o != 0) {
-                let _ = m.free_clusters(&self.file, off, 1, false).await;
+                let _ = m.free_clusters(&self.file.get(), off, 1, false).await;
             }
             if table_off != 0 {
                 let _ = m
-                    .free_clusters(&self.file, table_off, table_allocated, false)
+                    .free_clusters(&self.file.get(), table_off, table_allocated, false)
                     .await;
             }
             return Err(e);
@@ -233,10 +235,10 @@ impl Qcow2Driver {
             .collect();
         for off in old_table.into_iter().map(|e| e & OFFSET_MASK) {
             if off != 0 {
-                m.free_clusters(&self.file, off, 1, false).await?;
+                m.free_clusters(&self.file.get(), off, 1, false).await?;
             }
         }
-        m.free_clusters(&self.file, old_off, old_clusters, false)
+        m.free_clusters(&self.file.get(), old_off, old_clusters, false)
             .await
     }
 }

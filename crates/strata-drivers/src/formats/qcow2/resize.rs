@@ -17,14 +17,19 @@ impl Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let clusters = (entries * 8).div_ceil(cs);
-        self.file.debug_event(DebugEvent::L1GrowAllocTable).await;
-        let new = m.alloc_clusters(&self.file, clusters).await?;
+        self.file
+            .get()
+            .debug_event(DebugEvent::L1GrowAllocTable)
+            .await;
+        let new = m.alloc_clusters(&self.file.get(), clusters).await?;
         let switched = self.write_grown_l1(m, new, entries).await;
         let table = match switched {
             Ok(t) => t,
             Err(e) => {
                 // The header still names the old table: give the new one back.
-                let _ = m.free_clusters(&self.file, new, clusters, false).await;
+                let _ = m
+                    .free_clusters(&self.file.get(), new, clusters, false)
+                    .await;
                 return Err(e);
             }
         };
@@ -34,7 +39,7 @@ impl Qcow2Driver {
         m.header.l1_size = entries as u32;
         m.l1 = table;
         if old_off != 0 && old_clusters > 0 {
-            m.free_clusters(&self.file, old_off, old_clusters, false)
+            m.free_clusters(&self.file.get(), old_off, old_clusters, false)
                 .await?;
         }
         Ok(())
@@ -49,25 +54,33 @@ impl Qcow2Driver {
         entries: u64,
     ) -> Result<Vec<u64>> {
         // The new clusters are counted before anything points to them.
-        m.flush_refcounts(&self.file).await?;
+        m.flush_refcounts(&self.file.get()).await?;
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        m.check_metadata_write(&self.file, new, bytes.len() as u64)
+        m.check_metadata_write(&self.file.get(), new, bytes.len() as u64)
             .await?;
-        self.file.debug_event(DebugEvent::L1GrowWriteTable).await;
         self.file
+            .get()
+            .debug_event(DebugEvent::L1GrowWriteTable)
+            .await;
+        self.file
+            .get()
             .write(new, IoBuf::from_slice(&bytes), WriteFlags::default())
             .await?;
-        self.file.flush().await?;
+        self.file.get().flush().await?;
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
         hdr[4..].copy_from_slice(&new.to_be_bytes());
-        self.file.debug_event(DebugEvent::L1GrowActivateTable).await;
         self.file
+            .get()
+            .debug_event(DebugEvent::L1GrowActivateTable)
+            .await;
+        self.file
+            .get()
             .write(36, IoBuf::from_slice(&hdr), WriteFlags::default())
             .await?;
-        self.file.flush().await?;
+        self.file.get().flush().await?;
         Ok(table)
     }
 
@@ -90,27 +103,28 @@ impl Qcow2Driver {
             }
             // Unlink first, then free: never a reference to a free table.
             m.l1[i] = 0;
-            m.write_l1_entry(&self.file, i).await?;
-            self.file.flush().await?;
+            m.write_l1_entry(&self.file.get(), i).await?;
+            self.file.get().flush().await?;
             m.l2_cache.remove_table(l2, cs);
             m.l2_tables.remove(&l2);
-            m.free_clusters(&self.file, l2, 1, true).await?;
+            m.free_clusters(&self.file.get(), l2, 1, true).await?;
         }
-        m.write_disk_size(&self.file, size).await?;
+        m.write_disk_size(&self.file.get(), size).await?;
         self.size.store(size, Ordering::Release);
-        m.flush(&self.file).await?;
-        self.file.flush().await?;
+        m.flush(&self.file.get()).await?;
+        self.file.get().flush().await?;
         // Cut the file after the last cluster in use.
-        let mut last = self.file.length().div_ceil(cs);
+        let mut last = self.file.get().length().div_ceil(cs);
         // A cluster with a late write still in flight stays: cut after it.
         while last > 0
-            && m.refcount(&self.file, last - 1).await? == 0
+            && m.refcount(&self.file.get(), last - 1).await? == 0
             && !self.host_busy.is_busy(last - 1)
         {
             last -= 1;
         }
-        if last * cs < self.file.length() {
+        if last * cs < self.file.get().length() {
             self.file
+                .get()
                 .truncate(last * cs, false, Preallocation::Off)
                 .await?;
         }
@@ -155,7 +169,7 @@ impl Qcow2Driver {
             let l2 = self.writable_l2(&mut m, gc).await?;
             let mut fresh: Vec<(u64, L2Entry)> = Vec::new();
             for c in gc..stop {
-                let e = match m.l2_entry(&self.file, c).await? {
+                let e = match m.l2_entry(&self.file.get(), c).await? {
                     Some((_, _, e)) => e,
                     None => L2Entry::default(),
                 };
@@ -172,9 +186,9 @@ impl Qcow2Driver {
             let n = fresh.len() as u64;
             // Fresh clusters at the end of the file, as QEMU takes them: a
             // reused free cluster would show its old data through the new entry.
-            let file_end = self.file.length().div_ceil(cs);
+            let file_end = self.file.get().length().div_ceil(cs);
             m.free_cluster_index = m.free_cluster_index.max(file_end);
-            let host = m.alloc_clusters(&self.file, n).await?;
+            let host = m.alloc_clusters(&self.file.get(), n).await?;
             let _inflight = InflightGuard::new(self, gc, stop - 1);
             let (c0, e0) = fresh[0];
             let head = match c0 == first {
@@ -215,10 +229,12 @@ impl Qcow2Driver {
             for (i, &(c, e)) in fresh.iter().enumerate() {
                 old.push(self.cluster_mapping(&e));
                 let h = host + i as u64 * cs;
-                m.l2_set(&self.file, l2, c & mask, h | OFLAG_COPIED).await?;
+                m.l2_set(&self.file.get(), l2, c & mask, h | OFLAG_COPIED)
+                    .await?;
                 if self.geo.extended_l2 && alloc_all {
                     let bitmap = (e.bitmap | ALL_ALLOC) & !ALL_ZEROES;
-                    m.l2_set_bitmap(&self.file, l2, c & mask, bitmap).await?;
+                    m.l2_set_bitmap(&self.file.get(), l2, c & mask, bitmap)
+                        .await?;
                 }
             }
             self.release_old(&mut m, &old, false).await?;
@@ -227,12 +243,13 @@ impl Qcow2Driver {
             gc = stop;
         }
         // The file reaches the end of the last cluster, so reads never fall off it.
-        if host_end > self.file.length() {
+        if host_end > self.file.get().length() {
             self.file
+                .get()
                 .truncate(host_end, false, Preallocation::Off)
                 .await?;
         }
-        self.meta.lock().await.flush(&self.file).await
+        self.meta.lock().await.flush(&self.file.get()).await
     }
 
     /// Reserves (falloc) or zero-writes (full) the data of `len` bytes of
@@ -243,12 +260,13 @@ impl Qcow2Driver {
                 // Growing the file reserves what it adds; clusters the
                 // file already reaches (metadata was written past them)
                 // are reserved as zeroes, which the filesystem allocates.
-                let old = self.file.length();
+                let old = self.file.get().length();
                 let end = host + len;
                 if old > host {
                     let reserve = end.min(old) - host;
                     match self
                         .file
+                        .get()
                         .write_zeroes(host, reserve, WriteFlags::default())
                         .await
                     {
@@ -258,6 +276,7 @@ impl Qcow2Driver {
                 }
                 if end > old {
                     self.file
+                        .get()
                         .truncate(end, false, Preallocation::Falloc)
                         .await?
                 }
@@ -265,6 +284,7 @@ impl Qcow2Driver {
             }
             Preallocation::Full => {
                 self.file
+                    .get()
                     .write_zeroes(host, len, WriteFlags::default())
                     .await
             }

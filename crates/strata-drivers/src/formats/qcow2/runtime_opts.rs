@@ -136,15 +136,15 @@ impl Qcow2Driver {
     /// deferring refcounts is made clean first.
     pub(super) async fn apply_runtime(&self, rt: RuntimeOpts) -> Result<()> {
         let mut m = self.meta.lock().await;
-        m.flush_l2_cache(&self.file)
+        m.flush_l2_cache(&self.file.get())
             .await
             .map_err(|e| e.context("Failed to flush the L2 table cache"))?;
-        m.flush_refcount_cache(&self.file)
+        m.flush_refcount_cache(&self.file.get())
             .await
             .map_err(|e| e.context("Failed to flush the refcount block cache"))?;
         let lazy = m.writable && rt.lazy_refcounts(&m.geo, m.header.compatible_features);
         if m.lazy_refcounts && !lazy {
-            m.set_incompatible(&self.file, INCOMPAT_DIRTY, false)
+            m.set_incompatible(&self.file.get(), INCOMPAT_DIRTY, false)
                 .await
                 .map_err(|e| e.context("Failed to disable lazy refcounts"))?;
         }

@@ -43,7 +43,7 @@ impl Qcow2Driver {
 
     /// A snapshot's L1 table, checked as QEMU checks it before use.
     pub(super) async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
-        super::snapshot::read_l1(&self.file, sn, self.geo.cluster_size).await
+        super::snapshot::read_l1(&self.file.get(), sn, self.geo.cluster_size).await
     }
 
     /// Adds `addend` (-1, 0 or 1) to the refcount of every cluster `l1`
@@ -64,8 +64,8 @@ impl Qcow2Driver {
         let mut freed = Vec::new();
         let walked = self.walk_refcounts(m, &mut l1, addend, &mut freed).await;
         let flushed = match walked {
-            Ok(changed) => match m.flush(&self.file).await {
-                Ok(()) => self.file.flush().await.map(|()| changed),
+            Ok(changed) => match m.flush(&self.file.get()).await {
+                Ok(()) => self.file.get().flush().await.map(|()| changed),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
@@ -77,7 +77,7 @@ impl Qcow2Driver {
         }
         let l1_changed = flushed?;
         for c in freed {
-            self.file.discard(c, cs).await?;
+            self.file.get().discard(c, cs).await?;
         }
         if addend < 0 || !l1_changed {
             return Ok(l1);
@@ -85,12 +85,13 @@ impl Qcow2Driver {
         match back {
             WriteBack::Active => {
                 let (off, len) = (m.header.l1_table_offset, l1.len() as u64 * 8);
-                m.check_write(&self.file, off, len, WriteKind::L1).await?;
+                m.check_write(&self.file.get(), off, len, WriteKind::L1)
+                    .await?;
                 self.write_sync(off, &table_bytes(&l1)).await?;
                 m.l1 = l1.clone();
             }
             WriteBack::At(off) => {
-                m.check_metadata_write(&self.file, off, l1.len() as u64 * 8)
+                m.check_metadata_write(&self.file.get(), off, l1.len() as u64 * 8)
                     .await?;
                 self.write_sync(off, &table_bytes(&l1)).await?;
             }
@@ -120,13 +121,13 @@ impl Qcow2Driver {
                 let e = Error::corrupt(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x})"
                 ));
-                return Err(m.signal_corruption(&self.file, e).await);
+                return Err(m.signal_corruption(&self.file.get(), e).await);
             }
             for j in 0..self.geo.l2_entries() {
-                let old = m.l2_get(&self.file, l2, j).await?;
+                let old = m.l2_get(&self.file.get(), l2, j).await?;
                 let entry = old & !OFLAG_COPIED;
                 let refcount = match m.decode(entry, l2, j) {
-                    Err(e) => return Err(m.signal_corruption(&self.file, e).await),
+                    Err(e) => return Err(m.signal_corruption(&self.file.get(), e).await),
                     Ok(Mapping::Compressed(_)) => {
                         if addend != 0 {
                             let (host, len) = self.geo.compressed_extent(entry);
@@ -135,7 +136,7 @@ impl Qcow2Driver {
                             if addend > 0 {
                                 m.counted(first * cs)?;
                             }
-                            m.update_refcounts(&self.file, first * cs, n, addend)
+                            m.update_refcounts(&self.file.get(), first * cs, n, addend)
                                 .await?;
                         }
                         // Compressed clusters are never written in place.
@@ -146,9 +147,10 @@ impl Qcow2Driver {
                             m.counted(host)?;
                         }
                         if addend != 0 {
-                            m.update_refcounts(&self.file, host, 1, addend).await?;
+                            m.update_refcounts(&self.file.get(), host, 1, addend)
+                                .await?;
                         }
-                        let rc = m.refcount(&self.file, host / cs).await?;
+                        let rc = m.refcount(&self.file.get(), host / cs).await?;
                         // Only a reference this walk dropped frees anything.
                         if rc == 0 && addend < 0 {
                             freed.push(host);
@@ -163,13 +165,13 @@ impl Qcow2Driver {
                     entry
                 };
                 if new != old {
-                    m.l2_set(&self.file, l2, j, new).await?;
+                    m.l2_set(&self.file.get(), l2, j, new).await?;
                 }
             }
             if addend != 0 {
-                m.update_refcounts(&self.file, l2, 1, addend).await?;
+                m.update_refcounts(&self.file.get(), l2, 1, addend).await?;
             }
-            let rc = m.refcount(&self.file, l2 / cs).await?;
+            let rc = m.refcount(&self.file.get(), l2 / cs).await?;
             if rc == 0 && addend < 0 {
                 freed.push(l2);
             }
@@ -185,9 +187,10 @@ impl Qcow2Driver {
     /// Writes `bytes` at `off` of the image file and flushes it.
     async fn write_sync(&self, off: u64, bytes: &[u8]) -> Result<()> {
         self.file
+            .get()
             .write(off, IoBuf::from_slice(bytes), WriteFlags::default())
             .await?;
-        self.file.flush().await
+        self.file.get().flush().await
     }
 
     /// Writes the snapshot table anew and points the header at it, then
@@ -204,13 +207,13 @@ impl Qcow2Driver {
         let off = if clusters == 0 {
             0
         } else {
-            m.alloc_clusters(&self.file, clusters).await?
+            m.alloc_clusters(&self.file.get(), clusters).await?
         };
         // The table and its refcounts are on disk before the header names it.
-        m.flush(&self.file).await?;
-        self.file.flush().await?;
+        m.flush(&self.file.get()).await?;
+        self.file.get().flush().await?;
         if clusters > 0 {
-            m.check_metadata_write(&self.file, off, bytes.len() as u64)
+            m.check_metadata_write(&self.file.get(), off, bytes.len() as u64)
                 .await?;
             self.write_sync(off, &bytes).await?;
         }
@@ -225,7 +228,7 @@ impl Qcow2Driver {
             // The new table is in place: failing to free the old one only
             // leaks it (QEMU's qcow2_free_clusters reports and goes on).
             if let Err(e) = m
-                .free_clusters(&self.file, old_off, old_len.div_ceil(cs), true)
+                .free_clusters(&self.file.get(), old_off, old_len.div_ceil(cs), true)
                 .await
             {
                 strata_block::stderr_line!("qcow2_free_clusters failed: {}", strerror(e.code()));
@@ -238,7 +241,7 @@ impl Qcow2Driver {
     pub(super) async fn create_snapshot(&self, sn: &SnapshotInfo) -> Result<()> {
         self.snapshots_possible()?;
         let mut m = self.meta.lock().await;
-        let (mut list, old_len) = snapshot::read(&self.file, &m.header).await?;
+        let (mut list, old_len) = snapshot::read(&self.file.get(), &m.header).await?;
         if list.len() as u32 >= snapshot::max_snapshots() {
             return Err(Error::errno(libc::EFBIG));
         }
@@ -250,10 +253,11 @@ impl Qcow2Driver {
             0
         } else {
             let off = m
-                .alloc_clusters(&self.file, bytes.div_ceil(self.geo.cluster_size))
+                .alloc_clusters(&self.file.get(), bytes.div_ceil(self.geo.cluster_size))
                 .await?;
-            m.check_metadata_write(&self.file, off, bytes).await?;
+            m.check_metadata_write(&self.file.get(), off, bytes).await?;
             self.file
+                .get()
                 .write(
                     off,
                     IoBuf::from_slice(&table_bytes(&l1)),
@@ -285,7 +289,7 @@ impl Qcow2Driver {
         self.snapshots_possible()?;
         let sn = {
             let m = self.meta.lock().await;
-            let (list, _) = snapshot::read(&self.file, &m.header).await?;
+            let (list, _) = snapshot::read(&self.file.get(), &m.header).await?;
             let i = snapshot::find_by_id_or_name(&list, id_or_name)
                 .ok_or_else(|| Error::errno(libc::ENOENT))?;
             list[i].clone()
@@ -316,7 +320,8 @@ impl Qcow2Driver {
             .await?;
         new_l1.resize(m.l1.len(), 0);
         let (off, len) = (m.header.l1_table_offset, m.l1.len() as u64 * 8);
-        m.check_write(&self.file, off, len, WriteKind::L1).await?;
+        m.check_write(&self.file.get(), off, len, WriteKind::L1)
+            .await?;
         self.write_sync(off, &table_bytes(&new_l1)).await?;
         let old = std::mem::replace(&mut m.l1, new_l1);
         m.l2_tables = tables_of(&m.l1);
@@ -333,7 +338,7 @@ impl Qcow2Driver {
     pub(super) async fn delete_snapshot(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
         self.snapshots_possible()?;
         let mut m = self.meta.lock().await;
-        let (mut list, old_len) = snapshot::read(&self.file, &m.header).await?;
+        let (mut list, old_len) = snapshot::read(&self.file.get(), &m.header).await?;
         let i = snapshot::find(&list, id, name)
             .ok_or_else(|| Error::msg(libc::ENOENT, "Can't find the snapshot"))?;
         let sn = list.remove(i);
@@ -348,7 +353,8 @@ impl Qcow2Driver {
             let bytes = sn.l1_size as u64 * 8;
             if bytes > 0 {
                 let n = bytes.div_ceil(self.geo.cluster_size);
-                m.free_clusters(&self.file, sn.l1_offset, n, true).await?;
+                m.free_clusters(&self.file.get(), sn.l1_offset, n, true)
+                    .await?;
             }
             Ok::<_, Error>(())
         };
@@ -371,7 +377,7 @@ impl Qcow2Driver {
             return Err(Error::invalid("Device is not readonly"));
         }
         let mut m = self.meta.lock().await;
-        let (list, _) = snapshot::read(&self.file, &m.header).await?;
+        let (list, _) = snapshot::read(&self.file.get(), &m.header).await?;
         let i = snapshot::find(&list, id, name)
             .ok_or_else(|| Error::msg(libc::ENOENT, "Can't find snapshot"))?;
         let sn = &list[i];

@@ -27,7 +27,7 @@ impl Qcow2Driver {
             },
             m => m,
         };
-        self.file.debug_event(DebugEvent::CowRead).await;
+        self.file.get().debug_event(DebugEvent::CowRead).await;
         self.read_extent(
             Extent {
                 offset: off,
@@ -59,39 +59,49 @@ impl Qcow2Driver {
             return Ok(old);
         }
         let cs = self.geo.cluster_size;
-        let new = m.alloc_clusters(&self.file, 1).await?;
+        let new = m.alloc_clusters(&self.file.get(), 1).await?;
         // Content first: zeroes, or a copy of the shared table.
         let content = if old == 0 {
             IoBuf::zeroed(cs as usize)
         } else {
-            m.flush_l2(&self.file).await?;
-            self.file.debug_event(DebugEvent::L2AllocCowRead).await;
-            self.file.debug_event(DebugEvent::L2Load).await;
-            self.file.read(old, IoBuf::zeroed(cs as usize)).await?
+            m.flush_l2(&self.file.get()).await?;
+            self.file
+                .get()
+                .debug_event(DebugEvent::L2AllocCowRead)
+                .await;
+            self.file.get().debug_event(DebugEvent::L2Load).await;
+            self.file
+                .get()
+                .read(old, IoBuf::zeroed(cs as usize))
+                .await?
         };
-        m.check_metadata_write(&self.file, new, cs).await?;
+        m.check_metadata_write(&self.file.get(), new, cs).await?;
         m.l2_cache.remove_table(new, cs);
-        self.file.debug_event(DebugEvent::L2AllocWrite).await;
-        self.file.debug_event(DebugEvent::L2Update).await;
-        let content = self.file.write(new, content, WriteFlags::default()).await?;
-        m.adopt_l2_table(&self.file, new, content.as_slice())
+        self.file.get().debug_event(DebugEvent::L2AllocWrite).await;
+        self.file.get().debug_event(DebugEvent::L2Update).await;
+        let content = self
+            .file
+            .get()
+            .write(new, content, WriteFlags::default())
+            .await?;
+        m.adopt_l2_table(&self.file.get(), new, content.as_slice())
             .await?;
         // Its refcount and content are stable before L1 points to it.
-        m.flush_refcounts(&self.file).await?;
-        self.file.flush().await?;
+        m.flush_refcounts(&self.file.get()).await?;
+        self.file.get().flush().await?;
         m.l1[l1i] = new | OFLAG_COPIED;
         m.l2_tables.insert(new);
-        if let Err(e) = m.write_l1_entry(&self.file, l1i).await {
+        if let Err(e) = m.write_l1_entry(&self.file.get(), l1i).await {
             // The table was not linked: memory must say what the disk says.
             m.l1[l1i] = e_old;
             m.l2_tables.remove(&new);
             return Err(e);
         }
         if old != 0 {
-            self.file.flush().await?;
+            self.file.get().flush().await?;
             m.l2_cache.remove_table(old, cs);
             m.l2_tables.remove(&old);
-            m.update_refcounts(&self.file, old, 1, -1).await?;
+            m.update_refcounts(&self.file.get(), old, 1, -1).await?;
         }
         Ok(new)
     }
@@ -117,7 +127,7 @@ impl Qcow2Driver {
             }
             let mut mappings = Vec::with_capacity((last - first + 1) as usize);
             for gc in first..=last {
-                mappings.push(m.mapping(&self.file, gc).await?);
+                mappings.push(m.mapping(&self.file.get(), gc).await?);
             }
             // Fast path: every cluster is ours alone and contiguous on the host.
             if let Mapping::Normal { host, copied: true } = mappings[0] {
@@ -129,7 +139,7 @@ impl Qcow2Driver {
                 });
                 if contiguous {
                     let at = host + self.geo.offset_in_cluster(offset);
-                    m.check_data_write(&self.file, at, len).await?;
+                    m.check_data_write(&self.file.get(), at, len).await?;
                     let _held = self.hold_hosts(
                         &m,
                         &[Extent {
@@ -140,7 +150,7 @@ impl Qcow2Driver {
                     );
                     self.note_planned(len);
                     drop(m);
-                    self.file.debug_event(DebugEvent::WriteAio).await;
+                    self.file.get().debug_event(DebugEvent::WriteAio).await;
                     return self.write_data(at, offset, buf).await;
                 }
             }
@@ -181,16 +191,16 @@ impl Qcow2Driver {
             let n = last - first + 1;
             let l2 = self.writable_l2(&mut m, first).await?;
             // Lazy refcounts: the image is marked dirty while refcounts may lag.
-            m.mark_dirty_for_lazy_refcounts(&self.file).await?;
+            m.mark_dirty_for_lazy_refcounts(&self.file.get()).await?;
             let host = if self.geo.external_data {
                 // A data file keeps each cluster at its guest offset, uncounted.
                 first << self.geo.cluster_bits
             } else if let Some(h) = kept {
                 h
             } else {
-                m.alloc_clusters(&self.file, n).await?
+                m.alloc_clusters(&self.file.get(), n).await?
             };
-            m.check_data_write(&self.file, host, n * cs).await?;
+            m.check_data_write(&self.file.get(), host, n * cs).await?;
             // Marked in flight until this guard goes, even if this future is dropped.
             let _inflight = InflightGuard::new(self, first, last);
             // The clusters copy-on-write reads from stay theirs meanwhile.
@@ -228,7 +238,7 @@ impl Qcow2Driver {
                     // Data file clusters were never counted, so nothing is
                     // freed for them (freeing would hit unrelated clusters).
                     if !self.geo.external_data && kept.is_none() {
-                        let _ = m.update_refcounts(&self.file, host, n, -1).await;
+                        let _ = m.update_refcounts(&self.file.get(), host, n, -1).await;
                     }
                     Err(e)
                 }
@@ -256,7 +266,7 @@ impl Qcow2Driver {
             match *mp {
                 Mapping::Normal { host, copied: true } if host == h => {}
                 Mapping::Zero(Some(host))
-                    if host == h && m.refcount(&self.file, h / cs).await? == 1 =>
+                    if host == h && m.refcount(&self.file.get(), h / cs).await? == 1 =>
                 {
                     any_zero = true
                 }
@@ -289,7 +299,7 @@ impl Qcow2Driver {
         } else {
             0
         };
-        self.file.debug_event(DebugEvent::WriteAio).await;
+        self.file.get().debug_event(DebugEvent::WriteAio).await;
         if pre == 0 && post == 0 {
             let buf = self.write_data(host + head, offset, buf).await?;
             return Ok((buf, false));
@@ -317,7 +327,7 @@ impl Qcow2Driver {
         let end = head + buf.len() as u64;
         let total = (mappings.len() as u64) * cs;
         if head == 0 && end == total {
-            self.file.debug_event(DebugEvent::WriteAio).await;
+            self.file.get().debug_event(DebugEvent::WriteAio).await;
             let buf = self.write_data(host, offset, buf).await?;
             return Ok((buf, false));
         }
@@ -337,8 +347,8 @@ impl Qcow2Driver {
         merged.as_mut_slice()[head as usize..end as usize].copy_from_slice(buf.as_slice());
         // Guest data and copied-on-write bytes go in one write (QEMU's
         // merged COW announces both).
-        self.file.debug_event(DebugEvent::WriteAio).await;
-        self.file.debug_event(DebugEvent::CowWrite).await;
+        self.file.get().debug_event(DebugEvent::WriteAio).await;
+        self.file.get().debug_event(DebugEvent::CowWrite).await;
         self.write_data(host, first << self.geo.cluster_bits, merged)
             .await?;
         Ok((buf, true))
@@ -361,7 +371,7 @@ impl Qcow2Driver {
             // What the entry says now is what this write replaces; a zero
             // cluster written in place keeps its host cluster.
             let h = host + (i << self.geo.cluster_bits);
-            let was = m.mapping(&self.file, gc).await?;
+            let was = m.mapping(&self.file.get(), gc).await?;
             old.push(match was {
                 // Written in place: the cluster stays this entry's.
                 Mapping::Zero(Some(z)) | Mapping::Normal { host: z, .. } if z == h => {
@@ -369,7 +379,7 @@ impl Qcow2Driver {
                 }
                 other => other,
             });
-            m.l2_set(&self.file, l2, gc & mask, h | OFLAG_COPIED)
+            m.l2_set(&self.file.get(), l2, gc & mask, h | OFLAG_COPIED)
                 .await?;
         }
         // Overwritten clusters are not discarded (QEMU's pass-discard-other).
@@ -412,9 +422,9 @@ impl Qcow2Driver {
             }
             return Ok(());
         }
-        m.flush_l2(&self.file).await?;
+        m.flush_l2(&self.file.get()).await?;
         for (off, n) in runs {
-            m.free_clusters(&self.file, off, n, discard).await?;
+            m.free_clusters(&self.file.get(), off, n, discard).await?;
         }
         Ok(())
     }
@@ -485,17 +495,21 @@ impl Qcow2Driver {
             }
             let l2 = self.writable_l2(&mut m, gc).await?;
             // Compression cannot overwrite anything.
-            if m.l2_get(&self.file, l2, idx).await? & OFFSET_MASK != 0 {
+            if m.l2_get(&self.file.get(), l2, idx).await? & OFFSET_MASK != 0 {
                 return Err(Error::errno(libc::EIO));
             }
-            let host = m.alloc_bytes(&self.file, plen).await?;
-            m.check_metadata_write(&self.file, host, plen).await?;
+            let host = m.alloc_bytes(&self.file.get(), plen).await?;
+            m.check_metadata_write(&self.file.get(), host, plen).await?;
             break (host, InflightGuard::new(self, gc, gc));
         };
         // I/O without it: the data is on disk before anything points to it.
-        self.file.debug_event(DebugEvent::WriteCompressed).await;
+        self.file
+            .get()
+            .debug_event(DebugEvent::WriteCompressed)
+            .await;
         let written = self
             .file
+            .get()
             .write(host, IoBuf::from_slice(&packed), WriteFlags::default())
             .await;
         // Commit under it.
@@ -504,16 +518,21 @@ impl Qcow2Driver {
         let (first_hc, n) = (host / cs, (host + plen - 1) / cs - host / cs + 1);
         if let Err(e) = written {
             // Nothing points to the bytes: give their references back.
-            let _ = m.update_refcounts(&self.file, first_hc * cs, n, -1).await;
+            let _ = m
+                .update_refcounts(&self.file.get(), first_hc * cs, n, -1)
+                .await;
             return Err(e);
         }
         let l2 = self.writable_l2(&mut m, gc).await?;
-        self.file.debug_event(DebugEvent::L2UpdateCompressed).await;
+        self.file
+            .get()
+            .debug_event(DebugEvent::L2UpdateCompressed)
+            .await;
         let entry = self.geo.compressed_entry(host, plen);
-        m.l2_set(&self.file, l2, idx, entry).await?;
+        m.l2_set(&self.file.get(), l2, idx, entry).await?;
         if self.geo.extended_l2 {
             // The word is unused for compressed clusters: kept clear.
-            m.l2_set_bitmap(&self.file, l2, idx, 0).await?;
+            m.l2_set_bitmap(&self.file.get(), l2, idx, 0).await?;
         }
         Ok(buf)
     }

@@ -60,7 +60,7 @@ impl Qcow2Driver {
                 // Every subcluster written holds data already: no
                 // metadata changes, the bytes go straight in.
                 let at = host + head;
-                m.check_data_write(&self.file, at, len).await?;
+                m.check_data_write(&self.file.get(), at, len).await?;
                 let mapping = Mapping::Normal { host, copied: true };
                 let _held = self.hold_hosts(
                     &m,
@@ -72,10 +72,10 @@ impl Qcow2Driver {
                 );
                 self.note_planned(len);
                 drop(m);
-                self.file.debug_event(DebugEvent::WriteAio).await;
+                self.file.get().debug_event(DebugEvent::WriteAio).await;
                 return self.write_data(at, offset, buf).await;
             };
-            m.check_data_write(&self.file, host + span.from, span.to - span.from)
+            m.check_data_write(&self.file.get(), host + span.from, span.to - span.from)
                 .await?;
             let _inflight = InflightGuard::new(self, first, last);
             let mapping = Mapping::Normal { host, copied: true };
@@ -104,14 +104,14 @@ impl Qcow2Driver {
         // A new host cluster for each (QEMU: handle_alloc).
         let n = last - first + 1;
         let l2 = self.writable_l2(&mut m, first).await?;
-        m.mark_dirty_for_lazy_refcounts(&self.file).await?;
+        m.mark_dirty_for_lazy_refcounts(&self.file.get()).await?;
         let host = if self.geo.external_data {
             first << self.geo.cluster_bits
         } else {
-            m.alloc_clusters(&self.file, n).await?
+            m.alloc_clusters(&self.file.get(), n).await?
         };
         let span = self.new_cluster_span(&entries, head, head + len);
-        m.check_data_write(&self.file, host + span.from, span.to - span.from)
+        m.check_data_write(&self.file.get(), host + span.from, span.to - span.from)
             .await?;
         let _inflight = InflightGuard::new(self, first, last);
         // The clusters copy-on-write reads from stay theirs meanwhile.
@@ -139,7 +139,7 @@ impl Qcow2Driver {
             Err(e) => {
                 // Nothing points to the new clusters yet: give them back.
                 if !self.geo.external_data {
-                    let _ = m.update_refcounts(&self.file, host, n, -1).await;
+                    let _ = m.update_refcounts(&self.file.get(), host, n, -1).await;
                 }
                 Err(e)
             }
@@ -152,7 +152,7 @@ impl Qcow2Driver {
     async fn entries_for_write(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<L2Entry>> {
         let mut out = Vec::with_capacity((last - first + 1) as usize);
         for gc in first..=last {
-            let Some((l2, idx, e)) = m.l2_entry(&self.file, gc).await? else {
+            let Some((l2, idx, e)) = m.l2_entry(&self.file.get(), gc).await? else {
                 out.push(L2Entry::default());
                 continue;
             };
@@ -167,7 +167,7 @@ impl Qcow2Driver {
                         .map(|_| ())
                 });
             if let Err(err) = checked {
-                return Err(m.signal_corruption(&self.file, err).await);
+                return Err(m.signal_corruption(&self.file.get(), err).await);
             }
             out.push(e);
         }
@@ -281,7 +281,7 @@ impl Qcow2Driver {
         let head = offset - base;
         let end = head + buf.len() as u64;
         if span.from == head && span.to == end {
-            self.file.debug_event(DebugEvent::WriteAio).await;
+            self.file.get().debug_event(DebugEvent::WriteAio).await;
             let buf = self.write_data(host + head, offset, buf).await?;
             return Ok((buf, false));
         }
@@ -307,8 +307,8 @@ impl Qcow2Driver {
         }
         merged.as_mut_slice()[(head - span.from) as usize..(end - span.from) as usize]
             .copy_from_slice(buf.as_slice());
-        self.file.debug_event(DebugEvent::WriteAio).await;
-        self.file.debug_event(DebugEvent::CowWrite).await;
+        self.file.get().debug_event(DebugEvent::WriteAio).await;
+        self.file.get().debug_event(DebugEvent::CowWrite).await;
         self.write_data(host + span.from, base + span.from, merged)
             .await?;
         Ok((buf, true))
@@ -323,7 +323,7 @@ impl Qcow2Driver {
         from: u64,
         to: u64,
     ) -> Result<IoBuf> {
-        self.file.debug_event(DebugEvent::CowRead).await;
+        self.file.get().debug_event(DebugEvent::CowRead).await;
         let base = gc << self.geo.cluster_bits;
         let mut parts = Vec::new();
         let mut off = from;
@@ -361,10 +361,10 @@ impl Qcow2Driver {
         let mask = self.geo.l2_entries() - 1;
         for i in 0..n {
             let idx = (first + i as u64) & mask;
-            let old = m.l2_get_bitmap(&self.file, l2, idx).await?;
+            let old = m.l2_get_bitmap(&self.file.get(), l2, idx).await?;
             let new = self.written_bitmap(old, i, span);
             if new != old {
-                m.l2_set_bitmap(&self.file, l2, idx, new).await?;
+                m.l2_set_bitmap(&self.file.get(), l2, idx, new).await?;
             }
         }
         Ok(())
@@ -386,8 +386,8 @@ impl Qcow2Driver {
         let mut old = Vec::with_capacity(n);
         for i in 0..n {
             let idx = (first + i as u64) & mask;
-            let entry = m.l2_get(&self.file, l2, idx).await?;
-            let bitmap = m.l2_get_bitmap(&self.file, l2, idx).await?;
+            let entry = m.l2_get(&self.file.get(), l2, idx).await?;
+            let bitmap = m.l2_get_bitmap(&self.file.get(), l2, idx).await?;
             let h = host + ((i as u64) << self.geo.cluster_bits);
             let was = self.cluster_mapping(&L2Entry { entry, bitmap });
             old.push(match was {
@@ -395,9 +395,15 @@ impl Qcow2Driver {
                 Mapping::Normal { host: z, .. } if z == h => Mapping::Unallocated,
                 other => other,
             });
-            m.l2_set(&self.file, l2, idx, h | OFLAG_COPIED).await?;
-            m.l2_set_bitmap(&self.file, l2, idx, self.written_bitmap(bitmap, i, span))
+            m.l2_set(&self.file.get(), l2, idx, h | OFLAG_COPIED)
                 .await?;
+            m.l2_set_bitmap(
+                &self.file.get(),
+                l2,
+                idx,
+                self.written_bitmap(bitmap, i, span),
+            )
+            .await?;
         }
         self.release_old(m, &old, false).await
     }

@@ -51,8 +51,8 @@ impl Qcow2Driver {
                     }
                     continue;
                 }
-                let entry = m.l2_get(&self.file, l2, c & mask).await?;
-                let mp = m.mapping(&self.file, c).await?;
+                let entry = m.l2_get(&self.file.get(), l2, c & mask).await?;
+                let mp = m.mapping(&self.file.get(), c).await?;
                 let allocated = !matches!(mp, Mapping::Unallocated | Mapping::Zero(None));
                 let (new, release) = match how {
                     // As QEMU: compressed data always goes; other allocations
@@ -83,7 +83,7 @@ impl Qcow2Driver {
                 if release {
                     old.push(mp);
                 }
-                m.l2_set(&self.file, l2, c & mask, new).await?;
+                m.l2_set(&self.file.get(), l2, c & mask, new).await?;
             }
             // Guest discards and unmapping zero writes give the space back.
             self.release_old(&mut m, &old, true).await?;
@@ -102,8 +102,8 @@ impl Qcow2Driver {
         idx: u64,
         how: Clear,
     ) -> Result<Option<Mapping>> {
-        let entry = m.l2_get(&self.file, l2, idx).await?;
-        let bitmap = m.l2_get_bitmap(&self.file, l2, idx).await?;
+        let entry = m.l2_get(&self.file.get(), l2, idx).await?;
+        let bitmap = m.l2_get_bitmap(&self.file.get(), l2, idx).await?;
         let e = L2Entry { entry, bitmap };
         let allocated = e.compressed() || e.has_cluster(&self.geo);
         let (new, new_bitmap, release) = match how {
@@ -118,8 +118,9 @@ impl Qcow2Driver {
         if (new, new_bitmap) == (entry, bitmap) {
             return Ok(None);
         }
-        m.l2_set(&self.file, l2, idx, new).await?;
-        m.l2_set_bitmap(&self.file, l2, idx, new_bitmap).await?;
+        m.l2_set(&self.file.get(), l2, idx, new).await?;
+        m.l2_set_bitmap(&self.file.get(), l2, idx, new_bitmap)
+            .await?;
         Ok(release.then(|| self.cluster_mapping(&e)))
     }
 
@@ -135,7 +136,7 @@ impl Qcow2Driver {
         to: u64,
     ) -> Result<Option<bool>> {
         let cs = self.geo.cluster_size;
-        let mp = self.meta.lock().await.mapping(&self.file, gc).await?;
+        let mp = self.meta.lock().await.mapping(&self.file.get(), gc).await?;
         match mp {
             Mapping::Zero(_) => return Ok(Some(true)),
             Mapping::Unallocated => {}
@@ -177,7 +178,7 @@ impl Qcow2Driver {
                 return Err(Error::errno(libc::ENOMEDIUM));
             }
             // Decided again here, under the lock the change is made under.
-            let mp = m.mapping(&self.file, gc).await?;
+            let mp = m.mapping(&self.file.get(), gc).await?;
             if !matches!(mp, Mapping::Unallocated | Mapping::Zero(_)) {
                 return Ok(false);
             }
@@ -194,9 +195,10 @@ impl Qcow2Driver {
             }
             let l2 = self.writable_l2(&mut m, gc).await?;
             let idx = gc & (self.geo.l2_entries() - 1);
-            let entry = m.l2_get(&self.file, l2, idx).await?;
+            let entry = m.l2_get(&self.file.get(), l2, idx).await?;
             if entry & OFLAG_ZERO == 0 {
-                m.l2_set(&self.file, l2, idx, entry | OFLAG_ZERO).await?;
+                m.l2_set(&self.file.get(), l2, idx, entry | OFLAG_ZERO)
+                    .await?;
             }
             return Ok(true);
         }

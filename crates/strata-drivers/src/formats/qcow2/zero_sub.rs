@@ -157,7 +157,7 @@ impl Qcow2Driver {
         let gc = offset >> self.geo.cluster_bits;
         let first = (self.geo.offset_in_cluster(offset) >> self.geo.subcluster_bits) as u32;
         let mut m = self.lock_idle(gc, gc).await?;
-        let current = m.l2_entry(&self.file, gc).await?;
+        let current = m.l2_entry(&self.file.get(), gc).await?;
         let e = current.map(|c| c.2).unwrap_or_default();
         if e.compressed() {
             return Ok(false);
@@ -179,7 +179,7 @@ impl Qcow2Driver {
         let last = first + n as u32;
         let new = (e.bitmap | zero_range(first, last)) & !alloc_range(first, last);
         if new != e.bitmap {
-            m.l2_set_bitmap(&self.file, l2, idx, new).await?;
+            m.l2_set_bitmap(&self.file.get(), l2, idx, new).await?;
         }
         Ok(true)
     }
