@@ -56,6 +56,48 @@ fn bitmap_flags(path: &str) -> String {
     v["format-specific"]["data"]["bitmaps"][0]["flags"].to_string()
 }
 
+/// A graph of its own and a context that opens nodes into it, as the
+/// daemon has, so that blockdev-reopen can name them.
+fn graph_and_ctx() -> (Arc<strata_block::Graph>, OpenCtx) {
+    let graph = strata_block::Graph::new();
+    let ctx = OpenCtx::with_graph(
+        strata_drivers::registry(),
+        OpenFlags::default(),
+        Arc::clone(&graph),
+    );
+    (graph, ctx)
+}
+
+/// Opens a node from its blockdev-add options.
+async fn open_json(ctx: &OpenCtx, v: serde_json::Value) -> Arc<Node> {
+    let o: Opts = serde_json::from_value(v).unwrap();
+    ctx.open_image(None, None, o).await.unwrap()
+}
+
+/// blockdev-reopen of one node, on a task of its own so that the test can
+/// watch it wait.
+fn spawn_reopen(
+    graph: &Arc<strata_block::Graph>,
+    v: serde_json::Value,
+) -> tokio::task::JoinHandle<strata_block::Result<()>> {
+    let opts: Opts = serde_json::from_value(v).unwrap();
+    let graph = Arc::clone(graph);
+    tokio::spawn(async move { strata_block::reopen::reopen_multiple(&graph, vec![opts]).await })
+}
+
+/// Whether a request reached the blkdebug breakpoint `tag` below `node`
+/// within ten seconds.
+async fn wait_suspended(node: &Arc<Node>, tag: &str) -> bool {
+    let suspended = || node.with_debug_hooks(|h| Ok(h.is_suspended(tag))).unwrap();
+    for _ in 0..2000 {
+        if suspended() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    suspended()
+}
+
 #[test]
 fn a_read_only_qcow2_becomes_writable_and_read_only_again() {
     let dir = tempdir("rw");
@@ -162,12 +204,7 @@ fn a_backing_file_swap_waits_for_reads_in_flight() {
     );
     let ev = EventLoop::new().unwrap();
     ev.block_on(async {
-        let graph = strata_block::Graph::new();
-        let ctx = OpenCtx::with_graph(
-            strata_drivers::registry(),
-            OpenFlags::default(),
-            Arc::clone(&graph),
-        );
+        let (graph, ctx) = graph_and_ctx();
         let open = |pairs: Vec<(&str, String)>| {
             let pairs: Vec<(String, String)> =
                 pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
@@ -206,23 +243,17 @@ fn a_backing_file_swap_waits_for_reads_in_flight() {
             .unwrap();
         let g = Arc::clone(&guest);
         let held = tokio::spawn(async move { g.read(0, IoBuf::zeroed(4096)).await.unwrap() });
-        for _ in 0..2000 {
-            if b1.with_debug_hooks(|h| Ok(h.is_suspended("r"))).unwrap() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        assert!(b1.with_debug_hooks(|h| Ok(h.is_suspended("r"))).unwrap());
-        let opts: Opts = serde_json::from_value(serde_json::json!({
-            "driver": "qcow2", "node-name": "top", "backing": "b2",
-            "file": {"driver": "file", "filename": p("top.qcow2")}
-        }))
-        .unwrap();
-        let gr = Arc::clone(&graph);
-        let swap =
-            tokio::spawn(
-                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
-            );
+        assert!(
+            wait_suspended(&b1, "r").await,
+            "the read did not reach its file"
+        );
+        let swap = spawn_reopen(
+            &graph,
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "top", "backing": "b2",
+                "file": {"driver": "file", "filename": p("top.qcow2")}
+            }),
+        );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!swap.is_finished(), "the swap did not wait for the read");
         let g = Arc::clone(&guest);
@@ -267,45 +298,35 @@ fn detect_zeroes_changes_only_between_writes() {
     }
     let ev = EventLoop::new().unwrap();
     ev.block_on(async {
-        let graph = strata_block::Graph::new();
-        let ctx = OpenCtx::with_graph(
-            strata_drivers::registry(),
-            OpenFlags::default(),
-            Arc::clone(&graph),
-        );
-        let opts: Opts = serde_json::from_value(serde_json::json!({
-            "driver": "qcow2", "node-name": "top",
-            "file": {"driver": "blkdebug", "node-name": "dbg",
-                     "image": {"driver": "file", "filename": img}}
-        }))
-        .unwrap();
-        let top = ctx.open_image(None, None, opts).await.unwrap();
+        let (graph, ctx) = graph_and_ctx();
+        let top = open_json(
+            &ctx,
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "top",
+                "file": {"driver": "blkdebug", "node-name": "dbg",
+                         "image": {"driver": "file", "filename": img}}
+            }),
+        )
+        .await;
         let guest = Arc::new(Backend::new(&top, "guest", Perm::WRITE, Perm::ALL).unwrap());
         top.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
             .unwrap();
-        let suspended = || top.with_debug_hooks(|h| Ok(h.is_suspended("w"))).unwrap();
         let g = Arc::clone(&guest);
         let held = tokio::spawn(async move {
             g.write(0, IoBuf::zeroed(65536), WriteFlags::default())
                 .await
                 .unwrap()
         });
-        for _ in 0..2000 {
-            if suspended() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        assert!(suspended(), "the write did not reach its data write");
-        let opts: Opts = serde_json::from_value(serde_json::json!({
-            "driver": "qcow2", "node-name": "top", "detect-zeroes": "on", "file": "dbg"
-        }))
-        .unwrap();
-        let gr = Arc::clone(&graph);
-        let reopen =
-            tokio::spawn(
-                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
-            );
+        assert!(
+            wait_suspended(&top, "w").await,
+            "the write did not reach its data write"
+        );
+        let reopen = spawn_reopen(
+            &graph,
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "top", "detect-zeroes": "on", "file": "dbg"
+            }),
+        );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
             !reopen.is_finished(),
@@ -387,46 +408,36 @@ fn a_window_move_and_o_direct_wait_for_writes_in_flight() {
     }
     let ev = EventLoop::new().unwrap();
     ev.block_on(async {
-        let graph = strata_block::Graph::new();
-        let ctx = OpenCtx::with_graph(
-            strata_drivers::registry(),
-            OpenFlags::default(),
-            Arc::clone(&graph),
-        );
-        let opts: Opts = serde_json::from_value(serde_json::json!({
-            "driver": "raw", "node-name": "disk",
-            "file": {"driver": "blkdebug", "node-name": "dbg",
-                     "image": {"driver": "file", "filename": img}}
-        }))
-        .unwrap();
-        let disk = ctx.open_image(None, None, opts).await.unwrap();
+        let (graph, ctx) = graph_and_ctx();
+        let disk = open_json(
+            &ctx,
+            serde_json::json!({
+                "driver": "raw", "node-name": "disk",
+                "file": {"driver": "blkdebug", "node-name": "dbg",
+                         "image": {"driver": "file", "filename": img}}
+            }),
+        )
+        .await;
         let guest = Arc::new(Backend::new(&disk, "guest", Perm::WRITE, Perm::ALL).unwrap());
         disk.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
             .unwrap();
-        let suspended = || disk.with_debug_hooks(|h| Ok(h.is_suspended("w"))).unwrap();
         let g = Arc::clone(&guest);
         let held = tokio::spawn(async move {
             g.write(0, IoBuf::from_slice(&[0x11; 4096]), WriteFlags::default())
                 .await
                 .unwrap()
         });
-        for _ in 0..2000 {
-            if suspended() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        assert!(suspended(), "the write did not reach its file");
-        let opts: Opts = serde_json::from_value(serde_json::json!({
-            "driver": "raw", "node-name": "disk", "offset": 65536,
-            "cache": {"direct": true}, "file": "dbg"
-        }))
-        .unwrap();
-        let gr = Arc::clone(&graph);
-        let reopen =
-            tokio::spawn(
-                async move { strata_block::reopen::reopen_multiple(&gr, vec![opts]).await },
-            );
+        assert!(
+            wait_suspended(&disk, "w").await,
+            "the write did not reach its file"
+        );
+        let reopen = spawn_reopen(
+            &graph,
+            serde_json::json!({
+                "driver": "raw", "node-name": "disk", "offset": 65536,
+                "cache": {"direct": true}, "file": "dbg"
+            }),
+        );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
             !reopen.is_finished(),
@@ -468,5 +479,97 @@ fn a_window_move_and_o_direct_wait_for_writes_in_flight() {
     )
     .unwrap();
     assert!(!out.contains("fail"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A qcow2 image moved onto another file (blockdev-reopen `file`) while a
+/// guest write that allocates a cluster is held at a blkdebug breakpoint in
+/// the old file: the swap waits for the write, whose data and mapping both
+/// land in the old file; a write that comes while the swap waits is held at
+/// the drain and lands in the new file, whose tables are read afresh. Both
+/// images check clean.
+#[test]
+fn a_file_swap_under_qcow2_waits_for_writes_in_flight() {
+    let dir = tempdir("file-swap");
+    let (t1, t2) = (format!("{dir}/t1.qcow2"), format!("{dir}/t2.qcow2"));
+    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", &t1, "4M"]).is_none() {
+        return;
+    }
+    std::fs::copy(&t1, &t2).unwrap();
+    let ev = EventLoop::new().unwrap();
+    ev.block_on(async {
+        let (graph, ctx) = graph_and_ctx();
+        let f2 = open_json(
+            &ctx,
+            serde_json::json!({"driver": "file", "node-name": "f2", "filename": t2}),
+        )
+        .await;
+        let top = open_json(
+            &ctx,
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "top",
+                "file": {"driver": "blkdebug", "node-name": "dbg",
+                         "image": {"driver": "file", "filename": t1}}
+            }),
+        )
+        .await;
+        let guest = Arc::new(Backend::new(&top, "guest", Perm::WRITE, Perm::ALL).unwrap());
+        top.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
+            .unwrap();
+        let g = Arc::clone(&guest);
+        let held = tokio::spawn(async move {
+            g.write(0, IoBuf::filled(65536, 0x11), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        assert!(
+            wait_suspended(&top, "w").await,
+            "the write did not reach its data write"
+        );
+        let swap = spawn_reopen(
+            &graph,
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "top", "file": "f2"
+            }),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!swap.is_finished(), "the swap did not wait for the write");
+        let g = Arc::clone(&guest);
+        let late = tokio::spawn(async move {
+            g.write(1 << 20, IoBuf::filled(65536, 0x22), WriteFlags::default())
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!late.is_finished(), "a write went by the drain");
+        top.with_debug_hooks(|h| h.resume("w")).unwrap();
+        held.await.unwrap();
+        swap.await.unwrap().unwrap();
+        late.await.unwrap();
+        assert_eq!(
+            top.child(strata_block::ChildRole::File)
+                .map(|n| n.name().to_string()),
+            Some("f2".into())
+        );
+        Arc::into_inner(guest).unwrap().close().await.unwrap();
+        top.close().await.unwrap();
+        f2.close().await.unwrap();
+    });
+    for (img, data, zero) in [(&t1, "0x11 0", "0 1M"), (&t2, "0x22 1M", "0 0")] {
+        qemu("qemu-img", &["check", img]);
+        let out = qemu(
+            "qemu-io",
+            &[
+                "-r",
+                "-c",
+                &format!("read -P {data} 64k"),
+                "-c",
+                &format!("read -P {zero} 64k"),
+                img,
+            ],
+        )
+        .unwrap();
+        assert!(!out.contains("fail"), "{img}: {out}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
