@@ -100,6 +100,15 @@ pub(crate) fn schema(s: &mut Schema) {
         ],
     )
     .enumeration("BitmapSyncMode", &["on-success", "never", "always"])
+    .object(
+        "BackupPerf",
+        &[
+            ("*use-copy-range", "bool"),
+            ("*max-workers", "int"),
+            ("*max-chunk", "int64"),
+            ("*min-cluster-size", "size"),
+        ],
+    )
     .object("BlockdevBackup", &backup_fields(&[("target", "str")]))
     .object(
         "DriveBackup",
@@ -161,6 +170,8 @@ fn backup_fields(own: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'s
         ("*auto-finalize", "bool"),
         ("*auto-dismiss", "bool"),
         ("*filter-node-name", "str"),
+        ("*discard-source", "bool"),
+        ("*x-perf", "BackupPerf"),
     ];
     v.extend_from_slice(own);
     v
@@ -184,6 +195,21 @@ pub(crate) fn backup_args(a: &Value) -> BackupArgs {
         auto_finalize: b("auto-finalize"),
         auto_dismiss: b("auto-dismiss"),
         filter_node_name: s("filter-node-name"),
+        discard_source: b("discard-source").unwrap_or(false),
+        perf: backup_perf(a.get("x-perf")),
+    }
+}
+
+/// `x-perf`'s members, as the schema let them through.
+fn backup_perf(p: Option<&Value>) -> strata_jobs::BackupPerf {
+    let Some(p) = p else {
+        return strata_jobs::BackupPerf::default();
+    };
+    strata_jobs::BackupPerf {
+        use_copy_range: p.get("use-copy-range").and_then(Value::as_bool),
+        max_workers: p.get("max-workers").and_then(Value::as_i64),
+        max_chunk: p.get("max-chunk").and_then(Value::as_i64),
+        min_cluster_size: p.get("min-cluster-size").and_then(Value::as_u64),
     }
 }
 

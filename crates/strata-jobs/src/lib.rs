@@ -21,7 +21,7 @@ pub mod stream;
 
 pub use amend::x_blockdev_amend;
 pub use backup::{
-    backup_prepare, blockdev_backup, drive_backup, drive_backup_prepare, BackupArgs,
+    backup_prepare, blockdev_backup, drive_backup, drive_backup_prepare, BackupArgs, BackupPerf,
     DriveBackupArgs,
 };
 pub use commit::{block_commit, CommitArgs};

@@ -303,3 +303,205 @@ fn drive_backups_as_in_qemu() {
         &["full.qcow2", "none.qcow2", "t2.qcow2"],
     );
 }
+
+/// `x-perf` (QEMU's BackupPerf): each range and cluster size refused in
+/// QEMU's order and words; accepted, it changes how the job copies, not
+/// what the target gets. `c1-tg3` has 2 MiB clusters here.
+#[test]
+fn backup_performance_options_as_in_qemu() {
+    let steps = [
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-workers": 0}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-workers": 2147483648}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-chunk": -1}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-chunk": -1, "max-workers": 0}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"min-cluster-size": 1000}}}"#,
+        ),
+        // Negative sizes wrap, as QEMU's visitor takes them.
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"min-cluster-size": -5}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-chunk": 4096}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-chunk": 65536, "min-cluster-size": 131072}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t3", "sync": "full", "x-perf": {"max-chunk": 1048576}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "filter-node-name": "c1-mid", "x-perf": {"min-cluster-size": 1000}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"max-workers": "a"}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "x-perf": {"foo": 1}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"device": "c1-top", "target": "t1", "sync": "full", "discard-source": 1}}"#,
+        ),
+        // One 64 KiB copy at a time; then clusters of 4 MiB.
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b1", "device": "c1-top", "target": "t1", "sync": "full", "auto-dismiss": false, "x-perf": {"max-workers": 1, "max-chunk": 65536, "use-copy-range": true}}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b1"}}"#),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t3", "sync": "full", "auto-dismiss": false, "x-perf": {"min-cluster-size": 4194304, "max-chunk": 2097152}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "b2", "device": "c1-top", "target": "t3", "sync": "full", "auto-dismiss": false, "x-perf": {"min-cluster-size": 4194304}}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "b2"}}"#),
+    ];
+    let setup = |side: &Side| {
+        targets(side);
+        side.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "c1-tg3.qcow2",
+            "4M",
+        ]);
+    };
+    same_jobs_and_images(
+        1,
+        with_targets,
+        setup,
+        &steps,
+        &["c1-tgt.qcow2", "c1-tg3.qcow2"],
+    );
+}
+
+/// Push backup from a fleecing image with `discard-source` (QEMU's test
+/// backup-discard-source): what the backup copied is given back by the
+/// temporary image, and the copy-before-write filter stops copying those
+/// clusters. Guest writes go through an NBD export of the filter.
+#[test]
+fn a_fleecing_image_given_back_as_the_backup_copies_it() {
+    let setup = |side: &Side| {
+        for img in ["src", "temp", "tgt"] {
+            side.qemu_img(&["create", "-q", "-f", "qcow2", &format!("{img}.qcow2"), "1M"]);
+        }
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x11 0 1M", "src.qcow2"])
+            .current_dir(side.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    let nodes = [
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"node-name": "cbw", "driver": "copy-before-write", "file": {"driver": "qcow2", "file": {"driver": "file", "filename": "src.qcow2"}}, "target": {"driver": "qcow2", "discard": "unmap", "node-name": "temp", "file": {"driver": "file", "filename": "temp.qcow2"}}}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"node-name": "access", "discard": "unmap", "driver": "snapshot-access", "file": "cbw"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": "tgt.qcow2"}}}"#,
+        ),
+        a(
+            r#"{"execute": "block-dirty-bitmap-add", "arguments": {"node": "temp", "name": "bitmap0"}}"#,
+        ),
+        a(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "cbw", "writable": true}}"#,
+        ),
+        a(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "access"}}"#,
+        ),
+    ];
+    let backup = [
+        a(
+            r#"{"execute": "blockdev-backup", "arguments": {"job-id": "backup0", "device": "access", "target": "target", "sync": "full", "discard-source": true, "auto-dismiss": false}}"#,
+        ),
+        S::Until(r#""status": "concluded""#),
+        a(r#"{"execute": "query-jobs"}"#),
+        a(r#"{"execute": "job-dismiss", "arguments": {"id": "backup0"}}"#),
+    ];
+    let bitmap = a(
+        r#"{"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "temp", "name": "bitmap0"}}"#,
+    );
+    let guest_write =
+        S::Run("qemu-io -f raw -c 'write -P 0x22 0 1M' 'nbd+unix:///cbw?socket=nbd.sock'");
+    let after = [
+        // Given back: a read of the point in time fails.
+        S::Run("qemu-io -f raw -c 'read 0 64k' 'nbd+unix:///access?socket=nbd.sock'"),
+        // Closed, the temporary image has its tables on disk to be mapped.
+        a(r#"{"execute": "block-export-del", "arguments": {"id": "e0"}}"#),
+        a(r#"{"execute": "block-export-del", "arguments": {"id": "e1"}}"#),
+        a(r#"{"execute": "blockdev-del", "arguments": {"node-name": "access"}}"#),
+        a(r#"{"execute": "blockdev-del", "arguments": {"node-name": "cbw"}}"#),
+        S::Run("qemu-img map --output=json temp.qcow2"),
+    ];
+    // The guest writes first: the old data goes to the temporary image,
+    // then the backup takes it from there and gives it back.
+    let mut written_first: Vec<S> = nodes.iter().copied().collect();
+    written_first.push(guest_write);
+    written_first.push(bitmap);
+    written_first.extend(backup.iter().copied());
+    written_first.push(a(NODES));
+    written_first.extend(after.iter().copied());
+    let Some(first) = same_jobs_and_images(0, no_nodes, setup, &written_first, &["tgt.qcow2"])
+    else {
+        return;
+    };
+    // The backup first: the filter knows those clusters are done with,
+    // and a guest write copies nothing to the temporary image.
+    let mut backup_first: Vec<S> = nodes.iter().copied().collect();
+    backup_first.extend(backup.iter().copied());
+    backup_first.push(a(
+        r#"{"execute": "block-dirty-bitmap-clear", "arguments": {"node": "temp", "name": "bitmap0"}}"#,
+    ));
+    backup_first.push(guest_write);
+    backup_first.push(bitmap);
+    // (Not the nodes: QEMU's discard of clusters never written gives the
+    // temporary image an L2 table, and Strata's does not.)
+    backup_first.extend(after.iter().copied());
+    let second = same_jobs_and_images(0, no_nodes, setup, &backup_first, &["tgt.qcow2"]).unwrap();
+    let sha = |lines: &[String]| {
+        lines
+            .iter()
+            .find(|l| l.starts_with("{\"return\": {\"sha256\""))
+            .cloned()
+    };
+    assert_ne!(
+        sha(&first),
+        sha(&second),
+        "the filter copied after the backup"
+    );
+    for lines in [&first, &second] {
+        let text = lines.join("\n");
+        assert!(text.contains("Permission denied"), "{text}");
+        // Nothing left in the temporary image.
+        let map = lines.iter().find(|l| l.starts_with("[{ \"start\""));
+        assert!(
+            map.is_some_and(
+                |m| m.contains(r#""length": 1048576"#) && m.contains(r#""data": false"#)
+            ),
+            "{text}"
+        );
+    }
+}
+
+fn no_nodes(_side: &Side, _n: usize) -> Vec<String> {
+    Vec::new()
+}

@@ -55,6 +55,9 @@ pub(crate) struct CopyBeforeWrite {
     cluster: u64,
     on_error: OnCbwError,
     timeout: Option<Duration>,
+    /// The job's copies discard the source (`discard-source`), so the
+    /// filter writes it.
+    discard_source: bool,
     state: Mutex<SnapshotState>,
     thawed: Notify,
     /// The job is done: the filter takes nothing on its children, so it
@@ -103,6 +106,7 @@ impl CopyBeforeWrite {
         for (off, n) in copy.dirty().dirty_ranges() {
             access.set(off, n);
         }
+        let discard_source = copy.discards_source();
         Ok(CopyBeforeWrite {
             source: ChildCell::new(source),
             target: ChildCell::new(target),
@@ -112,6 +116,7 @@ impl CopyBeforeWrite {
             cluster,
             on_error,
             timeout,
+            discard_source,
             state: Mutex::new(SnapshotState::default()),
             thawed: Notify::new(),
             stopped: AtomicBool::new(false),
@@ -327,10 +332,11 @@ impl Driver for CopyBeforeWrite {
         if node.parents().is_empty() && node.backend_count() == 0 {
             return (perm, shared);
         }
-        (
-            perm.with(Perm::CONSISTENT_READ),
-            shared.without(Perm::WRITE).without(Perm::RESIZE),
-        )
+        let perm = match self.discard_source {
+            true => perm.with(Perm::CONSISTENT_READ).with(Perm::WRITE),
+            false => perm.with(Perm::CONSISTENT_READ),
+        };
+        (perm, shared.without(Perm::WRITE).without(Perm::RESIZE))
     }
 
     fn limits(&self) -> Limits {

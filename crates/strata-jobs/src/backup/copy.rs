@@ -20,6 +20,16 @@ const MAX_BUFFER: u64 = 1 << 20;
 /// Told how many bytes a copy moved.
 type Progress = Box<dyn Fn(u64) + Send + Sync>;
 
+/// How copies write (QEMU: block_copy_set_copy_opts and
+/// block_copy_state_new's discard_source).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CopyOpts {
+    /// Clusters go to the target compressed, whole.
+    pub(crate) compress: bool,
+    /// A copied run is discarded from the source afterwards.
+    pub(crate) discard_source: bool,
+}
+
 /// A failed copy, and whether reading the source failed (else writing the
 /// target).
 pub(crate) struct CopyError {
@@ -43,7 +53,7 @@ pub(crate) struct BlockCopy {
     /// Sync `top` while the job looks for what the top image holds: a
     /// cluster it does not is dropped rather than copied.
     skip_unallocated: AtomicBool,
-    compress: bool,
+    opts: CopyOpts,
     /// Told how many bytes each copy moved (the job's progress).
     progress: Mutex<Option<Progress>>,
 }
@@ -55,7 +65,7 @@ impl BlockCopy {
         source: &Arc<Node>,
         target: Arc<Node>,
         cluster: u64,
-        compress: bool,
+        opts: CopyOpts,
     ) -> Result<Arc<BlockCopy>, String> {
         let len = source.length();
         // Made before the filter it belongs to (see `adopt_bitmap`).
@@ -73,9 +83,13 @@ impl BlockCopy {
             claims: Mutex::new(Vec::new()),
             released: Notify::new(),
             skip_unallocated: AtomicBool::new(false),
-            compress,
+            opts,
             progress: Mutex::new(None),
         }))
+    }
+
+    pub(crate) fn discards_source(&self) -> bool {
+        self.opts.discard_source
     }
 
     pub(crate) fn cluster_size(&self) -> u64 {
@@ -184,6 +198,12 @@ impl BlockCopy {
                     };
                     let e = self.shrink_to_first_run(&mut claimed).await;
                     let r = self.copy_claimed(s, e).await;
+                    if r.is_ok() && self.opts.discard_source {
+                        // Still claimed, so a guest write there waits and
+                        // cannot be discarded (QEMU discards after the
+                        // claim ends). A failed discard only keeps space.
+                        let _ = self.source.discard(s, e.min(self.len) - s).await;
+                    }
                     claimed.copied = r.is_ok();
                     drop(claimed);
                     r?;
@@ -198,7 +218,7 @@ impl BlockCopy {
     /// Returns where the claim ends now.
     async fn shrink_to_first_run(&self, claimed: &mut Claimed<'_>) -> u64 {
         let (start, end) = (claimed.start, claimed.end);
-        if self.compress || self.skip_unallocated.load(Ordering::Acquire) {
+        if self.opts.compress || self.skip_unallocated.load(Ordering::Acquire) {
             return end;
         }
         // Errors are the copy's to report; it asks again.
@@ -268,7 +288,7 @@ impl BlockCopy {
         while at < end {
             let n = end - at;
             // Compressed clusters are written whole, whatever they hold.
-            let (run, zero) = if self.compress {
+            let (run, zero) = if self.opts.compress {
                 (n, false)
             } else {
                 let (st, _) = self
@@ -289,7 +309,7 @@ impl BlockCopy {
                     .read(at, IoBuf::zeroed(run as usize))
                     .await
                     .map_err(read_err)?;
-                let w = if self.compress {
+                let w = if self.opts.compress {
                     self.target.write_compressed(at, buf).await
                 } else {
                     self.target.write(at, buf, WriteFlags::default()).await

@@ -5,7 +5,7 @@
 //! backup tool while the guest writes through the filter.
 
 use super::cbw::{CopyBeforeWrite, OnCbwError};
-use super::copy::{BlockCopy, DEFAULT_CLUSTER};
+use super::copy::{BlockCopy, CopyOpts, DEFAULT_CLUSTER};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,7 +144,7 @@ async fn open_cbw(
     };
     let cluster = copy_cluster(target, o.min_cluster)
         .map_err(|e| Error::invalid(format!("Cannot create block-copy-state: {e}")))?;
-    let copy = BlockCopy::new(&source, Arc::clone(target), cluster, false)
+    let copy = BlockCopy::new(&source, Arc::clone(target), cluster, CopyOpts::default())
         .map_err(|e| Error::invalid(format!("Cannot create block-copy-state: {e}")))?;
     if let Some(b) = &bitmap {
         copy.start_from(b);

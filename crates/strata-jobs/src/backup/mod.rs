@@ -26,12 +26,13 @@ use crate::list::JobList;
 use crate::state::JobType;
 use async_trait::async_trait;
 use cbw::{CopyBeforeWrite, OnCbwError};
-use copy::BlockCopy;
+use copy::{BlockCopy, CopyOpts};
 use std::sync::{Arc, Weak};
 use strata_block::driver::Perm;
 use strata_block::{BlockOp, DirtyBitmap, Graph, Node};
 
-/// Copies the job runs at once (QEMU runs up to 64 block-copy tasks).
+/// Copies the job runs at once unless `x-perf` says otherwise (QEMU runs
+/// up to 64 block-copy tasks; 16 of 1 MiB keep this machine's disk busy).
 const WORKERS: usize = 16;
 
 /// One copy of the job's loop (QEMU: the default max-chunk, one buffer).
@@ -53,6 +54,53 @@ pub struct BackupArgs {
     pub auto_finalize: Option<bool>,
     pub auto_dismiss: Option<bool>,
     pub filter_node_name: Option<String>,
+    /// Copied ranges are discarded from the source (a fleecing image's
+    /// space given back as the backup goes).
+    pub discard_source: bool,
+    pub perf: BackupPerf,
+}
+
+/// QEMU's BackupPerf (`x-perf`): how the job copies, never what.
+/// `use-copy-range` is taken and changes nothing: Strata's core has no
+/// copy offload, so every copy goes through a buffer, as QEMU's does when
+/// its copy_range fails.
+#[derive(Debug, Default, Clone)]
+pub struct BackupPerf {
+    pub use_copy_range: Option<bool>,
+    pub max_workers: Option<i64>,
+    pub max_chunk: Option<i64>,
+    pub min_cluster_size: Option<u64>,
+}
+
+impl BackupPerf {
+    /// QEMU's range checks, done right after the op blockers
+    /// (backup_job_create).
+    fn check(&self) -> Result<(), String> {
+        if self
+            .max_workers
+            .is_some_and(|w| !(1..=i32::MAX as i64).contains(&w))
+        {
+            return Err(format!("max-workers must be between 1 and {}", i32::MAX));
+        }
+        if self.max_chunk.is_some_and(|c| c < 0) {
+            return Err("max-chunk must be zero (which means no limit) or positive".into());
+        }
+        Ok(())
+    }
+
+    fn workers(&self) -> usize {
+        self.max_workers.map_or(WORKERS, |w| w as usize)
+    }
+
+    /// The most one copy of the job's loop takes (QEMU:
+    /// block_copy_chunk_size, capped by max-chunk when it is not 0).
+    fn chunk(&self, cluster: u64) -> u64 {
+        let chunk = CHUNK.max(cluster);
+        match self.max_chunk {
+            Some(c) if c > 0 => chunk.min(c as u64),
+            _ => chunk,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +233,7 @@ async fn prepare_on(
     target
         .check_op(BlockOp::BackupTarget)
         .map_err(|e| e.to_string())?;
+    a.perf.check()?;
     let mode = mode.unwrap_or(BitmapMode::Never);
     let successor = match &sync_bitmap {
         Some(b) => {
@@ -227,6 +276,7 @@ async fn prepare_on(
         cbw: cbw_node,
         copy: Arc::clone(&copy),
         source: Arc::clone(&bs),
+        perf: a.perf.clone(),
         sync,
         frozen,
         mode,
@@ -274,16 +324,33 @@ async fn start(
     target: &Arc<Node>,
     a: &BackupArgs,
 ) -> Result<(Arc<Node>, Arc<BlockCopy>), String> {
+    let min_cluster = a.perf.min_cluster_size.unwrap_or(0);
+    if min_cluster > i64::MAX as u64 {
+        return Err(format!(
+            "min-cluster-size too large: {min_cluster} > {}",
+            i64::MAX
+        ));
+    }
     if let Some(n) = &a.filter_node_name {
         graph
             .check_new_name(n)
             .map_err(|e| format!("Could not create node: {e}"))?;
     }
     // Whole clusters of the target, at least 64 KiB.
-    let cluster = fleecing::copy_cluster(target, 0)?;
+    let cluster = fleecing::copy_cluster(target, min_cluster)
+        .map_err(|e| format!("Could not create node: Cannot create block-copy-state: {e}"))?;
+    if let Some(c) = a.perf.max_chunk.filter(|&c| c > 0 && (c as u64) < cluster) {
+        return Err(format!(
+            "Required max-chunk ({c}) is less than backup cluster size ({cluster})"
+        ));
+    }
     // The filter's target edge is a reference on the target.
     target.add_ref();
-    let copy = BlockCopy::new(bs, Arc::clone(target), cluster, a.compress);
+    let opts = CopyOpts {
+        compress: a.compress,
+        discard_source: a.discard_source,
+    };
+    let copy = BlockCopy::new(bs, Arc::clone(target), cluster, opts);
     let driver = copy.and_then(|copy| {
         CopyBeforeWrite::new(
             Arc::clone(bs),
@@ -331,6 +398,7 @@ struct BackupState {
     cbw: Arc<Node>,
     copy: Arc<BlockCopy>,
     source: Arc<Node>,
+    perf: BackupPerf,
     sync: Sync,
     /// The sync bitmap and the successor recording while the job runs.
     frozen: Option<(Arc<DirtyBitmap>, Arc<DirtyBitmap>)>,
@@ -414,8 +482,8 @@ impl BackupState {
                 return Ok(());
             }
             let mut batch = Vec::new();
-            while batch.len() < WORKERS && !job.ratelimit_exceeded() {
-                let chunk = CHUNK.max(self.copy.cluster_size());
+            let chunk = self.perf.chunk(self.copy.cluster_size());
+            while batch.len() < self.perf.workers() && !job.ratelimit_exceeded() {
                 let Some((s, l)) = self.copy.dirty().next_dirty_area(pos, end, chunk) else {
                     pos = end;
                     break;

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One step of a job conversation.
+#[derive(Clone, Copy)]
 pub enum S<'a> {
     /// Send this, read up to its answer, then that many lines more.
     Ask(&'a str, usize),
