@@ -127,10 +127,11 @@ fn cumulative(node: &Node, extra: &Extra) -> (Perm, Perm) {
     (Perm(perm), Perm(shared))
 }
 
-/// The users of `node`: newest parent first (QEMU's list order), then its
-/// backends, then the extra ones of a pending check.
+/// The users of `node`: the extra ones of a pending check, which QEMU
+/// inserts at the head of its list, then the parents newest first (QEMU's
+/// list order), then its backends.
 fn users_with(node: &Node, extra: &Extra) -> Vec<User> {
-    let mut out = Vec::new();
+    let mut out = extra.on(node);
     for l in node.parents().iter().rev() {
         let Some(parent) = l.parent.upgrade() else {
             continue;
@@ -141,7 +142,6 @@ fn users_with(node: &Node, extra: &Extra) -> Vec<User> {
         out.push(edge_user(&parent, l.role, extra));
     }
     out.extend(node.backend_users());
-    out.extend(extra.on(node));
     out
 }
 

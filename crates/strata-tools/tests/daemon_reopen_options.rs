@@ -268,12 +268,18 @@ fn qcow2_file_replaced_as_in_qemu() {
         S::Run(
             "qemu-io -f raw -c 'read -P 0x11 0 64k' -c 'read -P 0x33 1M 64k' -c 'read -P 0x44 2M 64k' 'nbd+unix:///top?socket=nbd.sock'",
         ),
-        // Another image's file. (While another node writes to it, both
-        // refuse the swap, but QEMU names the two users the other way
-        // round: the new parent comes first in its list.)
+        // Another image's file: refused while another node writes to it
+        // (the new parent named first, as in QEMU's list), then taken.
         a(
             r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "nosuch"}]}}"#,
         ),
+        a(
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "other", "file": "t2-file"}}"#,
+        ),
+        a(
+            r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "t2-file"}]}}"#,
+        ),
+        a(r#"{"execute": "blockdev-del", "arguments": {"node-name": "other"}}"#),
         a(
             r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "top", "file": "t2-file"}]}}"#,
         ),
