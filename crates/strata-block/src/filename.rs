@@ -53,12 +53,19 @@ impl Identity {
     }
 }
 
+/// Keys in [`CHILD_KEYS`] that are plain options of one driver: rbd's
+/// `image` is the image's name, not a child.
+const NOT_CHILDREN: &[(&str, &str)] = &[("rbd", "image")];
+
 /// A node's own options, flattened to dotted keys (`set-state.0.event`),
-/// without its children's.
-pub fn own_options(opts: &Opts) -> Opts {
+/// without its children's; `driver` is the node's driver, when known
+/// apart from `opts`.
+pub fn own_options(opts: &Opts, driver: Option<&str>) -> Opts {
+    let driver = driver.or_else(|| opts.get("driver").and_then(Value::as_str));
     let mut out = Map::new();
     for (k, v) in opts {
-        if CHILD_KEYS.contains(&k.as_str()) {
+        let plain = NOT_CHILDREN.contains(&(driver.unwrap_or_default(), k.as_str()));
+        if CHILD_KEYS.contains(&k.as_str()) && !plain {
             continue;
         }
         flatten_into(&mut out, k, v);

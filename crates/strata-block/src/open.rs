@@ -256,7 +256,7 @@ impl OpenCtx {
             filename = None;
         }
         let mut ctx = self.clone();
-        let own = crate::filename::own_options(&opts);
+        let own = crate::filename::own_options(&opts, None);
         if take_bool(&mut opts, "snapshot")?.unwrap_or(false) {
             ctx.flags.snapshot = true;
         }
@@ -455,7 +455,7 @@ impl OpenCtx {
         if let Some(f) = &filename {
             class.parse_filename(f, &mut opts)?;
         }
-        let own = crate::filename::own_options(&opts);
+        let own = crate::filename::own_options(&opts, Some(class.name()));
         // The plain name is the `filename` option as the driver parsed it.
         let exact = match opts.get("filename") {
             Some(Value::String(f)) => f.clone(),
@@ -503,7 +503,11 @@ impl OpenCtx {
     /// The protocol driver a file name selects (QEMU: bdrv_find_protocol):
     /// `name:rest` where `name` comes before any `/` selects the driver with
     /// that protocol name; anything else is a plain file.
-    fn find_protocol(&self, filename: &str, allow_prefix: bool) -> Result<Arc<dyn DriverClass>> {
+    pub fn find_protocol(
+        &self,
+        filename: &str,
+        allow_prefix: bool,
+    ) -> Result<Arc<dyn DriverClass>> {
         // Devices first, so that device names with colons still open.
         if let Some(name) = host_device_driver(filename) {
             if let Some(c) = self.registry.get(name) {

@@ -212,7 +212,7 @@ fn prepare(graph: &Graph, q: Queued) -> Result<Prepared> {
             }
         }
     }
-    let given = own_options(&opts);
+    let given = own_options(&opts, None);
     let mut new = given.clone();
     let (ro_dflt, direct_dflt, no_flush_dflt) = q.inherited.unwrap_or_default();
     let read_only = take_bool(&mut new, "read-only")?.unwrap_or(ro_dflt);

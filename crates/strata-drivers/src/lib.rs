@@ -26,6 +26,7 @@ pub fn registry_with(extra: Vec<Arc<dyn strata_block::DriverClass>>) -> Arc<Regi
     r.register(Arc::new(protocols::nbd::NbdClass::UNIX));
     r.register(Arc::new(protocols::null::NullClass::CO));
     r.register(Arc::new(protocols::null::NullClass::AIO));
+    r.register(Arc::new(strata_rbd::RbdClass));
     r.register(Arc::new(formats::qcow2::Qcow2Class));
     r.register(Arc::new(formats::luks::LuksClass));
     r.register(Arc::new(filters::blkdebug::BlkdebugClass));

@@ -98,7 +98,14 @@ pub fn run(ctx: Ctx) -> i32 {
         error_report(format!("{name}: Unknown file format '{fmt}'"));
         return 1;
     };
-    let proto = reg.get("file");
+    // The protocol the file name asks for adds its own options (QEMU:
+    // bdrv_img_create appends the protocol's create options).
+    let proto = match p.operands.first() {
+        Some(f) => OpenCtx::new(Arc::clone(&reg), OpenFlags::default())
+            .find_protocol(f, true)
+            .ok(),
+        None => reg.get("file"),
+    };
     let want_help = optstr.iter().any(|o| has_help_option(o));
     if want_help {
         if p.operands.is_empty() {

@@ -1,0 +1,186 @@
+//! A connection to a cluster and an open image (QEMU: qemu_rbd_connect and
+//! rbd_open). Dropped, it closes the image, the pool's I/O context and the
+//! cluster handle in that order.
+
+use crate::ffi::{lib, Image, IoCtx, Lib, Rados};
+use std::ffi::CString;
+use strata_block::{Error, Result};
+
+/// The options that say where the image is and how to reach the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Location {
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+    pub snapshot: Option<String>,
+    pub conf: Option<String>,
+    pub user: Option<String>,
+    /// `mon_host` from the `server` list, `host:port;host:port`.
+    pub mon_host: Option<String>,
+    /// Ceph settings from the file name, in order.
+    pub pairs: Vec<(String, String)>,
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::invalid(format!("'{s}' contains a NUL byte")))
+}
+
+fn errno_msg(r: i32, what: impl std::fmt::Display) -> Error {
+    Error::msg(-r, format!("{what}: {}", strata_block::error::strerror(-r)))
+}
+
+/// The cluster handle and the pool's I/O context.
+pub struct Pool {
+    pub lib: &'static Lib,
+    cluster: Rados,
+    pub ioctx: IoCtx,
+}
+
+// SAFETY: librados handles may be used from any thread.
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    /// Connects to the cluster and opens the pool (QEMU: qemu_rbd_connect).
+    pub fn connect(loc: &Location, cache: bool) -> Result<Pool> {
+        let lib = lib().map_err(|e| Error::msg(libc::ENOTSUP, e))?;
+        let user = loc.user.as_deref().map(cstr).transpose()?;
+        let mut cluster: Rados = std::ptr::null_mut();
+        // SAFETY: the out pointer is valid; the id may be NULL.
+        let r = unsafe {
+            (lib.rados_create)(
+                &mut cluster,
+                user.as_ref().map_or(std::ptr::null(), |u| u.as_ptr()),
+            )
+        };
+        if r < 0 {
+            return Err(errno_msg(r, "error initializing"));
+        }
+        // From here on, dropping `pool` shuts the cluster handle down.
+        let mut pool = Pool {
+            lib,
+            cluster,
+            ioctx: std::ptr::null_mut(),
+        };
+        let conf = loc.conf.as_deref().map(cstr).transpose()?;
+        // SAFETY: the handle is live; NULL reads the default places.
+        let r = unsafe {
+            (lib.rados_conf_read_file)(
+                cluster,
+                conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            )
+        };
+        // The default places are tried, but may well be missing.
+        if let (Some(c), true) = (&loc.conf, r < 0) {
+            return Err(errno_msg(r, format!("error reading conf file {c}")));
+        }
+        for (k, v) in &loc.pairs {
+            if pool.set(k, v) < 0 {
+                let r = pool.set(k, v);
+                return Err(Error::msg(
+                    libc::EINVAL,
+                    format!(
+                        "invalid conf option {k}: {}",
+                        strata_block::error::strerror(-r)
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = &loc.mon_host {
+            let r = pool.set("mon_host", m);
+            if r < 0 {
+                return Err(Error::errno(-r));
+            }
+        }
+        // Only fails when librbd lacks the option; no cache then.
+        pool.set("rbd_cache", if cache { "true" } else { "false" });
+        // SAFETY: the handle is live and configured.
+        let r = unsafe { (lib.rados_connect)(cluster) };
+        if r < 0 {
+            return Err(errno_msg(r, "error connecting"));
+        }
+        let name = cstr(&loc.pool)?;
+        // SAFETY: the handle is connected; the out pointer is valid.
+        let r = unsafe { (lib.rados_ioctx_create)(cluster, name.as_ptr(), &mut pool.ioctx) };
+        if r < 0 {
+            pool.ioctx = std::ptr::null_mut();
+            return Err(errno_msg(r, format!("error opening pool {}", loc.pool)));
+        }
+        // An empty namespace is the pool's default one.
+        let ns = cstr(&loc.namespace)?;
+        // SAFETY: the context is live.
+        unsafe { (lib.rados_ioctx_set_namespace)(pool.ioctx, ns.as_ptr()) };
+        Ok(pool)
+    }
+
+    fn set(&self, key: &str, value: &str) -> i32 {
+        let (Ok(k), Ok(v)) = (CString::new(key), CString::new(value)) else {
+            return -libc::EINVAL;
+        };
+        // SAFETY: the handle is live; both strings outlive the call.
+        unsafe { (self.lib.rados_conf_set)(self.cluster, k.as_ptr(), v.as_ptr()) }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: each handle is live and dropped once, context first.
+        unsafe {
+            if !self.ioctx.is_null() {
+                (self.lib.rados_ioctx_destroy)(self.ioctx);
+            }
+            (self.lib.rados_shutdown)(self.cluster);
+        }
+    }
+}
+
+/// An open image, with the pool it lives in.
+pub struct OpenImage {
+    pub image: Image,
+    pub pool: Pool,
+}
+
+// SAFETY: librbd images may be used from any thread.
+unsafe impl Send for OpenImage {}
+unsafe impl Sync for OpenImage {}
+
+impl OpenImage {
+    /// Opens the image; read-only for a snapshot or when asked.
+    pub fn open(pool: Pool, loc: &Location, read_only: bool) -> Result<OpenImage> {
+        let name = cstr(&loc.image)?;
+        let snap = loc.snapshot.as_deref().map(cstr).transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut image: Image = std::ptr::null_mut();
+        let f = if read_only || loc.snapshot.is_some() {
+            pool.lib.rbd_open_read_only
+        } else {
+            pool.lib.rbd_open
+        };
+        // SAFETY: the context is live; the strings outlive the call.
+        let r = unsafe { f(pool.ioctx, name.as_ptr(), &mut image, snap_ptr) };
+        if r < 0 {
+            return Err(errno_msg(
+                r,
+                format!("error reading header from {}", loc.image),
+            ));
+        }
+        Ok(OpenImage { image, pool })
+    }
+
+    pub fn size(&self) -> Result<u64> {
+        let mut size = 0;
+        // SAFETY: the image is open; the out pointer is valid.
+        let r = unsafe { (self.pool.lib.rbd_get_size)(self.image, &mut size) };
+        if r < 0 {
+            return Err(errno_msg(r, "error getting image size"));
+        }
+        Ok(size)
+    }
+}
+
+impl Drop for OpenImage {
+    fn drop(&mut self) {
+        // SAFETY: the image is open and closed once, before its pool.
+        unsafe { (self.pool.lib.rbd_close)(self.image) };
+    }
+}

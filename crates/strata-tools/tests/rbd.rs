@@ -1,0 +1,247 @@
+//! Strata's tools on a real Ceph cluster (`scripts/ceph-cluster`: one
+//! monitor, three OSDs on loopback). The oracle is Ceph's own `rbd` CLI:
+//! what strata-io and strata-img write is what `rbd export` returns, `map`
+//! agrees with `rbd diff`, a converted image takes only the space its data
+//! needs (`rbd du`), and a qcow2 image on RBD checks clean once exported.
+//! One cluster serves every step, since it takes about 18 s to start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
+const STRATA_IMG: &str = env!("CARGO_BIN_EXE_strata-img");
+
+/// A running cluster, stopped and removed when dropped.
+struct Cluster {
+    dir: PathBuf,
+    conf: String,
+}
+
+impl Cluster {
+    /// None where Ceph's daemons are not installed (`.ci/run` installs
+    /// them).
+    fn start(dir: &Path) -> Option<Cluster> {
+        if Command::new("ceph-mon").arg("--version").output().is_err() {
+            eprintln!("ceph-mon not installed: the rbd tests do not run");
+            return None;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
+        let dir = dir.join("ceph");
+        let out = Command::new(&script)
+            .args(["start", &dir.display().to_string()])
+            .output()
+            .unwrap();
+        let c = Cluster {
+            dir,
+            conf: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        };
+        assert!(out.status.success(), "{}", text(&out));
+        c.ceph(&["osd", "pool", "create", "rbd", "8", "8"]);
+        c.rbd(&["pool", "init", "rbd"]);
+        Some(c)
+    }
+
+    fn ceph(&self, args: &[&str]) -> String {
+        ok(Command::new("ceph").args(["-c", &self.conf]).args(args))
+    }
+
+    fn rbd(&self, args: &[&str]) -> String {
+        ok(Command::new("rbd").args(["-c", &self.conf]).args(args))
+    }
+
+    /// An `rbd:` file name for `image` in pool `rbd` of this cluster.
+    fn name(&self, image: &str) -> String {
+        format!("rbd:rbd/{image}:conf={}", self.conf)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
+        let _ = Command::new(script)
+            .args(["stop", &self.dir.display().to_string()])
+            .output();
+    }
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// Runs `cmd`, which must succeed; its output.
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+    text(&out)
+}
+
+/// Runs `cmd`, which must fail with exit code 1; its output.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?}: {}", text(&out));
+    text(&out)
+}
+
+fn qemu_io_ok(fmt: &str, img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-r", "-f", fmt]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = ok(c.arg(img));
+    assert!(!out.contains("fail"), "{out}");
+}
+
+#[test]
+fn strata_tools_on_a_ceph_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(cl) = Cluster::start(tmp.path()) else {
+        return;
+    };
+    let p = |n: &str| tmp.path().join(n);
+
+    // A raw image made by strata-img, written by strata-io.
+    ok(Command::new(STRATA_IMG).args([
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "cluster_size=1M",
+        &cl.name("disk"),
+        "64M",
+    ]));
+    let info = cl.rbd(&["info", "rbd/disk"]);
+    assert!(info.contains("size 64 MiB in 64 objects"), "{info}");
+    assert!(info.contains("order 20 (1 MiB objects)"), "{info}");
+    ok(Command::new(STRATA_IO).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 3M",
+        "-c",
+        "write -P 0x6b 10M 4k",
+        "-c",
+        "write -z 1536k 512k",
+        "-c",
+        "aio_write -P 0x11 20M 64k",
+        "-c",
+        "aio_write -P 0x22 30M 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 0x5a 1M 512k",
+        "-c",
+        "read -P 0 1536k 512k",
+        "-c",
+        "discard 3M 1M",
+        &cl.name("disk"),
+    ]));
+    cl.rbd(&["export", "rbd/disk", &p("disk.raw").display().to_string()]);
+    qemu_io_ok(
+        "raw",
+        &p("disk.raw"),
+        &[
+            "read -P 0 0 1M",
+            "read -P 0x5a 1M 512k",
+            "read -P 0 1536k 512k",
+            "read -P 0x5a 2M 1M",
+            "read -P 0 3M 1M",
+            "read -P 0x6b 10M 4k",
+            "read -P 0x11 20M 64k",
+            "read -P 0x22 30M 64k",
+        ],
+    );
+    // map says what `rbd diff` says: data in the objects written.
+    let map = ok(Command::new(STRATA_IMG).args(["map", "--output=json", &cl.name("disk")]));
+    let diff = cl.rbd(&["diff", "--whole-object", "--format", "json", "rbd/disk"]);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&diff).unwrap();
+    let data: Vec<(u64, u64)> = serde_json::from_str::<Vec<serde_json::Value>>(&map)
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    let mut want: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| e["exists"] == "true") {
+        let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match want.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += l,
+            _ => want.push((o, l)),
+        }
+    }
+    assert!(data.len() >= 3, "map {map}");
+    assert_eq!(data, want, "map {map}\ndiff {diff}");
+
+    // convert keeps the image sparse: 2 MiB of data in a 64 MiB image.
+    qemu_img(&["create", "-q", "-f", "qcow2", &path(&p("src.qcow2")), "64M"]);
+    ok(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x33 0 1M",
+        "-c",
+        "write -P 0x44 40M 1M",
+        &path(&p("src.qcow2")),
+    ]));
+    ok(Command::new(STRATA_IMG).args([
+        "convert",
+        "-O",
+        "raw",
+        &path(&p("src.qcow2")),
+        &cl.name("conv"),
+    ]));
+    let du = cl.rbd(&["du", "--format", "json", "rbd/conv"]);
+    let du: serde_json::Value = serde_json::from_str(&du).unwrap();
+    let used = du["images"][0]["used_size"].as_u64().unwrap();
+    assert!(used <= 8 << 20, "{du}");
+    cl.rbd(&["export", "rbd/conv", &path(&p("conv.raw"))]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        &path(&p("src.qcow2")),
+        &path(&p("conv.raw")),
+    ]);
+
+    // qcow2 on RBD: it checks clean once exported, and holds the data.
+    ok(Command::new(STRATA_IMG).args(["create", "-f", "qcow2", &cl.name("q"), "64M"]));
+    ok(Command::new(STRATA_IO).args(["-f", "qcow2", "-c", "write -P 0x77 5M 192k", &cl.name("q")]));
+    cl.rbd(&["export", "rbd/q", &path(&p("q.qcow2"))]);
+    qemu_img(&["check", &path(&p("q.qcow2"))]);
+    qemu_io_ok(
+        "qcow2",
+        &p("q.qcow2"),
+        &["read -P 0x77 5M 192k", "read -P 0 0 5M"],
+    );
+
+    // Bad input: each a clear error and exit code 1.
+    let conf = cl.conf.clone();
+    for (name, want) in [
+        (
+            format!("rbd:nosuch/disk:conf={conf}"),
+            "error opening pool nosuch: No such file or directory",
+        ),
+        (
+            format!("rbd:rbd/nosuch:conf={conf}"),
+            "error reading header from nosuch: No such file or directory",
+        ),
+        (
+            "rbd:rbd/disk:conf=/nonexistent.conf".to_string(),
+            "error reading conf file /nonexistent.conf: No such file or directory",
+        ),
+        ("rbd:nopool".to_string(), "Pool name is required"),
+    ] {
+        let out = fails(Command::new(STRATA_IO).args(["-f", "raw", "-c", "read 0 4k", &name]));
+        assert!(out.contains(want), "{name}: {out}");
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    ok(Command::new("qemu-img").args(args))
+}
