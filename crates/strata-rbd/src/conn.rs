@@ -21,6 +21,9 @@ pub struct Location {
     pub pairs: Vec<(String, String)>,
 }
 
+/// Seconds to wait for the cluster's monitors when connecting.
+const MOUNT_TIMEOUT: &str = "30";
+
 fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::invalid(format!("'{s}' contains a NUL byte")))
 }
@@ -62,6 +65,10 @@ impl Pool {
             cluster,
             ioctx: std::ptr::null_mut(),
         };
+        // A cluster that is down is an error after this long, not five
+        // minutes (librados's default, and QEMU's). Set first, so that a
+        // configuration file or a key=value pair still decides.
+        pool.set("client_mount_timeout", MOUNT_TIMEOUT);
         let conf = loc.conf.as_deref().map(cstr).transpose()?;
         // SAFETY: the handle is live; NULL reads the default places.
         let r = unsafe {

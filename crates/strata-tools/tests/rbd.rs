@@ -218,6 +218,8 @@ fn strata_tools_on_a_ceph_cluster() {
 
     // Bad input: each a clear error and exit code 1.
     let conf = cl.conf.clone();
+    let down = p("down.conf");
+    std::fs::write(&down, "[global]\nmon host = v1:127.0.0.1:1\n").unwrap();
     for (name, want) in [
         (
             format!("rbd:nosuch/disk:conf={conf}"),
@@ -232,6 +234,14 @@ fn strata_tools_on_a_ceph_cluster() {
             "error reading conf file /nonexistent.conf: No such file or directory",
         ),
         ("rbd:nopool".to_string(), "Pool name is required"),
+        // No cluster there: a timeout, not a hang.
+        (
+            format!(
+                "rbd:rbd/disk:conf={}:client_mount_timeout=2",
+                down.display()
+            ),
+            "error connecting: Connection timed out",
+        ),
     ] {
         let out = fails(Command::new(STRATA_IO).args(["-f", "raw", "-c", "read 0 4k", &name]));
         assert!(out.contains(want), "{name}: {out}");
