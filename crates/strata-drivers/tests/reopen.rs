@@ -98,6 +98,47 @@ async fn wait_suspended(node: &Arc<Node>, tag: &str) -> bool {
     suspended()
 }
 
+/// The race the reopen tests force: a guest write held at the blkdebug
+/// breakpoint `write_aio` below `node`, then `reopen` of the node's
+/// options, which must wait for it (`while_waiting` looks at the node
+/// then), then a second write, which must wait at the drain; the held
+/// write is let go and all three finish.
+async fn reopen_between_writes(
+    node: &Arc<Node>,
+    graph: &Arc<strata_block::Graph>,
+    guest: &Arc<Backend>,
+    held: (u64, IoBuf),
+    reopen: serde_json::Value,
+    late: (u64, IoBuf),
+    while_waiting: impl FnOnce(),
+) {
+    node.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
+        .unwrap();
+    let write = |(offset, buf): (u64, IoBuf)| {
+        let g = Arc::clone(guest);
+        tokio::spawn(async move { g.write(offset, buf, WriteFlags::default()).await.unwrap() })
+    };
+    let held = write(held);
+    assert!(
+        wait_suspended(node, "w").await,
+        "the write did not reach its file"
+    );
+    let reopen = spawn_reopen(graph, reopen);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !reopen.is_finished(),
+        "the reopen did not wait for the write"
+    );
+    while_waiting();
+    let late = write(late);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!late.is_finished(), "a write went by the drain");
+    node.with_debug_hooks(|h| h.resume("w")).unwrap();
+    held.await.unwrap();
+    reopen.await.unwrap().unwrap();
+    late.await.unwrap();
+}
+
 #[test]
 fn a_read_only_qcow2_becomes_writable_and_read_only_again() {
     let dir = tempdir("rw");
@@ -309,42 +350,20 @@ fn detect_zeroes_changes_only_between_writes() {
         )
         .await;
         let guest = Arc::new(Backend::new(&top, "guest", Perm::WRITE, Perm::ALL).unwrap());
-        top.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
-            .unwrap();
-        let g = Arc::clone(&guest);
-        let held = tokio::spawn(async move {
-            g.write(0, IoBuf::zeroed(65536), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        assert!(
-            wait_suspended(&top, "w").await,
-            "the write did not reach its data write"
-        );
-        let reopen = spawn_reopen(
+        reopen_between_writes(
+            &top,
             &graph,
+            &guest,
+            (0, IoBuf::zeroed(65536)),
             serde_json::json!({
                 "driver": "qcow2", "node-name": "top", "detect-zeroes": "on", "file": "dbg"
             }),
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(
-            !reopen.is_finished(),
-            "the reopen did not wait for the write"
-        );
-        assert_eq!(top.detect_zeroes(), strata_block::DetectZeroes::Off);
-        let g = Arc::clone(&guest);
-        let late = tokio::spawn(async move {
-            g.write(256 << 10, IoBuf::zeroed(65536), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(!late.is_finished(), "a write went by the drain");
-        top.with_debug_hooks(|h| h.resume("w")).unwrap();
-        held.await.unwrap();
-        reopen.await.unwrap().unwrap();
-        late.await.unwrap();
+            (256 << 10, IoBuf::zeroed(65536)),
+            || {
+                assert_eq!(top.detect_zeroes(), strata_block::DetectZeroes::Off);
+            },
+        )
+        .await;
         assert_eq!(top.detect_zeroes(), strata_block::DetectZeroes::On);
         Arc::into_inner(guest).unwrap().close().await.unwrap();
         top.close().await.unwrap();
@@ -419,43 +438,21 @@ fn a_window_move_and_o_direct_wait_for_writes_in_flight() {
         )
         .await;
         let guest = Arc::new(Backend::new(&disk, "guest", Perm::WRITE, Perm::ALL).unwrap());
-        disk.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
-            .unwrap();
-        let g = Arc::clone(&guest);
-        let held = tokio::spawn(async move {
-            g.write(0, IoBuf::from_slice(&[0x11; 4096]), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        assert!(
-            wait_suspended(&disk, "w").await,
-            "the write did not reach its file"
-        );
-        let reopen = spawn_reopen(
+        reopen_between_writes(
+            &disk,
             &graph,
+            &guest,
+            (0, IoBuf::from_slice(&[0x11; 4096])),
             serde_json::json!({
                 "driver": "raw", "node-name": "disk", "offset": 65536,
                 "cache": {"direct": true}, "file": "dbg"
             }),
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(
-            !reopen.is_finished(),
-            "the reopen did not wait for the write"
-        );
-        assert!(!opened_direct(&img));
-        let g = Arc::clone(&guest);
-        let late = tokio::spawn(async move {
-            g.write(3, IoBuf::from_slice(&[0x22; 1000]), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(!late.is_finished(), "a write went by the drain");
-        disk.with_debug_hooks(|h| h.resume("w")).unwrap();
-        held.await.unwrap();
-        reopen.await.unwrap().unwrap();
-        late.await.unwrap();
+            (3, IoBuf::from_slice(&[0x22; 1000])),
+            || {
+                assert!(!opened_direct(&img));
+            },
+        )
+        .await;
         assert!(opened_direct(&img), "O_DIRECT is not on");
         assert_eq!(disk.length(), (1 << 20) - 65536);
         Arc::into_inner(guest).unwrap().close().await.unwrap();
@@ -514,38 +511,18 @@ fn a_file_swap_under_qcow2_waits_for_writes_in_flight() {
         )
         .await;
         let guest = Arc::new(Backend::new(&top, "guest", Perm::WRITE, Perm::ALL).unwrap());
-        top.with_debug_hooks(|h| h.breakpoint("write_aio", "w"))
-            .unwrap();
-        let g = Arc::clone(&guest);
-        let held = tokio::spawn(async move {
-            g.write(0, IoBuf::filled(65536, 0x11), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        assert!(
-            wait_suspended(&top, "w").await,
-            "the write did not reach its data write"
-        );
-        let swap = spawn_reopen(
+        reopen_between_writes(
+            &top,
             &graph,
+            &guest,
+            (0, IoBuf::filled(65536, 0x11)),
             serde_json::json!({
                 "driver": "qcow2", "node-name": "top", "file": "f2"
             }),
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(!swap.is_finished(), "the swap did not wait for the write");
-        let g = Arc::clone(&guest);
-        let late = tokio::spawn(async move {
-            g.write(1 << 20, IoBuf::filled(65536, 0x22), WriteFlags::default())
-                .await
-                .unwrap()
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(!late.is_finished(), "a write went by the drain");
-        top.with_debug_hooks(|h| h.resume("w")).unwrap();
-        held.await.unwrap();
-        swap.await.unwrap().unwrap();
-        late.await.unwrap();
+            (1 << 20, IoBuf::filled(65536, 0x22)),
+            || {},
+        )
+        .await;
         assert_eq!(
             top.child(strata_block::ChildRole::File)
                 .map(|n| n.name().to_string()),

@@ -454,7 +454,7 @@ fn a_fleecing_image_given_back_as_the_backup_copies_it() {
     ];
     // The guest writes first: the old data goes to the temporary image,
     // then the backup takes it from there and gives it back.
-    let mut written_first: Vec<S> = nodes.iter().copied().collect();
+    let mut written_first: Vec<S> = nodes.to_vec();
     written_first.push(guest_write);
     written_first.push(bitmap);
     written_first.extend(backup.iter().copied());
@@ -466,7 +466,7 @@ fn a_fleecing_image_given_back_as_the_backup_copies_it() {
     };
     // The backup first: the filter knows those clusters are done with,
     // and a guest write copies nothing to the temporary image.
-    let mut backup_first: Vec<S> = nodes.iter().copied().collect();
+    let mut backup_first: Vec<S> = nodes.to_vec();
     backup_first.extend(backup.iter().copied());
     backup_first.push(a(
         r#"{"execute": "block-dirty-bitmap-clear", "arguments": {"node": "temp", "name": "bitmap0"}}"#,
