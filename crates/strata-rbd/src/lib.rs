@@ -169,6 +169,12 @@ impl Driver for RbdDriver {
         }
     }
 
+    /// A new image reads as zeroes (QEMU: bdrv_has_zero_init_1), so a
+    /// copy onto it leaves zero ranges alone.
+    fn has_zero_init(&self) -> bool {
+        true
+    }
+
     /// A write past the end grows the image, as QEMU's rbd driver does:
     /// qcow2 on RBD needs it.
     fn growable(&self) -> bool {
