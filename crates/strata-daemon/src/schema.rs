@@ -27,6 +27,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("qcow2", "BlockdevOptionsQcow2"),
     ("quorum", "BlockdevOptionsQuorum"),
     ("raw", "BlockdevOptionsRaw"),
+    ("rbd", "BlockdevOptionsRbd"),
     ("snapshot-access", "BlockdevOptionsGenericFormat"),
     ("throttle", "BlockdevOptionsThrottle"),
 ];
@@ -147,6 +148,23 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("*size", "int"),
                 ("*latency-ns", "uint64"),
                 ("*read-zeroes", "bool"),
+            ],
+        )
+        .enumeration("RbdAuthMode", &["cephx", "none"])
+        .object("InetSocketAddressBase", &[("host", "str"), ("port", "str")])
+        // (QEMU's `encrypt` is not here: the driver has no encryption yet.)
+        .object(
+            "BlockdevOptionsRbd",
+            &[
+                ("pool", "str"),
+                ("*namespace", "str"),
+                ("image", "str"),
+                ("*conf", "str"),
+                ("*snapshot", "str"),
+                ("*user", "str"),
+                ("*auth-client-required", "[RbdAuthMode]"),
+                ("*key-secret", "str"),
+                ("*server", "[InetSocketAddressBase]"),
             ],
         )
         .object("BlockdevOptionsGenericFormat", &[("file", "BlockdevRef")])

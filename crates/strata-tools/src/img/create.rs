@@ -101,9 +101,11 @@ pub fn run(ctx: Ctx) -> i32 {
     // The protocol the file name asks for adds its own options (QEMU:
     // bdrv_img_create appends the protocol's create options).
     let proto = match p.operands.first() {
+        // An unknown protocol is create's own error to give, later.
         Some(f) => OpenCtx::new(Arc::clone(&reg), OpenFlags::default())
             .find_protocol(f, true)
-            .ok(),
+            .ok()
+            .or_else(|| reg.get("file")),
         None => reg.get("file"),
     };
     let want_help = optstr.iter().any(|o| has_help_option(o));
