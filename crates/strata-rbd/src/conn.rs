@@ -82,8 +82,8 @@ impl Pool {
             return Err(errno_msg(r, format!("error reading conf file {c}")));
         }
         for (k, v) in &loc.pairs {
-            if pool.set(k, v) < 0 {
-                let r = pool.set(k, v);
+            let r = pool.set(k, v);
+            if r < 0 {
                 return Err(Error::msg(
                     libc::EINVAL,
                     format!(
