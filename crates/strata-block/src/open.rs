@@ -730,9 +730,10 @@ pub fn has_protocol(name: &str) -> bool {
 }
 
 /// Resolves `name` relative to the directory of `base` (QEMU: path_combine):
-/// absolute names and protocol names stay as they are.
+/// absolute names and names with a protocol prefix (`rbd:`, `nbd://`,
+/// `json:`) stay as they are (QEMU: bdrv_get_full_backing_filename_from_filename).
 pub fn path_combine(base: &str, name: &str) -> String {
-    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+    if name.starts_with('/') || has_protocol(name) {
         return name.to_string();
     }
     match base.rfind('/') {
@@ -754,5 +755,7 @@ mod tests {
         assert_eq!(path_combine("top.qcow2", "base.qcow2"), "base.qcow2");
         assert_eq!(path_combine("d/top", "/abs"), "/abs");
         assert_eq!(path_combine("d/top", "../x"), "d/../x");
+        assert_eq!(path_combine("d/top", "rbd:p/i:conf=/c"), "rbd:p/i:conf=/c");
+        assert_eq!(path_combine("d/top", "nbd+unix:///e"), "nbd+unix:///e");
     }
 }

@@ -3,6 +3,7 @@
 //! cluster handle in that order.
 
 use crate::ffi::{lib, Image, IoCtx, Lib, Rados};
+use base64::Engine;
 use std::ffi::CString;
 use strata_block::{Error, Result};
 
@@ -19,6 +20,10 @@ pub struct Location {
     pub mon_host: Option<String>,
     /// Ceph settings from the file name, in order.
     pub pairs: Vec<(String, String)>,
+    /// The id of the secret that holds the user's key.
+    pub key_secret: Option<String>,
+    /// `auth_client_required`, modes joined by `;`.
+    pub auth_client_required: Option<String>,
 }
 
 /// Seconds to wait for the cluster's monitors when connecting.
@@ -99,6 +104,24 @@ impl Pool {
                 return Err(Error::errno(-r));
             }
         }
+        if let Some(id) = &loc.key_secret {
+            // Ceph wants the key as base64 (QEMU: qcrypto_secret_lookup_as_base64).
+            let key = strata_crypto::secret::lookup(id)
+                .map_err(|e| Error::msg(libc::EIO, e.to_string()))?;
+            let r = pool.set(
+                "key",
+                &base64::engine::general_purpose::STANDARD.encode(key),
+            );
+            if r < 0 {
+                return Err(errno_msg(r, "Could not set 'key'"));
+            }
+        }
+        if let Some(acr) = &loc.auth_client_required {
+            let r = pool.set("auth_client_required", acr);
+            if r < 0 {
+                return Err(errno_msg(r, "Could not set 'auth_client_required'"));
+            }
+        }
         // Only fails when librbd lacks the option; no cache then.
         pool.set("rbd_cache", if cache { "true" } else { "false" });
         // SAFETY: the handle is live and configured.
@@ -115,9 +138,90 @@ impl Pool {
         }
         // An empty namespace is the pool's default one.
         let ns = cstr(&loc.namespace)?;
+        if !loc.namespace.is_empty() {
+            let mut exists = false;
+            // SAFETY: the context is live; the out pointer is valid.
+            let r = unsafe { (lib.rbd_namespace_exists)(pool.ioctx, ns.as_ptr(), &mut exists) };
+            if r < 0 {
+                return Err(errno_msg(r, "error checking namespace"));
+            }
+            if !exists {
+                return Err(Error::msg(
+                    libc::ENOENT,
+                    format!("namespace '{}' does not exist", loc.namespace),
+                ));
+            }
+        }
         // SAFETY: the context is live.
         unsafe { (lib.rados_ioctx_set_namespace)(pool.ioctx, ns.as_ptr()) };
         Ok(pool)
+    }
+
+    /// Sends a command to the monitors (QEMU's driver never does; the
+    /// redundancy choice needs pools). On success, the command's output;
+    /// on failure, the errno and the monitor's own words.
+    pub fn mon_command(
+        &self,
+        cmd: &serde_json::Value,
+    ) -> std::result::Result<String, (i32, String)> {
+        let cmd = CString::new(cmd.to_string()).map_err(|_| (libc::EINVAL, String::new()))?;
+        let cmds = [cmd.as_ptr()];
+        let (mut out, mut out_len) = (std::ptr::null_mut(), 0usize);
+        let (mut status, mut status_len) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: the handle is connected; the command outlives the call;
+        // librados allocates both answers, freed below.
+        let r = unsafe {
+            (self.lib.rados_mon_command)(
+                self.cluster,
+                cmds.as_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        let take = |p: *mut std::ffi::c_char, len: usize| {
+            if p.is_null() {
+                return String::new();
+            }
+            // SAFETY: librados returned `len` bytes at `p`, ours to free.
+            let s = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p.cast(), len) })
+                .into_owned();
+            unsafe { (self.lib.rados_buffer_free)(p) };
+            s
+        };
+        let (out, status) = (take(out, out_len), take(status, status_len));
+        if r < 0 {
+            let why = if status.trim().is_empty() {
+                strata_block::error::strerror(-r).to_string()
+            } else {
+                status.trim().to_string()
+            };
+            return Err((-r, why));
+        }
+        Ok(out)
+    }
+
+    /// The name of the pool with id `id`.
+    pub fn pool_name(&self, id: i64) -> Option<String> {
+        let mut buf = [0u8; 256];
+        // SAFETY: the handle is connected; the buffer's length is given.
+        let r = unsafe {
+            (self.lib.rados_pool_reverse_lookup)(
+                self.cluster,
+                id,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if r < 0 {
+            return None;
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
 
     fn set(&self, key: &str, value: &str) -> i32 {
@@ -172,6 +276,13 @@ impl OpenImage {
             ));
         }
         Ok(OpenImage { image, pool })
+    }
+
+    /// The name of the pool that holds the image's data.
+    pub fn data_pool(&self) -> Option<String> {
+        // SAFETY: the image is open.
+        let id = unsafe { (self.pool.lib.rbd_get_data_pool_id)(self.image) };
+        (id >= 0).then(|| self.pool.pool_name(id)).flatten()
     }
 
     pub fn size(&self) -> Result<u64> {

@@ -13,6 +13,7 @@ pub type Rados = *mut c_void;
 pub type IoCtx = *mut c_void;
 pub type Image = *mut c_void;
 pub type Completion = *mut c_void;
+pub type ImageOptions = *mut c_void;
 pub type Callback = unsafe extern "C" fn(Completion, *mut c_void);
 pub type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
@@ -27,6 +28,10 @@ pub struct ImageInfo {
     pub parent_pool: i64,
     pub parent_name: [c_char; 96],
 }
+
+/// librbd's image options (enum of RBD_IMAGE_OPTION_*).
+pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 
 /// Image features and flags that block status depends on (librbd.h).
 pub const RBD_FEATURE_STRIPINGV2: u64 = 1 << 1;
@@ -44,7 +49,28 @@ pub struct Lib {
     pub rados_ioctx_create: unsafe extern "C" fn(Rados, *const c_char, *mut IoCtx) -> c_int,
     pub rados_ioctx_destroy: unsafe extern "C" fn(IoCtx),
     pub rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtx, *const c_char),
-    pub rbd_create: unsafe extern "C" fn(IoCtx, *const c_char, u64, *mut c_int) -> c_int,
+    pub rados_pool_reverse_lookup: unsafe extern "C" fn(Rados, i64, *mut c_char, usize) -> c_int,
+    #[allow(clippy::type_complexity)]
+    pub rados_mon_command: unsafe extern "C" fn(
+        Rados,
+        *const *const c_char,
+        usize,
+        *const c_char,
+        usize,
+        *mut *mut c_char,
+        *mut usize,
+        *mut *mut c_char,
+        *mut usize,
+    ) -> c_int,
+    pub rados_buffer_free: unsafe extern "C" fn(*mut c_char),
+    pub rbd_image_options_create: unsafe extern "C" fn(*mut ImageOptions),
+    pub rbd_image_options_destroy: unsafe extern "C" fn(ImageOptions),
+    pub rbd_image_options_set_string:
+        unsafe extern "C" fn(ImageOptions, c_int, *const c_char) -> c_int,
+    pub rbd_image_options_set_uint64: unsafe extern "C" fn(ImageOptions, c_int, u64) -> c_int,
+    pub rbd_create4: unsafe extern "C" fn(IoCtx, *const c_char, u64, ImageOptions) -> c_int,
+    pub rbd_get_data_pool_id: unsafe extern "C" fn(Image) -> i64,
+    pub rbd_namespace_exists: unsafe extern "C" fn(IoCtx, *const c_char, *mut bool) -> c_int,
     pub rbd_open: unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_open_read_only:
         unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int,
@@ -123,7 +149,16 @@ fn load() -> Result<Lib, String> {
         rados_ioctx_create: sym!(rados, rados_ioctx_create),
         rados_ioctx_destroy: sym!(rados, rados_ioctx_destroy),
         rados_ioctx_set_namespace: sym!(rados, rados_ioctx_set_namespace),
-        rbd_create: sym!(rbd, rbd_create),
+        rados_pool_reverse_lookup: sym!(rados, rados_pool_reverse_lookup),
+        rados_mon_command: sym!(rados, rados_mon_command),
+        rados_buffer_free: sym!(rados, rados_buffer_free),
+        rbd_image_options_create: sym!(rbd, rbd_image_options_create),
+        rbd_image_options_destroy: sym!(rbd, rbd_image_options_destroy),
+        rbd_image_options_set_string: sym!(rbd, rbd_image_options_set_string),
+        rbd_image_options_set_uint64: sym!(rbd, rbd_image_options_set_uint64),
+        rbd_create4: sym!(rbd, rbd_create4),
+        rbd_get_data_pool_id: sym!(rbd, rbd_get_data_pool_id),
+        rbd_namespace_exists: sym!(rbd, rbd_namespace_exists),
         rbd_open: sym!(rbd, rbd_open),
         rbd_open_read_only: sym!(rbd, rbd_open_read_only),
         rbd_close: sym!(rbd, rbd_close),

@@ -7,13 +7,16 @@ mod aio;
 mod conn;
 mod ffi;
 pub mod filename;
+mod redundancy;
 mod status;
 
 use async_trait::async_trait;
 use conn::{Location, OpenImage, Pool};
-use serde_json::Value;
+use redundancy::Redundancy;
+use serde_json::{json, Value};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
+use strata_block::driver::FormatSpecific;
 use strata_block::options::{take_size, take_str, OptSpec, OptType};
 use strata_block::{
     BlockStatus, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Preallocation, Result,
@@ -34,6 +37,12 @@ const CREATE_OPTIONS: &[OptSpec] = &[
         name: "cluster_size",
         ty: OptType::Size,
         help: "RBD object size",
+        default: None,
+    },
+    OptSpec {
+        name: "redundancy",
+        ty: OptType::Str,
+        help: "Redundancy of the image's data: full copies (x) or erasure coding (x:y)",
         default: None,
     },
 ];
@@ -85,7 +94,38 @@ fn take_location(opts: &mut Opts) -> Result<Location> {
         }
         Some(_) => return Err(Error::invalid("Parameter 'server' expects a list")),
     };
-    for unsupported in ["key-secret", "auth-client-required", "encrypt"] {
+    let mut key_secret = take_str(opts, "key-secret")?;
+    if let Some(legacy) = take_str(opts, "password-secret")? {
+        if key_secret.is_some() {
+            return Err(Error::invalid(
+                "Legacy 'password-secret' clashes with 'key-secret'",
+            ));
+        }
+        key_secret = Some(legacy);
+    }
+    let auth_client_required = match opts.remove("auth-client-required") {
+        None => None,
+        Some(v) => {
+            let modes = match v {
+                Value::Array(list) => list,
+                one => vec![one],
+            };
+            let mut names = Vec::new();
+            for (i, m) in modes.iter().enumerate() {
+                match m.as_str() {
+                    Some(n @ ("cephx" | "none")) => names.push(n),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'auth-client-required[{i}]' does not accept value '{}'",
+                            m.as_str().map_or_else(|| m.to_string(), str::to_string)
+                        )))
+                    }
+                }
+            }
+            Some(names.join(";"))
+        }
+    };
+    for unsupported in ["encrypt"] {
         if opts.contains_key(unsupported) {
             return Err(Error::unsupported(format!(
                 "rbd option '{unsupported}' is not supported yet"
@@ -101,6 +141,8 @@ fn take_location(opts: &mut Opts) -> Result<Location> {
         user,
         mon_host,
         pairs,
+        key_secret,
+        auth_client_required,
     })
 }
 
@@ -110,6 +152,8 @@ struct RbdDriver {
     /// Held while the image grows.
     grow: std::sync::Mutex<()>,
     read_only: bool,
+    /// Where the image's data lives, for `info`.
+    layout: Option<FormatSpecific>,
 }
 
 impl RbdDriver {
@@ -160,6 +204,12 @@ impl Driver for RbdDriver {
 
     fn length(&self) -> u64 {
         self.length.load(Ordering::Acquire)
+    }
+
+    /// QEMU shows only an encryption format; Strata adds the pool that
+    /// holds the data and its redundancy (`x` copies or `x:y` strips).
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        self.layout.clone()
     }
 
     fn limits(&self) -> Limits {
@@ -298,6 +348,7 @@ impl DriverClass for RbdClass {
             "snapshot",
             "user",
             "server.",
+            "password-secret",
         ]
     }
 
@@ -312,13 +363,16 @@ impl DriverClass for RbdClass {
     async fn create(&self, _ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let object = take_size(&mut opts, "cluster_size")?;
+        let redundancy = take_str(&mut opts, "redundancy")?
+            .map(|r| Redundancy::parse(&r))
+            .transpose()?;
         let mut where_ = Opts::new();
         filename::parse(filename, &mut where_)?;
         let loc = take_location(&mut where_)?;
         if loc.snapshot.is_some() {
             return Err(Error::invalid("Can't use snapshot name for image creation"));
         }
-        let mut order: i32 = 0;
+        let mut order = None;
         if let Some(obj) = object {
             if !obj.is_power_of_two() {
                 return Err(Error::invalid("obj size needs to be power of 2"));
@@ -326,14 +380,42 @@ impl DriverClass for RbdClass {
             if obj < 4096 {
                 return Err(Error::invalid("obj size too small"));
             }
-            // The object size as a power of two; 0 asks for librbd's 4 MiB.
-            order = obj.trailing_zeros() as i32;
+            order = Some(u64::from(obj.trailing_zeros()));
         }
         let pool = Pool::connect(&loc, false)?;
+        let data_pool = match redundancy {
+            Some(r) => redundancy::data_pool(&pool, &loc.pool, r)?,
+            None => None,
+        };
         let name = CString::new(loc.image.as_str())
             .map_err(|_| Error::invalid("image name contains a NUL byte"))?;
-        // SAFETY: the pool's context is live; `order` is an in/out value.
-        let r = unsafe { (pool.lib.rbd_create)(pool.ioctx, name.as_ptr(), size, &mut order) };
+        let data_pool = data_pool
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| Error::invalid("pool name contains a NUL byte"))?;
+        let lib = pool.lib;
+        let mut io: ffi::ImageOptions = std::ptr::null_mut();
+        // SAFETY: the options are made, filled and destroyed here; the
+        // strings outlive the calls; the pool's context is live.
+        let r = unsafe {
+            (lib.rbd_image_options_create)(&mut io);
+            let mut r = 0;
+            if let Some(order) = order {
+                r = (lib.rbd_image_options_set_uint64)(io, ffi::RBD_IMAGE_OPTION_ORDER, order);
+            }
+            if let (0, Some(dp)) = (r, &data_pool) {
+                r = (lib.rbd_image_options_set_string)(
+                    io,
+                    ffi::RBD_IMAGE_OPTION_DATA_POOL,
+                    dp.as_ptr(),
+                );
+            }
+            if r == 0 {
+                r = (lib.rbd_create4)(pool.ioctx, name.as_ptr(), size, io);
+            }
+            (lib.rbd_image_options_destroy)(io);
+            r
+        };
         if r < 0 {
             return Err(Error::msg(
                 -r,
@@ -350,11 +432,20 @@ impl DriverClass for RbdClass {
         let read_only = ctx.flags.read_only;
         let img = OpenImage::open(pool, &loc, read_only)?;
         let length = img.size()?;
+        let layout = img.data_pool().map(|name| {
+            let mut data = serde_json::Map::new();
+            if let Some(r) = redundancy::of_pool(&img.pool, &name) {
+                data.insert("redundancy".into(), r.to_string().into());
+            }
+            data.insert("data-pool".into(), name.into());
+            json!({"type": "rbd", "data": data})
+        });
         Ok(Box::new(RbdDriver {
             img,
             length: AtomicU64::new(length),
             grow: std::sync::Mutex::new(()),
             read_only: read_only || loc.snapshot.is_some(),
+            layout,
         }))
     }
 }

@@ -3,94 +3,18 @@
 //! what strata-io and strata-img write is what `rbd export` returns, `map`
 //! agrees with `rbd diff`, a converted image takes only the space its data
 //! needs (`rbd du`), and a qcow2 image on RBD checks clean once exported.
-//! One cluster serves every step, since it takes about 18 s to start.
+//! Data goes where `redundancy` says (`rbd info`, `ceph osd pool get`),
+//! strata-daemon serves RBD images over NBD, backing files may live on
+//! RBD, and a machine without librbd gets an error that says what to
+//! install. One cluster serves every step, since it takes about 18 s to
+//! start.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cluster;
+mod redundancy;
+mod serving;
 
-const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
-const STRATA_IMG: &str = env!("CARGO_BIN_EXE_strata-img");
-
-/// A running cluster, stopped and removed when dropped.
-struct Cluster {
-    dir: PathBuf,
-    conf: String,
-}
-
-impl Cluster {
-    /// None where Ceph's daemons are not installed (`.ci/run` installs
-    /// them).
-    fn start(dir: &Path) -> Option<Cluster> {
-        if Command::new("ceph-mon").arg("--version").output().is_err() {
-            eprintln!("ceph-mon not installed: the rbd tests do not run");
-            return None;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
-        let dir = dir.join("ceph");
-        let out = Command::new(&script)
-            .args(["start", &dir.display().to_string()])
-            .output()
-            .unwrap();
-        let c = Cluster {
-            dir,
-            conf: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        };
-        assert!(out.status.success(), "{}", text(&out));
-        c.ceph(&["osd", "pool", "create", "rbd", "8", "8"]);
-        c.rbd(&["pool", "init", "rbd"]);
-        Some(c)
-    }
-
-    fn ceph(&self, args: &[&str]) -> String {
-        ok(Command::new("ceph").args(["-c", &self.conf]).args(args))
-    }
-
-    fn rbd(&self, args: &[&str]) -> String {
-        ok(Command::new("rbd").args(["-c", &self.conf]).args(args))
-    }
-
-    /// An `rbd:` file name for `image` in pool `rbd` of this cluster.
-    fn name(&self, image: &str) -> String {
-        format!("rbd:rbd/{image}:conf={}", self.conf)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
-        let _ = Command::new(script)
-            .args(["stop", &self.dir.display().to_string()])
-            .output();
-    }
-}
-
-fn text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
-}
-
-/// Runs `cmd`, which must succeed; its output.
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", text(&out));
-    text(&out)
-}
-
-/// Runs `cmd`, which must fail with exit code 1; its output.
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{cmd:?}: {}", text(&out));
-    text(&out)
-}
-
-fn qemu_io_ok(fmt: &str, img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-r", "-f", fmt]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = ok(c.arg(img));
-    assert!(!out.contains("fail"), "{out}");
-}
+use cluster::{fails, ok, path, qemu_img, qemu_io_ok, Cluster, STRATA_IMG, STRATA_IO};
+use std::process::Command;
 
 #[test]
 fn strata_tools_on_a_ceph_cluster() {
@@ -246,12 +170,59 @@ fn strata_tools_on_a_ceph_cluster() {
         let out = fails(Command::new(STRATA_IO).args(["-f", "raw", "-c", "read 0 4k", &name]));
         assert!(out.contains(want), "{name}: {out}");
     }
+
+    auth_options(&cl);
+    redundancy::data_goes_where_redundancy_says(&cl, tmp.path());
+    serving::daemon_exports_an_rbd_image(&cl, tmp.path());
+    serving::backing_files_on_rbd(&cl, tmp.path());
+    serving::bench_on_rbd(&cl);
+    serving::without_librbd(&cl);
 }
 
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    ok(Command::new("qemu-img").args(args))
+/// `key-secret`, `auth-client-required` and `namespace` reach librados.
+/// The cluster has no authentication, so any well-formed key is accepted.
+/// A malformed key is an error only when cephx is among the modes: so
+/// both options got there.
+fn auth_options(cl: &Cluster) {
+    let json = |extra: &str| {
+        format!(
+            r#"json:{{"driver": "raw", "file": {{"driver": "rbd", "pool": "rbd", "image": "disk", "conf": "{}"{extra}}}}}"#,
+            cl.conf
+        )
+    };
+    let key = ok(Command::new("ceph-authtool").arg("--gen-print-key"));
+    let out = ok(Command::new(STRATA_IO).args([
+        "--object",
+        &format!("secret,id=k0,format=base64,data={}", key.trim()),
+        "-c",
+        "read -P 0x5a 1M 64k",
+        &json(r#", "key-secret": "k0", "auth-client-required": ["none", "cephx"]"#),
+    ]));
+    assert!(!out.contains("fail"), "{out}");
+    let out = fails(Command::new(STRATA_IO).args([
+        "--object",
+        "secret,id=k0,data=not-a-ceph-key",
+        "-c",
+        "read 0 4k",
+        &json(r#", "key-secret": "k0", "auth-client-required": ["none", "cephx"]"#),
+    ]));
+    assert!(out.contains("error connecting: Invalid argument"), "{out}");
+    for (extra, want) in [
+        (r#", "key-secret": "nope""#, "No secret with id 'nope'"),
+        (
+            r#", "auth-client-required": ["kerberos"]"#,
+            "Parameter 'auth-client-required[0]' does not accept value 'kerberos'",
+        ),
+        (
+            r#", "key-secret": "k0", "password-secret": "k0""#,
+            "Legacy 'password-secret' clashes with 'key-secret'",
+        ),
+        (
+            r#", "namespace": "nons""#,
+            "namespace 'nons' does not exist",
+        ),
+    ] {
+        let out = fails(Command::new(STRATA_IO).args(["-c", "read 0 4k", &json(extra)]));
+        assert!(out.contains(want), "{extra}: {out}");
+    }
 }
