@@ -44,6 +44,19 @@ impl Cluster {
         ok(Command::new("rbd").args(["-c", &self.conf]).args(args))
     }
 
+    /// Makes a raw image of 1 MiB objects with strata-img.
+    pub fn create_raw(&self, image: &str, size: &str) {
+        ok(Command::new(STRATA_IMG).args([
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "cluster_size=1M",
+            &self.name(image),
+            size,
+        ]));
+    }
+
     /// An `rbd:` file name for `image` in pool `rbd` of this cluster.
     pub fn name(&self, image: &str) -> String {
         format!("rbd:rbd/{image}:conf={}", self.conf)

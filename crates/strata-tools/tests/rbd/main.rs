@@ -25,15 +25,7 @@ fn strata_tools_on_a_ceph_cluster() {
     let p = |n: &str| tmp.path().join(n);
 
     // A raw image made by strata-img, written by strata-io.
-    ok(Command::new(STRATA_IMG).args([
-        "create",
-        "-f",
-        "raw",
-        "-o",
-        "cluster_size=1M",
-        &cl.name("disk"),
-        "64M",
-    ]));
+    cl.create_raw("disk", "64M");
     let info = cl.rbd(&["info", "rbd/disk"]);
     assert!(info.contains("size 64 MiB in 64 objects"), "{info}");
     assert!(info.contains("order 20 (1 MiB objects)"), "{info}");

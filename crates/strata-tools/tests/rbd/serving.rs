@@ -12,15 +12,7 @@ const STRATA_DAEMON: &str = env!("CARGO_BIN_EXE_strata-daemon");
 /// NBD client writes is what `rbd export` returns, and the export's map
 /// keeps the image sparse.
 pub fn daemon_exports_an_rbd_image(cl: &Cluster, dir: &Path) {
-    ok(Command::new(STRATA_IMG).args([
-        "create",
-        "-f",
-        "raw",
-        "-o",
-        "cluster_size=1M",
-        &cl.name("served"),
-        "16M",
-    ]));
+    cl.create_raw("served", "16M");
     let sock = dir.join("rbd-nbd.sock");
     let mut daemon = Command::new(STRATA_DAEMON)
         .args([
