@@ -121,6 +121,36 @@ fn strata_tools_on_a_ceph_cluster() {
         &path(&p("conv.raw")),
     ]);
 
+    // compare and resize, both ways.
+    let out = ok(Command::new(STRATA_IMG).args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        &path(&p("src.qcow2")),
+        &cl.name("conv"),
+    ]));
+    assert!(out.contains("Images are identical."), "{out}");
+    ok(Command::new(STRATA_IO).args(["-f", "raw", "-c", "write -P 0x55 8M 4k", &cl.name("conv")]));
+    let out = fails(Command::new(STRATA_IMG).args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        &path(&p("src.qcow2")),
+        &cl.name("conv"),
+    ]));
+    assert!(out.contains("Content mismatch at offset 8388608!"), "{out}");
+    ok(Command::new(STRATA_IMG).args(["resize", "-f", "raw", &cl.name("conv"), "128M"]));
+    assert!(cl.rbd(&["info", "rbd/conv"]).contains("size 128 MiB"));
+    let out =
+        fails(Command::new(STRATA_IMG).args(["resize", "-f", "raw", &cl.name("conv"), "32M"]));
+    assert!(out.contains("Use the --shrink option"), "{out}");
+    ok(Command::new(STRATA_IMG).args(["resize", "-f", "raw", "--shrink", &cl.name("conv"), "32M"]));
+    assert!(cl.rbd(&["info", "rbd/conv"]).contains("size 32 MiB"));
+
     // qcow2 on RBD: it checks clean once exported, and holds the data.
     ok(Command::new(STRATA_IMG).args(["create", "-f", "qcow2", &cl.name("q"), "64M"]));
     ok(Command::new(STRATA_IO).args(["-f", "qcow2", "-c", "write -P 0x77 5M 192k", &cl.name("q")]));
