@@ -105,6 +105,30 @@ pub(crate) fn schema(s: &mut Schema) {
         )
         .object("QCryptoBlockCreateOptionsLUKS", LUKS_CREATE)
         .object(
+            "RbdEncryptionCreateOptionsLUKSBase",
+            &[("key-secret", "str"), ("*cipher-alg", "QCryptoCipherAlgo")],
+        )
+        .union(
+            "RbdEncryptionCreateOptions",
+            &[("format", "RbdImageEncryptionFormat")],
+            "format",
+            &[
+                ("luks", "RbdEncryptionCreateOptionsLUKSBase"),
+                ("luks2", "RbdEncryptionCreateOptionsLUKSBase"),
+            ],
+        )
+        // Strata adds `redundancy` (`x` copies or `x:y` strips).
+        .object(
+            "BlockdevCreateOptionsRbd",
+            &[
+                ("location", "BlockdevOptionsRbd"),
+                ("size", "size"),
+                ("*cluster-size", "size"),
+                ("*encrypt", "RbdEncryptionCreateOptions"),
+                ("*redundancy", "str"),
+            ],
+        )
+        .object(
             "BlockdevCreateOptionsLUKS",
             &[
                 LUKS_CREATE,
@@ -153,6 +177,7 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("file", "BlockdevCreateOptionsFile"),
                 ("luks", "BlockdevCreateOptionsLUKS"),
                 ("qcow2", "BlockdevCreateOptionsQcow2"),
+                ("rbd", "BlockdevCreateOptionsRbd"),
             ],
         )
         .object(

@@ -152,7 +152,21 @@ pub fn schema(registry: &Registry) -> Schema {
         )
         .enumeration("RbdAuthMode", &["cephx", "none"])
         .object("InetSocketAddressBase", &[("host", "str"), ("port", "str")])
-        // (QEMU's `encrypt` is not here: the driver has no encryption yet.)
+        .enumeration("RbdImageEncryptionFormat", &["luks", "luks2", "luks-any"])
+        .object("RbdEncryptionOptionsLUKSBase", &[("key-secret", "str")])
+        .union(
+            "RbdEncryptionOptions",
+            &[
+                ("format", "RbdImageEncryptionFormat"),
+                ("*parent", "RbdEncryptionOptions"),
+            ],
+            "format",
+            &[
+                ("luks", "RbdEncryptionOptionsLUKSBase"),
+                ("luks2", "RbdEncryptionOptionsLUKSBase"),
+                ("luks-any", "RbdEncryptionOptionsLUKSBase"),
+            ],
+        )
         .object(
             "BlockdevOptionsRbd",
             &[
@@ -161,6 +175,7 @@ pub fn schema(registry: &Registry) -> Schema {
                 ("image", "str"),
                 ("*conf", "str"),
                 ("*snapshot", "str"),
+                ("*encrypt", "RbdEncryptionOptions"),
                 ("*user", "str"),
                 ("*auth-client-required", "[RbdAuthMode]"),
                 ("*key-secret", "str"),

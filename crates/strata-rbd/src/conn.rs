@@ -26,14 +26,16 @@ pub struct Location {
     pub auth_client_required: Option<String>,
 }
 
-/// Seconds to wait for the cluster's monitors when connecting.
-const MOUNT_TIMEOUT: &str = "30";
+/// Seconds to wait for the cluster's monitors when connecting, and for an
+/// answer to a monitor command.
+const MON_TIMEOUT: &str = "30";
 
 fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::invalid(format!("'{s}' contains a NUL byte")))
 }
 
-fn errno_msg(r: i32, what: impl std::fmt::Display) -> Error {
+/// QEMU's error_setg_errno: the words, then the errno's.
+pub(crate) fn errno_msg(r: i32, what: impl std::fmt::Display) -> Error {
     Error::msg(-r, format!("{what}: {}", strata_block::error::strerror(-r)))
 }
 
@@ -73,7 +75,10 @@ impl Pool {
         // A cluster that is down is an error after this long, not five
         // minutes (librados's default, and QEMU's). Set first, so that a
         // configuration file or a key=value pair still decides.
-        pool.set("client_mount_timeout", MOUNT_TIMEOUT);
+        pool.set("client_mount_timeout", MON_TIMEOUT);
+        // The same bound for monitor commands (the redundancy choice's),
+        // which librados would otherwise wait on for ever.
+        pool.set("rados_mon_op_timeout", MON_TIMEOUT);
         let conf = loc.conf.as_deref().map(cstr).transpose()?;
         // SAFETY: the handle is live; NULL reads the default places.
         let r = unsafe {

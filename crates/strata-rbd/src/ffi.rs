@@ -33,6 +33,24 @@ pub struct ImageInfo {
 pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
 pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 
+/// librbd's encryption formats and algorithms (rbd_encryption_format_t,
+/// rbd_encryption_algorithm_t).
+pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
+pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
+pub const RBD_ENCRYPTION_ALGORITHM_AES128: c_int = 0;
+pub const RBD_ENCRYPTION_ALGORITHM_AES256: c_int = 1;
+
+/// rbd_encryption_luks1_format_options_t, and its LUKS2 twin, which has
+/// the same fields.
+#[repr(C)]
+pub struct LuksOptions {
+    pub alg: c_int,
+    pub passphrase: *const c_char,
+    pub passphrase_size: usize,
+}
+
+pub type EncryptionFn = unsafe extern "C" fn(Image, c_int, *mut c_void, usize) -> c_int;
+
 /// Image features and flags that block status depends on (librbd.h).
 pub const RBD_FEATURE_STRIPINGV2: u64 = 1 << 1;
 pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
@@ -75,6 +93,11 @@ pub struct Lib {
     pub rbd_open_read_only:
         unsafe extern "C" fn(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_close: unsafe extern "C" fn(Image) -> c_int,
+    pub rbd_remove: unsafe extern "C" fn(IoCtx, *const c_char) -> c_int,
+    pub rbd_read: unsafe extern "C" fn(Image, u64, usize, *mut c_char) -> isize,
+    /// Ceph 16 and later; QEMU leaves encryption out of older builds.
+    pub rbd_encryption_format: Option<EncryptionFn>,
+    pub rbd_encryption_load: Option<EncryptionFn>,
     pub rbd_get_size: unsafe extern "C" fn(Image, *mut u64) -> c_int,
     pub rbd_resize: unsafe extern "C" fn(Image, u64) -> c_int,
     pub rbd_aio_create_completion:
@@ -140,6 +163,14 @@ fn load() -> Result<Lib, String> {
                 .map_err(|e| format!("{}: {e}", stringify!($name)))?
         };
     }
+    macro_rules! opt_sym {
+        ($lib:expr, $name:ident) => {
+            // SAFETY: as for `sym!`.
+            unsafe { $lib.get(concat!(stringify!($name), "\0").as_bytes()) }
+                .ok()
+                .map(|f| *f)
+        };
+    }
     Ok(Lib {
         rados_create: sym!(rados, rados_create),
         rados_conf_read_file: sym!(rados, rados_conf_read_file),
@@ -162,6 +193,10 @@ fn load() -> Result<Lib, String> {
         rbd_open: sym!(rbd, rbd_open),
         rbd_open_read_only: sym!(rbd, rbd_open_read_only),
         rbd_close: sym!(rbd, rbd_close),
+        rbd_remove: sym!(rbd, rbd_remove),
+        rbd_read: sym!(rbd, rbd_read),
+        rbd_encryption_format: opt_sym!(rbd, rbd_encryption_format),
+        rbd_encryption_load: opt_sym!(rbd, rbd_encryption_load),
         rbd_get_size: sym!(rbd, rbd_get_size),
         rbd_resize: sym!(rbd, rbd_resize),
         rbd_aio_create_completion: sym!(rbd, rbd_aio_create_completion),

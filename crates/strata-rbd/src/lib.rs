@@ -5,6 +5,8 @@
 
 mod aio;
 mod conn;
+mod create;
+mod encryption;
 mod ffi;
 pub mod filename;
 mod redundancy;
@@ -12,12 +14,12 @@ mod status;
 
 use async_trait::async_trait;
 use conn::{Location, OpenImage, Pool};
-use redundancy::Redundancy;
+use encryption::Load;
 use serde_json::{json, Value};
-use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use strata_block::driver::FormatSpecific;
-use strata_block::options::{take_size, take_str, OptSpec, OptType};
+use strata_block::options::{take_str, OptSpec};
 use strata_block::{
     BlockStatus, Driver, DriverClass, Error, IoBuf, Limits, OpenCtx, Opts, Preallocation, Result,
     WriteFlags,
@@ -26,29 +28,8 @@ use strata_block::{
 /// The `rbd` driver class.
 pub struct RbdClass;
 
-const CREATE_OPTIONS: &[OptSpec] = &[
-    OptSpec {
-        name: "size",
-        ty: OptType::Size,
-        help: "Virtual disk size",
-        default: None,
-    },
-    OptSpec {
-        name: "cluster_size",
-        ty: OptType::Size,
-        help: "RBD object size",
-        default: None,
-    },
-    OptSpec {
-        name: "redundancy",
-        ty: OptType::Str,
-        help: "Redundancy of the image's data: full copies (x) or erasure coding (x:y)",
-        default: None,
-    },
-];
-
 /// Reads the location options (QEMU: BlockdevOptionsRbd) out of `opts`.
-fn take_location(opts: &mut Opts) -> Result<Location> {
+pub(crate) fn take_location(opts: &mut Opts) -> Result<Location> {
     let _ = opts.remove("filename");
     let pool =
         take_str(opts, "pool")?.ok_or_else(|| Error::invalid("Parameter 'pool' is missing"))?;
@@ -125,13 +106,6 @@ fn take_location(opts: &mut Opts) -> Result<Location> {
             Some(names.join(";"))
         }
     };
-    for unsupported in ["encrypt"] {
-        if opts.contains_key(unsupported) {
-            return Err(Error::unsupported(format!(
-                "rbd option '{unsupported}' is not supported yet"
-            )));
-        }
-    }
     Ok(Location {
         pool,
         namespace,
@@ -152,8 +126,12 @@ struct RbdDriver {
     /// Held while the image grows.
     grow: std::sync::Mutex<()>,
     read_only: bool,
-    /// Where the image's data lives, for `info`.
-    layout: Option<FormatSpecific>,
+    /// Whether librbd encrypts the image's data (`encrypt` given).
+    encrypted: bool,
+    /// The pool that holds the image's data, if not the header's.
+    data_pool: Option<String>,
+    /// The data pool's redundancy, asked of the monitors on first `info`.
+    redundancy: OnceLock<Option<String>>,
 }
 
 impl RbdDriver {
@@ -206,10 +184,24 @@ impl Driver for RbdDriver {
         self.length.load(Ordering::Acquire)
     }
 
-    /// QEMU shows only an encryption format; Strata adds the pool that
-    /// holds the data and its redundancy (`x` copies or `x:y` strips).
+    /// QEMU shows the encryption format of a header at the image's start;
+    /// Strata adds the pool that holds the data and its redundancy (`x`
+    /// copies or `x:y` strips).
     fn format_specific(&self) -> Option<FormatSpecific> {
-        self.layout.clone()
+        let mut data = serde_json::Map::new();
+        if let Ok(Some(f)) = encryption::probe(self.lib(), self.img.image) {
+            data.insert("encryption-format".into(), f.name().into());
+        }
+        if let Some(pool) = &self.data_pool {
+            data.insert("data-pool".into(), pool.clone().into());
+            let r = self
+                .redundancy
+                .get_or_init(|| redundancy::of_pool(&self.img.pool, pool).map(|r| r.to_string()));
+            if let Some(r) = r {
+                data.insert("redundancy".into(), r.clone().into());
+            }
+        }
+        Some(json!({"type": "rbd", "data": data}))
     }
 
     fn limits(&self) -> Limits {
@@ -300,7 +292,7 @@ impl Driver for RbdDriver {
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let len = len.min(self.length().saturating_sub(offset)).max(1);
         // Synchronous, as in QEMU: librbd answers from its object map.
-        let st = match status::query(self.lib(), self.img.image, offset, len) {
+        let st = match status::query(self.lib(), self.img.image, offset, len, self.encrypted) {
             Some((false, n)) => BlockStatus::zero(n.min(len)),
             Some((true, n)) => BlockStatus::data(n.min(len)),
             None => BlockStatus::data(len),
@@ -357,95 +349,42 @@ impl DriverClass for RbdClass {
     }
 
     fn create_options(&self) -> &'static [OptSpec] {
-        CREATE_OPTIONS
+        create::CREATE_OPTIONS
     }
 
-    async fn create(&self, _ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
-        let size = take_size(&mut opts, "size")?.unwrap_or(0);
-        let object = take_size(&mut opts, "cluster_size")?;
-        let redundancy = take_str(&mut opts, "redundancy")?
-            .map(|r| Redundancy::parse(&r))
-            .transpose()?;
-        let mut where_ = Opts::new();
-        filename::parse(filename, &mut where_)?;
-        let loc = take_location(&mut where_)?;
-        if loc.snapshot.is_some() {
-            return Err(Error::invalid("Can't use snapshot name for image creation"));
-        }
-        let mut order = None;
-        if let Some(obj) = object {
-            if !obj.is_power_of_two() {
-                return Err(Error::invalid("obj size needs to be power of 2"));
-            }
-            if obj < 4096 {
-                return Err(Error::invalid("obj size too small"));
-            }
-            order = Some(u64::from(obj.trailing_zeros()));
-        }
-        let pool = Pool::connect(&loc, false)?;
-        let data_pool = match redundancy {
-            Some(r) => redundancy::data_pool(&pool, &loc.pool, r)?,
-            None => None,
-        };
-        let name = CString::new(loc.image.as_str())
-            .map_err(|_| Error::invalid("image name contains a NUL byte"))?;
-        let data_pool = data_pool
-            .map(CString::new)
-            .transpose()
-            .map_err(|_| Error::invalid("pool name contains a NUL byte"))?;
-        let lib = pool.lib;
-        let mut io: ffi::ImageOptions = std::ptr::null_mut();
-        // SAFETY: the options are made, filled and destroyed here; the
-        // strings outlive the calls; the pool's context is live.
-        let r = unsafe {
-            (lib.rbd_image_options_create)(&mut io);
-            let mut r = 0;
-            if let Some(order) = order {
-                r = (lib.rbd_image_options_set_uint64)(io, ffi::RBD_IMAGE_OPTION_ORDER, order);
-            }
-            if let (0, Some(dp)) = (r, &data_pool) {
-                r = (lib.rbd_image_options_set_string)(
-                    io,
-                    ffi::RBD_IMAGE_OPTION_DATA_POOL,
-                    dp.as_ptr(),
-                );
-            }
-            if r == 0 {
-                r = (lib.rbd_create4)(pool.ioctx, name.as_ptr(), size, io);
-            }
-            (lib.rbd_image_options_destroy)(io);
-            r
-        };
-        if r < 0 {
-            return Err(Error::msg(
-                -r,
-                format!("error rbd create: {}", strata_block::error::strerror(-r)),
-            ));
-        }
-        Ok(())
+    async fn create(&self, _ctx: &OpenCtx, filename: &str, opts: Opts) -> Result<()> {
+        create::Spec::from_filename(filename, opts)?.make()
+    }
+
+    fn can_blockdev_create(&self) -> bool {
+        true
+    }
+
+    async fn blockdev_create(&self, _ctx: &OpenCtx, opts: Opts) -> Result<()> {
+        create::Spec::from_qapi(opts)?.make()
     }
 
     async fn open(&self, ctx: &OpenCtx, opts: &mut Opts) -> Result<Box<dyn Driver>> {
         let loc = take_location(opts)?;
+        let encrypt = Load::take(opts)?;
         let cache = !ctx.flags.cache.direct;
         let pool = Pool::connect(&loc, cache)?;
         let read_only = ctx.flags.read_only;
         let img = OpenImage::open(pool, &loc, read_only)?;
+        if let Some(enc) = &encrypt {
+            enc.apply(img.pool.lib, img.image)?;
+        }
+        // After the encryption is loaded, the size is the guest's.
         let length = img.size()?;
-        let layout = img.data_pool().map(|name| {
-            let mut data = serde_json::Map::new();
-            if let Some(r) = redundancy::of_pool(&img.pool, &name) {
-                data.insert("redundancy".into(), r.to_string().into());
-            }
-            data.insert("data-pool".into(), name.into());
-            json!({"type": "rbd", "data": data})
-        });
+        let data_pool = img.data_pool();
         Ok(Box::new(RbdDriver {
             img,
             length: AtomicU64::new(length),
             grow: std::sync::Mutex::new(()),
             read_only: read_only || loc.snapshot.is_some(),
-            layout,
+            encrypted: encrypt.is_some(),
+            data_pool,
+            redundancy: OnceLock::new(),
         }))
     }
 }

@@ -4,12 +4,16 @@
 //! agrees with `rbd diff`, a converted image takes only the space its data
 //! needs (`rbd du`), and a qcow2 image on RBD checks clean once exported.
 //! Data goes where `redundancy` says (`rbd info`, `ceph osd pool get`),
-//! strata-daemon serves RBD images over NBD, backing files may live on
-//! RBD, and a machine without librbd gets an error that says what to
-//! install. One cluster serves every step, since it takes about 18 s to
-//! start.
+//! librbd encrypts what `encrypt` asks for in a LUKS that QEMU and
+//! cryptsetup read, strata-daemon makes images over QMP and serves them
+//! over NBD, backing files may live on RBD, and a machine without librbd
+//! gets an error that says what to install. One cluster serves every
+//! step, since it takes about 18 s to start.
 
 mod cluster;
+#[path = "../daemon_support/mod.rs"]
+mod daemon_support;
+mod encryption;
 mod redundancy;
 mod serving;
 
@@ -122,26 +126,17 @@ fn strata_tools_on_a_ceph_cluster() {
     ]);
 
     // compare and resize, both ways.
-    let out = ok(Command::new(STRATA_IMG).args([
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        &path(&p("src.qcow2")),
-        &cl.name("conv"),
-    ]));
+    let compare = || {
+        let mut c = Command::new(STRATA_IMG);
+        c.args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(p("src.qcow2"))
+            .arg(cl.name("conv"));
+        c
+    };
+    let out = ok(&mut compare());
     assert!(out.contains("Images are identical."), "{out}");
     ok(Command::new(STRATA_IO).args(["-f", "raw", "-c", "write -P 0x55 8M 4k", &cl.name("conv")]));
-    let out = fails(Command::new(STRATA_IMG).args([
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        &path(&p("src.qcow2")),
-        &cl.name("conv"),
-    ]));
+    let out = fails(&mut compare());
     assert!(out.contains("Content mismatch at offset 8388608!"), "{out}");
     ok(Command::new(STRATA_IMG).args(["resize", "-f", "raw", &cl.name("conv"), "128M"]));
     assert!(cl.rbd(&["info", "rbd/conv"]).contains("size 128 MiB"));
@@ -195,6 +190,7 @@ fn strata_tools_on_a_ceph_cluster() {
 
     auth_options(&cl);
     redundancy::data_goes_where_redundancy_says(&cl, tmp.path());
+    encryption::encrypted_images(&cl, tmp.path());
     serving::daemon_exports_an_rbd_image(&cl, tmp.path());
     serving::backing_files_on_rbd(&cl, tmp.path());
     serving::bench_on_rbd(&cl);
