@@ -107,3 +107,13 @@ pub fn path(p: &Path) -> String {
 pub fn qemu_img(args: &[&str]) -> String {
     ok(Command::new("qemu-img").args(args))
 }
+
+/// The data extents (start, length) of `strata-img map --output=json`.
+pub fn data_extents(map: &str) -> Vec<(u64, u64)> {
+    serde_json::from_str::<Vec<serde_json::Value>>(map)
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}

@@ -4,7 +4,7 @@
 //! `luks` driver decrypts what `rbd export` returns of a LUKS1 image, and
 //! `cryptsetup` reads the header and checks the passphrase of a LUKS2 one.
 
-use crate::cluster::{fails, ok, path, Cluster, STRATA_IMG, STRATA_IO};
+use crate::cluster::{data_extents, fails, ok, path, Cluster, STRATA_IMG, STRATA_IO};
 use crate::daemon_support::{Client, Running, Side};
 use std::path::Path;
 use std::process::Command;
@@ -119,12 +119,7 @@ pub fn encrypted_images(cl: &Cluster, dir: &Path) {
         .arg("map")
         .args(secret(PASS))
         .args(["--output=json", &json(cl, "enc1", Some("luks"))]));
-    let data: Vec<(u64, u64)> = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&map);
     assert!(
         data.iter()
             .any(|&(s, l)| s <= 20 << 20 && s + l >= (20 << 20) + 65536),

@@ -17,7 +17,9 @@ mod encryption;
 mod redundancy;
 mod serving;
 
-use cluster::{fails, ok, path, qemu_img, qemu_io_ok, Cluster, STRATA_IMG, STRATA_IO};
+use cluster::{
+    data_extents, fails, ok, path, qemu_img, qemu_io_ok, Cluster, STRATA_IMG, STRATA_IO,
+};
 use std::process::Command;
 
 #[test]
@@ -75,12 +77,7 @@ fn strata_tools_on_a_ceph_cluster() {
     let map = ok(Command::new(STRATA_IMG).args(["map", "--output=json", &cl.name("disk")]));
     let diff = cl.rbd(&["diff", "--whole-object", "--format", "json", "rbd/disk"]);
     let extents: Vec<serde_json::Value> = serde_json::from_str(&diff).unwrap();
-    let data: Vec<(u64, u64)> = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&map);
     let mut want: Vec<(u64, u64)> = Vec::new();
     for e in extents.iter().filter(|e| e["exists"] == "true") {
         let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
