@@ -178,6 +178,15 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("luks", "BlockdevCreateOptionsLUKS"),
                 ("qcow2", "BlockdevCreateOptionsQcow2"),
                 ("rbd", "BlockdevCreateOptionsRbd"),
+                ("vdi", "BlockdevCreateOptionsVdi"),
+            ],
+        )
+        .object(
+            "BlockdevCreateOptionsVdi",
+            &[
+                ("file", "BlockdevRef"),
+                ("size", "size"),
+                ("*preallocation", "PreallocMode"),
             ],
         )
         .object(

@@ -30,6 +30,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("rbd", "BlockdevOptionsRbd"),
     ("snapshot-access", "BlockdevOptionsGenericFormat"),
     ("throttle", "BlockdevOptionsThrottle"),
+    ("vdi", "BlockdevOptionsGenericFormat"),
 ];
 
 /// Drivers of `registry` that blockdev-add cannot name (a driver added to

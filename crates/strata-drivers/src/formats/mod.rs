@@ -4,3 +4,4 @@ pub(crate) mod crypto;
 pub mod luks;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
