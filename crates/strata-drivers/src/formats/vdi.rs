@@ -438,12 +438,12 @@ fn validate(h: &[u8]) -> Result<()> {
             version & 0xffff
         ));
     }
-    if bmap as u64 % SECTOR != 0 {
+    if !(bmap as u64).is_multiple_of(SECTOR) {
         return unsupported(format!(
             "unsupported VDI image (unaligned block map offset 0x{bmap:x})"
         ));
     }
-    if data as u64 % SECTOR != 0 {
+    if !(data as u64).is_multiple_of(SECTOR) {
         return unsupported(format!(
             "unsupported VDI image (unaligned data offset 0x{data:x})"
         ));
