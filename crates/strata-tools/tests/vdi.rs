@@ -160,8 +160,8 @@ fn images_made_written_and_shown_as_qemu_does() {
     assert!(d.is_empty() && la == lb, "converted: {d:?} {la} {lb}");
 }
 
-/// A VDI header damaged at `at` with `bytes`, in a fresh dir of its own.
-fn damaged(at: usize, bytes: &[u8]) -> tempfile::TempDir {
+/// A dir of its own with a 3 MiB VDI image `x.vdi` made by qemu-img.
+fn fresh() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let st = Command::new("qemu-img")
         .args(["create", "-q", "-f", "vdi", "x.vdi", "3M"])
@@ -169,6 +169,12 @@ fn damaged(at: usize, bytes: &[u8]) -> tempfile::TempDir {
         .status()
         .unwrap();
     assert!(st.success());
+    dir
+}
+
+/// A VDI header damaged at `at` with `bytes`, in a fresh dir of its own.
+fn damaged(at: usize, bytes: &[u8]) -> tempfile::TempDir {
+    let dir = fresh();
     let p = dir.path().join("x.vdi");
     let mut img = std::fs::read(&p).unwrap();
     img[at..at + bytes.len()].copy_from_slice(bytes);
@@ -224,7 +230,7 @@ fn an_undercounted_header_never_makes_two_blocks_share_data() {
     if qemu_img().is_none() {
         return;
     }
-    let dir = damaged(0, &[]);
+    let dir = fresh();
     let args = ["-f", "vdi", "x.vdi"];
     let (t, c) = io("qemu-io", dir.path(), &args, &["write -P 0xa 0 1M"]);
     assert_eq!(c, 0, "{t}");
@@ -257,13 +263,7 @@ fn writes_racing_into_a_new_block_share_it() {
     if qemu_img().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "vdi", "x.vdi", "3M"])
-        .current_dir(dir.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let dir = fresh();
     let (t, c) = io(
         STRATA_IO,
         dir.path(),

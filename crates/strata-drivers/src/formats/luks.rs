@@ -205,19 +205,10 @@ impl DriverClass for LuksClass {
         };
         // No file is made for a secret that is not there.
         password(key_secret.as_deref(), "")?;
-        ctx.create_file(filename, opts).await?;
-        let mut flags = ctx.flags.clone();
-        flags.read_only = false;
-        let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
-        let file = octx.open_file(filename).await?;
+        let file = super::create_and_open_file(ctx, filename, opts).await?;
         let size = if luks_opts.detached { 0 } else { size };
         let r = format_on(&file, size, &luks_opts, key_secret.as_deref(), prealloc).await;
-        let r = match r {
-            Ok(()) => file.flush().await,
-            Err(e) => Err(e),
-        };
-        let c = file.close().await;
-        r.and(c)
+        super::finish_created(file, r).await
     }
 
     fn can_blockdev_create(&self) -> bool {
@@ -322,8 +313,8 @@ impl DriverClass for LuksClass {
 }
 
 /// A creating user of `node`: it writes and resizes, sharing everything
-/// (QEMU's blk_co_new_with_bs in block/crypto.c's create).
-fn user_of(node: &Arc<Node>) -> Result<Backend> {
+/// (QEMU's blk_co_new_with_bs in the formats' create).
+pub(crate) fn user_of(node: &Arc<Node>) -> Result<Backend> {
     Backend::new(
         node,
         "an unnamed block device",

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use strata_block::driver::{CheckResult, Preallocation, RepairMode};
 use strata_block::options::{take_bool, take_size, take_str, OptSpec, OptType, Opts};
 use strata_block::{
-    stderr_line, Backend, BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error,
-    IoBuf, Node, OpenCtx, Perm, Result, WriteFlags,
+    stderr_line, BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf,
+    Node, OpenCtx, Result, WriteFlags,
 };
 
 /// The `vdi` driver class.
@@ -136,20 +136,10 @@ fn new_metadata(size: u64, is_static: bool) -> Result<Vec<u8>> {
     Ok(m)
 }
 
-/// A creating user of `node`: it writes and resizes, sharing everything.
-fn creating_user(node: &Arc<Node>) -> Result<Backend> {
-    Backend::new(
-        node,
-        "an unnamed block device",
-        Perm::WRITE.with(Perm::RESIZE),
-        Perm::ALL,
-    )
-}
-
 /// Writes a new image of `size` bytes into the open node `node`.
 async fn format_on(node: &Arc<Node>, size: u64, is_static: bool) -> Result<()> {
     let meta = new_metadata(size, is_static)?;
-    let blk = creating_user(node)?;
+    let blk = super::luks::user_of(node)?;
     let r = async {
         let end = meta.len() as u64;
         // The file may be longer already; only a shorter one grows.
@@ -480,12 +470,7 @@ fn validate(h: &[u8]) -> Result<()> {
 
 /// The creation options, in the order qemu-img prints them.
 const CREATE_OPTIONS: &[OptSpec] = &[
-    OptSpec {
-        name: "size",
-        ty: OptType::Size,
-        help: "Virtual disk size",
-        default: None,
-    },
+    crate::protocols::file::CREATE_OPTIONS[0],
     OptSpec {
         name: "static",
         ty: OptType::Bool,
@@ -530,18 +515,9 @@ impl DriverClass for VdiClass {
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let is_static = take_bool(&mut opts, "static")?.unwrap_or(false);
         new_metadata(size, is_static)?;
-        ctx.create_file(filename, opts).await?;
-        let mut flags = ctx.flags.clone();
-        flags.read_only = false;
-        let octx = OpenCtx::new(Arc::clone(&ctx.registry), flags);
-        let file = octx.open_file(filename).await?;
+        let file = super::create_and_open_file(ctx, filename, opts).await?;
         let r = format_on(&file, size, is_static).await;
-        let r = match r {
-            Ok(()) => file.flush().await,
-            Err(e) => Err(e),
-        };
-        let c = file.close().await;
-        r.and(c)
+        super::finish_created(file, r).await
     }
 
     fn can_blockdev_create(&self) -> bool {
