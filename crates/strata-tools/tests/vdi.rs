@@ -308,3 +308,22 @@ fn writes_racing_into_a_new_block_share_it() {
     let len = std::fs::metadata(dir.path().join("x.vdi")).unwrap().len();
     assert_eq!(len, 1024 + 2 * 1048576);
 }
+
+/// A map entry past the map's own length (damage `check` reports) does
+/// not send new blocks after it: the file grows by the block written.
+#[test]
+fn a_damaged_entry_does_not_move_new_blocks_past_it() {
+    if qemu_img().is_none() {
+        return;
+    }
+    let dir = damaged(0x200, &0xffff_fff0u32.to_le_bytes());
+    let (t, c) = io(
+        STRATA_IO,
+        dir.path(),
+        &["-f", "vdi", "x.vdi"],
+        &["write -P 0xb 1M 64k", "read -P 0xb 1M 64k"],
+    );
+    assert!(c == 0 && !t.contains("verification failed"), "{t}");
+    let len = std::fs::metadata(dir.path().join("x.vdi")).unwrap().len();
+    assert_eq!(len, 1024 + 1048576);
+}

@@ -100,15 +100,12 @@ fn uuid_v4() -> Result<[u8; 16]> {
 
 /// The header and block map of a new image of `size` bytes (QEMU:
 /// vdi_co_do_create); a static image has every block allocated in order.
-fn new_metadata(size: u64, is_static: bool) -> Result<Vec<u8>> {
-    if size > DISK_SIZE_MAX {
-        return Err(Error::unsupported(format!(
-            "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{DISK_SIZE_MAX:x})"
-        )));
-    }
+fn new_metadata(size: u64, is_static: bool) -> Result<IoBuf> {
+    check_size(size)?;
     let blocks = size.div_ceil(BLOCK) as u32;
     let bmap_len = bmap_bytes(blocks);
-    let mut m = vec![0u8; HEADER_LEN + bmap_len as usize];
+    let mut buf = IoBuf::zeroed(HEADER_LEN + bmap_len as usize);
+    let m = buf.as_mut_slice();
     let h = &mut m[..HEADER_LEN];
     h[..TEXT.len()].copy_from_slice(TEXT);
     put32(h, OFF_SIGNATURE, SIGNATURE);
@@ -133,7 +130,17 @@ fn new_metadata(size: u64, is_static: bool) -> Result<Vec<u8>> {
         let v = if is_static { i as u32 } else { UNALLOCATED };
         e.copy_from_slice(&v.to_le_bytes());
     }
-    Ok(m)
+    Ok(buf)
+}
+
+/// The largest disk VDI's map can describe (QEMU: VDI_DISK_SIZE_MAX).
+fn check_size(size: u64) -> Result<()> {
+    if size > DISK_SIZE_MAX {
+        return Err(Error::unsupported(format!(
+            "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{DISK_SIZE_MAX:x})"
+        )));
+    }
+    Ok(())
 }
 
 /// Writes a new image of `size` bytes into the open node `node`.
@@ -144,9 +151,9 @@ async fn format_on(node: &Arc<Node>, size: u64, is_static: bool) -> Result<()> {
         let end = meta.len() as u64;
         // The file may be longer already; only a shorter one grows.
         blk.truncate(end, false, Preallocation::Off).await?;
-        blk.write(0, IoBuf::from_slice(&meta), WriteFlags::default())
+        blk.write(0, meta, WriteFlags::default())
             .await
-            .map_err(|e| e.context("Error writing header"))?;
+            .map_err(|e| Error::msg(e.code(), "Error writing header"))?;
         if is_static {
             let blocks = size.div_ceil(BLOCK);
             blk.truncate(end + blocks * BLOCK, false, Preallocation::Off)
@@ -229,6 +236,7 @@ impl VdiDriver {
         if is_allocated(entry) {
             // Another request allocated it while this one waited.
             drop(a);
+            self.file.debug_event(DebugEvent::WriteAio).await;
             return self
                 .file
                 .write(self.host_offset(entry, in_block), piece, flags)
@@ -316,9 +324,10 @@ impl Driver for VdiDriver {
         let parts = buf.pieces(offset, |o, left| left.min((BLOCK - o % BLOCK) as usize));
         let writes =
             parts.map(|(o, piece)| self.write_in_block(o / BLOCK, o % BLOCK, piece, flags));
-        Ok(IoBuf::join_all(
-            futures::future::try_join_all(writes).await?,
-        ))
+        // Every piece runs to its end, even when another fails: an
+        // allocation dropped halfway would leave its map entry unwritten.
+        let done = futures::future::join_all(writes).await;
+        Ok(IoBuf::join_all(done.into_iter().collect::<Result<_>>()?))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -514,7 +523,7 @@ impl DriverClass for VdiClass {
     async fn create(&self, ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Result<()> {
         let size = take_size(&mut opts, "size")?.unwrap_or(0);
         let is_static = take_bool(&mut opts, "static")?.unwrap_or(false);
-        new_metadata(size, is_static)?;
+        check_size(size)?;
         let file = super::create_and_open_file(ctx, filename, opts).await?;
         let r = format_on(&file, size, is_static).await;
         super::finish_created(file, r).await
@@ -535,7 +544,7 @@ impl DriverClass for VdiClass {
     /// metadata a static one (QEMU: vdi_co_create).
     async fn blockdev_create(&self, ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
         let (size, is_static) = qapi_create_options(&mut opts)?;
-        new_metadata(size, is_static)?;
+        check_size(size)?;
         let file = ctx
             .open_blockdev_ref(opts.remove("file").unwrap_or_default())
             .await?;
@@ -570,7 +579,9 @@ impl DriverClass for VdiClass {
         let past_used = bmap
             .iter()
             .map(|e| e.load(Ordering::Relaxed))
-            .filter(|&e| is_allocated(e))
+            // Entries past the map's own length are damage that check
+            // reports; new blocks do not go after them.
+            .filter(|&e| is_allocated(e) && e < blocks)
             .map(|e| e as u64 + 1)
             .max()
             .unwrap_or(0);
@@ -601,15 +612,17 @@ mod tests {
     #[test]
     fn new_header_is_qemus() {
         let m = new_metadata(3 << 20, false).unwrap();
+        let m = m.as_slice();
         assert_eq!(m.len(), 1024);
         validate(&m[..HEADER_LEN]).unwrap();
-        assert_eq!(le32(&m, OFF_DATA), 1024);
-        assert_eq!(le32(&m, OFF_BLOCKS), 3);
-        assert_eq!(le32(&m, HEADER_LEN), UNALLOCATED);
-        assert_eq!(le32(&m, HEADER_LEN + 12), 0, "past the last block: zero");
+        assert_eq!(le32(m, OFF_DATA), 1024);
+        assert_eq!(le32(m, OFF_BLOCKS), 3);
+        assert_eq!(le32(m, HEADER_LEN), UNALLOCATED);
+        assert_eq!(le32(m, HEADER_LEN + 12), 0, "past the last block: zero");
         let s = new_metadata(3 << 20, true).unwrap();
-        assert_eq!(le32(&s, OFF_ALLOCATED), 3);
-        assert_eq!(le32(&s, HEADER_LEN + 8), 2);
+        let s = s.as_slice();
+        assert_eq!(le32(s, OFF_ALLOCATED), 3);
+        assert_eq!(le32(s, HEADER_LEN + 8), 2);
         // Version 4, variant 1, after the byte swap of the first fields.
         assert_eq!(m[OFF_UUID_IMAGE + 7] >> 4, 4);
         assert_eq!(m[OFF_UUID_IMAGE + 8] >> 6, 2);
