@@ -12,8 +12,8 @@ use std::sync::Arc;
 use strata_block::driver::{FormatSpecific, Preallocation};
 use strata_block::options::{take_bool, take_size, take_str, OptSpec, Opts};
 use strata_block::{
-    Backend, BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Perm,
-    Result, WriteFlags,
+    BlockStatus, Child, ChildRole, Driver, DriverClass, Error, IoBuf, Node, OpenCtx, Result,
+    WriteFlags,
 };
 use strata_crypto::luks::{Luks, SECTOR_SIZE};
 use strata_crypto::BlockCrypto;
@@ -268,7 +268,7 @@ impl DriverClass for LuksClass {
             return Ok(());
         };
         let file = ctx.open_blockdev_ref(file).await?;
-        let r = match user_of(&file) {
+        let r = match super::creating_user(&file) {
             Ok(blk) => {
                 let r = blk.truncate(size, true, prealloc).await;
                 let _ = blk.close().await;
@@ -312,17 +312,6 @@ impl DriverClass for LuksClass {
     }
 }
 
-/// A creating user of `node`: it writes and resizes, sharing everything
-/// (QEMU's blk_co_new_with_bs in the formats' create).
-pub(crate) fn user_of(node: &Arc<Node>) -> Result<Backend> {
-    Backend::new(
-        node,
-        "an unnamed block device",
-        Perm::WRITE.with(Perm::RESIZE),
-        Perm::ALL,
-    )
-}
-
 /// QEMU's message for a size past what a file can hold.
 fn too_large(e: Error) -> Error {
     match e.code() {
@@ -341,7 +330,7 @@ async fn format_on(
     key_secret: Option<&str>,
     prealloc: Preallocation,
 ) -> Result<()> {
-    let blk = user_of(node)?;
+    let blk = super::creating_user(node)?;
     let r = async {
         let pw = password(key_secret, "")?;
         let (_, _, region) = Luks::create(luks_opts, &pw).map_err(crypto_err)?;

@@ -7,7 +7,18 @@ pub mod raw;
 pub mod vdi;
 
 use std::sync::Arc;
-use strata_block::{Node, OpenCtx, Opts, Result};
+use strata_block::{Backend, Node, OpenCtx, Opts, Perm, Result};
+
+/// A creating user of `node`: it writes and resizes, sharing everything
+/// (QEMU's blk_co_new_with_bs in the formats' create).
+pub(crate) fn creating_user(node: &Arc<Node>) -> Result<Backend> {
+    Backend::new(
+        node,
+        "an unnamed block device",
+        Perm::WRITE.with(Perm::RESIZE),
+        Perm::ALL,
+    )
+}
 
 /// Makes the file `filename` with the protocol's options and opens it
 /// writable, for a format to be written into (QEMU's create_opts:

@@ -146,7 +146,7 @@ fn check_size(size: u64) -> Result<()> {
 /// Writes a new image of `size` bytes into the open node `node`.
 async fn format_on(node: &Arc<Node>, size: u64, is_static: bool) -> Result<()> {
     let meta = new_metadata(size, is_static)?;
-    let blk = super::luks::user_of(node)?;
+    let blk = super::creating_user(node)?;
     let r = async {
         let end = meta.len() as u64;
         // The file may be longer already; only a shorter one grows.

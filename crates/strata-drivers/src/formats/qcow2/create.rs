@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, take_u64, OptSpec, OptType, Opts};
-use strata_block::{Backend, Error, IoBuf, Node, OpenCtx, Perm, Result, WriteFlags};
+use strata_block::{Error, IoBuf, Node, OpenCtx, Result, WriteFlags};
 use strata_crypto::luks::CreateOptions;
 
 /// The creation options, in the order QEMU prints them on the `Formatting` line.
@@ -523,13 +523,7 @@ async fn format(ctx: &OpenCtx, place: Place<'_>, l: Layout) -> Result<()> {
             octx
         }
         Place::Nodes(file, data) => {
-            // As QEMU's create: a user that writes and resizes, sharing all.
-            let blk = Backend::new(
-                file,
-                "an unnamed block device",
-                Perm::WRITE.with(Perm::RESIZE),
-                Perm::ALL,
-            )?;
+            let blk = crate::formats::creating_user(file)?;
             let w = blk
                 .write(0, IoBuf::from_slice(&first), WriteFlags::default())
                 .await;
