@@ -179,6 +179,7 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("qcow2", "BlockdevCreateOptionsQcow2"),
                 ("rbd", "BlockdevCreateOptionsRbd"),
                 ("vdi", "BlockdevCreateOptionsVdi"),
+                ("vpc", "BlockdevCreateOptionsVpc"),
             ],
         )
         .object(
@@ -187,6 +188,16 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("file", "BlockdevRef"),
                 ("size", "size"),
                 ("*preallocation", "PreallocMode"),
+            ],
+        )
+        .enumeration("BlockdevVpcSubformat", &["dynamic", "fixed"])
+        .object(
+            "BlockdevCreateOptionsVpc",
+            &[
+                ("file", "BlockdevRef"),
+                ("size", "size"),
+                ("*subformat", "BlockdevVpcSubformat"),
+                ("*force-size", "bool"),
             ],
         )
         .object(

@@ -31,6 +31,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("snapshot-access", "BlockdevOptionsGenericFormat"),
     ("throttle", "BlockdevOptionsThrottle"),
     ("vdi", "BlockdevOptionsGenericFormat"),
+    ("vpc", "BlockdevOptionsGenericFormat"),
 ];
 
 /// Drivers of `registry` that blockdev-add cannot name (a driver added to

@@ -4,11 +4,9 @@
 //! concurrent writes into one new block, held by blkdebug, keep all data.
 
 mod img_support;
-use img_support::{qemu_img, run, strata_as_qemu_img};
+use img_support::{both, io_status as io, qemu_img, run, strata_as_qemu_img, STRATA_IO};
 use std::path::Path;
 use std::process::Command;
-
-const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
 
 /// The header's image and last-snapshot UUIDs, random in every new image.
 const UUIDS: std::ops::Range<usize> = 0x188..0x1a8;
@@ -20,40 +18,6 @@ fn differences(a: &Path, b: &Path) -> (Vec<usize>, usize, usize) {
         .filter(|&i| a[i] != b[i] && !UUIDS.contains(&i))
         .collect();
     (d, a.len(), b.len())
-}
-
-/// Runs an I/O tool (under a time limit) with `-c` for each command on `file`.
-fn io(prog: &str, dir: &Path, args: &[&str], cmds: &[&str]) -> (String, i32) {
-    let mut c = Command::new("timeout");
-    c.arg("60").arg(prog).args(args);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = c.current_dir(dir).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    // Timings differ from run to run.
-    let text = text
-        .lines()
-        .filter(|l| !l.contains("ops/sec"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (text, out.status.code().unwrap_or(-1))
-}
-
-/// Each qemu-img command run by both tools in dirs of their own, the same
-/// output and exit code required; the dirs, QEMU's first.
-fn both(setup: &[&[&str]]) -> (tempfile::TempDir, tempfile::TempDir) {
-    let q = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let strata = strata_as_qemu_img(s.path());
-    let qemu = Path::new("/usr/bin/qemu-img");
-    for args in setup {
-        let want = run(qemu, args, q.path());
-        let got = run(&strata, args, s.path());
-        assert_eq!(got, want, "qemu-img {args:?}");
-    }
-    (q, s)
 }
 
 #[test]

@@ -5,9 +5,10 @@ pub mod luks;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vpc;
 
 use std::sync::Arc;
-use strata_block::{Backend, Node, OpenCtx, Opts, Perm, Result};
+use strata_block::{Backend, Error, Node, OpenCtx, Opts, Perm, Result};
 
 /// A creating user of `node`: it writes and resizes, sharing everything
 /// (QEMU's blk_co_new_with_bs in the formats' create).
@@ -44,4 +45,15 @@ pub(crate) async fn finish_created(file: Arc<Node>, formatted: Result<()>) -> Re
     };
     let c = file.close().await;
     r.and(c)
+}
+
+/// A random version 4 UUID, bytes in RFC 4122 order (QEMU:
+/// qemu_uuid_generate).
+pub(crate) fn uuid_v4() -> Result<[u8; 16]> {
+    let mut u = [0u8; 16];
+    getrandom::fill(&mut u)
+        .map_err(|e| Error::msg(libc::EIO, format!("Unable to read random bytes: {e}")))?;
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
 }

@@ -87,11 +87,7 @@ fn bmap_bytes(blocks: u32) -> u64 {
 /// A random version 4 UUID as VDI stores it: the first three fields
 /// little endian (QEMU: qemu_uuid_generate, then qemu_uuid_bswap).
 fn uuid_v4() -> Result<[u8; 16]> {
-    let mut u = [0u8; 16];
-    getrandom::fill(&mut u)
-        .map_err(|e| Error::msg(libc::EIO, format!("Unable to read random bytes: {e}")))?;
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
+    let mut u = super::uuid_v4()?;
     u[0..4].reverse();
     u[4..6].reverse();
     u[6..8].reverse();

@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The I/O tool under test.
+pub const STRATA_IO: &str = env!("CARGO_BIN_EXE_strata-io");
+
 /// The oracle.
 pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
 
@@ -71,4 +74,38 @@ pub fn run(prog: &Path, args: &[&str], dir: &Path) -> (String, String, i32) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
         out.status.code().unwrap_or(-1),
     )
+}
+
+/// Runs an I/O tool (under a time limit) with `-c` for each command on `file`.
+pub fn io_status(prog: &str, dir: &Path, args: &[&str], cmds: &[&str]) -> (String, i32) {
+    let mut c = Command::new("timeout");
+    c.arg("60").arg(prog).args(args);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = c.current_dir(dir).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // Timings differ from run to run.
+    let text = text
+        .lines()
+        .filter(|l| !l.contains("ops/sec"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (text, out.status.code().unwrap_or(-1))
+}
+
+/// Each qemu-img command run by both tools in dirs of their own, the same
+/// output and exit code required; the dirs, QEMU's first.
+pub fn both(setup: &[&[&str]]) -> (tempfile::TempDir, tempfile::TempDir) {
+    let q = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let strata = strata_as_qemu_img(s.path());
+    let qemu = Path::new("/usr/bin/qemu-img");
+    for args in setup {
+        let want = run(qemu, args, q.path());
+        let got = run(&strata, args, s.path());
+        assert_eq!(got, want, "qemu-img {args:?}");
+    }
+    (q, s)
 }
