@@ -398,7 +398,8 @@ fn check_cut(job: &Job, rec: &Recorded, cut: usize, rng: &mut Rng) -> Result<(),
     }
     for name in IMAGES {
         let file = d.join(format!("{name}.qcow2"));
-        check_crashed(QEMU_IMG, &file.to_string_lossy()).map_err(|e| format!("{name}: {e}"))?;
+        check_crashed(QEMU_IMG, &file.to_string_lossy(), "qcow2")
+            .map_err(|e| format!("{name}: {e}"))?;
     }
     let view = |name: &str| guest_data(&d, &format!("{name}.qcow2"));
     let was = |name: &str| &rec.views[IMAGES.iter().position(|i| *i == name).unwrap()];

@@ -25,6 +25,7 @@ use strata_drivers::filters::blklogwrites::LOG_FLUSH;
 const WORKLOADS: &[Workload] = &[
     Workload {
         name: "allocation",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -34,6 +35,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "small-clusters",
+        format: "qcow2",
         cluster_size: 512,
         extended_l2: false,
         lazy_refcounts: false,
@@ -43,6 +45,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "backing-cow",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -52,6 +55,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "zero-discard",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -61,6 +65,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "compressed",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -70,6 +75,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "subclusters",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: true,
         lazy_refcounts: false,
@@ -79,6 +85,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "lazy-refcounts",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: true,
@@ -88,6 +95,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "snapshots",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -97,6 +105,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "amend",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -106,6 +115,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "resize",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -115,6 +125,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "bitmaps",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -124,6 +135,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "repair",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: true,
@@ -133,6 +145,7 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "commit",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
@@ -142,12 +155,36 @@ const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "rebase",
+        format: "qcow2",
         cluster_size: 65536,
         extended_l2: false,
         lazy_refcounts: false,
         backing: true,
         extra: Extra::Rebase,
         mix: [6, 2, 1, 0],
+    },
+    // A block's allocation is all the metadata vpc and vdi change: data,
+    // then the file's length or the header's count, flushed, then the
+    // table's entry. They have no discard and no compression.
+    Workload {
+        name: "vpc",
+        format: "vpc",
+        cluster_size: 65536,
+        extended_l2: false,
+        lazy_refcounts: false,
+        backing: false,
+        extra: Extra::None,
+        mix: [6, 2, 0, 0],
+    },
+    Workload {
+        name: "vdi",
+        format: "vdi",
+        cluster_size: 65536,
+        extended_l2: false,
+        lazy_refcounts: false,
+        backing: false,
+        extra: Extra::None,
+        mix: [6, 2, 0, 0],
     },
 ];
 
@@ -183,6 +220,16 @@ fn crash_points(w: Workload, seed: u64, batches: usize, cuts: usize) -> usize {
 
 fn workload(name: &str) -> Workload {
     *WORKLOADS.iter().find(|w| w.name == name).unwrap()
+}
+
+#[test]
+fn crash_points_vpc() {
+    crash_points(workload("vpc"), 1, 12, 100);
+}
+
+#[test]
+fn crash_points_vdi() {
+    crash_points(workload("vdi"), 1, 12, 100);
 }
 
 #[test]

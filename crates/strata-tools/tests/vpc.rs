@@ -41,8 +41,24 @@ fn images_made_written_and_shown_as_qemu_does() {
     }
     let (q, s) = both(&[
         &["create", "-f", "vpc", "d.vpc", "10M"],
-        &["create", "-f", "vpc", "-o", "subformat=fixed", "f.vpc", "10M"],
-        &["create", "-f", "vpc", "-o", "force_size=on", "g.vpc", "10000001"],
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            "f.vpc",
+            "10M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "force_size=on",
+            "g.vpc",
+            "10000001",
+        ],
         &["create", "-f", "vpc", "-o", "help"],
         &["create", "-f", "vpc", "z.vpc", "0"],
         // Refused after the file is made, as QEMU does.
@@ -213,9 +229,24 @@ fn damaged_images_are_refused_in_qemus_words() {
         (512 + 32, &[0, 0x20, 0, 1], false, "block size"),
         (512 + 28, &[0, 0, 0, 2], false, "table too small"),
         (512 + 28, &[0x80, 0, 0, 0], false, "negative entries"),
-        (512 + 28, &[0x20, 0, 0, 0], false, "entries past int's quarter"),
-        (512 + 28, &[0x1f, 0xff, 0xff, 0xff], false, "table past the end"),
-        (512 + 16, &[0, 0, 0, 0, 0, 0, 0x40, 0], false, "table offset"),
+        (
+            512 + 28,
+            &[0x20, 0, 0, 0],
+            false,
+            "entries past int's quarter",
+        ),
+        (
+            512 + 28,
+            &[0x1f, 0xff, 0xff, 0xff],
+            false,
+            "table past the end",
+        ),
+        (
+            512 + 16,
+            &[0, 0, 0, 0, 0, 0, 0x40, 0],
+            false,
+            "table offset",
+        ),
         (1536, &[0, 0, 0x10, 0], false, "an entry past the end"),
     ];
     for (at, bytes, resum, what) in cases {

@@ -4,8 +4,8 @@
 //! the data blocks in the order they were first written.
 //!
 //! A block is allocated whole: the write's bytes and zeroes around them go
-//! to the end of the data area first, then the header's count, then the
-//! block map's sector. Allocations take one lock, so a block's data is on
+//! to the end of the data area first, then the header's count, flushed,
+//! then the block map's sector. Allocations take one lock, so a block's data is on
 //! the file before any request (or the map on disk) points at it. QEMU's
 //! vdi sends no blkdebug events; Strata's sends `read_aio`, `write_aio`
 //! and `cluster_alloc`, so tests can hold its requests.
@@ -251,8 +251,9 @@ impl VdiDriver {
         self.file
             .write(self.host_offset(new, 0), data, flags)
             .await?;
-        // The count first, as QEMU: a crash before the map's sector then
-        // leaves a block nobody uses, never a block used twice.
+        // The count first, as QEMU, and on disk before the map's sector
+        // (QEMU does not flush): a crash then leaves a block nobody uses,
+        // never a count QEMU would hand out a used block by.
         let mut header = a.header;
         let count = le32(&header, OFF_ALLOCATED).wrapping_add(1);
         put32(&mut header, OFF_ALLOCATED, count);
@@ -260,6 +261,7 @@ impl VdiDriver {
             .write(0, IoBuf::from_slice(&header), flags)
             .await?;
         a.header = header;
+        self.file.flush().await?;
         a.next_free += 1;
         self.bmap[block as usize].store(new, Ordering::Release);
         let (at, sector) = self.bmap_sector(block);

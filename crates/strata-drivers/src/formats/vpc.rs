@@ -21,8 +21,8 @@ use std::sync::Arc;
 use strata_block::driver::Preallocation;
 use strata_block::options::{take_bool, take_size, take_str, OptSpec, OptType, Opts};
 use strata_block::{
-    Backend, BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node, OpenCtx,
-    Result, WriteFlags,
+    Backend, BlockStatus, Child, ChildRole, DebugEvent, Driver, DriverClass, Error, IoBuf, Node,
+    OpenCtx, Result, WriteFlags,
 };
 
 /// The `vpc` driver class.
@@ -189,7 +189,11 @@ impl NewImage {
         f[..8].copy_from_slice(COOKIE);
         f[8..12].copy_from_slice(&2u32.to_be_bytes());
         f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
-        let data_offset = if self.fixed { u64::MAX } else { FOOTER_LEN as u64 };
+        let data_offset = if self.fixed {
+            u64::MAX
+        } else {
+            FOOTER_LEN as u64
+        };
         f[F_DATA_OFFSET..F_DATA_OFFSET + 8].copy_from_slice(&data_offset.to_be_bytes());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -367,14 +371,18 @@ impl VpcDriver {
         let d = self.dynamic();
         let entry = d.entry(block);
         if entry != UNALLOCATED {
-            return self.write_allocated(block, entry, in_block, piece, flags).await;
+            return self
+                .write_allocated(block, entry, in_block, piece, flags)
+                .await;
         }
         let mut next_free = d.alloc.lock().await;
         let entry = d.entry(block);
         if entry != UNALLOCATED {
             // Another request allocated it while this one waited.
             drop(next_free);
-            return self.write_allocated(block, entry, in_block, piece, flags).await;
+            return self
+                .write_allocated(block, entry, in_block, piece, flags)
+                .await;
         }
         let at = *next_free;
         let new = at / SECTOR;
@@ -572,7 +580,9 @@ async fn read_footer(file: &Arc<Node>) -> Result<([u8; FOOTER_LEN], bool)> {
         if len < FOOTER_LEN as u64 {
             return Err(Error::invalid("File too small for a VHD header"));
         }
-        let f = file.read(len - FOOTER_LEN as u64, IoBuf::zeroed(FOOTER_LEN)).await?;
+        let f = file
+            .read(len - FOOTER_LEN as u64, IoBuf::zeroed(FOOTER_LEN))
+            .await?;
         footer = f.as_slice().try_into().expect("footer length");
         if &footer[..8] != COOKIE || be32(&footer, F_TYPE) != TYPE_FIXED {
             return Err(Error::invalid("invalid VPC image"));
@@ -612,15 +622,14 @@ async fn open_dynamic(file: &Arc<Node>, footer: &[u8], sectors: u64) -> Result<D
     if (entries as i64 as u64).wrapping_mul(block_size as u64) < sectors * SECTOR {
         return Err(Error::invalid("Page table too small"));
     }
-    if entries < 0 || entries > i32::MAX / 4 {
+    if !(0..=i32::MAX / 4).contains(&entries) {
         return Err(Error::invalid(format!(
             "Max Table Entries too large ({entries})"
         )));
     }
     let table_len = entries as u64 * 4;
     let table_offset = be64(h, D_TABLE_OFFSET);
-    if table_offset > READ_MAX || table_len > READ_MAX - table_offset || table_len > REQUEST_MAX
-    {
+    if table_offset > READ_MAX || table_len > READ_MAX - table_offset || table_len > REQUEST_MAX {
         return Err(Error::msg(libc::EIO, "Error reading pagetable"));
     }
     let truncated = || {
@@ -633,7 +642,13 @@ async fn open_dynamic(file: &Arc<Node>, footer: &[u8], sectors: u64) -> Result<D
     if table_offset + table_len > file_len {
         return Err(truncated());
     }
-    let raw = read_at(file, table_offset, table_len as usize, "Error reading pagetable").await?;
+    let raw = read_at(
+        file,
+        table_offset,
+        table_len as usize,
+        "Error reading pagetable",
+    )
+    .await?;
     let table: Vec<AtomicU32> = raw
         .as_slice()
         .chunks_exact(4)

@@ -66,19 +66,20 @@ pub fn apply(img: &mut Vec<u8>, rec: &Recording, r: &LogRecord, torn: Option<u64
 /// Checks one cut; an error says what is wrong with it.
 pub fn check_cut(rec: &Recording, cut: usize, rng: &mut Rng, qemu_img: &str) -> Result<(), String> {
     let (img, guest_flushes) = replay(rec, cut, rng);
-    let file = path(rec.dir.path(), "cut.qcow2");
+    let file = path(rec.dir.path(), &format!("cut.{}", rec.format));
     std::fs::write(&file, &img).unwrap();
     // STRATA_CRASH_KEEP=DIR keeps a failing cut there, to look at.
-    if let Err(e) = check::check_crashed(qemu_img, &file) {
+    if let Err(e) = check::check_crashed(qemu_img, &file, rec.format) {
         if let Some(dir) = std::env::var_os("STRATA_CRASH_KEEP") {
-            let _ = std::fs::write(std::path::Path::new(&dir).join("cut.qcow2"), &img);
+            let name = format!("cut.{}", rec.format);
+            let _ = std::fs::write(std::path::Path::new(&dir).join(name), &img);
         }
         return Err(e);
     }
     let raw = path(rec.dir.path(), "cut.raw");
     let (code, out) = run(
         qemu_img,
-        &["convert", "-U", "-f", "qcow2", "-O", "raw", &file, &raw],
+        &["convert", "-U", "-f", rec.format, "-O", "raw", &file, &raw],
     );
     if code != 0 {
         return Err(format!("qemu-img convert exited {code}:\n{out}"));
@@ -104,7 +105,7 @@ pub fn check_cut(rec: &Recording, cut: usize, rng: &mut Rng, qemu_img: &str) -> 
             },
         );
         let node = ctx
-            .open_image(Some(&file), Some("qcow2"), Opts::new())
+            .open_image(Some(&file), Some(rec.format), Opts::new())
             .await
             .map_err(|e| format!("Strata cannot open the cut: {e}"))?;
         let r = node.read(0, IoBuf::zeroed(len as usize)).await;

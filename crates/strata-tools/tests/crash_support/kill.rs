@@ -38,7 +38,7 @@ pub fn check_after_kill(dir: &Path, image: &str) -> Duration {
             continue;
         }
         let file = dir.join(image).to_string_lossy().into_owned();
-        if let Err(e) = check_crashed(QEMU_IMG, &file) {
+        if let Err(e) = check_crashed(QEMU_IMG, &file, "qcow2") {
             panic!("{image} after a kill: {e}");
         }
         return attempt - start;

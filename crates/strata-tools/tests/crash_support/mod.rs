@@ -126,6 +126,7 @@ pub struct FlushPoint {
 /// A recorded workload, ready to be cut.
 pub struct Recording {
     pub dir: tempfile::TempDir,
+    pub format: &'static str,
     /// The image the log was written under (the backing file for commit).
     pub image: String,
     /// The image file before the workload.

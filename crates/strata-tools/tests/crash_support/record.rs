@@ -33,6 +33,9 @@ impl Req {
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
     pub name: &'static str,
+    /// The image format: qcow2, or a format whose only metadata change is
+    /// a block's allocation (vpc, vdi).
+    pub format: &'static str,
     pub cluster_size: u64,
     pub extended_l2: bool,
     pub lazy_refcounts: bool,
@@ -69,12 +72,12 @@ pub enum Extra {
     Rebase,
 }
 
-/// The image the log records, as a json: file name: qcow2 over
+/// The image the log records, as a json: file name: the format over
 /// blklogwrites, appending to the log so that every opener (the test, a
 /// tool) adds to one record.
-pub fn logged_json(image: &str, log: &str) -> String {
+pub fn logged_json(format: &str, image: &str, log: &str) -> String {
     let json = serde_json::json!({
-        "driver": "qcow2",
+        "driver": format,
         "file": {
             "driver": "blklogwrites",
             "file": {"driver": "file", "filename": image},
@@ -241,7 +244,7 @@ impl Model {
 pub fn record(w: Workload, seed: u64, batches: usize, qemu_img: &str) -> Recording {
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let image = path(dir.path(), "image.qcow2");
+    let image = path(dir.path(), &format!("image.{}", w.format));
     let backing = path(dir.path(), "backing.qcow2");
     let log = path(dir.path(), "log");
     let size = SIZE.to_string();
@@ -260,14 +263,19 @@ pub fn record(w: Workload, seed: u64, batches: usize, qemu_img: &str) -> Recordi
     } else {
         &image
     };
-    let logged_name = logged_json(logged, &log);
+    let logged_name = logged_json(w.format, logged, &log);
     let o = format!(
         "cluster_size={},extended_l2={},lazy_refcounts={}",
         w.cluster_size,
         if w.extended_l2 { "on" } else { "off" },
         if w.lazy_refcounts { "on" } else { "off" },
     );
-    let mut opts = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+    let mut opts = match w.format {
+        "qcow2" => vec!["create", "-q", "-f", "qcow2", "-o", &o],
+        // The size as given, not grown to a geometry.
+        "vpc" => vec!["create", "-q", "-f", "vpc", "-o", "force_size=on"],
+        other => vec!["create", "-q", "-f", other],
+    };
     if w.extra == Extra::Commit {
         opts.extend(["-u", "-b", &logged_name, "-F", "qcow2"]);
     } else if w.backing {
@@ -348,6 +356,7 @@ pub fn record(w: Workload, seed: u64, batches: usize, qemu_img: &str) -> Recordi
     let log_bytes = std::fs::read(&log).unwrap();
     let (_, records) = parse_log(&log_bytes).expect("the log parses");
     Recording {
+        format: w.format,
         image: logged.clone(),
         dir,
         base,
