@@ -381,33 +381,45 @@ fn vdi_images_made_over_qmp_as_qemu_makes_them() {
     ];
     assert_same_lines(&run(&s, nodes, 1, &steps), &run(&q, nodes, 1, &steps));
     for f in ["d.vdi", "s.vdi"] {
-        let (a, b) = (
-            std::fs::read(s.dir.path().join(f)).unwrap(),
-            std::fs::read(q.dir.path().join(f)).unwrap(),
-        );
-        assert_eq!(a.len(), b.len(), "{f}");
         // The image and last-snapshot UUIDs (0x188..0x1a8) are random.
-        let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
-        assert!(
-            differ.iter().all(|i| (0x188..0x1a8).contains(i)),
-            "{f}: {differ:?}"
-        );
-        let io = std::process::Command::new("qemu-io")
-            .args([
-                "-f",
-                "vdi",
-                "-c",
-                "write -P 0x5a 1000k 100k",
-                "-c",
-                "read -P 0x5a 1000k 100k",
-            ])
-            .arg(s.dir.path().join(f))
-            .output()
-            .unwrap();
-        assert!(io.status.success(), "{f}: {io:?}");
+        alike_and_writable(&s, &q, f, "vdi", |i, _| (0x188..0x1a8).contains(&i));
         let (out, code) = s.qemu_img(&["check", f]);
         assert_eq!(code, 0, "{f}: {out}");
     }
+}
+
+/// Checks that `f` made by Strata is QEMU's but where `random(offset,
+/// length)` allows, and that qemu-io writes and reads it back as `fmt`.
+fn alike_and_writable(
+    s: &Side,
+    q: &Side,
+    f: &str,
+    fmt: &str,
+    random: impl Fn(usize, usize) -> bool,
+) {
+    let (a, b) = (
+        std::fs::read(s.dir.path().join(f)).unwrap(),
+        std::fs::read(q.dir.path().join(f)).unwrap(),
+    );
+    assert_eq!(a.len(), b.len(), "{f}");
+    let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+    assert!(
+        differ.iter().all(|&i| random(i, a.len())),
+        "{f}: {differ:?}"
+    );
+    let io = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            fmt,
+            "-c",
+            "write -P 0x5a 1000k 100k",
+            "-c",
+            "read -P 0x5a 1000k 100k",
+        ])
+        .arg(s.dir.path().join(f))
+        .output()
+        .unwrap();
+    assert!(io.status.success(), "{f}: {io:?}");
 }
 
 /// `vpc` images over QMP: dynamic at a size with a geometry of its own,
@@ -462,31 +474,10 @@ fn vpc_images_made_over_qmp_as_qemu_makes_them() {
     ];
     assert_same_lines(&run(&s, nodes, 1, &steps), &run(&q, nodes, 1, &steps));
     for f in ["d.vpc", "f.vpc"] {
-        let (a, b) = (
-            std::fs::read(s.dir.path().join(f)).unwrap(),
-            std::fs::read(q.dir.path().join(f)).unwrap(),
-        );
-        assert_eq!(a.len(), b.len(), "{f}");
         // The footers' time stamp, checksum and UUID differ in every image.
-        let random = |i: usize| (24..28).contains(&(i % 512)) || (64..84).contains(&(i % 512));
-        let footer = |i: usize| i < 512 || i >= a.len() - 512;
-        let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
-        assert!(
-            differ.iter().all(|&i| footer(i) && random(i)),
-            "{f}: {differ:?}"
-        );
-        let io = std::process::Command::new("qemu-io")
-            .args([
-                "-f",
-                "vpc",
-                "-c",
-                "write -P 0x5a 1000k 100k",
-                "-c",
-                "read -P 0x5a 1000k 100k",
-            ])
-            .arg(s.dir.path().join(f))
-            .output()
-            .unwrap();
-        assert!(io.status.success(), "{f}: {io:?}");
+        alike_and_writable(&s, &q, f, "vpc", |i, len| {
+            let random = (24..28).contains(&(i % 512)) || (64..84).contains(&(i % 512));
+            random && (i < 512 || i >= len - 512)
+        });
     }
 }

@@ -4,7 +4,9 @@
 //! concurrent writes into one new block, held by blkdebug, keep all data.
 
 mod img_support;
-use img_support::{both, io_status as io, qemu_img, run, strata_as_qemu_img, STRATA_IO};
+use img_support::{
+    both, io_status as io, qemu_img, run, sorted_lines, strata_as_qemu_img, STRATA_IO,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -68,13 +70,8 @@ fn images_made_written_and_shown_as_qemu_does() {
         // QEMU finishes the write into the block another one is taking
         // first (it writes the map outside its lock); the order of aio
         // completions is not the point here.
-        let sorted = |(t, c): (String, i32)| {
-            let mut l: Vec<String> = t.lines().map(String::from).collect();
-            l.sort();
-            (l, c)
-        };
-        let want = sorted(io("qemu-io", q.path(), &args, &writes));
-        let got = sorted(io(STRATA_IO, s.path(), &args, &writes));
+        let want = sorted_lines(io("qemu-io", q.path(), &args, &writes));
+        let got = sorted_lines(io(STRATA_IO, s.path(), &args, &writes));
         assert_eq!(got, want, "{f}");
         let (d, la, lb) = differences(&q.path().join(f), &s.path().join(f));
         assert!(

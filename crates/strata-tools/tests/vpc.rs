@@ -5,7 +5,9 @@
 //! blkdebug, keep all data.
 
 mod img_support;
-use img_support::{both, io_status as io, qemu_img, run, strata_as_qemu_img, STRATA_IO};
+use img_support::{
+    both, io_status as io, qemu_img, run, sorted_lines, strata_as_qemu_img, STRATA_IO,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -90,14 +92,8 @@ fn images_made_written_and_shown_as_qemu_does() {
     ];
     for f in ["d.vpc", "f.vpc"] {
         let args = ["-f", "vpc", f];
-        // The order of aio completions is not the point here.
-        let sorted = |(t, c): (String, i32)| {
-            let mut l: Vec<String> = t.lines().map(String::from).collect();
-            l.sort();
-            (l, c)
-        };
-        let want = sorted(io("qemu-io", q.path(), &args, &writes));
-        let got = sorted(io(STRATA_IO, s.path(), &args, &writes));
+        let want = sorted_lines(io("qemu-io", q.path(), &args, &writes));
+        let got = sorted_lines(io(STRATA_IO, s.path(), &args, &writes));
         assert_eq!(got, want, "{f}");
         same_files(q.path(), s.path(), f);
         // Each tool reads what the other wrote.

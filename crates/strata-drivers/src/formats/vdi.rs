@@ -281,10 +281,7 @@ impl Driver for VdiDriver {
     }
 
     fn children(&self) -> Vec<Child> {
-        vec![Child {
-            role: ChildRole::File,
-            node: Arc::clone(&self.file),
-        }]
+        vec![Child::new(ChildRole::File, &self.file)]
     }
 
     fn limits(&self) -> strata_block::Limits {

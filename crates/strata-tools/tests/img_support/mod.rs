@@ -109,3 +109,11 @@ pub fn both(setup: &[&[&str]]) -> (tempfile::TempDir, tempfile::TempDir) {
     }
     (q, s)
 }
+
+/// An I/O tool's output lines sorted, with its exit code: the order of aio
+/// completions is not what a test compares.
+pub fn sorted_lines((text, code): (String, i32)) -> (Vec<String>, i32) {
+    let mut l: Vec<String> = text.lines().map(String::from).collect();
+    l.sort();
+    (l, code)
+}
