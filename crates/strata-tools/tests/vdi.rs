@@ -5,7 +5,8 @@
 
 mod img_support;
 use img_support::{
-    both, io_status as io, qemu_img, run, sorted_lines, strata_as_qemu_img, STRATA_IO,
+    both, io_status as io, mutant_rounds, mutants_read_alike, qemu_img, run, sorted_lines,
+    strata_as_qemu_img, STRATA_IO,
 };
 use std::path::Path;
 use std::process::Command;
@@ -287,4 +288,35 @@ fn a_damaged_entry_does_not_move_new_blocks_past_it() {
     assert!(c == 0 && !t.contains("verification failed"), "{t}");
     let len = std::fs::metadata(dir.path().join("x.vdi")).unwrap().len();
     assert_eq!(len, 1024 + 1048576);
+}
+
+/// Headers and block maps changed at random: Strata refuses what QEMU
+/// refuses, in its words, and reads the rest as QEMU reads it, except
+/// where Strata is stricter on purpose (a map past the file's end).
+#[test]
+fn mutated_images_are_refused_or_read_as_qemu_reads_them() {
+    if qemu_img().is_none() {
+        return;
+    }
+    let dir = fresh();
+    let (t, c) = io(
+        "qemu-io",
+        dir.path(),
+        &["-f", "vdi", "x.vdi"],
+        &["write -P 1 0 64k", "write -P 2 2M 512k"],
+    );
+    assert_eq!(c, 0, "{t}");
+    let (rounds, seed) = mutant_rounds();
+    let fix = |_: &mut [u8], _: u64| {};
+    let image = ("vdi", "x.vdi");
+    let read = mutants_read_alike(
+        dir.path(),
+        image,
+        1024,
+        (rounds, seed),
+        fix,
+        &["lies past the end of the file"],
+    );
+    eprintln!("{read} of {rounds} mutants read");
+    assert!(read > rounds / 10, "only {read} mutants were read");
 }

@@ -117,3 +117,79 @@ pub fn sorted_lines((text, code): (String, i32)) -> (Vec<String>, i32) {
     l.sort();
     (l, code)
 }
+
+/// How many mutants a test tries and from which seed: 150 from 7, or
+/// STRATA_MUTANTS from STRATA_MUTANT_SEED for a soak.
+pub fn mutant_rounds() -> (u32, u64) {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    (
+        env("STRATA_MUTANTS", 150) as u32,
+        env("STRATA_MUTANT_SEED", 7),
+    )
+}
+
+/// Mutates `image` (in `dir`, format `fmt`) `rounds` times from `seed`: a
+/// few bytes of its first `region` bytes changed, then `fix` (a checksum
+/// made to fit again, say) applied; both tools convert each mutant to raw.
+/// They must agree: the same messages and exit code, and the same bytes
+/// when both succeed; or Strata refuses where it is `stricter` on purpose
+/// (a message it alone gives). Returns how many mutants both tools read.
+pub fn mutants_read_alike(
+    dir: &Path,
+    (fmt, image): (&str, &str),
+    region: usize,
+    (rounds, seed): (u32, u64),
+    fix: impl Fn(&mut [u8], u64),
+    stricter: &[&str],
+) -> u32 {
+    let strata = strata_as_qemu_img(dir);
+    let pristine = std::fs::read(dir.join(image)).unwrap();
+    let mut state = seed | 1;
+    let mut next = move || {
+        // xorshift64: a fixed sequence for a seed, nothing to install.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut read = 0;
+    for round in 0..rounds {
+        let mut img = pristine.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % region as u64) as usize;
+            img[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => img[at] ^ (1 << (next() % 8)),
+                _ => [0, 0xff, 0x7f, 0x80][(next() % 4) as usize],
+            };
+        }
+        fix(&mut img, next());
+        let mutant = format!("m{round}.{fmt}");
+        std::fs::write(dir.join(&mutant), &img).unwrap();
+        let args = ["convert", "-f", fmt, "-O", "raw", &mutant, "out.raw"];
+        let want = run(Path::new(QEMU_IMG), &args, dir);
+        let qemu_out = std::fs::read(dir.join("out.raw")).ok();
+        let _ = std::fs::remove_file(dir.join("out.raw"));
+        let got = run(&strata, &args, dir);
+        let strata_out = std::fs::read(dir.join("out.raw")).ok();
+        let _ = std::fs::remove_file(dir.join("out.raw"));
+        if got.2 == 1 && stricter.iter().any(|m| got.1.contains(m)) {
+            continue;
+        }
+        assert_eq!(got, want, "mutant {round} (seed {seed})");
+        if want.2 == 0 {
+            assert!(
+                qemu_out == strata_out,
+                "mutant {round} (seed {seed}) reads differently"
+            );
+            read += 1;
+        }
+        std::fs::remove_file(dir.join(&mutant)).unwrap();
+    }
+    read
+}
