@@ -393,14 +393,29 @@ impl VpcDriver {
         // Held here by blkdebug, the block is taken and not yet written.
         self.file.debug_event(DebugEvent::ClusterAlloc).await;
         let end = at + d.bitmap_size as u64 + d.block_size as u64;
+        // The old footer lies where the block starts. A bitmap shorter
+        // than a sector (blocks under 4 KiB) leaves some of it in the
+        // block's data, which QEMU then reads back as the guest's; Strata
+        // writes zeroes over what the request does not cover.
+        let stale = (FOOTER_LEN as u64 - (d.bitmap_size as u64).min(FOOTER_LEN as u64))
+            .min(d.block_size as u64);
+        let (data_at, data, kept) = if stale > 0 {
+            let len = piece.len() as u64;
+            let mut b = IoBuf::zeroed(stale.max(in_block + len) as usize);
+            b.as_mut_slice()[in_block as usize..(in_block + len) as usize]
+                .copy_from_slice(piece.as_slice());
+            (0, b, Some(piece))
+        } else {
+            (in_block, piece, None)
+        };
         let (bitmap, data, footer) = futures::join!(
             self.file.write(at, d.bitmap(), flags),
-            self.file.write(d.data_offset(new, in_block), piece, flags),
+            self.file.write(d.data_offset(new, data_at), data, flags),
             self.file.write(end, IoBuf::from_slice(&self.footer), flags),
         );
         bitmap?;
         footer?;
-        let piece = data?;
+        let piece = kept.map_or(data, Ok)?;
         // The file's new length on disk before the entry that needs it: an
         // entry past the end makes the image unopenable.
         self.file.flush().await?;
