@@ -415,7 +415,8 @@ impl VpcDriver {
         );
         bitmap?;
         footer?;
-        let piece = kept.map_or(data, Ok)?;
+        let written = data?;
+        let piece = kept.unwrap_or(written);
         // The file's new length on disk before the entry that needs it: an
         // entry past the end makes the image unopenable.
         self.file.flush().await?;
