@@ -36,8 +36,21 @@ impl Cluster {
         Some(c)
     }
 
+    /// Runs a `ceph` command, which must succeed. A monitor slowed by a
+    /// busy machine may fail to hand the client its command table ("problem
+    /// getting command descriptions", seen in CI): that is asked again.
     pub fn ceph(&self, args: &[&str]) -> String {
-        ok(Command::new("ceph").args(["-c", &self.conf]).args(args))
+        let mut cmd = Command::new("ceph");
+        cmd.args(["-c", &self.conf]).args(args);
+        for _ in 0..10 {
+            let out = cmd.output().unwrap();
+            if !text(&out).contains("problem getting command descriptions") {
+                assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+                return text(&out);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        ok(&mut cmd)
     }
 
     pub fn rbd(&self, args: &[&str]) -> String {
