@@ -151,6 +151,15 @@ pub(crate) fn schema(s: &mut Schema) {
             ],
         )
         .object(
+            "BlockdevCreateOptionsQcow",
+            &[
+                ("file", "BlockdevRef"),
+                ("size", "size"),
+                ("*backing-file", "str"),
+                ("*encrypt", "QCryptoBlockCreateOptions"),
+            ],
+        )
+        .object(
             "BlockdevCreateOptionsQcow2",
             &[
                 ("file", "BlockdevRef"),
@@ -176,6 +185,7 @@ pub(crate) fn schema(s: &mut Schema) {
             &[
                 ("file", "BlockdevCreateOptionsFile"),
                 ("luks", "BlockdevCreateOptionsLUKS"),
+                ("qcow", "BlockdevCreateOptionsQcow"),
                 ("qcow2", "BlockdevCreateOptionsQcow2"),
                 ("rbd", "BlockdevCreateOptionsRbd"),
                 ("vdi", "BlockdevCreateOptionsVdi"),

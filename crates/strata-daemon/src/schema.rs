@@ -24,6 +24,7 @@ const DRIVER_BRANCHES: &[(&str, &str)] = &[
     ("luks", "BlockdevOptionsLUKS"),
     ("null-aio", "BlockdevOptionsNull"),
     ("null-co", "BlockdevOptionsNull"),
+    ("qcow", "BlockdevOptionsQcow"),
     ("qcow2", "BlockdevOptionsQcow2"),
     ("quorum", "BlockdevOptionsQuorum"),
     ("raw", "BlockdevOptionsRaw"),
@@ -279,6 +280,21 @@ pub fn schema(registry: &Registry) -> Schema {
             &[
                 ("aes", "QCryptoBlockOptionsQCow"),
                 ("luks", "QCryptoBlockOptionsLUKS"),
+            ],
+        )
+        .enumeration("BlockdevQcowEncryptionFormat", &["aes"])
+        .union(
+            "BlockdevQcowEncryption",
+            &[("format", "BlockdevQcowEncryptionFormat")],
+            "format",
+            &[("aes", "QCryptoBlockOptionsQCow")],
+        )
+        .object(
+            "BlockdevOptionsQcow",
+            &[
+                ("file", "BlockdevRef"),
+                ("*backing", "BlockdevRefOrNull"),
+                ("*encrypt", "BlockdevQcowEncryption"),
             ],
         )
         .object(

@@ -31,6 +31,7 @@ pub fn registry_with(extra: Vec<Arc<dyn strata_block::DriverClass>>) -> Arc<Regi
     r.register(Arc::new(formats::luks::LuksClass));
     r.register(Arc::new(formats::vdi::VdiClass));
     r.register(Arc::new(formats::vpc::VpcClass));
+    r.register(Arc::new(formats::qcow::QcowClass));
     r.register(Arc::new(filters::blkdebug::BlkdebugClass));
     r.register(Arc::new(filters::blklogwrites::BlkLogWritesClass));
     r.register(Arc::new(filters::blkverify::BlkverifyClass));

@@ -186,6 +186,18 @@ const WORKLOADS: &[Workload] = &[
         extra: Extra::None,
         mix: [6, 2, 0, 0],
     },
+    // qcow: a cluster (compressed or not) and a new L2 table written,
+    // flushed, then the one L1 or L2 entry.
+    Workload {
+        name: "qcow",
+        format: "qcow",
+        cluster_size: 4096,
+        extended_l2: false,
+        lazy_refcounts: false,
+        backing: false,
+        extra: Extra::None,
+        mix: [6, 2, 0, 1],
+    },
 ];
 
 /// Records a workload and checks `cuts` cut points of its log, the last
@@ -225,6 +237,11 @@ fn workload(name: &str) -> Workload {
 #[test]
 fn crash_points_vpc() {
     crash_points(workload("vpc"), 1, 12, 100);
+}
+
+#[test]
+fn crash_points_qcow() {
+    crash_points(workload("qcow"), 1, 12, 100);
 }
 
 #[test]

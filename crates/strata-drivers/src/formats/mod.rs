@@ -2,13 +2,14 @@
 
 pub(crate) mod crypto;
 pub mod luks;
+pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vpc;
 
 use std::sync::Arc;
-use strata_block::{Backend, Error, Node, OpenCtx, Opts, Perm, Result};
+use strata_block::{Backend, Error, IoBuf, Node, OpenCtx, Opts, Perm, Result};
 
 /// A creating user of `node`: it writes and resizes, sharing everything
 /// (QEMU's blk_co_new_with_bs in the formats' create).
@@ -56,4 +57,33 @@ pub(crate) fn uuid_v4() -> Result<[u8; 16]> {
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     Ok(u)
+}
+
+/// `buf` filled with zeroes.
+pub(crate) fn zero_fill(mut buf: IoBuf) -> IoBuf {
+    buf.as_mut_slice().fill(0);
+    buf
+}
+
+/// What an unallocated range of a format reads: its backing file at the
+/// same offset, zeroes where there is none or it is shorter.
+pub(crate) async fn read_backing(
+    backing: Option<Arc<Node>>,
+    offset: u64,
+    buf: IoBuf,
+) -> Result<IoBuf> {
+    let Some(b) = backing else {
+        return Ok(zero_fill(buf));
+    };
+    let blen = b.length();
+    if offset >= blen {
+        return Ok(zero_fill(buf));
+    }
+    let n = (buf.len() as u64).min(blen - offset) as usize;
+    if n == buf.len() {
+        return b.read(offset, buf).await;
+    }
+    let (head, tail) = buf.split_at(n);
+    let head = b.read(offset, head).await?;
+    Ok(IoBuf::join_all(vec![head, zero_fill(tail)]))
 }

@@ -23,7 +23,7 @@ mod bitmaps;
 mod cache;
 mod cache_opts;
 mod check;
-mod compress;
+pub(crate) mod compress;
 mod create;
 mod data_file;
 mod encryption;
@@ -254,11 +254,6 @@ impl Qcow2Driver {
             .await
             .copied()
     }
-}
-
-fn zero_fill(mut buf: IoBuf) -> IoBuf {
-    buf.as_mut_slice().fill(0);
-    buf
 }
 
 #[async_trait]

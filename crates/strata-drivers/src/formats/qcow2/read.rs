@@ -4,7 +4,8 @@
 
 use super::compress;
 use super::meta::{Mapping, Meta};
-use super::{zero_fill, Qcow2Driver};
+use super::Qcow2Driver;
+use crate::formats::zero_fill;
 use strata_block::{DebugEvent, Error, IoBuf, Result};
 
 /// One piece of a request: `len` guest bytes at `offset`, all mapped alike.
@@ -108,24 +109,13 @@ impl Qcow2Driver {
 
     /// Reads from the backing file; zeroes where there is none or it is shorter.
     pub(super) async fn read_backing(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let Some(b) = self.backing() else {
-            return Ok(zero_fill(buf));
-        };
-        self.file
-            .get()
-            .debug_event(DebugEvent::ReadBackingAio)
-            .await;
-        let blen = b.length();
-        if offset >= blen {
-            return Ok(zero_fill(buf));
+        if self.backing().is_some() {
+            self.file
+                .get()
+                .debug_event(DebugEvent::ReadBackingAio)
+                .await;
         }
-        let n = (buf.len() as u64).min(blen - offset) as usize;
-        if n == buf.len() {
-            return b.read(offset, buf).await;
-        }
-        let (head, tail) = buf.split_at(n);
-        let head = b.read(offset, head).await?;
-        Ok(IoBuf::join_all(vec![head, zero_fill(tail)]))
+        crate::formats::read_backing(self.backing(), offset, buf).await
     }
 
     /// The decompressed cluster a compressed L2 entry points to.
