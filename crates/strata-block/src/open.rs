@@ -76,6 +76,10 @@ pub struct OpenFlags {
     /// Opened inactive (`active=off`): nothing is written and no lock taken
     /// until activation (QEMU: BDRV_O_INACTIVE).
     pub inactive: bool,
+    /// The open stands for QEMU's reopen of a chain already open (commit
+    /// making its base writable): a guessed raw image is not warned about
+    /// again, as QEMU's reopen opens nothing.
+    pub reopen: bool,
 }
 
 impl Default for OpenFlags {
@@ -94,6 +98,7 @@ impl Default for OpenFlags {
             copy_on_read: false,
             snapshot: false,
             inactive: false,
+            reopen: false,
         }
     }
 }
@@ -560,7 +565,7 @@ impl OpenCtx {
         match best {
             Some((_, c)) => {
                 // Only a writer can damage a guessed raw image's first block.
-                if c.name() == "raw" && !self.flags.read_only {
+                if c.name() == "raw" && !self.flags.read_only && !self.flags.reopen {
                     // QEMU prints this one without the program name.
                     crate::stderr_line!(
                         "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."

@@ -129,7 +129,11 @@ pub fn run(ctx: Ctx) -> i32 {
             image_opts: a.image_opts,
         };
         // The same chain again: the path found above leads to the base.
-        let node = match common::open_with(&ctx.reg, &spec, flags, writable_at(&path)).await {
+        let again = OpenFlags {
+            reopen: true,
+            ..flags
+        };
+        let node = match common::open_with(&ctx.reg, &spec, again, writable_at(&path)).await {
             Ok(n) => n,
             Err(e) => {
                 error_report(common::open_error(filename, &e));

@@ -176,10 +176,10 @@ fn dispatch() -> i32 {
     }
 }
 
-/// QEMU's block_driver_can_compress, for the formats Strata has: qcow2
-/// alone among them writes compressed clusters in QEMU.
+/// QEMU's block_driver_can_compress, for the formats Strata has: qcow
+/// and qcow2 write compressed clusters.
 pub fn qemu_can_compress(fmt: &str) -> bool {
-    fmt == "qcow2"
+    matches!(fmt, "qcow" | "qcow2")
 }
 
 /// One option of a subcommand's table: short letter and/or long name, and

@@ -173,9 +173,10 @@ pub(super) async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Res
     let r = async {
         let format = match (format, &key_secret) {
             (None, Some(_)) => return Err(Error::invalid("Parameter 'encrypt.format' is missing")),
+            // QEMU's visitor of the flattened options names no prefix.
             (Some(f), _) if f != "qcow" && f != "luks" => {
                 return Err(Error::invalid(format!(
-                    "Parameter 'encrypt.format' does not accept value '{f}'"
+                    "Parameter 'format' does not accept value '{f}'"
                 )))
             }
             (f, _) => f,

@@ -192,10 +192,10 @@ impl Driver for QcowDriver {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let reads = self.pieces(offset, buf).map(|(o, p)| self.read_cluster(o, p));
-        Ok(IoBuf::join_all(
-            futures::future::try_join_all(reads).await?,
-        ))
+        let reads = self
+            .pieces(offset, buf)
+            .map(|(o, p)| self.read_cluster(o, p));
+        Ok(IoBuf::join_all(futures::future::try_join_all(reads).await?))
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {

@@ -278,6 +278,10 @@ impl DriverClass for QcowClass {
         }
     }
 
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn strong_options(&self) -> &'static [&'static str] {
         &["encrypt.key-secret"]
     }
@@ -349,12 +353,20 @@ mod tests {
         assert!(e.to_string().contains("Try the 'qcow2' driver"), "{e}");
         h[7] = 1;
         h[31] = 1;
-        assert!(Header::parse(&h).err().unwrap().to_string().contains("too small"));
+        assert!(Header::parse(&h)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("too small"));
         h[31] = 0;
         h[30] = 1;
         h[32] = 12;
         h[33] = 14;
-        assert!(Header::parse(&h).err().unwrap().to_string().contains("L2 table"));
+        assert!(Header::parse(&h)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("L2 table"));
         h[33] = 9;
         assert!(Header::parse(&h).is_ok());
     }

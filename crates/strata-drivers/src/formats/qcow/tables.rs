@@ -36,7 +36,11 @@ impl L2Cache {
 
     pub(super) fn insert(&mut self, at: u64, table: L2Table) {
         if self.tables.len() >= CAPACITY {
-            let oldest = self.tables.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| *k);
+            let oldest = self
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, u))| *u)
+                .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 self.tables.remove(&k);
             }
