@@ -188,13 +188,24 @@ pub(super) async fn create(ctx: &OpenCtx, filename: &str, mut opts: Opts) -> Res
     super::super::finish_created(file, r).await
 }
 
+/// The BlockdevCreateOptionsQcow of a `blockdev-create`, checked as far
+/// as QEMU checks them before its first I/O.
+fn qapi_image(opts: &mut Opts) -> Result<NewImage> {
+    let size = take_size(opts, "size")?.unwrap_or(0);
+    let backing = take_str(opts, "backing-file")?;
+    let format = take_prefixed(opts, "encrypt.", "format")?;
+    let key_secret = take_prefixed(opts, "encrypt.", "key-secret")?;
+    new_image(size, backing, format, key_secret)
+}
+
+/// What fails before QEMU's job yields, and so before its answer.
+pub(super) fn blockdev_create_check(opts: &Opts) -> Result<()> {
+    qapi_image(&mut opts.clone()).map(|_| ())
+}
+
 /// BlockdevCreateOptionsQcow: `file`, `size`, `backing-file`, `encrypt`.
 pub(super) async fn blockdev_create(ctx: &OpenCtx, mut opts: Opts) -> Result<()> {
-    let size = take_size(&mut opts, "size")?.unwrap_or(0);
-    let backing = take_str(&mut opts, "backing-file")?;
-    let format = take_prefixed(&mut opts, "encrypt.", "format")?;
-    let key_secret = take_prefixed(&mut opts, "encrypt.", "key-secret")?;
-    let img = new_image(size, backing, format, key_secret)?;
+    let img = qapi_image(&mut opts)?;
     let file = ctx
         .open_blockdev_ref(opts.remove("file").unwrap_or_default())
         .await?;

@@ -298,6 +298,10 @@ impl DriverClass for QcowClass {
         true
     }
 
+    fn blockdev_create_check(&self, opts: &Opts) -> Result<()> {
+        create::blockdev_create_check(opts)
+    }
+
     async fn blockdev_create(&self, ctx: &OpenCtx, opts: Opts) -> Result<()> {
         create::blockdev_create(ctx, opts).await
     }
