@@ -66,7 +66,7 @@ impl QcowDriver {
         piece: IoBuf,
         flags: WriteFlags,
     ) -> Result<IoBuf> {
-        if entry % SECTOR != 0 {
+        if !entry.is_multiple_of(SECTOR) {
             return Err(Error::errno(libc::EIO));
         }
         let host = entry + self.geo.offset_in_cluster(guest);

@@ -113,7 +113,7 @@ impl QcowDriver {
             piece.as_mut_slice().copy_from_slice(&data[at..at + n]);
             return Ok(piece);
         }
-        if entry % SECTOR != 0 {
+        if !entry.is_multiple_of(SECTOR) {
             return Err(Error::errno(libc::EIO));
         }
         self.file.debug_event(DebugEvent::ReadAio).await;
