@@ -101,25 +101,38 @@ impl QcowDriver {
         self.file.debug_event(DebugEvent::ClusterAlloc).await;
         let cs = self.geo.cluster_size();
         let start = guest - self.geo.offset_in_cluster(guest);
-        let whole = piece.len() as u64 == cs;
-        let mut data = if whole {
-            IoBuf::from_slice(piece.as_slice())
-        } else {
-            let mut before = self.cluster_before(start, old).await?;
-            let at = (guest - start) as usize;
-            before.as_mut_slice()[at..at + piece.len()].copy_from_slice(piece.as_slice());
-            before
+        // A whole plain cluster is written from the caller's buffer (the
+        // copy convert would pay on every cluster); anything else is built.
+        let built = match (piece.len() as u64 == cs, &self.crypto) {
+            (true, None) => None,
+            (true, Some(_)) => Some(IoBuf::from_slice(piece.as_slice())),
+            (false, _) => {
+                let mut before = self.cluster_before(start, old).await?;
+                let at = (guest - start) as usize;
+                before.as_mut_slice()[at..at + piece.len()].copy_from_slice(piece.as_slice());
+                Some(before)
+            }
         };
-        if let Some(c) = &self.crypto {
-            c.encrypt(start, data.as_mut_slice()).map_err(crypto_err)?;
-        }
+        let built = match (built, &self.crypto) {
+            (Some(mut data), Some(c)) => {
+                c.encrypt(start, data.as_mut_slice()).map_err(crypto_err)?;
+                Some(data)
+            }
+            (built, _) => built,
+        };
         let new_table = match table {
             None => Some(a.take(self.geo.l2_len() as u64, cs)?),
             Some(_) => None,
         };
         let host = a.take(cs, cs)?;
         self.file.debug_event(DebugEvent::WriteAio).await;
-        self.file.write(host, data, flags).await?;
+        let piece = match built {
+            None => self.file.write(host, piece, flags).await?,
+            Some(data) => {
+                self.file.write(host, data, flags).await?;
+                piece
+            }
+        };
         let placed = Placed {
             guest,
             l2_at,
